@@ -1,0 +1,117 @@
+//! Store benchmarks (`cargo bench -p countapp-worker --bench store`):
+//!
+//! - `append_then_flush`: batches of 100 ids of 16 bytes over 10 tenants, appended by 16 threads
+//!   at once under `everysec`, then one flush; the figure is items per second for both.
+//! - `flush_10k_new_ids_into/<size>`: one flush of 10k new ids into a tenant that already holds
+//!   `size` ids. It should not depend on `size`: a flush writes only the new ids.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use countapp_shared::config::FsyncPolicy;
+use countapp_shared::items::Item;
+use countapp_worker::store::{Store, StoreOptions};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+const BATCH: usize = 100;
+const TENANTS: usize = 10;
+const APPENDERS: usize = 16;
+
+/// Ids never repeat across the whole run, so every item is new to its tenant.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// `batches` batches of `BATCH` fresh 16-byte ids, as `(tenant, id)` strings.
+fn fresh_batches(batches: usize, tenant: impl Fn(usize) -> String) -> Vec<Vec<(String, String)>> {
+    (0..batches)
+        .map(|_| {
+            (0..BATCH)
+                .map(|i| (tenant(i), format!("{:016x}", NEXT_ID.fetch_add(1, Ordering::Relaxed))))
+                .collect()
+        })
+        .collect()
+}
+
+fn as_items(batch: &[(String, String)]) -> Vec<Item<'_>> {
+    batch.iter().map(|(tenant, id)| Item::new(tenant, id)).collect()
+}
+
+fn open(dir: &std::path::Path) -> Store {
+    Store::open(
+        dir,
+        "bench",
+        StoreOptions {
+            fsync: FsyncPolicy::EverySec,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn append_then_flush(c: &mut Criterion) {
+    const ITEMS: usize = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut group = c.benchmark_group("append_then_flush");
+    group.throughput(Throughput::Elements(ITEMS as u64)).sample_size(10);
+    group.bench_function("1M_items_16_appenders_everysec", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let batches = fresh_batches(ITEMS / BATCH, |i| format!("tenant-{}", i % TENANTS));
+                let started = Instant::now();
+                std::thread::scope(|s| {
+                    for share in batches.chunks(batches.len().div_ceil(APPENDERS)) {
+                        let store = &store;
+                        s.spawn(move || {
+                            for batch in share {
+                                store.append_blocking(&as_items(batch)).unwrap();
+                            }
+                        });
+                    }
+                });
+                store.flush().unwrap();
+                total += started.elapsed();
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+fn flush_into_large_tenant(c: &mut Criterion) {
+    const NEW: usize = 10_000;
+    let mut group = c.benchmark_group("flush_10k_new_ids_into");
+    group
+        .throughput(Throughput::Elements(NEW as u64))
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
+    for size in [1_000usize, 100_000, 1_000_000, 10_000_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        for chunk in fresh_batches(size / BATCH, |_| "big".to_owned()).chunks(1000) {
+            for batch in chunk {
+                store.append_blocking(&as_items(batch)).unwrap();
+            }
+        }
+        store.flush().unwrap();
+        assert_eq!(store.count("big").unwrap(), size as u64);
+        group.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, _| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    for batch in fresh_batches(NEW / BATCH, |_| "big".to_owned()) {
+                        store.append_blocking(&as_items(&batch)).unwrap();
+                    }
+                    let started = Instant::now();
+                    store.flush().unwrap();
+                    total += started.elapsed();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, append_then_flush, flush_into_large_tenant);
+criterion_main!(benches);
