@@ -1,0 +1,242 @@
+//! Starting and stopping a worker: the one place that wires the store, the HTTP server, the
+//! periodic flush and the shutdown signal together. The `worker` binary and the tests both use it.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpServer, web};
+use countapp_shared::config::{Config, FsyncPolicy};
+use thiserror::Error;
+use tracing::Instrument;
+
+use crate::routes;
+use crate::shutdown::{Shutdown, terminate_signal};
+use crate::state::AppState;
+use crate::store::{Store, StoreError, StoreOptions};
+
+/// How long a graceful stop waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything a worker needs to run.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Where to listen: the host and port of the worker's URL. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The directory of the store, shared with the other workers.
+    pub database: PathBuf,
+    /// How often the log is flushed into the tenant files.
+    pub flush_interval: Duration,
+    /// When the log is fsynced.
+    pub fsync: FsyncPolicy,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Longest id or tenant accepted, in bytes.
+    pub max_key_bytes: usize,
+    /// The token `POST /shutdown` must carry, given by the coordinator at spawn.
+    pub shutdown_token: Option<String>,
+}
+
+impl WorkerSettings {
+    /// The settings of a worker listening on `listen`, from the cluster's config.
+    pub fn from_config(config: &Config, listen: SocketAddr, shutdown_token: Option<String>) -> WorkerSettings {
+        WorkerSettings {
+            listen,
+            database: config.database.clone(),
+            flush_interval: config.worker_persist,
+            fsync: config.fsync,
+            max_body_bytes: config.max_body_bytes,
+            max_key_bytes: config.max_key_bytes,
+            shutdown_token,
+        }
+    }
+}
+
+/// Why a worker could not start or stopped badly.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The store failed to open or to flush at shutdown.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Anything else of the runtime: signal handlers, a panicked task.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// A worker whose socket is bound; [`Worker::run_until_stopped`] serves until shutdown.
+pub struct Worker {
+    server: Server,
+    addr: SocketAddr,
+    state: web::Data<AppState>,
+    settings: WorkerSettings,
+}
+
+impl Worker {
+    /// Binds the worker's socket and prepares its server; nothing is served until
+    /// [`Worker::run_until_stopped`].
+    pub fn build(settings: WorkerSettings) -> Result<Worker, WorkerError> {
+        let bind_error = |source| WorkerError::Bind {
+            addr: settings.listen,
+            source,
+        };
+        let listener = TcpListener::bind(settings.listen).map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        let state = web::Data::new(AppState::new(
+            worker_id(addr),
+            settings.max_body_bytes,
+            settings.max_key_bytes,
+            Shutdown::default(),
+            settings.shutdown_token.clone(),
+        ));
+        let data = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .wrap(from_fn(routes::observe))
+                .configure(routes::configure)
+        })
+        .listen(listener)
+        .map_err(bind_error)?
+        // Signals are ours to handle: both SIGTERM and SIGINT mean a graceful stop with a flush.
+        .disable_signals()
+        .shutdown_timeout(DRAIN_TIMEOUT.as_secs())
+        .run();
+        Ok(Worker {
+            server,
+            addr,
+            state,
+            settings,
+        })
+    }
+
+    /// The address the worker listens on (with the real port when 0 was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A handle that stops the worker gracefully, as `POST /shutdown` does.
+    pub fn shutdown(&self) -> Shutdown {
+        self.state.shutdown.clone()
+    }
+
+    /// Serves until shutdown is asked for (`POST /shutdown`, SIGTERM, SIGINT or
+    /// [`Worker::shutdown`]): recovers the log while already answering `/health`, then serves
+    /// and flushes periodically; at shutdown it stops taking requests, lets those in flight
+    /// finish, flushes and returns.
+    pub async fn run_until_stopped(self) -> Result<(), WorkerError> {
+        let Worker {
+            server,
+            addr,
+            state,
+            settings,
+        } = self;
+        let span = tracing::info_span!("worker", port = addr.port());
+        async move {
+            let handle = server.handle();
+            let serving = tokio::spawn(server);
+            tracing::info!(%addr, database = %settings.database.display(), "listening; recovering the log");
+            let store = match open_store(&settings, &state.worker_id).await {
+                Ok(store) => store,
+                Err(e) => {
+                    handle.stop(false).await;
+                    return Err(e);
+                }
+            };
+            state.set_store(store.clone());
+            tracing::info!("ready");
+            let flusher = tokio::spawn(flush_periodically(state.clone(), settings.flush_interval).in_current_span());
+
+            let shutdown = state.shutdown.clone();
+            tokio::select! {
+                () = shutdown.wait() => {}
+                signal = terminate_signal() => {
+                    signal.map_err(|e| WorkerError::Runtime(format!("cannot watch signals: {e}")))?;
+                    tracing::info!("termination signal");
+                }
+            }
+            shutdown.trigger();
+            stop(handle, serving).await;
+            let _ = flusher.await;
+            let report = tokio::task::spawn_blocking(move || store.flush())
+                .await
+                .map_err(|e| WorkerError::Runtime(format!("final flush panicked: {e}")))??;
+            tracing::info!(items = report.items, new_ids = report.new_ids, "flushed; stopped");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// The id a worker's log is kept under: its address, so that two workers on one port but on
+/// different local hosts keep apart.
+fn worker_id(addr: SocketAddr) -> String {
+    format!("{}-{}", addr.ip(), addr.port()).replace(':', "_")
+}
+
+async fn open_store(settings: &WorkerSettings, worker_id: &str) -> Result<Arc<Store>, WorkerError> {
+    let (database, id) = (settings.database.clone(), worker_id.to_owned());
+    let options = StoreOptions {
+        fsync: settings.fsync,
+        ..StoreOptions::default()
+    };
+    let store = tokio::task::spawn_blocking(move || Store::open(&database, &id, options))
+        .await
+        .map_err(|e| WorkerError::Runtime(format!("opening the store panicked: {e}")))??;
+    Ok(Arc::new(store))
+}
+
+/// Stops taking connections, and waits for the requests in flight to be answered.
+async fn stop(handle: ServerHandle, serving: tokio::task::JoinHandle<std::io::Result<()>>) {
+    handle.stop(true).await;
+    match serving.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server failed"),
+        Err(e) => tracing::error!(error = %e, "the HTTP server task panicked"),
+    }
+}
+
+/// Flushes every `every` until shutdown; the final flush is the caller's.
+async fn flush_periodically(state: web::Data<AppState>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = state.shutdown.wait() => return,
+        }
+        let Some(store) = state.store().cloned() else { continue };
+        let started = Instant::now();
+        match tokio::task::spawn_blocking(move || store.flush()).await {
+            Ok(Ok(report)) => {
+                let took = started.elapsed();
+                state.metrics.flushed(took.as_secs_f64());
+                if report.items > 0 {
+                    tracing::info!(
+                        tenants = report.tenants,
+                        items = report.items,
+                        new_ids = report.new_ids,
+                        adopted_files = report.adopted_files,
+                        ms = took.as_millis() as u64,
+                        "flushed"
+                    );
+                }
+            }
+            // The log keeps everything a failed flush did not merge; the next tick retries.
+            Ok(Err(e)) => tracing::error!(error = %e, "flush failed"),
+            Err(e) => tracing::error!(error = %e, "flush panicked"),
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! What every request handler of a worker shares.
+
+use std::sync::{Arc, OnceLock};
+
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+
+/// The worker's shared state, behind `web::Data`.
+pub(crate) struct AppState {
+    /// The id the worker's log is kept under, `<ip>-<port>`.
+    pub(crate) worker_id: String,
+    /// Set once the store is open and its log recovered: until then the worker is alive but
+    /// not ready, and refuses ingest with a 503 that the coordinator retries elsewhere.
+    store: OnceLock<Arc<Store>>,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_key_bytes: usize,
+    pub(crate) metrics: Metrics,
+    pub(crate) shutdown: Shutdown,
+    /// The token `POST /shutdown` must carry; without one, only a signal stops the worker.
+    shutdown_token: Option<String>,
+}
+
+impl AppState {
+    pub(crate) fn new(
+        worker_id: String,
+        max_body_bytes: usize,
+        max_key_bytes: usize,
+        shutdown: Shutdown,
+        shutdown_token: Option<String>,
+    ) -> AppState {
+        AppState {
+            worker_id,
+            store: OnceLock::new(),
+            max_body_bytes,
+            max_key_bytes,
+            metrics: Metrics::new(),
+            shutdown,
+            shutdown_token,
+        }
+    }
+
+    /// The store, once recovered.
+    pub(crate) fn store(&self) -> Option<&Arc<Store>> {
+        self.store.get()
+    }
+
+    /// Makes the recovered store available to the handlers.
+    pub(crate) fn set_store(&self, store: Arc<Store>) {
+        // Only the start-up task sets it, once.
+        let _ = self.store.set(store);
+    }
+
+    /// Whether `presented` is the shutdown token, compared in constant time so that response
+    /// timing reveals nothing about the token.
+    pub(crate) fn is_shutdown_token(&self, presented: &str) -> bool {
+        let Some(token) = &self.shutdown_token else {
+            return false;
+        };
+        let (a, b) = (token.as_bytes(), presented.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+    }
+}
