@@ -38,15 +38,9 @@ mod tests {
 
     #[test]
     fn bodies_have_the_documented_shape() {
-        assert_eq!(
-            serde_json::to_string(&Accepted { accepted: 3 }).unwrap(),
-            r#"{"accepted":3}"#
-        );
+        assert_eq!(serde_json::to_string(&Accepted { accepted: 3 }).unwrap(), r#"{"accepted":3}"#);
         assert_eq!(serde_json::to_string(&Count { count: 7 }).unwrap(), r#"{"count":7}"#);
-        assert_eq!(
-            serde_json::to_string(&ErrorBody::new("bad")).unwrap(),
-            r#"{"error":"bad"}"#
-        );
+        assert_eq!(serde_json::to_string(&ErrorBody::new("bad")).unwrap(), r#"{"error":"bad"}"#);
         let parsed: Count = serde_json::from_str(r#"{"count":42}"#).unwrap();
         assert_eq!(parsed, Count { count: 42 });
     }

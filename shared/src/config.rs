@@ -79,10 +79,8 @@ impl Config {
     /// Relative paths in the file resolve against the file's own directory, so the cluster
     /// finds the same store whatever directory it is started from.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let base_dir = path.parent().unwrap_or(Path::new(""));
         Config::from_yaml_str(&text, base_dir)
     }
@@ -97,9 +95,7 @@ impl Config {
             Value::Null => serde_yaml::Mapping::new(),
             Value::Mapping(entries) => entries,
             other => {
-                return Err(ConfigError::NotAMapping {
-                    found: describe(&other),
-                });
+                return Err(ConfigError::NotAMapping { found: describe(&other) });
             }
         };
 
@@ -137,10 +133,7 @@ impl Config {
             }
         }
         if !saw_workers {
-            return Err(invalid(
-                "workers",
-                "is missing; it lists the worker URLs, like http://localhost:5001",
-            ));
+            return Err(invalid("workers", "is missing; it lists the worker URLs, like http://localhost:5001"));
         }
         Ok(config)
     }
@@ -293,11 +286,7 @@ impl FromStr for WorkerUrl {
         if port == 0 {
             return Err(WorkerUrlError::PortZero);
         }
-        Ok(WorkerUrl {
-            normalized: format!("http://{host_str}:{port}"),
-            host,
-            port,
-        })
+        Ok(WorkerUrl { normalized: format!("http://{host_str}:{port}"), host, port })
     }
 }
 
@@ -340,10 +329,7 @@ pub enum WorkerUrlError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { key: key.into(), message: message.into() }
 }
 
 fn unknown_key_message() -> String {
@@ -366,10 +352,7 @@ fn describe(value: &Value) -> String {
 
 fn parse_workers(value: &Value) -> Result<Vec<WorkerUrl>, ConfigError> {
     let Value::Sequence(entries) = value else {
-        return Err(invalid(
-            "workers",
-            format!("must be a list of worker URLs, got {}", describe(value)),
-        ));
+        return Err(invalid("workers", format!("must be a list of worker URLs, got {}", describe(value))));
     };
     if entries.is_empty() {
         return Err(invalid("workers", "must list at least one worker URL"));
@@ -385,20 +368,14 @@ fn parse_workers(value: &Value) -> Result<Vec<WorkerUrl>, ConfigError> {
         };
         let worker: WorkerUrl = text.parse().map_err(|err| invalid(&key, format!("{text:?}: {err}")))?;
         if let Some(first) = workers.iter().position(|seen| *seen == worker) {
-            return Err(invalid(
-                key,
-                format!("{worker} is listed twice (also workers[{first}])"),
-            ));
+            return Err(invalid(key, format!("{worker} is listed twice (also workers[{first}])")));
         }
         if let Some(addr) = worker.bind_addr().filter(|_| worker.is_local())
             && let Some(first) = local_addrs.insert(addr, index)
         {
             return Err(invalid(
                 key,
-                format!(
-                    "{worker} is the same local address as workers[{first}] ({})",
-                    workers[first]
-                ),
+                format!("{worker} is the same local address as workers[{first}] ({})", workers[first]),
             ));
         }
         workers.push(worker);
@@ -409,20 +386,12 @@ fn parse_workers(value: &Value) -> Result<Vec<WorkerUrl>, ConfigError> {
 fn parse_dir(key: &str, value: &Value, base_dir: &Path) -> Result<PathBuf, ConfigError> {
     match value {
         Value::String(dir) if !dir.is_empty() => Ok(base_dir.join(dir)),
-        _ => Err(invalid(
-            key,
-            format!("must be a directory path, got {}", describe(value)),
-        )),
+        _ => Err(invalid(key, format!("must be a directory path, got {}", describe(value)))),
     }
 }
 
 fn parse_seconds(key: &str, value: &Value) -> Result<Duration, ConfigError> {
-    let bad = || {
-        invalid(
-            key,
-            format!("must be a positive number of seconds, got {}", describe(value)),
-        )
-    };
+    let bad = || invalid(key, format!("must be a positive number of seconds, got {}", describe(value)));
     let Value::Number(n) = value else {
         return Err(bad());
     };
@@ -435,12 +404,7 @@ fn parse_seconds(key: &str, value: &Value) -> Result<Duration, ConfigError> {
 }
 
 fn parse_listen(value: &Value) -> Result<SocketAddr, ConfigError> {
-    let bad = || {
-        invalid(
-            "listen",
-            format!("must be an address like 127.0.0.1:5000, got {}", describe(value)),
-        )
-    };
+    let bad = || invalid("listen", format!("must be an address like 127.0.0.1:5000, got {}", describe(value)));
     let Value::String(text) = value else {
         return Err(bad());
     };
@@ -448,21 +412,13 @@ fn parse_listen(value: &Value) -> Result<SocketAddr, ConfigError> {
         return Ok(addr);
     }
     // Worker URLs accept `localhost`, so the coordinator's address does too.
-    let port = text
-        .strip_prefix("localhost:")
-        .ok_or_else(bad)?
-        .parse::<u16>()
-        .map_err(|_| bad())?;
+    let port = text.strip_prefix("localhost:").ok_or_else(bad)?.parse::<u16>().map_err(|_| bad())?;
     Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
 }
 
 fn parse_fsync(value: &Value) -> Result<FsyncPolicy, ConfigError> {
-    FsyncPolicy::deserialize(value).map_err(|_| {
-        invalid(
-            "fsync",
-            format!("must be one of always, everysec, never, got {}", describe(value)),
-        )
-    })
+    FsyncPolicy::deserialize(value)
+        .map_err(|_| invalid("fsync", format!("must be one of always, everysec, never, got {}", describe(value))))
 }
 
 fn parse_byte_count(key: &str, value: &Value) -> Result<usize, ConfigError> {
@@ -470,12 +426,7 @@ fn parse_byte_count(key: &str, value: &Value) -> Result<usize, ConfigError> {
         .as_u64()
         .filter(|&n| n > 0)
         .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(|| {
-            invalid(
-                key,
-                format!("must be a positive whole number of bytes, got {}", describe(value)),
-            )
-        })
+        .ok_or_else(|| invalid(key, format!("must be a positive whole number of bytes, got {}", describe(value))))
 }
 
 #[cfg(test)]
@@ -516,12 +467,7 @@ config_check: 5
         let urls: Vec<&str> = config.workers.iter().map(WorkerUrl::as_str).collect();
         assert_eq!(
             urls,
-            [
-                "http://localhost:5001",
-                "http://localhost:5002",
-                "http://localhost:5003",
-                "http://localhost:5004"
-            ]
+            ["http://localhost:5001", "http://localhost:5002", "http://localhost:5003", "http://localhost:5004"]
         );
         assert!(config.workers.iter().all(WorkerUrl::is_local));
         assert_eq!(config.database, Path::new("/srv/countapp/db"));
@@ -569,11 +515,9 @@ config_check: 5
 
     #[test]
     fn fsync_policies_and_listen_localhost() {
-        for (text, policy) in [
-            ("always", FsyncPolicy::Always),
-            ("everysec", FsyncPolicy::EverySec),
-            ("never", FsyncPolicy::Never),
-        ] {
+        for (text, policy) in
+            [("always", FsyncPolicy::Always), ("everysec", FsyncPolicy::EverySec), ("never", FsyncPolicy::Never)]
+        {
             let config = parse(&format!("workers: [http://localhost:5001]\nfsync: {text}")).unwrap();
             assert_eq!(config.fsync, policy);
         }
@@ -620,40 +564,24 @@ config_check: 5
 
     #[test]
     fn workers_is_required() {
-        for text in [
-            "",
-            "database: db/",
-            "workers: []",
-            "workers: http://localhost:5001",
-            "workers:",
-        ] {
+        for text in ["", "database: db/", "workers: []", "workers: http://localhost:5001", "workers:"] {
             let (key, _) = invalid_key(text);
             assert_eq!(key, "workers", "{text:?}");
         }
-        assert!(
-            parse("database: db/")
-                .unwrap_err()
-                .to_string()
-                .starts_with("workers: is missing")
-        );
+        assert!(parse("database: db/").unwrap_err().to_string().starts_with("workers: is missing"));
     }
 
     #[test]
     fn bad_durations_name_their_key() {
         for key in ["worker_persist", "config_check"] {
-            for bad in [
-                "-1", "0", "0.0", "abc", "\"5\"", ".inf", ".nan", "[5]", "1e-12", "true", "",
-            ] {
+            for bad in ["-1", "0", "0.0", "abc", "\"5\"", ".inf", ".nan", "[5]", "1e-12", "true", ""] {
                 let (got, message) = invalid_key(&format!("workers: [http://localhost:5001]\n{key}: {bad}"));
                 assert_eq!(got, key, "{bad}");
                 assert!(message.starts_with("must be a positive number of seconds"), "{message}");
             }
         }
         let err = parse("workers: [http://localhost:5001]\nworker_persist: -1").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "worker_persist: must be a positive number of seconds, got -1"
-        );
+        assert_eq!(err.to_string(), "worker_persist: must be a positive number of seconds, got -1");
     }
 
     #[test]
@@ -680,10 +608,7 @@ config_check: 5
             assert_eq!(got, key, "{line}");
         }
         let err = parse("workers: [http://localhost:5001]\nfsync: sometimes").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "fsync: must be one of always, everysec, never, got \"sometimes\""
-        );
+        assert_eq!(err.to_string(), "fsync: must be one of always, everysec, never, got \"sometimes\"");
     }
 
     #[test]
@@ -730,10 +655,7 @@ config_check: 5
             assert!(message.starts_with(&format!("{text:?}: ")), "{message}");
         }
         let (key, message) = invalid_key("workers: [http://localhost:5001, 5002]");
-        assert_eq!(
-            (key.as_str(), message.as_str()),
-            ("workers[1]", "must be a URL string, got 5002")
-        );
+        assert_eq!((key.as_str(), message.as_str()), ("workers[1]", "must be a URL string, got 5002"));
     }
 
     #[test]
@@ -753,10 +675,7 @@ config_check: 5
     #[test]
     fn worker_url_accessors() {
         let w = url("http://localhost:5001/");
-        assert_eq!(
-            (w.host(), w.port(), w.as_str()),
-            ("localhost", 5001, "http://localhost:5001")
-        );
+        assert_eq!((w.host(), w.port(), w.as_str()), ("localhost", 5001, "http://localhost:5001"));
         assert_eq!(w.to_string(), "http://localhost:5001");
         assert_eq!(w.bind_addr(), Some("127.0.0.1:5001".parse().unwrap()));
 
@@ -765,10 +684,7 @@ config_check: 5
         assert_eq!(w.bind_addr(), Some("[::1]:5002".parse().unwrap()));
 
         let w = url("http://Worker-B.Example:5003");
-        assert_eq!(
-            (w.host(), w.as_str()),
-            ("worker-b.example", "http://worker-b.example:5003")
-        );
+        assert_eq!((w.host(), w.as_str()), ("worker-b.example", "http://worker-b.example:5003"));
         assert_eq!(w.bind_addr(), None);
 
         let w = url("http://10.1.2.3:80");
@@ -780,19 +696,10 @@ config_check: 5
 
     #[test]
     fn locality() {
-        for local in [
-            "http://localhost:5001",
-            "http://127.0.0.1:5001",
-            "http://127.0.0.2:5001",
-            "http://[::1]:5001",
-        ] {
+        for local in ["http://localhost:5001", "http://127.0.0.1:5001", "http://127.0.0.2:5001", "http://[::1]:5001"] {
             assert!(url(local).is_local(), "{local}");
         }
-        for remote in [
-            "http://10.1.2.3:5001",
-            "http://worker-b.example:5001",
-            "http://192.168.0.7:5001",
-        ] {
+        for remote in ["http://10.1.2.3:5001", "http://worker-b.example:5001", "http://192.168.0.7:5001"] {
             assert!(!url(remote).is_local(), "{remote}");
         }
     }
@@ -800,16 +707,9 @@ config_check: 5
     #[test]
     fn worker_urls_order_and_compare_by_normalized_text() {
         assert_eq!(url("http://LocalHost:5001/"), url("http://localhost:5001"));
-        let mut urls = [
-            url("http://localhost:5002"),
-            url("http://10.0.0.1:5001"),
-            url("http://localhost:5001"),
-        ];
+        let mut urls = [url("http://localhost:5002"), url("http://10.0.0.1:5001"), url("http://localhost:5001")];
         urls.sort();
         let sorted: Vec<&str> = urls.iter().map(WorkerUrl::as_str).collect();
-        assert_eq!(
-            sorted,
-            ["http://10.0.0.1:5001", "http://localhost:5001", "http://localhost:5002"]
-        );
+        assert_eq!(sorted, ["http://10.0.0.1:5001", "http://localhost:5001", "http://localhost:5002"]);
     }
 }

@@ -23,10 +23,7 @@ pub struct Item<'a> {
 impl<'a> Item<'a> {
     /// An item borrowing `tenant` and `id`.
     pub fn new(tenant: &'a str, id: &'a str) -> Self {
-        Item {
-            id: Cow::Borrowed(id),
-            tenant: Cow::Borrowed(tenant),
-        }
+        Item { id: Cow::Borrowed(id), tenant: Cow::Borrowed(tenant) }
     }
 }
 
@@ -40,12 +37,9 @@ impl<'a> Item<'a> {
 pub fn parse_batch(body: &[u8], max_key_bytes: usize) -> Result<Vec<Item<'_>>, BatchError> {
     let mut failure = None;
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let parsed = BatchSeed {
-        max_key_bytes,
-        failure: &mut failure,
-    }
-    .deserialize(&mut deserializer)
-    .and_then(|items| deserializer.end().map(|()| items));
+    let parsed = BatchSeed { max_key_bytes, failure: &mut failure }
+        .deserialize(&mut deserializer)
+        .and_then(|items| deserializer.end().map(|()| items));
     // A visitor that finds a problem records it in `failure` and aborts the parse with a
     // placeholder error, because serde errors cannot carry a structured reason.
     match (parsed, failure) {
@@ -205,11 +199,7 @@ impl<'de> Visitor<'de> for BatchSeed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut items = Vec::new();
         loop {
-            let seed = ItemSeed {
-                index: items.len(),
-                max_key_bytes: self.max_key_bytes,
-                failure: &mut *self.failure,
-            };
+            let seed = ItemSeed { index: items.len(), max_key_bytes: self.max_key_bytes, failure: &mut *self.failure };
             match seq.next_element_seed(seed)? {
                 Some(item) => items.push(item),
                 None => return Ok(items),
@@ -240,13 +230,7 @@ struct ItemSeed<'f> {
 
 impl ItemSeed<'_> {
     fn fail<T, E: de::Error>(self, problem: ItemProblem) -> Result<T, E> {
-        reject(
-            self.failure,
-            BatchError::Item {
-                index: self.index,
-                problem,
-            },
-        )
+        reject(self.failure, BatchError::Item { index: self.index, problem })
     }
 
     fn unexpected<T, E: de::Error>(self, found: JsonKind) -> Result<T, E> {
@@ -439,11 +423,7 @@ mod tests {
     fn parses_items_borrowing_plain_strings() {
         let items = ok(r#"[{"id":"1","tenant":"t1"}, {"tenant":"t2","id":"2"}]"#);
         assert_eq!(items, [Item::new("t1", "1"), Item::new("t2", "2")]);
-        assert!(
-            items
-                .iter()
-                .all(|item| matches!((&item.id, &item.tenant), (Cow::Borrowed(_), Cow::Borrowed(_))))
-        );
+        assert!(items.iter().all(|item| matches!((&item.id, &item.tenant), (Cow::Borrowed(_), Cow::Borrowed(_)))));
     }
 
     #[test]
@@ -478,10 +458,7 @@ mod tests {
         ] {
             assert!(matches!(err(body), BatchError::Malformed(_)), "{body:?}");
         }
-        assert!(matches!(
-            parse_batch(b"[{\"id\":\"\xff\",\"tenant\":\"t\"}]", MAX),
-            Err(BatchError::Malformed(_))
-        ));
+        assert!(matches!(parse_batch(b"[{\"id\":\"\xff\",\"tenant\":\"t\"}]", MAX), Err(BatchError::Malformed(_))));
         assert!(err("nope").to_string().starts_with("malformed JSON: "));
     }
 
@@ -503,45 +480,27 @@ mod tests {
             (r#""items""#, JsonKind::String),
         ];
         for (body, kind) in cases {
-            assert!(
-                matches!(err(body), BatchError::NotArray(found) if found == kind),
-                "{body}"
-            );
+            assert!(matches!(err(body), BatchError::NotArray(found) if found == kind), "{body}");
         }
-        assert_eq!(
-            err("{}").to_string(),
-            "the body must be a JSON array of items, got an object"
-        );
+        assert_eq!(err("{}").to_string(), "the body must be a JSON array of items, got an object");
     }
 
     #[test]
     fn item_must_be_an_object() {
         let good = r#"{"id":"1","tenant":"t"}"#;
-        for (item, kind) in [
-            ("[]", JsonKind::Array),
-            ("\"x\"", JsonKind::String),
-            ("7", JsonKind::Number),
-            ("null", JsonKind::Null),
-        ] {
+        for (item, kind) in
+            [("[]", JsonKind::Array), ("\"x\"", JsonKind::String), ("7", JsonKind::Number), ("null", JsonKind::Null)]
+        {
             let body = format!("[{good},{good},{item}]");
             assert_eq!(item_err(&body), (2, ItemProblem::NotObject(kind)), "{body}");
         }
-        assert_eq!(
-            err("[1]").to_string(),
-            "item 0: must be an object with id and tenant, got a number"
-        );
+        assert_eq!(err("[1]").to_string(), "item 0: must be an object with id and tenant, got a number");
     }
 
     #[test]
     fn fields_are_required() {
-        assert_eq!(
-            item_err(r#"[{"tenant":"t"}]"#),
-            (0, ItemProblem::Missing(ItemField::Id))
-        );
-        assert_eq!(
-            item_err(r#"[{"id":"1","tenant":"t"},{"id":"1"}]"#),
-            (1, ItemProblem::Missing(ItemField::Tenant))
-        );
+        assert_eq!(item_err(r#"[{"tenant":"t"}]"#), (0, ItemProblem::Missing(ItemField::Id)));
+        assert_eq!(item_err(r#"[{"id":"1","tenant":"t"},{"id":"1"}]"#), (1, ItemProblem::Missing(ItemField::Tenant)));
         assert_eq!(item_err(r#"[{}]"#), (0, ItemProblem::Missing(ItemField::Id)));
         assert_eq!(err(r#"[{"id":"1"}]"#).to_string(), "item 0: tenant is missing");
     }
@@ -553,32 +512,19 @@ mod tests {
             (r#"{"id":"1","tenant":null}"#, ItemField::Tenant, JsonKind::Null),
             (r#"{"id":"1","tenant":false}"#, ItemField::Tenant, JsonKind::Bool),
             (r#"{"id":["1"],"tenant":"t"}"#, ItemField::Id, JsonKind::Array),
-            (
-                r#"{"id":"1","tenant":{"name":"t"}}"#,
-                ItemField::Tenant,
-                JsonKind::Object,
-            ),
+            (r#"{"id":"1","tenant":{"name":"t"}}"#, ItemField::Tenant, JsonKind::Object),
         ];
         for (item, field, found) in cases {
             let body = format!("[{item}]");
             assert_eq!(item_err(&body), (0, ItemProblem::NotString { field, found }), "{body}");
         }
-        assert_eq!(
-            err(r#"[{"id":1.5,"tenant":"t"}]"#).to_string(),
-            "item 0: id must be a string, got a number"
-        );
+        assert_eq!(err(r#"[{"id":1.5,"tenant":"t"}]"#).to_string(), "item 0: id must be a string, got a number");
     }
 
     #[test]
     fn fields_must_not_be_empty() {
-        assert_eq!(
-            item_err(r#"[{"id":"","tenant":"t"}]"#),
-            (0, ItemProblem::Empty(ItemField::Id))
-        );
-        assert_eq!(
-            item_err(r#"[{"id":"1","tenant":""}]"#),
-            (0, ItemProblem::Empty(ItemField::Tenant))
-        );
+        assert_eq!(item_err(r#"[{"id":"","tenant":"t"}]"#), (0, ItemProblem::Empty(ItemField::Id)));
+        assert_eq!(item_err(r#"[{"id":"1","tenant":""}]"#), (0, ItemProblem::Empty(ItemField::Tenant)));
     }
 
     #[test]
@@ -590,16 +536,7 @@ mod tests {
         // 129 two-byte characters: 129 chars is under the limit, 258 bytes is over it.
         let over = "é".repeat(MAX / 2 + 1);
         let body = format!(r#"[{good},{good},{good},{{"id":"1","tenant":"{over}"}}]"#);
-        assert_eq!(
-            item_err(&body),
-            (
-                3,
-                ItemProblem::TooLong {
-                    field: ItemField::Tenant,
-                    max: MAX
-                }
-            )
-        );
+        assert_eq!(item_err(&body), (3, ItemProblem::TooLong { field: ItemField::Tenant, max: MAX }));
         assert_eq!(err(&body).to_string(), "item 3: tenant is longer than 256 bytes");
         // The limit applies to the unescaped string.
         let escaped = r"\u0041".repeat(MAX);
@@ -608,10 +545,7 @@ mod tests {
 
     #[test]
     fn duplicate_fields_are_rejected() {
-        assert_eq!(
-            item_err(r#"[{"id":"1","id":"2","tenant":"t"}]"#),
-            (0, ItemProblem::Duplicate(ItemField::Id))
-        );
+        assert_eq!(item_err(r#"[{"id":"1","id":"2","tenant":"t"}]"#), (0, ItemProblem::Duplicate(ItemField::Id)));
         assert_eq!(
             item_err(r#"[{"id":"1","tenant":"t","\u0074enant":"t"}]"#),
             (0, ItemProblem::Duplicate(ItemField::Tenant))
@@ -626,9 +560,6 @@ mod tests {
 
     #[test]
     fn a_bad_value_in_an_ignored_field_is_still_malformed() {
-        assert!(matches!(
-            err(r#"[{"id":"1","tenant":"t","x":[1,}]"#),
-            BatchError::Malformed(_)
-        ));
+        assert!(matches!(err(r#"[{"id":"1","tenant":"t","x":[1,}]"#), BatchError::Malformed(_)));
     }
 }

@@ -12,6 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use reqwest::StatusCode;
 use reqwest::blocking::{Client, Response};
 use serde_json::Value;
 
@@ -69,6 +70,24 @@ impl Cluster {
         yaml.push_str("database: db/\nworker_logs: logs/\n");
         yaml.push_str(extra);
         fs::write(self.config_path(), yaml).unwrap();
+    }
+
+    /// Every write-ahead log file (`db/wal/<worker>/*.log`) with its size in bytes, sorted by path.
+    pub fn wal_files(&self) -> Vec<(PathBuf, u64)> {
+        let mut files = Vec::new();
+        let Ok(workers) = fs::read_dir(self.database().join("wal")) else { return files };
+        for worker in workers {
+            let Ok(entries) = fs::read_dir(worker.unwrap().path()) else { continue };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|ext| ext == "log") {
+                    let len = fs::metadata(&path).map_or(0, |m| m.len());
+                    files.push((path, len));
+                }
+            }
+        }
+        files.sort();
+        files
     }
 
     /// Starts a worker on `port` with this cluster's config.
@@ -194,6 +213,47 @@ pub fn count(client: &Client, url: &str, tenant: &str) -> u64 {
         .collect();
     let reply: Value = client.get(format!("{url}/items/{tenant}/count")).send().unwrap().json().unwrap();
     reply["count"].as_u64().unwrap_or_else(|| panic!("no count in {reply}"))
+}
+
+/// Asserts that `response` has `status` and a JSON body `{"error": "<message>"}`; returns the
+/// message.
+pub fn error_message(response: Response, status: StatusCode) -> String {
+    assert_eq!(response.status(), status, "expected {status} from {}", response.url());
+    let url = response.url().clone();
+    let text = response.text().unwrap();
+    let body: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: the {status} body is not JSON ({e}): {text:?}"));
+    match body["error"].as_str() {
+        Some(message) if !message.is_empty() => message.to_owned(),
+        _ => panic!("{url}: the {status} body has no error message: {body}"),
+    }
+}
+
+/// `GET {url}` as JSON, asserting a 200.
+pub fn get_json(client: &Client, url: &str) -> Value {
+    let response = client.get(url).send().unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "GET {url}");
+    response.json().unwrap()
+}
+
+/// The value of the series `name{labels...}` in Prometheus text, if it is there; the series may
+/// carry other labels besides `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        let has = |&(key, want): &(&str, &str)| {
+            series_labels.split(',').any(|pair| {
+                pair.split_once('=').is_some_and(|(k, v)| {
+                    k == key && v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) == Some(want)
+                })
+            })
+        };
+        (series_name == name && labels.iter().all(has)).then(|| value.parse().ok())?
+    })
 }
 
 /// Polls until `check` holds, for at most `within`; returns how long it took.

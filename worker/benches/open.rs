@@ -20,10 +20,7 @@ const BATCH: usize = 100;
 const CHILD: &str = "COUNTAPP_BENCH_OPEN_DB";
 
 fn options() -> StoreOptions {
-    StoreOptions {
-        fsync: FsyncPolicy::EverySec,
-        ..StoreOptions::default()
-    }
+    StoreOptions { fsync: FsyncPolicy::EverySec, ..StoreOptions::default() }
 }
 
 fn tenant(t: usize) -> String {
@@ -42,9 +39,8 @@ fn build(db: &std::path::Path) {
     let store = Store::open(db, "builder", options()).unwrap();
     for t in 0..TENANTS {
         let name = tenant(t);
-        let ids: Vec<String> = (0..IDS_PER_TENANT)
-            .map(|i| format!("{:016x}", (t * IDS_PER_TENANT + i) as u64))
-            .collect();
+        let ids: Vec<String> =
+            (0..IDS_PER_TENANT).map(|i| format!("{:016x}", (t * IDS_PER_TENANT + i) as u64)).collect();
         for chunk in ids.chunks(BATCH) {
             let batch: Vec<Item> = chunk.iter().map(|id| Item::new(&name, id)).collect();
             store.append_blocking(&batch).unwrap();
@@ -52,11 +48,7 @@ fn build(db: &std::path::Path) {
         store.flush().unwrap();
     }
     store.close().unwrap();
-    println!(
-        "built a store of {} ids in {:.1?}",
-        TENANTS * IDS_PER_TENANT,
-        started.elapsed()
-    );
+    println!("built a store of {} ids in {:.1?}", TENANTS * IDS_PER_TENANT, started.elapsed());
 }
 
 fn measure(db: &std::path::Path) {
@@ -78,10 +70,7 @@ fn measure(db: &std::path::Path) {
     let stored = (TENANTS * IDS_PER_TENANT) as u64;
     let per_id = (rss() - before) as f64 / stored as f64;
 
-    println!(
-        "open until every count is served: {ready:.2?} (resident memory +{} MiB)",
-        (opened - before) >> 20
-    );
+    println!("open until every count is served: {ready:.2?} (resident memory +{} MiB)", (opened - before) >> 20);
     println!("first flush into every tenant (loads the id sets): {loaded:.2?}");
     println!("resident memory per stored id with the sets loaded: {per_id:.1} bytes");
 }
@@ -99,9 +88,6 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     build(&db);
-    let status = Command::new(std::env::current_exe().unwrap())
-        .env(CHILD, &db)
-        .status()
-        .unwrap();
+    let status = Command::new(std::env::current_exe().unwrap()).env(CHILD, &db).status().unwrap();
     assert!(status.success());
 }

@@ -23,11 +23,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 /// `batches` batches of `BATCH` fresh 16-byte ids, as `(tenant, id)` strings.
 fn fresh_batches(batches: usize, tenant: impl Fn(usize) -> String) -> Vec<Vec<(String, String)>> {
     (0..batches)
-        .map(|_| {
-            (0..BATCH)
-                .map(|i| (tenant(i), format!("{:016x}", NEXT_ID.fetch_add(1, Ordering::Relaxed))))
-                .collect()
-        })
+        .map(|_| (0..BATCH).map(|i| (tenant(i), format!("{:016x}", NEXT_ID.fetch_add(1, Ordering::Relaxed)))).collect())
         .collect()
 }
 
@@ -36,15 +32,7 @@ fn as_items(batch: &[(String, String)]) -> Vec<Item<'_>> {
 }
 
 fn open(dir: &std::path::Path) -> Store {
-    Store::open(
-        dir,
-        "bench",
-        StoreOptions {
-            fsync: FsyncPolicy::EverySec,
-            ..StoreOptions::default()
-        },
-    )
-    .unwrap()
+    Store::open(dir, "bench", StoreOptions { fsync: FsyncPolicy::EverySec, ..StoreOptions::default() }).unwrap()
 }
 
 fn append_then_flush(c: &mut Criterion) {
@@ -81,10 +69,7 @@ fn append_then_flush(c: &mut Criterion) {
 fn flush_into_large_tenant(c: &mut Criterion) {
     const NEW: usize = 10_000;
     let mut group = c.benchmark_group("flush_10k_new_ids_into");
-    group
-        .throughput(Throughput::Elements(NEW as u64))
-        .sample_size(20)
-        .measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Elements(NEW as u64)).sample_size(20).measurement_time(Duration::from_secs(5));
     for size in [1_000usize, 100_000, 1_000_000, 10_000_000] {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());

@@ -6,11 +6,9 @@
 //! - [`startup`]: wires the store, the HTTP server, the flusher and the shutdown signal; the
 //!   `worker` binary and the tests start workers through it.
 //! - `routes`: the HTTP API; `state`: what its handlers share; `metrics`: Prometheus counters.
-//! - [`shutdown`]: the one signal every task stops on.
 
 mod metrics;
 mod routes;
-pub mod shutdown;
 pub mod startup;
 mod state;
 pub mod store;

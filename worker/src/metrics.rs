@@ -1,31 +1,17 @@
 //! The worker's counters, served as Prometheus text at `/metrics` and summed up at `/stats`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use prometheus_client::encoding::EncodeLabelSet;
+use countapp_shared::http::RequestCounter;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::store::StoreStats;
 
-/// The labels of a served request: its route pattern (never the raw path, whose tenants would
-/// make the series unbounded) and its status code.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    route: String,
-    status: u16,
-}
-
 /// The worker's metrics.
 pub(crate) struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    /// All requests served, for `/stats`.
-    served: AtomicU64,
     items_accepted: Counter,
     flushes: Counter,
     flush_seconds: Histogram,
@@ -34,54 +20,23 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Metrics {
+    /// The worker's metrics, with the request counter the HTTP middleware fills.
+    pub(crate) fn new() -> (Metrics, RequestCounter) {
         let mut registry = Registry::with_prefix("countapp_worker");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "HTTP requests served, by route and status",
-            requests.clone(),
-        );
+        let requests = RequestCounter::registered(&mut registry);
         let items_accepted = Counter::default();
-        registry.register(
-            "items_accepted",
-            "Items acknowledged as durable",
-            items_accepted.clone(),
-        );
+        registry.register("items_accepted", "Items acknowledged as durable", items_accepted.clone());
         let flushes = Counter::default();
         registry.register("flushes", "Flushes of the log into the tenant files", flushes.clone());
         let buckets = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
         let flush_seconds = Histogram::new(buckets);
         registry.register("flush_duration_seconds", "Time a flush takes", flush_seconds.clone());
         let pending_items = Gauge::default();
-        registry.register(
-            "pending_items",
-            "Items acknowledged but not flushed yet",
-            pending_items.clone(),
-        );
+        registry.register("pending_items", "Items acknowledged but not flushed yet", pending_items.clone());
         let log_bytes = Counter::default();
         registry.register("log_bytes", "Bytes appended to the write-ahead log", log_bytes.clone());
-        Metrics {
-            registry,
-            requests,
-            served: AtomicU64::new(0),
-            items_accepted,
-            flushes,
-            flush_seconds,
-            pending_items,
-            log_bytes,
-        }
-    }
-
-    /// Counts a served request.
-    pub(crate) fn request(&self, route: &str, status: u16) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                status,
-            })
-            .inc();
-        self.served.fetch_add(1, Ordering::Relaxed);
+        let metrics = Metrics { registry, items_accepted, flushes, flush_seconds, pending_items, log_bytes };
+        (metrics, requests)
     }
 
     /// Counts items acknowledged.
@@ -95,11 +50,6 @@ impl Metrics {
         self.flush_seconds.observe(seconds);
     }
 
-    /// Requests served so far.
-    pub(crate) fn served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
-    }
-
     /// Items acknowledged so far.
     pub(crate) fn items_accepted(&self) -> u64 {
         self.items_accepted.get()
@@ -108,8 +58,7 @@ impl Metrics {
     /// The metrics as Prometheus (OpenMetrics) text, with the store's gauges read now.
     pub(crate) fn render(&self, store: Option<&StoreStats>) -> String {
         if let Some(stats) = store {
-            self.pending_items
-                .set(i64::try_from(stats.pending_items).unwrap_or(i64::MAX));
+            self.pending_items.set(i64::try_from(stats.pending_items).unwrap_or(i64::MAX));
             let behind = stats.log_bytes_appended.saturating_sub(self.log_bytes.get());
             self.log_bytes.inc_by(behind);
         }

@@ -3,16 +3,13 @@
 
 use std::time::UNIX_EPOCH;
 
-use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
-use actix_web::http::header::{AUTHORIZATION, CONTENT_LENGTH, ContentType};
-use actix_web::middleware::Next;
-use actix_web::web::{self, BytesMut};
+use actix_web::http::header::{AUTHORIZATION, ContentType};
+use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
-use countapp_shared::api::{Accepted, Count, ErrorBody};
+use countapp_shared::api::{Accepted, Count};
+use countapp_shared::http::{RequestCounter, error, read_body};
 use countapp_shared::items::parse_batch;
-use futures_util::StreamExt;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
 
@@ -32,39 +29,12 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
 
 /// A resource whose other methods get a JSON 405, not an empty one.
 fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(|| async {
-        error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-    }))
-}
-
-/// Counts every request by route pattern and status, and logs it at debug.
-pub(crate) async fn observe(
-    req: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let state = req.app_data::<web::Data<AppState>>().cloned();
-    let method = req.method().clone();
-    let path = req.path().to_owned();
-    let res = next.call(req).await?;
-    let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
-    let status = res.status().as_u16();
-    if let Some(state) = state {
-        state.metrics.request(&route, status);
-    }
-    tracing::debug!(%method, path, status, "request");
-    Ok(res)
-}
-
-/// A JSON error reply: `{"error": message}`.
-fn error(status: StatusCode, message: impl Into<String>) -> HttpResponse {
-    HttpResponse::build(status).json(ErrorBody::new(message))
+    web::resource(path)
+        .default_service(web::to(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") }))
 }
 
 fn not_ready() -> HttpResponse {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the worker is recovering its log and not ready yet",
-    )
+    error(StatusCode::SERVICE_UNAVAILABLE, "the worker is recovering its log and not ready yet")
 }
 
 /// `POST /items`: validates the whole batch, appends it to the log, and answers once durable.
@@ -85,65 +55,25 @@ async fn post_items(req: HttpRequest, payload: web::Payload, state: web::Data<Ap
         }
         Err(e) => {
             tracing::error!(error = %e, "append failed");
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the batch was not stored: {e}"),
-            )
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("the batch was not stored: {e}"))
         }
     }
-}
-
-/// Reads the body, refusing it with a 413 as soon as it is known to exceed `max` bytes.
-async fn read_body(req: &HttpRequest, mut payload: web::Payload, max: usize) -> Result<BytesMut, HttpResponse> {
-    let too_large = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body exceeds max_body_bytes ({max} bytes)"),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > max) {
-        return Err(too_large());
-    }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(8 << 10).min(max));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading the body failed: {e}")))?;
-        if body.len() + chunk.len() > max {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 /// `GET /items/{tenant}/count`: the tenant's count as of the latest flush by any worker.
 async fn get_count(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let Some(store) = state.store() else { return not_ready() };
     // Decoded here, once, from the raw path: every string is a tenant, `/` and `%` included.
-    let raw = req
-        .uri()
-        .path()
-        .strip_prefix("/items/")
-        .and_then(|p| p.strip_suffix("/count"))
-        .unwrap_or_default();
+    let raw = req.uri().path().strip_prefix("/items/").and_then(|p| p.strip_suffix("/count")).unwrap_or_default();
     let tenant = match percent_decode_str(raw).decode_utf8() {
         Ok(tenant) => tenant,
         Err(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "the tenant is not valid UTF-8 once percent-decoded",
-            );
+            return error(StatusCode::BAD_REQUEST, "the tenant is not valid UTF-8 once percent-decoded");
         }
     };
     if tenant.len() > state.max_key_bytes {
         let max = state.max_key_bytes;
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("the tenant is longer than max_key_bytes ({max} bytes)"),
-        );
+        return error(StatusCode::BAD_REQUEST, format!("the tenant is longer than max_key_bytes ({max} bytes)"));
     }
     // A manifest read: a few microseconds from the page cache, cheaper than a hop to a
     // blocking thread.
@@ -151,10 +81,7 @@ async fn get_count(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
         Ok(count) => HttpResponse::Ok().json(Count { count }),
         Err(e) => {
             tracing::error!(tenant = %tenant, error = %e, "count failed");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the count could not be read: {e}"),
-            )
+            error(StatusCode::INTERNAL_SERVER_ERROR, format!("the count could not be read: {e}"))
         }
     }
 }
@@ -174,27 +101,24 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// `GET /stats`: what the worker has done, as JSON.
-async fn stats(state: web::Data<AppState>) -> HttpResponse {
+async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) -> HttpResponse {
     let store = state.store().map(|store| store.stats());
-    let last_flush = store
-        .as_ref()
-        .and_then(|s| s.last_flush.as_ref())
-        .map(|(at, took, report)| {
-            json!({
-                "at_unix_ms": at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-                "took_ms": took.as_secs_f64() * 1000.0,
-                "log_files": report.log_files,
-                "adopted_files": report.adopted_files,
-                "items": report.items,
-                "tenants": report.tenants,
-                "new_ids": report.new_ids,
-            })
-        });
+    let last_flush = store.as_ref().and_then(|s| s.last_flush.as_ref()).map(|(at, took, report)| {
+        json!({
+            "at_unix_ms": at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            "took_ms": took.as_secs_f64() * 1000.0,
+            "log_files": report.log_files,
+            "adopted_files": report.adopted_files,
+            "items": report.items,
+            "tenants": report.tenants,
+            "new_ids": report.new_ids,
+        })
+    });
     HttpResponse::Ok().json(json!({
         "worker": state.worker_id,
         "pid": std::process::id(),
         "ready": store.is_some(),
-        "requests": state.metrics.served(),
+        "requests": requests.served(),
         "items_accepted": state.metrics.items_accepted(),
         "pending_items": store.as_ref().map_or(0, |s| s.pending_items),
         "log_bytes_appended": store.as_ref().map_or(0, |s| s.log_bytes_appended),
@@ -207,9 +131,7 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let stats = state.store().map(|store| store.stats());
     HttpResponse::Ok()
         .content_type(ContentType(
-            "application/openmetrics-text; version=1.0.0; charset=utf-8"
-                .parse()
-                .expect("a valid media type"),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8".parse().expect("a valid media type"),
         ))
         .body(state.metrics.render(stats.as_ref()))
 }
@@ -217,15 +139,9 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 /// `POST /shutdown`: with the coordinator's token (`Authorization: Bearer <token>`), stop taking
 /// requests, finish those in flight, flush and exit 0.
 async fn shutdown(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let presented = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
+    let presented = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
     if !presented.is_some_and(|token| state.is_shutdown_token(token)) {
-        return error(
-            StatusCode::FORBIDDEN,
-            "shutdown needs the token this worker was started with",
-        );
+        return error(StatusCode::FORBIDDEN, "shutdown needs the token this worker was started with");
     }
     tracing::info!("shutdown requested");
     state.shutdown.trigger();

@@ -10,13 +10,15 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use countapp_shared::config::{Config, FsyncPolicy};
+use countapp_shared::http::count_requests;
 use thiserror::Error;
 use tracing::Instrument;
 
+use crate::metrics::Metrics;
 use crate::routes;
-use crate::shutdown::{Shutdown, terminate_signal};
 use crate::state::AppState;
 use crate::store::{Store, StoreError, StoreOptions};
+use countapp_shared::shutdown::{Shutdown, terminate_signal};
 
 /// How long a graceful stop waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -86,24 +88,25 @@ impl Worker {
     /// Binds the worker's socket and prepares its server; nothing is served until
     /// [`Worker::run_until_stopped`].
     pub fn build(settings: WorkerSettings) -> Result<Worker, WorkerError> {
-        let bind_error = |source| WorkerError::Bind {
-            addr: settings.listen,
-            source,
-        };
+        let bind_error = |source| WorkerError::Bind { addr: settings.listen, source };
         let listener = TcpListener::bind(settings.listen).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
+        let (metrics, requests) = Metrics::new();
         let state = web::Data::new(AppState::new(
             worker_id(addr),
             settings.max_body_bytes,
             settings.max_key_bytes,
             Shutdown::default(),
             settings.shutdown_token.clone(),
+            metrics,
         ));
+        let requests = web::Data::new(requests);
         let data = state.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
-                .wrap(from_fn(routes::observe))
+                .app_data(requests.clone())
+                .wrap(from_fn(count_requests))
                 .configure(routes::configure)
         })
         .listen(listener)
@@ -112,12 +115,7 @@ impl Worker {
         .disable_signals()
         .shutdown_timeout(DRAIN_TIMEOUT.as_secs())
         .run();
-        Ok(Worker {
-            server,
-            addr,
-            state,
-            settings,
-        })
+        Ok(Worker { server, addr, state, settings })
     }
 
     /// The address the worker listens on (with the real port when 0 was asked for).
@@ -135,12 +133,7 @@ impl Worker {
     /// and flushes periodically; at shutdown it stops taking requests, lets those in flight
     /// finish, flushes and returns.
     pub async fn run_until_stopped(self) -> Result<(), WorkerError> {
-        let Worker {
-            server,
-            addr,
-            state,
-            settings,
-        } = self;
+        let Worker { server, addr, state, settings } = self;
         let span = tracing::info_span!("worker", port = addr.port());
         async move {
             let handle = server.handle();
@@ -187,10 +180,7 @@ fn worker_id(addr: SocketAddr) -> String {
 
 async fn open_store(settings: &WorkerSettings, worker_id: &str) -> Result<Arc<Store>, WorkerError> {
     let (database, id) = (settings.database.clone(), worker_id.to_owned());
-    let options = StoreOptions {
-        fsync: settings.fsync,
-        ..StoreOptions::default()
-    };
+    let options = StoreOptions { fsync: settings.fsync, ..StoreOptions::default() };
     let store = tokio::task::spawn_blocking(move || Store::open(&database, &id, options))
         .await
         .map_err(|e| WorkerError::Runtime(format!("opening the store panicked: {e}")))??;

@@ -3,8 +3,8 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::metrics::Metrics;
-use crate::shutdown::Shutdown;
 use crate::store::Store;
+use countapp_shared::shutdown::Shutdown;
 
 /// The worker's shared state, behind `web::Data`.
 pub(crate) struct AppState {
@@ -28,16 +28,9 @@ impl AppState {
         max_key_bytes: usize,
         shutdown: Shutdown,
         shutdown_token: Option<String>,
+        metrics: Metrics,
     ) -> AppState {
-        AppState {
-            worker_id,
-            store: OnceLock::new(),
-            max_body_bytes,
-            max_key_bytes,
-            metrics: Metrics::new(),
-            shutdown,
-            shutdown_token,
-        }
+        AppState { worker_id, store: OnceLock::new(), max_body_bytes, max_key_bytes, metrics, shutdown, shutdown_token }
     }
 
     /// The store, once recovered.

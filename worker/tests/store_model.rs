@@ -39,15 +39,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn open(dir: &Path, worker: usize, fsync: FsyncPolicy) -> Store {
-    Store::open(
-        dir,
-        WORKERS[worker],
-        StoreOptions {
-            fsync,
-            ..StoreOptions::default()
-        },
-    )
-    .unwrap()
+    Store::open(dir, WORKERS[worker], StoreOptions { fsync, ..StoreOptions::default() }).unwrap()
 }
 
 /// The model: what each worker holds unflushed in its log, and every id flushed per tenant.

@@ -96,10 +96,7 @@ fn child() {
     // libtest has printed `test child ... ` without a newline: end that line, so that the
     // parent reads ours whole.
     say("");
-    let options = StoreOptions {
-        fsync: spec.fsync,
-        lock_wait: Duration::from_secs(10),
-    };
+    let options = StoreOptions { fsync: spec.fsync, lock_wait: Duration::from_secs(10) };
     let store = Store::open(&spec.db, &spec.worker, options).expect("child: open the store");
     say("READY");
     let deadline = Instant::now() + CHILD_LIFETIME;
@@ -148,9 +145,7 @@ fn child() {
         }),
         Role::AppendThenHold { batches } => {
             for n in 0..batches {
-                store
-                    .append_blocking(&items(&batch(n, LOAD_BATCH)))
-                    .expect("child: append");
+                store.append_blocking(&items(&batch(n, LOAD_BATCH))).expect("child: append");
                 say(&format!("ACK {n}"));
             }
             say("DONE");
@@ -191,12 +186,7 @@ impl ChildProcess {
     /// Starts this test binary again as a child playing `role` as worker `worker` on `db`.
     fn spawn(db: &Path, worker: &str, fsync: FsyncPolicy, role: Role) -> ChildProcess {
         let name = format!("{worker} ({role:?}, {fsync:?})");
-        let spec = ChildSpec {
-            db: db.to_path_buf(),
-            worker: worker.to_owned(),
-            fsync,
-            role,
-        };
+        let spec = ChildSpec { db: db.to_path_buf(), worker: worker.to_owned(), fsync, role };
         let mut process = Command::new(std::env::current_exe().expect("the test binary's path"))
             .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, serde_json::to_string(&spec).expect("serialise the spec"))
@@ -218,9 +208,7 @@ impl ChildProcess {
                 }
                 // A line cut short by the kill carries no promise: only whole lines count.
                 if line.ends_with(b"\n")
-                    && tx
-                        .send(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned())
-                        .is_err()
+                    && tx.send(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned()).is_err()
                 {
                     return;
                 }
@@ -233,14 +221,7 @@ impl ChildProcess {
             text
         });
         let stdin = process.stdin.take();
-        ChildProcess {
-            name,
-            process,
-            stdin,
-            lines,
-            seen: Vec::new(),
-            stderr: Some(stderr),
-        }
+        ChildProcess { name, process, stdin, lines, seen: Vec::new(), stderr: Some(stderr) }
     }
 
     /// Writes one line to the child's stdin.
@@ -255,10 +236,7 @@ impl ChildProcess {
     fn wait_for(&mut self, wanted: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) => {
                     let found = line == wanted;
                     self.receive(line);
@@ -309,10 +287,7 @@ impl ChildProcess {
     fn drain(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) => self.receive(line),
                 Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => panic!("child {}: stdout still open 10 s after it exited", self.name),
@@ -333,16 +308,9 @@ impl ChildProcess {
     fn fail(&mut self, why: &str) -> ! {
         let _ = self.process.kill();
         let _ = self.process.wait();
-        let stderr = self
-            .stderr
-            .take()
-            .map(|t| t.join().unwrap_or_default())
-            .unwrap_or_default();
+        let stderr = self.stderr.take().map(|t| t.join().unwrap_or_default()).unwrap_or_default();
         let tail = &self.seen[self.seen.len().saturating_sub(10)..];
-        panic!(
-            "child {}: {why}\nlast stdout lines: {tail:?}\nstderr:\n{stderr}",
-            self.name
-        );
+        panic!("child {}: {why}\nlast stdout lines: {tail:?}\nstderr:\n{stderr}", self.name);
     }
 }
 
@@ -355,10 +323,7 @@ impl Drop for ChildProcess {
 
 /// The numbers of the lines `<word> <n>` among `lines`.
 fn numbered(lines: &[String], word: &str) -> Vec<u64> {
-    lines
-        .iter()
-        .filter_map(|line| line.strip_prefix(word)?.strip_prefix(' ')?.parse().ok())
-        .collect()
+    lines.iter().filter_map(|line| line.strip_prefix(word)?.strip_prefix(' ')?.parse().ok()).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -385,14 +350,7 @@ const LOAD_FLUSH_PERIOD: Duration = Duration::from_millis(20);
 /// Batch `n`: `len` items, ids `n-0, n-1, ...` (so no two batches share an id), spread over
 /// [`LOAD_TENANTS`].
 fn batch(n: u64, len: usize) -> Vec<(String, String)> {
-    (0..len)
-        .map(|j| {
-            (
-                LOAD_TENANTS[(n as usize + j) % LOAD_TENANTS.len()].to_owned(),
-                format!("{n}-{j}"),
-            )
-        })
-        .collect()
+    (0..len).map(|j| (LOAD_TENANTS[(n as usize + j) % LOAD_TENANTS.len()].to_owned(), format!("{n}-{j}"))).collect()
 }
 
 /// Borrows owned `(tenant, id)` pairs as items.
@@ -416,9 +374,7 @@ fn per_tenant(batches: impl IntoIterator<Item = u64>, len: usize) -> BTreeMap<St
 #[track_caller]
 fn assert_counts(store: &Store, expected: &BTreeMap<String, u64>, context: &str) {
     for (tenant, want) in expected {
-        let got = store
-            .count(tenant)
-            .unwrap_or_else(|e| panic!("{context}: count of {tenant:?}: {e}"));
+        let got = store.count(tenant).unwrap_or_else(|e| panic!("{context}: count of {tenant:?}: {e}"));
         assert_eq!(got, *want, "{context}: count of tenant {tenant:?}");
     }
 }
@@ -431,19 +387,15 @@ fn open_report(store: &Store) -> FlushReport {
 /// Options for the parent's stores: a generous lock wait, since the only other holders of a log
 /// are this test's children, which are dead (and their locks freed) by the time it opens.
 fn options(fsync: FsyncPolicy) -> StoreOptions {
-    StoreOptions {
-        fsync,
-        lock_wait: Duration::from_secs(10),
-    }
+    StoreOptions { fsync, lock_wait: Duration::from_secs(10) }
 }
 
 /// The `.log` files directly in `dir`, sorted by name (which sorts them by sequence number).
 fn log_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
-        Ok(entries) => entries
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "log"))
-            .collect(),
+        Ok(entries) => {
+            entries.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect()
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => panic!("listing {}: {e}", dir.display()),
     };
@@ -502,11 +454,7 @@ const OVERLAP_FLUSH_EVERY: usize = 3;
 fn overlap_items(part: usize) -> Vec<(usize, String)> {
     let start = part * OVERLAP_STRIDE;
     (start..start + OVERLAP_SPAN)
-        .flat_map(|i| {
-            (0..OVERLAP_TENANTS.len())
-                .filter(move |t| i % (t + 1) == 0)
-                .map(move |t| (t, i.to_string()))
-        })
+        .flat_map(|i| (0..OVERLAP_TENANTS.len()).filter(move |t| i % (t + 1) == 0).map(move |t| (t, i.to_string())))
         .collect()
 }
 
@@ -523,14 +471,7 @@ fn four_processes_flushing_overlapping_ids_count_exactly() {
         }
     }
     let mut children: Vec<ChildProcess> = (0..OVERLAP_PARTS)
-        .map(|part| {
-            ChildProcess::spawn(
-                &db,
-                &format!("w{part}"),
-                FsyncPolicy::EverySec,
-                Role::OverlapWriter { part },
-            )
-        })
+        .map(|part| ChildProcess::spawn(&db, &format!("w{part}"), FsyncPolicy::EverySec, Role::OverlapWriter { part }))
         .collect();
     for child in &mut children {
         child.wait_for("READY", Duration::from_secs(30));
@@ -540,23 +481,12 @@ fn four_processes_flushing_overlapping_ids_count_exactly() {
     }
     for child in &mut children {
         let lines = child.wait_success(Duration::from_secs(50));
-        assert!(
-            lines.iter().any(|l| l == "DONE"),
-            "a child exited without DONE: {lines:?}"
-        );
+        assert!(lines.iter().any(|l| l == "DONE"), "a child exited without DONE: {lines:?}");
     }
     let store = Store::open(&db, "checker", options(FsyncPolicy::EverySec)).unwrap();
-    assert_eq!(
-        open_report(&store).items,
-        0,
-        "children closed gracefully: no log should be left to adopt"
-    );
+    assert_eq!(open_report(&store).items, 0, "children closed gracefully: no log should be left to adopt");
     for (t, tenant) in OVERLAP_TENANTS.iter().enumerate() {
-        assert_eq!(
-            store.count(tenant).unwrap(),
-            expected[t].len() as u64,
-            "tenant {tenant:?}"
-        );
+        assert_eq!(store.count(tenant).unwrap(), expected[t].len() as u64, "tenant {tenant:?}");
     }
 }
 
@@ -588,14 +518,9 @@ fn sigkill_mid_load_loses_no_acknowledged_batch() {
         let lines = child.kill();
         let sent: HashSet<u64> = numbered(lines, "SENT").into_iter().collect();
         let acked = numbered(lines, "ACK");
-        let context = format!(
-            "round {round} ({fsync:?}, killed {delay} ms after READY, {} batches acknowledged)",
-            acked.len()
-        );
-        assert!(
-            acked.iter().all(|n| sent.contains(n)),
-            "{context}: an ACK without its SENT"
-        );
+        let context =
+            format!("round {round} ({fsync:?}, killed {delay} ms after READY, {} batches acknowledged)", acked.len());
+        assert!(acked.iter().all(|n| sent.contains(n)), "{context}: an ACK without its SENT");
         for (tenant, n) in per_tenant(acked.iter().copied(), LOAD_BATCH) {
             *acked_total.get_mut(&tenant).unwrap() += n;
         }
@@ -621,10 +546,7 @@ fn sigkill_mid_load_loses_no_acknowledged_batch() {
             store.append_blocking(&items(chunk)).unwrap();
         }
         let report = store.flush().unwrap();
-        assert_eq!(
-            report.new_ids, 0,
-            "{context}: acknowledged ids missing after the replay"
-        );
+        assert_eq!(report.new_ids, 0, "{context}: acknowledged ids missing after the replay");
         store.close().unwrap();
     }
 }
@@ -644,9 +566,7 @@ fn a_torn_log_tail_at_every_byte_offset_keeps_every_earlier_record() {
     let db = dir.path().join("db");
     let store = Store::open(&db, "torn", options(FsyncPolicy::Never)).unwrap();
     let logs = log_files(&db.join("wal/torn"));
-    let [log] = &logs[..] else {
-        panic!("one active log file expected, found {logs:?}")
-    };
+    let [log] = &logs[..] else { panic!("one active log file expected, found {logs:?}") };
     let log_name = log.strip_prefix(&db).unwrap().to_path_buf();
     // `ends[k]`: the log's length with k records; the writer writes before it acknowledges.
     let mut ends = vec![fs::metadata(log).unwrap().len()];
@@ -656,11 +576,7 @@ fn a_torn_log_tail_at_every_byte_offset_keeps_every_earlier_record() {
     }
     drop(store); // a crash: the log stays for the next open
     assert_eq!(ends[0], 0);
-    assert_eq!(
-        fs::metadata(log).unwrap().len(),
-        ends[K as usize],
-        "the log changed after the crash"
-    );
+    assert_eq!(fs::metadata(log).unwrap().len(), ends[K as usize], "the log changed after the crash");
 
     for cut in 0..=ends[K as usize] {
         let whole = ends.iter().rposition(|&end| end <= cut).unwrap() as u64;
@@ -668,22 +584,13 @@ fn a_torn_log_tail_at_every_byte_offset_keeps_every_earlier_record() {
         let copy = tempfile::tempdir().unwrap();
         let cdb = copy.path().join("db");
         copy_tree(&db, &cdb);
-        fs::OpenOptions::new()
-            .write(true)
-            .open(cdb.join(&log_name))
-            .unwrap()
-            .set_len(cut)
-            .unwrap();
+        fs::OpenOptions::new().write(true).open(cdb.join(&log_name)).unwrap().set_len(cut).unwrap();
 
         let store = Store::open(&cdb, "torn", options(FsyncPolicy::Never))
             .unwrap_or_else(|e| panic!("{context}: open failed: {e}"));
         assert_counts(&store, &per_tenant(0..whole, LEN), &context);
         let report = open_report(&store);
-        assert_eq!(
-            report.dropped_bytes,
-            cut - ends[whole as usize],
-            "{context}: dropped bytes"
-        );
+        assert_eq!(report.dropped_bytes, cut - ends[whole as usize], "{context}: dropped bytes");
         assert_eq!(report.items, whole * LEN as u64, "{context}: replayed items");
 
         if cut > ends[K as usize - 1] {
@@ -692,11 +599,7 @@ fn a_torn_log_tail_at_every_byte_offset_keeps_every_earlier_record() {
             drop(store);
             let store = Store::open(&cdb, "torn", options(FsyncPolicy::Never)).unwrap();
             let expected = per_tenant((0..whole).chain([K]), LEN);
-            assert_counts(
-                &store,
-                &expected,
-                &format!("{context}, then one more batch and a crash"),
-            );
+            assert_counts(&store, &expected, &format!("{context}, then one more batch and a crash"));
         }
     }
 }
@@ -714,12 +617,8 @@ fn an_orphaned_log_is_adopted_once() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let dead_wal = db.join("wal/dead");
-    let mut child = ChildProcess::spawn(
-        &db,
-        "dead",
-        FsyncPolicy::EverySec,
-        Role::AppendThenHold { batches: ADOPT_BATCHES },
-    );
+    let mut child =
+        ChildProcess::spawn(&db, "dead", FsyncPolicy::EverySec, Role::AppendThenHold { batches: ADOPT_BATCHES });
     child.wait_for("DONE", Duration::from_secs(30));
     let acked = numbered(child.kill(), "ACK");
     assert_eq!(acked, (0..ADOPT_BATCHES).collect::<Vec<_>>());
@@ -727,26 +626,14 @@ fn an_orphaned_log_is_adopted_once() {
     assert!(!log_files(&dead_wal).is_empty(), "the killed worker left no log");
 
     let live = Store::open(&db, "live", options(FsyncPolicy::EverySec)).unwrap();
-    assert_counts(
-        &live,
-        &expected,
-        "after the live worker's open adopted the dead one's log",
-    );
+    assert_counts(&live, &expected, "after the live worker's open adopted the dead one's log");
     let report = open_report(&live);
     assert!(report.adopted_files >= 1, "{report:?}");
     assert_eq!(report.items, ADOPT_BATCHES * LOAD_BATCH as u64, "{report:?}");
-    assert_eq!(
-        log_files(&dead_wal),
-        Vec::<PathBuf>::new(),
-        "the adopted log files were not consumed"
-    );
+    assert_eq!(log_files(&dead_wal), Vec::<PathBuf>::new(), "the adopted log files were not consumed");
 
     let dead = Store::open(&db, "dead", options(FsyncPolicy::EverySec)).unwrap();
-    assert_eq!(
-        open_report(&dead),
-        FlushReport::default(),
-        "the dead worker's restart replayed its adopted log again"
-    );
+    assert_eq!(open_report(&dead), FlushReport::default(), "the dead worker's restart replayed its adopted log again");
     let report = live.flush().unwrap();
     assert_eq!(report.items, 0, "{report:?}");
     assert_counts(&live, &expected, "after the dead worker's restart and a flush");
@@ -755,12 +642,7 @@ fn an_orphaned_log_is_adopted_once() {
     live.close().unwrap();
     for file in log_files(&dead_wal) {
         // Only the empty active file of the restarted worker's last run may remain.
-        assert_eq!(
-            fs::metadata(&file).unwrap().len(),
-            0,
-            "{} still holds records",
-            file.display()
-        );
+        assert_eq!(fs::metadata(&file).unwrap().len(), 0, "{} still holds records", file.display());
     }
     let store = Store::open(&db, "checker", options(FsyncPolicy::EverySec)).unwrap();
     assert_counts(&store, &expected, "at the end");
@@ -773,19 +655,12 @@ fn an_orphaned_log_is_adopted_by_a_live_workers_flush() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let live = Store::open(&db, "live", options(FsyncPolicy::EverySec)).unwrap();
-    let mut child = ChildProcess::spawn(
-        &db,
-        "dead",
-        FsyncPolicy::Never,
-        Role::AppendThenHold { batches: ADOPT_BATCHES },
-    );
+    let mut child =
+        ChildProcess::spawn(&db, "dead", FsyncPolicy::Never, Role::AppendThenHold { batches: ADOPT_BATCHES });
     child.wait_for("DONE", Duration::from_secs(30));
     let zero = per_tenant([], LOAD_BATCH);
     let report = live.flush().unwrap();
-    assert_eq!(
-        report.adopted_files, 0,
-        "a flush took the log of a running worker: {report:?}"
-    );
+    assert_eq!(report.adopted_files, 0, "a flush took the log of a running worker: {report:?}");
     assert_counts(&live, &zero, "while the other worker runs");
 
     let acked = numbered(child.kill(), "ACK");
@@ -793,16 +668,8 @@ fn an_orphaned_log_is_adopted_by_a_live_workers_flush() {
     let expected = per_tenant(acked.iter().copied(), LOAD_BATCH);
     let report = live.flush().unwrap();
     assert!(report.adopted_files >= 1, "{report:?}");
-    assert_counts(
-        &live,
-        &expected,
-        "after the live worker's flush adopted the dead one's log",
-    );
-    assert_eq!(
-        log_files(&db.join("wal/dead")),
-        Vec::<PathBuf>::new(),
-        "the adopted log files were not consumed"
-    );
+    assert_counts(&live, &expected, "after the live worker's flush adopted the dead one's log");
+    assert_eq!(log_files(&db.join("wal/dead")), Vec::<PathBuf>::new(), "the adopted log files were not consumed");
     let report = live.flush().unwrap();
     assert_eq!(report.items, 0, "a second flush adopted again: {report:?}");
     assert_counts(&live, &expected, "after a second flush");
@@ -818,15 +685,11 @@ fn an_orphaned_log_is_adopted_by_a_live_workers_flush() {
 fn tenant_names_are_distinct_and_stay_inside_the_database() {
     let long = "é".repeat(128);
     assert_eq!(long.len(), 256);
-    let tenants = [
-        "a", "A", "a b", "../x", "../../x", "..", "%2e%2e", ".", &long, " ", "/", "a/b", "\\", "a\0b",
-    ];
+    let tenants = ["a", "A", "a b", "../x", "../../x", "..", "%2e%2e", ".", &long, " ", "/", "a/b", "\\", "a\0b"];
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let store = Store::open(&db, "w", options(FsyncPolicy::EverySec)).unwrap();
-    let ids: Vec<Vec<String>> = (0..tenants.len())
-        .map(|i| (0..=i).map(|j| format!("id{j}")).collect())
-        .collect();
+    let ids: Vec<Vec<String>> = (0..tenants.len()).map(|i| (0..=i).map(|j| format!("id{j}")).collect()).collect();
     let owned: Vec<(String, String)> = tenants
         .iter()
         .zip(&ids)
@@ -841,11 +704,7 @@ fn tenant_names_are_distinct_and_stay_inside_the_database() {
             assert_eq!(store.count(tenant).unwrap(), i as u64 + 1, "{when}: tenant {tenant:?}");
         }
         for never in ["b", "a  b", "../y", "...", "x", "a\0"] {
-            assert_eq!(
-                store.count(never).unwrap(),
-                0,
-                "{when}: tenant {never:?} was never posted to"
-            );
+            assert_eq!(store.count(never).unwrap(), 0, "{when}: tenant {never:?} was never posted to");
         }
     };
     check(&store, "after the flush");
@@ -855,42 +714,21 @@ fn tenant_names_are_distinct_and_stay_inside_the_database() {
     other.close().unwrap();
 
     for path in walk(dir.path()) {
-        assert!(
-            path.starts_with(&db),
-            "{} was written outside the database {}",
-            path.display(),
-            db.display()
-        );
+        assert!(path.starts_with(&db), "{} was written outside the database {}", path.display(), db.display());
     }
     for path in walk(&db) {
         let top = path.strip_prefix(&db).unwrap().components().next().unwrap();
-        assert!(
-            ["wal", "tenants"].contains(&top.as_os_str().to_str().unwrap()),
-            "unexpected {}",
-            path.display()
-        );
+        assert!(["wal", "tenants"].contains(&top.as_os_str().to_str().unwrap()), "unexpected {}", path.display());
     }
     let tenants_dir = db.join("tenants");
     let mut names = Vec::new();
     for entry in fs::read_dir(&tenants_dir).unwrap() {
         let entry = entry.unwrap();
         let name = entry.file_name().into_string().expect("a UTF-8 directory name");
-        assert!(
-            entry.file_type().unwrap().is_dir(),
-            "{name:?} is not a tenant directory"
-        );
-        assert!(
-            name != "." && name != ".." && !name.starts_with('.'),
-            "a tenant directory named {name:?}"
-        );
-        assert!(
-            !tenants.contains(&name.as_str()),
-            "tenant {name:?} is a raw directory name"
-        );
-        assert!(
-            name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\'),
-            "unsafe name {name:?}"
-        );
+        assert!(entry.file_type().unwrap().is_dir(), "{name:?} is not a tenant directory");
+        assert!(name != "." && name != ".." && !name.starts_with('.'), "a tenant directory named {name:?}");
+        assert!(!tenants.contains(&name.as_str()), "tenant {name:?} is a raw directory name");
+        assert!(name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\'), "unsafe name {name:?}");
         for file in walk(&entry.path()) {
             assert!(file.is_file(), "{} nests inside a tenant directory", file.display());
         }
@@ -898,11 +736,7 @@ fn tenant_names_are_distinct_and_stay_inside_the_database() {
     }
     assert_eq!(names.len(), tenants.len(), "one directory per tenant: {names:?}");
     let folded: HashSet<String> = names.iter().map(|n| n.to_lowercase()).collect();
-    assert_eq!(
-        folded.len(),
-        names.len(),
-        "directory names collide on a case-insensitive file system: {names:?}"
-    );
+    assert_eq!(folded.len(), names.len(), "directory names collide on a case-insensitive file system: {names:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -920,38 +754,17 @@ fn a_second_process_cannot_open_a_running_workers_log() {
     child.wait_for("DONE", Duration::from_secs(30));
     let wait = Duration::from_millis(200);
     let started = Instant::now();
-    match Store::open(
-        &db,
-        "w",
-        StoreOptions {
-            fsync: FsyncPolicy::Always,
-            lock_wait: wait,
-        },
-    ) {
+    match Store::open(&db, "w", StoreOptions { fsync: FsyncPolicy::Always, lock_wait: wait }) {
         Err(StoreError::LogInUse(id)) => assert_eq!(id, "w"),
         Err(e) => panic!("expected LogInUse, got {e}"),
         Ok(_) => panic!("a second process opened the log of a running worker"),
     }
     let waited = started.elapsed();
-    assert!(
-        waited >= wait && waited < Duration::from_secs(5),
-        "waited {waited:?} for a lock_wait of {wait:?}"
-    );
+    assert!(waited >= wait && waited < Duration::from_secs(5), "waited {waited:?} for a lock_wait of {wait:?}");
 
     let acked = numbered(child.kill(), "ACK");
     assert_eq!(acked, (0..BATCHES).collect::<Vec<_>>());
-    let store = Store::open(
-        &db,
-        "w",
-        StoreOptions {
-            fsync: FsyncPolicy::Always,
-            lock_wait: wait,
-        },
-    )
-    .expect("open once the other process is dead");
-    assert_counts(
-        &store,
-        &per_tenant(0..BATCHES, LOAD_BATCH),
-        "after taking over the dead process's log",
-    );
+    let store = Store::open(&db, "w", StoreOptions { fsync: FsyncPolicy::Always, lock_wait: wait })
+        .expect("open once the other process is dead");
+    assert_counts(&store, &per_tenant(0..BATCHES, LOAD_BATCH), "after taking over the dead process's log");
 }

@@ -90,17 +90,11 @@ pub enum StoreError {
 
 impl StoreError {
     fn io(context: impl Into<String>, source: io::Error) -> StoreError {
-        StoreError::Io {
-            context: context.into(),
-            source,
-        }
+        StoreError::Io { context: context.into(), source }
     }
 
     fn corrupt(path: &Path, detail: impl ToString) -> StoreError {
-        StoreError::Corrupt {
-            path: path.to_path_buf(),
-            detail: detail.to_string(),
-        }
+        StoreError::Corrupt { path: path.to_path_buf(), detail: detail.to_string() }
     }
 }
 
@@ -116,10 +110,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions {
-            fsync: FsyncPolicy::EverySec,
-            lock_wait: Duration::from_secs(10),
-        }
+        StoreOptions { fsync: FsyncPolicy::EverySec, lock_wait: Duration::from_secs(10) }
     }
 }
 
@@ -324,10 +315,8 @@ impl Store {
     /// Merges each tenant's ids into its files, several tenants at once: a merge spends its time
     /// in hashing and fsyncs, both of which overlap well across threads. Returns the new ids.
     fn merge_all(&self, tenants: &[(&str, Vec<&str>)]) -> Result<u64, StoreError> {
-        let threads = thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .clamp(1, MAX_MERGE_THREADS)
-            .min(tenants.len());
+        let threads =
+            thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_MERGE_THREADS).min(tenants.len());
         let next = AtomicUsize::new(0);
         let work = || -> Result<u64, StoreError> {
             let mut new_ids = 0;
@@ -370,9 +359,7 @@ impl Store {
             let Some(orphan) = LogDir::try_lock(&path).map_err(|e| StoreError::io("locking a log", e))? else {
                 continue;
             };
-            let files = orphan
-                .files()
-                .map_err(|e| StoreError::io("listing an adopted log", e))?;
+            let files = orphan.files().map_err(|e| StoreError::io("listing an adopted log", e))?;
             for (_, file) in &files {
                 self.consume(file, report)?;
                 report.adopted_files += 1;
@@ -388,9 +375,5 @@ fn validate_worker_id(id: &str) -> Result<(), StoreError> {
     let valid = (1..=64).contains(&id.len())
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         && !id.bytes().all(|b| b == b'.');
-    if valid {
-        Ok(())
-    } else {
-        Err(StoreError::InvalidWorkerId(id.to_owned()))
-    }
+    if valid { Ok(()) } else { Err(StoreError::InvalidWorkerId(id.to_owned())) }
 }

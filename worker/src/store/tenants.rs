@@ -85,10 +85,7 @@ impl Tenants {
     /// The tenants under `root`, which is created if missing.
     pub(crate) fn open(root: PathBuf) -> Result<Tenants, StoreError> {
         create_dir_durably(&root).map_err(|e| StoreError::io(format!("creating {}", root.display()), e))?;
-        Ok(Tenants {
-            root,
-            states: Mutex::new(HashMap::new()),
-        })
+        Ok(Tenants { root, states: Mutex::new(HashMap::new()) })
     }
 
     /// The tenant's distinct count as of the latest merge by any process; 0 for a tenant never
@@ -136,20 +133,12 @@ fn merge_locked(dir: &Path, tenant: &str, state: &mut TenantState, ids: &[&str])
     state.loaded_upto = manifest.next_seq - 1;
 
     state.ids.reserve(ids.len());
-    let new: Vec<&str> = ids
-        .iter()
-        .copied()
-        .filter(|&id| state.ids.insert(CompactString::from(id)))
-        .collect();
+    let new: Vec<&str> = ids.iter().copied().filter(|&id| state.ids.insert(CompactString::from(id))).collect();
     if new.is_empty() {
         return Ok(0);
     }
     let seq = manifest.next_seq;
-    let segment = Segment {
-        first: seq,
-        last: seq,
-        ids: new.len() as u64,
-    };
+    let segment = Segment { first: seq, last: seq, ids: new.len() as u64 };
     write_segment(dir, &segment, &new)?;
     manifest.segments.push(segment);
     manifest.count += segment.ids;
@@ -172,11 +161,7 @@ fn compact(dir: &Path, manifest: &mut Manifest) -> Result<(), StoreError> {
         if older.ids > newer.ids {
             break;
         }
-        let merged = Segment {
-            first: older.first,
-            last: newer.last,
-            ids: older.ids + newer.ids,
-        };
+        let merged = Segment { first: older.first, last: newer.last, ids: older.ids + newer.ids };
         concat_segments(dir, &[older, newer], &merged)?;
         manifest.segments.truncate(manifest.segments.len() - 2);
         manifest.segments.push(merged);
@@ -205,8 +190,7 @@ fn lock_tenant(dir: &Path) -> Result<File, StoreError> {
         .truncate(false)
         .open(&path)
         .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))?;
-    file.lock()
-        .map_err(|e| StoreError::io(format!("locking {}", path.display()), e))?;
+    file.lock().map_err(|e| StoreError::io(format!("locking {}", path.display()), e))?;
     Ok(file)
 }
 
@@ -214,10 +198,7 @@ fn check_owner(owner: &str, tenant: &str) -> Result<(), StoreError> {
     if owner == tenant {
         Ok(())
     } else {
-        Err(StoreError::TenantCollision {
-            tenant: tenant.to_owned(),
-            owner: owner.to_owned(),
-        })
+        Err(StoreError::TenantCollision { tenant: tenant.to_owned(), owner: owner.to_owned() })
     }
 }
 
@@ -226,13 +207,7 @@ fn read_manifest(dir: &Path, tenant: &str) -> Result<Manifest, StoreError> {
     let bytes = match fs::read(&path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Ok(Manifest {
-                version: 1,
-                tenant: tenant.to_owned(),
-                count: 0,
-                next_seq: 1,
-                segments: Vec::new(),
-            });
+            return Ok(Manifest { version: 1, tenant: tenant.to_owned(), count: 0, next_seq: 1, segments: Vec::new() });
         }
         Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
     };
@@ -243,10 +218,8 @@ fn read_manifest(dir: &Path, tenant: &str) -> Result<Manifest, StoreError> {
 
 fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), StoreError> {
     let path = dir.join(MANIFEST);
-    write_atomically(&path, |out| {
-        serde_json::to_writer(out, manifest).map_err(io::Error::from)
-    })
-    .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))
+    write_atomically(&path, |out| serde_json::to_writer(out, manifest).map_err(io::Error::from))
+        .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))
 }
 
 fn write_segment<T: Serialize>(dir: &Path, segment: &Segment, ids: &[T]) -> Result<(), StoreError> {
@@ -266,9 +239,7 @@ fn concat_segments(dir: &Path, parts: &[Segment], merged: &Segment) -> Result<()
     for part in parts {
         let path = dir.join(part.file_name());
         let bytes = fs::read(&path).map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
-        let body = array_body(&bytes)
-            .ok_or_else(|| StoreError::corrupt(&path, "not a JSON array"))?
-            .to_vec();
+        let body = array_body(&bytes).ok_or_else(|| StoreError::corrupt(&path, "not a JSON array"))?.to_vec();
         bodies.push(body);
     }
     let path = dir.join(merged.file_name());

@@ -162,16 +162,9 @@ impl LogDir {
 
     /// Locks the existing log directory at `path` if no live process holds it.
     pub(crate) fn try_lock(path: &Path) -> io::Result<Option<LogDir>> {
-        let lock = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path.join(LOCK_FILE))?;
+        let lock = OpenOptions::new().write(true).create(true).truncate(false).open(path.join(LOCK_FILE))?;
         match lock.try_lock() {
-            Ok(()) => Ok(Some(LogDir {
-                path: path.to_path_buf(),
-                _lock: lock,
-            })),
+            Ok(()) => Ok(Some(LogDir { path: path.to_path_buf(), _lock: lock })),
             Err(TryLockError::WouldBlock) => Ok(None),
             Err(TryLockError::Error(e)) => Err(e),
         }
@@ -200,11 +193,7 @@ pub(crate) fn log_files(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
-        let Some(seq) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".log"))
-            .and_then(|n| n.parse().ok())
-        else {
+        let Some(seq) = name.to_str().and_then(|n| n.strip_suffix(".log")).and_then(|n| n.parse().ok()) else {
             continue;
         };
         files.push((seq, entry.path()));

@@ -27,16 +27,10 @@ const MAX_GROUP_BYTES: usize = 8 << 20;
 /// What the writer thread is asked to do.
 enum Command {
     /// Append `record`, holding `items` items, and answer once it is durable per the policy.
-    Append {
-        record: Vec<u8>,
-        items: u64,
-        done: oneshot::Sender<Result<(), StoreError>>,
-    },
+    Append { record: Vec<u8>, items: u64, done: oneshot::Sender<Result<(), StoreError>> },
     /// Close the active file if it holds anything and continue in a new one; answers with the
     /// sequence number of the file now active: every older file is closed for good.
-    Rotate {
-        done: oneshot::Sender<Result<u64, StoreError>>,
-    },
+    Rotate { done: oneshot::Sender<Result<u64, StoreError>> },
 }
 
 /// Counters the writer keeps for the worker's stats.
@@ -74,9 +68,7 @@ impl Writer {
                 stats: stats.clone(),
                 poisoned: None,
             };
-            thread::Builder::new()
-                .name("wal-writer".into())
-                .spawn(move || state.run(rx))?
+            thread::Builder::new().name("wal-writer".into()).spawn(move || state.run(rx))?
         };
         let syncer = match policy {
             FsyncPolicy::EverySec => {
@@ -88,12 +80,7 @@ impl Writer {
             }
             FsyncPolicy::Always | FsyncPolicy::Never => None,
         };
-        Ok(Writer {
-            tx: Some(tx),
-            thread: Some(thread),
-            syncer,
-            stats,
-        })
+        Ok(Writer { tx: Some(tx), thread: Some(thread), syncer, stats })
     }
 
     /// Queues `record` and returns the receiver of its answer.
@@ -144,16 +131,9 @@ struct Active {
 
 impl Active {
     fn create(dir: &Path, seq: u64) -> io::Result<Active> {
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(log_file_path(dir, seq))?;
+        let file = OpenOptions::new().create_new(true).append(true).open(log_file_path(dir, seq))?;
         super::fsutil::sync_dir(dir)?;
-        Ok(Active {
-            seq,
-            file: Arc::new(file),
-            len: 0,
-        })
+        Ok(Active { seq, file: Arc::new(file), len: 0 })
     }
 }
 
@@ -257,9 +237,7 @@ impl State {
         let old = std::mem::replace(&mut self.active, next);
         *self.current.lock() = self.active.file.clone();
         if self.policy != FsyncPolicy::Never {
-            old.file
-                .sync_data()
-                .map_err(|e| StoreError::io("syncing a closed log file", e))?;
+            old.file.sync_data().map_err(|e| StoreError::io("syncing a closed log file", e))?;
         }
         Ok(self.active.seq)
     }

@@ -13,9 +13,7 @@ pub struct Shutdown {
 
 impl Default for Shutdown {
     fn default() -> Self {
-        Shutdown {
-            tx: Arc::new(watch::Sender::new(false)),
-        }
+        Shutdown { tx: Arc::new(watch::Sender::new(false)) }
     }
 }
 

@@ -1,0 +1,78 @@
+//! Notices edits of `config.yaml` within about a second.
+//!
+//! The file's directory is watched, not the file: editors and `mv` replace the file with a new
+//! one, which would end a watch on the old file. Events are filtered on the file name. The file
+//! is also re-read every `config_check`, which catches any edit if watching fails or the file
+//! system sends no events (network mounts). Either way the loop is only told "look again": it
+//! reads, validates and compares the file itself.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+
+/// A running watch; dropping it stops both the watcher and the poller.
+pub struct ConfigWatch {
+    _watcher: Option<RecommendedWatcher>,
+    poller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ConfigWatch {
+    fn drop(&mut self) {
+        self.poller.abort();
+    }
+}
+
+/// Watches `path`; every possible change sends `()` on the returned channel (changes close
+/// together coalesce into one). `every` is the polling period, and follows the config's
+/// `config_check` as it changes.
+pub fn watch(path: &Path, every: watch::Receiver<Duration>) -> (ConfigWatch, mpsc::Receiver<()>) {
+    // One slot: a pending hint already means "look again", so more add nothing.
+    let (tx, rx) = mpsc::channel(1);
+    let watcher = match file_watcher(path, tx.clone()) {
+        Ok(watcher) => Some(watcher),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot watch the config; polling it instead");
+            None
+        }
+    };
+    let poller = tokio::spawn(poll(path.to_path_buf(), every, tx));
+    (ConfigWatch { _watcher: watcher, poller }, rx)
+}
+
+fn file_watcher(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<RecommendedWatcher> {
+    let name = path.file_name().map(ToOwned::to_owned);
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+        Ok(event) => {
+            // Reading the file is an event too: reacting to it would loop.
+            if !event.kind.is_access() && event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
+                let _ = tx.try_send(());
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "config watch error"),
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
+/// Re-reads the file every period and hints when its bytes changed.
+async fn poll(path: PathBuf, mut every: watch::Receiver<Duration>, tx: mpsc::Sender<()>) {
+    let mut last = tokio::fs::read(&path).await.ok();
+    loop {
+        let period = *every.borrow_and_update();
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            changed = every.changed() => if changed.is_err() { return } else { continue },
+        }
+        let now = tokio::fs::read(&path).await.ok();
+        if now != last {
+            last = now;
+            let _ = tx.try_send(());
+        }
+    }
+}

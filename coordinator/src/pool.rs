@@ -1,0 +1,179 @@
+//! The workers the coordinator knows, how each is doing, and which of them take requests.
+//!
+//! The supervisor writes states; the proxy reads the live set on every request, so that set is
+//! kept ready-made behind a lock taken only briefly.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use countapp_shared::config::WorkerUrl;
+use parking_lot::{Mutex, RwLock};
+use rand::RngExt;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+/// How a worker is doing, as the coordinator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Spawned (or found) and recovering; not routed to yet.
+    Starting,
+    /// Answers `/ready`: routed to.
+    Ready,
+    /// Failed a health check or a request; not routed to until a check passes again.
+    Unhealthy,
+    /// Its process exited; about to be respawned.
+    Exited,
+    /// Removed from the config or the coordinator is stopping: draining and flushing.
+    Stopping,
+}
+
+/// One worker of the config.
+#[derive(Debug)]
+pub struct Member {
+    /// Its URL in the config.
+    pub url: WorkerUrl,
+    /// Spawned and supervised by this coordinator, or run by someone else and only routed to.
+    pub local: bool,
+    status: Mutex<Status>,
+    /// Requests this coordinator routed to it and it answered.
+    pub requests: AtomicU64,
+    /// Items it acknowledged through this coordinator.
+    pub items: AtomicU64,
+}
+
+/// What changes about a member over time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Its state.
+    pub state: WorkerState,
+    /// Its process id, when known.
+    pub pid: Option<u32>,
+    /// Times it was respawned after its process exited.
+    pub restarts: u64,
+    /// The latest thing that went wrong with it.
+    pub last_error: Option<String>,
+    /// Found already running when this coordinator started, rather than spawned by it.
+    pub adopted: bool,
+}
+
+impl Member {
+    /// The member's status now.
+    pub fn status(&self) -> Status {
+        self.status.lock().clone()
+    }
+
+    /// Counts a request it answered, with the items it acknowledged.
+    pub fn record(&self, items: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.items.fetch_add(items, Ordering::Relaxed);
+    }
+}
+
+/// Every member, and the live ones ready-made for routing.
+#[derive(Debug, Default)]
+pub struct Pool {
+    members: RwLock<BTreeMap<WorkerUrl, Arc<Member>>>,
+    live: RwLock<Arc<Vec<Arc<Member>>>>,
+    /// Woken whenever a member becomes ready, for requests waiting for a live worker.
+    became_ready: Notify,
+}
+
+impl Pool {
+    /// Adds a member for `url`, starting; returns the existing one if there is one.
+    pub fn add(&self, url: &WorkerUrl) -> Arc<Member> {
+        let mut members = self.members.write();
+        members
+            .entry(url.clone())
+            .or_insert_with(|| {
+                Arc::new(Member {
+                    url: url.clone(),
+                    local: url.is_local(),
+                    status: Mutex::new(Status {
+                        state: WorkerState::Starting,
+                        pid: None,
+                        restarts: 0,
+                        last_error: None,
+                        adopted: false,
+                    }),
+                    requests: AtomicU64::new(0),
+                    items: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Forgets the member for `url`.
+    pub fn remove(&self, url: &WorkerUrl) {
+        self.members.write().remove(url);
+        self.refresh_live();
+    }
+
+    /// Every member, in URL order.
+    pub fn members(&self) -> Vec<Arc<Member>> {
+        self.members.read().values().cloned().collect()
+    }
+
+    /// Changes a member's state.
+    pub fn set_state(&self, member: &Member, state: WorkerState) {
+        let changed = {
+            let mut status = member.status.lock();
+            let changed = status.state != state;
+            status.state = state;
+            changed
+        };
+        if changed {
+            tracing::debug!(worker = %member.url, ?state, "state");
+            self.refresh_live();
+            if state == WorkerState::Ready {
+                self.became_ready.notify_waiters();
+            }
+        }
+    }
+
+    /// Changes the rest of a member's status.
+    pub fn update(&self, member: &Member, change: impl FnOnce(&mut Status)) {
+        change(&mut member.status.lock());
+    }
+
+    /// Marks a ready member unhealthy after a failed request, so that no other request tries it
+    /// before a health check or its supervisor says it is back.
+    pub fn suspect(&self, member: &Member, error: String) {
+        let was_ready = {
+            let mut status = member.status.lock();
+            status.last_error = Some(error);
+            status.state == WorkerState::Ready
+        };
+        if was_ready {
+            self.set_state(member, WorkerState::Unhealthy);
+        }
+    }
+
+    /// A random live member other than those in `tried`.
+    pub fn pick(&self, tried: &[Arc<Member>]) -> Option<Arc<Member>> {
+        let live = self.live.read().clone();
+        let candidates: Vec<&Arc<Member>> = live.iter().filter(|m| !tried.iter().any(|t| Arc::ptr_eq(t, m))).collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        Some(candidates[rand::rng().random_range(0..candidates.len())].clone())
+    }
+
+    /// How many members are live.
+    pub fn live_count(&self) -> usize {
+        self.live.read().len()
+    }
+
+    /// Waits until a member becomes ready, or `at_most` passes.
+    pub async fn wait_for_ready(&self, at_most: Duration) {
+        let _ = tokio::time::timeout(at_most, self.became_ready.notified()).await;
+    }
+
+    fn refresh_live(&self) {
+        let live: Vec<Arc<Member>> =
+            self.members.read().values().filter(|m| m.status.lock().state == WorkerState::Ready).cloned().collect();
+        *self.live.write() = Arc::new(live);
+    }
+}

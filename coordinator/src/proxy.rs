@@ -1,0 +1,92 @@
+//! Forwards a request to a random live worker, and to another one when that fails.
+//!
+//! A connection failure, a timeout or a 5xx is retried on another live worker: ingest is
+//! idempotent (a set ignores an id it holds), so a batch that reached a worker before the
+//! failure is not double-counted by the retry. A worker's 4xx is the client's fault and passes
+//! through. With no live worker, the request waits briefly for one before a 503.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::HttpResponse;
+use actix_web::http::StatusCode;
+use actix_web::web::Bytes;
+use countapp_shared::http::error;
+
+use crate::pool::{Member, WorkerState};
+use crate::state::AppState;
+
+/// How long a request waits for a live worker before it gets a 503.
+const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
+/// Attempts on distinct workers a request gets, at most.
+const MAX_ATTEMPTS: usize = 8;
+
+/// A request to forward: its method, its path (with the query) and its body.
+pub(crate) struct Forward {
+    pub(crate) method: reqwest::Method,
+    pub(crate) path: String,
+    pub(crate) body: Option<Bytes>,
+}
+
+/// Forwards `request` and returns the reply of the first worker that handles it.
+pub(crate) async fn forward(state: &AppState, request: Forward) -> HttpResponse {
+    let pool = &state.ctx.pool;
+    let deadline = Instant::now() + WAIT_FOR_WORKER;
+    let mut tried: Vec<Arc<Member>> = Vec::new();
+    let mut last_error = None;
+    while tried.len() < MAX_ATTEMPTS {
+        let Some(member) = pool.pick(&tried) else {
+            if Instant::now() >= deadline {
+                break;
+            }
+            // Every live worker failed us or none is live: wait for one to (re)start.
+            pool.wait_for_ready(Duration::from_millis(100)).await;
+            tried.retain(|m| m.status().state != WorkerState::Ready);
+            continue;
+        };
+        if !tried.is_empty() {
+            state.metrics.retries.inc();
+        }
+        match send(state, &member, &request).await {
+            Ok((status, body)) if !status.is_server_error() => {
+                let items = if status == StatusCode::OK && request.method == reqwest::Method::POST {
+                    accepted(&body)
+                } else {
+                    0
+                };
+                member.record(items);
+                return HttpResponse::build(status).content_type("application/json").body(body);
+            }
+            Ok((status, body)) => {
+                let why = format!("{status}: {}", String::from_utf8_lossy(&body));
+                tracing::warn!(worker = %member.url, error = why, "worker failed a request; retrying elsewhere");
+                last_error = Some(why);
+            }
+            Err(e) => {
+                let why = e.to_string();
+                tracing::warn!(worker = %member.url, error = why, "cannot reach worker; retrying elsewhere");
+                pool.suspect(&member, why.clone());
+                last_error = Some(why);
+            }
+        }
+        tried.push(member);
+    }
+    state.metrics.unavailable.inc();
+    let detail = last_error.map_or_else(String::new, |e| format!(" (last error: {e})"));
+    error(StatusCode::SERVICE_UNAVAILABLE, format!("no live worker could take the request{detail}"))
+}
+
+async fn send(state: &AppState, member: &Member, request: &Forward) -> reqwest::Result<(StatusCode, Bytes)> {
+    let mut builder = state.forward.request(request.method.clone(), format!("{}{}", member.url, request.path));
+    if let Some(body) = &request.body {
+        builder = builder.header("content-type", "application/json").body(body.clone());
+    }
+    let reply = builder.send().await?;
+    let status = StatusCode::from_u16(reply.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    Ok((status, reply.bytes().await?))
+}
+
+/// The `accepted` count of a worker's `200` reply to `POST /items`.
+fn accepted(body: &[u8]) -> u64 {
+    serde_json::from_slice::<countapp_shared::api::Accepted>(body).map_or(0, |a| a.accepted as u64)
+}

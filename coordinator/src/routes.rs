@@ -1,0 +1,107 @@
+//! The coordinator's HTTP API: the workers' API forwarded, plus its own health, stats and
+//! metrics.
+
+use std::time::UNIX_EPOCH;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::ContentType;
+use actix_web::web;
+use actix_web::{HttpRequest, HttpResponse};
+use countapp_shared::http::{RequestCounter, error, read_body};
+use serde_json::json;
+
+use crate::proxy::{Forward, forward};
+use crate::state::AppState;
+
+/// Registers every route of the coordinator.
+pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/items").route(web::post().to(post_items)))
+        .service(resource("/items/{tenant}/count").route(web::get().to(get_count)))
+        .service(resource("/health").route(web::get().to(health)))
+        .service(resource("/stats").route(web::get().to(stats)))
+        .service(resource("/metrics").route(web::get().to(metrics)))
+        .default_service(web::to(|| async { error(StatusCode::NOT_FOUND, "no such route") }));
+}
+
+/// A resource whose other methods get a JSON 405, not an empty one.
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path)
+        .default_service(web::to(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") }))
+}
+
+/// `POST /items`: bounded here (a 413 costs no hop), validated and stored by a worker.
+async fn post_items(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    let max = state.ctx.config.read().max_body_bytes;
+    let body = match read_body(&req, payload, max).await {
+        Ok(body) => body.freeze(),
+        Err(reply) => return reply,
+    };
+    forward(&state, Forward { method: reqwest::Method::POST, path: "/items".to_owned(), body: Some(body) }).await
+}
+
+/// `GET /items/{tenant}/count`: forwarded with the path as the client encoded it.
+async fn get_count(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    forward(&state, Forward { method: reqwest::Method::GET, path: req.uri().path().to_owned(), body: None }).await
+}
+
+/// `GET /health`: the coordinator is up; how many workers take requests.
+async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let live = state.ctx.pool.live_count();
+    HttpResponse::Ok().json(json!({ "status": "ok", "live_workers": live }))
+}
+
+/// `GET /stats`: every worker's state and counts, the cluster's totals, and the config status.
+async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) -> HttpResponse {
+    let mut total_requests = 0;
+    let mut total_items = 0;
+    let workers: Vec<_> = state
+        .ctx
+        .pool
+        .members()
+        .iter()
+        .map(|member| {
+            let status = member.status();
+            let served = member.requests.load(std::sync::atomic::Ordering::Relaxed);
+            let items = member.items.load(std::sync::atomic::Ordering::Relaxed);
+            total_requests += served;
+            total_items += items;
+            json!({
+                "url": member.url.as_str(),
+                "local": member.local,
+                "pid": status.pid,
+                "state": status.state,
+                "adopted": status.adopted,
+                "requests": served,
+                "items_accepted": items,
+                "restarts": status.restarts,
+                "last_error": status.last_error,
+            })
+        })
+        .collect();
+    let config = state.config_status.lock().clone();
+    HttpResponse::Ok().json(json!({
+        "workers": workers,
+        "cluster": {
+            "requests": requests.served(),
+            "requests_forwarded": total_requests,
+            "items_accepted": total_items,
+            "live_workers": state.ctx.pool.live_count(),
+            "workers": workers.len(),
+        },
+        "config": {
+            "path": config.path.display().to_string(),
+            "loaded_at_unix_ms": config.loaded_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            "valid": config.error.is_none(),
+            "error": config.error,
+        },
+    }))
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(ContentType(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8".parse().expect("a valid media type"),
+        ))
+        .body(state.metrics.render(&state.ctx.pool))
+}

@@ -1,0 +1,202 @@
+//! Starting and stopping the coordinator: the one place that wires the config watch, the
+//! supervisor, the HTTP server and the shutdown signal together. The `coordinator` binary and
+//! the tests both use it.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpServer, web};
+use countapp_shared::config::Config;
+use countapp_shared::http::count_requests;
+use countapp_shared::shutdown::{Shutdown, terminate_signal};
+use parking_lot::{Mutex, RwLock};
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::config_watch;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::routes;
+use crate::state::{AppState, ConfigStatus};
+use crate::supervisor::{Context, Supervisor};
+
+/// How long the coordinator waits, after a change is noticed, for the edit to settle: editors
+/// write a file in several steps.
+const SETTLE: Duration = Duration::from_millis(100);
+/// How long a graceful stop waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the coordinator could not start or stopped badly.
+#[derive(Debug, Error)]
+pub enum CoordinatorError {
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// Anything else of the runtime: signal handlers, the HTTP server.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// A coordinator whose socket is bound; [`Coordinator::run_until_stopped`] runs it.
+pub struct Coordinator {
+    server: actix_web::dev::Server,
+    addr: SocketAddr,
+    state: web::Data<AppState>,
+    config: Config,
+}
+
+impl Coordinator {
+    /// Binds `config.listen` (port 0 picks a free port) and prepares the server. Workers are
+    /// spawned by [`Coordinator::run_until_stopped`] from `worker_bin`, with `config_path`.
+    pub fn build(config_path: &Path, config: Config, worker_bin: PathBuf) -> Result<Coordinator, CoordinatorError> {
+        let bind_error = |source| CoordinatorError::Bind { addr: config.listen, source };
+        let listener = TcpListener::bind(config.listen).map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        let token = random_token();
+        let ctx = Arc::new(Context {
+            worker_bin,
+            config_path: config_path.to_path_buf(),
+            token,
+            config: RwLock::new(Arc::new(config.clone())),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(1))
+                .build()
+                .map_err(|e| CoordinatorError::Runtime(format!("building the HTTP client: {e}")))?,
+            pool: Arc::new(Pool::default()),
+        });
+        let forward = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| CoordinatorError::Runtime(format!("building the HTTP client: {e}")))?;
+        let (metrics, requests) = Metrics::new();
+        let state = web::Data::new(AppState {
+            ctx,
+            forward,
+            config_status: Mutex::new(ConfigStatus {
+                path: config_path.to_path_buf(),
+                loaded_at: SystemTime::now(),
+                error: None,
+            }),
+            metrics,
+            shutdown: Shutdown::default(),
+        });
+        let requests = web::Data::new(requests);
+        let data = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(requests.clone())
+                .wrap(from_fn(count_requests))
+                .configure(routes::configure)
+        })
+        .listen(listener)
+        .map_err(bind_error)?
+        .disable_signals()
+        .shutdown_timeout(DRAIN_TIMEOUT.as_secs())
+        .run();
+        Ok(Coordinator { server, addr, state, config })
+    }
+
+    /// The address the coordinator listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A handle that stops the coordinator gracefully, as SIGTERM does.
+    pub fn shutdown(&self) -> Shutdown {
+        self.state.shutdown.clone()
+    }
+
+    /// Runs until SIGTERM, SIGINT or [`Coordinator::shutdown`]: serves, supervises the workers
+    /// and follows the config file; then stops taking requests, lets those in flight finish,
+    /// stops every worker gracefully and returns.
+    pub async fn run_until_stopped(self) -> Result<(), CoordinatorError> {
+        let Coordinator { server, addr, state, mut config } = self;
+        let handle = server.handle();
+        let serving = tokio::spawn(server);
+        tracing::info!(%addr, workers = config.workers.len(), "coordinator listening");
+        let mut supervisor = Supervisor::new(state.ctx.clone());
+        supervisor.apply(&config);
+
+        let config_path = state.ctx.config_path.clone();
+        let (check_every, check_every_rx) = watch::channel(config.config_check);
+        let (_watch, mut changes) = config_watch::watch(&config_path, check_every_rx);
+        let signal = terminate_signal();
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                Some(()) = changes.recv() => {
+                    tokio::time::sleep(SETTLE).await;
+                    while changes.try_recv().is_ok() {}
+                    if let Some(new) = reload(&state, &config_path, &config) {
+                        if new.listen != config.listen {
+                            tracing::warn!(listen = %new.listen, "a new listen address takes effect at the next start");
+                        }
+                        check_every.send_replace(new.config_check);
+                        supervisor.apply(&new);
+                        config = new;
+                    }
+                }
+                () = state.shutdown.wait() => break,
+                signal = &mut signal => {
+                    signal.map_err(|e| CoordinatorError::Runtime(format!("cannot watch signals: {e}")))?;
+                    tracing::info!("termination signal");
+                    break;
+                }
+            }
+        }
+        state.shutdown.trigger();
+        tracing::info!("stopping: draining requests, then the workers");
+        handle.stop(true).await;
+        if let Ok(Err(e)) = serving.await {
+            tracing::error!(error = %e, "the HTTP server failed");
+        }
+        supervisor.stop_all().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Reads the config file again; returns it if it is valid and differs from `current`. An
+/// invalid file is logged and shown in `/stats`, and `current` stays in force.
+fn reload(state: &AppState, path: &Path, current: &Config) -> Option<Config> {
+    match Config::load(path) {
+        Ok(new) => {
+            let mut status = state.config_status.lock();
+            if status.error.take().is_some() {
+                tracing::info!(path = %path.display(), "the config file is valid again");
+            }
+            if &new == current {
+                return None;
+            }
+            status.loaded_at = SystemTime::now();
+            tracing::info!(path = %path.display(), "config changed");
+            Some(new)
+        }
+        Err(e) => {
+            let error = e.to_string();
+            let mut status = state.config_status.lock();
+            if status.error.as_ref() != Some(&error) {
+                tracing::error!(path = %path.display(), error, "invalid config edit ignored; the last good config stays in force");
+                status.error = Some(error);
+            }
+            None
+        }
+    }
+}
+
+/// A fresh shutdown token: 128 random bits, in hex.
+fn random_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}

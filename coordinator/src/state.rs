@@ -1,0 +1,32 @@
+//! What every request handler of the coordinator shares.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use countapp_shared::shutdown::Shutdown;
+use parking_lot::Mutex;
+
+use crate::metrics::Metrics;
+use crate::supervisor::Context;
+
+/// Whether the config file in force is the one on disk.
+#[derive(Debug, Clone)]
+pub(crate) struct ConfigStatus {
+    pub(crate) path: PathBuf,
+    /// When the config in force was loaded.
+    pub(crate) loaded_at: SystemTime,
+    /// Why the file on disk is not in force, if it is not.
+    pub(crate) error: Option<String>,
+}
+
+/// The coordinator's shared state, behind `web::Data`.
+pub(crate) struct AppState {
+    /// The workers, the config in force and the clients.
+    pub(crate) ctx: Arc<Context>,
+    /// The client requests are forwarded with: pooled, kept alive.
+    pub(crate) forward: reqwest::Client,
+    pub(crate) config_status: Mutex<ConfigStatus>,
+    pub(crate) metrics: Metrics,
+    pub(crate) shutdown: Shutdown,
+}
