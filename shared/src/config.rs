@@ -211,12 +211,14 @@ impl WorkerUrl {
         self.port
     }
 
-    /// Whether the worker runs on this machine (127.0.0.0/8, `localhost` or `::1`), in which
-    /// case the coordinator spawns and supervises it instead of only routing to it.
+    /// Whether the coordinator spawns and supervises this worker: its host is `127.0.0.1`,
+    /// `localhost` or `::1`. Any other host is run by its owner and only health-checked and
+    /// routed to, even another loopback address such as 127.0.0.2, which is how a second
+    /// machine is stood in for on one host.
     pub fn is_local(&self) -> bool {
         match &self.host {
             url::Host::Domain(domain) => domain == "localhost",
-            url::Host::Ipv4(ip) => ip.is_loopback(),
+            url::Host::Ipv4(ip) => *ip == Ipv4Addr::LOCALHOST,
             url::Host::Ipv6(ip) => ip.is_loopback(),
         }
     }
@@ -696,10 +698,11 @@ config_check: 5
 
     #[test]
     fn locality() {
-        for local in ["http://localhost:5001", "http://127.0.0.1:5001", "http://127.0.0.2:5001", "http://[::1]:5001"] {
+        for local in ["http://localhost:5001", "http://127.0.0.1:5001", "http://[::1]:5001"] {
             assert!(url(local).is_local(), "{local}");
         }
-        for remote in ["http://10.1.2.3:5001", "http://worker-b.example:5001", "http://192.168.0.7:5001"] {
+        let remotes = ["http://127.0.0.2:5001", "http://10.1.2.3:5001", "http://worker-b.example:5001", "http://192.168.0.7:5001"];
+        for remote in remotes {
             assert!(!url(remote).is_local(), "{remote}");
         }
     }

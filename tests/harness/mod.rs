@@ -90,37 +90,45 @@ impl Cluster {
         files
     }
 
-    /// Starts a worker on `port` with this cluster's config.
+    /// Starts a worker on 127.0.0.1:`port` with this cluster's config.
     pub fn worker(&self, port: u16) -> Proc {
+        self.worker_at("127.0.0.1", port)
+    }
+
+    /// Starts a worker on `host`:`port` with this cluster's config, as its owner would by hand.
+    pub fn worker_at(&self, host: &str, port: u16) -> Proc {
         let log = self.path().join(format!("worker-{port}.log"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
         command
             .arg(port.to_string())
             .arg("--config")
             .arg(self.config_path())
+            .arg("--host")
+            .arg(host)
             .env("COUNTAPP_SHUTDOWN_TOKEN", TOKEN);
-        Proc::spawn(command, port, log)
+        Proc::spawn(command, host, port, log)
     }
 }
 
 /// A process of the system under test; killed with SIGKILL and reaped when dropped.
 pub struct Proc {
     child: Option<Child>,
+    host: String,
     pub port: u16,
     log: PathBuf,
 }
 
 impl Proc {
-    fn spawn(mut command: Command, port: u16, log: PathBuf) -> Proc {
+    fn spawn(mut command: Command, host: &str, port: u16, log: PathBuf) -> Proc {
         let out = fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         command.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
         let child = command.spawn().unwrap();
-        Proc { child: Some(child), port, log }
+        Proc { child: Some(child), host: host.to_owned(), port, log }
     }
 
     /// The base URL of the process.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     /// The process id.
@@ -201,7 +209,8 @@ pub fn post(client: &Client, url: &str, body: impl Into<reqwest::blocking::Body>
 
 /// A batch of items as JSON.
 pub fn batch(items: &[(&str, &str)]) -> String {
-    let items: Vec<Value> = items.iter().map(|(tenant, id)| serde_json::json!({ "id": id, "tenant": tenant })).collect();
+    let items: Vec<Value> =
+        items.iter().map(|(tenant, id)| serde_json::json!({ "id": id, "tenant": tenant })).collect();
     Value::Array(items).to_string()
 }
 
@@ -264,4 +273,187 @@ pub fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool)
         thread::sleep(Duration::from_millis(25));
     }
     started.elapsed()
+}
+
+impl Cluster {
+    /// Starts the coordinator with this cluster's config; `port` must be the config's `listen`.
+    pub fn coordinator(&self, port: u16) -> Proc {
+        let log = self.path().join("coordinator.log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+        command.arg("--config").arg(self.config_path());
+        Proc::spawn(command, "127.0.0.1", port, log)
+    }
+
+    /// Pids of every running process started with this cluster's config: its coordinator and
+    /// the workers, spawned or not.
+    pub fn processes(&self) -> Vec<u32> {
+        let needle = self.config_path().into_os_string().into_encoded_bytes();
+        let mut pids = Vec::new();
+        for entry in fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
+            if cmdline.windows(needle.len()).any(|w| w == needle) && !is_zombie(pid) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+/// Kills whatever a test left running with this cluster's config, such as the workers of a
+/// coordinator that the test killed with SIGKILL, so that no process outlives its test.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for pid in self.processes() {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
+    }
+}
+
+/// Whether the process has exited and waits to be reaped.
+pub fn is_zombie(pid: u32) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    matches!(stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()), Some("Z" | "X") | None)
+}
+
+/// Whether a process with this pid is running.
+pub fn is_running(pid: u32) -> bool {
+    !is_zombie(pid)
+}
+
+impl Proc {
+    /// Waits until the coordinator's `/health` reports `live` live workers.
+    pub fn wait_live(&mut self, live: u64) -> &mut Self {
+        let client = client();
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the process on port {} exited ({status}):\n{}", self.port, self.log());
+            }
+            let health: Option<Value> =
+                client.get(format!("{}/health", self.url())).send().ok().and_then(|r| r.json().ok());
+            if health.is_some_and(|h| h["live_workers"].as_u64() == Some(live)) {
+                return self;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "port {}: not {live} live workers in {STARTUP:?}:\n{}",
+                self.port,
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+/// Load on a server: client threads posting batches of ids that never repeat, over a few
+/// tenants, until stopped (or, bounded, after `MAX_BATCHES` each), recording per tenant what
+/// was sent and what was acknowledged.
+pub struct Load {
+    pub tenants: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<thread::JoinHandle<Tally>>,
+}
+
+/// What a load did: per tenant, ids in acknowledged batches and ids sent at all; and every
+/// failed request, as text.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub acked: Vec<u64>,
+    pub sent: Vec<u64>,
+    pub errors: Vec<String>,
+}
+
+impl Load {
+    /// Items per batch; a multiple of the tenant count.
+    pub const BATCH: usize = 60;
+    /// Batches per client at most, so that a load nobody stops still ends.
+    pub const MAX_BATCHES: usize = 20_000;
+
+    /// Starts `clients` threads posting to `url` over the tenants `<prefix>-0..3`. With
+    /// `stop_on_error`, a client stops at its first failed request (the server went away);
+    /// otherwise it records the failure and goes on.
+    pub fn start(url: &str, clients: usize, prefix: &str, stop_on_error: bool) -> Load {
+        let tenants: Vec<String> = (0..3).map(|t| format!("{prefix}-{t}")).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|c| {
+                let (url, tenants, stop) = (url.to_owned(), tenants.clone(), stop.clone());
+                thread::spawn(move || Load::client(&url, c, &tenants, &stop, stop_on_error))
+            })
+            .collect();
+        Load { tenants, stop, clients }
+    }
+
+    fn client(
+        url: &str,
+        c: usize,
+        tenants: &[String],
+        stop: &std::sync::atomic::AtomicBool,
+        stop_on_error: bool,
+    ) -> Tally {
+        let client = client();
+        let per_tenant = (Load::BATCH / tenants.len()) as u64;
+        let mut tally = Tally { acked: vec![0; tenants.len()], sent: vec![0; tenants.len()], errors: Vec::new() };
+        for b in 0..Load::MAX_BATCHES {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let items: Vec<(&str, String)> =
+                (0..Load::BATCH).map(|i| (tenants[i % tenants.len()].as_str(), format!("c{c}-b{b}-i{i}"))).collect();
+            let items: Vec<(&str, &str)> = items.iter().map(|(t, id)| (*t, id.as_str())).collect();
+            tally.sent.iter_mut().for_each(|n| *n += per_tenant);
+            let reply = client
+                .post(format!("{url}/items"))
+                .header("content-type", "application/json")
+                .body(batch(&items))
+                .send();
+            let failure = match reply {
+                Ok(r) if r.status() == StatusCode::OK => {
+                    tally.acked.iter_mut().for_each(|n| *n += per_tenant);
+                    continue;
+                }
+                Ok(r) => format!("{}: {}", r.status(), r.text().unwrap_or_default()),
+                Err(e) => e.to_string(),
+            };
+            tally.errors.push(failure);
+            if stop_on_error {
+                break;
+            }
+        }
+        tally
+    }
+
+    /// Stops the clients and sums what they did.
+    pub fn stop(self) -> Tally {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total =
+            Tally { acked: vec![0; self.tenants.len()], sent: vec![0; self.tenants.len()], errors: Vec::new() };
+        for client in self.clients {
+            let tally = client.join().unwrap();
+            for t in 0..self.tenants.len() {
+                total.acked[t] += tally.acked[t];
+                total.sent[t] += tally.sent[t];
+            }
+            total.errors.extend(tally.errors);
+        }
+        total
+    }
+}
+
+impl Tally {
+    /// Waits until every tenant at `url` counts every acknowledged id, then checks that none
+    /// counts more than was sent (a batch whose reply was lost may or may not count).
+    pub fn check_counted(&self, client: &Client, url: &str, tenants: &[String], within: Duration) {
+        for (t, tenant) in tenants.iter().enumerate() {
+            let acked = self.acked[t];
+            eventually(within, &format!("{tenant} counts its {acked} acknowledged ids"), || {
+                count(client, url, tenant) >= acked
+            });
+        }
+        for (t, tenant) in tenants.iter().enumerate() {
+            let (sent, n) = (self.sent[t], count(client, url, tenant));
+            assert!(n <= sent, "{tenant}: {n} counted, but only {sent} sent");
+        }
+    }
 }

@@ -1,0 +1,249 @@
+//! The coordinator as its users run it: a real `coordinator` process that spawns real `worker`
+//! processes from a `config.yaml` in a temporary directory, killed, edited and restarted under
+//! load, with every acknowledged item counted at the end.
+
+mod harness;
+
+use std::fs;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use harness::{Cluster, Load, Proc, batch, client, count, eventually, free_port, get_json, is_running, post};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// How long counts get to converge: a flush every 0.2 s, plus respawns.
+const SETTLE: Duration = Duration::from_secs(20);
+/// How long a removed worker's process gets to exit, and an added one to serve.
+const CONFIG_EDIT: Duration = Duration::from_secs(2);
+
+/// A cluster of `workers` local workers behind a coordinator on a free port, flushing every
+/// 0.2 s and checking health every 0.5 s.
+fn cluster(workers: usize) -> (Cluster, Vec<u16>, u16) {
+    let ports: Vec<u16> = (0..workers).map(|_| free_port()).collect();
+    let listen = free_port();
+    let cluster = Cluster::new(&ports, &extra(listen));
+    (cluster, ports, listen)
+}
+
+fn extra(listen: u16) -> String {
+    format!("listen: 127.0.0.1:{listen}\nworker_persist: 0.2\nconfig_check: 0.5\n")
+}
+
+/// The coordinator's `/stats` entries of its workers.
+fn workers(coordinator: &Proc) -> Vec<Value> {
+    get_json(&client(), &format!("{}/stats", coordinator.url()))["workers"].as_array().unwrap().clone()
+}
+
+/// The pid of the worker on `port`, as the coordinator reports it.
+fn pid_of(coordinator: &Proc, port: u16) -> u32 {
+    let entry = workers(coordinator).into_iter().find(|w| w["url"].as_str().unwrap().ends_with(&format!(":{port}")));
+    entry.and_then(|w| w["pid"].as_u64()).unwrap_or_else(|| panic!("no pid for the worker on {port}")) as u32
+}
+
+fn sigkill(pid: u32) {
+    assert!(std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status().unwrap().success());
+}
+
+fn wait_gone(pid: u32, within: Duration) -> Duration {
+    eventually(within, &format!("pid {pid} exits"), || !is_running(pid))
+}
+
+#[test]
+fn sigkill_a_worker_every_2s_under_load_loses_nothing_and_no_client_sees_an_error() {
+    let (cluster, ports, listen) = cluster(3);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(3);
+    let load = Load::start(&coordinator.url(), 4, "kills", false);
+    for round in 0..5 {
+        thread::sleep(Duration::from_secs(2));
+        let port = ports[round % ports.len()];
+        sigkill(pid_of(&coordinator, port));
+    }
+    let tally = load.stop();
+    assert!(tally.errors.is_empty(), "clients saw {} errors, first: {:?}", tally.errors.len(), tally.errors.first());
+    assert!(tally.acked.iter().all(|&n| n > 0));
+    tally.check_counted(&client(), &coordinator.url(), &load_tenants("kills"), SETTLE);
+    let restarts: u64 = workers(&coordinator).iter().map(|w| w["restarts"].as_u64().unwrap()).sum();
+    assert_eq!(restarts, 5);
+}
+
+fn load_tenants(prefix: &str) -> Vec<String> {
+    (0..3).map(|t| format!("{prefix}-{t}")).collect()
+}
+
+#[test]
+fn sigkill_every_worker_after_a_burst_then_all_is_counted_once_they_are_back() {
+    let (cluster, ports, listen) = cluster(3);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(3);
+    let client = client();
+    let mut expected = 0;
+    for b in 0..50 {
+        let ids: Vec<String> = (0..20).map(|i| format!("b{b}-{i}")).collect();
+        let items: Vec<(&str, &str)> = ids.iter().map(|id| ("burst", id.as_str())).collect();
+        assert_eq!(post(&client, &coordinator.url(), batch(&items)).status(), StatusCode::OK);
+        expected += 20;
+    }
+    let pids: Vec<u32> = ports.iter().map(|&port| pid_of(&coordinator, port)).collect();
+    for &pid in &pids {
+        sigkill(pid);
+    }
+    eventually(SETTLE, "every worker respawned", || {
+        let now = workers(&coordinator);
+        now.iter().all(|w| w["state"] == "ready" && w["restarts"].as_u64() >= Some(1))
+    });
+    for (port, old) in ports.iter().zip(&pids) {
+        assert_ne!(pid_of(&coordinator, *port), *old);
+    }
+    eventually(SETTLE, "the burst is counted", || count(&client, &coordinator.url(), "burst") == expected);
+}
+
+#[test]
+fn config_edits_remove_add_and_invalid_take_effect_while_serving() {
+    let (cluster, ports, listen) = cluster(3);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(3);
+    let client = client();
+    let url = coordinator.url();
+    let ids: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+    let items: Vec<(&str, &str)> = ids.iter().map(|id| ("edits", id.as_str())).collect();
+    for chunk in items.chunks(10) {
+        assert_eq!(post(&client, &url, batch(chunk)).status(), StatusCode::OK);
+    }
+
+    // Remove the third worker by writing a new file and renaming it over the old one, as
+    // editors do: the watch on the directory must still see it.
+    let third = pid_of(&coordinator, ports[2]);
+    let tmp = cluster.path().join("config.yaml.new");
+    fs::write(&tmp, config_text(&ports[..2], listen)).unwrap();
+    fs::rename(&tmp, cluster.config_path()).unwrap();
+    let took = wait_gone(third, CONFIG_EDIT);
+    println!("removed by rename: the worker exited {took:?} after the edit was seen");
+
+    // Remove the second by editing the file in place.
+    let second = pid_of(&coordinator, ports[1]);
+    fs::write(cluster.config_path(), config_text(&ports[..1], listen)).unwrap();
+    wait_gone(second, CONFIG_EDIT);
+    coordinator.wait_live(1);
+    eventually(SETTLE, "the removed workers' items stay counted", || count(&client, &url, "edits") == 100);
+
+    // Add a worker: it serves, and answers the counts the others stored.
+    let added = free_port();
+    fs::write(cluster.config_path(), config_text(&[ports[0], added], listen)).unwrap();
+    let started = Instant::now();
+    eventually(CONFIG_EDIT, "the added worker is live", || {
+        workers(&coordinator)
+            .iter()
+            .any(|w| w["url"].as_str().unwrap().ends_with(&format!(":{added}")) && w["state"] == "ready")
+    });
+    println!("added: live {:?} after the edit", started.elapsed());
+    assert_eq!(count(&client, &format!("http://127.0.0.1:{added}"), "edits"), 100);
+
+    // An invalid edit: logged, shown in /stats, and everything keeps serving on the last good config.
+    fs::write(cluster.config_path(), "workers: [\n").unwrap();
+    eventually(CONFIG_EDIT, "/stats shows the invalid config", || {
+        get_json(&client, &format!("{url}/stats"))["config"]["valid"] == false
+    });
+    assert_eq!(post(&client, &url, batch(&[("edits", "one more")])).status(), StatusCode::OK);
+    eventually(SETTLE, "ingest goes on", || count(&client, &url, "edits") == 101);
+    assert_eq!(workers(&coordinator).len(), 2);
+    assert!(coordinator.is_running());
+}
+
+/// A config of local workers on `ports`, as the harness writes it.
+fn config_text(ports: &[u16], listen: u16) -> String {
+    let mut yaml = String::from("workers:\n");
+    for port in ports {
+        yaml.push_str(&format!("  - http://127.0.0.1:{port}\n"));
+    }
+    yaml.push_str("database: db/\nworker_logs: logs/\n");
+    yaml.push_str(&extra(listen));
+    yaml
+}
+
+#[test]
+fn sigterm_stops_every_worker_and_exits_0() {
+    let (cluster, _, listen) = cluster(3);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(3);
+    let client = client();
+    assert_eq!(post(&client, &coordinator.url(), batch(&[("term", "1"), ("term", "2")])).status(), StatusCode::OK);
+    assert_eq!(cluster.processes().len(), 4);
+    coordinator.signal("TERM");
+    let status = coordinator.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "the coordinator exited with {status}");
+    assert!(cluster.processes().is_empty(), "processes left behind: {:?}", cluster.processes());
+    // Every worker flushed before it exited: the logs are empty.
+    assert!(cluster.wal_files().iter().all(|(_, len)| *len == 0), "{:?}", cluster.wal_files());
+}
+
+#[test]
+fn a_new_coordinator_adopts_the_workers_of_one_killed_with_sigkill() {
+    let (cluster, ports, listen) = cluster(2);
+    let mut first = cluster.coordinator(listen);
+    first.wait_live(2);
+    let pids: Vec<u32> = ports.iter().map(|&port| pid_of(&first, port)).collect();
+    first.kill();
+    assert!(pids.iter().all(|&pid| is_running(pid)), "workers must outlive a coordinator killed with SIGKILL");
+
+    let mut second = cluster.coordinator(listen);
+    second.wait_live(2);
+    for (port, pid) in ports.iter().zip(&pids) {
+        assert_eq!(pid_of(&second, *port), *pid, "the worker on {port} was not adopted");
+    }
+    assert!(workers(&second).iter().all(|w| w["adopted"] == true));
+    assert_eq!(cluster.processes().len(), 3, "no worker may be duplicated");
+    let client = client();
+    assert_eq!(post(&client, &second.url(), batch(&[("adopted", "1")])).status(), StatusCode::OK);
+    eventually(SETTLE, "served by adopted workers", || count(&client, &second.url(), "adopted") == 1);
+
+    second.signal("TERM");
+    assert!(second.wait_exit(Duration::from_secs(20)).success());
+    for pid in pids {
+        wait_gone(pid, Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn a_worker_on_another_host_is_routed_to_but_never_spawned_or_stopped() {
+    // 127.0.0.2 stands in for another machine: it is not one of the local hosts.
+    let (remote_port, local_port, listen) = (free_port(), free_port(), free_port());
+    let cluster = Cluster::new(&[], "");
+    let remote_url = format!("http://127.0.0.2:{remote_port}");
+    let write = |workers: &[String]| {
+        let mut yaml = String::from("workers:\n");
+        for url in workers {
+            yaml.push_str(&format!("  - {url}\n"));
+        }
+        yaml.push_str("database: db/\nworker_logs: logs/\n");
+        yaml.push_str(&extra(listen));
+        fs::write(cluster.config_path(), yaml).unwrap();
+    };
+    write(std::slice::from_ref(&remote_url));
+    let mut remote = cluster.worker_at("127.0.0.2", remote_port);
+    remote.wait_ready();
+    write(&[remote_url.clone(), format!("http://127.0.0.1:{local_port}")]);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(2);
+
+    let entry = workers(&coordinator).into_iter().find(|w| w["url"] == remote_url.as_str()).unwrap();
+    assert_eq!(entry["local"], false);
+    assert_eq!(entry["pid"], Value::Null, "a remote worker is never spawned");
+    let client = client();
+    for i in 0..40 {
+        let id = i.to_string();
+        assert_eq!(post(&client, &coordinator.url(), batch(&[("remote", &id)])).status(), StatusCode::OK);
+    }
+    let routed = workers(&coordinator).into_iter().find(|w| w["url"] == remote_url.as_str()).unwrap();
+    assert!(routed["requests"].as_u64().unwrap() > 0, "no request was routed to the remote worker");
+
+    // Removed from the config, it keeps running: its owner stops it, not the coordinator.
+    write(&[format!("http://127.0.0.1:{local_port}")]);
+    coordinator.wait_live(1);
+    thread::sleep(Duration::from_millis(500));
+    assert!(remote.is_running());
+    coordinator.signal("TERM");
+    assert!(coordinator.wait_exit(Duration::from_secs(20)).success());
+    assert!(remote.is_running(), "the coordinator stopped a worker it does not own");
+}
