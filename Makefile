@@ -9,14 +9,13 @@ export PATH := $(PATH):$(HOME)/.cargo/bin
 build: toolchain
 	cargo build --release --workspace
 
-# The coordinator, which spawns the workers, is not written yet; failing loudly beats
-# pretending to run something.
+# The coordinator in the foreground with ./config.yaml; it spawns the workers beside it in
+# target/release. Ctrl-C stops it and every worker cleanly.
 run: build
-	@echo "make run: nothing to run yet; it will start the coordinator with ./config.yaml once the coordinator binary exists." >&2
-	@exit 1
+	./target/release/coordinator --config config.yaml
 
 tests: toolchain
-	./scripts/test-summary.sh --workspace --no-fail-fast
+	./scripts/tests.sh
 
 bench: toolchain
 	cargo bench -p countapp-worker

@@ -1,0 +1,77 @@
+//! The eventual-consistency sanity suite of the original CountApp, done properly: the real
+//! system started from a fresh directory on free ports (so it runs beside a `make run`), the
+//! original's sample batch posted through the coordinator, and the counts polled until they are
+//! right, printing how long consistency took; then the same under a live config edit and under
+//! a killed worker. `make tests` runs it last, with its output shown.
+
+mod harness;
+
+use std::fs;
+use std::time::Duration;
+
+use harness::{Cluster, Proc, batch, client, count, eventually, free_port, get_json, post};
+use reqwest::StatusCode;
+
+/// The original's sample batch.
+const SAMPLE: [(&str, &str); 4] = [("t1", "1"), ("t2", "2"), ("t3", "2"), ("t1", "4")];
+/// How long consistency may take: `worker_persist` is 1 s here, so well under this.
+const CONSISTENCY: Duration = Duration::from_secs(15);
+
+/// The original's four workers behind a coordinator, all on free ports, flushing every second.
+fn system() -> (Cluster, Vec<u16>, Proc) {
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let listen = free_port();
+    let cluster = Cluster::new(&ports, &format!("listen: 127.0.0.1:{listen}\nworker_persist: 1\nconfig_check: 1\n"));
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(4);
+    (cluster, ports, coordinator)
+}
+
+/// Posts the sample batch with its tenants renamed by `prefix`, and polls (through the
+/// coordinator, so any worker may answer) until t1 counts 2 and t2 and t3 count 1.
+fn post_sample_and_wait(coordinator: &Proc, prefix: &str, situation: &str) {
+    let client = client();
+    let tenants: Vec<String> = SAMPLE.iter().map(|(t, _)| format!("{prefix}{t}")).collect();
+    let items: Vec<(&str, &str)> = tenants.iter().zip(SAMPLE).map(|(t, (_, id))| (t.as_str(), id)).collect();
+    println!("POST {}", batch(&items));
+    let reply = post(&client, &coordinator.url(), batch(&items));
+    assert_eq!(reply.status(), StatusCode::OK);
+    println!("  -> 200 {}", reply.text().unwrap());
+    let expected = [(format!("{prefix}t1"), 2), (format!("{prefix}t2"), 1), (format!("{prefix}t3"), 1)];
+    let took = eventually(CONSISTENCY, "the sample batch is counted", || {
+        expected.iter().all(|(tenant, n)| count(&client, &coordinator.url(), tenant) == *n)
+    });
+    println!("  consistency achieved {situation} in {:.2} s: t1=2, t2=1, t3=1", took.as_secs_f64());
+}
+
+#[test]
+fn sanity_the_sample_batch_becomes_consistent() {
+    let (_cluster, _, coordinator) = system();
+    post_sample_and_wait(&coordinator, "", "on a quiet system");
+}
+
+#[test]
+fn sanity_consistent_under_a_live_config_edit() {
+    let (cluster, ports, coordinator) = system();
+    // Drop one worker and add another while the batch is being counted.
+    let added = free_port();
+    let text = fs::read_to_string(cluster.config_path()).unwrap();
+    let edited = text.replace(&format!("http://127.0.0.1:{}", ports[3]), &format!("http://127.0.0.1:{added}"));
+    fs::write(cluster.config_path(), edited).unwrap();
+    post_sample_and_wait(&coordinator, "edit-", "during a config edit");
+    eventually(CONSISTENCY, "the added worker is live", || {
+        let stats = get_json(&client(), &format!("{}/stats", coordinator.url()));
+        stats["workers"].as_array().unwrap().iter().any(|w| {
+            w["url"].as_str().unwrap().ends_with(&format!(":{added}")) && w["state"] == "ready"
+        })
+    });
+}
+
+#[test]
+fn sanity_consistent_under_a_killed_worker() {
+    let (_cluster, _, coordinator) = system();
+    let stats = get_json(&client(), &format!("{}/stats", coordinator.url()));
+    let pid = stats["workers"][0]["pid"].as_u64().unwrap();
+    std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status().unwrap();
+    post_sample_and_wait(&coordinator, "kill-", "with a worker killed by SIGKILL");
+}
