@@ -1,0 +1,441 @@
+//! System tests of the `worker` binary, run as a real process on a loopback port with its own
+//! config and database (see `harness`). They prove what SPEC.md promises of one worker:
+//!
+//! - every bad request of "HTTP API" gets its 4xx with a JSON `{"error": ...}` body, and nothing of
+//!   a rejected batch is ever counted; tenants are percent-decoded path segments, kept apart;
+//! - "Durability and recovery": an item acknowledged before a SIGKILL under load is counted once
+//!   the worker is back, and nothing that was never sent is; two workers sharing one database
+//!   answer the same exact counts;
+//! - a graceful stop (`POST /shutdown` with the coordinator's token, SIGTERM, SIGINT) drains,
+//!   flushes the log into the tenant files and exits 0, and `/shutdown` without the token is
+//!   refused;
+//! - `/health` answers while the log is still being recovered, and `/stats` and `/metrics`
+//!   report the traffic.
+
+mod harness;
+
+use std::fs::{self, File};
+use std::io::Cursor;
+use std::thread;
+use std::time::Duration;
+
+use harness::{
+    Cluster, Load, Proc, Tally, batch, client, count, error_message, eventually, free_port, get_json, metric, post,
+};
+use reqwest::StatusCode;
+use reqwest::blocking::{Body, Client};
+use serde_json::{Value, json};
+
+/// Flushes every 0.2 s, so that counts catch up quickly.
+const QUICK_FLUSH: &str = "worker_persist: 0.2\n";
+
+/// How long a count may take to reach its expected value: many flush intervals, so that a slow,
+/// shared machine does not fail the tests, while a lost item still does.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// How long a graceful stop may take.
+const STOP: Duration = Duration::from_secs(15);
+
+/// A batch of `(tenant, id)` pairs, owned.
+fn batch_of(items: &[(String, String)]) -> String {
+    let items: Vec<(&str, &str)> = items.iter().map(|(t, i)| (t.as_str(), i.as_str())).collect();
+    batch(&items)
+}
+
+/// Posts `body`, asserting `200 {"accepted": accepted}`.
+fn post_ok(client: &Client, url: &str, body: impl Into<Body>, accepted: usize) {
+    let response = post(client, url, body);
+    assert_eq!(response.status(), StatusCode::OK, "POST {url}/items");
+    let reply: Value = response.json().unwrap();
+    assert_eq!(reply, json!({ "accepted": accepted }));
+}
+
+/// Waits until `tenant` counts `expected` at `url`, then checks that it stays there for one more
+/// flush: a count that overshoots fails too.
+fn assert_count_settles(client: &Client, url: &str, tenant: &str, expected: u64) {
+    let mut last = 0;
+    eventually(SETTLE, &format!("{tenant:?} counts {expected} at {url}"), || {
+        last = count(client, url, tenant);
+        assert!(last <= expected, "{tenant:?} counts {last} at {url}, more than the {expected} posted");
+        last == expected
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Bad requests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bad_requests_get_a_json_4xx_and_nothing_is_applied() {
+    let port = free_port();
+    let cluster = Cluster::new(&[port], "worker_persist: 0.2\nmax_key_bytes: 16\nmax_body_bytes: 4096\n");
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    let url = worker.url();
+    let client = client();
+    let long_key = "k".repeat(17);
+    let long = long_key.as_str();
+
+    // Each rejected batch names its own tenants (at most 16 bytes, so that they can be counted),
+    // and a good item precedes the bad one wherever the case allows, so that a partial apply
+    // would show.
+    let item5: Vec<Value> = (0..8)
+        .map(|i| json!({ "tenant": "rej-item5", "id": if i == 5 { String::new() } else { format!("id-{i}") } }))
+        .collect();
+    let cases: Vec<(&str, String, Option<usize>)> = vec![
+        ("malformed JSON", r#"[{"id": "1", "tenant": "rej-malformed"}"#.into(), None),
+        ("garbage after the array", r#"[{"id": "1", "tenant": "rej-trailing"}] x"#.into(), None),
+        ("not JSON at all", "rej-text".into(), None),
+        ("an object, not an array", r#"{"id": "1", "tenant": "rej-object"}"#.into(), None),
+        ("a string, not an array", r#""rej-string""#.into(), None),
+        ("a non-object item", r#"[{"id": "1", "tenant": "rej-nonobj"}, ["rej-nonobj"]]"#.into(), Some(1)),
+        ("a missing id", r#"[{"id": "1", "tenant": "rej-no-id"}, {"tenant": "rej-no-id"}]"#.into(), Some(1)),
+        ("a missing tenant", r#"[{"id": "1", "tenant": "rej-no-tenant"}, {"id": "2"}]"#.into(), Some(1)),
+        (
+            "an empty id",
+            r#"[{"id": "1", "tenant": "rej-empty-id"}, {"id": "", "tenant": "rej-empty-id"}]"#.into(),
+            Some(1),
+        ),
+        ("an empty tenant", r#"[{"id": "1", "tenant": "rej-empty-ten"}, {"id": "2", "tenant": ""}]"#.into(), Some(1)),
+        ("a numeric id", r#"[{"id": "1", "tenant": "rej-num-id"}, {"id": 2, "tenant": "rej-num-id"}]"#.into(), Some(1)),
+        ("a null tenant", r#"[{"id": "1", "tenant": "rej-null-ten"}, {"id": "2", "tenant": null}]"#.into(), Some(1)),
+        ("an id over max_key_bytes", batch(&[("rej-long-id", "1"), ("rej-long-id", long)]), Some(1)),
+        ("a tenant over max_key_bytes", batch(&[("rej-long-ten", "1"), (long, "2")]), Some(1)),
+        ("a bad item 5 of 8", Value::Array(item5).to_string(), Some(5)),
+    ];
+    let mut rejected_tenants = vec!["rej-malformed", "rej-trailing", "rej-text", "rej-object", "rej-string"];
+    rejected_tenants.extend([
+        "rej-nonobj",
+        "rej-no-id",
+        "rej-no-tenant",
+        "rej-empty-id",
+        "rej-empty-ten",
+        "rej-num-id",
+        "rej-null-ten",
+        "rej-long-id",
+        "rej-long-ten",
+        "rej-item5",
+    ]);
+    for (what, body, index) in cases {
+        let message = error_message(post(&client, &url, body), StatusCode::BAD_REQUEST);
+        if let Some(index) = index {
+            assert!(message.contains(&format!("item {index}")), "{what}: {message:?} does not name item {index}");
+        }
+    }
+
+    // Bodies over max_body_bytes, whether their length is declared or they come chunked. The
+    // same kind of batch under the limit is accepted both ways: the size alone is refused.
+    let sized = |tenant: &str, n: usize| {
+        let items: Vec<(String, String)> = (0..n).map(|i| (tenant.to_owned(), format!("id-{i:05}"))).collect();
+        batch_of(&items)
+    };
+    for (tenant, n, fits) in [("rej-413-len", 200, false), ("fits-len", 90, true)] {
+        let body = sized(tenant, n);
+        assert_eq!(body.len() <= 4096, fits, "{} bytes", body.len());
+        if fits {
+            post_ok(&client, &url, body, n);
+        } else {
+            error_message(post(&client, &url, body), StatusCode::PAYLOAD_TOO_LARGE);
+        }
+    }
+    for (tenant, n, fits) in [("rej-413-chunk", 200, false), ("fits-chunk", 90, true)] {
+        let body = Body::new(Cursor::new(sized(tenant, n).into_bytes()));
+        assert!(body.as_bytes().is_none(), "the body must be streamed, with no Content-Length");
+        if fits {
+            post_ok(&client, &url, body, n);
+        } else {
+            error_message(post(&client, &url, body), StatusCode::PAYLOAD_TOO_LARGE);
+        }
+    }
+    rejected_tenants.extend(["rej-413-len", "rej-413-chunk"]);
+
+    // What is allowed: an empty batch, and keys of exactly max_key_bytes.
+    post_ok(&client, &url, "[]", 0);
+    let (sixteen, sixteen_id) = ("t".repeat(16), "i".repeat(16));
+    post_ok(&client, &url, batch(&[(&sixteen, &sixteen_id)]), 1);
+
+    // Tenants are percent-decoded path segments, each its own tenant: `%41` is not `A`, `a/b`
+    // is neither `a` nor `b`.
+    let tenants = ["a/b", "%41", "é", "a b", "A", "a", "b", "../x"];
+    let mut items = Vec::new();
+    for (n, tenant) in tenants.iter().enumerate() {
+        items.extend((0..=n).map(|i| (tenant.to_string(), format!("p{i}"))));
+    }
+    post_ok(&client, &url, batch_of(&items), items.len());
+
+    // Counts: a tenant over max_key_bytes is a 400 too; other routes and methods get JSON errors.
+    let get = |path: &str| client.get(format!("{url}{path}")).send().unwrap();
+    let message = error_message(get(&format!("/items/{long}/count")), StatusCode::BAD_REQUEST);
+    assert!(message.contains("max_key_bytes"), "{message}");
+    error_message(get("/nothing-here"), StatusCode::NOT_FOUND);
+    error_message(get("/items/a/b/count/more"), StatusCode::NOT_FOUND);
+    error_message(get("/items"), StatusCode::METHOD_NOT_ALLOWED);
+    error_message(get("/shutdown"), StatusCode::METHOD_NOT_ALLOWED);
+    let delete = client.delete(format!("{url}/items/a/count")).send().unwrap();
+    error_message(delete, StatusCode::METHOD_NOT_ALLOWED);
+    error_message(client.post(format!("{url}/health")).send().unwrap(), StatusCode::METHOD_NOT_ALLOWED);
+
+    // Once the accepted items are counted, a flush has passed since every rejection.
+    assert_count_settles(&client, &url, &sixteen, 1);
+    assert_count_settles(&client, &url, "fits-len", 90);
+    assert_count_settles(&client, &url, "fits-chunk", 90);
+    for (n, tenant) in tenants.iter().enumerate() {
+        assert_count_settles(&client, &url, tenant, n as u64 + 1);
+    }
+    thread::sleep(Duration::from_millis(500));
+    for tenant in rejected_tenants {
+        assert_eq!(count(&client, &url, tenant), 0, "{tenant:?} of a rejected batch counts something");
+    }
+    let stats = get_json(&client, &format!("{url}/stats"));
+    assert_eq!(stats["items_accepted"], json!(90 + 90 + 1 + items.len()), "{stats}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Crash under load
+// ---------------------------------------------------------------------------------------------
+
+/// Checks what a load did until its worker was stopped or killed: some of it was acknowledged,
+/// it was cut off (the worker stopped under load, not after it), and the only failures are those
+/// of a worker going away: connection errors, or a 503 while it stops. Then checks that `url`
+/// counts every acknowledged id and none that was never sent.
+fn check_cut_off_load(tally: &Tally, client: &Client, url: &str, tenants: &[String]) {
+    assert!(tally.acked.iter().all(|&n| n > 0), "nothing was acknowledged under load");
+    assert!(!tally.errors.is_empty(), "the worker stopped only after the load had ended");
+    for failure in &tally.errors {
+        let status = failure.split(':').next().and_then(|s| s.parse::<u16>().ok());
+        assert!(matches!(status, None | Some(503)), "a valid batch got {failure}");
+    }
+    tally.check_counted(client, url, tenants, SETTLE);
+}
+
+#[test]
+fn sigkill_under_load_then_restart_counts_every_acknowledged_item() {
+    let port = free_port();
+    let cluster = Cluster::new(&[port], "worker_persist: 0.2\nfsync: everysec\n");
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    let load = Load::start(&worker.url(), 4, "kill", true);
+    let tenants = load.tenants.clone();
+
+    thread::sleep(Duration::from_millis(1500));
+    worker.kill();
+    let tally = load.stop();
+
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    check_cut_off_load(&tally, &client(), &worker.url(), &tenants);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Two workers, one database
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn two_workers_sharing_a_database_answer_the_same_counts() {
+    const TENANTS: usize = 3;
+    let ports = [free_port(), free_port()];
+    let cluster = Cluster::new(&ports, QUICK_FLUSH);
+    let mut workers: Vec<Proc> = ports.iter().map(|&port| cluster.worker(port)).collect();
+    for worker in &mut workers {
+        worker.wait_ready();
+    }
+    let urls: Vec<String> = workers.iter().map(Proc::url).collect();
+
+    // Worker 0 gets ids 0..800 of every tenant and worker 1 ids 400..1200, at the same time, in
+    // batches of 50 ids per tenant; then both get one more batch of ids they have already seen.
+    let ranges = [(0, 800), (400, 1200)];
+    let posting: Vec<_> = urls
+        .iter()
+        .zip(ranges)
+        .map(|(url, (from, to))| {
+            let url = url.clone();
+            thread::spawn(move || {
+                let client = client();
+                for start in (from..to).step_by(50) {
+                    let items: Vec<(String, String)> = (0..TENANTS)
+                        .flat_map(|t| (start..start + 50).map(move |i| (format!("shared-{t}"), format!("id-{i}"))))
+                        .collect();
+                    post_ok(&client, &url, batch_of(&items), items.len());
+                }
+            })
+        })
+        .collect();
+    for thread in posting {
+        thread.join().unwrap();
+    }
+    let client = client();
+    let again: Vec<(String, String)> =
+        (0..TENANTS).flat_map(|t| (390..410).map(move |i| (format!("shared-{t}"), format!("id-{i}")))).collect();
+    for url in &urls {
+        post_ok(&client, url, batch_of(&again), again.len());
+    }
+
+    for t in 0..TENANTS {
+        let tenant = format!("shared-{t}");
+        for url in &urls {
+            assert_count_settles(&client, url, &tenant, 1200);
+        }
+    }
+    thread::sleep(Duration::from_millis(500));
+    for t in 0..TENANTS {
+        let tenant = format!("shared-{t}");
+        let counts: Vec<u64> = urls.iter().map(|url| count(&client, url, &tenant)).collect();
+        assert_eq!(counts, [1200, 1200], "{tenant}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4 and 5. Graceful stops
+// ---------------------------------------------------------------------------------------------
+
+/// Starts a worker that never flushes by itself (worker_persist 60), posts to it, stops it with
+/// `stop` while clients keep posting, and checks that it exits 0 having flushed its whole log into
+/// the tenant files, so that a worker started on another port over the same database counts every
+/// item it acknowledged, including those of requests in flight at the stop.
+fn graceful_stop_flushes_everything(stop: impl FnOnce(&mut Proc, &Client)) {
+    let port = free_port();
+    let cluster = Cluster::new(&[port], "worker_persist: 60\n");
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    let url = worker.url();
+    let client = client();
+
+    let expected = [("stop-a", 100), ("stop-b", 250), ("stop/c", 7)];
+    let mut posted = 0;
+    for (tenant, n) in expected {
+        for chunk in (0..n).collect::<Vec<u64>>().chunks(40) {
+            // Each chunk is posted twice: a repeat counts once.
+            let items: Vec<(String, String)> = chunk.iter().map(|i| (tenant.to_owned(), format!("id-{i}"))).collect();
+            for _ in 0..2 {
+                post_ok(&client, &url, batch_of(&items), items.len());
+                posted += items.len() as u64;
+            }
+        }
+    }
+    // Nothing is merged yet: only the stop's flush can do it.
+    let stats = get_json(&client, &format!("{url}/stats"));
+    assert_eq!(stats["pending_items"], json!(posted), "{stats}");
+    assert_eq!(count(&client, &url, "stop-a"), 0, "merged before the stop");
+    let logged: u64 = cluster.wal_files().iter().map(|(_, len)| len).sum();
+    assert!(logged > 0, "nothing in the log before the stop: {:?}", cluster.wal_files());
+
+    // Requests keep coming while the worker stops: those it acknowledges must be flushed too.
+    let load = Load::start(&url, 2, "drain", true);
+    let tenants = load.tenants.clone();
+    thread::sleep(Duration::from_millis(300));
+    stop(&mut worker, &client);
+    let status = worker.wait_exit(STOP);
+    // The clients stop at their first failure, which the worker's exit guarantees.
+    let tally = load.stop();
+    assert_eq!(status.code(), Some(0), "the worker exited with {status}:\n{}", worker.log());
+    let unflushed: Vec<_> = cluster.wal_files().into_iter().filter(|(_, len)| *len > 0).collect();
+    assert!(unflushed.is_empty(), "log files left to replay after a graceful stop: {unflushed:?}");
+
+    let mut next = cluster.worker(free_port());
+    next.wait_ready();
+    for (tenant, n) in expected {
+        assert_eq!(count(&client, &next.url(), tenant), n, "{tenant}");
+    }
+    check_cut_off_load(&tally, &client, &next.url(), &tenants);
+}
+
+#[test]
+fn shutdown_needs_the_token_then_drains_flushes_and_exits_0() {
+    graceful_stop_flushes_everything(|worker, client| {
+        let url = worker.url();
+        let shutdown = |authorization: Option<&str>| {
+            let mut request = client.post(format!("{url}/shutdown"));
+            if let Some(value) = authorization {
+                request = request.header("authorization", value);
+            }
+            request.send().unwrap()
+        };
+        let wrong_token = format!("{}x", harness::TOKEN);
+        let refused = [
+            None,
+            Some("Bearer wrong".to_owned()),
+            Some(format!("Bearer {wrong_token}")),
+            Some(format!("Bearer {}", &harness::TOKEN[1..])),
+            Some(harness::TOKEN.to_owned()),
+            Some(format!("Basic {}", harness::TOKEN)),
+            Some("Bearer ".to_owned()),
+        ];
+        for authorization in refused {
+            error_message(shutdown(authorization.as_deref()), StatusCode::FORBIDDEN);
+        }
+        // Still serving and still ingesting.
+        assert!(worker.is_running());
+        let ready = client.get(format!("{url}/ready")).send().unwrap();
+        assert_eq!(ready.status(), StatusCode::OK);
+        post_ok(client, &url, batch(&[("stop-a", "id-0"), ("stop-a", "id-99")]), 2);
+
+        let accepted = shutdown(Some(&format!("Bearer {}", harness::TOKEN)));
+        assert_eq!(accepted.status(), StatusCode::ACCEPTED);
+        let _: Value = accepted.json().expect("a JSON body");
+    });
+}
+
+#[test]
+fn sigterm_and_sigint_stop_gracefully() {
+    for signal in ["TERM", "INT"] {
+        graceful_stop_flushes_everything(|worker, _| worker.signal(signal));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Health, stats and metrics
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_worker_answers_health_before_ready_and_stats_and_metrics() {
+    let port = free_port();
+    let cluster = Cluster::new(&[port], QUICK_FLUSH);
+    // Holding the worker's log lock (as a previous run of it would) keeps it recovering: alive,
+    // but not ready.
+    let log_dir = cluster.database().join("wal").join(format!("127.0.0.1-{port}"));
+    fs::create_dir_all(&log_dir).unwrap();
+    let lock = File::create(log_dir.join("LOCK")).unwrap();
+    lock.lock().unwrap();
+    let mut worker = cluster.worker(port);
+    let url = worker.url();
+    let client = client();
+    eventually(harness::STARTUP, "the worker answers /health", || client.get(format!("{url}/health")).send().is_ok());
+    let health = get_json(&client, &format!("{url}/health"));
+    assert!(health.is_object(), "{health}");
+    error_message(client.get(format!("{url}/ready")).send().unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+    // Not ready: ingest is refused (a coordinator retries elsewhere), not half-done.
+    let early = post(&client, &url, batch(&[("stats", "early")]));
+    error_message(early, StatusCode::SERVICE_UNAVAILABLE);
+    drop(lock);
+    worker.wait_ready();
+
+    for n in [10, 20, 30] {
+        let items: Vec<(String, String)> = (0..n).map(|i| ("stats".to_owned(), format!("{n}-{i}"))).collect();
+        post_ok(&client, &url, batch_of(&items), n);
+    }
+    error_message(post(&client, &url, "[1]"), StatusCode::BAD_REQUEST);
+    assert_count_settles(&client, &url, "stats", 60);
+
+    let mut stats = Value::Null;
+    eventually(SETTLE, "/stats shows a flush and nothing pending", || {
+        stats = get_json(&client, &format!("{url}/stats"));
+        stats["pending_items"] == json!(0) && stats["last_flush"].is_object()
+    });
+    assert_eq!(stats["items_accepted"], json!(60), "{stats}");
+    // 3 good posts, 1 bad, 1 refused early, the /health and /ready above, and more.
+    assert!(stats["requests"].as_u64().is_some_and(|n| n >= 7), "{stats}");
+    assert!(stats["last_flush"]["at_unix_ms"].as_u64().is_some_and(|ms| ms > 0), "{stats}");
+
+    let response = client.get(format!("{url}/metrics")).send().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().unwrap();
+    let series = |name: &str, labels: &[(&str, &str)]| {
+        metric(&text, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
+    };
+    assert_eq!(series("countapp_worker_items_accepted_total", &[]), 60.0);
+    let items = |status| series("countapp_worker_requests_total", &[("route", "/items"), ("status", status)]);
+    assert_eq!(items("200"), 3.0);
+    assert_eq!(items("400"), 1.0);
+    assert_eq!(items("503"), 1.0);
+    assert!(series("countapp_worker_requests_total", &[("route", "/items/{tenant}/count"), ("status", "200")]) >= 1.0);
+}
