@@ -135,6 +135,12 @@ impl Config {
         if !saw_workers {
             return Err(invalid("workers", "is missing; it lists the worker URLs, like http://localhost:5001"));
         }
+        // A local worker on the coordinator's own address could never bind it.
+        let clash = config.workers.iter().position(|w| w.is_local() && w.bind_addr() == Some(config.listen));
+        if let Some(index) = clash {
+            let message = format!("{} is the coordinator's own listen address", config.workers[index]);
+            return Err(invalid(format!("workers[{index}]"), message));
+        }
         Ok(config)
     }
 }
@@ -694,6 +700,13 @@ config_check: 5
         assert_eq!(w.bind_addr(), Some("10.1.2.3:80".parse().unwrap()));
         assert_eq!(url("http://[::1]:80").port(), 80);
         assert_eq!("http://[::1]".parse::<WorkerUrl>(), Err(WorkerUrlError::MissingPort));
+    }
+
+    #[test]
+    fn a_local_worker_on_the_listen_address_is_refused() {
+        let text = "workers: [http://localhost:5001, http://127.0.0.1:5000]\nlisten: 127.0.0.1:5000\n";
+        let err = Config::from_yaml_str(text, Path::new("")).unwrap_err().to_string();
+        assert!(err.starts_with("workers[1]: "), "{err}");
     }
 
     #[test]

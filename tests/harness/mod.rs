@@ -22,9 +22,19 @@ pub const TOKEN: &str = "test-shutdown-token";
 /// How long a process gets to become ready or to exit before the test fails.
 pub const STARTUP: Duration = Duration::from_secs(20);
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, and never handed out before in this test
+/// process: the kernel may offer a port again as soon as it is released, and a worker on the
+/// coordinator's own port could never start.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// An HTTP client with timeouts, so that a hung server fails the test instead of hanging it.
