@@ -1,0 +1,178 @@
+//! The command line: every knob of a run, with its help text, parsed and checked by clap.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use hyper::Uri;
+
+use crate::workload::MIN_ID_BYTES;
+
+/// Load for a CountApp cluster, and a check that it lost nothing.
+///
+/// Posts batches of `{"id","tenant"}` items over keep-alive connections, one request in flight
+/// per connection, for a duration or a number of items, whichever comes first. Then prints
+/// requests/s, items/s, latency percentiles and errors, waits for every tenant's count to
+/// include every acknowledged item, and reports items lost (acknowledged but never counted) and
+/// unexpected (counted but never sent), as Jepsen's set checker does.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "\
+Exit status: 0 when the check passed (or was skipped); 1 when items were lost or unexpected;
+2 on any other failure, including a run in which nothing was acknowledged.
+
+Examples:
+  countapp-load                                  10 s against the coordinator on :5000
+  countapp-load --url http://127.0.0.1:5001 --repeat 0.2 --redis redis://127.0.0.1/
+  countapp-load --count --json counts.json       GET counts instead of posting batches
+  countapp-load --items 1000000 --plot run.svg   a million items, plotted over time"
+)]
+pub struct Args {
+    /// The server to load: a coordinator or a single worker.
+    #[arg(long, default_value = "http://127.0.0.1:5000")]
+    pub url: Uri,
+
+    /// Concurrent keep-alive connections, each with one request in flight.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub connections: u32,
+
+    /// Items per POST batch.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batch: u32,
+
+    /// Tenants the items are spread over, round-robin.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub tenants: u32,
+
+    /// How long to send: "10s", "1m30s", "500ms" or plain seconds. Defaults to 10 s, unless
+    /// --items is given, which then alone ends the run.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Stop after sending this many items (or, with --count, requests), acknowledged or not.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub items: Option<u64>,
+
+    /// Share of the items (0 to 1) that repeat an id already acknowledged for their tenant,
+    /// to exercise deduplication; the rest are fresh ids.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    pub repeat: f64,
+
+    /// Length of every id, in bytes.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(MIN_ID_BYTES as i64..=4096))]
+    pub id_bytes: u16,
+
+    /// Prefix of the tenant names (followed by 0, 1, ...). Defaults to "load-<random>-", so that
+    /// no two runs share a tenant; give the prefix of an earlier run to count its tenants.
+    #[arg(long)]
+    pub tenant_prefix: Option<String>,
+
+    /// Also send the same stream to this Redis (redis://host:port/db) as pipelined SADD, one
+    /// pipeline per batch, after the main run, and print the ratio of the two.
+    #[arg(long, value_name = "URL", conflicts_with = "count")]
+    pub redis: Option<String>,
+
+    /// Benchmark GET /items/{tenant}/count, round-robin over the tenants, instead of posting.
+    /// One batch is posted to each tenant first, so that the counts read are of real tenants.
+    #[arg(long)]
+    pub count: bool,
+
+    /// Write the figures (and the per-second series) as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Draw items/s and p99 latency per second into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+
+    /// How long to wait, after the load, for the counts to include every acknowledged item.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub converge_timeout: Duration,
+
+    /// A request without a complete answer after this long is an error.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Skip the loss check after the load.
+    #[arg(long)]
+    pub no_check: bool,
+
+    /// No progress bar (also the case when stderr is not a terminal).
+    #[arg(long)]
+    pub quiet: bool,
+
+    /// Threads of the load tool. One is plenty for most runs, and leaves the other core of a
+    /// small machine to the server under test.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
+}
+
+/// The default duration, when neither --duration nor --items is given.
+const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+
+impl Args {
+    /// How long to send: --duration, else 10 s unless --items bounds the run.
+    pub fn send_for(&self) -> Option<Duration> {
+        match (self.duration, self.items) {
+            (Some(duration), _) => Some(duration),
+            (None, Some(_)) => None,
+            (None, None) => Some(DEFAULT_DURATION),
+        }
+    }
+}
+
+/// Parses "10s", "1m30s", "250ms" (humantime), or a plain number of seconds ("2.5").
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = match text.parse::<f64>() {
+        Ok(seconds) => Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())?,
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string())?,
+    };
+    if duration.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(duration)
+}
+
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err("must be a number from 0 to 1".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units_or_plain_seconds() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn items_alone_end_the_run() {
+        let parse = |args: &[&str]| Args::try_parse_from([&["countapp-load"], args].concat()).unwrap();
+        assert_eq!(parse(&[]).send_for(), Some(DEFAULT_DURATION));
+        assert_eq!(parse(&["--items", "1000"]).send_for(), None);
+        assert_eq!(parse(&["--items", "1000", "--duration", "3"]).send_for(), Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for args in [
+            &["--repeat", "1.5"][..],
+            &["--connections", "0"],
+            &["--id-bytes", "4"],
+            &["--count", "--redis", "redis://x"],
+        ] {
+            assert!(Args::try_parse_from([&["countapp-load"], args].concat()).is_err(), "{args:?}");
+        }
+    }
+}

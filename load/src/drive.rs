@@ -1,0 +1,135 @@
+//! The run loop shared by every mode: one task per connection, each sending one request at a
+//! time until the duration is over or the item budget spent, timing only the request itself.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::stats::{Failure, Live, Recorder, RunStats, Series, Totals};
+
+/// What one connection sends, request after request.
+pub trait Op: Send + 'static {
+    /// Builds the next request, of `units` items (or one count): outside the timed part, so
+    /// that making the body never shows as server latency.
+    fn prepare(&mut self, units: u64) -> anyhow::Result<()>;
+
+    /// Sends the prepared request and waits for its answer: the timed part. Returns the items
+    /// acknowledged, or why none were.
+    fn send(&mut self) -> impl Future<Output = Result<u64, Failure>> + Send;
+}
+
+/// When a run stops, and how big its requests are.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Stop starting requests after this long.
+    pub duration: Option<Duration>,
+    /// Stop once this many units were sent, acknowledged or not.
+    pub units: Option<u64>,
+    /// Units per request: the batch size, or 1 for counts.
+    pub per_request: u64,
+}
+
+impl Plan {
+    /// The share of the run done, 0 to 1, by whichever limit is nearer.
+    pub fn progress(&self, elapsed: Duration, units_sent: u64) -> f64 {
+        let by_time = self.duration.map_or(0.0, |d| elapsed.as_secs_f64() / d.as_secs_f64());
+        let by_units = self.units.map_or(0.0, |n| units_sent as f64 / n as f64);
+        by_time.max(by_units).min(1.0)
+    }
+}
+
+/// The state a run shares between its connections and its progress bar.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub live: Arc<Live>,
+    /// Units handed out to requests so far.
+    pub claimed: AtomicU64,
+}
+
+impl Shared {
+    /// Takes up to `want` units from the budget; 0 when it is spent.
+    fn claim(&self, want: u64, budget: Option<u64>) -> u64 {
+        let Some(budget) = budget else {
+            self.claimed.fetch_add(want, Ordering::Relaxed);
+            return want;
+        };
+        let before = self
+            .claimed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |claimed| {
+                Some(claimed.saturating_add(want).min(budget))
+            })
+            .expect("the update always succeeds");
+        want.min(budget.saturating_sub(before))
+    }
+}
+
+/// Runs one task per op until the plan is done; returns the ops (which hold what the stream
+/// sent) and the measurements.
+pub async fn drive<O: Op>(ops: Vec<O>, plan: Plan, shared: Arc<Shared>) -> anyhow::Result<(Vec<O>, RunStats)> {
+    let start = Instant::now();
+    let series = Series::default();
+    let tasks: Vec<_> = ops
+        .into_iter()
+        .map(|op| {
+            let recorder = Recorder::new(start, series.clone(), shared.live.clone());
+            tokio::spawn(connection(op, recorder, plan, start, shared.clone()))
+        })
+        .collect();
+    let mut ops = Vec::with_capacity(tasks.len());
+    let mut totals = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let (op, connection_totals) = task.await.context("a connection task panicked")??;
+        ops.push(op);
+        totals.push(connection_totals);
+    }
+    Ok((ops, RunStats::merge(start.elapsed(), totals, &series)))
+}
+
+async fn connection<O: Op>(
+    mut op: O,
+    mut recorder: Recorder,
+    plan: Plan,
+    start: Instant,
+    shared: Arc<Shared>,
+) -> anyhow::Result<(O, Totals)> {
+    let deadline = plan.duration.map(|d| start + d);
+    while deadline.is_none_or(|deadline| Instant::now() < deadline) {
+        let units = shared.claim(plan.per_request, plan.units);
+        if units == 0 {
+            break;
+        }
+        op.prepare(units)?;
+        let sent = Instant::now();
+        let outcome = op.send().await;
+        let answered = Instant::now();
+        match outcome {
+            Ok(items) => recorder.acknowledged(answered, answered - sent, items),
+            Err(failure) => recorder.failed(answered, failure),
+        }
+    }
+    Ok((op, recorder.finish()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_never_overspent() {
+        let shared = Shared::default();
+        let claims: Vec<u64> = (0..5).map(|_| shared.claim(100, Some(250))).collect();
+        assert_eq!(claims, [100, 100, 50, 0, 0]);
+        assert_eq!(Shared::default().claim(100, None), 100);
+    }
+
+    #[test]
+    fn progress_follows_the_nearer_limit() {
+        let plan = Plan { duration: Some(Duration::from_secs(10)), units: Some(1000), per_request: 100 };
+        assert_eq!(plan.progress(Duration::from_secs(5), 100), 0.5);
+        assert_eq!(plan.progress(Duration::from_secs(1), 800), 0.8);
+        assert_eq!(plan.progress(Duration::from_secs(20), 0), 1.0);
+    }
+}

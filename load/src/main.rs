@@ -1,0 +1,208 @@
+//! `countapp-load`: load for a CountApp cluster, and a check that it lost nothing.
+//!
+//! A run posts generated batches (or, with `--count`, reads counts) over keep-alive
+//! connections, measures throughput and latency, waits for the counts to converge and reports
+//! lost and unexpected items; with `--redis` it then sends the same stream to Redis for a
+//! reference figure. `--help` lists every flag; the exit status says whether the check passed.
+
+mod check;
+mod cli;
+mod drive;
+mod http;
+mod plot;
+mod progress;
+mod redis;
+mod report;
+mod stats;
+mod workload;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use clap::Parser;
+
+use crate::check::{Convergence, Tally};
+use crate::cli::Args;
+use crate::drive::{Op, Plan, Shared, drive};
+use crate::http::{Connection, CountOp, PostOp, Target};
+use crate::progress::Progress;
+use crate::redis::{RedisOp, RedisTarget};
+use crate::report::{Figures, Mode, Report};
+use crate::stats::RunStats;
+use crate::workload::{Generator, Shape};
+
+/// How often the counts are read while waiting for them to converge.
+const CONVERGE_POLL: Duration = Duration::from_millis(100);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match args.threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        threads => {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(threads)).enable_all().build()
+        }
+    };
+    let outcome = runtime.context("starting the async runtime").and_then(|runtime| runtime.block_on(run(args)));
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("countapp-load: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs what `args` ask for and reports it; true when the loss check passed or was skipped.
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let prefix = args.tenant_prefix.clone().unwrap_or_else(|| format!("load-{:08x}-", rand::random::<u32>()));
+    let tenants = workload::tenant_names(&prefix, args.tenants as usize);
+    let target = Arc::new(Target::resolve(&args.url, &tenants).await?);
+    let mode = if args.count { Mode::Count } else { Mode::Post };
+    let plan = Plan {
+        duration: args.send_for(),
+        units: args.items,
+        per_request: if args.count { 1 } else { u64::from(args.batch) },
+    };
+    let measured = match mode {
+        Mode::Post => post(&args, &target, &tenants, plan).await?,
+        Mode::Count => count(&args, &target, plan).await?,
+    };
+    let report = Report {
+        mode,
+        url: args.url.to_string(),
+        connections: args.connections,
+        batch: args.batch,
+        tenants: args.tenants,
+        tenant_prefix: prefix,
+        repeat: args.repeat,
+        id_bytes: args.id_bytes,
+        ratio: measured.redis.as_ref().map(|redis| measured.run.items_per_s / redis.items_per_s),
+        run: measured.run,
+        redis: measured.redis,
+        check: measured.check,
+    };
+
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_vec_pretty(&report).expect("the report serializes");
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        plot::draw(&report, path).with_context(|| format!("drawing {}", path.display()))?;
+    }
+    if report.run.items == 0 {
+        bail!("nothing was acknowledged: {} of {} requests failed", report.run.errors, report.run.requests);
+    }
+    Ok(report.check.is_none_or(|check| {
+        let v = check.verdict;
+        if v.lost > 0 {
+            eprintln!("LOST {} acknowledged items ({} of {} tenants short)", v.lost, v.tenants_short, args.tenants);
+        }
+        if v.unexpected > 0 {
+            eprintln!(
+                "UNEXPECTED {} items counted but never sent ({} of {} tenants over)",
+                v.unexpected, v.tenants_over, args.tenants
+            );
+        }
+        v.passed()
+    }))
+}
+
+/// What the modes measured, for the report.
+struct Measured {
+    run: Figures,
+    redis: Option<Figures>,
+    check: Option<Convergence>,
+}
+
+/// The default mode: post batches, check the counts, then the Redis reference run.
+async fn post(args: &Args, target: &Arc<Target>, tenants: &[String], plan: Plan) -> anyhow::Result<Measured> {
+    // Both before the load, so that a wrong URL fails at once rather than after it.
+    let redis = match &args.redis {
+        Some(url) => Some(RedisTarget::connect(url, tenants, args.timeout).await?),
+        None => None,
+    };
+    let baselines = if args.no_check {
+        Vec::new()
+    } else {
+        let mut reader = Connection::new(target.clone(), args.timeout);
+        reader.counts().await.context("reading the counts before the load")?
+    };
+
+    let connections = args.connections as usize;
+    let shape = Shape::new(args.id_bytes.into(), connections, tenants.len(), args.repeat);
+    let ops = (0..connections)
+        .map(|c| PostOp::new(Connection::new(target.clone(), args.timeout), Generator::new(&shape, c)))
+        .collect();
+    let (ops, stats) = measured("countapp", "items", ops, plan, args.quiet).await?;
+
+    let mut check = None;
+    if !args.no_check && stats.totals.items > 0 {
+        let mut tallies = vec![Tally::default(); tenants.len()];
+        for op in &ops {
+            for (total, tally) in tallies.iter_mut().zip(op.generator().tallies()) {
+                *total += tally;
+            }
+        }
+        check = Some(converge(args, target, &baselines, &tallies).await?);
+    }
+
+    let mut redis_figures = None;
+    if let Some(redis) = redis {
+        let shape = Shape::new(args.id_bytes.into(), connections, tenants.len(), args.repeat);
+        let ops = (0..connections).map(|c| RedisOp::new(redis.clone(), Generator::new(&shape, c))).collect();
+        let (_, redis_stats) = measured("redis", "items", ops, plan, args.quiet).await?;
+        redis.remove_keys().await?;
+        redis_figures = Some(Figures::of(&redis_stats));
+    }
+    Ok(Measured { run: Figures::of(&stats), redis: redis_figures, check })
+}
+
+/// Waits for the counts to include every acknowledged item, and judges them.
+async fn converge(
+    args: &Args,
+    target: &Arc<Target>,
+    baselines: &[u64],
+    tallies: &[Tally],
+) -> anyhow::Result<Convergence> {
+    eprintln!("waiting up to {} for the counts to converge...", humantime::format_duration(args.converge_timeout));
+    check::await_convergence(baselines, tallies, args.converge_timeout, CONVERGE_POLL, || {
+        let mut reader = Connection::new(target.clone(), args.timeout);
+        async move { reader.counts().await }
+    })
+    .await
+}
+
+/// `--count`: seed every tenant with one batch, then read counts.
+async fn count(args: &Args, target: &Arc<Target>, plan: Plan) -> anyhow::Result<Measured> {
+    let shape = Shape::new(args.id_bytes.into(), 1, target.tenants(), 0.0);
+    let mut seeder = PostOp::new(Connection::new(target.clone(), args.timeout), Generator::new(&shape, 0));
+    // Items go round-robin over the tenants, so as many batches as tenants give each one batch.
+    for _ in 0..target.tenants() {
+        seeder.prepare(args.batch.into())?;
+        seeder.send().await.map_err(|failure| anyhow!("seeding the tenants: POST /items: {failure}"))?;
+    }
+    let ops = (0..args.connections as usize)
+        .map(|c| CountOp::new(Connection::new(target.clone(), args.timeout), c))
+        .collect();
+    let (_, stats) = measured("counts", "requests", ops, plan, args.quiet).await?;
+    Ok(Measured { run: Figures::of(&stats), redis: None, check: None })
+}
+
+/// Drives `ops` through `plan` under a progress bar.
+async fn measured<O: Op>(
+    label: &str,
+    unit: &'static str,
+    ops: Vec<O>,
+    plan: Plan,
+    quiet: bool,
+) -> anyhow::Result<(Vec<O>, RunStats)> {
+    let shared = Arc::new(Shared::default());
+    let progress = Progress::start(label, unit, plan, shared.clone(), quiet);
+    let outcome = drive(ops, plan, shared).await;
+    progress.finish();
+    outcome
+}

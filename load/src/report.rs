@@ -1,0 +1,229 @@
+//! The figures of a run, as the plain-text table printed at the end and as the JSON written
+//! with `--json`: one structure feeds both, so they always agree.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::check::Convergence;
+use crate::stats::{Interval, RunStats};
+
+/// What a run sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Batches of items (`POST /items`).
+    Post,
+    /// Count reads (`GET /items/{tenant}/count`).
+    Count,
+}
+
+/// Everything a run reports.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub mode: Mode,
+    pub url: String,
+    pub connections: u32,
+    pub batch: u32,
+    pub tenants: u32,
+    pub tenant_prefix: String,
+    pub repeat: f64,
+    pub id_bytes: u16,
+    /// The run against `url`.
+    pub run: Figures,
+    /// The same stream sent to Redis, with `--redis`.
+    pub redis: Option<Figures>,
+    /// Items/s of the run over Redis's.
+    pub ratio: Option<f64>,
+    /// The loss check, unless `--no-check` (or `--count`).
+    pub check: Option<Convergence>,
+}
+
+/// The figures of one run.
+#[derive(Debug, Serialize)]
+pub struct Figures {
+    pub seconds: f64,
+    pub requests: u64,
+    pub requests_per_s: f64,
+    /// Items acknowledged (with `--count`, counts read).
+    pub items: u64,
+    pub items_per_s: f64,
+    /// Latency of acknowledged requests.
+    pub latency_ms: Latency,
+    pub errors: u64,
+    pub errors_by_kind: BTreeMap<String, u64>,
+    /// The run second by second.
+    pub per_second: Vec<Interval>,
+}
+
+/// Latency percentiles, in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Figures {
+    /// The figures of `stats`.
+    pub fn of(stats: &RunStats) -> Figures {
+        Figures {
+            seconds: stats.elapsed.as_secs_f64(),
+            requests: stats.totals.requests,
+            requests_per_s: stats.requests_per_s(),
+            items: stats.totals.items,
+            items_per_s: stats.items_per_s(),
+            latency_ms: Latency {
+                p50: stats.latency_ms(0.5),
+                p99: stats.latency_ms(0.99),
+                p999: stats.latency_ms(0.999),
+                max: stats.max_latency_ms(),
+            },
+            errors: stats.totals.error_count(),
+            errors_by_kind: stats.totals.errors.iter().map(|(failure, &n)| (failure.to_string(), n)).collect(),
+            per_second: stats.per_second(),
+        }
+    }
+}
+
+impl Report {
+    /// The report as a plain-text table, ending in a newline.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let what = match self.mode {
+            Mode::Count => format!("GET counts of {} tenants", self.tenants),
+            Mode::Post => format!(
+                "POST batches of {} over {} tenants, {:.0}% repeated ids",
+                self.batch,
+                self.tenants,
+                self.repeat * 100.0
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "{} ({}*), {} connections, {what}, {:.1} s",
+            self.url, self.tenant_prefix, self.connections, self.run.seconds
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<10}{:>10}{:>12}{:>12}{:>9}{:>9}{:>9}{:>9}{:>8}",
+            "", "requests", "requests/s", "items/s", "p50 ms", "p99 ms", "p999 ms", "max ms", "errors"
+        );
+        let mut row = |name: &str, f: &Figures| {
+            let items_per_s = if self.mode == Mode::Count { "-".to_owned() } else { format!("{:.0}", f.items_per_s) };
+            let _ = writeln!(
+                out,
+                "{name:<10}{:>10}{:>12.0}{items_per_s:>12}{:>9.2}{:>9.2}{:>9.2}{:>9.2}{:>8}",
+                f.requests,
+                f.requests_per_s,
+                f.latency_ms.p50,
+                f.latency_ms.p99,
+                f.latency_ms.p999,
+                f.latency_ms.max,
+                f.errors
+            );
+        };
+        row("countapp", &self.run);
+        if let Some(redis) = &self.redis {
+            row("redis", redis);
+        }
+        if let Some(ratio) = self.ratio {
+            let _ = writeln!(out, "\ncountapp/redis: {ratio:.2}x items/s");
+        }
+        for (name, figures) in [("countapp", Some(&self.run)), ("redis", self.redis.as_ref())] {
+            if let Some(f) = figures.filter(|f| f.errors > 0) {
+                let kinds: Vec<String> = f.errors_by_kind.iter().map(|(kind, n)| format!("{n} × {kind}")).collect();
+                let _ = writeln!(out, "\n{name} errors: {}", kinds.join(", "));
+            }
+        }
+        if let Some(check) = &self.check {
+            let v = &check.verdict;
+            let wait = if check.converged {
+                format!("converged in {:.2} s", check.waited.as_secs_f64())
+            } else {
+                format!("did NOT converge within {:.2} s", check.waited.as_secs_f64())
+            };
+            let _ = writeln!(
+                out,
+                "\ncheck: {} distinct ids acknowledged, {} sent, {} counted; {wait}; lost {}, unexpected {}{}",
+                v.acked,
+                v.sent,
+                v.counted,
+                v.lost,
+                v.unexpected,
+                if v.passed() { "" } else { " -- FAILED" }
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::check::Verdict;
+
+    fn figures(items_per_s: f64) -> Figures {
+        Figures {
+            seconds: 2.0,
+            requests: 20,
+            requests_per_s: 10.0,
+            items: (items_per_s * 2.0) as u64,
+            items_per_s,
+            latency_ms: Latency { p50: 1.0, p99: 2.0, p999: 3.0, max: 4.0 },
+            errors: 2,
+            errors_by_kind: BTreeMap::from([("HTTP 503".to_owned(), 2)]),
+            per_second: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_table_shows_every_figure() {
+        let report = Report {
+            mode: Mode::Post,
+            url: "http://127.0.0.1:5000".into(),
+            connections: 2,
+            batch: 100,
+            tenants: 3,
+            tenant_prefix: "load-x-".into(),
+            repeat: 0.25,
+            id_bytes: 16,
+            run: figures(1000.0),
+            redis: Some(figures(500.0)),
+            ratio: Some(2.0),
+            check: Some(Convergence {
+                verdict: Verdict {
+                    acked: 90,
+                    sent: 95,
+                    counted: 80,
+                    lost: 10,
+                    unexpected: 0,
+                    tenants_short: 1,
+                    tenants_over: 0,
+                },
+                converged: false,
+                waited: Duration::from_secs(30),
+            }),
+        };
+        let table = report.table();
+        for needle in [
+            "25% repeated ids",
+            "redis",
+            "2.00x",
+            "2 × HTTP 503",
+            "did NOT converge",
+            "lost 10, unexpected 0 -- FAILED",
+        ] {
+            assert!(table.contains(needle), "{needle:?} missing from\n{table}");
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["check"]["lost"], 10);
+        assert_eq!(json["check"]["waited"], 30.0);
+        assert_eq!(json["redis"]["items_per_s"], 500.0);
+    }
+}

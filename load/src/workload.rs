@@ -1,0 +1,348 @@
+//! The item stream: fixed-width ids that never collide across connections or runs, spread
+//! round-robin over the tenants, a chosen share of them repeating ids already acknowledged, and
+//! the per-tenant tallies the loss check needs.
+//!
+//! An id is a random run tag followed by a number written in base 62, padded to `--id-bytes`.
+//! The number of connection `c`'s `n`-th fresh id for a tenant is `n * connections + c`, so two
+//! connections never make the same id, and a connection can recompute any id it made from `n`
+//! alone: that is what lets repeats reuse acknowledged ids without keeping them.
+
+use std::ops::Range;
+
+use anyhow::bail;
+use rand::RngExt;
+use rand::rngs::SmallRng;
+
+use crate::check::Tally;
+
+/// The digits of an id: alphanumerics only, so that an id needs no escaping in JSON, in a URL or
+/// in a Redis command.
+const DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// Characters of the run tag at the start of every id: 62^4, about 15 million, runs that share
+/// a tenant prefix are told apart.
+const TAG_BYTES: usize = 4;
+
+/// The shortest `--id-bytes`: the tag plus six digits, 62^6 (about 57 billion) id numbers.
+pub const MIN_ID_BYTES: usize = TAG_BYTES + 6;
+
+/// The tenant names of a run: the prefix followed by 0, 1, 2...
+pub fn tenant_names(prefix: &str, tenants: usize) -> Vec<String> {
+    (0..tenants).map(|t| format!("{prefix}{t}")).collect()
+}
+
+/// What every connection's generator shares: the run tag, the id width and the stream's shape.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    tag: [u8; TAG_BYTES],
+    id_bytes: usize,
+    connections: u64,
+    tenants: usize,
+    repeat: f64,
+}
+
+impl Shape {
+    /// The shape of a run of `connections` streams over `tenants` tenants with ids of `id_bytes`
+    /// bytes (at least [`MIN_ID_BYTES`]), of which the share `repeat` (0 to 1) repeats an
+    /// acknowledged id. The run tag is random.
+    pub fn new(id_bytes: usize, connections: usize, tenants: usize, repeat: f64) -> Self {
+        assert!(id_bytes >= MIN_ID_BYTES && connections > 0 && tenants > 0 && (0.0..=1.0).contains(&repeat));
+        let mut rng: SmallRng = rand::make_rng();
+        let tag = std::array::from_fn(|_| DIGITS[rng.random_range(0..DIGITS.len())]);
+        Shape { tag, id_bytes, connections: connections as u64, tenants, repeat }
+    }
+
+    /// How many fresh ids one connection can make for one tenant before the id numbers would
+    /// no longer fit the width.
+    fn fresh_ids_per_connection(&self) -> u64 {
+        let digits = (self.id_bytes - TAG_BYTES) as u32;
+        62u64.checked_pow(digits).map_or(u64::MAX, |space| space / self.connections)
+    }
+}
+
+/// One batch: items in order, each a tenant index and an id of [`Shape::id_bytes`] bytes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    tenants: Vec<u32>,
+    ids: Vec<u8>,
+    id_bytes: usize,
+    /// The tenants that got fresh ids in this batch, each once: what an acknowledgement credits.
+    touched: Vec<u32>,
+}
+
+impl Batch {
+    /// The items, as (tenant index, id).
+    pub fn items(&self) -> impl Iterator<Item = (usize, &[u8])> {
+        self.tenants.iter().map(|&t| t as usize).zip(self.ids.chunks_exact(self.id_bytes))
+    }
+
+    /// The number of items, repeats included.
+    pub fn len(&self) -> usize {
+        self.tenants.len()
+    }
+
+    /// The bytes of all ids together.
+    pub fn id_bytes_total(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// One tenant's fresh ids as seen by one connection.
+#[derive(Debug, Default)]
+struct TenantIds {
+    /// The sequence number of the next fresh id; also how many were sent.
+    next: u64,
+    /// The sequence numbers of acknowledged fresh ids, as ascending runs. A failed batch leaves
+    /// a gap, so there are as many runs as failures plus one: few.
+    acked: Vec<AckedRun>,
+    /// The batch that last got a fresh id of this tenant, and the sequence number it started at.
+    batch: u64,
+    batch_start: u64,
+}
+
+/// A run of acknowledged sequence numbers, with how many acknowledged ones come before it (to
+/// pick the r-th acknowledged id by binary search).
+#[derive(Debug, Clone)]
+struct AckedRun {
+    seqs: Range<u64>,
+    before: u64,
+}
+
+impl TenantIds {
+    fn acked_count(&self) -> u64 {
+        self.acked.last().map_or(0, |run| run.before + (run.seqs.end - run.seqs.start))
+    }
+
+    /// Records `seqs` as acknowledged, merging with the last run when they touch.
+    fn acknowledge(&mut self, seqs: Range<u64>) {
+        if seqs.is_empty() {
+            return;
+        }
+        match self.acked.last_mut() {
+            Some(last) if last.seqs.end == seqs.start => last.seqs.end = seqs.end,
+            _ => {
+                let before = self.acked_count();
+                self.acked.push(AckedRun { seqs, before });
+            }
+        }
+    }
+
+    /// The sequence number of the `r`-th acknowledged id (`r` below [`Self::acked_count`]).
+    fn acked_seq(&self, r: u64) -> u64 {
+        let run = &self.acked[self.acked.partition_point(|run| run.before + (run.seqs.end - run.seqs.start) <= r)];
+        run.seqs.start + (r - run.before)
+    }
+}
+
+/// One connection's item stream, and its tally of what was sent and acknowledged.
+///
+/// A connection has one batch in flight at a time: [`Generator::next_batch`] makes it, and
+/// [`Generator::acknowledged`] credits it once the server took it.
+#[derive(Debug)]
+pub struct Generator {
+    shape: Shape,
+    connection: u64,
+    fresh_limit: u64,
+    tenants: Vec<TenantIds>,
+    /// The tenant of the next item: items go round-robin over the tenants across batches.
+    cursor: usize,
+    /// Error diffusion for the repeat share: exact over the run, with no randomness in whether
+    /// an item repeats.
+    repeat_credit: f64,
+    batches: u64,
+    batch: Batch,
+    rng: SmallRng,
+}
+
+impl Generator {
+    /// The stream of connection `connection` (below the shape's connection count).
+    pub fn new(shape: &Shape, connection: usize) -> Self {
+        assert!((connection as u64) < shape.connections);
+        Generator {
+            fresh_limit: shape.fresh_ids_per_connection(),
+            connection: connection as u64,
+            tenants: (0..shape.tenants).map(|_| TenantIds::default()).collect(),
+            // Connections start on different tenants, so that small batches still spread.
+            cursor: connection % shape.tenants,
+            repeat_credit: 0.0,
+            batches: 0,
+            batch: Batch { id_bytes: shape.id_bytes, ..Batch::default() },
+            rng: rand::make_rng(),
+            shape: shape.clone(),
+        }
+    }
+
+    /// Makes the next batch of `size` items. A repeat reuses an id this connection had
+    /// acknowledged for that tenant before; while a tenant has none, it gets a fresh id instead.
+    pub fn next_batch(&mut self, size: usize) -> anyhow::Result<&Batch> {
+        self.batches += 1;
+        let batch = &mut self.batch;
+        batch.tenants.clear();
+        batch.ids.clear();
+        batch.touched.clear();
+        for _ in 0..size {
+            let t = self.cursor;
+            self.cursor = (self.cursor + 1) % self.tenants.len();
+            let ids = &mut self.tenants[t];
+            self.repeat_credit += self.shape.repeat;
+            let acked = ids.acked_count();
+            let seq = if self.repeat_credit >= 1.0 && acked > 0 {
+                self.repeat_credit -= 1.0;
+                ids.acked_seq(self.rng.random_range(0..acked))
+            } else {
+                self.repeat_credit = self.repeat_credit.min(1.0);
+                if ids.next == self.fresh_limit {
+                    bail!("the id space of --id-bytes {} is used up; give more bytes", self.shape.id_bytes);
+                }
+                if ids.batch != self.batches {
+                    ids.batch = self.batches;
+                    ids.batch_start = ids.next;
+                    batch.touched.push(t as u32);
+                }
+                ids.next += 1;
+                ids.next - 1
+            };
+            batch.tenants.push(t as u32);
+            let start = batch.ids.len();
+            batch.ids.extend_from_slice(&self.shape.tag);
+            batch.ids.resize(start + self.shape.id_bytes, 0);
+            write_base62(seq * self.shape.connections + self.connection, &mut batch.ids[start + TAG_BYTES..]);
+        }
+        Ok(&self.batch)
+    }
+
+    /// Credits the batch last made as acknowledged: its fresh ids become candidates for repeats
+    /// and count as acknowledged in the tally. A batch never acknowledged still counts as sent.
+    pub fn acknowledged(&mut self) {
+        for &t in &self.batch.touched {
+            let ids = &mut self.tenants[t as usize];
+            ids.acknowledge(ids.batch_start..ids.next);
+        }
+    }
+
+    /// Per tenant, the distinct fresh ids sent and acknowledged so far.
+    pub fn tallies(&self) -> Vec<Tally> {
+        self.tenants.iter().map(|ids| Tally { acked: ids.acked_count(), sent: ids.next }).collect()
+    }
+}
+
+/// Writes `n` in base 62 into all of `out`, most significant digit first, padded with zeros.
+fn write_base62(mut n: u64, out: &mut [u8]) {
+    for digit in out.iter_mut().rev() {
+        *digit = DIGITS[(n % 62) as usize];
+        n /= 62;
+    }
+    debug_assert_eq!(n, 0, "the id number must fit the width");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+
+    use super::*;
+
+    #[test]
+    fn tallies_match_the_distinct_ids_sent_and_acknowledged() {
+        let shape = Shape::new(12, 3, 4, 0.3);
+        // Per tenant, every id sent and every id acknowledged, as sets.
+        let mut sent: HashMap<usize, HashSet<Vec<u8>>> = HashMap::new();
+        let mut acked: HashMap<usize, HashSet<Vec<u8>>> = HashMap::new();
+        let mut tallies = vec![Tally::default(); shape.tenants];
+        let mut repeats = 0;
+        for c in 0..3 {
+            let mut generator = Generator::new(&shape, c);
+            for b in 0..50 {
+                let batch = generator.next_batch(25).unwrap();
+                assert_eq!(batch.len(), 25);
+                // Every third batch of connection 1 fails.
+                let ok = !(c == 1 && b % 3 == 0);
+                for (t, id) in batch.items() {
+                    assert_eq!(id.len(), 12);
+                    if acked.get(&t).is_some_and(|ids| ids.contains(id)) {
+                        repeats += 1;
+                    }
+                    sent.entry(t).or_default().insert(id.to_vec());
+                    if ok {
+                        acked.entry(t).or_default().insert(id.to_vec());
+                    }
+                }
+                if ok {
+                    generator.acknowledged();
+                }
+            }
+            for (total, tally) in tallies.iter_mut().zip(generator.tallies()) {
+                *total += tally;
+            }
+        }
+        for (t, tally) in tallies.iter().enumerate() {
+            assert_eq!(tally.sent, sent[&t].len() as u64, "tenant {t}");
+            assert_eq!(tally.acked, acked[&t].len() as u64, "tenant {t}");
+        }
+        assert!(repeats > 0);
+    }
+
+    #[test]
+    fn repeats_reuse_only_acknowledged_ids_at_the_requested_share() {
+        let shape = Shape::new(16, 2, 5, 0.25);
+        let mut generator = Generator::new(&shape, 1);
+        let mut acked: HashSet<(usize, Vec<u8>)> = HashSet::new();
+        let (mut items, mut repeats) = (0, 0);
+        for b in 0..400 {
+            let batch = generator.next_batch(100).unwrap();
+            let mut seen_fresh = HashSet::new();
+            for (t, id) in batch.items() {
+                items += 1;
+                let key = (t, id.to_vec());
+                if acked.contains(&key) {
+                    repeats += 1;
+                } else {
+                    // Anything not acknowledged before must be fresh: never sent before, and not
+                    // twice in this batch.
+                    assert!(seen_fresh.insert(key), "batch {b} repeats an unacknowledged id");
+                }
+            }
+            if b % 2 == 0 {
+                acked.extend(seen_fresh);
+                generator.acknowledged();
+            }
+        }
+        let share = repeats as f64 / items as f64;
+        assert!((share - 0.25).abs() < 0.01, "repeat share {share}");
+    }
+
+    #[test]
+    fn ids_differ_across_connections_and_runs() {
+        let one = Shape::new(10, 4, 1, 0.0);
+        let other = Shape::new(10, 4, 1, 0.0);
+        let mut ids = HashSet::new();
+        for shape in [&one, &other] {
+            for c in 0..4 {
+                let mut generator = Generator::new(shape, c);
+                for (_, id) in generator.next_batch(1000).unwrap().items() {
+                    assert!(id.iter().all(u8::is_ascii_alphanumeric));
+                    ids.insert(id.to_vec());
+                }
+            }
+        }
+        // Two runs may draw the same tag, one time in 15 million.
+        assert!(one.tag == other.tag || ids.len() == 8000);
+    }
+
+    #[test]
+    fn an_exhausted_id_space_is_an_error() {
+        let shape = Shape::new(MIN_ID_BYTES, 1, 1, 0.0);
+        let mut generator = Generator::new(&shape, 0);
+        generator.fresh_limit = 3;
+        assert!(generator.next_batch(3).is_ok());
+        assert!(generator.next_batch(1).is_err());
+    }
+
+    #[test]
+    fn base62_is_fixed_width() {
+        let mut out = [0u8; 6];
+        write_base62(0, &mut out);
+        assert_eq!(&out, b"000000");
+        write_base62(62 * 62 + 61, &mut out);
+        assert_eq!(&out, b"00010z");
+    }
+}

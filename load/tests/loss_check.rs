@@ -1,0 +1,252 @@
+//! The load tool run as a real process against tiny in-test servers on loopback: an honest one,
+//! which counts exactly what it took, and deliberately broken ones, which the loss check must
+//! catch. Each server keeps its own tally of what it did wrong, so the tool's report can be held
+//! to the exact number.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+
+/// How a test server treats what it is sent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Behaviour {
+    /// Counts every distinct id it acknowledged.
+    Honest,
+    /// Acknowledges everything, but every 10th item it receives never reaches its count.
+    Forgetful,
+    /// Adds an id nobody sent to each batch's first tenant.
+    Inventive,
+    /// Applies every batch, but answers every 4th with a 503: items the tool sent without an
+    /// acknowledgement, which may count without being unexpected.
+    Flaky,
+}
+
+#[derive(Debug)]
+struct Server {
+    behaviour: Behaviour,
+    sets: Mutex<HashMap<String, HashSet<String>>>,
+    items_seen: AtomicU64,
+    posts: AtomicU64,
+    /// Items acknowledged but dropped (Forgetful), or ids made up (Inventive).
+    misdeeds: AtomicU64,
+}
+
+#[derive(Deserialize)]
+struct Item {
+    id: String,
+    tenant: String,
+}
+
+impl Server {
+    /// Starts a server on a loopback port, on a thread of its own that lives as long as the test.
+    fn start(behaviour: Behaviour) -> (Arc<Server>, SocketAddr) {
+        let server = Arc::new(Server {
+            behaviour,
+            sets: Mutex::default(),
+            items_seen: AtomicU64::new(0),
+            posts: AtomicU64::new(0),
+            misdeeds: AtomicU64::new(0),
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = server.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    let server = serving.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |request| server.clone().handle(request));
+                        let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    });
+                }
+            });
+        });
+        (server, addr)
+    }
+
+    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let path = request.uri().path().to_owned();
+        let reply = |status: StatusCode, body: String| {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status;
+            Ok(response)
+        };
+        match (request.method(), path.split('/').collect::<Vec<_>>().as_slice()) {
+            (&Method::POST, ["", "items"]) => {
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let Ok(items) = serde_json::from_slice::<Vec<Item>>(&body) else {
+                    return reply(StatusCode::BAD_REQUEST, r#"{"error":"bad batch"}"#.into());
+                };
+                let post = self.posts.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut sets = self.sets.lock().unwrap();
+                for item in &items {
+                    let seen = self.items_seen.fetch_add(1, Ordering::Relaxed) + 1;
+                    let set = sets.entry(item.tenant.clone()).or_default();
+                    if self.behaviour == Behaviour::Forgetful && seen.is_multiple_of(10) {
+                        if !set.contains(&item.id) {
+                            self.misdeeds.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                    set.insert(item.id.clone());
+                }
+                if let (Behaviour::Inventive, Some(first)) = (self.behaviour, items.first()) {
+                    sets.entry(first.tenant.clone()).or_default().insert(format!("phantom-{post}"));
+                    self.misdeeds.fetch_add(1, Ordering::Relaxed);
+                }
+                if self.behaviour == Behaviour::Flaky && post.is_multiple_of(4) {
+                    return reply(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"flaky"}"#.into());
+                }
+                reply(StatusCode::OK, format!(r#"{{"accepted":{}}}"#, items.len()))
+            }
+            (&Method::GET, ["", "items", tenant, "count"]) => {
+                let count = self.sets.lock().unwrap().get(*tenant).map_or(0, HashSet::len);
+                reply(StatusCode::OK, format!(r#"{{"count":{count}}}"#))
+            }
+            _ => reply(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#.into()),
+        }
+    }
+}
+
+/// Runs the load tool against `addr` for a second over two connections, with `extra` flags, and
+/// writes its JSON report to `json`.
+fn load(addr: SocketAddr, json: &Path, extra: &[&str]) -> Output {
+    let url = format!("http://{addr}");
+    let json = json.to_str().unwrap();
+    let mut args = vec!["--url", &url, "--duration", "1s", "--connections", "2", "--batch", "50", "--tenants", "3"];
+    args.extend(["--converge-timeout", "1s", "--quiet", "--json", json]);
+    args.extend(extra);
+    let output = Command::new(env!("CARGO_BIN_EXE_countapp-load")).args(&args).output().unwrap();
+    eprintln!(
+        "countapp-load {}\n--- stdout\n{}--- stderr\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn report(json: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap()
+}
+
+#[test]
+fn an_honest_store_passes_with_repeats() {
+    let (server, addr) = Server::start(Behaviour::Honest);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = load(addr, &json, &["--repeat", "0.3"]);
+    assert_eq!(output.status.code(), Some(0));
+
+    let report = report(&json);
+    let check = &report["check"];
+    assert_eq!(check["lost"], 0);
+    assert_eq!(check["unexpected"], 0);
+    assert_eq!(check["converged"], true);
+    // Repeats were sent and deduplicated: more items than distinct ids, and the counts hold
+    // exactly the distinct ids.
+    let counted: usize = server.sets.lock().unwrap().values().map(HashSet::len).sum();
+    assert_eq!(check["counted"], counted as u64);
+    assert_eq!(check["acked"], counted as u64);
+    assert!(report["run"]["items"].as_u64().unwrap() as f64 > 1.2 * counted as f64);
+    assert!(String::from_utf8(output.stdout).unwrap().contains("lost 0, unexpected 0"));
+}
+
+#[test]
+fn a_store_that_forgets_acknowledged_items_fails_loudly() {
+    let (server, addr) = Server::start(Behaviour::Forgetful);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = load(addr, &json, &[]);
+    assert_eq!(output.status.code(), Some(1));
+
+    let forgotten = server.misdeeds.load(Ordering::Relaxed);
+    assert!(forgotten > 0);
+    let check = &report(&json)["check"];
+    assert_eq!(check["lost"], forgotten);
+    assert_eq!(check["unexpected"], 0);
+    assert_eq!(check["converged"], false);
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains(&format!("LOST {forgotten} acknowledged items")), "{stderr}");
+    assert!(String::from_utf8(output.stdout).unwrap().contains("FAILED"));
+}
+
+#[test]
+fn a_store_that_invents_items_fails() {
+    let (server, addr) = Server::start(Behaviour::Inventive);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = load(addr, &json, &[]);
+    assert_eq!(output.status.code(), Some(1));
+
+    let check = &report(&json)["check"];
+    assert_eq!(check["lost"], 0);
+    assert_eq!(check["unexpected"], server.misdeeds.load(Ordering::Relaxed));
+    assert!(String::from_utf8(output.stderr).unwrap().contains("UNEXPECTED"));
+}
+
+#[test]
+fn failed_batches_are_errors_but_not_losses() {
+    let (server, addr) = Server::start(Behaviour::Flaky);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = load(addr, &json, &[]);
+    assert_eq!(output.status.code(), Some(0));
+
+    let report = report(&json);
+    let posts = server.posts.load(Ordering::Relaxed);
+    assert_eq!(report["run"]["errors"], posts / 4);
+    assert_eq!(report["run"]["errors_by_kind"]["HTTP 503"], posts / 4);
+    let check = &report["check"];
+    // The 503'd batches were applied: counted and sent, never acknowledged.
+    assert_eq!(check["counted"], check["sent"]);
+    assert!(check["acked"].as_u64() < check["sent"].as_u64());
+    assert_eq!((check["lost"].as_u64(), check["unexpected"].as_u64()), (Some(0), Some(0)));
+    assert!(String::from_utf8(output.stdout).unwrap().contains("errors: "));
+}
+
+#[test]
+fn count_mode_reads_counts_and_plots() {
+    let (server, addr) = Server::start(Behaviour::Honest);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let svg = dir.path().join("run.svg");
+    let output = load(addr, &json, &["--count", "--plot", svg.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0));
+
+    let report = report(&json);
+    assert_eq!(report["mode"], "count");
+    assert!(report["run"]["requests"].as_u64().unwrap() > 10);
+    assert_eq!(report["run"]["errors"], 0);
+    assert!(report["check"].is_null());
+    // Each tenant was seeded with one batch before its counts were read.
+    assert!(server.sets.lock().unwrap().values().all(|set| set.len() == 50));
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("requests/s"));
+}
+
+#[test]
+fn an_unreachable_server_is_an_error_at_once() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let output = load(addr, &dir.path().join("report.json"), &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8(output.stderr).unwrap().contains("reading the counts before the load"));
+}
