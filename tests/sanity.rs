@@ -61,9 +61,11 @@ fn sanity_consistent_under_a_live_config_edit() {
     post_sample_and_wait(&coordinator, "edit-", "during a config edit");
     eventually(CONSISTENCY, "the added worker is live", || {
         let stats = get_json(&client(), &format!("{}/stats", coordinator.url()));
-        stats["workers"].as_array().unwrap().iter().any(|w| {
-            w["url"].as_str().unwrap().ends_with(&format!(":{added}")) && w["state"] == "ready"
-        })
+        stats["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["url"].as_str().unwrap().ends_with(&format!(":{added}")) && w["state"] == "ready")
     });
 }
 

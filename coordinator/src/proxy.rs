@@ -21,6 +21,21 @@ const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
 /// Attempts on distinct workers a request gets, at most.
 const MAX_ATTEMPTS: usize = 8;
 
+/// The HTTP client requests are forwarded with: pooled, kept alive, with explicit timeouts.
+pub(crate) struct Upstream(reqwest::Client);
+
+impl Upstream {
+    pub(crate) fn new() -> reqwest::Result<Upstream> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Upstream(client))
+    }
+}
+
 /// A request to forward: its method, its path (with the query) and its body.
 pub(crate) struct Forward {
     pub(crate) method: reqwest::Method,
@@ -29,7 +44,7 @@ pub(crate) struct Forward {
 }
 
 /// Forwards `request` and returns the reply of the first worker that handles it.
-pub(crate) async fn forward(state: &AppState, request: Forward) -> HttpResponse {
+pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forward) -> HttpResponse {
     let pool = &state.ctx.pool;
     let deadline = Instant::now() + WAIT_FOR_WORKER;
     let mut tried: Vec<Arc<Member>> = Vec::new();
@@ -47,7 +62,7 @@ pub(crate) async fn forward(state: &AppState, request: Forward) -> HttpResponse 
         if !tried.is_empty() {
             state.metrics.retries.inc();
         }
-        match send(state, &member, &request).await {
+        match send(upstream, &member, &request).await {
             Ok((status, body)) if !status.is_server_error() => {
                 let items = if status == StatusCode::OK && request.method == reqwest::Method::POST {
                     accepted(&body)
@@ -76,8 +91,8 @@ pub(crate) async fn forward(state: &AppState, request: Forward) -> HttpResponse 
     error(StatusCode::SERVICE_UNAVAILABLE, format!("no live worker could take the request{detail}"))
 }
 
-async fn send(state: &AppState, member: &Member, request: &Forward) -> reqwest::Result<(StatusCode, Bytes)> {
-    let mut builder = state.forward.request(request.method.clone(), format!("{}{}", member.url, request.path));
+async fn send(upstream: &Upstream, member: &Member, request: &Forward) -> reqwest::Result<(StatusCode, Bytes)> {
+    let mut builder = upstream.0.request(request.method.clone(), format!("{}{}", member.url, request.path));
     if let Some(body) = &request.body {
         builder = builder.header("content-type", "application/json").body(body.clone());
     }

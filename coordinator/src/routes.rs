@@ -3,24 +3,27 @@
 
 use std::time::UNIX_EPOCH;
 
-use actix_web::http::StatusCode;
 use actix_web::http::header::ContentType;
+use actix_web::http::{Method, StatusCode};
 use actix_web::web;
-use actix_web::{HttpRequest, HttpResponse};
-use countapp_shared::http::{RequestCounter, error, read_body};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse};
+use countapp_shared::http::{COUNT_ROUTE, RequestCounter, RouteLabel, count_tenant, error, read_body};
 use serde_json::json;
 
-use crate::proxy::{Forward, forward};
+use crate::proxy::{Forward, Upstream, forward};
 use crate::state::AppState;
 
 /// Registers every route of the coordinator.
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/items").route(web::post().to(post_items)))
-        .service(resource("/items/{tenant}/count").route(web::get().to(get_count)))
-        .service(resource("/health").route(web::get().to(health)))
-        .service(resource("/stats").route(web::get().to(stats)))
-        .service(resource("/metrics").route(web::get().to(metrics)))
-        .default_service(web::to(|| async { error(StatusCode::NOT_FOUND, "no such route") }));
+    cfg.service(
+        web::scope("/items")
+            .service(resource("").route(web::post().to(post_items)))
+            .default_service(web::to(items_subpath)),
+    )
+    .service(resource("/health").route(web::get().to(health)))
+    .service(resource("/stats").route(web::get().to(stats)))
+    .service(resource("/metrics").route(web::get().to(metrics)))
+    .default_service(web::to(|| async { error(StatusCode::NOT_FOUND, "no such route") }));
 }
 
 /// A resource whose other methods get a JSON 405, not an empty one.
@@ -30,18 +33,32 @@ fn resource(path: &str) -> actix_web::Resource {
 }
 
 /// `POST /items`: bounded here (a 413 costs no hop), validated and stored by a worker.
-async fn post_items(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+async fn post_items(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    upstream: web::Data<Upstream>,
+) -> HttpResponse {
     let max = state.ctx.config.read().max_body_bytes;
     let body = match read_body(&req, payload, max).await {
         Ok(body) => body.freeze(),
         Err(reply) => return reply,
     };
-    forward(&state, Forward { method: reqwest::Method::POST, path: "/items".to_owned(), body: Some(body) }).await
+    forward(&state, &upstream, Forward { method: reqwest::Method::POST, path: "/items".to_owned(), body: Some(body) })
+        .await
 }
 
-/// `GET /items/{tenant}/count`: forwarded with the path as the client encoded it.
-async fn get_count(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    forward(&state, Forward { method: reqwest::Method::GET, path: req.uri().path().to_owned(), body: None }).await
+/// Under `/items`: the count route, matched by hand (see [`count_tenant`]) and forwarded with the
+/// path as the client encoded it.
+async fn items_subpath(req: HttpRequest, state: web::Data<AppState>, upstream: web::Data<Upstream>) -> HttpResponse {
+    if count_tenant(req.path()).is_none() {
+        return error(StatusCode::NOT_FOUND, "no such route");
+    }
+    if req.method() != Method::GET {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    req.extensions_mut().insert(RouteLabel(COUNT_ROUTE));
+    forward(&state, &upstream, Forward { method: reqwest::Method::GET, path: req.path().to_owned(), body: None }).await
 }
 
 /// `GET /health`: the coordinator is up; how many workers take requests.

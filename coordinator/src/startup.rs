@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::config_watch;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::proxy::Upstream;
 use crate::routes;
 use crate::state::{AppState, ConfigStatus};
 use crate::supervisor::{Context, Supervisor};
@@ -72,17 +73,9 @@ impl Coordinator {
                 .map_err(|e| CoordinatorError::Runtime(format!("building the HTTP client: {e}")))?,
             pool: Arc::new(Pool::default()),
         });
-        let forward = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| CoordinatorError::Runtime(format!("building the HTTP client: {e}")))?;
         let (metrics, requests) = Metrics::new();
         let state = web::Data::new(AppState {
             ctx,
-            forward,
             config_status: Mutex::new(ConfigStatus {
                 path: config_path.to_path_buf(),
                 loaded_at: SystemTime::now(),
@@ -93,8 +86,12 @@ impl Coordinator {
         });
         let requests = web::Data::new(requests);
         let data = state.clone();
+        Upstream::new().map_err(|e| CoordinatorError::Runtime(format!("building the HTTP client: {e}")))?;
         let server = HttpServer::new(move || {
             App::new()
+                // One client per server thread: its connections then live on that thread's
+                // runtime, so a forwarded request never wakes another thread to do its I/O.
+                .app_data(web::Data::new(Upstream::new().expect("built once already")))
                 .app_data(data.clone())
                 .app_data(requests.clone())
                 .wrap(from_fn(count_requests))

@@ -24,8 +24,6 @@ pub(crate) struct ConfigStatus {
 pub(crate) struct AppState {
     /// The workers, the config in force and the clients.
     pub(crate) ctx: Arc<Context>,
-    /// The client requests are forwarded with: pooled, kept alive.
-    pub(crate) forward: reqwest::Client,
     pub(crate) config_status: Mutex<ConfigStatus>,
     pub(crate) metrics: Metrics,
     pub(crate) shutdown: Shutdown,

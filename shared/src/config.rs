@@ -714,7 +714,12 @@ config_check: 5
         for local in ["http://localhost:5001", "http://127.0.0.1:5001", "http://[::1]:5001"] {
             assert!(url(local).is_local(), "{local}");
         }
-        let remotes = ["http://127.0.0.2:5001", "http://10.1.2.3:5001", "http://worker-b.example:5001", "http://192.168.0.7:5001"];
+        let remotes = [
+            "http://127.0.0.2:5001",
+            "http://10.1.2.3:5001",
+            "http://worker-b.example:5001",
+            "http://192.168.0.7:5001",
+        ];
         for remote in remotes {
             assert!(!url(remote).is_local(), "{remote}");
         }

@@ -26,6 +26,9 @@ struct Cli {
     /// 127.0.0.1: a worker never listens on every interface unless told to.
     #[arg(long)]
     host: Option<IpAddr>,
+    /// Threads serving HTTP; the cluster's parallelism comes from its worker processes.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 #[actix_web::main]
@@ -42,7 +45,8 @@ async fn main() -> anyhow::Result<()> {
             .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |addr| addr.ip())
     });
     let token = std::env::var(TOKEN_VAR).ok();
-    let settings = WorkerSettings::from_config(&config, SocketAddr::new(host, cli.port), token);
+    let mut settings = WorkerSettings::from_config(&config, SocketAddr::new(host, cli.port), token);
+    settings.http_threads = cli.threads.max(1);
     let worker = Worker::build(settings).context("starting the worker")?;
     worker.run_until_stopped().await.context("running the worker")
 }

@@ -3,12 +3,12 @@
 
 use std::time::UNIX_EPOCH;
 
-use actix_web::http::StatusCode;
 use actix_web::http::header::{AUTHORIZATION, ContentType};
+use actix_web::http::{Method, StatusCode};
 use actix_web::web;
-use actix_web::{HttpRequest, HttpResponse};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse};
 use countapp_shared::api::{Accepted, Count};
-use countapp_shared::http::{RequestCounter, error, read_body};
+use countapp_shared::http::{COUNT_ROUTE, RequestCounter, RouteLabel, count_tenant, error, read_body};
 use countapp_shared::items::parse_batch;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
@@ -17,14 +17,17 @@ use crate::state::AppState;
 
 /// Registers every route of the worker.
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/items").route(web::post().to(post_items)))
-        .service(resource("/items/{tenant}/count").route(web::get().to(get_count)))
-        .service(resource("/health").route(web::get().to(health)))
-        .service(resource("/ready").route(web::get().to(ready)))
-        .service(resource("/stats").route(web::get().to(stats)))
-        .service(resource("/metrics").route(web::get().to(metrics)))
-        .service(resource("/shutdown").route(web::post().to(shutdown)))
-        .default_service(web::to(|| async { error(StatusCode::NOT_FOUND, "no such route") }));
+    cfg.service(
+        web::scope("/items")
+            .service(resource("").route(web::post().to(post_items)))
+            .default_service(web::to(items_subpath)),
+    )
+    .service(resource("/health").route(web::get().to(health)))
+    .service(resource("/ready").route(web::get().to(ready)))
+    .service(resource("/stats").route(web::get().to(stats)))
+    .service(resource("/metrics").route(web::get().to(metrics)))
+    .service(resource("/shutdown").route(web::post().to(shutdown)))
+    .default_service(web::to(|| async { error(StatusCode::NOT_FOUND, "no such route") }));
 }
 
 /// A resource whose other methods get a JSON 405, not an empty one.
@@ -60,11 +63,20 @@ async fn post_items(req: HttpRequest, payload: web::Payload, state: web::Data<Ap
     }
 }
 
+/// Under `/items`: the count route, matched by hand (see [`count_tenant`]).
+async fn items_subpath(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let Some(raw) = count_tenant(req.path()) else { return error(StatusCode::NOT_FOUND, "no such route") };
+    if req.method() != Method::GET {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    req.extensions_mut().insert(RouteLabel(COUNT_ROUTE));
+    get_count(raw, &state)
+}
+
 /// `GET /items/{tenant}/count`: the tenant's count as of the latest flush by any worker.
-async fn get_count(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+fn get_count(raw: &str, state: &AppState) -> HttpResponse {
     let Some(store) = state.store() else { return not_ready() };
     // Decoded here, once, from the raw path: every string is a tenant, `/` and `%` included.
-    let raw = req.uri().path().strip_prefix("/items/").and_then(|p| p.strip_suffix("/count")).unwrap_or_default();
     let tenant = match percent_decode_str(raw).decode_utf8() {
         Ok(tenant) => tenant,
         Err(_) => {

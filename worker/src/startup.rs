@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::state::AppState;
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{FlushReport, Store, StoreError, StoreOptions};
 use countapp_shared::shutdown::{Shutdown, terminate_signal};
 
 /// How long a graceful stop waits for requests in flight.
@@ -40,6 +40,9 @@ pub struct WorkerSettings {
     pub max_key_bytes: usize,
     /// The token `POST /shutdown` must carry, given by the coordinator at spawn.
     pub shutdown_token: Option<String>,
+    /// Threads serving HTTP. One by default: a cluster's parallelism comes from its worker
+    /// processes, and on a small machine more threads per worker only add context switches.
+    pub http_threads: usize,
 }
 
 impl WorkerSettings {
@@ -53,6 +56,7 @@ impl WorkerSettings {
             max_body_bytes: config.max_body_bytes,
             max_key_bytes: config.max_key_bytes,
             shutdown_token,
+            http_threads: 1,
         }
     }
 }
@@ -112,6 +116,7 @@ impl Worker {
         .listen(listener)
         .map_err(bind_error)?
         // Signals are ours to handle: both SIGTERM and SIGINT mean a graceful stop with a flush.
+        .workers(settings.http_threads)
         .disable_signals()
         .shutdown_timeout(DRAIN_TIMEOUT.as_secs())
         .run();
@@ -161,9 +166,7 @@ impl Worker {
             shutdown.trigger();
             stop(handle, serving).await;
             let _ = flusher.await;
-            let report = tokio::task::spawn_blocking(move || store.flush())
-                .await
-                .map_err(|e| WorkerError::Runtime(format!("final flush panicked: {e}")))??;
+            let report = flush_in_background(store).await?;
             tracing::info!(items = report.items, new_ids = report.new_ids, "flushed; stopped");
             Ok(())
         }
@@ -209,8 +212,8 @@ async fn flush_periodically(state: web::Data<AppState>, every: Duration) {
         }
         let Some(store) = state.store().cloned() else { continue };
         let started = Instant::now();
-        match tokio::task::spawn_blocking(move || store.flush()).await {
-            Ok(Ok(report)) => {
+        match flush_in_background(store).await {
+            Ok(report) => {
                 let took = started.elapsed();
                 state.metrics.flushed(took.as_secs_f64());
                 if report.items > 0 {
@@ -225,8 +228,24 @@ async fn flush_periodically(state: web::Data<AppState>, every: Duration) {
                 }
             }
             // The log keeps everything a failed flush did not merge; the next tick retries.
-            Ok(Err(e)) => tracing::error!(error = %e, "flush failed"),
-            Err(e) => tracing::error!(error = %e, "flush panicked"),
+            Err(e) => tracing::error!(error = %e, "flush failed"),
         }
     }
+}
+
+/// Runs a flush on a thread of its own, at a lower CPU priority: flushing is background work,
+/// and merging a million ids must not delay the requests answered meanwhile.
+async fn flush_in_background(store: Arc<Store>) -> Result<FlushReport, WorkerError> {
+    let (done, report) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("flush".into())
+        .spawn(move || {
+            // SAFETY: nice() only changes this thread's scheduling priority (on Linux the nice
+            // value is per thread, and the merge threads a flush starts inherit it). Failing to
+            // lower it is harmless.
+            unsafe { libc::nice(10) };
+            let _ = done.send(store.flush());
+        })
+        .map_err(|e| WorkerError::Runtime(format!("cannot start a flush thread: {e}")))?;
+    Ok(report.await.map_err(|_| WorkerError::Runtime("the flush thread panicked".to_owned()))??)
 }

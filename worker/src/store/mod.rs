@@ -37,11 +37,10 @@ use countapp_shared::items::Item;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 use thiserror::Error;
-use tokio::sync::oneshot;
 
 use tenants::Tenants;
 use wal::{LogDir, Records};
-use writer::Writer;
+use writer::{Ticket, Writer};
 
 /// Threads a flush merges tenants with, at most.
 const MAX_MERGE_THREADS: usize = 4;
@@ -209,11 +208,11 @@ impl Store {
     /// policy; only then may the caller acknowledge them. The items are encoded before this
     /// returns, so the future borrows nothing.
     pub fn append(&self, items: &[Item<'_>]) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
-        let answer = self.submit(items);
+        let ticket = self.submit(items);
         async move {
-            match answer {
-                Some(answer) => answer.await.unwrap_or(Err(StoreError::Closed)),
-                None => Ok(()),
+            match ticket {
+                Ticket::Done(result) => result,
+                Ticket::Waiting(answer) => answer.await.unwrap_or(Err(StoreError::Closed)),
             }
         }
     }
@@ -221,14 +220,17 @@ impl Store {
     /// [`Store::append`] for callers outside an async runtime: blocks until durable.
     pub fn append_blocking(&self, items: &[Item<'_>]) -> Result<(), StoreError> {
         match self.submit(items) {
-            Some(answer) => answer.blocking_recv().unwrap_or(Err(StoreError::Closed)),
-            None => Ok(()),
+            Ticket::Done(result) => result,
+            Ticket::Waiting(answer) => answer.blocking_recv().unwrap_or(Err(StoreError::Closed)),
         }
     }
 
     /// Hands the encoded batch to the log writer; an empty batch needs no write.
-    fn submit(&self, items: &[Item<'_>]) -> Option<oneshot::Receiver<Result<(), StoreError>>> {
-        (!items.is_empty()).then(|| self.writer.append(wal::encode_record(items), items.len() as u64))
+    fn submit(&self, items: &[Item<'_>]) -> Ticket {
+        if items.is_empty() {
+            return Ticket::Done(Ok(()));
+        }
+        self.writer.append(wal::encode_record(items), items.len() as u64)
     }
 
     /// Merges every item logged so far into the tenant files, then deletes the consumed log
@@ -260,15 +262,11 @@ impl Store {
 
     /// The store's counters.
     pub fn stats(&self) -> StoreStats {
+        let appended = self.writer.stats().items.load(Ordering::Relaxed);
         StoreStats {
-            items_appended: self.writer.stats.items.load(Ordering::Relaxed),
-            log_bytes_appended: self.writer.stats.bytes.load(Ordering::Relaxed),
-            pending_items: self
-                .writer
-                .stats
-                .items
-                .load(Ordering::Relaxed)
-                .saturating_sub(self.consumed.load(Ordering::Relaxed)),
+            items_appended: appended,
+            log_bytes_appended: self.writer.stats().bytes.load(Ordering::Relaxed),
+            pending_items: appended.saturating_sub(self.consumed.load(Ordering::Relaxed)),
             last_flush: self.last_flush.lock().clone(),
         }
     }

@@ -1,9 +1,13 @@
-//! Group commit: one thread owns the active log file and appends for everybody.
+//! Appending to the write-ahead log.
 //!
-//! Appenders hand it an encoded record and wait for its answer. It takes every record that queued
-//! up while it was busy, writes them with one `write`, fsyncs once if the policy says `always`, and
-//! only then answers them all: concurrent requests share one write and one fsync. Under `everysec`
-//! a second thread fsyncs the file once a second, off the request path, as Redis does.
+//! The active log file sits behind a mutex. Under `everysec` and `never` an appender writes its
+//! record itself, under that mutex: one `write` into the page cache, which no process crash can
+//! lose, with no hand-off to another thread on the request path. Under `everysec` a syncer
+//! thread fsyncs the file once a second, as Redis does.
+//!
+//! Under `always` every acknowledgement waits for an fsync, and group commit lets concurrent
+//! appenders share it: a committer thread takes every record that queued up while it was busy,
+//! writes them with one `write`, fsyncs once, and only then answers them all.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -21,17 +25,8 @@ use tokio::sync::oneshot;
 use super::StoreError;
 use super::wal::{LogDir, log_file_path};
 
-/// Records gathered into one write at most; bounds the latency a large queue adds.
+/// Records gathered into one write at most; bounds the latency a long queue adds.
 const MAX_GROUP_BYTES: usize = 8 << 20;
-
-/// What the writer thread is asked to do.
-enum Command {
-    /// Append `record`, holding `items` items, and answer once it is durable per the policy.
-    Append { record: Vec<u8>, items: u64, done: oneshot::Sender<Result<(), StoreError>> },
-    /// Close the active file if it holds anything and continue in a new one; answers with the
-    /// sequence number of the file now active: every older file is closed for good.
-    Rotate { done: oneshot::Sender<Result<u64, StoreError>> },
-}
 
 /// Counters the writer keeps for the worker's stats.
 #[derive(Debug, Default)]
@@ -42,83 +37,34 @@ pub(crate) struct WriterStats {
     pub(crate) bytes: AtomicU64,
 }
 
-/// The handle appenders use; dropping it lets the thread finish the queue, sync and exit.
+/// The outcome of an append: known at once, or once the committer has fsynced it.
+pub(crate) enum Ticket {
+    Done(Result<(), StoreError>),
+    Waiting(oneshot::Receiver<Result<(), StoreError>>),
+}
+
+/// A record waiting for the committer (`always`).
+struct Pending {
+    record: Vec<u8>,
+    items: u64,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The log writer; dropping it finishes the queue, syncs the file and stops its threads.
 pub(crate) struct Writer {
-    tx: Option<mpsc::Sender<Command>>,
-    thread: Option<JoinHandle<()>>,
+    log: Arc<Log>,
+    committer: Option<(mpsc::Sender<Pending>, JoinHandle<()>)>,
     syncer: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
-    pub(crate) stats: Arc<WriterStats>,
 }
 
-impl Writer {
-    /// Starts appending to a new file, sequence number `seq`, in `log`'s directory.
-    pub(crate) fn start(log: &LogDir, seq: u64, policy: FsyncPolicy) -> io::Result<Writer> {
-        let active = Active::create(log.path(), seq)?;
-        let current = Arc::new(Mutex::new(active.file.clone()));
-        let dirty = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(WriterStats::default());
-        let (tx, rx) = mpsc::channel();
-        let thread = {
-            let mut state = State {
-                dir: log.path().to_path_buf(),
-                active,
-                policy,
-                current: current.clone(),
-                dirty: dirty.clone(),
-                stats: stats.clone(),
-                poisoned: None,
-            };
-            thread::Builder::new().name("wal-writer".into()).spawn(move || state.run(rx))?
-        };
-        let syncer = match policy {
-            FsyncPolicy::EverySec => {
-                let (stop, ticks) = mpsc::channel::<()>();
-                let handle = thread::Builder::new()
-                    .name("wal-syncer".into())
-                    .spawn(move || sync_every_second(ticks, current, dirty))?;
-                Some((stop, handle))
-            }
-            FsyncPolicy::Always | FsyncPolicy::Never => None,
-        };
-        Ok(Writer { tx: Some(tx), thread: Some(thread), syncer, stats })
-    }
-
-    /// Queues `record` and returns the receiver of its answer.
-    pub(crate) fn append(&self, record: Vec<u8>, items: u64) -> oneshot::Receiver<Result<(), StoreError>> {
-        let (done, answer) = oneshot::channel();
-        self.send(Command::Append { record, items, done });
-        answer
-    }
-
-    /// Closes the active file (if it holds anything) and returns the new active file's sequence
-    /// number. Every record acknowledged before this call is in an older file.
-    pub(crate) fn rotate(&self) -> Result<u64, StoreError> {
-        let (done, answer) = oneshot::channel();
-        self.send(Command::Rotate { done });
-        answer.blocking_recv().unwrap_or(Err(StoreError::Closed))
-    }
-
-    fn send(&self, command: Command) {
-        // The thread only exits once every sender is gone, so a failed send cannot happen while
-        // `self` lives; were it to, dropping the command drops its answer channel, which the
-        // waiting caller sees as `StoreError::Closed`.
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(command);
-        }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.tx.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        if let Some((stop, handle)) = self.syncer.take() {
-            drop(stop);
-            let _ = handle.join();
-        }
-    }
+/// What the appenders, the committer and the syncer share.
+struct Log {
+    dir: PathBuf,
+    policy: FsyncPolicy,
+    active: Mutex<Active>,
+    /// Set when bytes were written that the syncer has not fsynced yet.
+    dirty: AtomicBool,
+    stats: WriterStats,
 }
 
 /// The file being appended to.
@@ -127,134 +73,185 @@ struct Active {
     file: Arc<File>,
     /// Bytes of whole records in the file: after a failed write the file is cut back to this.
     len: u64,
+    /// Set once the log can no longer be trusted (a failed fsync, or a failed write that could
+    /// not be cut back): every later append fails rather than be acknowledged after a hole.
+    poisoned: Option<String>,
+}
+
+impl Writer {
+    /// Starts appending to a new file, sequence number `seq`, in `log`'s directory.
+    pub(crate) fn start(log: &LogDir, seq: u64, policy: FsyncPolicy) -> io::Result<Writer> {
+        let dir = log.path().to_path_buf();
+        let active = Active::create(&dir, seq)?;
+        let log = Arc::new(Log {
+            dir,
+            policy,
+            active: Mutex::new(active),
+            dirty: AtomicBool::new(false),
+            stats: WriterStats::default(),
+        });
+        let committer = match policy {
+            FsyncPolicy::Always => {
+                let (tx, rx) = mpsc::channel();
+                let log = log.clone();
+                Some((tx, thread::Builder::new().name("wal-committer".into()).spawn(move || commit_groups(&log, rx))?))
+            }
+            FsyncPolicy::EverySec | FsyncPolicy::Never => None,
+        };
+        let syncer = match policy {
+            FsyncPolicy::EverySec => {
+                let (stop, ticks) = mpsc::channel();
+                let log = log.clone();
+                Some((
+                    stop,
+                    thread::Builder::new().name("wal-syncer".into()).spawn(move || sync_every_second(&log, ticks))?,
+                ))
+            }
+            FsyncPolicy::Always | FsyncPolicy::Never => None,
+        };
+        Ok(Writer { log, committer, syncer })
+    }
+
+    /// Appends `record`, holding `items` items: written at once under `everysec` and `never`,
+    /// queued for the next group fsync under `always`.
+    pub(crate) fn append(&self, record: Vec<u8>, items: u64) -> Ticket {
+        match &self.committer {
+            Some((tx, _)) => {
+                let (done, answer) = oneshot::channel();
+                // The committer only stops when the writer is dropped; should it have died,
+                // the dropped `done` answers `StoreError::Closed`.
+                let _ = tx.send(Pending { record, items, done });
+                Ticket::Waiting(answer)
+            }
+            None => Ticket::Done(self.log.write(&record, items)),
+        }
+    }
+
+    /// Closes the active file, if it holds anything, and continues in a new one; returns the
+    /// sequence number of the file now active: every record acknowledged before this call is in
+    /// an older file. Callers serialize rotations (the store flushes one at a time).
+    pub(crate) fn rotate(&self) -> Result<u64, StoreError> {
+        let (seq, len) = {
+            let active = self.log.active.lock();
+            if let Some(why) = &active.poisoned {
+                return Err(StoreError::Log(why.clone()));
+            }
+            (active.seq, active.len)
+        };
+        if len == 0 {
+            return Ok(seq);
+        }
+        // The new file is made outside the lock, so appends go on meanwhile.
+        let next = Active::create(&self.log.dir, seq + 1).map_err(|e| StoreError::io("creating a log file", e))?;
+        let old = std::mem::replace(&mut *self.log.active.lock(), next);
+        if self.log.policy != FsyncPolicy::Never {
+            old.file.sync_data().map_err(|e| StoreError::io("syncing a closed log file", e))?;
+        }
+        Ok(seq + 1)
+    }
+
+    /// The writer's counters.
+    pub(crate) fn stats(&self) -> &WriterStats {
+        &self.log.stats
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some((tx, thread)) = self.committer.take() {
+            drop(tx);
+            let _ = thread.join();
+        }
+        if let Some((stop, thread)) = self.syncer.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
+        let active = self.log.active.lock();
+        if self.log.policy != FsyncPolicy::Never && active.poisoned.is_none() {
+            let _ = active.file.sync_data();
+        }
+    }
+}
+
+impl Log {
+    /// Writes `bytes` (whole records, `items` items) to the active file, fsyncing under
+    /// `always`.
+    fn write(&self, bytes: &[u8], items: u64) -> Result<(), StoreError> {
+        self.active.lock().write(bytes, self.policy == FsyncPolicy::Always).map_err(StoreError::Log)?;
+        self.stats.items.fetch_add(items, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if self.policy == FsyncPolicy::EverySec {
+            self.dirty.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
 }
 
 impl Active {
     fn create(dir: &Path, seq: u64) -> io::Result<Active> {
         let file = OpenOptions::new().create_new(true).append(true).open(log_file_path(dir, seq))?;
         super::fsutil::sync_dir(dir)?;
-        Ok(Active { seq, file: Arc::new(file), len: 0 })
-    }
-}
-
-/// The writer thread's state.
-struct State {
-    dir: PathBuf,
-    active: Active,
-    policy: FsyncPolicy,
-    /// The file the syncer thread fsyncs.
-    current: Arc<Mutex<Arc<File>>>,
-    /// Set when bytes were written that the syncer has not fsynced yet.
-    dirty: Arc<AtomicBool>,
-    stats: Arc<WriterStats>,
-    /// Set once the log can no longer be trusted (a failed fsync, or a failed write that could
-    /// not be cut back): every later append fails rather than be acknowledged after a hole.
-    poisoned: Option<String>,
-}
-
-impl State {
-    fn run(&mut self, rx: mpsc::Receiver<Command>) {
-        let mut group = Vec::with_capacity(1 << 20);
-        let mut waiters = Vec::new();
-        while let Ok(first) = rx.recv() {
-            let mut next = Some(first);
-            while let Some(command) = next.take() {
-                match command {
-                    Command::Append { record, items, done } => {
-                        group.extend_from_slice(&record);
-                        waiters.push((items, done));
-                    }
-                    Command::Rotate { done } => {
-                        self.commit(&mut group, &mut waiters);
-                        let _ = done.send(self.rotate());
-                    }
-                }
-                if group.len() < MAX_GROUP_BYTES {
-                    next = rx.try_recv().ok();
-                }
-            }
-            self.commit(&mut group, &mut waiters);
-        }
-        if self.policy != FsyncPolicy::Never && self.poisoned.is_none() {
-            let _ = self.active.file.sync_data();
-        }
+        Ok(Active { seq, file: Arc::new(file), len: 0, poisoned: None })
     }
 
-    /// Writes the group, fsyncs it if the policy asks, and answers its appenders.
-    fn commit(&mut self, group: &mut Vec<u8>, waiters: &mut Vec<(u64, oneshot::Sender<Result<(), StoreError>>)>) {
-        if waiters.is_empty() {
-            return;
-        }
-        let result = self.write(group);
-        if result.is_ok() {
-            let items: u64 = waiters.iter().map(|(items, _)| items).sum();
-            self.stats.items.fetch_add(items, Ordering::Relaxed);
-            self.stats.bytes.fetch_add(group.len() as u64, Ordering::Relaxed);
-        }
-        for (_, done) in waiters.drain(..) {
-            let _ = done.send(result.clone().map_err(StoreError::Log));
-        }
-        group.clear();
-    }
-
-    fn write(&mut self, group: &[u8]) -> Result<(), String> {
+    fn write(&mut self, bytes: &[u8], sync: bool) -> Result<(), String> {
         if let Some(why) = &self.poisoned {
             return Err(why.clone());
         }
-        if let Err(e) = (&*self.active.file).write_all(group) {
+        if let Err(e) = (&*self.file).write_all(bytes) {
             // Cut the partial write back off, so that later records do not follow a torn one.
-            if let Err(cut) = self.active.file.set_len(self.active.len) {
+            if let Err(cut) = self.file.set_len(self.len) {
                 self.poisoned = Some(format!("log write failed ({e}) and could not be cut back ({cut})"));
             }
             return Err(format!("log write failed: {e}"));
         }
-        self.active.len += group.len() as u64;
-        match self.policy {
-            FsyncPolicy::Always => {
-                if let Err(e) = self.active.file.sync_data() {
-                    // After a failed fsync the kernel may have dropped the dirty pages: nothing
-                    // written since the last good fsync can be trusted any more.
-                    let why = format!("log fsync failed: {e}");
-                    self.poisoned = Some(why.clone());
-                    return Err(why);
-                }
-            }
-            FsyncPolicy::EverySec => self.dirty.store(true, Ordering::Release),
-            FsyncPolicy::Never => {}
+        self.len += bytes.len() as u64;
+        if sync && let Err(e) = self.file.sync_data() {
+            // After a failed fsync the kernel may have dropped the dirty pages: nothing written
+            // since the last good fsync can be trusted any more.
+            let why = format!("log fsync failed: {e}");
+            self.poisoned = Some(why.clone());
+            return Err(why);
         }
         Ok(())
     }
+}
 
-    fn rotate(&mut self) -> Result<u64, StoreError> {
-        if self.active.len == 0 {
-            return Ok(self.active.seq);
+/// The `always` committer: one write and one fsync for every record that queued up meanwhile.
+fn commit_groups(log: &Log, rx: mpsc::Receiver<Pending>) {
+    let mut group = Vec::with_capacity(1 << 20);
+    let mut waiters = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut items = 0;
+        let mut next = Some(first);
+        while let Some(pending) = next.take() {
+            group.extend_from_slice(&pending.record);
+            items += pending.items;
+            waiters.push(pending.done);
+            if group.len() < MAX_GROUP_BYTES {
+                next = rx.try_recv().ok();
+            }
         }
-        if let Some(why) = &self.poisoned {
-            return Err(StoreError::Log(why.clone()));
+        let result = log.write(&group, items).map_err(|e| e.to_string());
+        for done in waiters.drain(..) {
+            let _ = done.send(result.clone().map_err(StoreError::Log));
         }
-        let next =
-            Active::create(&self.dir, self.active.seq + 1).map_err(|e| StoreError::io("creating a log file", e))?;
-        let old = std::mem::replace(&mut self.active, next);
-        *self.current.lock() = self.active.file.clone();
-        if self.policy != FsyncPolicy::Never {
-            old.file.sync_data().map_err(|e| StoreError::io("syncing a closed log file", e))?;
-        }
-        Ok(self.active.seq)
+        group.clear();
     }
 }
 
 /// The `everysec` syncer: fsyncs the active file once a second when anything was written since.
-fn sync_every_second(stop: mpsc::Receiver<()>, current: Arc<Mutex<Arc<File>>>, dirty: Arc<AtomicBool>) {
+fn sync_every_second(log: &Log, stop: mpsc::Receiver<()>) {
     loop {
         match stop.recv_timeout(Duration::from_secs(1)) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
-        if dirty.swap(false, Ordering::AcqRel) {
-            let file = current.lock().clone();
+        if log.dirty.swap(false, Ordering::AcqRel) {
+            let file = log.active.lock().file.clone();
             if let Err(e) = file.sync_data() {
                 tracing::error!(error = %e, "fsync of the write-ahead log failed");
-                dirty.store(true, Ordering::Release);
+                log.dirty.store(true, Ordering::Release);
             }
         }
     }
