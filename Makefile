@@ -4,7 +4,7 @@
 # appended, so that a cargo already on PATH wins.
 export PATH := $(PATH):$(HOME)/.cargo/bin
 
-.PHONY: build run tests bench clean toolchain
+.PHONY: build run tests bench bench-store clean toolchain
 
 build: toolchain
 	cargo build --release --workspace
@@ -17,7 +17,12 @@ run: build
 tests: toolchain
 	./scripts/tests.sh
 
+# The load tool against a freshly started cluster, with Redis in the same run.
 bench: toolchain
+	./scripts/bench.sh
+
+# The store's criterion benchmarks: ingest and flush, flush against tenant size, open.
+bench-store: toolchain
 	cargo bench -p countapp-worker
 
 clean: toolchain

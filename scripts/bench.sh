@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# `make bench`: the load tool against a freshly started system, with Redis measured in the same
+# run. Starts redis-server (AOF, appendfsync everysec) and a coordinator with four workers
+# (fsync everysec) in a temporary directory on free loopback ports, then measures:
+#   1. POST through the coordinator, and the same stream as pipelined SADD into Redis;
+#   2. POST straight to one worker;
+#   3. GET counts through the coordinator, and straight to one worker;
+#   4. redis-benchmark -t sadd -P 100 -c 16, the reference SPEC.md names.
+# Figures go to target/bench/*.json. Everything started here is stopped on exit.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+duration=${BENCH_DURATION:-10s}
+out=target/bench
+mkdir -p "$out"
+
+if ! command -v redis-server >/dev/null; then
+    echo "redis-server is missing; installing it (Debian's package)"
+    if [ "$(id -u)" -eq 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+    else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null; fi
+fi
+
+cargo build --release --bins
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+dir=$(mktemp -d)
+redis_port=$(free_port)
+listen=$(free_port)
+workers=()
+for _ in 1 2 3 4; do workers+=("$(free_port)"); done
+
+cleanup() {
+    [ -n "${coordinator:-}" ] && kill -TERM "$coordinator" 2>/dev/null && wait "$coordinator" 2>/dev/null || true
+    redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$dir" --appendonly yes --appendfsync everysec \
+    --save "" --daemonize yes --logfile "$dir/redis.log"
+{
+    echo "workers:"
+    for port in "${workers[@]}"; do echo "  - http://127.0.0.1:$port"; done
+    echo "database: db/"
+    echo "worker_logs: logs/"
+    echo "fsync: everysec"
+    echo "listen: 127.0.0.1:$listen"
+} > "$dir/config.yaml"
+./target/release/coordinator --config "$dir/config.yaml" 2> "$dir/coordinator.log" &
+coordinator=$!
+for _ in $(seq 100); do
+    live=$(curl -s "http://127.0.0.1:$listen/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["live_workers"])' 2>/dev/null || echo 0)
+    [ "$live" = 4 ] && break
+    sleep 0.1
+done
+[ "$live" = 4 ] || { echo "the cluster did not start:"; cat "$dir/coordinator.log"; exit 1; }
+
+load=./target/release/countapp-load
+common=(--duration "$duration" --connections 16 --quiet)
+echo "=== POST through the coordinator (4 workers), and Redis SADD in the same run ==="
+$load --url "http://127.0.0.1:$listen" "${common[@]}" --batch 100 --tenants 10 \
+    --redis "redis://127.0.0.1:$redis_port" --json "$out/coordinator-post.json" --plot "$out/coordinator-post.svg"
+echo "=== POST straight to one worker ==="
+$load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --batch 100 --tenants 10 --json "$out/worker-post.json"
+echo "=== GET counts through the coordinator ==="
+$load --url "http://127.0.0.1:$listen" "${common[@]}" --count --tenants 10 --json "$out/coordinator-count.json"
+echo "=== GET counts straight to one worker ==="
+$load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --count --tenants 10 --json "$out/worker-count.json"
+echo "=== redis-benchmark -t sadd -P 100 -c 16 -r 100000000 -n 2000000 ==="
+redis-benchmark -p "$redis_port" -t sadd -P 100 -c 16 -r 100000000 -n 2000000 -q | tr '\r' '\n' | grep 'requests per second' | tail -n 1
