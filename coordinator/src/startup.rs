@@ -34,12 +34,12 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Error)]
 pub enum CoordinatorError {
     /// The listening socket could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         /// The address asked for.
         addr: SocketAddr,
         /// The operating system's error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Anything else of the runtime: signal handlers, the HTTP server.
     #[error("{0}")]
@@ -58,7 +58,7 @@ impl Coordinator {
     /// Binds `config.listen` (port 0 picks a free port) and prepares the server. Workers are
     /// spawned by [`Coordinator::run_until_stopped`] from `worker_bin`, with `config_path`.
     pub fn build(config_path: &Path, config: Config, worker_bin: PathBuf) -> Result<Coordinator, CoordinatorError> {
-        let bind_error = |source| CoordinatorError::Bind { addr: config.listen, source };
+        let bind_error = |error| CoordinatorError::Bind { addr: config.listen, error };
         let listener = TcpListener::bind(config.listen).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let token = random_token();

@@ -80,7 +80,7 @@ impl Config {
     /// finds the same store whatever directory it is started from.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+            std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_path_buf(), error })?;
         let base_dir = path.parent().unwrap_or(Path::new(""));
         Config::from_yaml_str(&text, base_dir)
     }
@@ -149,16 +149,16 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read: it is missing, unreadable, or not UTF-8.
-    #[error("cannot read config file {}: {source}", path.display())]
+    #[error("cannot read config file {}: {error}", path.display())]
     Read {
         /// The path that was tried.
         path: PathBuf,
         /// What the OS said.
-        source: io::Error,
+        error: io::Error,
     },
     /// The text is not YAML at all (or gives a key twice).
     #[error("config is not valid YAML: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(serde_yaml::Error),
     /// The YAML document is not a mapping of keys to values.
     #[error("config must be a mapping of keys to values (like `workers: [...]`), got {found}")]
     NotAMapping {
@@ -173,6 +173,14 @@ pub enum ConfigError {
         /// What is wrong with it.
         message: String,
     },
+}
+
+// By hand rather than `#[from]`, which would also make the YAML error the `source()`: its text
+// is already in the message, and error reports would print it twice.
+impl From<serde_yaml::Error> for ConfigError {
+    fn from(error: serde_yaml::Error) -> Self {
+        ConfigError::Yaml(error)
+    }
 }
 
 /// When a worker fsyncs its write-ahead log (see "Durability" in the README).
@@ -565,7 +573,7 @@ config_check: 5
         let path = dir.path().join("nope.yaml");
         let err = Config::load(&path).unwrap_err();
         assert!(
-            matches!(&err, ConfigError::Read { path: p, source } if *p == path && source.kind() == io::ErrorKind::NotFound)
+            matches!(&err, ConfigError::Read { path: p, error } if *p == path && error.kind() == io::ErrorKind::NotFound)
         );
         assert!(err.to_string().contains("nope.yaml"), "{err}");
     }

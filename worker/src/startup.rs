@@ -65,12 +65,12 @@ impl WorkerSettings {
 #[derive(Debug, Error)]
 pub enum WorkerError {
     /// The listening socket could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         /// The address asked for.
         addr: SocketAddr,
         /// The operating system's error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The store failed to open or to flush at shutdown.
     #[error(transparent)]
@@ -92,7 +92,7 @@ impl Worker {
     /// Binds the worker's socket and prepares its server; nothing is served until
     /// [`Worker::run_until_stopped`].
     pub fn build(settings: WorkerSettings) -> Result<Worker, WorkerError> {
-        let bind_error = |source| WorkerError::Bind { addr: settings.listen, source };
+        let bind_error = |error| WorkerError::Bind { addr: settings.listen, error };
         let listener = TcpListener::bind(settings.listen).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let (metrics, requests) = Metrics::new();

@@ -49,13 +49,12 @@ const MAX_MERGE_THREADS: usize = 4;
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// A file operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What the store was doing.
         context: String,
         /// The operating system's error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The write-ahead log could not take the batch; it was not acknowledged.
     #[error("write-ahead log: {0}")]
@@ -89,7 +88,7 @@ pub enum StoreError {
 
 impl StoreError {
     fn io(context: impl Into<String>, source: io::Error) -> StoreError {
-        StoreError::Io { context: context.into(), source }
+        StoreError::Io { context: context.into(), error: source }
     }
 
     fn corrupt(path: &Path, detail: impl ToString) -> StoreError {
