@@ -19,6 +19,7 @@
 //! ```
 
 mod fsutil;
+mod idset;
 mod naming;
 mod tenants;
 mod wal;

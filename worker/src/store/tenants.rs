@@ -16,7 +16,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use compact_str::CompactString;
 use hashbrown::{HashMap, HashSet};
 use parking_lot::Mutex;
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
@@ -24,9 +23,12 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::StoreError;
 use super::fsutil::{create_dir_durably, sync_dir, write_atomically};
+use super::idset::IdSet;
 use super::naming::tenant_dir_name;
 
 const MANIFEST: &str = "manifest.json";
+/// Ids a segment is loaded in, so that each batch is inserted in table order.
+const LOAD_CHUNK: usize = 1 << 16;
 const LOCK_FILE: &str = "LOCK";
 
 /// The tenant directories under one database, and what this process knows of each tenant.
@@ -46,9 +48,7 @@ const OPEN_MANIFESTS: usize = 256;
 /// The ids of a tenant this process has read or written, kept to tell new ids from old ones.
 #[derive(Default)]
 struct TenantState {
-    /// Ids are at most a few dozen bytes: `CompactString` keeps up to 24 bytes inline, with no
-    /// allocation of their own, which keeps the memory per stored id low.
-    ids: HashSet<CompactString>,
+    ids: IdSet,
     /// The sequence number up to which the tenant's segments are in `ids`; 0 before the first
     /// load, which then reads every segment.
     loaded_upto: u64,
@@ -144,17 +144,24 @@ fn merge_locked(dir: &Path, tenant: &str, state: &mut TenantState, ids: &[&str])
     let mut manifest = read_manifest(dir, tenant)?;
     if state.loaded_upto == 0 {
         remove_strays(dir, &manifest)?;
-        state.ids.reserve(usize::try_from(manifest.count).unwrap_or(usize::MAX));
+        state.ids.reserve(usize::try_from(manifest.count).unwrap_or(0));
     }
     for segment in manifest.segments.iter().filter(|s| s.last > state.loaded_upto) {
-        read_segment(dir, segment, |id| {
-            state.ids.insert(CompactString::from(id.as_ref()));
+        let path = dir.join(segment.file_name());
+        let bytes = fs::read(&path).map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+        let mut chunk = Vec::with_capacity(LOAD_CHUNK);
+        parse_segment(&path, &bytes, |id| {
+            chunk.push(id);
+            if chunk.len() == LOAD_CHUNK {
+                state.ids.insert_new(&chunk);
+                chunk.clear();
+            }
         })?;
+        state.ids.insert_new(&chunk);
     }
     state.loaded_upto = manifest.next_seq - 1;
 
-    state.ids.reserve(ids.len());
-    let new: Vec<&str> = ids.iter().copied().filter(|&id| state.ids.insert(CompactString::from(id))).collect();
+    let new = state.ids.insert_new(ids);
     if new.is_empty() {
         return Ok(0);
     }
@@ -283,13 +290,6 @@ fn concat_segments(dir: &Path, parts: &[Segment], merged: &Segment) -> Result<()
 fn array_body(bytes: &[u8]) -> Option<&[u8]> {
     let inner = bytes.trim_ascii().strip_prefix(b"[")?.strip_suffix(b"]")?;
     Some(inner.trim_ascii())
-}
-
-/// Calls `each` with every id of the segment.
-fn read_segment(dir: &Path, segment: &Segment, each: impl FnMut(Cow<'_, str>)) -> Result<(), StoreError> {
-    let path = dir.join(segment.file_name());
-    let bytes = fs::read(&path).map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
-    parse_segment(&path, &bytes, each)
 }
 
 /// Parses a segment's JSON array without building it: each id goes straight to `each`, borrowed
