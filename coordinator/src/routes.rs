@@ -4,10 +4,9 @@
 use std::time::UNIX_EPOCH;
 
 use actix_web::http::header::ContentType;
-use actix_web::http::{Method, StatusCode};
 use actix_web::web;
-use actix_web::{HttpMessage, HttpRequest, HttpResponse};
-use countapp_shared::http::{COUNT_ROUTE, RequestCounter, RouteLabel, count_tenant, error, read_body};
+use actix_web::{HttpRequest, HttpResponse};
+use countapp_shared::http::{RequestCounter, count_route, no_such_route, read_body, resource};
 use serde_json::json;
 
 use crate::proxy::{Forward, Upstream, forward};
@@ -23,13 +22,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     .service(resource("/health").route(web::get().to(health)))
     .service(resource("/stats").route(web::get().to(stats)))
     .service(resource("/metrics").route(web::get().to(metrics)))
-    .default_service(web::to(|| async { error(StatusCode::NOT_FOUND, "no such route") }));
-}
-
-/// A resource whose other methods get a JSON 405, not an empty one.
-fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path)
-        .default_service(web::to(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") }))
+    .default_service(web::to(no_such_route));
 }
 
 /// `POST /items`: bounded here (a 413 costs no hop), validated and stored by a worker.
@@ -48,16 +41,12 @@ async fn post_items(
         .await
 }
 
-/// Under `/items`: the count route, matched by hand (see [`count_tenant`]) and forwarded with the
-/// path as the client encoded it.
+/// Under `/items`: the count route (see [`count_route`]), forwarded with the path as the client
+/// encoded it.
 async fn items_subpath(req: HttpRequest, state: web::Data<AppState>, upstream: web::Data<Upstream>) -> HttpResponse {
-    if count_tenant(req.path()).is_none() {
-        return error(StatusCode::NOT_FOUND, "no such route");
+    if let Err(reply) = count_route(&req) {
+        return reply;
     }
-    if req.method() != Method::GET {
-        return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
-    }
-    req.extensions_mut().insert(RouteLabel(COUNT_ROUTE));
     forward(&state, &upstream, Forward { method: reqwest::Method::GET, path: req.path().to_owned(), body: None }).await
 }
 

@@ -105,16 +105,6 @@ impl Coordinator {
         Ok(Coordinator { server, addr, state, config })
     }
 
-    /// The address the coordinator listens on.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// A handle that stops the coordinator gracefully, as SIGTERM does.
-    pub fn shutdown(&self) -> Shutdown {
-        self.state.shutdown.clone()
-    }
-
     /// Runs until SIGTERM, SIGINT or [`Coordinator::shutdown`]: serves, supervises the workers
     /// and follows the config file; then stops taking requests, lets those in flight finish,
     /// stops every worker gracefully and returns.

@@ -22,6 +22,17 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> HttpResponse {
     HttpResponse::build(status).json(ErrorBody::new(message))
 }
 
+/// A resource whose other methods get a JSON 405, not an empty one.
+pub fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path)
+        .default_service(web::to(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") }))
+}
+
+/// The JSON 404 for a path no route matches.
+pub async fn no_such_route() -> HttpResponse {
+    error(StatusCode::NOT_FOUND, "no such route")
+}
+
 /// Reads a request body of at most `max` bytes. A larger one gets a JSON 413 as soon as it is
 /// known to be too large (from its `Content-Length`, or once the bytes read exceed `max`), so
 /// that an oversize body never sits in memory.
@@ -43,21 +54,30 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, max: usize)
 }
 
 /// The metrics name of the count route.
-pub const COUNT_ROUTE: &str = "/items/{tenant}/count";
+const COUNT_ROUTE: &str = "/items/{tenant}/count";
 
-/// The tenant segment of a `/items/{tenant}/count` path, still percent-encoded.
+/// Matches `GET /items/{tenant}/count` under the `/items` scope: returns the tenant segment,
+/// still percent-encoded, or the JSON 404 or 405 to answer instead.
 ///
 /// Both servers match this route by hand, under a static `/items` scope: actix matches a
 /// dynamic segment with a regular expression on every request, and again to name the route for
 /// metrics, which cost a worker serving counts a tenth of its time.
-pub fn count_tenant(path: &str) -> Option<&str> {
-    let raw = path.strip_prefix("/items/")?.strip_suffix("/count")?;
-    (!raw.is_empty() && !raw.contains('/')).then_some(raw)
+#[expect(clippy::result_large_err, reason = "the error is the reply itself, built once per rejected request")]
+pub fn count_route(req: &HttpRequest) -> Result<&str, HttpResponse> {
+    let raw = req.path().strip_prefix("/items/").and_then(|p| p.strip_suffix("/count"));
+    let Some(raw) = raw.filter(|raw| !raw.is_empty() && !raw.contains('/')) else {
+        return Err(error(StatusCode::NOT_FOUND, "no such route"));
+    };
+    if req.method() != actix_web::http::Method::GET {
+        return Err(error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"));
+    }
+    req.extensions_mut().insert(RouteLabel(COUNT_ROUTE));
+    Ok(raw)
 }
 
-/// A route name a handler gives its request, for the routes matched by hand.
+/// A route name given to a request matched by hand, for metrics.
 #[derive(Debug, Clone, Copy)]
-pub struct RouteLabel(pub &'static str);
+struct RouteLabel(&'static str);
 
 /// The labels of a served request: its route pattern (never the raw path, whose tenants would
 /// make the series unbounded) and its status code.

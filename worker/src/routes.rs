@@ -3,12 +3,12 @@
 
 use std::time::UNIX_EPOCH;
 
+use actix_web::http::StatusCode;
 use actix_web::http::header::{AUTHORIZATION, ContentType};
-use actix_web::http::{Method, StatusCode};
 use actix_web::web;
-use actix_web::{HttpMessage, HttpRequest, HttpResponse};
+use actix_web::{HttpRequest, HttpResponse};
 use countapp_shared::api::{Accepted, Count};
-use countapp_shared::http::{COUNT_ROUTE, RequestCounter, RouteLabel, count_tenant, error, read_body};
+use countapp_shared::http::{RequestCounter, count_route, error, no_such_route, read_body, resource};
 use countapp_shared::items::parse_batch;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
@@ -27,13 +27,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     .service(resource("/stats").route(web::get().to(stats)))
     .service(resource("/metrics").route(web::get().to(metrics)))
     .service(resource("/shutdown").route(web::post().to(shutdown)))
-    .default_service(web::to(|| async { error(StatusCode::NOT_FOUND, "no such route") }));
-}
-
-/// A resource whose other methods get a JSON 405, not an empty one.
-fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path)
-        .default_service(web::to(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") }))
+    .default_service(web::to(no_such_route));
 }
 
 fn not_ready() -> HttpResponse {
@@ -63,14 +57,12 @@ async fn post_items(req: HttpRequest, payload: web::Payload, state: web::Data<Ap
     }
 }
 
-/// Under `/items`: the count route, matched by hand (see [`count_tenant`]).
+/// Under `/items`: the count route (see [`count_route`]).
 async fn items_subpath(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let Some(raw) = count_tenant(req.path()) else { return error(StatusCode::NOT_FOUND, "no such route") };
-    if req.method() != Method::GET {
-        return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    match count_route(&req) {
+        Ok(raw) => get_count(raw, &state),
+        Err(reply) => reply,
     }
-    req.extensions_mut().insert(RouteLabel(COUNT_ROUTE));
-    get_count(raw, &state)
 }
 
 /// `GET /items/{tenant}/count`: the tenant's count as of the latest flush by any worker.

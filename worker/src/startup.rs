@@ -123,16 +123,6 @@ impl Worker {
         Ok(Worker { server, addr, state, settings })
     }
 
-    /// The address the worker listens on (with the real port when 0 was asked for).
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// A handle that stops the worker gracefully, as `POST /shutdown` does.
-    pub fn shutdown(&self) -> Shutdown {
-        self.state.shutdown.clone()
-    }
-
     /// Serves until shutdown is asked for (`POST /shutdown`, SIGTERM, SIGINT or
     /// [`Worker::shutdown`]): recovers the log while already answering `/health`, then serves
     /// and flushes periodically; at shutdown it stops taking requests, lets those in flight
