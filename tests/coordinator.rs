@@ -8,7 +8,9 @@ use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::{Cluster, Load, Proc, batch, client, count, eventually, free_port, get_json, is_running, post};
+use harness::{
+    Cluster, Load, Proc, batch, client, count, error_message, eventually, free_port, get_json, is_running, post,
+};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -246,4 +248,32 @@ fn a_worker_on_another_host_is_routed_to_but_never_spawned_or_stopped() {
     coordinator.signal("TERM");
     assert!(coordinator.wait_exit(Duration::from_secs(20)).success());
     assert!(remote.is_running(), "the coordinator stopped a worker it does not own");
+}
+
+#[test]
+fn oversize_bodies_stop_at_the_coordinator_bad_batches_pass_through_and_no_worker_means_503() {
+    let (port, listen) = (free_port(), free_port());
+    let cluster = Cluster::new(&[port], &format!("{}max_body_bytes: 1000\nmax_key_bytes: 8\n", extra(listen)));
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(1);
+    let client = client();
+    let url = coordinator.url();
+    let message = error_message(post(&client, &url, "x".repeat(1001)), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(message.contains("max_body_bytes"), "{message}");
+    let message =
+        error_message(post(&client, &url, batch(&[("t", "1"), ("t", "too long an id")])), StatusCode::BAD_REQUEST);
+    assert!(message.starts_with("item 1"), "{message}");
+    let message =
+        error_message(client.get(format!("{url}/items/t/count/extra")).send().unwrap(), StatusCode::NOT_FOUND);
+    assert!(!message.is_empty());
+
+    // The only worker runs on a host the coordinator does not own and nobody started.
+    let ghost = free_port();
+    let yaml = format!("workers:\n  - http://127.0.0.2:{ghost}\ndatabase: db/\nworker_logs: logs/\n{}", extra(listen));
+    fs::write(cluster.config_path(), yaml).unwrap();
+    coordinator.wait_live(0);
+    let started = Instant::now();
+    let message = error_message(post(&client, &url, batch(&[("t", "1")])), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("no live worker"), "{message}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "a request waits briefly for a worker before a 503");
 }
