@@ -14,11 +14,7 @@ duration=${BENCH_DURATION:-10s}
 out=target/bench
 mkdir -p "$out"
 
-if ! command -v redis-server >/dev/null; then
-    echo "redis-server is missing; installing it (Debian's package)"
-    if [ "$(id -u)" -eq 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
-    else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null; fi
-fi
+./scripts/ensure-redis.sh
 
 cargo build --release --bins
 

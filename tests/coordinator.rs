@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Cluster, Load, Proc, batch, client, count, error_message, eventually, free_port, get_json, is_running, post,
+    Cluster, Load, batch, client, count, error_message, eventually, free_port, get_json, is_running, post, sigkill,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -32,21 +32,6 @@ fn extra(listen: u16) -> String {
     format!("listen: 127.0.0.1:{listen}\nworker_persist: 0.2\nconfig_check: 0.5\n")
 }
 
-/// The coordinator's `/stats` entries of its workers.
-fn workers(coordinator: &Proc) -> Vec<Value> {
-    get_json(&client(), &format!("{}/stats", coordinator.url()))["workers"].as_array().unwrap().clone()
-}
-
-/// The pid of the worker on `port`, as the coordinator reports it.
-fn pid_of(coordinator: &Proc, port: u16) -> u32 {
-    let entry = workers(coordinator).into_iter().find(|w| w["url"].as_str().unwrap().ends_with(&format!(":{port}")));
-    entry.and_then(|w| w["pid"].as_u64()).unwrap_or_else(|| panic!("no pid for the worker on {port}")) as u32
-}
-
-fn sigkill(pid: u32) {
-    assert!(std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status().unwrap().success());
-}
-
 fn wait_gone(pid: u32, within: Duration) -> Duration {
     eventually(within, &format!("pid {pid} exits"), || !is_running(pid))
 }
@@ -60,13 +45,13 @@ fn sigkill_a_worker_every_2s_under_load_loses_nothing_and_no_client_sees_an_erro
     for round in 0..5 {
         thread::sleep(Duration::from_secs(2));
         let port = ports[round % ports.len()];
-        sigkill(pid_of(&coordinator, port));
+        sigkill(coordinator.pid_of(port));
     }
     let tally = load.stop();
     assert!(tally.errors.is_empty(), "clients saw {} errors, first: {:?}", tally.errors.len(), tally.errors.first());
     assert!(tally.acked.iter().all(|&n| n > 0));
     tally.check_counted(&client(), &coordinator.url(), &load_tenants("kills"), SETTLE);
-    let restarts: u64 = workers(&coordinator).iter().map(|w| w["restarts"].as_u64().unwrap()).sum();
+    let restarts: u64 = coordinator.workers().iter().map(|w| w["restarts"].as_u64().unwrap()).sum();
     assert_eq!(restarts, 5);
 }
 
@@ -87,16 +72,16 @@ fn sigkill_every_worker_after_a_burst_then_all_is_counted_once_they_are_back() {
         assert_eq!(post(&client, &coordinator.url(), batch(&items)).status(), StatusCode::OK);
         expected += 20;
     }
-    let pids: Vec<u32> = ports.iter().map(|&port| pid_of(&coordinator, port)).collect();
+    let pids: Vec<u32> = ports.iter().map(|&port| coordinator.pid_of(port)).collect();
     for &pid in &pids {
         sigkill(pid);
     }
     eventually(SETTLE, "every worker respawned", || {
-        let now = workers(&coordinator);
+        let now = coordinator.workers();
         now.iter().all(|w| w["state"] == "ready" && w["restarts"].as_u64() >= Some(1))
     });
     for (port, old) in ports.iter().zip(&pids) {
-        assert_ne!(pid_of(&coordinator, *port), *old);
+        assert_ne!(coordinator.pid_of(*port), *old);
     }
     eventually(SETTLE, "the burst is counted", || count(&client, &coordinator.url(), "burst") == expected);
 }
@@ -116,7 +101,7 @@ fn config_edits_remove_add_and_invalid_take_effect_while_serving() {
 
     // Remove the third worker by writing a new file and renaming it over the old one, as
     // editors do: the watch on the directory must still see it.
-    let third = pid_of(&coordinator, ports[2]);
+    let third = coordinator.pid_of(ports[2]);
     let tmp = cluster.path().join("config.yaml.new");
     fs::write(&tmp, config_text(&ports[..2], listen)).unwrap();
     fs::rename(&tmp, cluster.config_path()).unwrap();
@@ -124,7 +109,7 @@ fn config_edits_remove_add_and_invalid_take_effect_while_serving() {
     println!("removed by rename: the worker exited {took:?} after the edit was seen");
 
     // Remove the second by editing the file in place.
-    let second = pid_of(&coordinator, ports[1]);
+    let second = coordinator.pid_of(ports[1]);
     fs::write(cluster.config_path(), config_text(&ports[..1], listen)).unwrap();
     wait_gone(second, CONFIG_EDIT);
     coordinator.wait_live(1);
@@ -135,7 +120,8 @@ fn config_edits_remove_add_and_invalid_take_effect_while_serving() {
     fs::write(cluster.config_path(), config_text(&[ports[0], added], listen)).unwrap();
     let started = Instant::now();
     eventually(CONFIG_EDIT, "the added worker is live", || {
-        workers(&coordinator)
+        coordinator
+            .workers()
             .iter()
             .any(|w| w["url"].as_str().unwrap().ends_with(&format!(":{added}")) && w["state"] == "ready")
     });
@@ -149,7 +135,7 @@ fn config_edits_remove_add_and_invalid_take_effect_while_serving() {
     });
     assert_eq!(post(&client, &url, batch(&[("edits", "one more")])).status(), StatusCode::OK);
     eventually(SETTLE, "ingest goes on", || count(&client, &url, "edits") == 101);
-    assert_eq!(workers(&coordinator).len(), 2);
+    assert_eq!(coordinator.workers().len(), 2);
     assert!(coordinator.is_running());
 }
 
@@ -185,16 +171,16 @@ fn a_new_coordinator_adopts_the_workers_of_one_killed_with_sigkill() {
     let (cluster, ports, listen) = cluster(2);
     let mut first = cluster.coordinator(listen);
     first.wait_live(2);
-    let pids: Vec<u32> = ports.iter().map(|&port| pid_of(&first, port)).collect();
+    let pids: Vec<u32> = ports.iter().map(|&port| first.pid_of(port)).collect();
     first.kill();
     assert!(pids.iter().all(|&pid| is_running(pid)), "workers must outlive a coordinator killed with SIGKILL");
 
     let mut second = cluster.coordinator(listen);
     second.wait_live(2);
     for (port, pid) in ports.iter().zip(&pids) {
-        assert_eq!(pid_of(&second, *port), *pid, "the worker on {port} was not adopted");
+        assert_eq!(second.pid_of(*port), *pid, "the worker on {port} was not adopted");
     }
-    assert!(workers(&second).iter().all(|w| w["adopted"] == true));
+    assert!(second.workers().iter().all(|w| w["adopted"] == true));
     assert_eq!(cluster.processes().len(), 3, "no worker may be duplicated");
     let client = client();
     assert_eq!(post(&client, &second.url(), batch(&[("adopted", "1")])).status(), StatusCode::OK);
@@ -229,7 +215,7 @@ fn a_worker_on_another_host_is_routed_to_but_never_spawned_or_stopped() {
     let mut coordinator = cluster.coordinator(listen);
     coordinator.wait_live(2);
 
-    let entry = workers(&coordinator).into_iter().find(|w| w["url"] == remote_url.as_str()).unwrap();
+    let entry = coordinator.workers().into_iter().find(|w| w["url"] == remote_url.as_str()).unwrap();
     assert_eq!(entry["local"], false);
     assert_eq!(entry["pid"], Value::Null, "a remote worker is never spawned");
     let client = client();
@@ -237,7 +223,7 @@ fn a_worker_on_another_host_is_routed_to_but_never_spawned_or_stopped() {
         let id = i.to_string();
         assert_eq!(post(&client, &coordinator.url(), batch(&[("remote", &id)])).status(), StatusCode::OK);
     }
-    let routed = workers(&coordinator).into_iter().find(|w| w["url"] == remote_url.as_str()).unwrap();
+    let routed = coordinator.workers().into_iter().find(|w| w["url"] == remote_url.as_str()).unwrap();
     assert!(routed["requests"].as_u64().unwrap() > 0, "no request was routed to the remote worker");
 
     // Removed from the config, it keeps running: its owner stops it, not the coordinator.

@@ -49,6 +49,9 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
     let deadline = Instant::now() + WAIT_FOR_WORKER;
     let mut tried: Vec<Arc<Member>> = Vec::new();
     let mut last_error = None;
+    // The last worker reply that was a 5xx: if every attempt ends so, the client gets the
+    // workers' own explanation (such as their tenant store being down), not a generic one.
+    let mut last_reply = None;
     while tried.len() < MAX_ATTEMPTS {
         let Some(member) = pool.pick(&tried) else {
             if Instant::now() >= deadline {
@@ -74,8 +77,9 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
             }
             Ok((status, body)) => {
                 let why = format!("{status}: {}", String::from_utf8_lossy(&body));
-                tracing::warn!(worker = %member.url, error = why, "worker failed a request; retrying elsewhere");
+                tracing::debug!(worker = %member.url, error = why, "worker failed a request; retrying elsewhere");
                 last_error = Some(why);
+                last_reply = Some((status, body));
             }
             Err(e) => {
                 let why = e.to_string();
@@ -87,6 +91,9 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         tried.push(member);
     }
     state.metrics.unavailable.inc();
+    if let Some((status, body)) = last_reply {
+        return HttpResponse::build(status).content_type("application/json").body(body);
+    }
     let detail = last_error.map_or_else(String::new, |e| format!(" (last error: {e})"));
     error(StatusCode::SERVICE_UNAVAILABLE, format!("no live worker could take the request{detail}"))
 }

@@ -30,10 +30,13 @@ pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCA
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Default longest id or tenant, in bytes.
 pub const DEFAULT_MAX_KEY_BYTES: usize = 256;
+/// Default cap on items a worker's log holds unflushed (while its store is unreachable) before
+/// ingest answers 503: about a gigabyte of log.
+pub const DEFAULT_MAX_PENDING_ITEMS: u64 = 50_000_000;
 
 /// Every key the file may hold, in the order the README documents them; anything else is
 /// rejected so that a typo (`worker_persit`) is reported instead of silently ignored.
-const KEYS: [&str; 9] = [
+const KEYS: [&str; 13] = [
     "workers",
     "database",
     "worker_logs",
@@ -43,6 +46,10 @@ const KEYS: [&str; 9] = [
     "fsync",
     "max_body_bytes",
     "max_key_bytes",
+    "store",
+    "redis_url",
+    "redis_cluster",
+    "max_pending_items",
 ];
 
 /// The validated contents of `config.yaml`.
@@ -71,6 +78,24 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Longest id or tenant accepted, in bytes.
     pub max_key_bytes: usize,
+    /// Where the workers keep the tenants' id sets.
+    pub store: StoreBackend,
+    /// Items a worker's log may hold unflushed before ingest answers 503.
+    pub max_pending_items: u64,
+}
+
+/// Where the workers keep the tenants' id sets; the write-ahead log is local either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// Per-tenant JSON files under `database`, shared by the workers of one machine.
+    Json,
+    /// One Redis set per tenant, shared by workers on any machine.
+    Redis {
+        /// `redis://host:port`: the server, or one node of a cluster.
+        url: String,
+        /// Whether `url` is a node of a Redis Cluster.
+        cluster: bool,
+    },
 }
 
 impl Config {
@@ -109,8 +134,11 @@ impl Config {
             fsync: FsyncPolicy::default(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            store: StoreBackend::Json,
+            max_pending_items: DEFAULT_MAX_PENDING_ITEMS,
         };
         let mut saw_workers = false;
+        let (mut store, mut redis_url, mut redis_cluster) = (None, None, false);
         // The YAML parser already rejects a key given twice, so each arm runs at most once.
         for (key, value) in &entries {
             let Some(key) = key.as_str() else {
@@ -129,9 +157,28 @@ impl Config {
                 "fsync" => config.fsync = parse_fsync(value)?,
                 "max_body_bytes" => config.max_body_bytes = parse_byte_count(key, value)?,
                 "max_key_bytes" => config.max_key_bytes = parse_byte_count(key, value)?,
+                "store" => store = Some(parse_store(value)?),
+                "redis_url" => redis_url = Some(parse_redis_url(value)?),
+                "redis_cluster" => {
+                    redis_cluster = value
+                        .as_bool()
+                        .ok_or_else(|| invalid(key, format!("must be true or false, got {}", describe(value))))?
+                }
+                "max_pending_items" => {
+                    config.max_pending_items = value.as_u64().filter(|&n| n > 0).ok_or_else(|| {
+                        invalid(key, format!("must be a positive whole number of items, got {}", describe(value)))
+                    })?
+                }
                 other => return Err(invalid(other, unknown_key_message())),
             }
         }
+        config.store = match (store, redis_url) {
+            (Some("redis"), Some(url)) => StoreBackend::Redis { url, cluster: redis_cluster },
+            (Some("redis"), None) => return Err(invalid("redis_url", "is required with store: redis")),
+            (_, Some(_)) => return Err(invalid("redis_url", "is only used with store: redis")),
+            _ if redis_cluster => return Err(invalid("redis_cluster", "is only used with store: redis")),
+            _ => StoreBackend::Json,
+        };
         if !saw_workers {
             return Err(invalid("workers", "is missing; it lists the worker URLs, like http://localhost:5001"));
         }
@@ -437,6 +484,21 @@ fn parse_fsync(value: &Value) -> Result<FsyncPolicy, ConfigError> {
         .map_err(|_| invalid("fsync", format!("must be one of always, everysec, never, got {}", describe(value))))
 }
 
+fn parse_store(value: &Value) -> Result<&'static str, ConfigError> {
+    match value.as_str() {
+        Some("json") => Ok("json"),
+        Some("redis") => Ok("redis"),
+        _ => Err(invalid("store", format!("must be json or redis, got {}", describe(value)))),
+    }
+}
+
+fn parse_redis_url(value: &Value) -> Result<String, ConfigError> {
+    match value.as_str() {
+        Some(url) if url.starts_with("redis://") && url.len() > "redis://".len() => Ok(url.to_owned()),
+        _ => Err(invalid("redis_url", format!("must be a URL like redis://127.0.0.1:6379, got {}", describe(value)))),
+    }
+}
+
 fn parse_byte_count(key: &str, value: &Value) -> Result<usize, ConfigError> {
     value
         .as_u64()
@@ -708,6 +770,26 @@ config_check: 5
         assert_eq!(w.bind_addr(), Some("10.1.2.3:80".parse().unwrap()));
         assert_eq!(url("http://[::1]:80").port(), 80);
         assert_eq!("http://[::1]".parse::<WorkerUrl>(), Err(WorkerUrlError::MissingPort));
+    }
+
+    #[test]
+    fn the_store_is_json_unless_redis_is_asked_for_with_its_url() {
+        let base = "workers: [http://localhost:5001]\n";
+        let load = |extra: &str| Config::from_yaml_str(&format!("{base}{extra}"), Path::new(""));
+        assert_eq!(load("").unwrap().store, StoreBackend::Json);
+        let redis = load("store: redis\nredis_url: redis://127.0.0.1:6379\nredis_cluster: true\n").unwrap();
+        assert_eq!(redis.store, StoreBackend::Redis { url: "redis://127.0.0.1:6379".into(), cluster: true });
+        for (extra, key) in [
+            ("store: redis\n", "redis_url"),
+            ("redis_url: redis://x:1\n", "redis_url"),
+            ("store: mongo\n", "store"),
+            ("store: redis\nredis_url: http://x:1\n", "redis_url"),
+            ("redis_cluster: true\n", "redis_cluster"),
+            ("max_pending_items: 0\n", "max_pending_items"),
+        ] {
+            let err = load(extra).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{key}: ")), "{extra:?}: {err}");
+        }
     }
 
     #[test]

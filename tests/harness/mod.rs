@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
+pub mod redis;
+
 use std::fs;
 use std::io::Read;
 use std::net::TcpListener;
@@ -224,13 +226,18 @@ pub fn batch(items: &[(&str, &str)]) -> String {
     Value::Array(items).to_string()
 }
 
-/// `GET {url}/items/{tenant}/count`, percent-encoding the tenant.
-pub fn count(client: &Client, url: &str, tenant: &str) -> u64 {
+/// `GET {url}/items/{tenant}/count`, percent-encoding the tenant: the reply, whatever its status.
+pub fn count_reply(client: &Client, url: &str, tenant: &str) -> Response {
     let tenant: String = tenant
         .bytes()
         .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
         .collect();
-    let reply: Value = client.get(format!("{url}/items/{tenant}/count")).send().unwrap().json().unwrap();
+    client.get(format!("{url}/items/{tenant}/count")).send().unwrap()
+}
+
+/// `GET {url}/items/{tenant}/count`, asserting a count in the reply.
+pub fn count(client: &Client, url: &str, tenant: &str) -> u64 {
+    let reply: Value = count_reply(client, url, tenant).json().unwrap();
     reply["count"].as_u64().unwrap_or_else(|| panic!("no count in {reply}"))
 }
 
@@ -466,4 +473,22 @@ impl Tally {
             assert!(n <= sent, "{tenant}: {n} counted, but only {sent} sent");
         }
     }
+}
+
+impl Proc {
+    /// A coordinator's `/stats` entries of its workers.
+    pub fn workers(&self) -> Vec<Value> {
+        get_json(&client(), &format!("{}/stats", self.url()))["workers"].as_array().unwrap().clone()
+    }
+
+    /// The pid of the worker on `port`, as this coordinator reports it.
+    pub fn pid_of(&self, port: u16) -> u32 {
+        let entry = self.workers().into_iter().find(|w| w["url"].as_str().unwrap().ends_with(&format!(":{port}")));
+        entry.and_then(|w| w["pid"].as_u64()).unwrap_or_else(|| panic!("no pid for the worker on {port}")) as u32
+    }
+}
+
+/// Kills the process `pid` with SIGKILL.
+pub fn sigkill(pid: u32) {
+    assert!(Command::new("kill").arg("-KILL").arg(pid.to_string()).status().unwrap().success());
 }

@@ -14,6 +14,7 @@ use percent_encoding::percent_decode_str;
 use serde_json::json;
 
 use crate::state::AppState;
+use crate::store::StoreError;
 
 /// Registers every route of the worker.
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
@@ -37,6 +38,13 @@ fn not_ready() -> HttpResponse {
 /// `POST /items`: validates the whole batch, appends it to the log, and answers once durable.
 async fn post_items(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
     let Some(store) = state.store() else { return not_ready() };
+    let pending = store.pending_items();
+    if pending >= state.max_pending_items {
+        // The tenants' store has not taken this worker's log for a while (Redis down): stop
+        // acknowledging before the log fills the disk. The coordinator retries elsewhere.
+        let message = format!("{pending} items wait for the tenant store; max_pending_items is reached");
+        return error(StatusCode::SERVICE_UNAVAILABLE, message);
+    }
     let body = match read_body(&req, payload, state.max_body_bytes).await {
         Ok(body) => body,
         Err(reply) => return reply,
@@ -60,17 +68,17 @@ async fn post_items(req: HttpRequest, payload: web::Payload, state: web::Data<Ap
 /// Under `/items`: the count route (see [`count_route`]).
 async fn items_subpath(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     match count_route(&req) {
-        Ok(raw) => get_count(raw, &state),
+        Ok(raw) => get_count(raw, &state).await,
         Err(reply) => reply,
     }
 }
 
 /// `GET /items/{tenant}/count`: the tenant's count as of the latest flush by any worker.
-fn get_count(raw: &str, state: &AppState) -> HttpResponse {
-    let Some(store) = state.store() else { return not_ready() };
+async fn get_count(raw: &str, state: &AppState) -> HttpResponse {
+    let Some(store) = state.store().cloned() else { return not_ready() };
     // Decoded here, once, from the raw path: every string is a tenant, `/` and `%` included.
     let tenant = match percent_decode_str(raw).decode_utf8() {
-        Ok(tenant) => tenant,
+        Ok(tenant) => tenant.into_owned(),
         Err(_) => {
             return error(StatusCode::BAD_REQUEST, "the tenant is not valid UTF-8 once percent-decoded");
         }
@@ -79,13 +87,23 @@ fn get_count(raw: &str, state: &AppState) -> HttpResponse {
         let max = state.max_key_bytes;
         return error(StatusCode::BAD_REQUEST, format!("the tenant is longer than max_key_bytes ({max} bytes)"));
     }
-    // A manifest read: a few microseconds from the page cache, cheaper than a hop to a
-    // blocking thread.
-    match store.count(&tenant) {
+    // A JSON store answers from a manifest it holds open, cheaper than a hop to a blocking
+    // thread; Redis answers over the network, which must not stall the event loop.
+    let counted = if store.counts_block() {
+        let key = tenant.clone();
+        web::block(move || store.count(&key)).await.unwrap_or_else(|e| Err(StoreError::Backend(e.to_string())))
+    } else {
+        store.count(&tenant)
+    };
+    match counted {
         Ok(count) => HttpResponse::Ok().json(Count { count }),
         Err(e) => {
-            tracing::error!(tenant = %tenant, error = %e, "count failed");
-            error(StatusCode::INTERNAL_SERVER_ERROR, format!("the count could not be read: {e}"))
+            tracing::error!(tenant, error = %e, "count failed");
+            let status = match e {
+                StoreError::Backend(_) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error(status, format!("the count could not be read: {e}"))
         }
     }
 }

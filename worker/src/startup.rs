@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
-use countapp_shared::config::{Config, FsyncPolicy};
+use countapp_shared::config::{Config, FsyncPolicy, StoreBackend};
 use countapp_shared::http::count_requests;
 use thiserror::Error;
 use tracing::Instrument;
@@ -38,6 +38,10 @@ pub struct WorkerSettings {
     pub max_body_bytes: usize,
     /// Longest id or tenant accepted, in bytes.
     pub max_key_bytes: usize,
+    /// Where the tenants' id sets live.
+    pub backend: StoreBackend,
+    /// Unflushed items past which ingest answers 503.
+    pub max_pending_items: u64,
     /// The token `POST /shutdown` must carry, given by the coordinator at spawn.
     pub shutdown_token: Option<String>,
     /// Threads serving HTTP. One by default: a cluster's parallelism comes from its worker
@@ -55,6 +59,8 @@ impl WorkerSettings {
             fsync: config.fsync,
             max_body_bytes: config.max_body_bytes,
             max_key_bytes: config.max_key_bytes,
+            backend: config.store.clone(),
+            max_pending_items: config.max_pending_items,
             shutdown_token,
             http_threads: 1,
         }
@@ -100,6 +106,7 @@ impl Worker {
             worker_id(addr),
             settings.max_body_bytes,
             settings.max_key_bytes,
+            settings.max_pending_items,
             Shutdown::default(),
             settings.shutdown_token.clone(),
             metrics,
@@ -173,7 +180,7 @@ fn worker_id(addr: SocketAddr) -> String {
 
 async fn open_store(settings: &WorkerSettings, worker_id: &str) -> Result<Arc<Store>, WorkerError> {
     let (database, id) = (settings.database.clone(), worker_id.to_owned());
-    let options = StoreOptions { fsync: settings.fsync, ..StoreOptions::default() };
+    let options = StoreOptions { fsync: settings.fsync, backend: settings.backend.clone(), ..StoreOptions::default() };
     let store = tokio::task::spawn_blocking(move || Store::open(&database, &id, options))
         .await
         .map_err(|e| WorkerError::Runtime(format!("opening the store panicked: {e}")))??;
@@ -192,12 +199,14 @@ async fn stop(handle: ServerHandle, serving: tokio::task::JoinHandle<std::io::Re
 
 /// Flushes every `every` until shutdown; the final flush is the caller's.
 async fn flush_periodically(state: web::Data<AppState>, every: Duration) {
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
+    // After a failed flush, the next waits longer, doubling up to this: a tenant store that is
+    // down (Redis) is retried without being hammered, and the log keeps everything meanwhile.
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+    let mut pause = every;
+    let mut failing_since: Option<Instant> = None;
     loop {
         tokio::select! {
-            _ = ticker.tick() => {}
+            () = tokio::time::sleep(pause) => {}
             () = state.shutdown.wait() => return,
         }
         let Some(store) = state.store().cloned() else { continue };
@@ -206,6 +215,9 @@ async fn flush_periodically(state: web::Data<AppState>, every: Duration) {
             Ok(report) => {
                 let took = started.elapsed();
                 state.metrics.flushed(took.as_secs_f64());
+                if let Some(since) = failing_since.take() {
+                    tracing::info!(failing_for_s = since.elapsed().as_secs(), "flushing again");
+                }
                 if report.items > 0 {
                     tracing::info!(
                         tenants = report.tenants,
@@ -216,9 +228,17 @@ async fn flush_periodically(state: web::Data<AppState>, every: Duration) {
                         "flushed"
                     );
                 }
+                pause = every;
             }
-            // The log keeps everything a failed flush did not merge; the next tick retries.
-            Err(e) => tracing::error!(error = %e, "flush failed"),
+            Err(e) => {
+                if failing_since.is_none() {
+                    failing_since = Some(started);
+                    tracing::error!(error = %e, "flush failed; the log keeps the items, retrying with backoff");
+                } else {
+                    tracing::debug!(error = %e, "flush failed again");
+                }
+                pause = (pause * 2).min(MAX_BACKOFF.max(every));
+            }
         }
     }
 }

@@ -15,6 +15,8 @@ pub(crate) struct AppState {
     store: OnceLock<Arc<Store>>,
     pub(crate) max_body_bytes: usize,
     pub(crate) max_key_bytes: usize,
+    /// Unflushed items past which ingest answers 503.
+    pub(crate) max_pending_items: u64,
     pub(crate) metrics: Metrics,
     pub(crate) shutdown: Shutdown,
     /// The token `POST /shutdown` must carry; without one, only a signal stops the worker.
@@ -26,11 +28,21 @@ impl AppState {
         worker_id: String,
         max_body_bytes: usize,
         max_key_bytes: usize,
+        max_pending_items: u64,
         shutdown: Shutdown,
         shutdown_token: Option<String>,
         metrics: Metrics,
     ) -> AppState {
-        AppState { worker_id, store: OnceLock::new(), max_body_bytes, max_key_bytes, metrics, shutdown, shutdown_token }
+        AppState {
+            worker_id,
+            store: OnceLock::new(),
+            max_body_bytes,
+            max_key_bytes,
+            max_pending_items,
+            metrics,
+            shutdown,
+            shutdown_token,
+        }
     }
 
     /// The store, once recovered.

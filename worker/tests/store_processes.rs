@@ -96,7 +96,7 @@ fn child() {
     // libtest has printed `test child ... ` without a newline: end that line, so that the
     // parent reads ours whole.
     say("");
-    let options = StoreOptions { fsync: spec.fsync, lock_wait: Duration::from_secs(10) };
+    let options = StoreOptions { fsync: spec.fsync, ..StoreOptions::default() };
     let store = Store::open(&spec.db, &spec.worker, options).expect("child: open the store");
     say("READY");
     let deadline = Instant::now() + CHILD_LIFETIME;
@@ -387,7 +387,7 @@ fn open_report(store: &Store) -> FlushReport {
 /// Options for the parent's stores: a generous lock wait, since the only other holders of a log
 /// are this test's children, which are dead (and their locks freed) by the time it opens.
 fn options(fsync: FsyncPolicy) -> StoreOptions {
-    StoreOptions { fsync, lock_wait: Duration::from_secs(10) }
+    StoreOptions { fsync, ..StoreOptions::default() }
 }
 
 /// The `.log` files directly in `dir`, sorted by name (which sorts them by sequence number).
@@ -754,7 +754,8 @@ fn a_second_process_cannot_open_a_running_workers_log() {
     child.wait_for("DONE", Duration::from_secs(30));
     let wait = Duration::from_millis(200);
     let started = Instant::now();
-    match Store::open(&db, "w", StoreOptions { fsync: FsyncPolicy::Always, lock_wait: wait }) {
+    match Store::open(&db, "w", StoreOptions { fsync: FsyncPolicy::Always, lock_wait: wait, ..StoreOptions::default() })
+    {
         Err(StoreError::LogInUse(id)) => assert_eq!(id, "w"),
         Err(e) => panic!("expected LogInUse, got {e}"),
         Ok(_) => panic!("a second process opened the log of a running worker"),
@@ -764,7 +765,8 @@ fn a_second_process_cannot_open_a_running_workers_log() {
 
     let acked = numbered(child.kill(), "ACK");
     assert_eq!(acked, (0..BATCHES).collect::<Vec<_>>());
-    let store = Store::open(&db, "w", StoreOptions { fsync: FsyncPolicy::Always, lock_wait: wait })
-        .expect("open once the other process is dead");
+    let store =
+        Store::open(&db, "w", StoreOptions { fsync: FsyncPolicy::Always, lock_wait: wait, ..StoreOptions::default() })
+            .expect("open once the other process is dead");
     assert_counts(&store, &per_tenant(0..BATCHES, LOAD_BATCH), "after taking over the dead process's log");
 }

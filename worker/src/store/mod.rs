@@ -18,9 +18,11 @@
 //! tenants/<name>.<hash>/<first>-<last>.json   a segment: a JSON array of ids
 //! ```
 
+mod backend;
 mod fsutil;
 mod idset;
 mod naming;
+mod redis_sets;
 mod tenants;
 mod wal;
 mod writer;
@@ -33,12 +35,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use countapp_shared::config::FsyncPolicy;
+use countapp_shared::config::{FsyncPolicy, StoreBackend};
 use countapp_shared::items::Item;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 use thiserror::Error;
 
+use backend::TenantStore;
+use redis_sets::RedisTenants;
 use tenants::Tenants;
 use wal::{LogDir, Records};
 use writer::{Ticket, Writer};
@@ -85,6 +89,10 @@ pub enum StoreError {
     /// The store's log writer has stopped.
     #[error("the store is closed")]
     Closed,
+    /// The tenants' store (Redis) cannot be reached or refused the request; the log keeps
+    /// whatever could not be merged, and a later flush retries.
+    #[error("the tenant store is unavailable: {0}")]
+    Backend(String),
 }
 
 impl StoreError {
@@ -105,11 +113,13 @@ pub struct StoreOptions {
     /// How long [`Store::open`] waits for a process that holds this worker's log, such as a
     /// worker that adopted it while this one was down.
     pub lock_wait: Duration,
+    /// Where the tenants' id sets live.
+    pub backend: StoreBackend,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { fsync: FsyncPolicy::EverySec, lock_wait: Duration::from_secs(10) }
+        StoreOptions { fsync: FsyncPolicy::EverySec, lock_wait: Duration::from_secs(10), backend: StoreBackend::Json }
     }
 }
 
@@ -150,7 +160,7 @@ pub struct StoreStats {
 pub struct Store {
     worker_id: String,
     wal_root: PathBuf,
-    tenants: Tenants,
+    tenants: Box<dyn TenantStore>,
     writer: Writer,
     /// This worker's log directory, locked while the store lives. Declared after `writer`, so
     /// that the lock is released only once the writer has finished.
@@ -170,7 +180,10 @@ impl Store {
     pub fn open(database: &Path, worker_id: &str, options: StoreOptions) -> Result<Store, StoreError> {
         validate_worker_id(worker_id)?;
         let wal_root = database.join("wal");
-        let tenants = Tenants::open(database.join("tenants"))?;
+        let tenants: Box<dyn TenantStore> = match &options.backend {
+            StoreBackend::Json => Box::new(Tenants::open(database.join("tenants"))?),
+            StoreBackend::Redis { url, cluster } => Box::new(RedisTenants::new(url, *cluster)?),
+        };
         let log_path = wal_root.join(worker_id);
         let log = LogDir::lock(&log_path, options.lock_wait)
             .map_err(|e| StoreError::io(format!("locking {}", log_path.display()), e))?
@@ -190,16 +203,21 @@ impl Store {
             consumed: AtomicU64::new(0),
             last_flush: Mutex::new(None),
         };
-        let recovered = store.flush()?;
-        if recovered.log_files > 0 {
-            tracing::info!(
+        match store.flush() {
+            Ok(recovered) if recovered.log_files > 0 => tracing::info!(
                 worker = worker_id,
                 files = recovered.log_files,
                 adopted = recovered.adopted_files,
                 items = recovered.items,
                 new_ids = recovered.new_ids,
                 "recovered logs"
-            );
+            ),
+            Ok(_) => {}
+            // The logs stay until the tenant store is back; the periodic flush retries.
+            Err(StoreError::Backend(e)) => {
+                tracing::warn!(worker = worker_id, error = e, "recovery waits for the store")
+            }
+            Err(e) => return Err(e),
         }
         Ok(store)
     }
@@ -260,13 +278,24 @@ impl Store {
         self.tenants.count(tenant)
     }
 
+    /// Whether [`Store::count`] may wait on the network, so that an event loop should call it on
+    /// a blocking thread.
+    pub fn counts_block(&self) -> bool {
+        self.tenants.counts_block()
+    }
+
+    /// Items acknowledged but not yet flushed into the tenants' store.
+    pub fn pending_items(&self) -> u64 {
+        let appended = self.writer.stats().items.load(Ordering::Relaxed);
+        appended.saturating_sub(self.consumed.load(Ordering::Relaxed))
+    }
+
     /// The store's counters.
     pub fn stats(&self) -> StoreStats {
-        let appended = self.writer.stats().items.load(Ordering::Relaxed);
         StoreStats {
-            items_appended: appended,
+            items_appended: self.writer.stats().items.load(Ordering::Relaxed),
             log_bytes_appended: self.writer.stats().bytes.load(Ordering::Relaxed),
-            pending_items: appended.saturating_sub(self.consumed.load(Ordering::Relaxed)),
+            pending_items: self.pending_items(),
             last_flush: self.last_flush.lock().clone(),
         }
     }

@@ -1,0 +1,266 @@
+//! Real Redis for the system tests of `store: redis`: a `redis-server` (or a Redis Cluster of
+//! them) on free loopback ports, each in its own temporary directory, killed and reaped when
+//! dropped, so that no server outlives a test, even a failed one. Every wait and every
+//! `redis-cli` call is bounded in time, so that a Redis that never answers fails the test
+//! instead of hanging it.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::{STARTUP, free_port};
+
+/// How long one `redis-cli` call may take before the test fails.
+const CLI_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One `redis-server` on 127.0.0.1, with an append-only file in its own directory so that a
+/// restart after SIGKILL replays what it had acknowledged (`appendfsync everysec` loses only
+/// what the OS had not written when the machine, not the process, died).
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    /// Arguments beyond the harness's own, such as those of a cluster node; kept for restarts.
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    /// A standalone server on a free port, answering `PING`.
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// A server on a free port with `extra` arguments, answering `PING`.
+    fn start_with(extra: &[&str]) -> RedisServer {
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|&a| a.to_owned()).collect(),
+        };
+        // Spawned into `server` first, so that a server that never answers is killed by Drop.
+        server.spawn();
+        server
+    }
+
+    /// Starts `redis-server` on this server's port and directory, and waits for its `PONG`.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "redis-server on {} is already running", self.port);
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let port = self.port.to_string();
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &port, "--bind", "127.0.0.1", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""])
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.child = Some(command.spawn().expect("cannot run redis-server; is it installed?"));
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!("redis-server on {} exited ({status}) before answering:\n{}", self.port, self.log());
+            }
+            // A server still loading its append-only file answers LOADING, not PONG.
+            if self.try_cli(&["ping"]).is_some_and(|out| out.trim() == "PONG") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server on {} silent for {STARTUP:?}:\n{}", self.port, self.log());
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL a worker's `redis_url` takes.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's directory: its append-only file, `nodes.conf` and `redis.log`.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// SIGKILLs the server and reaps it: no shutdown, no final write of its files.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the server if it runs, and starts it again on the same port and directory, so
+    /// that it replays its append-only file; returns once it answers `PING`.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Whether the server process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|child| child.try_wait().unwrap().is_none())
+    }
+
+    /// `redis-cli -p <port> args...`: its standard output, asserting it succeeded in time.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = cli(self.port, args);
+        out.unwrap_or_else(|e| panic!("redis-cli -p {} {args:?}: {e}\n{}", self.port, self.log()))
+    }
+
+    /// Like [`RedisServer::cli`], but `None` on failure, as when the server is not up yet.
+    fn try_cli(&self, args: &[&str]) -> Option<String> {
+        cli(self.port, args).ok()
+    }
+
+    /// `SCARD key`: the members of the set `key`, 0 if there is none.
+    pub fn scard(&self, key: &str) -> u64 {
+        let out = self.cli(&["scard", key]);
+        out.trim().parse().unwrap_or_else(|_| panic!("SCARD {key} on {}: {out:?}", self.port))
+    }
+
+    /// Every key the server holds, sorted (`--scan`, so that a large store does not block it).
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.cli(&["--scan"]).lines().map(str::to_owned).collect();
+        keys.sort();
+        keys
+    }
+
+    /// `DBSIZE`: how many keys the server (one node, in a cluster) holds.
+    pub fn dbsize(&self) -> u64 {
+        let out = self.cli(&["dbsize"]);
+        out.trim().parse().unwrap_or_else(|_| panic!("DBSIZE on {}: {out:?}", self.port))
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// What the server wrote to its log, over all its runs.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = fs::File::open(self.log_path()) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Redis Cluster of masters without replicas, each a [`RedisServer`] in cluster mode.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// `masters` (at least 3, as `redis-cli --cluster create` requires) nodes sharing the 16384
+    /// slots, once every node reports `cluster_state:ok`.
+    pub fn start(masters: usize) -> RedisCluster {
+        assert!(masters >= 3, "a Redis Cluster needs at least 3 masters, not {masters}");
+        let node_args =
+            ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"];
+        // Each node joins `cluster.nodes` as soon as it runs, so that a failure later kills it.
+        let mut cluster = RedisCluster { nodes: Vec::new() };
+        for _ in 0..masters {
+            cluster.nodes.push(RedisServer::start_with(&node_args));
+        }
+        let addresses: Vec<String> = cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addresses.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        cluster.nodes[0].cli(&args);
+        let deadline = Instant::now() + STARTUP;
+        for node in &cluster.nodes {
+            loop {
+                if node
+                    .try_cli(&["cluster", "info"])
+                    .is_some_and(|info| info.lines().any(|l| l.trim() == "cluster_state:ok"))
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster on {addresses:?} not ok in {STARTUP:?}:\n{}",
+                    node.log()
+                );
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// A seed node's URL, as a worker's `redis_url` takes it with `redis_cluster: true`.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// The nodes, all masters.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// The nodes' ports.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(RedisServer::port).collect()
+    }
+}
+
+/// Runs `redis-cli -p <port> args...` and returns its standard output, or why it failed: it
+/// exited with an error, or did not exit within [`CLI_TIMEOUT`] (then it is killed).
+fn cli(port: u16, args: &[&str]) -> Result<String, String> {
+    let mut child = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run redis-cli: {e}"))?;
+    // Read both pipes on threads, so that a full pipe cannot stall the child while we wait.
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + CLI_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("no answer in {CLI_TIMEOUT:?}"));
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    // redis-cli exits 0 even on a server error reply when its output is not a terminal; such
+    // replies start with "ERR", or "(error)" when it formats them.
+    let failed_reply = stdout.starts_with("ERR") || stdout.starts_with("(error)") || stdout.starts_with("LOADING");
+    if status.success() && !failed_reply && !stdout.starts_with("Could not connect") {
+        Ok(stdout)
+    } else {
+        Err(format!("{status}: {stdout}{stderr}"))
+    }
+}

@@ -1,0 +1,200 @@
+//! `store: redis` as its users run it: a real coordinator and real workers whose tenants are
+//! sets in a real `redis-server` (or a real three-master Redis Cluster), each test with its own
+//! Redis and its own cluster directory. Workers are killed under load, Redis itself is killed
+//! under load and restarted, and every acknowledged item must be counted at the end: the
+//! worker's local write-ahead log, not Redis, is what makes an acknowledgement durable.
+
+mod harness;
+
+use std::collections::{BTreeMap, HashSet};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use harness::redis::{RedisCluster, RedisServer};
+use harness::{Cluster, Load, batch, client, count_reply, error_message, eventually, free_port, post, sigkill};
+use reqwest::StatusCode;
+use reqwest::blocking::Client;
+use serde_json::Value;
+
+/// How long counts get to converge: a flush every 0.2 s, plus respawns.
+const SETTLE: Duration = Duration::from_secs(20);
+/// How long counts get to converge after Redis comes back: flushes retry with a backoff.
+const AFTER_OUTAGE: Duration = Duration::from_secs(30);
+
+/// A cluster of `workers` local workers behind a coordinator on a free port, storing into the
+/// Redis at `redis_url` (a cluster's seed node with `redis_cluster`), flushing every 0.2 s and
+/// checking health every 0.5 s.
+fn cluster(workers: usize, redis_url: &str, redis_cluster: bool) -> (Cluster, Vec<u16>, u16) {
+    let ports: Vec<u16> = (0..workers).map(|_| free_port()).collect();
+    let listen = free_port();
+    let extra = format!(
+        "listen: 127.0.0.1:{listen}\nworker_persist: 0.2\nconfig_check: 0.5\n\
+         store: redis\nredis_url: {redis_url}\nredis_cluster: {redis_cluster}\n"
+    );
+    (Cluster::new(&ports, &extra), ports, listen)
+}
+
+/// The URL of the local worker on `port`, to ask it directly rather than through the
+/// coordinator (which retries a worker's 5xx on the others, and so hides it for a while).
+fn worker_url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+/// The count of `tenant` at `url`, or `None` if it did not answer one (a 503 while the store is
+/// unreachable): unlike `harness::count`, a caller polling across an outage can go on polling.
+fn try_count(client: &Client, url: &str, tenant: &str) -> Option<u64> {
+    let reply = count_reply(client, url, tenant);
+    if reply.status() != StatusCode::OK {
+        return None;
+    }
+    reply.json::<Value>().ok()?["count"].as_u64()
+}
+
+#[test]
+fn sigkill_of_workers_under_load_with_a_redis_store_loses_nothing() {
+    let redis = RedisServer::start();
+    let (cluster, ports, listen) = cluster(3, &redis.url(), false);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(3);
+    let load = Load::start(&coordinator.url(), 4, "rkills", false);
+    let tenants = load.tenants.clone();
+    for round in 0..3 {
+        thread::sleep(Duration::from_secs(2));
+        sigkill(coordinator.pid_of(ports[round % ports.len()]));
+    }
+    let tally = load.stop();
+    assert!(tally.errors.is_empty(), "clients saw {} errors, first: {:?}", tally.errors.len(), tally.errors.first());
+    assert!(tally.acked.iter().all(|&n| n > 0));
+    tally.check_counted(&client(), &coordinator.url(), &tenants, SETTLE);
+    // The counts come from Redis, not from a store of the worker's own: one set per tenant.
+    assert!(redis.dbsize() >= tenants.len() as u64, "Redis holds only {:?}", redis.keys());
+}
+
+#[test]
+fn redis_restarted_mid_load_loses_nothing_acknowledged() {
+    let mut redis = RedisServer::start();
+    let (cluster, ports, listen) = cluster(3, &redis.url(), false);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(3);
+    let client = client();
+    let load = Load::start(&coordinator.url(), 4, "outage", false);
+    let tenants = load.tenants.clone();
+    thread::sleep(Duration::from_secs(1));
+
+    redis.kill();
+    let down = Instant::now();
+    // A count needs Redis: once a worker notices it is gone, it answers 503 with a JSON error.
+    // The first counts may still race the kill (a reply already on its way), so poll.
+    let worker = worker_url(ports[0]);
+    eventually(Duration::from_secs(10), "a worker answers 503 to a count while Redis is down", || {
+        let reply = count_reply(&client, &worker, "outage-0");
+        if reply.status() == StatusCode::OK {
+            return false;
+        }
+        let message = error_message(reply, StatusCode::SERVICE_UNAVAILABLE);
+        println!("a count while Redis is down, {:?} after the kill: 503 {message:?}", down.elapsed());
+        true
+    });
+    // Ingest does not need Redis: a worker acknowledges into its log while Redis is down.
+    let ids: Vec<String> = (0..50).map(|i| format!("while-down-{i}")).collect();
+    let items: Vec<(&str, &str)> = ids.iter().map(|id| ("outage-direct", id.as_str())).collect();
+    let reply = post(&client, &worker, batch(&items));
+    assert_eq!(reply.status(), StatusCode::OK, "a POST while Redis is down: {}", reply.text().unwrap_or_default());
+    thread::sleep(Duration::from_millis(1500).saturating_sub(down.elapsed()));
+
+    redis.restart();
+    let up = Instant::now();
+    thread::sleep(Duration::from_millis(500));
+    let tally = load.stop();
+    assert!(tally.errors.is_empty(), "clients saw {} errors, first: {:?}", tally.errors.len(), tally.errors.first());
+    assert!(tally.acked.iter().all(|&n| n > 0));
+
+    // Flushes retry until Redis takes them; until then counts may answer 503, so poll for one.
+    let url = coordinator.url();
+    for (t, tenant) in tenants.iter().enumerate() {
+        let acked = tally.acked[t];
+        eventually(AFTER_OUTAGE, &format!("{tenant} counts its {acked} acknowledged ids"), || {
+            try_count(&client, &url, tenant).is_some_and(|n| n >= acked)
+        });
+    }
+    for (t, tenant) in tenants.iter().enumerate() {
+        let (sent, n) = (tally.sent[t], try_count(&client, &url, tenant).expect("a count after the outage"));
+        assert!(n <= sent, "{tenant}: {n} counted, but only {sent} sent");
+    }
+    eventually(AFTER_OUTAGE, "the batch posted while Redis was down is counted", || {
+        try_count(&client, &url, "outage-direct") == Some(50)
+    });
+    println!("every acknowledged id counted {:?} after Redis came back", up.elapsed());
+    assert!(redis.is_running());
+}
+
+#[test]
+fn a_three_master_cluster_counts_exactly_over_many_tenants() {
+    let redis = RedisCluster::start(3);
+    let (cluster, ports, listen) = cluster(2, &redis.url(), true);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(2);
+    let client = client();
+    let url = coordinator.url();
+
+    // 50 tenants, so that their sets fall in slots of every master; ids drawn from small
+    // ranges, so that they repeat across batches and within them.
+    let tenants: Vec<String> = (0..50).map(|t| format!("tenant-{t:02}")).collect();
+    let mut expected: BTreeMap<&str, HashSet<String>> = tenants.iter().map(|t| (t.as_str(), HashSet::new())).collect();
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        seed >> 33
+    };
+    for _ in 0..40 {
+        let items: Vec<(&str, String)> = (0..250)
+            .map(|_| {
+                let t = (next() % tenants.len() as u64) as usize;
+                (tenants[t].as_str(), format!("id-{}", next() % (10 + 4 * t as u64)))
+            })
+            .collect();
+        for (tenant, id) in &items {
+            expected.get_mut(tenant).unwrap().insert(id.clone());
+        }
+        let items: Vec<(&str, &str)> = items.iter().map(|(t, id)| (*t, id.as_str())).collect();
+        assert_eq!(post(&client, &url, batch(&items)).status(), StatusCode::OK);
+    }
+
+    let exact =
+        |url: &str| expected.iter().all(|(tenant, ids)| try_count(&client, url, tenant) == Some(ids.len() as u64));
+    eventually(SETTLE, "every tenant counts exactly through the coordinator", || exact(&url));
+    // Both workers store into the same sets, so each answers every tenant, whoever took its items.
+    for &port in &ports {
+        eventually(SETTLE, &format!("every tenant counts exactly at the worker on {port}"), || {
+            exact(&worker_url(port))
+        });
+    }
+    let sizes: Vec<u64> = redis.nodes().iter().map(|node| node.dbsize()).collect();
+    assert!(sizes.iter().all(|&n| n > 0), "keys per master {:?}: {sizes:?}", redis.ports());
+    assert!(sizes.iter().sum::<u64>() >= tenants.len() as u64, "keys per master: {sizes:?}");
+}
+
+#[test]
+fn with_redis_down_ingest_is_acknowledged_up_to_max_pending_items_then_refused_until_it_is_back() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let port = free_port();
+    let extra = format!("store: redis\nredis_url: {}\nmax_pending_items: 100\nworker_persist: 0.2\n", redis.url());
+    let cluster = Cluster::new(&[port], &extra);
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    let client = client();
+    let ids: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+    let items: Vec<(&str, &str)> = ids.iter().map(|id| ("capped", id.as_str())).collect();
+    assert_eq!(post(&client, &worker.url(), batch(&items)).status(), StatusCode::OK);
+    let refused = post(&client, &worker.url(), batch(&[("capped", "one more")]));
+    let message = error_message(refused, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("max_pending_items"), "{message}");
+
+    // Redis is back: the log drains into it, the count is exact and ingest resumes.
+    redis.restart();
+    eventually(Duration::from_secs(40), "the logged items reach Redis", || {
+        try_count(&client, &worker.url(), "capped") == Some(100)
+    });
+    assert_eq!(post(&client, &worker.url(), batch(&[("capped", "one more")])).status(), StatusCode::OK);
+}

@@ -1,0 +1,130 @@
+//! The tenants' id sets in Redis: one set per tenant, so that workers on any machine share them.
+//! A merge is `SADD` (chunked; each chunk's reply says how many ids were new), a count `SCARD`.
+//! The write-ahead log stays local: an acknowledgement never waits for Redis, and a log is
+//! deleted only once Redis has taken its ids.
+
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::ConnectionLike;
+
+use super::StoreError;
+use super::backend::TenantStore;
+
+/// Ids per `SADD`: large enough to amortize the round trip, small enough not to stall Redis.
+const SADD_CHUNK: usize = 10_000;
+/// How long connecting, and every command, may take before Redis counts as unreachable.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How to reach Redis.
+enum Target {
+    Server(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// The tenants' sets in one Redis server or one Redis Cluster.
+pub(crate) struct RedisTenants {
+    target: Target,
+    /// Idle connections. A caller takes one (or opens one), and gives it back only if it still
+    /// works: a broken connection is dropped, and the next call reconnects.
+    idle: Mutex<Vec<Box<dyn ConnectionLike + Send>>>,
+}
+
+impl RedisTenants {
+    /// The sets at `url`, a server or (with `cluster`) any node of a cluster. Nothing is
+    /// connected yet: Redis may be down when a worker starts, and its log takes the ingest.
+    pub(crate) fn new(url: &str, cluster: bool) -> Result<RedisTenants, StoreError> {
+        let bad = |e: redis::RedisError| StoreError::Backend(format!("redis_url {url}: {e}"));
+        let target = if cluster {
+            let client = redis::cluster::ClusterClient::builder([url])
+                .connection_timeout(TIMEOUT)
+                .response_timeout(TIMEOUT)
+                .build()
+                .map_err(bad)?;
+            Target::Cluster(client)
+        } else {
+            Target::Server(redis::Client::open(url).map_err(bad)?)
+        };
+        Ok(RedisTenants { target, idle: Mutex::new(Vec::new()) })
+    }
+
+    fn connect(&self) -> redis::RedisResult<Box<dyn ConnectionLike + Send>> {
+        Ok(match &self.target {
+            Target::Server(client) => {
+                let connection = client.get_connection_with_timeout(TIMEOUT)?;
+                connection.set_read_timeout(Some(TIMEOUT))?;
+                connection.set_write_timeout(Some(TIMEOUT))?;
+                Box::new(connection)
+            }
+            Target::Cluster(client) => Box::new(client.get_connection()?),
+        })
+    }
+
+    /// Runs `op` on a working connection.
+    fn with<T>(&self, op: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T>) -> Result<T, StoreError> {
+        let taken = self.idle.lock().pop();
+        let mut connection = match taken {
+            Some(connection) => connection,
+            None => self.connect().map_err(unavailable)?,
+        };
+        let result = op(&mut *connection).map_err(unavailable)?;
+        self.idle.lock().push(connection);
+        Ok(result)
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Backend(format!("redis: {e}"))
+}
+
+/// The key of a tenant's set. The name is kept readable, but `{` and `}` (which would make
+/// part of it a Redis Cluster hash tag, piling tenants onto one slot) and `%` are
+/// percent-encoded, so distinct tenants keep distinct keys.
+pub(crate) fn tenant_key(tenant: &str) -> String {
+    let mut key = String::with_capacity(tenant.len() + 16);
+    key.push_str("countapp:tenant:");
+    for c in tenant.chars() {
+        match c {
+            '%' => key.push_str("%25"),
+            '{' => key.push_str("%7B"),
+            '}' => key.push_str("%7D"),
+            c => key.push(c),
+        }
+    }
+    key
+}
+
+impl TenantStore for RedisTenants {
+    fn merge(&self, tenant: &str, ids: &[&str]) -> Result<u64, StoreError> {
+        let key = tenant_key(tenant);
+        self.with(|connection| {
+            let mut new = 0;
+            for chunk in ids.chunks(SADD_CHUNK) {
+                new += redis::cmd("SADD").arg(&key).arg(chunk).query::<u64>(connection)?;
+            }
+            Ok(new)
+        })
+    }
+
+    fn count(&self, tenant: &str) -> Result<u64, StoreError> {
+        let key = tenant_key(tenant);
+        self.with(|connection| redis::cmd("SCARD").arg(&key).query::<u64>(connection))
+    }
+
+    fn counts_block(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_distinct_and_free_of_hash_tags() {
+        let tenants = ["a", "A", "a b", "{a}", "%7Ba%7D", "%", "%25", "../x"];
+        let keys: std::collections::HashSet<String> = tenants.iter().map(|t| tenant_key(t)).collect();
+        assert_eq!(keys.len(), tenants.len());
+        assert!(keys.iter().all(|k| !k.contains('{') && !k.contains('}')));
+    }
+}
