@@ -1,14 +1,14 @@
 //! The store a worker drives: it never loses an acknowledged item.
 //!
 //! - [`Store::append`] writes a batch to this worker's write-ahead log and returns once it is as
-//!   durable as the `fsync` policy promises; concurrent appends share one write (group commit).
-//! - [`Store::flush`] merges the log's items into the per-tenant files shared by every worker,
-//!   then deletes the log files it consumed.
+//!   durable as the `fsync` policy promises (under `always`, concurrent appends share one fsync).
+//! - [`Store::flush`] merges the log's items into the tenants' id sets shared by every worker
+//!   (the JSON files below, or Redis sets: see `backend`), then deletes the log files it consumed.
 //! - [`Store::count`] reads a tenant's count as of the latest flush by any worker.
 //! - [`Store::open`] replays this worker's log, and adopts the log of any worker that is not
 //!   running, so that nothing acknowledged is ever stranded.
 //!
-//! On disk, under the database directory:
+//! On disk, under the database directory (the `tenants/` part only with the JSON backend):
 //!
 //! ```text
 //! wal/<worker id>/LOCK                  held by the running worker
