@@ -5,7 +5,9 @@
 #   1. POST through the coordinator, and the same stream as pipelined SADD into Redis;
 #   2. POST straight to one worker;
 #   3. GET counts through the coordinator, and straight to one worker;
-#   4. redis-benchmark -t sadd -P 100 -c 16, the reference SPEC.md names.
+#   4. redis-benchmark -t sadd -P 100 -c 16, the reference SPEC.md names;
+#   5. POST and GET through a coordinator whose workers keep the tenants in that Redis
+#      (store: redis), against the store: json figures above.
 # Figures go to target/bench/*.json. Everything started here is stopped on exit.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,7 +28,7 @@ workers=()
 for _ in 1 2 3 4; do workers+=("$(free_port)"); done
 
 cleanup() {
-    [ -n "${coordinator:-}" ] && kill -TERM "$coordinator" 2>/dev/null && wait "$coordinator" 2>/dev/null || true
+    if [ -n "${coordinator:-}" ]; then kill -TERM "$coordinator" 2>/dev/null && wait "$coordinator" 2>/dev/null || true; fi
     redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
     rm -rf "$dir"
 }
@@ -34,23 +36,35 @@ trap cleanup EXIT
 
 redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$dir" --appendonly yes --appendfsync everysec \
     --save "" --daemonize yes --logfile "$dir/redis.log"
-{
-    echo "workers:"
-    for port in "${workers[@]}"; do echo "  - http://127.0.0.1:$port"; done
-    echo "database: db/"
-    echo "worker_logs: logs/"
-    echo "fsync: everysec"
-    echo "listen: 127.0.0.1:$listen"
-} > "$dir/config.yaml"
-./target/release/coordinator --config "$dir/config.yaml" 2> "$dir/coordinator.log" &
-coordinator=$!
-for _ in $(seq 100); do
-    live=$(curl -s "http://127.0.0.1:$listen/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["live_workers"])' 2>/dev/null || echo 0)
-    [ "$live" = 4 ] && break
-    sleep 0.1
-done
-[ "$live" = 4 ] || { echo "the cluster did not start:"; cat "$dir/coordinator.log"; exit 1; }
+# A coordinator with four workers in $dir/$1, with the extra config lines $2 (the store).
+start_cluster() {
+    local name=$1 extra=$2
+    mkdir -p "$dir/$name"
+    {
+        echo "workers:"
+        for port in "${workers[@]}"; do echo "  - http://127.0.0.1:$port"; done
+        echo "database: db/"
+        echo "worker_logs: logs/"
+        echo "fsync: everysec"
+        echo "listen: 127.0.0.1:$listen"
+        echo "$extra"
+    } > "$dir/$name/config.yaml"
+    ./target/release/coordinator --config "$dir/$name/config.yaml" 2> "$dir/$name/coordinator.log" &
+    coordinator=$!
+    for _ in $(seq 100); do
+        live=$(curl -s "http://127.0.0.1:$listen/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["live_workers"])' 2>/dev/null || echo 0)
+        [ "$live" = 4 ] && return 0
+        sleep 0.1
+    done
+    echo "the cluster did not start:"; cat "$dir/$name/coordinator.log"; exit 1
+}
 
+stop_cluster() {
+    kill -TERM "$coordinator" && wait "$coordinator" || true
+    coordinator=
+}
+
+start_cluster json "store: json"
 load=./target/release/countapp-load
 common=(--duration "$duration" --connections 16 --quiet)
 echo "=== POST through the coordinator (4 workers), and Redis SADD in the same run ==="
@@ -64,3 +78,12 @@ echo "=== GET counts straight to one worker ==="
 $load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --count --tenants 10 --json "$out/worker-count.json"
 echo "=== redis-benchmark -t sadd -P 100 -c 16 -r 100000000 -n 2000000 ==="
 redis-benchmark -p "$redis_port" -t sadd -P 100 -c 16 -r 100000000 -n 2000000 -q | tr '\r' '\n' | grep 'requests per second' | tail -n 1
+
+stop_cluster
+start_cluster redis "store: redis
+redis_url: redis://127.0.0.1:$redis_port"
+echo "=== store: redis: POST through the coordinator ==="
+$load --url "http://127.0.0.1:$listen" "${common[@]}" --batch 100 --tenants 10 --json "$out/redis-store-post.json"
+echo "=== store: redis: GET counts through the coordinator ==="
+$load --url "http://127.0.0.1:$listen" "${common[@]}" --count --tenants 10 --json "$out/redis-store-count.json"
+stop_cluster
