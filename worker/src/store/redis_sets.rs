@@ -1,12 +1,12 @@
 //! The tenants' id sets in Redis: one set per tenant, so that workers on any machine share them.
-//! A merge is `SADD` (chunked; each chunk's reply says how many ids were new), a count `SCARD`.
+//! A merge is one pipeline of `SADD`s (each reply says how many of its ids were new), a count
+//! `SCARD`.
 //! The write-ahead log stays local: an acknowledgement never waits for Redis, and a log is
 //! deleted only once Redis has taken its ids.
 
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use redis::ConnectionLike;
 
 use super::StoreError;
 use super::backend::TenantStore;
@@ -22,12 +22,18 @@ enum Target {
     Cluster(redis::cluster::ClusterClient),
 }
 
+/// A connection to the server, or to the cluster (which routes each command to its node).
+enum Connection {
+    Server(redis::Connection),
+    Cluster(redis::cluster::ClusterConnection),
+}
+
 /// The tenants' sets in one Redis server or one Redis Cluster.
 pub(crate) struct RedisTenants {
     target: Target,
     /// Idle connections. A caller takes one (or opens one), and gives it back only if it still
     /// works: a broken connection is dropped, and the next call reconnects.
-    idle: Mutex<Vec<Box<dyn ConnectionLike + Send>>>,
+    idle: Mutex<Vec<Connection>>,
 }
 
 impl RedisTenants {
@@ -48,26 +54,26 @@ impl RedisTenants {
         Ok(RedisTenants { target, idle: Mutex::new(Vec::new()) })
     }
 
-    fn connect(&self) -> redis::RedisResult<Box<dyn ConnectionLike + Send>> {
+    fn connect(&self) -> redis::RedisResult<Connection> {
         Ok(match &self.target {
             Target::Server(client) => {
                 let connection = client.get_connection_with_timeout(TIMEOUT)?;
                 connection.set_read_timeout(Some(TIMEOUT))?;
                 connection.set_write_timeout(Some(TIMEOUT))?;
-                Box::new(connection)
+                Connection::Server(connection)
             }
-            Target::Cluster(client) => Box::new(client.get_connection()?),
+            Target::Cluster(client) => Connection::Cluster(client.get_connection()?),
         })
     }
 
     /// Runs `op` on a working connection.
-    fn with<T>(&self, op: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T>) -> Result<T, StoreError> {
+    fn with<T>(&self, op: impl FnOnce(&mut Connection) -> redis::RedisResult<T>) -> Result<T, StoreError> {
         let taken = self.idle.lock().pop();
         let mut connection = match taken {
             Some(connection) => connection,
             None => self.connect().map_err(unavailable)?,
         };
-        let result = op(&mut *connection).map_err(unavailable)?;
+        let result = op(&mut connection).map_err(unavailable)?;
         self.idle.lock().push(connection);
         Ok(result)
     }
@@ -97,18 +103,35 @@ pub(crate) fn tenant_key(tenant: &str) -> String {
 impl TenantStore for RedisTenants {
     fn merge(&self, tenant: &str, ids: &[&str]) -> Result<u64, StoreError> {
         let key = tenant_key(tenant);
+        // One round trip for the tenant's whole flush; each reply counts the ids that were new.
         self.with(|connection| {
-            let mut new = 0;
-            for chunk in ids.chunks(SADD_CHUNK) {
-                new += redis::cmd("SADD").arg(&key).arg(chunk).query::<u64>(connection)?;
-            }
-            Ok(new)
+            let replies: Vec<u64> = match connection {
+                Connection::Server(connection) => {
+                    let mut pipeline = redis::pipe();
+                    for chunk in ids.chunks(SADD_CHUNK) {
+                        pipeline.cmd("SADD").arg(&key).arg(chunk);
+                    }
+                    pipeline.query(connection)?
+                }
+                Connection::Cluster(connection) => {
+                    let mut pipeline = redis::cluster::cluster_pipe();
+                    for chunk in ids.chunks(SADD_CHUNK) {
+                        pipeline.cmd("SADD").arg(&key).arg(chunk);
+                    }
+                    pipeline.query(connection)?
+                }
+            };
+            Ok(replies.iter().sum())
         })
     }
 
     fn count(&self, tenant: &str) -> Result<u64, StoreError> {
         let key = tenant_key(tenant);
-        self.with(|connection| redis::cmd("SCARD").arg(&key).query::<u64>(connection))
+        let scard = redis::cmd("SCARD").arg(&key).to_owned();
+        self.with(|connection| match connection {
+            Connection::Server(connection) => scard.query(connection),
+            Connection::Cluster(connection) => scard.query(connection),
+        })
     }
 
     fn counts_block(&self) -> bool {
