@@ -25,7 +25,7 @@ enum Target {
 /// A connection to the server, or to the cluster (which routes each command to its node).
 enum Connection {
     Server(redis::Connection),
-    Cluster(redis::cluster::ClusterConnection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
 }
 
 /// The tenants' sets in one Redis server or one Redis Cluster.
@@ -62,7 +62,7 @@ impl RedisTenants {
                 connection.set_write_timeout(Some(TIMEOUT))?;
                 Connection::Server(connection)
             }
-            Target::Cluster(client) => Connection::Cluster(client.get_connection()?),
+            Target::Cluster(client) => Connection::Cluster(Box::new(client.get_connection()?)),
         })
     }
 
