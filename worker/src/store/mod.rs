@@ -143,8 +143,6 @@ pub struct FlushReport {
 /// A snapshot of the store's counters, for `/stats` and `/metrics`.
 #[derive(Debug, Clone)]
 pub struct StoreStats {
-    /// Items acknowledged since the store opened.
-    pub items_appended: u64,
     /// Bytes appended to the log since the store opened.
     pub log_bytes_appended: u64,
     /// Items acknowledged but not yet flushed into the tenant files.
@@ -293,16 +291,10 @@ impl Store {
     /// The store's counters.
     pub fn stats(&self) -> StoreStats {
         StoreStats {
-            items_appended: self.writer.stats().items.load(Ordering::Relaxed),
             log_bytes_appended: self.writer.stats().bytes.load(Ordering::Relaxed),
             pending_items: self.pending_items(),
             last_flush: self.last_flush.lock().clone(),
         }
-    }
-
-    /// The id this store logs under.
-    pub fn worker_id(&self) -> &str {
-        &self.worker_id
     }
 
     /// Flushes everything and closes the store, releasing its log.
