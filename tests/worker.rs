@@ -419,12 +419,12 @@ fn a_worker_answers_health_before_ready_and_stats_and_metrics() {
     let mut stats = Value::Null;
     eventually(SETTLE, "/stats shows a flush and nothing pending", || {
         stats = get_json(&client, &format!("{url}/stats"));
-        stats["pending_items"] == json!(0) && stats["last_flush"].is_object()
+        stats["pending_items"] == json!(0) && stats["last_merge"].is_object()
     });
     assert_eq!(stats["items_accepted"], json!(60), "{stats}");
     // 3 good posts, 1 bad, 1 refused early, the /health and /ready above, and more.
     assert!(stats["requests"].as_u64().is_some_and(|n| n >= 7), "{stats}");
-    assert!(stats["last_flush"]["at_unix_ms"].as_u64().is_some_and(|ms| ms > 0), "{stats}");
+    assert!(stats["last_merge"]["at_unix_ms"].as_u64().is_some_and(|ms| ms > 0), "{stats}");
 
     let response = client.get(format!("{url}/metrics")).send().unwrap();
     assert_eq!(response.status(), StatusCode::OK);

@@ -84,7 +84,8 @@ impl Cluster {
         fs::write(self.config_path(), yaml).unwrap();
     }
 
-    /// Every write-ahead log file (`db/wal/<worker>/*.log`) with its size in bytes, sorted by path.
+    /// Every write-ahead log file (`db/wal/<worker>/*.open` and `*.log`) with its size in bytes,
+    /// sorted by path.
     pub fn wal_files(&self) -> Vec<(PathBuf, u64)> {
         let mut files = Vec::new();
         let Ok(workers) = fs::read_dir(self.database().join("wal")) else { return files };
@@ -92,7 +93,7 @@ impl Cluster {
             let Ok(entries) = fs::read_dir(worker.unwrap().path()) else { continue };
             for entry in entries {
                 let path = entry.unwrap().path();
-                if path.extension().is_some_and(|ext| ext == "log") {
+                if path.extension().is_some_and(|ext| ext == "log" || ext == "open") {
                     let len = fs::metadata(&path).map_or(0, |m| m.len());
                     files.push((path, len));
                 }

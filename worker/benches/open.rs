@@ -47,7 +47,7 @@ fn build(db: &std::path::Path) {
         }
         store.flush().unwrap();
     }
-    store.close().unwrap();
+    store.close(std::time::Duration::ZERO).unwrap();
     println!("built a store of {} ids in {:.1?}", TENANTS * IDS_PER_TENANT, started.elapsed());
 }
 

@@ -7,15 +7,19 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::store::StoreStats;
+use crate::store::{FlushReport, StoreStats};
 
 /// The worker's metrics.
 pub(crate) struct Metrics {
     registry: Registry,
     items_accepted: Counter,
-    flushes: Counter,
-    flush_seconds: Histogram,
+    merges: Counter,
+    merge_seconds: Histogram,
+    merged_items: Counter,
+    new_ids: Counter,
+    damaged_log_bytes: Counter,
     pending_items: Gauge,
+    ids_in_memory: Gauge,
     log_bytes: Counter,
 }
 
@@ -26,16 +30,47 @@ impl Metrics {
         let requests = RequestCounter::registered(&mut registry);
         let items_accepted = Counter::default();
         registry.register("items_accepted", "Items acknowledged as durable", items_accepted.clone());
-        let flushes = Counter::default();
-        registry.register("flushes", "Flushes of the log into the tenant files", flushes.clone());
+        let merges = Counter::default();
+        registry.register("merges", "Merge rounds that read or deleted log files", merges.clone());
         let buckets = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-        let flush_seconds = Histogram::new(buckets);
-        registry.register("flush_duration_seconds", "Time a flush takes", flush_seconds.clone());
+        let merge_seconds = Histogram::new(buckets);
+        registry.register("merge_duration_seconds", "Time a merge round takes", merge_seconds.clone());
+        let merged_items = Counter::default();
+        registry.register("merged_items", "Items merged into the shards this worker owns", merged_items.clone());
+        let new_ids = Counter::default();
+        registry.register("new_ids", "Ids that were new to their tenant when merged", new_ids.clone());
+        let damaged_log_bytes = Counter::default();
+        registry.register(
+            "damaged_log_bytes",
+            "Bytes of torn or damaged log records skipped by merges",
+            damaged_log_bytes.clone(),
+        );
         let pending_items = Gauge::default();
-        registry.register("pending_items", "Items acknowledged but not flushed yet", pending_items.clone());
+        registry.register(
+            "pending_items",
+            "Items this worker acknowledged still in its log files",
+            pending_items.clone(),
+        );
+        let ids_in_memory = Gauge::default();
+        registry.register(
+            "ids_in_memory",
+            "Ids held in memory for the shards this worker merges",
+            ids_in_memory.clone(),
+        );
         let log_bytes = Counter::default();
         registry.register("log_bytes", "Bytes appended to the write-ahead log", log_bytes.clone());
-        let metrics = Metrics { registry, items_accepted, flushes, flush_seconds, pending_items, log_bytes };
+        let metrics = Metrics {
+            registry,
+            items_accepted,
+            merges,
+            merge_seconds,
+            merged_items,
+            new_ids,
+            damaged_log_bytes,
+            pending_items,
+            ids_in_memory,
+            log_bytes,
+        };
         (metrics, requests)
     }
 
@@ -44,10 +79,13 @@ impl Metrics {
         self.items_accepted.inc_by(items);
     }
 
-    /// Records a finished flush.
-    pub(crate) fn flushed(&self, seconds: f64) {
-        self.flushes.inc();
-        self.flush_seconds.observe(seconds);
+    /// Records a merge round that did something.
+    pub(crate) fn merged(&self, seconds: f64, report: &FlushReport) {
+        self.merges.inc();
+        self.merge_seconds.observe(seconds);
+        self.merged_items.inc_by(report.items);
+        self.new_ids.inc_by(report.new_ids);
+        self.damaged_log_bytes.inc_by(report.dropped_bytes);
     }
 
     /// Items acknowledged so far.
@@ -59,6 +97,7 @@ impl Metrics {
     pub(crate) fn render(&self, store: Option<&StoreStats>) -> String {
         if let Some(stats) = store {
             self.pending_items.set(i64::try_from(stats.pending_items).unwrap_or(i64::MAX));
+            self.ids_in_memory.set(i64::try_from(stats.ids_in_memory.0).unwrap_or(i64::MAX));
             let behind = stats.log_bytes_appended.saturating_sub(self.log_bytes.get());
             self.log_bytes.inc_by(behind);
         }

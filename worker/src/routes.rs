@@ -130,10 +130,10 @@ async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) 
             "at_unix_ms": at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             "took_ms": took.as_secs_f64() * 1000.0,
             "log_files": report.log_files,
-            "adopted_files": report.adopted_files,
             "items": report.items,
             "tenants": report.tenants,
             "new_ids": report.new_ids,
+            "deleted_files": report.deleted_files,
         })
     });
     HttpResponse::Ok().json(json!({
@@ -143,8 +143,9 @@ async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) 
         "requests": requests.served(),
         "items_accepted": state.metrics.items_accepted(),
         "pending_items": store.as_ref().map_or(0, |s| s.pending_items),
+        "ids_in_memory": store.as_ref().map_or(0, |s| s.ids_in_memory.0),
         "log_bytes_appended": store.as_ref().map_or(0, |s| s.log_bytes_appended),
-        "last_flush": last_flush,
+        "last_merge": last_flush,
     }))
 }
 

@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::from_fn;
@@ -14,14 +14,18 @@ use countapp_shared::http::count_requests;
 use thiserror::Error;
 use tracing::Instrument;
 
+use crate::merger::Merger;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::state::AppState;
-use crate::store::{FlushReport, Store, StoreError, StoreOptions};
+use crate::store::{Store, StoreError, StoreOptions};
 use countapp_shared::shutdown::{Shutdown, terminate_signal};
 
 /// How long a graceful stop waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a graceful stop waits, after its last flush, for the other workers to merge this
+/// one's log files into the shards they own.
+const MERGE_WAIT: Duration = Duration::from_secs(5);
 
 /// Everything a worker needs to run.
 #[derive(Debug, Clone)]
@@ -30,7 +34,7 @@ pub struct WorkerSettings {
     pub listen: SocketAddr,
     /// The directory of the store, shared with the other workers.
     pub database: PathBuf,
-    /// How often the log is flushed into the tenant files.
+    /// How often the worker closes its log file and merges (`worker_persist`).
     pub flush_interval: Duration,
     /// When the log is fsynced.
     pub fsync: FsyncPolicy,
@@ -102,6 +106,7 @@ impl Worker {
         let listener = TcpListener::bind(settings.listen).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let (metrics, requests) = Metrics::new();
+        let metrics = Arc::new(metrics);
         let state = web::Data::new(AppState::new(
             worker_id(addr),
             settings.max_body_bytes,
@@ -131,8 +136,8 @@ impl Worker {
     }
 
     /// Serves until shutdown is asked for (`POST /shutdown`, SIGTERM, SIGINT or
-    /// [`Worker::shutdown`]): recovers the log while already answering `/health`, then serves
-    /// and flushes periodically; at shutdown it stops taking requests, lets those in flight
+    /// [`Worker::shutdown`]): opens the store while already answering `/health`, then serves
+    /// and merges in the background; at shutdown it stops taking requests, lets those in flight
     /// finish, flushes and returns.
     pub async fn run_until_stopped(self) -> Result<(), WorkerError> {
         let Worker { server, addr, state, settings } = self;
@@ -140,7 +145,7 @@ impl Worker {
         async move {
             let handle = server.handle();
             let serving = tokio::spawn(server);
-            tracing::info!(%addr, database = %settings.database.display(), "listening; recovering the log");
+            tracing::info!(%addr, database = %settings.database.display(), "listening; opening the store");
             let store = match open_store(&settings, &state.worker_id).await {
                 Ok(store) => store,
                 Err(e) => {
@@ -149,8 +154,9 @@ impl Worker {
                 }
             };
             state.set_store(store.clone());
-            tracing::info!("ready");
-            let flusher = tokio::spawn(flush_periodically(state.clone(), settings.flush_interval).in_current_span());
+            let merger = Merger::start(store.clone(), settings.flush_interval, state.metrics.clone())
+                .map_err(|e| WorkerError::Runtime(format!("cannot start the merger: {e}")))?;
+            tracing::info!(shards = store.shards(), "ready");
 
             let shutdown = state.shutdown.clone();
             tokio::select! {
@@ -162,8 +168,12 @@ impl Worker {
             }
             shutdown.trigger();
             stop(handle, serving).await;
-            let _ = flusher.await;
-            let report = flush_in_background(store).await?;
+            let report = tokio::task::spawn_blocking(move || {
+                merger.stop();
+                store.drain(MERGE_WAIT)
+            })
+            .await
+            .map_err(|e| WorkerError::Runtime(format!("the final flush panicked: {e}")))??;
             tracing::info!(items = report.items, new_ids = report.new_ids, "flushed; stopped");
             Ok(())
         }
@@ -195,67 +205,4 @@ async fn stop(handle: ServerHandle, serving: tokio::task::JoinHandle<std::io::Re
         Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server failed"),
         Err(e) => tracing::error!(error = %e, "the HTTP server task panicked"),
     }
-}
-
-/// Flushes every `every` until shutdown; the final flush is the caller's.
-async fn flush_periodically(state: web::Data<AppState>, every: Duration) {
-    // After a failed flush, the next waits longer, doubling up to this: a tenant store that is
-    // down (Redis) is retried without being hammered, and the log keeps everything meanwhile.
-    const MAX_BACKOFF: Duration = Duration::from_secs(5);
-    let mut pause = every;
-    let mut failing_since: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = state.shutdown.wait() => return,
-        }
-        let Some(store) = state.store().cloned() else { continue };
-        let started = Instant::now();
-        match flush_in_background(store).await {
-            Ok(report) => {
-                let took = started.elapsed();
-                state.metrics.flushed(took.as_secs_f64());
-                if let Some(since) = failing_since.take() {
-                    tracing::info!(failing_for_s = since.elapsed().as_secs(), "flushing again");
-                }
-                if report.items > 0 {
-                    tracing::info!(
-                        tenants = report.tenants,
-                        items = report.items,
-                        new_ids = report.new_ids,
-                        adopted_files = report.adopted_files,
-                        ms = took.as_millis() as u64,
-                        "flushed"
-                    );
-                }
-                pause = every;
-            }
-            Err(e) => {
-                if failing_since.is_none() {
-                    failing_since = Some(started);
-                    tracing::error!(error = %e, "flush failed; the log keeps the items, retrying with backoff");
-                } else {
-                    tracing::debug!(error = %e, "flush failed again");
-                }
-                pause = (pause * 2).min(MAX_BACKOFF.max(every));
-            }
-        }
-    }
-}
-
-/// Runs a flush on a thread of its own, at a lower CPU priority: flushing is background work,
-/// and merging a million ids must not delay the requests answered meanwhile.
-async fn flush_in_background(store: Arc<Store>) -> Result<FlushReport, WorkerError> {
-    let (done, report) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("flush".into())
-        .spawn(move || {
-            // SAFETY: nice() only changes this thread's scheduling priority (on Linux the nice
-            // value is per thread, and the merge threads a flush starts inherit it). Failing to
-            // lower it is harmless.
-            unsafe { libc::nice(10) };
-            let _ = done.send(store.flush());
-        })
-        .map_err(|e| WorkerError::Runtime(format!("cannot start a flush thread: {e}")))?;
-    Ok(report.await.map_err(|_| WorkerError::Runtime("the flush thread panicked".to_owned()))??)
 }

@@ -17,7 +17,7 @@ pub(crate) struct AppState {
     pub(crate) max_key_bytes: usize,
     /// Unflushed items past which ingest answers 503.
     pub(crate) max_pending_items: u64,
-    pub(crate) metrics: Metrics,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: Shutdown,
     /// The token `POST /shutdown` must carry; without one, only a signal stops the worker.
     shutdown_token: Option<String>,
@@ -31,7 +31,7 @@ impl AppState {
         max_pending_items: u64,
         shutdown: Shutdown,
         shutdown_token: Option<String>,
-        metrics: Metrics,
+        metrics: Arc<Metrics>,
     ) -> AppState {
         AppState {
             worker_id,

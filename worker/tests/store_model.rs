@@ -1,29 +1,38 @@
-//! The store against a model: random sequences of appends, flushes, crashes and graceful
-//! restarts by two workers sharing one database, compared after every step with a `HashSet` per
-//! tenant.
+//! The store against a model: random sequences of appends, flushes, merges, crashes, workers
+//! going down and graceful restarts by three workers sharing one database of four shards, so
+//! that the shards change owners all the time; compared after every step with a set per tenant.
+//!
+//! The model: an item becomes final when its worker closes its log file (a flush) or dies (a
+//! dead worker's active file is final too); a final item is counted once a merge round runs in
+//! the worker that owns its tenant's shard among the live workers at that moment. Every store,
+//! and a reader of the files, must then count exactly the model's counted ids.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
+use std::time::Duration;
 
 use countapp_shared::config::FsyncPolicy;
 use countapp_shared::items::Item;
-use countapp_worker::store::{Store, StoreOptions};
+use countapp_worker::store::{Store, StoreOptions, owner_of, read_count, shard_of};
 use proptest::prelude::*;
 
-const TENANTS: [&str; 4] = ["a", "A", "../x", "t é"];
-const WORKERS: [&str; 2] = ["w1", "w2"];
+const TENANTS: [&str; 6] = ["a", "A", "../x", "t é", "b", "."];
+const WORKERS: [&str; 3] = ["w1", "w2", "w3"];
+const SHARDS: u16 = 4;
 
 #[derive(Debug, Clone)]
 enum Op {
     /// Worker `.0` appends `(tenant index, id)` pairs.
     Append(usize, Vec<(usize, u8)>),
-    /// Worker `.0` flushes.
+    /// Worker `.0` flushes: closes its log file and runs a merge round.
     Flush(usize),
+    /// Worker `.0` runs a merge round if anything changed since its last.
+    Merge(usize),
     /// Worker `.0` crashes: dropped without a flush, then opened again.
     Crash(usize),
-    /// Worker `.0` crashes and stays down until it is next used: its log is an orphan meanwhile.
+    /// Worker `.0` crashes and stays down until it is next used.
     Down(usize),
-    /// Worker `.0` closes gracefully and opens again.
+    /// Worker `.0` closes gracefully (a flush) and opens again.
     Restart(usize),
 }
 
@@ -32,109 +41,131 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (worker.clone(), prop::collection::vec((0..TENANTS.len(), any::<u8>()), 0..20)).prop_map(|(w, items)| Op::Append(w, items)),
         3 => worker.clone().prop_map(Op::Flush),
+        2 => worker.clone().prop_map(Op::Merge),
         1 => worker.clone().prop_map(Op::Crash),
         1 => worker.clone().prop_map(Op::Down),
         1 => worker.prop_map(Op::Restart),
     ]
 }
 
-fn open(dir: &Path, worker: usize, fsync: FsyncPolicy) -> Store {
-    Store::open(dir, WORKERS[worker], StoreOptions { fsync, ..StoreOptions::default() }).unwrap()
+fn open(db: &Path, worker: usize, fsync: FsyncPolicy) -> Store {
+    Store::open(db, WORKERS[worker], StoreOptions { fsync, shards: SHARDS, ..StoreOptions::default() }).unwrap()
 }
 
-/// The model: what each worker holds unflushed in its log, and every id flushed per tenant.
+/// One appended item, as the model follows it.
+#[derive(Debug)]
+struct ModelItem {
+    worker: usize,
+    tenant: usize,
+    id: u8,
+    /// In a closed log file, or in the active file of a dead worker.
+    fin: bool,
+    counted: bool,
+}
+
 #[derive(Default)]
 struct Model {
-    unflushed: [Vec<(usize, u8)>; WORKERS.len()],
-    flushed: BTreeMap<usize, BTreeSet<u8>>,
+    items: Vec<ModelItem>,
 }
 
 impl Model {
-    fn flush_log_of(&mut self, worker: usize) {
-        for (t, id) in self.unflushed[worker].drain(..) {
-            self.flushed.entry(t).or_default().insert(id);
-        }
+    /// Worker `w`'s active file is closed, or its worker died: its items are final.
+    fn finalize(&mut self, w: usize) {
+        self.items.iter_mut().filter(|i| i.worker == w).for_each(|i| i.fin = true);
     }
 
-    /// A flush or an open by `worker` consumes its own log and adopts those of the workers down.
-    fn flush_by(&mut self, worker: usize, stores: &[Option<Store>]) {
-        for (w, store) in stores.iter().enumerate() {
-            if w == worker || store.is_none() {
-                self.flush_log_of(w);
+    /// A merge round by worker `w`, with `live` the workers holding their logs.
+    fn round(&mut self, w: usize, live: &[bool]) {
+        let live: Vec<&str> = WORKERS.iter().zip(live).filter(|(_, up)| **up).map(|(id, _)| *id).collect();
+        for item in self.items.iter_mut().filter(|i| i.fin) {
+            if owner_of(shard_of(TENANTS[item.tenant], SHARDS), live.iter().copied()) == Some(WORKERS[w]) {
+                item.counted = true;
             }
         }
     }
 
     fn count(&self, tenant: usize) -> u64 {
-        self.flushed.get(&tenant).map_or(0, |ids| ids.len() as u64)
+        self.items.iter().filter(|i| i.tenant == tenant && i.counted).map(|i| i.id).collect::<BTreeSet<_>>().len()
+            as u64
     }
 }
 
-/// The store of worker `w`, opened (which flushes) if it is down.
-fn live<'s>(stores: &'s mut [Option<Store>], model: &mut Model, db: &Path, w: usize, fsync: FsyncPolicy) -> &'s Store {
-    if stores[w].is_none() {
-        model.flush_by(w, stores);
-        stores[w] = Some(open(db, w, fsync));
-    }
-    stores[w].as_ref().unwrap()
+/// The store of worker `w`, opened if it is down.
+fn live<'s>(stores: &'s mut [Option<Store>], db: &Path, w: usize, fsync: FsyncPolicy) -> &'s Store {
+    stores[w].get_or_insert_with(|| open(db, w, fsync))
+}
+
+fn up(stores: &[Option<Store>]) -> Vec<bool> {
+    stores.iter().map(Option::is_some).collect()
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
-    fn counts_match_a_hash_set_model(
-        ops in prop::collection::vec(op(), 1..40),
+    fn counts_match_a_model_of_owners_and_final_files(
+        ops in prop::collection::vec(op(), 1..50),
         fsync in prop_oneof![Just(FsyncPolicy::Always), Just(FsyncPolicy::EverySec), Just(FsyncPolicy::Never)],
     ) {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db");
-        let mut stores: Vec<Option<Store>> = vec![None, None];
+        let mut stores: Vec<Option<Store>> = WORKERS.iter().map(|_| None).collect();
         let mut model = Model::default();
         for op in ops {
             match op {
                 Op::Append(w, items) => {
-                    let store = live(&mut stores, &mut model, &db, w, fsync);
+                    let store = live(&mut stores, &db, w, fsync);
                     let ids: Vec<String> = items.iter().map(|(_, id)| id.to_string()).collect();
                     let batch: Vec<Item> = items.iter().zip(&ids).map(|((t, _), id)| Item::new(TENANTS[*t], id)).collect();
                     store.append_blocking(&batch).unwrap();
-                    model.unflushed[w].extend(items);
+                    let appended = items.into_iter().map(|(tenant, id)| ModelItem { worker: w, tenant, id, fin: false, counted: false });
+                    model.items.extend(appended);
                 }
                 Op::Flush(w) => {
-                    live(&mut stores, &mut model, &db, w, fsync).flush().unwrap();
-                    model.flush_by(w, &stores);
+                    live(&mut stores, &db, w, fsync).flush().unwrap();
+                    model.finalize(w);
+                    model.round(w, &up(&stores));
+                }
+                Op::Merge(w) => {
+                    live(&mut stores, &db, w, fsync).merge().unwrap();
+                    model.round(w, &up(&stores));
                 }
                 Op::Crash(w) => {
                     stores[w] = None;
-                    live(&mut stores, &mut model, &db, w, fsync);
+                    model.finalize(w);
+                    live(&mut stores, &db, w, fsync);
                 }
-                Op::Down(w) => stores[w] = None,
+                Op::Down(w) => {
+                    stores[w] = None;
+                    model.finalize(w);
+                }
                 Op::Restart(w) => {
                     if let Some(store) = stores[w].take() {
-                        store.close().unwrap();
-                        model.flush_log_of(w);
+                        let live_then: Vec<bool> = up(&stores).iter().enumerate().map(|(v, u)| *u || v == w).collect();
+                        store.close(Duration::ZERO).unwrap();
+                        model.finalize(w);
+                        model.round(w, &live_then);
                     }
-                    live(&mut stores, &mut model, &db, w, fsync);
+                    live(&mut stores, &db, w, fsync);
                 }
             }
-            // Every live worker reads the same counts, exactly those of the model.
-            for store in stores.iter().flatten() {
-                for (t, tenant) in TENANTS.iter().enumerate() {
-                    prop_assert_eq!(store.count(tenant).unwrap(), model.count(t), "tenant {}", tenant);
+            // Every live worker, and a reader of the files, counts exactly the model's ids.
+            for (t, tenant) in TENANTS.iter().enumerate() {
+                for store in stores.iter().flatten() {
+                    prop_assert_eq!(store.count(tenant).unwrap(), model.count(t), "tenant {} by {}", tenant, store.worker_id());
                 }
+                prop_assert_eq!(read_count(&db, tenant).unwrap(), model.count(t), "tenant {} read from its file", tenant);
             }
         }
-        // Once everybody has closed, every acknowledged id is counted.
-        for (w, store) in stores.iter_mut().enumerate() {
-            if let Some(store) = store.take() {
-                store.close().unwrap();
-                model.flush_log_of(w);
-            }
+        // Once everybody is gone, one worker alone owns every shard: its flush counts every id.
+        for store in stores.iter_mut() {
+            drop(store.take());
         }
-        let store = live(&mut stores, &mut model, &db, 0, fsync);
+        let store = open(&db, 0, fsync);
+        store.flush().unwrap();
         for (t, tenant) in TENANTS.iter().enumerate() {
-            prop_assert_eq!(store.count(tenant).unwrap(), model.count(t), "tenant {} at the end", tenant);
-            prop_assert!(model.unflushed.iter().all(Vec::is_empty));
+            let all: BTreeSet<u8> = model.items.iter().filter(|i| i.tenant == t).map(|i| i.id).collect();
+            prop_assert_eq!(store.count(tenant).unwrap(), all.len() as u64, "tenant {} at the end", tenant);
         }
     }
 }

@@ -1,11 +1,13 @@
-//! The store under real processes and real files: several worker processes flushing into the same
-//! tenant files at once, workers killed with SIGKILL at random instants mid-load and mid-flush, a
-//! log torn at every byte, the log of a dead worker adopted, tenant names that try to escape the
-//! database, and two processes claiming one worker id.
+//! The store under real processes and real files: several worker processes merging the same
+//! tenants at once, workers killed with SIGKILL at random instants mid-load and mid-merge, shard
+//! owners coming and going under load, a log torn at every byte, the log of a dead worker merged
+//! by the live ones, tenant names that try to escape the database, and two processes claiming one
+//! worker id.
 //!
-//! Why real processes: the store's promises are about processes, not threads. Its tenant files are
+//! Why real processes: the store's promises are about processes, not threads. Its shards are
 //! guarded by OS file locks between processes and its log by a lock the OS drops when a process
-//! dies; a dead worker is recognised by that lock alone. And a crash simulated inside one process
+//! dies; a dead worker is recognised by that lock alone, and the live workers share out the
+//! shards by it. And a crash simulated inside one process
 //! (dropping a `Store`) runs destructors and joins the log writer, so it can never stop the store
 //! half-way through a write, a rename or a flush: SIGKILL can, at any instruction.
 //!
@@ -64,7 +66,7 @@ struct ChildSpec {
 enum Role {
     /// Waits for a `GO` line on stdin (so that all such children start at once), appends its part
     /// of [`overlap_items`] in batches, flushing every [`OVERLAP_FLUSH_EVERY`] batches, closes the
-    /// store, prints `DONE` and exits 0.
+    /// store (waiting for the other children to merge its log), prints `DONE` and exits 0.
     OverlapWriter { part: usize },
     /// Appends [`batch`]es `first, first + 1, ...` from `appenders` threads at once (so that group
     /// commit groups them), printing `SENT` and `ACK` around each, while another thread flushes
@@ -113,7 +115,7 @@ fn child() {
                     store.flush().expect("child: flush");
                 }
             }
-            store.close().expect("child: close");
+            store.close(Duration::from_secs(30)).expect("child: close");
             say("DONE");
         }
         Role::LoadUntilKilled { first, appenders } => thread::scope(|s| {
@@ -330,8 +332,9 @@ fn numbered(lines: &[String], word: &str) -> Vec<u64> {
 // Data: what children append, computed the same way by the parent to know what to expect.
 // ---------------------------------------------------------------------------------------------
 
-/// The tenants of [`batch`]: names a careless store would mix up or turn into paths.
-const LOAD_TENANTS: [&str; 3] = ["alpha", "Alpha", "../beta"];
+/// The tenants of [`batch`]: names a careless store would mix up or turn into paths, enough of
+/// them that several workers own some.
+const LOAD_TENANTS: [&str; 8] = ["alpha", "Alpha", "../beta", "gamma", "δ", "a b", "%2e%2e", "."];
 
 /// Items in a batch of the kill test and of the adoption tests.
 const LOAD_BATCH: usize = 3;
@@ -379,9 +382,25 @@ fn assert_counts(store: &Store, expected: &BTreeMap<String, u64>, context: &str)
     }
 }
 
-/// The report of the flush [`Store::open`] ran: what it replayed and adopted.
-fn open_report(store: &Store) -> FlushReport {
-    store.stats().last_flush.expect("open flushes").2
+/// The store a parent opens to check the children's work; once the children are dead it owns
+/// every shard, so its flush merges whatever they left.
+fn checker(db: &Path, fsync: FsyncPolicy) -> (Store, FlushReport) {
+    let store = Store::open(db, "checker", options(fsync)).unwrap();
+    let report = store.flush().unwrap();
+    (store, report)
+}
+
+/// Appends every acknowledged batch again and flushes: if every one was stored, none of their ids
+/// is new. The counts alone could hide a lost acknowledged batch behind a counted unacknowledged
+/// one; this cannot.
+#[track_caller]
+fn assert_all_stored(store: &Store, acked: &[u64], context: &str) {
+    let again: Vec<(String, String)> = acked.iter().flat_map(|&n| batch(n, LOAD_BATCH)).collect();
+    for chunk in again.chunks(10_000) {
+        store.append_blocking(&items(chunk)).unwrap();
+    }
+    let report = store.flush().unwrap();
+    assert_eq!(report.new_ids, 0, "{context}: acknowledged ids missing");
 }
 
 /// Options for the parent's stores: a generous lock wait, since the only other holders of a log
@@ -390,17 +409,28 @@ fn options(fsync: FsyncPolicy) -> StoreOptions {
     StoreOptions { fsync, ..StoreOptions::default() }
 }
 
-/// The `.log` files directly in `dir`, sorted by name (which sorts them by sequence number).
+/// The log files (`.open` and `.log`) directly in `dir`, sorted by name, which sorts them by
+/// sequence number.
 fn log_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
-        Ok(entries) => {
-            entries.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect()
-        }
+        Ok(entries) => entries
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log" || x == "open"))
+            .collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => panic!("listing {}: {e}", dir.display()),
     };
     files.sort();
     files
+}
+
+/// The log files under `db` that hold anything.
+fn unmerged(db: &Path) -> Vec<PathBuf> {
+    let mut left = Vec::new();
+    for worker in fs::read_dir(db.join("wal")).unwrap() {
+        left.extend(log_files(&worker.unwrap().path()).into_iter().filter(|f| fs::metadata(f).unwrap().len() > 0));
+    }
+    left
 }
 
 /// Every file and directory under `root`, recursively.
@@ -459,7 +489,8 @@ fn overlap_items(part: usize) -> Vec<(usize, String)> {
 }
 
 /// The Go original lost 22% of the items here: four processes loaded, merged and saved the same
-/// tenant file under an in-process mutex only.
+/// tenant file under an in-process mutex only. Here the four come and go as owners of the shards
+/// while they write, and each waits, when it closes, for the others to merge its log.
 #[test]
 fn four_processes_flushing_overlapping_ids_count_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -483,8 +514,9 @@ fn four_processes_flushing_overlapping_ids_count_exactly() {
         let lines = child.wait_success(Duration::from_secs(50));
         assert!(lines.iter().any(|l| l == "DONE"), "a child exited without DONE: {lines:?}");
     }
-    let store = Store::open(&db, "checker", options(FsyncPolicy::EverySec)).unwrap();
-    assert_eq!(open_report(&store).items, 0, "children closed gracefully: no log should be left to adopt");
+    assert_eq!(unmerged(&db), Vec::<PathBuf>::new(), "children closed gracefully: their logs should be merged");
+    let (store, report) = checker(&db, FsyncPolicy::EverySec);
+    assert_eq!(report.items, 0, "children closed gracefully: nothing should be left to merge");
     for (t, tenant) in OVERLAP_TENANTS.iter().enumerate() {
         assert_eq!(store.count(tenant).unwrap(), expected[t].len() as u64, "tenant {tenant:?}");
     }
@@ -530,6 +562,7 @@ fn sigkill_mid_load_loses_no_acknowledged_batch() {
 
         let store = Store::open(&db, "loaded", options(fsync))
             .unwrap_or_else(|e| panic!("{context}: reopening after SIGKILL failed: {e}"));
+        store.flush().unwrap_or_else(|e| panic!("{context}: the first flush after SIGKILL failed: {e}"));
         for tenant in LOAD_TENANTS {
             let count = store.count(tenant).unwrap();
             assert!(
@@ -539,20 +572,69 @@ fn sigkill_mid_load_loses_no_acknowledged_batch() {
                 sent_total[tenant]
             );
         }
-        // The counts alone could hide a lost acknowledged item behind a counted unacknowledged
-        // one. Exactly: append every acknowledged item again; if all were stored, none is new.
-        let again: Vec<(String, String)> = acked.iter().flat_map(|&n| batch(n, LOAD_BATCH)).collect();
-        for chunk in again.chunks(10_000) {
-            store.append_blocking(&items(chunk)).unwrap();
-        }
-        let report = store.flush().unwrap();
-        assert_eq!(report.new_ids, 0, "{context}: acknowledged ids missing after the replay");
-        store.close().unwrap();
+        assert_all_stored(&store, &acked, &context);
+        store.close(Duration::ZERO).unwrap();
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3. A log torn at every byte.
+// 3. Shard owners coming and going under load.
+// ---------------------------------------------------------------------------------------------
+
+const OWNER_ROUNDS: u64 = 16;
+const OWNER_IDS: [&str; 3] = ["w0", "w1", "w2"];
+
+/// Up to three workers load the store and merge every 20 ms, and each round one of them is killed
+/// with SIGKILL and another started in its place, so the shards' owners change under load and
+/// mid-merge. Counts read from the files never go down, and at the end every acknowledged batch
+/// is counted exactly once.
+#[test]
+fn shard_owners_killed_and_replaced_under_load_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let mut rng = rand::rng();
+    let mut running: Vec<(usize, ChildProcess)> = Vec::new();
+    let (mut acked, mut sent) = (Vec::new(), HashSet::new());
+    let mut last_counts: BTreeMap<&str, u64> = BTreeMap::new();
+    for round in 0..OWNER_ROUNDS {
+        // Start every worker id that is not running, each with batch numbers of its own.
+        for (w, id) in OWNER_IDS.iter().enumerate() {
+            if running.iter().all(|(r, _)| *r != w) {
+                let first = (round << 32) | ((w as u64) << 28);
+                let mut child =
+                    ChildProcess::spawn(&db, id, FsyncPolicy::EverySec, Role::LoadUntilKilled { first, appenders: 2 });
+                child.wait_for("READY", Duration::from_secs(30));
+                running.push((w, child));
+            }
+        }
+        thread::sleep(Duration::from_millis(rng.random_range(50..=300)));
+        let (_, mut victim) = running.swap_remove(rng.random_range(0..running.len()));
+        let lines = victim.kill();
+        acked.extend(numbered(lines, "ACK"));
+        sent.extend(numbered(lines, "SENT"));
+        for tenant in LOAD_TENANTS {
+            let count = countapp_worker::store::read_count(&db, tenant).unwrap();
+            let before = last_counts.insert(tenant, count).unwrap_or(0);
+            assert!(count >= before, "round {round}: the count of {tenant:?} went down from {before} to {count}");
+        }
+    }
+    for (_, mut child) in running {
+        let lines = child.kill();
+        acked.extend(numbered(lines, "ACK"));
+        sent.extend(numbered(lines, "SENT"));
+    }
+    let (store, _) = checker(&db, FsyncPolicy::EverySec);
+    let context = format!("after {OWNER_ROUNDS} rounds, {} batches acknowledged", acked.len());
+    let (low, high) = (per_tenant(acked.iter().copied(), LOAD_BATCH), per_tenant(sent, LOAD_BATCH));
+    for tenant in LOAD_TENANTS {
+        let count = store.count(tenant).unwrap();
+        assert!(low[tenant] <= count && count <= high[tenant], "{context}: {tenant:?} counts {count}");
+    }
+    assert_all_stored(&store, &acked, &context);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A log torn at every byte.
 // ---------------------------------------------------------------------------------------------
 
 /// A crash mid-append leaves a prefix of the log: cut at any byte, the whole records before the
@@ -588,16 +670,20 @@ fn a_torn_log_tail_at_every_byte_offset_keeps_every_earlier_record() {
 
         let store = Store::open(&cdb, "torn", options(FsyncPolicy::Never))
             .unwrap_or_else(|e| panic!("{context}: open failed: {e}"));
+        let report = store.flush().unwrap_or_else(|e| panic!("{context}: flush failed: {e}"));
         assert_counts(&store, &per_tenant(0..whole, LEN), &context);
-        let report = open_report(&store);
-        assert_eq!(report.dropped_bytes, cut - ends[whole as usize], "{context}: dropped bytes");
-        assert_eq!(report.items, whole * LEN as u64, "{context}: replayed items");
+        // A file that holds no whole record holds nothing acknowledged: its worker deletes it
+        // when it starts, and no merge ever reads it.
+        let dropped = if whole == 0 { 0 } else { cut - ends[whole as usize] };
+        assert_eq!(report.dropped_bytes, dropped, "{context}: dropped bytes");
+        assert_eq!(report.items, whole * LEN as u64, "{context}: merged items");
 
         if cut > ends[K as usize - 1] {
             // What comes after a torn record must not be lost behind it.
             store.append_blocking(&items(&batch(K, LEN))).unwrap();
             drop(store);
             let store = Store::open(&cdb, "torn", options(FsyncPolicy::Never)).unwrap();
+            store.flush().unwrap();
             let expected = per_tenant((0..whole).chain([K]), LEN);
             assert_counts(&store, &expected, &format!("{context}, then one more batch and a crash"));
         }
@@ -605,78 +691,76 @@ fn a_torn_log_tail_at_every_byte_offset_keeps_every_earlier_record() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. The log of a dead worker.
+// 5. The log of a dead worker.
 // ---------------------------------------------------------------------------------------------
 
-const ADOPT_BATCHES: u64 = 40;
+const DEAD_BATCHES: u64 = 40;
 
-/// A worker killed with unflushed, acknowledged batches: the next worker to open adopts its log
-/// and counts them; the dead worker coming back, and later flushes, count nothing twice.
+/// A worker killed with acknowledged batches it never merged: its log files are final, and the
+/// next flush of a live worker merges them; the dead worker coming back, and later flushes, count
+/// nothing twice.
 #[test]
-fn an_orphaned_log_is_adopted_once() {
+fn a_dead_workers_log_is_merged_once() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let dead_wal = db.join("wal/dead");
     let mut child =
-        ChildProcess::spawn(&db, "dead", FsyncPolicy::EverySec, Role::AppendThenHold { batches: ADOPT_BATCHES });
+        ChildProcess::spawn(&db, "dead", FsyncPolicy::EverySec, Role::AppendThenHold { batches: DEAD_BATCHES });
     child.wait_for("DONE", Duration::from_secs(30));
     let acked = numbered(child.kill(), "ACK");
-    assert_eq!(acked, (0..ADOPT_BATCHES).collect::<Vec<_>>());
+    assert_eq!(acked, (0..DEAD_BATCHES).collect::<Vec<_>>());
     let expected = per_tenant(acked.iter().copied(), LOAD_BATCH);
     assert!(!log_files(&dead_wal).is_empty(), "the killed worker left no log");
 
     let live = Store::open(&db, "live", options(FsyncPolicy::EverySec)).unwrap();
-    assert_counts(&live, &expected, "after the live worker's open adopted the dead one's log");
-    let report = open_report(&live);
-    assert!(report.adopted_files >= 1, "{report:?}");
-    assert_eq!(report.items, ADOPT_BATCHES * LOAD_BATCH as u64, "{report:?}");
-    assert_eq!(log_files(&dead_wal), Vec::<PathBuf>::new(), "the adopted log files were not consumed");
+    let report = live.flush().unwrap();
+    assert_counts(&live, &expected, "after the live worker merged the dead one's log");
+    assert_eq!(report.items, DEAD_BATCHES * LOAD_BATCH as u64, "{report:?}");
+    assert_eq!(log_files(&dead_wal), Vec::<PathBuf>::new(), "the merged log files were not deleted");
 
     let dead = Store::open(&db, "dead", options(FsyncPolicy::EverySec)).unwrap();
-    assert_eq!(open_report(&dead), FlushReport::default(), "the dead worker's restart replayed its adopted log again");
+    let report = dead.flush().unwrap();
+    assert_eq!(report.items, 0, "the dead worker's restart merged its log again: {report:?}");
     let report = live.flush().unwrap();
     assert_eq!(report.items, 0, "{report:?}");
     assert_counts(&live, &expected, "after the dead worker's restart and a flush");
     assert_counts(&dead, &expected, "as the restarted worker reads them");
-    dead.close().unwrap();
-    live.close().unwrap();
-    for file in log_files(&dead_wal) {
-        // Only the empty active file of the restarted worker's last run may remain.
-        assert_eq!(fs::metadata(&file).unwrap().len(), 0, "{} still holds records", file.display());
-    }
-    let store = Store::open(&db, "checker", options(FsyncPolicy::EverySec)).unwrap();
+    dead.close(Duration::from_secs(5)).unwrap();
+    live.close(Duration::from_secs(5)).unwrap();
+    assert_eq!(unmerged(&db), Vec::<PathBuf>::new(), "log files left after both closed");
+    let (store, _) = checker(&db, FsyncPolicy::EverySec);
     assert_counts(&store, &expected, "at the end");
 }
 
-/// The same, with the live worker already running: its periodic flush must leave a running
-/// worker's log alone, and adopt it once that worker is dead.
+/// The same with the live worker already running: its flush must leave the log of a running
+/// worker alone (its active file may still grow), and merge it once that worker is dead.
 #[test]
-fn an_orphaned_log_is_adopted_by_a_live_workers_flush() {
+fn a_running_workers_active_log_is_left_alone_until_it_dies() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let live = Store::open(&db, "live", options(FsyncPolicy::EverySec)).unwrap();
     let mut child =
-        ChildProcess::spawn(&db, "dead", FsyncPolicy::Never, Role::AppendThenHold { batches: ADOPT_BATCHES });
+        ChildProcess::spawn(&db, "dead", FsyncPolicy::Never, Role::AppendThenHold { batches: DEAD_BATCHES });
     child.wait_for("DONE", Duration::from_secs(30));
     let zero = per_tenant([], LOAD_BATCH);
     let report = live.flush().unwrap();
-    assert_eq!(report.adopted_files, 0, "a flush took the log of a running worker: {report:?}");
+    assert_eq!(report.log_files, 0, "a flush read the active log of a running worker: {report:?}");
     assert_counts(&live, &zero, "while the other worker runs");
 
     let acked = numbered(child.kill(), "ACK");
-    assert_eq!(acked, (0..ADOPT_BATCHES).collect::<Vec<_>>());
+    assert_eq!(acked, (0..DEAD_BATCHES).collect::<Vec<_>>());
     let expected = per_tenant(acked.iter().copied(), LOAD_BATCH);
     let report = live.flush().unwrap();
-    assert!(report.adopted_files >= 1, "{report:?}");
-    assert_counts(&live, &expected, "after the live worker's flush adopted the dead one's log");
-    assert_eq!(log_files(&db.join("wal/dead")), Vec::<PathBuf>::new(), "the adopted log files were not consumed");
+    assert_eq!(report.items, DEAD_BATCHES * LOAD_BATCH as u64, "{report:?}");
+    assert_counts(&live, &expected, "after the live worker's flush merged the dead one's log");
+    assert_eq!(log_files(&db.join("wal/dead")), Vec::<PathBuf>::new(), "the merged log files were not deleted");
     let report = live.flush().unwrap();
-    assert_eq!(report.items, 0, "a second flush adopted again: {report:?}");
+    assert_eq!(report.items, 0, "a second flush merged again: {report:?}");
     assert_counts(&live, &expected, "after a second flush");
 }
 
 // ---------------------------------------------------------------------------------------------
-// 5. Tenant names.
+// 6. Tenant names.
 // ---------------------------------------------------------------------------------------------
 
 /// Tenant names that a store deriving paths from names would mix up or let out of the database;
@@ -708,39 +792,41 @@ fn tenant_names_are_distinct_and_stay_inside_the_database() {
         }
     };
     check(&store, "after the flush");
-    store.close().unwrap();
+    store.close(Duration::ZERO).unwrap();
     let other = Store::open(&db, "other", options(FsyncPolicy::EverySec)).unwrap();
     check(&other, "as another worker reads them");
-    other.close().unwrap();
+    other.close(Duration::ZERO).unwrap();
 
     for path in walk(dir.path()) {
         assert!(path.starts_with(&db), "{} was written outside the database {}", path.display(), db.display());
     }
     for path in walk(&db) {
         let top = path.strip_prefix(&db).unwrap().components().next().unwrap();
-        assert!(["wal", "tenants"].contains(&top.as_os_str().to_str().unwrap()), "unexpected {}", path.display());
+        let top = top.as_os_str().to_str().unwrap();
+        assert!(["wal", "shards", "STORE.json"].contains(&top), "unexpected {}", path.display());
     }
-    let tenants_dir = db.join("tenants");
     let mut names = Vec::new();
-    for entry in fs::read_dir(&tenants_dir).unwrap() {
-        let entry = entry.unwrap();
-        let name = entry.file_name().into_string().expect("a UTF-8 directory name");
-        assert!(entry.file_type().unwrap().is_dir(), "{name:?} is not a tenant directory");
-        assert!(name != "." && name != ".." && !name.starts_with('.'), "a tenant directory named {name:?}");
-        assert!(!tenants.contains(&name.as_str()), "tenant {name:?} is a raw directory name");
-        assert!(name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\'), "unsafe name {name:?}");
-        for file in walk(&entry.path()) {
-            assert!(file.is_file(), "{} nests inside a tenant directory", file.display());
+    for shard in fs::read_dir(db.join("shards")).unwrap() {
+        for entry in fs::read_dir(shard.unwrap().path()).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().expect("a UTF-8 file name");
+            if name == "LOCK" || name == "SHARD.json" {
+                continue;
+            }
+            assert!(entry.file_type().unwrap().is_file(), "{name:?}: a small tenant is one file");
+            assert!(name.ends_with(".json") && !name.starts_with('.'), "a tenant file named {name:?}");
+            assert!(!tenants.contains(&name.trim_end_matches(".json")), "tenant {name:?} is a raw file name");
+            assert!(name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\'), "unsafe name {name:?}");
+            names.push(name);
         }
-        names.push(name);
     }
-    assert_eq!(names.len(), tenants.len(), "one directory per tenant: {names:?}");
+    assert_eq!(names.len(), tenants.len(), "one file per tenant: {names:?}");
     let folded: HashSet<String> = names.iter().map(|n| n.to_lowercase()).collect();
-    assert_eq!(folded.len(), names.len(), "directory names collide on a case-insensitive file system: {names:?}");
+    assert_eq!(folded.len(), names.len(), "file names collide on a case-insensitive file system: {names:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6. One worker id, two processes.
+// 7. One worker id, two processes.
 // ---------------------------------------------------------------------------------------------
 
 /// Two processes started with one worker id would interleave one log: the second must be refused
@@ -768,5 +854,6 @@ fn a_second_process_cannot_open_a_running_workers_log() {
     let store =
         Store::open(&db, "w", StoreOptions { fsync: FsyncPolicy::Always, lock_wait: wait, ..StoreOptions::default() })
             .expect("open once the other process is dead");
+    store.flush().unwrap();
     assert_counts(&store, &per_tenant(0..BATCHES, LOAD_BATCH), "after taking over the dead process's log");
 }

@@ -1,32 +1,17 @@
-//! Crash-safe file replacement: a reader, or a process restarted after kill -9, sees either the
-//! old file or the new one, never a torn mix.
+//! File system helpers for durable writes: a file, or a directory's entries, made durable.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
-/// Writes `path` atomically: `fill` writes into a temporary file beside it, which is fsynced and
-/// renamed over `path`, and then the directory is fsynced so that the rename itself is durable.
-///
-/// The temporary name is fixed per target, so callers must hold the lock that guards `path`;
-/// a temporary left behind by a crash is simply overwritten by the next write.
-pub(crate) fn write_atomically(
-    path: &Path,
-    fill: impl FnOnce(&mut BufWriter<&File>) -> io::Result<()>,
-) -> io::Result<()> {
-    let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent directory"))?;
-    let name = path.file_name().ok_or_else(|| io::Error::other("path has no file name"))?;
-    let mut tmp_name = name.to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-    let mut out = BufWriter::with_capacity(1 << 16, &file);
+/// Writes a new file at `path` (which must not exist) with what `fill` writes, and fsyncs it.
+pub(crate) fn write_new(path: &Path, fill: impl FnOnce(&mut BufWriter<&File>) -> io::Result<()>) -> io::Result<()> {
+    let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+    let mut out = BufWriter::new(&file);
     fill(&mut out)?;
     out.flush()?;
     drop(out);
-    file.sync_all()?;
-    fs::rename(&tmp, path)?;
-    sync_dir(dir)
+    file.sync_all()
 }
 
 /// Makes the entries of `dir` (created, renamed or removed files) durable.

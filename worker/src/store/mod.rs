@@ -2,53 +2,45 @@
 //!
 //! - [`Store::append`] writes a batch to this worker's write-ahead log and returns once it is as
 //!   durable as the `fsync` policy promises (under `always`, concurrent appends share one fsync).
-//! - [`Store::flush`] merges the log's items into the tenants' id sets shared by every worker
-//!   (the JSON files below, or Redis sets: see `backend`), then deletes the log files it consumed.
-//! - [`Store::count`] reads a tenant's count as of the latest flush by any worker.
-//! - [`Store::open`] replays this worker's log, and adopts the log of any worker that is not
-//!   running, so that nothing acknowledged is ever stranded.
+//! - [`Store::flush`] closes the active log file and runs a merge round: the tenants' id sets
+//!   take the closed log files' items (see `shards` for the JSON files, `redis_sets` for Redis),
+//!   and log files merged everywhere are deleted. [`Store::merge`] runs a round only if log
+//!   files were closed or workers came or went since the last one.
+//! - [`Store::count`] reads a tenant's count as of the latest merge by any worker.
+//! - [`Store::open`] locks this worker's log and closes what a previous run left in it; the
+//!   merges take it from there, as they take the files of dead workers: nothing acknowledged
+//!   is ever stranded, and opening costs no replay.
 //!
-//! On disk, under the database directory (the `tenants/` part only with the JSON backend):
-//!
-//! ```text
-//! wal/<worker id>/LOCK                  held by the running worker
-//! wal/<worker id>/<seq>.log             write-ahead log files, the newest one active
-//! tenants/<name>.<hash>/LOCK            held while a process changes the tenant's files
-//! tenants/<name>.<hash>/manifest.json   the tenant's name, count and segments
-//! tenants/<name>.<hash>/<first>-<last>.json   a segment: a JSON array of ids
-//! ```
+//! The files under the database directory are described in `layout`.
 
-mod backend;
+mod commit;
 mod fsutil;
 mod idset;
+mod layout;
+mod log;
 mod naming;
 mod redis_sets;
-mod tenants;
-mod wal;
-mod writer;
+mod shards;
+mod tenant;
 
-use std::fs;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::thread;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use countapp_shared::config::{FsyncPolicy, StoreBackend};
 use countapp_shared::items::Item;
-use hashbrown::HashMap;
 use parking_lot::Mutex;
 use thiserror::Error;
 
-use backend::TenantStore;
+pub use layout::{DEFAULT_SHARDS, owner_of, shard_of};
+use log::LogDir;
+use log::record::{self, Entry, Records};
+use log::writer::{Ticket, Writer};
 use redis_sets::RedisTenants;
-use tenants::Tenants;
-use wal::{LogDir, Records};
-use writer::{Ticket, Writer};
-
-/// Threads a flush merges tenants with, at most.
-const MAX_MERGE_THREADS: usize = 4;
+use shards::Shards;
 
 /// What can go wrong in the store.
 #[derive(Debug, Error)]
@@ -72,12 +64,12 @@ pub enum StoreError {
         /// What is wrong with it.
         detail: String,
     },
-    /// Two tenant names hash to the same directory; the store refuses rather than mix their ids.
-    #[error("tenant {tenant:?} maps to the directory of tenant {owner:?}")]
+    /// Two tenant names hash to the same file; the store refuses rather than mix their ids.
+    #[error("tenant {tenant:?} maps to the file of tenant {owner:?}")]
     TenantCollision {
         /// The tenant asked for.
         tenant: String,
-        /// The tenant that owns the directory.
+        /// The tenant that owns the file.
         owner: String,
     },
     /// Another live process holds this worker's log: two workers were started with one id.
@@ -108,36 +100,48 @@ impl StoreError {
 /// How a store is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// When appends are fsynced: before the ack, once a second, or never.
+    /// When appends are fsynced: before the ack, once a second, or never. Merges are made
+    /// durable before log files are deleted, except under `never`.
     pub fsync: FsyncPolicy,
-    /// How long [`Store::open`] waits for a process that holds this worker's log, such as a
-    /// worker that adopted it while this one was down.
+    /// How long [`Store::open`] waits for a process that holds this worker's log, such as the
+    /// previous run of this worker still stopping.
     pub lock_wait: Duration,
     /// Where the tenants' id sets live.
     pub backend: StoreBackend,
+    /// The shards of the database, if this open creates it; an existing database keeps its own.
+    pub shards: u16,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { fsync: FsyncPolicy::EverySec, lock_wait: Duration::from_secs(10), backend: StoreBackend::Json }
+        StoreOptions {
+            fsync: FsyncPolicy::EverySec,
+            lock_wait: Duration::from_secs(10),
+            backend: StoreBackend::Json,
+            shards: DEFAULT_SHARDS,
+        }
     }
 }
 
-/// What a flush did.
+/// What a flush or a merge round did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FlushReport {
-    /// Log files consumed, this worker's and adopted ones.
+    /// Log files read, of any worker.
     pub log_files: u64,
-    /// Log files of dead workers among them.
-    pub adopted_files: u64,
-    /// Items read from the logs, repeats included.
+    /// Items taken from them into the shards this worker merges, repeats included.
     pub items: u64,
-    /// Tenants touched.
+    /// Tenants merged into.
     pub tenants: u64,
     /// Ids that were new to their tenant.
     pub new_ids: u64,
-    /// Bytes of torn or corrupt records dropped from the ends of log files.
+    /// Bytes of torn or damaged records skipped in log files.
     pub dropped_bytes: u64,
+    /// Log files deleted, every shard having merged them.
+    pub deleted_files: u64,
+    /// Bytes of tenant files written.
+    pub written_bytes: u64,
+    /// Shards left for a later round, their lock held by another worker.
+    pub busy_shards: u64,
 }
 
 /// A snapshot of the store's counters, for `/stats` and `/metrics`.
@@ -145,79 +149,98 @@ pub struct FlushReport {
 pub struct StoreStats {
     /// Bytes appended to the log since the store opened.
     pub log_bytes_appended: u64,
-    /// Items acknowledged but not yet flushed into the tenant files.
+    /// Items this worker acknowledged that are still in its log files: not yet merged
+    /// everywhere.
     pub pending_items: u64,
-    /// When the latest flush finished, and what it did.
+    /// Ids this worker holds in memory for the shards it merges, and their bytes, about.
+    pub ids_in_memory: (u64, u64),
+    /// When the latest round that did something finished, what it took, and what it did.
     pub last_flush: Option<(SystemTime, Duration, FlushReport)>,
+}
+
+/// Where the tenants' id sets live, and how log files get there.
+enum Engine {
+    /// JSON files under the database, merged shard by shard by their owners.
+    Json(Shards),
+    /// Redis sets; each worker merges its own log.
+    Redis(RedisTenants),
 }
 
 /// A worker's durable store; see the module documentation.
 ///
 /// Dropping a store without [`Store::close`] is like a crash: what was appended stays in the log
-/// and the next [`Store::open`] of the same worker id, or an adopting worker, flushes it.
+/// and is merged all the same, by this worker's next run or by the other workers.
 pub struct Store {
     worker_id: String,
-    wal_root: PathBuf,
-    tenants: Box<dyn TenantStore>,
+    root: PathBuf,
+    shards: u16,
+    engine: Engine,
     writer: Writer,
     /// This worker's log directory, locked while the store lives. Declared after `writer`, so
     /// that the lock is released only once the writer has finished.
     log: LogDir,
-    /// One flush at a time: a flush consumes whole log files.
-    flushing: Mutex<()>,
-    /// The first log file of this run: older ones were recovered at open.
-    first_seq: u64,
-    /// Items of this run's log files consumed by flushes, for the pending count.
-    consumed: AtomicU64,
+    /// One round at a time.
+    rounds: Mutex<RoundState>,
+    /// This worker's closed log files not yet deleted, with their items: the pending count.
+    closed: Mutex<BTreeMap<u64, u64>>,
     last_flush: Mutex<Option<(SystemTime, Duration, FlushReport)>>,
 }
 
+/// What the last merge round saw, so that a poll with nothing new does nothing.
+#[derive(Default)]
+struct RoundState {
+    /// The live workers and final log files of the last complete round.
+    seen: Option<Vec<(String, bool, Vec<u64>)>>,
+}
+
 impl Store {
-    /// Opens the store under `database` as worker `worker_id`: locks this worker's log, flushes
-    /// whatever it and the logs of dead workers hold, and starts a new log file.
+    /// Opens the store under `database` as worker `worker_id`: locks this worker's log, closes
+    /// the files a previous run left in it, and starts a new log file. Merges nothing: the
+    /// next round does, so the store serves at once, whatever its size.
     pub fn open(database: &Path, worker_id: &str, options: StoreOptions) -> Result<Store, StoreError> {
         validate_worker_id(worker_id)?;
-        let wal_root = database.join("wal");
-        let tenants: Box<dyn TenantStore> = match &options.backend {
-            StoreBackend::Json => Box::new(Tenants::open(database.join("tenants"))?),
-            StoreBackend::Redis { url, cluster } => Box::new(RedisTenants::new(url, *cluster)?),
+        let shards = layout::open_or_create(database, options.shards)?;
+        let writer_tag = format!("{worker_id}/{:016x}", rand::random::<u64>());
+        let sync = options.fsync != FsyncPolicy::Never;
+        let engine = match &options.backend {
+            StoreBackend::Json => Engine::Json(Shards::new(database, shards, worker_id, writer_tag, sync)),
+            StoreBackend::Redis { url, cluster } => Engine::Redis(RedisTenants::new(url, *cluster)?),
         };
-        let log_path = wal_root.join(worker_id);
+        let log_path = database.join("wal").join(worker_id);
         let log = LogDir::lock(&log_path, options.lock_wait)
             .map_err(|e| StoreError::io(format!("locking {}", log_path.display()), e))?
             .ok_or_else(|| StoreError::LogInUse(worker_id.to_owned()))?;
-        let files = log.files().map_err(|e| StoreError::io("listing the log", e))?;
-        let next_seq = files.last().map_or(1, |(seq, _)| seq + 1);
-        let writer =
-            Writer::start(&log, next_seq, options.fsync).map_err(|e| StoreError::io("starting the log writer", e))?;
-        let store = Store {
+        let mut highest = log.close_leftovers().map_err(|e| StoreError::io("closing the previous run's log", e))?;
+        if let Engine::Json(shards) = &engine {
+            highest = highest.max(shards.highest_merged(worker_id)?);
+        }
+        let mut closed = BTreeMap::new();
+        for file in log::files(log.path()).map_err(|e| StoreError::io("listing the log", e))? {
+            match items_in(&file.path)? {
+                // Merged and deleted by another worker meanwhile: pending no more.
+                None => {}
+                // Nothing acknowledged in it. No shard records its number, so only this worker
+                // may delete it, and only now that `highest` is past it: numbers are never reused.
+                Some(0) => std::fs::remove_file(&file.path)
+                    .map_err(|e| StoreError::io(format!("removing {}", file.path.display()), e))?,
+                Some(items) => {
+                    closed.insert(file.seq, items);
+                }
+            }
+        }
+        let writer = Writer::start(&log, highest + 1, options.fsync)
+            .map_err(|e| StoreError::io("starting the log writer", e))?;
+        Ok(Store {
             worker_id: worker_id.to_owned(),
-            wal_root,
-            tenants,
+            root: database.to_path_buf(),
+            shards,
+            engine,
             writer,
             log,
-            flushing: Mutex::new(()),
-            first_seq: next_seq,
-            consumed: AtomicU64::new(0),
+            rounds: Mutex::new(RoundState::default()),
+            closed: Mutex::new(closed),
             last_flush: Mutex::new(None),
-        };
-        match store.flush() {
-            Ok(recovered) if recovered.log_files > 0 => tracing::info!(
-                worker = worker_id,
-                files = recovered.log_files,
-                adopted = recovered.adopted_files,
-                items = recovered.items,
-                new_ids = recovered.new_ids,
-                "recovered logs"
-            ),
-            Ok(_) => {}
-            // The logs stay until the tenant store is back; the periodic flush retries.
-            Err(StoreError::Backend(e)) => {
-                tracing::warn!(worker = worker_id, error = e, "recovery waits for the store")
-            }
-            Err(e) => return Err(e),
-        }
-        Ok(store)
+        })
     }
 
     /// Appends `items` to the log. The future resolves once they are durable per the `fsync`
@@ -246,46 +269,86 @@ impl Store {
         if items.is_empty() {
             return Ticket::Done(Ok(()));
         }
-        self.writer.append(wal::encode_record(items), items.len() as u64)
+        self.writer.append(record::encode(items, self.shards), items.len() as u64)
     }
 
-    /// Merges every item logged so far into the tenant files, then deletes the consumed log
-    /// files; also adopts and consumes the logs of workers that are not running.
+    /// Closes the active log file, so that every item acknowledged so far is in a closed file,
+    /// and runs a merge round. With the JSON files, the round merges the shards this worker
+    /// owns, from every worker's closed files: once every live worker has flushed, every
+    /// acknowledged item is counted; a worker alone owns every shard.
     pub fn flush(&self) -> Result<FlushReport, StoreError> {
-        let _one_at_a_time = self.flushing.lock();
+        let mut rounds = self.rounds.lock();
+        if let Some((seq, items)) = self.writer.rotate()? {
+            self.closed.lock().insert(seq, items);
+        }
+        self.round(&mut rounds, true)
+    }
+
+    /// A merge round, if anything changed since the last one: a log file was closed or
+    /// deleted, or a worker came or went. Cheap when nothing did: one listing of the logs.
+    pub fn merge(&self) -> Result<FlushReport, StoreError> {
+        let mut rounds = self.rounds.lock();
+        self.round(&mut rounds, false)
+    }
+
+    fn round(&self, state: &mut RoundState, always: bool) -> Result<FlushReport, StoreError> {
         let started = Instant::now();
-        let active = self.writer.rotate()?;
+        let wal_root = self.root.join("wal");
+        let logs = log::scan(&wal_root).map_err(|e| StoreError::io("listing the logs", e))?;
+        let seen: Vec<(String, bool, Vec<u64>)> =
+            logs.iter().map(|l| (l.worker.clone(), l.live, l.inputs.iter().map(|f| f.seq).collect())).collect();
+        if !always && state.seen.as_ref() == Some(&seen) {
+            return Ok(FlushReport::default());
+        }
+        state.seen = None;
         let mut report = FlushReport::default();
-        let own = self.log.files().map_err(|e| StoreError::io("listing the log", e))?;
-        for (seq, path) in own.iter().filter(|(seq, _)| *seq < active) {
-            let items = self.consume(path, &mut report)?;
-            if *seq >= self.first_seq {
-                self.consumed.fetch_add(items, Ordering::Relaxed);
-            }
+        match &self.engine {
+            Engine::Json(shards) => shards.round(&logs, &mut report)?,
+            Engine::Redis(redis) => redis.round(&wal_root, &self.worker_id, &logs, &mut report)?,
         }
-        if report.log_files > 0 {
-            fsutil::sync_dir(self.log.path()).map_err(|e| StoreError::io("syncing the log directory", e))?;
+        // A shard left busy is retried at the next poll, changed or not.
+        state.seen = (report.busy_shards == 0).then_some(seen);
+        self.forget_deleted();
+        if report != FlushReport::default() {
+            *self.last_flush.lock() = Some((SystemTime::now(), started.elapsed(), report.clone()));
         }
-        self.adopt_orphans(&mut report)?;
-        *self.last_flush.lock() = Some((SystemTime::now(), started.elapsed(), report.clone()));
         Ok(report)
     }
 
-    /// The tenant's distinct count as of the latest flush by any worker sharing the database.
+    /// Drops this worker's log files that are gone from the pending count.
+    fn forget_deleted(&self) {
+        let Ok(present) = log::files(self.log.path()) else { return };
+        let present: Vec<u64> = present.iter().map(|f| f.seq).collect();
+        self.closed.lock().retain(|seq, _| present.binary_search(seq).is_ok());
+    }
+
+    /// The tenant's distinct count as of the latest merge by any worker sharing the database.
     pub fn count(&self, tenant: &str) -> Result<u64, StoreError> {
-        self.tenants.count(tenant)
+        match &self.engine {
+            Engine::Json(shards) => shards.count(tenant),
+            Engine::Redis(redis) => redis.count(tenant),
+        }
     }
 
     /// Whether [`Store::count`] may wait on the network, so that an event loop should call it on
     /// a blocking thread.
     pub fn counts_block(&self) -> bool {
-        self.tenants.counts_block()
+        matches!(self.engine, Engine::Redis(_))
     }
 
-    /// Items acknowledged but not yet flushed into the tenants' store.
+    /// Items this worker acknowledged that are still in its log files.
     pub fn pending_items(&self) -> u64 {
-        let appended = self.writer.stats().items.load(Ordering::Relaxed);
-        appended.saturating_sub(self.consumed.load(Ordering::Relaxed))
+        self.writer.active_items() + self.closed.lock().values().sum::<u64>()
+    }
+
+    /// The number of shards of the database.
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    /// This worker's id, its name among the live workers.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
     }
 
     /// The store's counters.
@@ -293,101 +356,67 @@ impl Store {
         StoreStats {
             log_bytes_appended: self.writer.stats().bytes.load(Ordering::Relaxed),
             pending_items: self.pending_items(),
+            ids_in_memory: match &self.engine {
+                Engine::Json(shards) => shards.memory(),
+                Engine::Redis(_) => (0, 0),
+            },
             last_flush: self.last_flush.lock().clone(),
         }
     }
 
-    /// Flushes everything and closes the store, releasing its log.
-    pub fn close(self) -> Result<FlushReport, StoreError> {
-        self.flush()
+    /// Flushes, then goes on merging until every log file of this worker is merged by the
+    /// owners of its shards, or until `wait` has passed. When the whole cluster stops, the last
+    /// worker to go owns every shard: it merges what is left, so that the tenant files then
+    /// hold every acknowledged item.
+    pub fn drain(&self, wait: Duration) -> Result<FlushReport, StoreError> {
+        let mut report = self.flush()?;
+        let deadline = Instant::now() + wait;
+        while !self.closed.lock().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(DRAIN_POLL);
+            let more = self.merge()?;
+            report.items += more.items;
+            report.new_ids += more.new_ids;
+            report.deleted_files += more.deleted_files;
+        }
+        Ok(report)
     }
 
-    /// Merges one log file into the tenant files and deletes it; returns its item count.
-    fn consume(&self, path: &Path, report: &mut FlushReport) -> Result<u64, StoreError> {
-        let data = fs::read(path).map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
-        let mut records = Records::new(&data);
-        let mut by_tenant: HashMap<&str, Vec<&str>> = HashMap::new();
-        let mut items = 0;
-        for record in records.by_ref() {
-            items += record.len() as u64;
-            for (tenant, id) in record {
-                by_tenant.entry(tenant).or_default().push(id);
+    /// [`Store::drain`], then closes the store, releasing its log.
+    pub fn close(self, wait: Duration) -> Result<FlushReport, StoreError> {
+        self.drain(wait)
+    }
+}
+
+/// How often [`Store::drain`] looks whether its log files are merged.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// The count of `tenant` in the JSON store at `database` (0 if there is no database yet), read
+/// from its file without opening a store: a store opened to read would count as a live worker
+/// and own shards.
+pub fn read_count(database: &Path, tenant: &str) -> Result<u64, StoreError> {
+    let shards = match layout::read_shards(database) {
+        Err(StoreError::Io { error, .. }) if error.kind() == io::ErrorKind::NotFound => return Ok(0),
+        other => other?,
+    };
+    Shards::new(database, shards, "reader", String::new(), false).count(tenant)
+}
+
+/// The items in the log file at `path`, intact records only; `None` if it is gone.
+fn items_in(path: &Path) -> Result<Option<u64>, StoreError> {
+    let data = match std::fs::read(path) {
+        Ok(data) => data,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
+    };
+    let mut items = 0;
+    for entry in Records::new(&data) {
+        if let Entry::Record(payload) = entry {
+            for run in payload.runs() {
+                items += run.and_then(|run| run.count_ids()).map_err(|e| StoreError::corrupt(path, e))?;
             }
         }
-        let dropped = (data.len() - records.valid_len()) as u64;
-        if dropped > 0 {
-            // Only the tail of the newest file of a crashed worker can be torn; it was never
-            // acknowledged. Anything else would be damage to the disk, worth a loud line.
-            tracing::warn!(file = %path.display(), offset = records.valid_len(), bytes = dropped, "dropped a torn log tail");
-        }
-        let tenants: Vec<(&str, Vec<&str>)> = by_tenant.into_iter().collect();
-        report.new_ids += self.merge_all(&tenants)?;
-        fs::remove_file(path).map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
-        report.log_files += 1;
-        report.items += items;
-        report.tenants += tenants.len() as u64;
-
-        report.dropped_bytes += dropped;
-        Ok(items)
     }
-
-    /// Merges each tenant's ids into its files, several tenants at once: a merge spends its time
-    /// in hashing and fsyncs, both of which overlap well across threads. Returns the new ids.
-    fn merge_all(&self, tenants: &[(&str, Vec<&str>)]) -> Result<u64, StoreError> {
-        let threads =
-            thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_MERGE_THREADS).min(tenants.len());
-        let next = AtomicUsize::new(0);
-        let work = || -> Result<u64, StoreError> {
-            let mut new_ids = 0;
-            while let Some((tenant, ids)) = tenants.get(next.fetch_add(1, Ordering::Relaxed)) {
-                new_ids += self.tenants.merge(tenant, ids)?;
-            }
-            Ok(new_ids)
-        };
-        thread::scope(|s| {
-            let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
-            let mut total = work();
-            for helper in helpers {
-                let theirs = helper.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                total = match (total, theirs) {
-                    (Ok(a), Ok(b)) => Ok(a + b),
-                    (Err(e), _) | (_, Err(e)) => Err(e),
-                };
-            }
-            total
-        })
-    }
-
-    /// Consumes the log of every worker that is not running: its lock is free.
-    fn adopt_orphans(&self, report: &mut FlushReport) -> Result<(), StoreError> {
-        let entries = match fs::read_dir(&self.wal_root) {
-            Ok(entries) => entries,
-            Err(e) => return Err(StoreError::io("listing the log directories", e)),
-        };
-        for entry in entries {
-            let entry = entry.map_err(|e| StoreError::io("listing the log directories", e))?;
-            if entry.file_name() == self.worker_id.as_str() || !entry.path().is_dir() {
-                continue;
-            }
-            let path = entry.path();
-            // A cheap look before taking the lock: most directories of live workers are skipped
-            // by the lock anyway, and those of stopped workers are usually empty.
-            if wal::log_files(&path).map_or(true, |files| files.is_empty()) {
-                continue;
-            }
-            let Some(orphan) = LogDir::try_lock(&path).map_err(|e| StoreError::io("locking a log", e))? else {
-                continue;
-            };
-            let files = orphan.files().map_err(|e| StoreError::io("listing an adopted log", e))?;
-            for (_, file) in &files {
-                self.consume(file, report)?;
-                report.adopted_files += 1;
-            }
-            fsutil::sync_dir(orphan.path()).map_err(|e| StoreError::io("syncing an adopted log", e))?;
-            tracing::info!(worker = self.worker_id, adopted = %path.display(), files = files.len(), "adopted the log of a stopped worker");
-        }
-        Ok(())
-    }
+    Ok(Some(items))
 }
 
 fn validate_worker_id(id: &str) -> Result<(), StoreError> {

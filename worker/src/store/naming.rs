@@ -1,4 +1,4 @@
-//! How a tenant name becomes a directory name: never the raw name, so that no tenant can reach
+//! How a tenant name becomes a file name: never the raw name, so that no tenant can reach
 //! outside the database (`../x`), and no two tenants share files (`a` and `A` on a
 //! case-insensitive file system, or two names too long for one path component).
 
@@ -7,13 +7,13 @@ use sha2::{Digest, Sha256};
 /// How many characters of the tenant name the directory keeps, for the people reading `db/`.
 const READABLE_PREFIX: usize = 24;
 
-/// The directory name of `tenant`: a readable, lower-case prefix of the name in which every
+/// The stem of `tenant`'s file names: a readable, lower-case prefix of the name in which every
 /// character other than `[a-z0-9_-]` becomes `_`, a dot, and 32 hex digits of the name's SHA-256.
 ///
 /// The hash is what keeps names apart; the prefix only helps an operator find a tenant. Each
-/// tenant's manifest also records the full name, so the store detects the (astronomically
+/// tenant's file also records the full name, so the store detects the (astronomically
 /// unlikely) case of two names sharing a hash instead of mixing their ids.
-pub(crate) fn tenant_dir_name(tenant: &str) -> String {
+pub(crate) fn tenant_file_stem(tenant: &str) -> String {
     let mut name: String = tenant
         .chars()
         .take(READABLE_PREFIX)
@@ -40,7 +40,7 @@ mod tests {
     fn names_are_distinct_safe_and_short() {
         let long = "é".repeat(128);
         let tenants = ["a", "A", "a b", "../x", "..", "%2e%2e", ".", " ", "a/b", "a\\b", "\0", &long];
-        let names: HashSet<String> = tenants.iter().map(|t| tenant_dir_name(t)).collect();
+        let names: HashSet<String> = tenants.iter().map(|t| tenant_file_stem(t)).collect();
         assert_eq!(names.len(), tenants.len());
         for name in &names {
             assert!(name.len() <= READABLE_PREFIX + 33, "{name}");
@@ -52,6 +52,6 @@ mod tests {
     #[test]
     fn the_name_is_stable() {
         // Every worker, and every version of the worker, must find a tenant at the same place.
-        assert_eq!(tenant_dir_name("t1"), "t1.628b49d96dcde97a430dd4f597705899");
+        assert_eq!(tenant_file_stem("t1"), "t1.628b49d96dcde97a430dd4f597705899");
     }
 }

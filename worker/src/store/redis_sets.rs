@@ -1,15 +1,23 @@
 //! The tenants' id sets in Redis: one set per tenant, so that workers on any machine share them.
-//! A merge is one pipeline of `SADD`s (each reply says how many of its ids were new), a count
-//! `SCARD`.
-//! The write-ahead log stays local: an acknowledgement never waits for Redis, and a log is
-//! deleted only once Redis has taken its ids.
+//! A merge is one pipeline of `SADD`s per tenant (each reply says how many of its ids were new),
+//! a count `SCARD`.
+//!
+//! The write-ahead log stays local: an acknowledgement never waits for Redis. Workers on other
+//! machines cannot read this one's log, so each worker merges its own closed log files, and
+//! those of dead workers on its machine (taking their log's lock, so that one worker does it),
+//! and deletes a file once Redis has taken its ids.
 
+use std::fs;
+use std::io;
+use std::path::Path;
 use std::time::Duration;
 
+use hashbrown::HashMap;
 use parking_lot::Mutex;
 
-use super::StoreError;
-use super::backend::TenantStore;
+use super::log::record::{Entry, Records};
+use super::log::{LogDir, WorkerLog};
+use super::{FlushReport, StoreError};
 
 /// Ids per `SADD`: large enough to amortize the round trip, small enough not to stall Redis.
 const SADD_CHUNK: usize = 10_000;
@@ -100,8 +108,68 @@ pub(crate) fn tenant_key(tenant: &str) -> String {
     key
 }
 
-impl TenantStore for RedisTenants {
-    fn merge(&self, tenant: &str, ids: &[&str]) -> Result<u64, StoreError> {
+impl RedisTenants {
+    /// Merges this worker's closed log files, and those of dead workers under `wal_root`, into
+    /// Redis, deleting each file once Redis has taken its ids.
+    pub(crate) fn round(
+        &self,
+        wal_root: &Path,
+        worker: &str,
+        logs: &[WorkerLog],
+        report: &mut FlushReport,
+    ) -> Result<(), StoreError> {
+        for log in logs.iter().filter(|log| !log.inputs.is_empty()) {
+            let dir = wal_root.join(&log.worker);
+            // A dead worker's log is taken by one live worker at a time.
+            let _held = if log.worker == worker {
+                None
+            } else if log.live {
+                continue;
+            } else {
+                match LogDir::lock(&dir, Duration::ZERO).map_err(|e| StoreError::io("locking a log", e))? {
+                    Some(held) => Some(held),
+                    None => continue,
+                }
+            };
+            for file in &log.inputs {
+                let data = match fs::read(&file.path) {
+                    Ok(data) => data,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) => return Err(StoreError::io(format!("reading {}", file.path.display()), e)),
+                };
+                let mut by_tenant: HashMap<&str, Vec<&[u8]>> = HashMap::new();
+                for entry in Records::new(&data) {
+                    match entry {
+                        Entry::Record(payload) => {
+                            for run in payload.runs() {
+                                let run = run.map_err(|e| StoreError::corrupt(&file.path, e))?;
+                                let ids = by_tenant.entry(run.tenant).or_default();
+                                let before = ids.len();
+                                run.ids_into(ids).map_err(|e| StoreError::corrupt(&file.path, e))?;
+                                report.items += (ids.len() - before) as u64;
+                            }
+                        }
+                        Entry::Damaged { offset, len } => {
+                            tracing::warn!(file = %file.path.display(), offset, bytes = len, "damaged log records skipped");
+                            report.dropped_bytes += len as u64;
+                        }
+                    }
+                }
+                for (tenant, ids) in &by_tenant {
+                    report.new_ids += self.merge(tenant, ids)?;
+                }
+                report.tenants += by_tenant.len() as u64;
+                report.log_files += 1;
+                fs::remove_file(&file.path)
+                    .map_err(|e| StoreError::io(format!("removing {}", file.path.display()), e))?;
+                report.deleted_files += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `ids` to `tenant`'s set; returns how many of them were new to it.
+    fn merge(&self, tenant: &str, ids: &[&[u8]]) -> Result<u64, StoreError> {
         let key = tenant_key(tenant);
         // One round trip for the tenant's whole flush; each reply counts the ids that were new.
         self.with(|connection| {
@@ -125,17 +193,14 @@ impl TenantStore for RedisTenants {
         })
     }
 
-    fn count(&self, tenant: &str) -> Result<u64, StoreError> {
+    /// The tenant's distinct count: `SCARD`, a network round trip.
+    pub(crate) fn count(&self, tenant: &str) -> Result<u64, StoreError> {
         let key = tenant_key(tenant);
         let scard = redis::cmd("SCARD").arg(&key).to_owned();
         self.with(|connection| match connection {
             Connection::Server(connection) => scard.query(connection),
             Connection::Cluster(connection) => scard.query(connection),
         })
-    }
-
-    fn counts_block(&self) -> bool {
-        true
     }
 }
 

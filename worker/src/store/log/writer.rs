@@ -9,7 +9,7 @@
 //! appenders share it: a committer thread takes every record that queued up while it was busy,
 //! writes them with one `write`, fsyncs once, and only then answers them all.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,8 +22,8 @@ use countapp_shared::config::FsyncPolicy;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use super::StoreError;
-use super::wal::{LogDir, log_file_path};
+use super::{LogDir, file_path};
+use crate::store::StoreError;
 
 /// Records gathered into one write at most; bounds the latency a long queue adds.
 const MAX_GROUP_BYTES: usize = 8 << 20;
@@ -73,6 +73,8 @@ struct Active {
     file: Arc<File>,
     /// Bytes of whole records in the file: after a failed write the file is cut back to this.
     len: u64,
+    /// Items in the file's records.
+    items: u64,
     /// Set once the log can no longer be trusted (a failed fsync, or a failed write that could
     /// not be cut back): every later append fails rather than be acknowledged after a hole.
     poisoned: Option<String>,
@@ -127,10 +129,10 @@ impl Writer {
         }
     }
 
-    /// Closes the active file, if it holds anything, and continues in a new one; returns the
-    /// sequence number of the file now active: every record acknowledged before this call is in
-    /// an older file. Callers serialize rotations (the store flushes one at a time).
-    pub(crate) fn rotate(&self) -> Result<u64, StoreError> {
+    /// Closes the active file, if it holds anything, and continues in a new one: every record
+    /// acknowledged before this call is then in a closed file. Returns the closed file's
+    /// sequence number and items. Callers serialize rotations (the store flushes one at a time).
+    pub(crate) fn rotate(&self) -> Result<Option<(u64, u64)>, StoreError> {
         let (seq, len) = {
             let active = self.log.active.lock();
             if let Some(why) = &active.poisoned {
@@ -139,7 +141,7 @@ impl Writer {
             (active.seq, active.len)
         };
         if len == 0 {
-            return Ok(seq);
+            return Ok(None);
         }
         // The new file is made outside the lock, so appends go on meanwhile.
         let next = Active::create(&self.log.dir, seq + 1).map_err(|e| StoreError::io("creating a log file", e))?;
@@ -147,7 +149,15 @@ impl Writer {
         if self.log.policy != FsyncPolicy::Never {
             old.file.sync_data().map_err(|e| StoreError::io("syncing a closed log file", e))?;
         }
-        Ok(seq + 1)
+        // Renamed only once complete and synced: readers take a `.log` file as final.
+        fs::rename(file_path(&self.log.dir, seq, false), file_path(&self.log.dir, seq, true))
+            .map_err(|e| StoreError::io("closing a log file", e))?;
+        Ok(Some((seq, old.items)))
+    }
+
+    /// Items in the active file.
+    pub(crate) fn active_items(&self) -> u64 {
+        self.log.active.lock().items
     }
 
     /// The writer's counters.
@@ -177,7 +187,7 @@ impl Log {
     /// Writes `bytes` (whole records, `items` items) to the active file, fsyncing under
     /// `always`.
     fn write(&self, bytes: &[u8], items: u64) -> Result<(), StoreError> {
-        self.active.lock().write(bytes, self.policy == FsyncPolicy::Always).map_err(StoreError::Log)?;
+        self.active.lock().write(bytes, items, self.policy == FsyncPolicy::Always).map_err(StoreError::Log)?;
         self.stats.items.fetch_add(items, Ordering::Relaxed);
         self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if self.policy == FsyncPolicy::EverySec {
@@ -189,12 +199,12 @@ impl Log {
 
 impl Active {
     fn create(dir: &Path, seq: u64) -> io::Result<Active> {
-        let file = OpenOptions::new().create_new(true).append(true).open(log_file_path(dir, seq))?;
-        super::fsutil::sync_dir(dir)?;
-        Ok(Active { seq, file: Arc::new(file), len: 0, poisoned: None })
+        let file = OpenOptions::new().create_new(true).append(true).open(file_path(dir, seq, false))?;
+        crate::store::fsutil::sync_dir(dir)?;
+        Ok(Active { seq, file: Arc::new(file), len: 0, items: 0, poisoned: None })
     }
 
-    fn write(&mut self, bytes: &[u8], sync: bool) -> Result<(), String> {
+    fn write(&mut self, bytes: &[u8], items: u64, sync: bool) -> Result<(), String> {
         if let Some(why) = &self.poisoned {
             return Err(why.clone());
         }
@@ -206,6 +216,7 @@ impl Active {
             return Err(format!("log write failed: {e}"));
         }
         self.len += bytes.len() as u64;
+        self.items += items;
         if sync && let Err(e) = self.file.sync_data() {
             // After a failed fsync the kernel may have dropped the dirty pages: nothing written
             // since the last good fsync can be trusted any more.

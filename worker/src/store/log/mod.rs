@@ -1,0 +1,164 @@
+//! The write-ahead logs: one directory per worker under `wal/`, and the files in it.
+//!
+//! A worker appends every accepted batch to its active file, `<seq>.open`, before acknowledging
+//! it. At each flush it closes that file, renaming it `<seq>.log`, and goes on in `<seq+1>.open`.
+//! Closed files are immutable: the workers that merge shards read them, each taking its shards'
+//! runs, and a closed file is deleted once every shard has merged it.
+//!
+//! Each worker holds an exclusive OS lock on its directory while it runs, which is how every
+//! process tells live workers from dead ones: a dead worker's `.open` file is as final as a
+//! closed one, and is merged like one.
+
+pub(crate) mod record;
+pub(crate) mod writer;
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::fsutil;
+
+/// The name of the lock file in every log directory.
+const LOCK_FILE: &str = "LOCK";
+const OPEN_SUFFIX: &str = "open";
+const CLOSED_SUFFIX: &str = "log";
+
+/// One worker's log directory, locked by this process for as long as the value lives.
+pub(crate) struct LogDir {
+    path: PathBuf,
+    /// Holds the exclusive lock; the OS releases it when the file is closed or the process dies.
+    _lock: File,
+}
+
+impl LogDir {
+    /// Locks the log directory at `path` (creating it), waiting up to `wait` for another process
+    /// that holds it, such as the previous run of this worker still stopping.
+    pub(crate) fn lock(path: &Path, wait: Duration) -> io::Result<Option<LogDir>> {
+        fsutil::create_dir_durably(path)?;
+        let deadline = Instant::now() + wait;
+        loop {
+            let lock = OpenOptions::new().write(true).create(true).truncate(false).open(path.join(LOCK_FILE))?;
+            match lock.try_lock() {
+                Ok(()) => return Ok(Some(LogDir { path: path.to_path_buf(), _lock: lock })),
+                Err(TryLockError::WouldBlock) => {}
+                Err(TryLockError::Error(e)) => return Err(e),
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The directory's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes every `.open` file a previous run of this worker left: nobody appends to them
+    /// any more. Returns the highest sequence number in the directory.
+    pub(crate) fn close_leftovers(&self) -> io::Result<u64> {
+        let mut highest = 0;
+        for file in files(&self.path)? {
+            highest = highest.max(file.seq);
+            if !file.closed {
+                fs::rename(&file.path, file_path(&self.path, file.seq, true))?;
+            }
+        }
+        Ok(highest)
+    }
+}
+
+/// The path of the log file with sequence number `seq` in the log directory `dir`.
+pub(crate) fn file_path(dir: &Path, seq: u64, closed: bool) -> PathBuf {
+    dir.join(format!("{seq:016}.{}", if closed { CLOSED_SUFFIX } else { OPEN_SUFFIX }))
+}
+
+/// A log file found in a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LogFile {
+    pub(crate) seq: u64,
+    pub(crate) path: PathBuf,
+    /// Renamed `.log` by its writer: no record will ever be added.
+    pub(crate) closed: bool,
+}
+
+/// The log files in `dir`, oldest first.
+pub(crate) fn files(dir: &Path) -> io::Result<Vec<LogFile>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some((seq, suffix)) = name.to_str().and_then(|n| n.split_once('.')) else { continue };
+        let Ok(seq) = seq.parse() else { continue };
+        let closed = match suffix {
+            CLOSED_SUFFIX => true,
+            OPEN_SUFFIX => false,
+            _ => continue,
+        };
+        files.push(LogFile { seq, path: entry.path(), closed });
+    }
+    files.sort_unstable_by_key(|f| f.seq);
+    Ok(files)
+}
+
+/// One worker's log directory as another process sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerLog {
+    /// The worker's id: its directory's name.
+    pub(crate) worker: String,
+    /// Whether a live process holds the directory's lock.
+    pub(crate) live: bool,
+    /// Its files that will never change: closed ones, and every file of a dead worker.
+    pub(crate) inputs: Vec<LogFile>,
+}
+
+/// Every worker's log under `wal_root`: who is live, and which files are final.
+///
+/// The files are listed before the lock is tested: a worker found dead wrote nothing after the
+/// listing, so its listed `.open` files are final; one that restarts later renames them, and a
+/// reader that then misses one stops at it until the next look.
+pub(crate) fn scan(wal_root: &Path) -> io::Result<Vec<WorkerLog>> {
+    let entries = match fs::read_dir(wal_root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut logs = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        if !entry.file_type()?.is_dir() {
+            continue;
+        }
+        let Ok(worker) = entry.file_name().into_string() else { continue };
+        let dir = entry.path();
+        let listed = match files(&dir) {
+            Ok(listed) => listed,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let live = is_live(&dir)?;
+        let inputs = listed.into_iter().filter(|f| f.closed || !live).collect();
+        logs.push(WorkerLog { worker, live, inputs });
+    }
+    logs.sort_unstable_by(|a, b| a.worker.cmp(&b.worker));
+    Ok(logs)
+}
+
+/// Whether a live process holds the lock of the log directory `dir`. Tested with a shared lock,
+/// which fails while the owner holds its exclusive one and is released at once otherwise.
+fn is_live(dir: &Path) -> io::Result<bool> {
+    let lock = match File::open(dir.join(LOCK_FILE)) {
+        Ok(lock) => lock,
+        // No lock file: nobody ever ran here, or a worker is starting and owns nothing yet.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match lock.try_lock_shared() {
+        Ok(()) => Ok(false),
+        Err(TryLockError::WouldBlock) => Ok(true),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}

@@ -1,0 +1,515 @@
+//! The tenants' JSON files, merged shard by shard, each shard by one worker at a time.
+//!
+//! A merge round of a worker:
+//!
+//! 1. finds the live workers (those holding their log's lock) and so the shards it owns;
+//! 2. reads each final log file that may hold runs of its shards not merged yet: one it has
+//!    never read (it then notes which shards the file holds runs of), or one that holds runs of
+//!    an owned shard whose record (`SHARD.json`'s `merged`: per worker, the sequence number up
+//!    to which that worker's files are merged) is behind the file;
+//! 3. takes the OS locks of the owned shards that have runs to merge (a shard still locked by
+//!    its previous owner waits for the next round) and takes their runs;
+//! 4. merges each tenant's ids into its set, loaded from its file on first use, and stages the
+//!    files that change, with each shard's new record;
+//! 5. commits them together ([`Commit`]), then deletes the log files whose every shard has
+//!    merged them.
+//!
+//! A round touches only the shards that receive items: on a file system without a journal, as
+//! here, every file rewritten costs a fresh inode, and the allocator slows down with every
+//! inode freed recently.
+//!
+//! Only the owner holds a shard's sets in memory, so an id is held, and inserted, once in the
+//! cluster. Ownership is only an agreement for efficiency: exactness rests on the shard's lock
+//! and on the record's `writer`, which every worker sets before it changes a shard it did not
+//! change last. A worker whose record is still the shard's knows that nobody changed the shard
+//! since, and may trust its sets; any other drops them and reloads. Merging is idempotent (ids
+//! form sets), so a crash at any instant costs at most merging some log files again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use hashbrown::HashMap;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::commit::{Commit, Step, is_temporary};
+use super::layout::{owner_of, shard_dir, shard_of};
+use super::log::record::{Entry, Records};
+use super::log::{LogFile, WorkerLog};
+use super::naming::tenant_file_stem;
+use super::tenant::{Tenant, read_all, read_count};
+use super::{FlushReport, StoreError};
+
+const SHARD_FILE: &str = "SHARD.json";
+const LOCK_FILE: &str = "LOCK";
+/// Bytes of log a round reads at most; the rest waits for the next round, so that a long
+/// backlog (a worker down for hours) is merged in bounded memory.
+const MAX_ROUND_INPUT_BYTES: u64 = 512 << 20;
+/// Tenants whose files stay open for counts, at most; the cache starts afresh past this.
+const OPEN_TENANT_FILES: usize = 512;
+
+/// `SHARD.json`: which log files a shard has merged, and who changed it last.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShardRecord {
+    /// The process that last changed the shard: a worker id and a random tag of its run.
+    writer: String,
+    /// Per worker id, the sequence number up to which its log files are merged.
+    merged: BTreeMap<String, u64>,
+}
+
+impl ShardRecord {
+    fn merged(&self, worker: &str) -> u64 {
+        self.merged.get(worker).copied().unwrap_or(0)
+    }
+}
+
+/// A shard this worker merges into, while it owns it.
+struct OwnedShard {
+    /// The record as this process last read or wrote it: never ahead of the file.
+    record: ShardRecord,
+    /// The shard's lock file, open while the shard is this worker's.
+    lock: Option<File>,
+    /// The tenants loaded, exactly as their files hold them while `record.writer` is ours.
+    tenants: HashMap<String, Tenant>,
+}
+
+/// The shards a log file holds runs of, one bit each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ShardSet(Vec<u64>);
+
+impl ShardSet {
+    fn new(shards: u16) -> ShardSet {
+        ShardSet(vec![0; usize::from(shards).div_ceil(64)])
+    }
+
+    fn insert(&mut self, shard: u16) {
+        if let Some(word) = self.0.get_mut(usize::from(shard / 64)) {
+            *word |= 1 << (shard % 64);
+        }
+    }
+
+    fn contains(&self, shard: u16) -> bool {
+        self.0.get(usize::from(shard / 64)).is_some_and(|word| word & (1 << (shard % 64)) != 0)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.0.iter().enumerate().flat_map(|(i, &word)| {
+            (0..64u16).filter(move |bit| word & (1 << bit) != 0).map(move |bit| i as u16 * 64 + bit)
+        })
+    }
+}
+
+/// What merge rounds keep from one to the next; only rounds, one at a time, touch it.
+#[derive(Default)]
+struct MergeState {
+    /// The shards this worker owns.
+    owned: HashMap<u16, OwnedShard>,
+    /// The shards each log file holds runs of, `(worker, seq)`, for the files this process read.
+    indexed: HashMap<(String, u64), ShardSet>,
+}
+
+/// A log file read by a round.
+struct Input<'a> {
+    worker: &'a str,
+    seq: u64,
+    data: Vec<u8>,
+}
+
+/// The shards of one database, as one worker merges and reads them.
+pub(crate) struct Shards {
+    root: PathBuf,
+    shards: u16,
+    /// This worker's id: its name among the live workers.
+    worker: String,
+    /// This run of this worker, as shard records name it.
+    writer: String,
+    /// Whether merges are made durable before log files are deleted (not under `fsync: never`).
+    sync: bool,
+    state: Mutex<MergeState>,
+    /// Counts read from tenant files, each with its file still open. A tenant file is only ever
+    /// replaced whole, by a rename that unlinks the old file: while the open file still has a
+    /// link, the count read from it is current, and a count costs one `fstat`.
+    counts: Mutex<HashMap<String, (File, u64)>>,
+}
+
+impl Shards {
+    /// The shards under `root`, merged as `worker` (whose run `writer` names).
+    pub(crate) fn new(root: &Path, shards: u16, worker: &str, writer: String, sync: bool) -> Shards {
+        Shards {
+            root: root.to_path_buf(),
+            shards,
+            worker: worker.to_owned(),
+            writer,
+            sync,
+            state: Mutex::new(MergeState::default()),
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The highest sequence number any shard records as merged from `worker`'s log: a worker
+    /// must number its new files above it, or they would count as merged already.
+    pub(crate) fn highest_merged(&self, worker: &str) -> Result<u64, StoreError> {
+        let mut highest = 0;
+        for shard in 0..self.shards {
+            highest = highest.max(self.read_record(shard)?.merged(worker));
+        }
+        Ok(highest)
+    }
+
+    /// The tenant's distinct count as of the latest merge by any worker.
+    pub(crate) fn count(&self, tenant: &str) -> Result<u64, StoreError> {
+        if let Some((file, count)) = self.counts.lock().get(tenant)
+            && file.metadata().is_ok_and(|m| m.nlink() > 0)
+        {
+            return Ok(*count);
+        }
+        let path = self.tenant_path(tenant);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
+        };
+        let count = read_count(&path, &read_all(&mut file, &path)?, tenant)?;
+        let mut counts = self.counts.lock();
+        if counts.len() >= OPEN_TENANT_FILES {
+            counts.clear();
+        }
+        counts.insert(tenant.to_owned(), (file, count));
+        Ok(count)
+    }
+
+    /// One merge round over the logs `logs` (see the module documentation).
+    pub(crate) fn round(&self, logs: &[WorkerLog], report: &mut FlushReport) -> Result<(), StoreError> {
+        let live: Vec<&str> = logs.iter().filter(|l| l.live).map(|l| l.worker.as_str()).collect();
+        let mut state = self.state.lock();
+        let MergeState { owned, indexed } = &mut *state;
+        owned.retain(|shard, _| owner_of(*shard, live.iter().copied()) == Some(&self.worker));
+        for shard in (0..self.shards).filter(|&s| owner_of(s, live.iter().copied()) == Some(&self.worker)) {
+            if !owned.contains_key(&shard) {
+                let record = self.read_record(shard)?;
+                owned.insert(shard, OwnedShard { record, lock: None, tenants: HashMap::new() });
+            }
+        }
+        indexed.retain(|(worker, seq), _| {
+            logs.iter().any(|l| l.worker == *worker && l.inputs.iter().any(|f| f.seq == *seq))
+        });
+
+        let inputs = self.read_inputs(logs, owned, indexed, report)?;
+        let mut with_runs = BTreeSet::new();
+        for input in &inputs {
+            for shard in indexed[&(input.worker.to_owned(), input.seq)].iter() {
+                if owned.get(&shard).is_some_and(|o| input.seq > o.record.merged(input.worker)) {
+                    with_runs.insert(shard);
+                }
+            }
+        }
+        if !with_runs.is_empty() {
+            let result = self.merge(&with_runs, &inputs, logs, owned, indexed, report);
+            if result.is_err() {
+                // Whatever failed, the sets may now disagree with the files: reload them next time.
+                for shard in &with_runs {
+                    owned.remove(shard);
+                }
+            }
+            result?;
+        }
+        self.collect_garbage(logs, indexed, report)
+    }
+
+    /// Reads the final log files that may hold runs of owned shards not merged yet, and indexes
+    /// the files this process never read.
+    fn read_inputs<'a>(
+        &self,
+        logs: &'a [WorkerLog],
+        owned: &HashMap<u16, OwnedShard>,
+        indexed: &mut HashMap<(String, u64), ShardSet>,
+        report: &mut FlushReport,
+    ) -> Result<Vec<Input<'a>>, StoreError> {
+        let mut budget = MAX_ROUND_INPUT_BYTES;
+        let mut inputs = Vec::new();
+        'workers: for log in logs {
+            for file in &log.inputs {
+                let key = (log.worker.clone(), file.seq);
+                let wanted = indexed.get(&key).is_none_or(|set| {
+                    set.iter().any(|s| owned.get(&s).is_some_and(|o| file.seq > o.record.merged(&log.worker)))
+                });
+                if !wanted {
+                    continue;
+                }
+                if budget == 0 {
+                    break 'workers;
+                }
+                let data = match fs::read(&file.path) {
+                    Ok(data) => data,
+                    // Renamed by its restarted worker, or merged and deleted: look again next round.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue 'workers,
+                    Err(e) => return Err(StoreError::io(format!("reading {}", file.path.display()), e)),
+                };
+                budget = budget.saturating_sub(data.len() as u64);
+                if !indexed.contains_key(&key) {
+                    indexed.insert(key, self.index(file, &data, report)?);
+                }
+                report.log_files += 1;
+                inputs.push(Input { worker: &log.worker, seq: file.seq, data });
+            }
+        }
+        Ok(inputs)
+    }
+
+    /// The shards the log file `file` holds runs of; reports the damage found in it.
+    fn index(&self, file: &LogFile, data: &[u8], report: &mut FlushReport) -> Result<ShardSet, StoreError> {
+        let mut set = ShardSet::new(self.shards);
+        let mut records = Records::new(data).peekable();
+        while let Some(entry) = records.next() {
+            match entry {
+                Entry::Record(payload) => {
+                    for run in payload.runs() {
+                        set.insert(run.map_err(|e| StoreError::corrupt(&file.path, e))?.shard);
+                    }
+                }
+                Entry::Damaged { offset, len } => {
+                    report.dropped_bytes += len as u64;
+                    let path = file.path.display();
+                    if records.peek().is_some() {
+                        tracing::error!(file = %path, offset, bytes = len, "damaged log records skipped; the intact ones after them are merged");
+                    } else {
+                        tracing::debug!(file = %path, offset, bytes = len, "dropped a torn log tail, never acknowledged");
+                    }
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    /// Merges the runs of the shards `with_runs` in `inputs`, and commits.
+    fn merge(
+        &self,
+        with_runs: &BTreeSet<u16>,
+        inputs: &[Input],
+        logs: &[WorkerLog],
+        owned: &mut HashMap<u16, OwnedShard>,
+        indexed: &HashMap<(String, u64), ShardSet>,
+        report: &mut FlushReport,
+    ) -> Result<(), StoreError> {
+        let mut commit = Commit::new(self.sync);
+        // Lock the shards; one still held by another worker (its previous owner finishing a
+        // round) is left for the next round.
+        let mut locked: BTreeMap<u16, ShardRecord> = BTreeMap::new();
+        for &shard in with_runs {
+            let state = owned.get_mut(&shard).expect("shards with runs are owned");
+            let first_time = state.lock.is_none();
+            if first_time {
+                state.lock = Some(open_lock(&shard_dir(&self.root, shard))?);
+            }
+            match state.lock.as_ref().expect("opened above").try_lock() {
+                // The first time this worker holds the shard, it removes what an unfinished
+                // merge may have left.
+                Ok(()) if first_time => remove_temporaries(&shard_dir(&self.root, shard))?,
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => {
+                    tracing::debug!(shard, "shard busy; left for the next round");
+                    report.busy_shards += 1;
+                    continue;
+                }
+                Err(TryLockError::Error(e)) => return Err(StoreError::io(format!("locking shard {shard}"), e)),
+            }
+            let record = self.read_record(shard)?;
+            if record.writer != self.writer {
+                // Changed by another process since this one last wrote it, or never by this
+                // one: claim it before changing anything, and reload its tenants.
+                state.tenants.clear();
+                let claim = ShardRecord { writer: self.writer.clone(), merged: record.merged.clone() };
+                self.stage_record(&mut commit, Step::Claim, shard, &claim)?;
+            }
+            state.record = record.clone();
+            locked.insert(shard, record);
+        }
+        let result = self.merge_locked(&mut locked, &mut commit, inputs, logs, owned, indexed, report);
+        for shard in locked.keys() {
+            if let Some(lock) = owned.get(shard).and_then(|o| o.lock.as_ref()) {
+                let _ = lock.unlock();
+            }
+        }
+        result
+    }
+
+    /// [`Shards::merge`] once the shards are locked.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_locked(
+        &self,
+        locked: &mut BTreeMap<u16, ShardRecord>,
+        commit: &mut Commit,
+        inputs: &[Input],
+        logs: &[WorkerLog],
+        owned: &mut HashMap<u16, OwnedShard>,
+        indexed: &HashMap<(String, u64), ShardSet>,
+        report: &mut FlushReport,
+    ) -> Result<(), StoreError> {
+        if locked.is_empty() {
+            return Ok(());
+        }
+        let mut by_tenant: HashMap<(u16, &str), Vec<&[u8]>> = HashMap::new();
+        for input in inputs {
+            for entry in Records::new(&input.data) {
+                let Entry::Record(payload) = entry else { continue };
+                for run in payload.runs() {
+                    let run = run.map_err(|e| StoreError::corrupt(Path::new(input.worker), e))?;
+                    let Some(record) = locked.get(&run.shard) else { continue };
+                    if input.seq <= record.merged(input.worker) {
+                        continue;
+                    }
+                    let ids = by_tenant.entry((run.shard, run.tenant)).or_default();
+                    let before = ids.len();
+                    run.ids_into(ids).map_err(|e| StoreError::corrupt(Path::new(input.worker), e))?;
+                    report.items += (ids.len() - before) as u64;
+                }
+            }
+        }
+        for ((shard, name), ids) in &by_tenant {
+            let state = owned.get_mut(shard).expect("locked shards are owned");
+            let tenant = match state.tenants.entry_ref(*name) {
+                hashbrown::hash_map::EntryRef::Occupied(entry) => entry.into_mut(),
+                hashbrown::hash_map::EntryRef::Vacant(entry) => {
+                    entry.insert(Tenant::load(self.tenant_path_in(*shard, name), name)?)
+                }
+            };
+            report.new_ids += tenant.merge(name, ids, commit)?;
+            report.tenants += 1;
+        }
+        // Each shard's record moves past every file it has now merged: those read this round,
+        // and those known to hold none of its runs.
+        for (shard, record) in locked.iter_mut() {
+            record.writer = self.writer.clone();
+            for log in logs {
+                let from = record.merged(&log.worker);
+                let mut upto = from;
+                for file in log.inputs.iter().filter(|f| f.seq > from) {
+                    let read = inputs.iter().any(|i| i.worker == log.worker && i.seq == file.seq);
+                    let without = indexed.get(&(log.worker.clone(), file.seq)).is_some_and(|set| !set.contains(*shard));
+                    if !(read || without) {
+                        break;
+                    }
+                    upto = file.seq;
+                }
+                if upto > record.merged(&log.worker) {
+                    record.merged.insert(log.worker.clone(), upto);
+                }
+            }
+            self.stage_record(commit, Step::Progress, *shard, record)?;
+        }
+        report.written_bytes += commit.written_bytes();
+        std::mem::replace(commit, Commit::new(self.sync))
+            .finish(&self.root)
+            .map_err(|e| StoreError::io("committing a merge", e))?;
+        for (shard, record) in locked.iter() {
+            owned.get_mut(shard).expect("locked shards are owned").record = record.clone();
+        }
+        Ok(())
+    }
+
+    /// Deletes the listed log files that every shard they hold runs of has merged. A file that
+    /// holds no runs is left to its worker, which deletes it when it starts: no shard records
+    /// its sequence number, which must not be used again.
+    fn collect_garbage(
+        &self,
+        logs: &[WorkerLog],
+        indexed: &HashMap<(String, u64), ShardSet>,
+        report: &mut FlushReport,
+    ) -> Result<(), StoreError> {
+        let mut records: HashMap<u16, ShardRecord> = HashMap::new();
+        for log in logs {
+            for file in &log.inputs {
+                let Some(set) = indexed.get(&(log.worker.clone(), file.seq)) else { continue };
+                if set.iter().next().is_none() {
+                    continue;
+                }
+                let mut merged_by_all = true;
+                for shard in set.iter() {
+                    if !records.contains_key(&shard) {
+                        records.insert(shard, self.read_record(shard)?);
+                    }
+                    merged_by_all &= records[&shard].merged(&log.worker) >= file.seq;
+                }
+                if !merged_by_all {
+                    continue;
+                }
+                match fs::remove_file(&file.path) {
+                    Ok(()) => report.deleted_files += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StoreError::io(format!("removing {}", file.path.display()), e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The shard's record; an empty one if the shard was never merged into.
+    fn read_record(&self, shard: u16) -> Result<ShardRecord, StoreError> {
+        let path = shard_dir(&self.root, shard).join(SHARD_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::corrupt(&path, e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ShardRecord::default()),
+            Err(e) => Err(StoreError::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    fn stage_record(
+        &self,
+        commit: &mut Commit,
+        step: Step,
+        shard: u16,
+        record: &ShardRecord,
+    ) -> Result<(), StoreError> {
+        let path = shard_dir(&self.root, shard).join(SHARD_FILE);
+        commit
+            .write(step, &path, |out| serde_json::to_writer(out, record).map_err(io::Error::from))
+            .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))
+    }
+
+    fn tenant_path(&self, tenant: &str) -> PathBuf {
+        self.tenant_path_in(shard_of(tenant, self.shards), tenant)
+    }
+
+    fn tenant_path_in(&self, shard: u16, tenant: &str) -> PathBuf {
+        shard_dir(&self.root, shard).join(format!("{}.json", tenant_file_stem(tenant)))
+    }
+
+    /// Ids this worker holds in memory, and their resident bytes, about.
+    pub(crate) fn memory(&self) -> (u64, u64) {
+        let state = self.state.lock();
+        let tenants = state.owned.values().flat_map(|s| s.tenants.values());
+        tenants.fold((0, 0), |(ids, bytes), t| (ids + t.count(), bytes + t.heap_bytes() as u64))
+    }
+}
+
+/// Opens the lock file of the shard directory `dir`, creating both if need be.
+fn open_lock(dir: &Path) -> Result<File, StoreError> {
+    fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+    let path = dir.join(LOCK_FILE);
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))
+}
+
+/// Removes the temporaries an unfinished merge left in a shard's directory.
+fn remove_temporaries(dir: &Path) -> Result<(), StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io(format!("listing {}", dir.display()), e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+        if entry.file_name().to_str().is_some_and(is_temporary) {
+            fs::remove_file(entry.path()).map_err(|e| StoreError::io("removing a temporary", e))?;
+        }
+    }
+    Ok(())
+}
