@@ -32,12 +32,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use hashbrown::HashMap;
+use memmap2::Mmap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::commit::{Commit, Step, is_temporary};
 use super::layout::{owner_of, shard_dir, shard_of};
-use super::log::record::{Entry, Records};
+use super::log::record::{Entry, Records, Run};
 use super::log::{LogFile, WorkerLog};
 use super::naming::tenant_file_stem;
 use super::tenant::{Tenant, read_all, read_count};
@@ -116,7 +117,33 @@ struct MergeState {
 struct Input<'a> {
     worker: &'a str,
     seq: u64,
-    data: Vec<u8>,
+    data: LogData,
+}
+
+/// A log file's contents: mapped, so that the owners of its shards share the page cache rather
+/// than each copy it. Only final log files are mapped, and nothing ever changes or truncates
+/// one: a closed file is immutable, and a dead worker's file stays as it died.
+struct LogData(Option<Mmap>);
+
+impl LogData {
+    fn map(path: &Path) -> io::Result<LogData> {
+        let file = File::open(path)?;
+        if file.metadata()?.len() == 0 {
+            // An empty file cannot be mapped.
+            return Ok(LogData(None));
+        }
+        // SAFETY: a final log file is never written or truncated again (see above), so the
+        // mapped bytes cannot change under the reader.
+        Ok(LogData(Some(unsafe { Mmap::map(&file)? })))
+    }
+}
+
+impl std::ops::Deref for LogData {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or_default()
+    }
 }
 
 /// The shards of one database, as one worker merges and reads them.
@@ -243,7 +270,7 @@ impl Shards {
                 if budget == 0 {
                     break 'workers;
                 }
-                let data = match fs::read(&file.path) {
+                let data = match LogData::map(&file.path) {
                     Ok(data) => data,
                     // Renamed by its restarted worker, or merged and deleted: look again next round.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue 'workers,
@@ -352,24 +379,22 @@ impl Shards {
         if locked.is_empty() {
             return Ok(());
         }
-        let mut by_tenant: HashMap<(u16, &str), Vec<&[u8]>> = HashMap::new();
+        let mut by_tenant: HashMap<(u16, &str), Vec<Run>> = HashMap::new();
         for input in inputs {
+            let malformed = |e| StoreError::corrupt(&self.root.join("wal").join(input.worker), e);
             for entry in Records::new(&input.data) {
                 let Entry::Record(payload) = entry else { continue };
                 for run in payload.runs() {
-                    let run = run.map_err(|e| StoreError::corrupt(Path::new(input.worker), e))?;
+                    let run = run.map_err(malformed)?;
                     let Some(record) = locked.get(&run.shard) else { continue };
-                    if input.seq <= record.merged(input.worker) {
-                        continue;
+                    if input.seq > record.merged(input.worker) {
+                        report.items += run.count_ids().map_err(malformed)?;
+                        by_tenant.entry((run.shard, run.tenant)).or_default().push(run);
                     }
-                    let ids = by_tenant.entry((run.shard, run.tenant)).or_default();
-                    let before = ids.len();
-                    run.ids_into(ids).map_err(|e| StoreError::corrupt(Path::new(input.worker), e))?;
-                    report.items += (ids.len() - before) as u64;
                 }
             }
         }
-        for ((shard, name), ids) in &by_tenant {
+        for ((shard, name), runs) in &by_tenant {
             let state = owned.get_mut(shard).expect("locked shards are owned");
             let tenant = match state.tenants.entry_ref(*name) {
                 hashbrown::hash_map::EntryRef::Occupied(entry) => entry.into_mut(),
@@ -377,6 +402,8 @@ impl Shards {
                     entry.insert(Tenant::load(self.tenant_path_in(*shard, name), name)?)
                 }
             };
+            // Every run was checked by `count_ids` above.
+            let ids = runs.iter().flat_map(|run| run.ids().into_iter().flatten());
             report.new_ids += tenant.merge(name, ids, commit)?;
             report.tenants += 1;
         }
@@ -465,9 +492,8 @@ impl Shards {
         record: &ShardRecord,
     ) -> Result<(), StoreError> {
         let path = shard_dir(&self.root, shard).join(SHARD_FILE);
-        commit
-            .write(step, &path, |out| serde_json::to_writer(out, record).map_err(io::Error::from))
-            .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))
+        let bytes = serde_json::to_vec(record).expect("a shard record serializes");
+        commit.write(step, &path, &bytes).map_err(|e| StoreError::io(format!("writing {}", path.display()), e))
     }
 
     fn tenant_path(&self, tenant: &str) -> PathBuf {

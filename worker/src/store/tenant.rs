@@ -12,12 +12,13 @@
 //! JSON arrays in the directory `<name>.<hash>/`, each holding ids new when it was written, so
 //! that a merge writes only its new ids. The newest segments are merged while the newest is at
 //! least as large as the one before, like the carries of a binary counter: a tenant keeps
-//! O(log n) segments, and each id is rewritten O(log n) times over the tenant's life.
+//! O(log n) segments, and each id is rewritten O(log n) times over the tenant's life, up to
+//! segments of [`MAX_SEGMENT_IDS`], which are never rewritten.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use hashbrown::HashSet;
@@ -30,8 +31,10 @@ use super::idset::IdSet;
 
 /// Ids a tenant keeps in its own file, at most; past this it keeps them in segments.
 pub(crate) const SMALL_MAX_IDS: usize = 1024;
-/// Ids a segment is loaded in, so that each batch is inserted in table order.
-const LOAD_CHUNK: usize = 1 << 16;
+/// Ids a segment grows to by absorbing older ones, at most (about 5 MB of 16-byte ids): past
+/// this, segments are left as they are, so that no merge rewrites more than this, and an id is
+/// rewritten a few times at most: a tenant of 10M ids keeps about 40 segments.
+const MAX_SEGMENT_IDS: u64 = 1 << 18;
 
 /// One segment file: the ids written by the merges numbered `first..=last`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,8 +120,10 @@ impl Tenant {
         check_owner(&file.tenant, tenant)?;
         match (file.ids, file.next_seq, file.segments) {
             (Some(ids), None, None) => {
-                let refs: Vec<&str> = ids.iter().map(|id| &**id).collect();
-                loaded.ids.insert_new(&refs).map_err(|e| StoreError::corrupt(&loaded.path, e))?;
+                loaded
+                    .ids
+                    .insert_new(ids.iter().map(|id| id.as_bytes()), |_| {})
+                    .map_err(|e| StoreError::corrupt(&loaded.path, e))?;
             }
             (None, Some(next_seq), Some(segments)) => {
                 loaded.load_segments(&segments, file.count)?;
@@ -139,21 +144,11 @@ impl Tenant {
         for segment in segments {
             let path = self.segments_dir.join(segment.file_name());
             let bytes = fs::read(&path).map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
-            let mut chunk: Vec<Cow<str>> = Vec::with_capacity(LOAD_CHUNK);
-            let mut full = None;
-            let ids = &mut self.ids;
-            parse_segment(&path, &bytes, |id| {
-                chunk.push(id);
-                if chunk.len() == LOAD_CHUNK {
-                    let refs: Vec<&str> = chunk.iter().map(|id| &**id).collect();
-                    full = full.take().or(ids.insert_new(&refs).err());
-                    chunk.clear();
-                }
-            })?;
-            let refs: Vec<&str> = chunk.iter().map(|id| &**id).collect();
-            if let Some(e) = full.or(self.ids.insert_new(&refs).err()) {
-                return Err(StoreError::corrupt(&path, e));
-            }
+            let mut ids = Vec::with_capacity(usize::try_from(segment.ids).unwrap_or(0));
+            parse_segment(&path, &bytes, |id| ids.push(id))?;
+            self.ids
+                .insert_new(ids.iter().map(|id| id.as_bytes()), |_| {})
+                .map_err(|e| StoreError::corrupt(&path, e))?;
         }
         Ok(())
     }
@@ -169,127 +164,153 @@ impl Tenant {
     }
 
     /// Adds `ids`, staging the tenant's changed files in `commit`; returns how many were new.
-    /// `seq` numbers the merge, for segment names: it grows with every merge of the shard.
-    pub(crate) fn merge(&mut self, name: &str, ids: &[&[u8]], commit: &mut Commit) -> Result<u64, StoreError> {
-        let new = self.ids.insert_new(ids).map_err(|e| StoreError::corrupt(&self.path, e))?;
-        if new.is_empty() {
+    pub(crate) fn merge<'a>(
+        &mut self,
+        name: &str,
+        ids: impl IntoIterator<Item = &'a [u8]>,
+        commit: &mut Commit,
+    ) -> Result<u64, StoreError> {
+        // The new ids as the start of a new segment, `[` and the ids, comma-separated.
+        let mut body = vec![b'['];
+        let new = self
+            .ids
+            .insert_new(ids, |id| {
+                if body.len() > 1 {
+                    body.push(b',');
+                }
+                push_json_str(&mut body, id);
+            })
+            .map_err(|e| StoreError::corrupt(&self.path, e))?;
+        if new == 0 {
             return Ok(0);
         }
-        let new_count = new.len() as u64;
         let count = self.count();
-        let io_error = |path: &Path, e| StoreError::io(format!("writing {}", path.display()), e);
         match &mut self.layout {
             Layout::Small if self.ids.len() <= SMALL_MAX_IDS => {
-                let ids = &self.ids;
-                commit
-                    .write(Step::Data, &self.path, |out| write_small(out, name, count, ids.iter()))
-                    .map_err(|e| io_error(&self.path, e))?;
+                let mut file = head(name, count);
+                file.extend_from_slice(b",\"ids\":[");
+                push_ids(&mut file, self.ids.iter());
+                file.extend_from_slice(b"]}\n");
+                stage(commit, &self.path, file)?;
             }
             Layout::Small => {
                 // Grown past a small file: every id goes into the first segment.
-                fs::create_dir_all(&self.segments_dir).map_err(|e| io_error(&self.segments_dir, e))?;
+                fs::create_dir_all(&self.segments_dir)
+                    .map_err(|e| StoreError::io(format!("creating {}", self.segments_dir.display()), e))?;
                 let segment = Segment { first: 1, last: 1, ids: count };
-                let path = self.segments_dir.join(segment.file_name());
-                let ids = &self.ids;
-                commit.write(Step::Data, &path, |out| write_ids(out, ids.iter())).map_err(|e| io_error(&path, e))?;
+                let mut body = b"[".to_vec();
+                push_ids(&mut body, self.ids.iter());
+                body.extend_from_slice(b"]\n");
+                stage(commit, &self.segments_dir.join(segment.file_name()), body)?;
                 let segments = vec![segment];
-                commit
-                    .write(Step::Data, &self.path, |out| write_manifest(out, name, count, 2, &segments))
-                    .map_err(|e| io_error(&self.path, e))?;
+                stage(commit, &self.path, manifest(name, count, 2, &segments))?;
                 self.layout = Layout::Segments { next_seq: 2, segments };
             }
             Layout::Segments { next_seq, segments } => {
                 let seq = *next_seq;
-                // The new segment absorbs the newest ones while they are no larger than it.
-                let mut absorbed = Vec::new();
-                let mut merged = Segment { first: seq, last: seq, ids: new_count };
-                while let Some(last) = segments.last().copied().filter(|last| last.ids <= merged.ids) {
+                // The new segment absorbs the newest ones while they are no larger than it, up
+                // to the largest segment size.
+                let mut merged = Segment { first: seq, last: seq, ids: new };
+                while let Some(last) = segments
+                    .last()
+                    .copied()
+                    .filter(|last| last.ids <= merged.ids && last.ids + merged.ids <= MAX_SEGMENT_IDS)
+                {
                     segments.pop();
                     merged = Segment { first: last.first, last: seq, ids: last.ids + merged.ids };
-                    absorbed.push(last);
-                }
-                let mut bodies = Vec::with_capacity(absorbed.len());
-                for old in &absorbed {
-                    let path = self.segments_dir.join(old.file_name());
-                    let bytes =
-                        fs::read(&path).map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
-                    let body = array_body(&bytes).ok_or_else(|| StoreError::corrupt(&path, "not a JSON array"))?;
-                    bodies.push(body.to_vec());
+                    let path = self.segments_dir.join(last.file_name());
+                    append_array_body(&path, &mut body)?;
                     commit.remove_after(path);
                 }
-                let path = self.segments_dir.join(merged.file_name());
-                commit
-                    .write(Step::Data, &path, |out| {
-                        out.write_all(b"[")?;
-                        for body in bodies.iter().filter(|body| !body.is_empty()) {
-                            out.write_all(body)?;
-                            out.write_all(b",")?;
-                        }
-                        write_ids_unbracketed(out, new.iter().copied())?;
-                        out.write_all(b"]\n")
-                    })
-                    .map_err(|e| io_error(&path, e))?;
+                body.extend_from_slice(b"]\n");
+                stage(commit, &self.segments_dir.join(merged.file_name()), body)?;
                 segments.push(merged);
                 *next_seq = seq + 1;
-                let (next_seq, segments) = (*next_seq, &*segments);
-                commit
-                    .write(Step::Data, &self.path, |out| write_manifest(out, name, count, next_seq, segments))
-                    .map_err(|e| io_error(&self.path, e))?;
+                stage(commit, &self.path, manifest(name, count, *next_seq, segments))?;
             }
         }
-        Ok(new_count)
+        Ok(new)
     }
 }
 
-fn write_small<'a>(
-    out: &mut impl Write,
-    tenant: &str,
-    count: u64,
-    ids: impl Iterator<Item = &'a [u8]>,
-) -> io::Result<()> {
-    out.write_all(b"{\"tenant\":")?;
-    serde_json::to_writer(&mut *out, tenant)?;
-    write!(out, ",\"count\":{count},\"ids\":")?;
-    write_ids(out, ids)?;
-    out.write_all(b"}\n")
+/// Stages `bytes` as the new contents of `path`, checked to be UTF-8 first: ids were UTF-8 when
+/// they were posted, and a file that is not could not be read back.
+fn stage(commit: &mut Commit, path: &Path, bytes: Vec<u8>) -> Result<(), StoreError> {
+    if let Err(e) = std::str::from_utf8(&bytes) {
+        return Err(StoreError::corrupt(path, format!("would not be UTF-8: {e}")));
+    }
+    commit.write(Step::Data, path, &bytes).map_err(|e| StoreError::io(format!("writing {}", path.display()), e))
 }
 
-fn write_manifest(
-    out: &mut impl Write,
-    tenant: &str,
-    count: u64,
-    next_seq: u64,
-    segments: &[Segment],
-) -> io::Result<()> {
-    out.write_all(b"{\"tenant\":")?;
-    serde_json::to_writer(&mut *out, tenant)?;
-    write!(out, ",\"count\":{count},\"next_seq\":{next_seq},\"segments\":")?;
-    serde_json::to_writer(&mut *out, segments)?;
-    out.write_all(b"}\n")
+/// `{"tenant":<name>,"count":<count>`: how every tenant file starts.
+fn head(name: &str, count: u64) -> Vec<u8> {
+    let mut file = b"{\"tenant\":".to_vec();
+    push_json_str(&mut file, name.as_bytes());
+    file.extend_from_slice(format!(",\"count\":{count}").as_bytes());
+    file
 }
 
-fn write_ids<'a>(out: &mut impl Write, ids: impl Iterator<Item = &'a [u8]>) -> io::Result<()> {
-    out.write_all(b"[")?;
-    write_ids_unbracketed(out, ids)?;
-    out.write_all(b"]")
+fn manifest(name: &str, count: u64, next_seq: u64, segments: &[Segment]) -> Vec<u8> {
+    let mut file = head(name, count);
+    file.extend_from_slice(format!(",\"next_seq\":{next_seq},\"segments\":").as_bytes());
+    serde_json::to_writer(&mut file, segments).expect("segments serialize");
+    file.extend_from_slice(b"}\n");
+    file
 }
 
-/// Writes ids as JSON strings separated by commas. Ids were UTF-8 when they were posted.
-fn write_ids_unbracketed<'a>(out: &mut impl Write, ids: impl Iterator<Item = &'a [u8]>) -> io::Result<()> {
+/// Appends ids as JSON strings separated by commas.
+fn push_ids<'a>(out: &mut Vec<u8>, ids: impl Iterator<Item = &'a [u8]>) {
     for (i, id) in ids.enumerate() {
         if i > 0 {
-            out.write_all(b",")?;
+            out.push(b',');
         }
-        let id = std::str::from_utf8(id).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        serde_json::to_writer(&mut *out, id)?;
+        push_json_str(out, id);
     }
-    Ok(())
 }
 
-/// What lies between the brackets of a JSON array, trimmed; `None` if `bytes` is no array.
-fn array_body(bytes: &[u8]) -> Option<&[u8]> {
-    let inner = bytes.trim_ascii().strip_prefix(b"[")?.strip_suffix(b"]")?;
-    Some(inner.trim_ascii())
+/// Appends `s`, UTF-8, as a JSON string, escaped as serde_json escapes.
+fn push_json_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
+    if s.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.extend_from_slice(s);
+    } else {
+        for &b in s {
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                0..0x20 => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+                _ => out.push(b),
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+/// Appends the elements of the JSON array in the file `path` to `body`, a JSON array being
+/// written that holds at least one element: read straight into `body`, its `[` becomes a comma
+/// and its `]` is dropped, with no copy and no parse of an id.
+fn append_array_body(path: &Path, body: &mut Vec<u8>) -> Result<(), StoreError> {
+    let start = body.len();
+    let read = File::open(path).and_then(|mut file| {
+        body.reserve(usize::try_from(file.metadata()?.len()).unwrap_or(0));
+        file.read_to_end(body)
+    });
+    read.map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+    let end = start + body[start..].trim_ascii_end().len();
+    if body.get(start) != Some(&b'[') || end <= start + 1 || body[end - 1] != b']' {
+        return Err(StoreError::corrupt(path, "not a JSON array"));
+    }
+    let empty = body[start + 1..end - 1].trim_ascii().is_empty();
+    body.truncate(if empty { start } else { end - 1 });
+    if !empty {
+        body[start] = b',';
+    }
+    Ok(())
 }
 
 /// Parses a segment's JSON array without building it: each id goes straight to `each`, borrowed

@@ -213,6 +213,13 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// The run's ids, checked to be well formed first.
+    pub(crate) fn ids(&self) -> Result<impl Iterator<Item = &'a [u8]> + use<'a>, Malformed> {
+        self.count_ids()?;
+        let mut rest = self.ids;
+        Ok(std::iter::from_fn(move || if rest.is_empty() { None } else { take_bytes(&mut rest).ok() }))
+    }
+
     /// The number of ids in the run.
     pub(crate) fn count_ids(&self) -> Result<u64, Malformed> {
         let (mut rest, mut n) = (self.ids, 0);
