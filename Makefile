@@ -4,7 +4,7 @@
 # appended, so that a cargo already on PATH wins.
 export PATH := $(PATH):$(HOME)/.cargo/bin
 
-.PHONY: build run tests bench bench-store clean toolchain
+.PHONY: build run tests bench bench-scale bench-store clean toolchain
 
 build: toolchain
 	cargo build --release --workspace
@@ -20,6 +20,12 @@ tests: toolchain
 # The load tool against a freshly started cluster, with Redis in the same run.
 bench: toolchain
 	./scripts/bench.sh
+
+# Scale: the workers' memory per stored id, sustained load for up to 3 minutes, and 100k and 1M
+# tenants, each against a fresh cluster; see scripts/bench-scale.sh for the knobs (SCENARIOS,
+# WORKER_PERSIST, ...).
+bench-scale: toolchain
+	./scripts/bench-scale.sh
 
 # The store's criterion benchmarks: ingest and flush, flush against tenant size, open.
 bench-store: toolchain

@@ -18,7 +18,7 @@ mkdir -p "$out"
 
 ./scripts/ensure-redis.sh
 
-cargo build --release --bins
+cargo build --release --workspace --bins
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 dir=$(mktemp -d)

@@ -86,9 +86,15 @@ pub struct Args {
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
 
-    /// How long to wait, after the load, for the counts to include every acknowledged item.
+    /// How long to wait, after the load, for the counts to include every acknowledged item. The
+    /// counts are read in sweeps, each over the tenants not yet seen to include theirs.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub converge_timeout: Duration,
+
+    /// Connections that read the counts for the check, before the load (the baselines) and
+    /// while waiting for the counts to converge, each with one request in flight.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub check_connections: u32,
 
     /// A request without a complete answer after this long is an error.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -169,6 +175,7 @@ mod tests {
         for args in [
             &["--repeat", "1.5"][..],
             &["--connections", "0"],
+            &["--check-connections", "0"],
             &["--id-bytes", "4"],
             &["--count", "--redis", "redis://x"],
         ] {

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 
@@ -12,9 +12,11 @@ use crate::stats::{Failure, Live, Recorder, RunStats, Series, Totals};
 
 /// What one connection sends, request after request.
 pub trait Op: Send + 'static {
-    /// Builds the next request, of `units` items (or one count): outside the timed part, so
-    /// that making the body never shows as server latency.
-    fn prepare(&mut self, units: u64) -> anyhow::Result<()>;
+    /// Builds the next request, of `units` items (or one count) that take the run's positions
+    /// `start..start + units`: outside the timed part, so that making the body never shows as
+    /// server latency. Positions are handed out in order across all connections, so an op that
+    /// maps position `p` to tenant `p % tenants` spreads the run evenly over every tenant.
+    fn prepare(&mut self, start: u64, units: u64) -> anyhow::Result<()>;
 
     /// Sends the prepared request and waits for its answer: the timed part. Returns the items
     /// acknowledged, or why none were.
@@ -50,11 +52,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Takes up to `want` units from the budget; 0 when it is spent.
-    fn claim(&self, want: u64, budget: Option<u64>) -> u64 {
+    /// Takes up to `want` units from the budget: the position of the first and how many (0 when
+    /// the budget is spent).
+    fn claim(&self, want: u64, budget: Option<u64>) -> (u64, u64) {
         let Some(budget) = budget else {
-            self.claimed.fetch_add(want, Ordering::Relaxed);
-            return want;
+            return (self.claimed.fetch_add(want, Ordering::Relaxed), want);
         };
         let before = self
             .claimed
@@ -62,7 +64,7 @@ impl Shared {
                 Some(claimed.saturating_add(want).min(budget))
             })
             .expect("the update always succeeds");
-        want.min(budget.saturating_sub(before))
+        (before, want.min(budget.saturating_sub(before)))
     }
 }
 
@@ -70,6 +72,7 @@ impl Shared {
 /// sent) and the measurements.
 pub async fn drive<O: Op>(ops: Vec<O>, plan: Plan, shared: Arc<Shared>) -> anyhow::Result<(Vec<O>, RunStats)> {
     let start = Instant::now();
+    let started_at = SystemTime::now();
     let series = Series::default();
     let tasks: Vec<_> = ops
         .into_iter()
@@ -85,7 +88,7 @@ pub async fn drive<O: Op>(ops: Vec<O>, plan: Plan, shared: Arc<Shared>) -> anyho
         ops.push(op);
         totals.push(connection_totals);
     }
-    Ok((ops, RunStats::merge(start.elapsed(), totals, &series)))
+    Ok((ops, RunStats::merge(start, started_at, start.elapsed(), totals, &series)))
 }
 
 async fn connection<O: Op>(
@@ -97,11 +100,11 @@ async fn connection<O: Op>(
 ) -> anyhow::Result<(O, Totals)> {
     let deadline = plan.duration.map(|d| start + d);
     while deadline.is_none_or(|deadline| Instant::now() < deadline) {
-        let units = shared.claim(plan.per_request, plan.units);
+        let (first, units) = shared.claim(plan.per_request, plan.units);
         if units == 0 {
             break;
         }
-        op.prepare(units)?;
+        op.prepare(first, units)?;
         let sent = Instant::now();
         let outcome = op.send().await;
         let answered = Instant::now();
@@ -120,9 +123,11 @@ mod tests {
     #[test]
     fn the_budget_is_never_overspent() {
         let shared = Shared::default();
-        let claims: Vec<u64> = (0..5).map(|_| shared.claim(100, Some(250))).collect();
-        assert_eq!(claims, [100, 100, 50, 0, 0]);
-        assert_eq!(Shared::default().claim(100, None), 100);
+        let claims: Vec<(u64, u64)> = (0..5).map(|_| shared.claim(100, Some(250))).collect();
+        assert_eq!(claims, [(0, 100), (100, 100), (200, 50), (250, 0), (250, 0)]);
+        let unbounded = Shared::default();
+        assert_eq!(unbounded.claim(100, None), (0, 100));
+        assert_eq!(unbounded.claim(100, None), (100, 100));
     }
 
     #[test]

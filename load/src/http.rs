@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -20,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::net::TcpStream;
 
+use crate::check::{Read, Sweep};
 use crate::drive::Op;
 use crate::stats::Failure;
 use crate::workload::Generator;
@@ -43,11 +45,52 @@ pub struct Target {
     addr: SocketAddr,
     host: HeaderValue,
     items: Uri,
-    /// `GET` URIs, one per tenant, in tenant order.
-    counts: Vec<Uri>,
+    /// Per tenant, in tenant order, the path of its count (validated as a URI).
+    count_paths: Packed,
     /// Per tenant, the end of an item's JSON after its id: `","tenant":"<name>"}`.
-    item_ends: Vec<Bytes>,
+    item_ends: Packed,
     longest_item_end: usize,
+}
+
+/// Byte strings, one per tenant, in one buffer: a million tenants cost their bytes and an offset
+/// each, rather than an allocation and a header each.
+#[derive(Debug)]
+struct Packed {
+    bytes: Bytes,
+    /// Where each string ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Packed {
+    fn new<S: AsRef<[u8]>>(strings: impl IntoIterator<Item = S>) -> Packed {
+        let (mut bytes, mut ends) = (Vec::new(), Vec::new());
+        for string in strings {
+            bytes.extend_from_slice(string.as_ref());
+            ends.push(bytes.len());
+        }
+        Packed { bytes: bytes.into(), ends }
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn range(&self, i: usize) -> std::ops::Range<usize> {
+        (if i == 0 { 0 } else { self.ends[i - 1] })..self.ends[i]
+    }
+
+    fn get(&self, i: usize) -> &[u8] {
+        &self.bytes[self.range(i)]
+    }
+
+    /// The string as shared bytes, without a copy.
+    fn shared(&self, i: usize) -> Bytes {
+        self.bytes.slice(self.range(i))
+    }
+
+    fn longest(&self) -> usize {
+        (0..self.len()).map(|i| self.range(i).len()).max().unwrap_or(0)
+    }
 }
 
 impl Target {
@@ -72,36 +115,38 @@ impl Target {
             }
         }
         let prefix = url.path().trim_end_matches('/');
-        let counts = tenants
-            .iter()
-            .map(|tenant| format!("{prefix}/items/{}/count", utf8_percent_encode(tenant, SEGMENT)).parse())
-            .collect::<Result<_, _>>()
-            .context("a tenant name makes an invalid URI")?;
-        let item_ends: Vec<Bytes> = tenants
-            .iter()
-            .map(|tenant| {
-                let name = serde_json::to_string(tenant).expect("a string serializes");
-                Bytes::from(format!("\",\"tenant\":{name}}}"))
-            })
-            .collect();
-        let longest_item_end = item_ends.iter().map(Bytes::len).max().unwrap_or(0);
+        let count_paths = Packed::new(
+            tenants.iter().map(|tenant| format!("{prefix}/items/{}/count", utf8_percent_encode(tenant, SEGMENT))),
+        );
+        for i in 0..count_paths.len() {
+            Uri::from_maybe_shared(count_paths.shared(i)).context("a tenant name makes an invalid URI")?;
+        }
+        let item_ends = Packed::new(tenants.iter().map(|tenant| {
+            let name = serde_json::to_string(tenant).expect("a string serializes");
+            format!("\",\"tenant\":{name}}}")
+        }));
         Ok(Target {
             addr,
             host: HeaderValue::from_str(authority.as_str()).context("--url has an invalid host")?,
             items: format!("{prefix}/items").parse().context("--url has an invalid path")?,
-            counts,
+            longest_item_end: item_ends.longest(),
+            count_paths,
             item_ends,
-            longest_item_end,
         })
     }
 
     /// The number of tenants.
     pub fn tenants(&self) -> usize {
-        self.counts.len()
+        self.count_paths.len()
     }
 
-    fn request(&self, method: Method, uri: &Uri, body: Bytes) -> Request<Full<Bytes>> {
-        let mut request = Request::builder().method(method).uri(uri.clone()).header(HOST, self.host.clone());
+    /// The URI of tenant `tenant`'s count.
+    fn count_uri(&self, tenant: usize) -> Uri {
+        Uri::from_maybe_shared(self.count_paths.shared(tenant)).expect("validated when the target was made")
+    }
+
+    fn request(&self, method: Method, uri: Uri, body: Bytes) -> Request<Full<Bytes>> {
+        let mut request = Request::builder().method(method).uri(uri).header(HOST, self.host.clone());
         if !body.is_empty() {
             request = request.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
@@ -164,7 +209,7 @@ impl Connection {
 
     /// Reads one tenant's count (tenant index into the target's tenants).
     async fn count(&mut self, tenant: usize) -> Result<u64, Failure> {
-        let request = self.target.request(Method::GET, &self.target.counts[tenant], Bytes::new());
+        let request = self.target.request(Method::GET, self.target.count_uri(tenant), Bytes::new());
         match self.exchange(request).await? {
             (StatusCode::OK, body) => {
                 serde_json::from_slice::<Count>(&body).map(|c| c.count).map_err(|_| Failure::BadReply)
@@ -172,18 +217,120 @@ impl Connection {
             (status, _) => Err(Failure::Status(status.as_u16())),
         }
     }
+}
 
-    /// Reads every tenant's count, in tenant order.
-    pub async fn counts(&mut self) -> anyhow::Result<Vec<u64>> {
-        let mut counts = Vec::with_capacity(self.target.tenants());
-        for tenant in 0..self.target.tenants() {
-            let count = self.count(tenant).await.map_err(|failure| {
-                anyhow::anyhow!("GET {} from {}: {failure}", self.target.counts[tenant], self.target.addr)
-            })?;
-            counts.push(count);
+/// What a count reader does when a count cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// End the whole pass at the first failure: every count is needed (the baselines).
+    Stop,
+    /// Go on with the other tenants, for a later pass to read the failed ones again. A
+    /// connection leaves the pass after [`FAILURES_IN_A_ROW`] failures in a row, so that a
+    /// server that is down costs a few tries rather than one per tenant.
+    Skip,
+}
+
+/// Failures in a row after which a connection leaves a pass.
+const FAILURES_IN_A_ROW: u32 = 3;
+
+/// Reads many tenants' counts at once, over keep-alive connections of its own, each with one
+/// request in flight, which it keeps from one pass to the next: a pass over a million tenants
+/// takes as long as the server needs to answer them, not a million round trips.
+pub struct CountReader {
+    target: Arc<Target>,
+    connections: Vec<Connection>,
+}
+
+impl CountReader {
+    /// A reader of `target`'s counts over `connections` connections whose requests fail after
+    /// `timeout`.
+    pub fn new(target: Arc<Target>, timeout: Duration, connections: usize) -> Self {
+        let connections = (0..connections.max(1)).map(|_| Connection::new(target.clone(), timeout)).collect();
+        CountReader { target, connections }
+    }
+
+    /// Reads every tenant's count, in tenant order; fails at the first count that cannot be read.
+    pub async fn all(&mut self) -> anyhow::Result<Vec<u64>> {
+        let tenants: Vec<usize> = (0..self.target.tenants()).collect();
+        let sweep = self.sweep(&tenants, OnFailure::Stop).await;
+        if let Some(error) = sweep.error {
+            return Err(error);
+        }
+        let mut counts = vec![0; tenants.len()];
+        for read in sweep.reads {
+            counts[read.tenant] = read.count;
         }
         Ok(counts)
     }
+
+    /// Reads the counts of `tenants` (indexes into the target's tenants), the connections taking
+    /// them in order; each read is stamped with the time its answer came.
+    pub async fn sweep(&mut self, tenants: &[usize], on_failure: OnFailure) -> Sweep {
+        if tenants.is_empty() {
+            return Sweep::default();
+        }
+        let list: Arc<[u32]> = tenants.iter().map(|&t| u32::try_from(t).expect("at most 2^32 tenants")).collect();
+        let next = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let used = self.connections.len().min(tenants.len());
+        let tasks: Vec<_> = self
+            .connections
+            .drain(..used)
+            .map(|connection| {
+                let (list, next, stop) = (list.clone(), next.clone(), stop.clone());
+                tokio::spawn(read_counts(connection, list, next, stop, on_failure))
+            })
+            .collect();
+        let mut sweep = Sweep::default();
+        for task in tasks {
+            let (connection, reads, error) = task.await.expect("a count reader never panics");
+            self.connections.push(connection);
+            sweep.reads.extend(reads);
+            sweep.error = sweep.error.or(error);
+        }
+        sweep.unread = tenants.len() - sweep.reads.len();
+        if sweep.unread > 0 && sweep.error.is_none() {
+            sweep.error = Some(anyhow::anyhow!("{} counts were not read", sweep.unread));
+        }
+        sweep
+    }
+}
+
+/// One connection's share of a pass: the tenants of `list` it takes, one after another, from
+/// the shared cursor `next`. Returns the connection, the counts it read and its first failure.
+async fn read_counts(
+    mut connection: Connection,
+    list: Arc<[u32]>,
+    next: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    on_failure: OnFailure,
+) -> (Connection, Vec<Read>, Option<anyhow::Error>) {
+    let (mut reads, mut error, mut in_a_row) = (Vec::new(), None, 0);
+    while !stop.load(Ordering::Relaxed) {
+        let Some(&tenant) = list.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+        let tenant = tenant as usize;
+        match connection.count(tenant).await {
+            Ok(count) => {
+                reads.push(Read { tenant, count, at: tokio::time::Instant::now() });
+                in_a_row = 0;
+            }
+            Err(failure) => {
+                let target = &connection.target;
+                error.get_or_insert_with(|| {
+                    anyhow::anyhow!("GET {} from {}: {failure}", target.count_uri(tenant), target.addr)
+                });
+                in_a_row += 1;
+                if on_failure == OnFailure::Stop {
+                    stop.store(true, Ordering::Relaxed);
+                    break;
+                }
+                if in_a_row >= FAILURES_IN_A_ROW {
+                    break;
+                }
+            }
+        }
+    }
+    (connection, reads, error)
 }
 
 /// Posts generated batches: what the load sends in the default mode.
@@ -208,8 +355,8 @@ impl PostOp {
 }
 
 impl Op for PostOp {
-    fn prepare(&mut self, units: u64) -> anyhow::Result<()> {
-        let batch = self.generator.next_batch(units as usize)?;
+    fn prepare(&mut self, start: u64, units: u64) -> anyhow::Result<()> {
+        let batch = self.generator.next_batch(start, units as usize)?;
         let target = &self.connection.target;
         // Once the previous body is dropped, this reclaims its allocation rather than making one.
         let per_item = ITEM_START.len() + target.longest_item_end + 1;
@@ -221,7 +368,7 @@ impl Op for PostOp {
             }
             self.buffer.put_slice(ITEM_START);
             self.buffer.put_slice(id);
-            self.buffer.put_slice(&target.item_ends[tenant]);
+            self.buffer.put_slice(target.item_ends.get(tenant));
         }
         self.buffer.put_u8(b']');
         self.body = self.buffer.split().freeze();
@@ -231,7 +378,7 @@ impl Op for PostOp {
 
     async fn send(&mut self) -> Result<u64, Failure> {
         let target = &self.connection.target;
-        let request = target.request(Method::POST, &target.items, std::mem::take(&mut self.body));
+        let request = target.request(Method::POST, target.items.clone(), std::mem::take(&mut self.body));
         match self.connection.exchange(request).await? {
             (StatusCode::OK, _) => {
                 self.generator.acknowledged();
@@ -245,26 +392,25 @@ impl Op for PostOp {
 /// Reads counts round-robin over the tenants: what the load sends with `--count`.
 pub struct CountOp {
     connection: Connection,
-    next: usize,
+    tenant: usize,
 }
 
 impl CountOp {
-    /// Reads counts over `connection`, starting with tenant `first`.
-    pub fn new(connection: Connection, first: usize) -> Self {
-        let next = first % connection.target.tenants();
-        CountOp { connection, next }
+    /// Reads counts over `connection`.
+    pub fn new(connection: Connection) -> Self {
+        CountOp { connection, tenant: 0 }
     }
 }
 
 impl Op for CountOp {
-    fn prepare(&mut self, _units: u64) -> anyhow::Result<()> {
+    /// The read at the run's position `start` is of tenant `start % tenants`.
+    fn prepare(&mut self, start: u64, _units: u64) -> anyhow::Result<()> {
+        self.tenant = (start % self.connection.target.tenants() as u64) as usize;
         Ok(())
     }
 
     async fn send(&mut self) -> Result<u64, Failure> {
-        let tenant = self.next;
-        self.next = (self.next + 1) % self.connection.target.tenants();
-        self.connection.count(tenant).await.map(|_| 1)
+        self.connection.count(self.tenant).await.map(|_| 1)
     }
 }
 
@@ -279,13 +425,15 @@ mod tests {
         let url: Uri = "http://127.0.0.1:5999/api/".parse().unwrap();
         let target = Arc::new(Target::resolve(&url, &tenants).await.unwrap());
         assert_eq!(target.items, "/api/items");
-        assert_eq!(target.counts[1], "/api/items/a%20%22quoted%22%2Fodd%20one/count");
+        assert_eq!(target.count_uri(0), "/api/items/plain/count");
+        assert_eq!(target.count_uri(1), "/api/items/a%20%22quoted%22%2Fodd%20one/count");
+        assert_eq!(target.item_ends.get(1), br#"","tenant":"a \"quoted\"/odd one"}"#);
 
         let shape = Shape::new(16, 1, 2, 0.0);
         let mut op = PostOp::new(Connection::new(target, Duration::from_secs(1)), Generator::new(&shape, 0));
         let mut first_body = None;
-        for _ in 0..3 {
-            op.prepare(5).unwrap();
+        for b in 0..3 {
+            op.prepare(b * 5, 5).unwrap();
             // Each body is written where the one before it was, once that one is gone.
             assert_eq!(*first_body.get_or_insert(op.body.as_ptr()), op.body.as_ptr());
             let items: Vec<serde_json::Value> = serde_json::from_slice(&op.body).unwrap();

@@ -26,14 +26,14 @@ use clap::Parser;
 use crate::check::{Convergence, Tally};
 use crate::cli::Args;
 use crate::drive::{Op, Plan, Shared, drive};
-use crate::http::{Connection, CountOp, PostOp, Target};
+use crate::http::{Connection, CountOp, CountReader, OnFailure, PostOp, Target};
 use crate::progress::Progress;
 use crate::redis::{RedisOp, RedisTarget};
 use crate::report::{Figures, Mode, Report};
 use crate::stats::RunStats;
 use crate::workload::{Generator, Shape};
 
-/// How often the counts are read while waiting for them to converge.
+/// The pause between two sweeps over the counts while waiting for them to converge.
 const CONVERGE_POLL: Duration = Duration::from_millis(100);
 
 fn main() -> ExitCode {
@@ -125,12 +125,9 @@ async fn post(args: &Args, target: &Arc<Target>, tenants: &[String], plan: Plan)
         Some(url) => Some(RedisTarget::connect(url, tenants, args.timeout).await?),
         None => None,
     };
-    let baselines = if args.no_check {
-        Vec::new()
-    } else {
-        let mut reader = Connection::new(target.clone(), args.timeout);
-        reader.counts().await.context("reading the counts before the load")?
-    };
+    let mut reader = CountReader::new(target.clone(), args.timeout, args.check_connections as usize);
+    let baselines =
+        if args.no_check { Vec::new() } else { reader.all().await.context("reading the counts before the load")? };
 
     let connections = args.connections as usize;
     let shape = Shape::new(args.id_bytes.into(), connections, tenants.len(), args.repeat);
@@ -140,14 +137,14 @@ async fn post(args: &Args, target: &Arc<Target>, tenants: &[String], plan: Plan)
     let (ops, stats) = measured("countapp", "items", ops, plan, args.quiet).await?;
 
     let mut check = None;
-    if !args.no_check && stats.totals.items > 0 {
+    if let (false, Some(load_end)) = (args.no_check, stats.totals.last_ack) {
         let mut tallies = vec![Tally::default(); tenants.len()];
         for op in &ops {
-            for (total, tally) in tallies.iter_mut().zip(op.generator().tallies()) {
-                *total += tally;
-            }
+            op.generator().add_tallies(&mut tallies);
         }
-        check = Some(converge(args, target, &baselines, &tallies).await?);
+        drop(ops);
+        let load_end = tokio::time::Instant::from_std(load_end);
+        check = Some(converge(args, &mut reader, &baselines, &tallies, load_end).await?);
     }
 
     let mut redis_figures = None;
@@ -164,15 +161,25 @@ async fn post(args: &Args, target: &Arc<Target>, tenants: &[String], plan: Plan)
 /// Waits for the counts to include every acknowledged item, and judges them.
 async fn converge(
     args: &Args,
-    target: &Arc<Target>,
+    reader: &mut CountReader,
     baselines: &[u64],
     tallies: &[Tally],
+    load_end: tokio::time::Instant,
 ) -> anyhow::Result<Convergence> {
-    eprintln!("waiting up to {} for the counts to converge...", humantime::format_duration(args.converge_timeout));
-    check::await_convergence(baselines, tallies, args.converge_timeout, CONVERGE_POLL, || {
-        let mut reader = Connection::new(target.clone(), args.timeout);
-        async move { reader.counts().await }
-    })
+    eprintln!(
+        "waiting up to {} for the counts of {} tenants to converge ({} connections)...",
+        humantime::format_duration(args.converge_timeout),
+        tallies.len(),
+        args.check_connections
+    );
+    check::await_convergence(
+        baselines,
+        tallies,
+        load_end,
+        args.converge_timeout,
+        CONVERGE_POLL,
+        async |tenants: &[usize]| reader.sweep(tenants, OnFailure::Skip).await,
+    )
     .await
 }
 
@@ -181,13 +188,12 @@ async fn count(args: &Args, target: &Arc<Target>, plan: Plan) -> anyhow::Result<
     let shape = Shape::new(args.id_bytes.into(), 1, target.tenants(), 0.0);
     let mut seeder = PostOp::new(Connection::new(target.clone(), args.timeout), Generator::new(&shape, 0));
     // Items go round-robin over the tenants, so as many batches as tenants give each one batch.
-    for _ in 0..target.tenants() {
-        seeder.prepare(args.batch.into())?;
+    let batch = u64::from(args.batch);
+    for b in 0..target.tenants() as u64 {
+        seeder.prepare(b * batch, batch)?;
         seeder.send().await.map_err(|failure| anyhow!("seeding the tenants: POST /items: {failure}"))?;
     }
-    let ops = (0..args.connections as usize)
-        .map(|c| CountOp::new(Connection::new(target.clone(), args.timeout), c))
-        .collect();
+    let ops = (0..args.connections).map(|_| CountOp::new(Connection::new(target.clone(), args.timeout))).collect();
     let (_, stats) = measured("counts", "requests", ops, plan, args.quiet).await?;
     Ok(Measured { run: Figures::of(&stats), redis: None, check: None })
 }

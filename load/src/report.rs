@@ -53,6 +53,9 @@ pub struct Figures {
     pub latency_ms: Latency,
     pub errors: u64,
     pub errors_by_kind: BTreeMap<String, u64>,
+    /// When the last request was acknowledged (the end of the load), in milliseconds since the
+    /// Unix epoch; null when none was.
+    pub last_ack_unix_ms: Option<u64>,
     /// The run second by second.
     pub per_second: Vec<Interval>,
 }
@@ -83,6 +86,7 @@ impl Figures {
             },
             errors: stats.totals.error_count(),
             errors_by_kind: stats.totals.errors.iter().map(|(failure, &n)| (failure.to_string(), n)).collect(),
+            last_ack_unix_ms: stats.last_ack_unix_ms(),
             per_second: stats.per_second(),
         }
     }
@@ -142,13 +146,23 @@ impl Report {
         if let Some(check) = &self.check {
             let v = &check.verdict;
             let wait = if check.converged {
-                format!("converged in {:.2} s", check.waited.as_secs_f64())
+                format!("converged {:.2} s after the last ack", check.waited.as_secs_f64())
             } else {
-                format!("did NOT converge within {:.2} s", check.waited.as_secs_f64())
+                format!(
+                    "did NOT converge within {:.2} s of the last ack, {} tenants short",
+                    check.waited.as_secs_f64(),
+                    check.unconverged
+                )
             };
+            let sweeps = format!(
+                "first sweep over the counts {:.2} s, {} sweep{}",
+                check.sweep.as_secs_f64(),
+                check.sweeps,
+                if check.sweeps == 1 { "" } else { "s" }
+            );
             let _ = writeln!(
                 out,
-                "\ncheck: {} distinct ids acknowledged, {} sent, {} counted; {wait}; lost {}, unexpected {}{}",
+                "\ncheck: {} distinct ids acknowledged, {} sent, {} counted; {wait} ({sweeps}); lost {}, unexpected {}{}",
                 v.acked,
                 v.sent,
                 v.counted,
@@ -178,6 +192,7 @@ mod tests {
             latency_ms: Latency { p50: 1.0, p99: 2.0, p999: 3.0, max: 4.0 },
             errors: 2,
             errors_by_kind: BTreeMap::from([("HTTP 503".to_owned(), 2)]),
+            last_ack_unix_ms: Some(1_700_000_000_000),
             per_second: Vec::new(),
         }
     }
@@ -208,6 +223,9 @@ mod tests {
                 },
                 converged: false,
                 waited: Duration::from_secs(30),
+                sweep: Duration::from_millis(1500),
+                sweeps: 12,
+                unconverged: 1,
             }),
         };
         let table = report.table();
@@ -216,7 +234,8 @@ mod tests {
             "redis",
             "2.00x",
             "2 × HTTP 503",
-            "did NOT converge",
+            "did NOT converge within 30.00 s of the last ack, 1 tenants short (first sweep",
+            "first sweep over the counts 1.50 s, 12 sweeps",
             "lost 10, unexpected 0 -- FAILED",
         ] {
             assert!(table.contains(needle), "{needle:?} missing from\n{table}");
@@ -224,6 +243,9 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["check"]["lost"], 10);
         assert_eq!(json["check"]["waited"], 30.0);
+        assert_eq!(json["check"]["sweep_s"], 1.5);
+        assert_eq!(json["check"]["sweeps"], 12);
+        assert_eq!(json["run"]["last_ack_unix_ms"], 1_700_000_000_000u64);
         assert_eq!(json["redis"]["items_per_s"], 500.0);
     }
 }

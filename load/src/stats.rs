@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -99,6 +99,7 @@ pub struct Recorder {
     requests: u64,
     items: u64,
     errors: BTreeMap<Failure, u64>,
+    last_ack: Option<Instant>,
     second_index: usize,
     second: Second,
     series: Series,
@@ -114,6 +115,7 @@ impl Recorder {
             requests: 0,
             items: 0,
             errors: BTreeMap::new(),
+            last_ack: None,
             second_index: 0,
             second: Second::new(),
             series,
@@ -131,6 +133,7 @@ impl Recorder {
         self.second.requests += 1;
         self.items += items;
         self.second.items += items;
+        self.last_ack = self.last_ack.max(Some(end));
         self.live.items.fetch_add(items, Ordering::Relaxed);
     }
 
@@ -168,7 +171,13 @@ impl Recorder {
     /// Ends the recording: the last second goes to the series, the rest is returned.
     pub fn finish(mut self) -> Totals {
         self.flush_second();
-        Totals { latency: self.latency, requests: self.requests, items: self.items, errors: self.errors }
+        Totals {
+            latency: self.latency,
+            requests: self.requests,
+            items: self.items,
+            errors: self.errors,
+            last_ack: self.last_ack,
+        }
     }
 }
 
@@ -183,6 +192,8 @@ pub struct Totals {
     pub items: u64,
     /// Failed requests by reason.
     pub errors: BTreeMap<Failure, u64>,
+    /// When the last acknowledgement came: the end of the load, for the convergence wait.
+    pub last_ack: Option<Instant>,
 }
 
 impl Totals {
@@ -194,6 +205,7 @@ impl Totals {
         for (&failure, &n) in &other.errors {
             *self.errors.entry(failure).or_default() += n;
         }
+        self.last_ack = self.last_ack.max(other.last_ack);
     }
 
     /// Failed requests, whatever the reason.
@@ -205,6 +217,9 @@ impl Totals {
 /// Everything a run measured.
 #[derive(Debug)]
 pub struct RunStats {
+    /// When the run started, by the monotonic clock and by the wall clock.
+    pub start: Instant,
+    pub started_at: SystemTime,
     /// From the first request to the last answer.
     pub elapsed: Duration,
     pub totals: Totals,
@@ -213,15 +228,29 @@ pub struct RunStats {
 }
 
 impl RunStats {
-    /// Merges the connections' totals and takes the series.
-    pub fn merge(elapsed: Duration, connections: Vec<Totals>, series: &Series) -> Self {
+    /// Merges the connections' totals and takes the series of a run that started at `start`
+    /// (`started_at` by the wall clock).
+    pub fn merge(
+        start: Instant,
+        started_at: SystemTime,
+        elapsed: Duration,
+        connections: Vec<Totals>,
+        series: &Series,
+    ) -> Self {
         let mut connections = connections.into_iter();
         let mut totals = connections.next().expect("a run has at least one connection");
         for other in connections {
             totals.add(&other);
         }
         let seconds = std::mem::take(&mut *series.lock().expect("no recorder panics holding the series"));
-        RunStats { elapsed, totals, seconds }
+        RunStats { start, started_at, elapsed, totals, seconds }
+    }
+
+    /// The wall-clock time of the last acknowledgement, in milliseconds since the Unix epoch:
+    /// for comparing the end of the load with what the server did (file times, logs).
+    pub fn last_ack_unix_ms(&self) -> Option<u64> {
+        let at = self.started_at + self.totals.last_ack?.saturating_duration_since(self.start);
+        Some(at.duration_since(UNIX_EPOCH).ok()?.as_millis() as u64)
     }
 
     /// Requests per second over the run.
@@ -304,7 +333,9 @@ mod tests {
         two.acknowledged(start + Duration::from_millis(900), Duration::from_millis(4), 100);
         one.failed(start + Duration::from_millis(1500), Failure::Status(503));
         two.acknowledged(start + Duration::from_millis(2500), Duration::from_millis(8), 50);
-        let stats = RunStats::merge(Duration::from_millis(2500), vec![one.finish(), two.finish()], &series);
+        let started_at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let stats =
+            RunStats::merge(start, started_at, Duration::from_millis(2500), vec![one.finish(), two.finish()], &series);
 
         assert_eq!((stats.totals.requests, stats.totals.items, stats.totals.error_count()), (4, 250, 1));
         assert_eq!(live.items.load(Ordering::Relaxed), 250);
@@ -319,6 +350,9 @@ mod tests {
 
         assert!((stats.items_per_s() - 100.0).abs() < 1e-9);
         assert!((stats.latency_ms(1.0) - 8.0).abs() < 0.01);
+        // The failure at 1.5 s is no acknowledgement; the answer at 2.5 s is the last one.
+        assert_eq!(stats.totals.last_ack, Some(start + Duration::from_millis(2500)));
+        assert_eq!(stats.last_ack_unix_ms(), Some(1_700_000_002_500));
     }
 
     #[test]
@@ -329,7 +363,8 @@ mod tests {
         for ms in [500, 1500, 2050] {
             recorder.acknowledged(start + Duration::from_millis(ms), Duration::from_millis(1), 10);
         }
-        let stats = RunStats::merge(Duration::from_millis(2100), vec![recorder.finish()], &series);
+        let stats =
+            RunStats::merge(start, SystemTime::now(), Duration::from_millis(2100), vec![recorder.finish()], &series);
         let per_second = stats.per_second();
         assert_eq!(per_second.len(), 2);
         assert!((per_second[1].seconds - 1.1).abs() < 1e-9);

@@ -2,6 +2,11 @@
 //! round-robin over the tenants, a chosen share of them repeating ids already acknowledged, and
 //! the per-tenant tallies the loss check needs.
 //!
+//! The run hands out item positions 0, 1, 2... in order across all its connections, and the item
+//! at position `p` goes to tenant `p % tenants`: every tenant gets its share, to within one item,
+//! however many tenants and connections there are (a million tenants and a million items give
+//! each tenant one id).
+//!
 //! An id is a random run tag followed by a number written in base 62, padded to `--id-bytes`.
 //! The number of connection `c`'s `n`-th fresh id for a tenant is `n * connections + c`, so two
 //! connections never make the same id, and a connection can recompute any id it made from `n`
@@ -66,8 +71,9 @@ pub struct Batch {
     tenants: Vec<u32>,
     ids: Vec<u8>,
     id_bytes: usize,
-    /// The tenants that got fresh ids in this batch, each once: what an acknowledgement credits.
-    touched: Vec<u32>,
+    /// The tenants of this batch, each once, as (slot, sequence number of its first fresh id in
+    /// the batch): what an acknowledgement credits.
+    touched: Vec<(u32, u64)>,
 }
 
 impl Batch {
@@ -88,16 +94,15 @@ impl Batch {
 }
 
 /// One tenant's fresh ids as seen by one connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TenantIds {
+    /// The tenant's index.
+    tenant: u32,
     /// The sequence number of the next fresh id; also how many were sent.
     next: u64,
     /// The sequence numbers of acknowledged fresh ids, as ascending runs. A failed batch leaves
     /// a gap, so there are as many runs as failures plus one: few.
     acked: Vec<AckedRun>,
-    /// The batch that last got a fresh id of this tenant, and the sequence number it started at.
-    batch: u64,
-    batch_start: u64,
 }
 
 /// A run of acknowledged sequence numbers, with how many acknowledged ones come before it (to
@@ -134,6 +139,9 @@ impl TenantIds {
     }
 }
 
+/// Marks a tenant this connection has sent nothing to.
+const NO_SLOT: u32 = u32::MAX;
+
 /// One connection's item stream, and its tally of what was sent and acknowledged.
 ///
 /// A connection has one batch in flight at a time: [`Generator::next_batch`] makes it, and
@@ -143,13 +151,13 @@ pub struct Generator {
     shape: Shape,
     connection: u64,
     fresh_limit: u64,
-    tenants: Vec<TenantIds>,
-    /// The tenant of the next item: items go round-robin over the tenants across batches.
-    cursor: usize,
+    /// Per tenant, the index of its [`TenantIds`] in `touched`, or [`NO_SLOT`]: with many
+    /// tenants a connection sends to only some of them, and an untouched tenant costs 4 bytes.
+    slots: Vec<u32>,
+    touched: Vec<TenantIds>,
     /// Error diffusion for the repeat share: exact over the run, with no randomness in whether
     /// an item repeats.
     repeat_credit: f64,
-    batches: u64,
     batch: Batch,
     rng: SmallRng,
 }
@@ -161,29 +169,44 @@ impl Generator {
         Generator {
             fresh_limit: shape.fresh_ids_per_connection(),
             connection: connection as u64,
-            tenants: (0..shape.tenants).map(|_| TenantIds::default()).collect(),
-            // Connections start on different tenants, so that small batches still spread.
-            cursor: connection % shape.tenants,
+            slots: vec![NO_SLOT; shape.tenants],
+            touched: Vec::new(),
             repeat_credit: 0.0,
-            batches: 0,
             batch: Batch { id_bytes: shape.id_bytes, ..Batch::default() },
             rng: rand::make_rng(),
             shape: shape.clone(),
         }
     }
 
-    /// Makes the next batch of `size` items. A repeat reuses an id this connection had
-    /// acknowledged for that tenant before; while a tenant has none, it gets a fresh id instead.
-    pub fn next_batch(&mut self, size: usize) -> anyhow::Result<&Batch> {
-        self.batches += 1;
+    /// Makes the next batch: the `size` items at the run's positions `start..start + size`,
+    /// the one at position `p` for tenant `p % tenants`. A repeat reuses an id this connection
+    /// had acknowledged for that tenant before; while a tenant has none, it gets a fresh id
+    /// instead.
+    pub fn next_batch(&mut self, start: u64, size: usize) -> anyhow::Result<&Batch> {
+        let tenants = self.slots.len();
         let batch = &mut self.batch;
         batch.tenants.clear();
         batch.ids.clear();
         batch.touched.clear();
-        for _ in 0..size {
-            let t = self.cursor;
-            self.cursor = (self.cursor + 1) % self.tenants.len();
-            let ids = &mut self.tenants[t];
+        let mut t = (start % tenants as u64) as usize;
+        for i in 0..size {
+            if i > 0 {
+                t = if t + 1 == tenants { 0 } else { t + 1 };
+            }
+            let slot = match self.slots[t] {
+                NO_SLOT => {
+                    self.slots[t] = self.touched.len() as u32;
+                    self.touched.push(TenantIds { tenant: t as u32, next: 0, acked: Vec::new() });
+                    self.touched.len() as u32 - 1
+                }
+                slot => slot,
+            };
+            let ids = &mut self.touched[slot as usize];
+            // The batch's items are consecutive positions: the first `tenants` of them are each
+            // a different tenant's first item in it.
+            if i < tenants {
+                batch.touched.push((slot, ids.next));
+            }
             self.repeat_credit += self.shape.repeat;
             let acked = ids.acked_count();
             let seq = if self.repeat_credit >= 1.0 && acked > 0 {
@@ -193,11 +216,6 @@ impl Generator {
                 self.repeat_credit = self.repeat_credit.min(1.0);
                 if ids.next == self.fresh_limit {
                     bail!("the id space of --id-bytes {} is used up; give more bytes", self.shape.id_bytes);
-                }
-                if ids.batch != self.batches {
-                    ids.batch = self.batches;
-                    ids.batch_start = ids.next;
-                    batch.touched.push(t as u32);
                 }
                 ids.next += 1;
                 ids.next - 1
@@ -214,15 +232,18 @@ impl Generator {
     /// Credits the batch last made as acknowledged: its fresh ids become candidates for repeats
     /// and count as acknowledged in the tally. A batch never acknowledged still counts as sent.
     pub fn acknowledged(&mut self) {
-        for &t in &self.batch.touched {
-            let ids = &mut self.tenants[t as usize];
-            ids.acknowledge(ids.batch_start..ids.next);
+        for &(slot, first) in &self.batch.touched {
+            let ids = &mut self.touched[slot as usize];
+            ids.acknowledge(first..ids.next);
         }
     }
 
-    /// Per tenant, the distinct fresh ids sent and acknowledged so far.
-    pub fn tallies(&self) -> Vec<Tally> {
-        self.tenants.iter().map(|ids| Tally { acked: ids.acked_count(), sent: ids.next }).collect()
+    /// Adds to `totals` (one per tenant) the distinct fresh ids this connection sent and had
+    /// acknowledged, per tenant.
+    pub fn add_tallies(&self, totals: &mut [Tally]) {
+        for ids in &self.touched {
+            totals[ids.tenant as usize] += Tally { acked: ids.acked_count(), sent: ids.next };
+        }
     }
 }
 
@@ -249,11 +270,15 @@ mod tests {
         let mut acked: HashMap<usize, HashSet<Vec<u8>>> = HashMap::new();
         let mut tallies = vec![Tally::default(); shape.tenants];
         let mut repeats = 0;
-        for c in 0..3 {
-            let mut generator = Generator::new(&shape, c);
-            for b in 0..50 {
-                let batch = generator.next_batch(25).unwrap();
-                assert_eq!(batch.len(), 25);
+        let mut generators: Vec<Generator> = (0..3).map(|c| Generator::new(&shape, c)).collect();
+        let mut position = 0;
+        for b in 0..50 {
+            for (c, generator) in generators.iter_mut().enumerate() {
+                // Batches smaller and larger than the tenant count, at every offset.
+                let size = 1 + (b * 7 + c) % 25;
+                let batch = generator.next_batch(position, size).unwrap();
+                position += size as u64;
+                assert_eq!(batch.len(), size);
                 // Every third batch of connection 1 fails.
                 let ok = !(c == 1 && b % 3 == 0);
                 for (t, id) in batch.items() {
@@ -270,9 +295,9 @@ mod tests {
                     generator.acknowledged();
                 }
             }
-            for (total, tally) in tallies.iter_mut().zip(generator.tallies()) {
-                *total += tally;
-            }
+        }
+        for generator in &generators {
+            generator.add_tallies(&mut tallies);
         }
         for (t, tally) in tallies.iter().enumerate() {
             assert_eq!(tally.sent, sent[&t].len() as u64, "tenant {t}");
@@ -288,7 +313,7 @@ mod tests {
         let mut acked: HashSet<(usize, Vec<u8>)> = HashSet::new();
         let (mut items, mut repeats) = (0, 0);
         for b in 0..400 {
-            let batch = generator.next_batch(100).unwrap();
+            let batch = generator.next_batch(b * 100, 100).unwrap();
             let mut seen_fresh = HashSet::new();
             for (t, id) in batch.items() {
                 items += 1;
@@ -318,7 +343,7 @@ mod tests {
         for shape in [&one, &other] {
             for c in 0..4 {
                 let mut generator = Generator::new(shape, c);
-                for (_, id) in generator.next_batch(1000).unwrap().items() {
+                for (_, id) in generator.next_batch(c as u64 * 1000, 1000).unwrap().items() {
                     assert!(id.iter().all(u8::is_ascii_alphanumeric));
                     ids.insert(id.to_vec());
                 }
@@ -333,8 +358,34 @@ mod tests {
         let shape = Shape::new(MIN_ID_BYTES, 1, 1, 0.0);
         let mut generator = Generator::new(&shape, 0);
         generator.fresh_limit = 3;
-        assert!(generator.next_batch(3).is_ok());
-        assert!(generator.next_batch(1).is_err());
+        assert!(generator.next_batch(0, 3).is_ok());
+        assert!(generator.next_batch(3, 1).is_err());
+    }
+
+    #[test]
+    fn positions_spread_the_items_evenly_over_many_tenants() {
+        // 16 connections taking batches of 1000 positions in turn, over 100,000 tenants: each
+        // tenant gets exactly one id per 100,000 items, whichever connection sent it.
+        let tenants = 100_000;
+        let shape = Shape::new(16, 16, tenants, 0.0);
+        let mut generators: Vec<Generator> = (0..16).map(|c| Generator::new(&shape, c)).collect();
+        let mut per_tenant = vec![0u32; tenants];
+        for b in 0..200 {
+            let generator = &mut generators[(b * 5) % 16];
+            let batch = generator.next_batch(b as u64 * 1000, 1000).unwrap();
+            for (t, _) in batch.items() {
+                per_tenant[t] += 1;
+            }
+            generator.acknowledged();
+        }
+        assert!(per_tenant.iter().all(|&n| n == 2));
+        let mut tallies = vec![Tally::default(); tenants];
+        for generator in &generators {
+            generator.add_tallies(&mut tallies);
+            // A connection keeps state only for the tenants it sent to.
+            assert!(generator.touched.len() <= 13_000);
+        }
+        assert!(tallies.iter().all(|&tally| tally == Tally { acked: 2, sent: 2 }));
     }
 
     #[test]
