@@ -10,7 +10,9 @@
 //!   flushes the log into the tenant files and exits 0, and `/shutdown` without the token is
 //!   refused;
 //! - `/health` answers while the log is still being recovered, and `/stats` and `/metrics`
-//!   report the traffic.
+//!   report the traffic;
+//! - a worker whose merging falls behind refuses ingest with a 503 and `Retry-After` until it
+//!   catches up.
 
 mod harness;
 
@@ -438,4 +440,68 @@ fn a_worker_answers_health_before_ready_and_stats_and_metrics() {
     assert_eq!(items("400"), 1.0);
     assert_eq!(items("503"), 1.0);
     assert!(series("countapp_worker_requests_total", &[("route", "/items/{tenant}/count"), ("status", "200")]) >= 1.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Merging that falls behind pushes back on ingest
+// ---------------------------------------------------------------------------------------------
+
+/// Makes `dir` immutable (`chattr +i`), so that nothing, not even root, can create a file in
+/// it, for as long as the value lives.
+struct Immutable<'a>(&'a std::path::Path);
+
+impl<'a> Immutable<'a> {
+    fn new(dir: &'a std::path::Path) -> Self {
+        let status = std::process::Command::new("chattr").arg("+i").arg(dir).status().unwrap();
+        assert!(status.success(), "chattr +i {}", dir.display());
+        Immutable(dir)
+    }
+}
+
+impl Drop for Immutable<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr").arg("-i").arg(self.0).status();
+    }
+}
+
+/// A worker whose merges cannot keep up (here they cannot write at all) stops acknowledging once
+/// they are 2 s behind, with a 503 that says so and when to retry, instead of letting the counts
+/// fall ever further behind; once merging works again it catches up and takes ingest again.
+#[test]
+fn a_worker_whose_merging_falls_behind_answers_503_with_retry_after_until_it_catches_up() {
+    let port = free_port();
+    let cluster = Cluster::new(&[port], QUICK_FLUSH);
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    let (url, client) = (worker.url(), client());
+    let shards = cluster.database().join("shards");
+    fs::create_dir_all(&shards).unwrap();
+    let frozen = Immutable::new(&shards);
+
+    post_ok(&client, &url, batch(&[("behind", "1"), ("behind", "2")]), 2);
+    let mut refused = None;
+    let waited = eventually(SETTLE, "ingest is refused", || {
+        let reply = post(&client, &url, batch(&[("behind", "3")]));
+        let refusal = reply.status() == StatusCode::SERVICE_UNAVAILABLE;
+        if refusal {
+            refused = Some(reply);
+        } else {
+            assert_eq!(reply.status(), StatusCode::OK);
+        }
+        refusal
+    });
+    assert!(waited >= Duration::from_secs(2), "refused after {waited:?}, before merging was 2 s behind");
+    let refused = refused.unwrap();
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let message = error_message(refused, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("merging is") && message.contains("behind"), "{message}");
+    assert_eq!(count(&client, &url, "behind"), 0);
+    let stats = get_json(&client, &format!("{url}/stats"));
+    assert!(stats["merge_lag_s"].as_f64().unwrap() > 2.0, "{stats}");
+
+    drop(frozen);
+    eventually(SETTLE, "ingest is taken again", || {
+        post(&client, &url, batch(&[("behind", "4")])).status() == StatusCode::OK
+    });
+    assert_count_settles(&client, &url, "behind", 4);
 }

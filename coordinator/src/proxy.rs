@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::HttpResponse;
 use actix_web::http::StatusCode;
+use actix_web::http::header::RETRY_AFTER;
 use actix_web::web::Bytes;
 use countapp_shared::http::error;
 
@@ -50,7 +51,8 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
     let mut tried: Vec<Arc<Member>> = Vec::new();
     let mut last_error = None;
     // The last worker reply that was a 5xx: if every attempt ends so, the client gets the
-    // workers' own explanation (such as their tenant store being down), not a generic one.
+    // workers' own explanation (such as their tenant store being down, or their merging being
+    // behind, with when to retry), not a generic one.
     let mut last_reply = None;
     while tried.len() < MAX_ATTEMPTS {
         let Some(member) = pool.pick(&tried) else {
@@ -66,7 +68,7 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
             state.metrics.retries.inc();
         }
         match send(upstream, &member, &request).await {
-            Ok((status, body)) if !status.is_server_error() => {
+            Ok(Reply { status, body, .. }) if !status.is_server_error() => {
                 let items = if status == StatusCode::OK && request.method == reqwest::Method::POST {
                     accepted(&body)
                 } else {
@@ -75,11 +77,11 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
                 member.record(items);
                 return HttpResponse::build(status).content_type("application/json").body(body);
             }
-            Ok((status, body)) => {
-                let why = format!("{status}: {}", String::from_utf8_lossy(&body));
+            Ok(reply) => {
+                let why = format!("{}: {}", reply.status, String::from_utf8_lossy(&reply.body));
                 tracing::debug!(worker = %member.url, error = why, "worker failed a request; retrying elsewhere");
                 last_error = Some(why);
-                last_reply = Some((status, body));
+                last_reply = Some(reply);
             }
             Err(e) => {
                 let why = e.to_string();
@@ -91,21 +93,35 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         tried.push(member);
     }
     state.metrics.unavailable.inc();
-    if let Some((status, body)) = last_reply {
-        return HttpResponse::build(status).content_type("application/json").body(body);
+    if let Some(reply) = last_reply {
+        let mut response = HttpResponse::build(reply.status);
+        if let Some(retry_after) = reply.retry_after {
+            response.insert_header((RETRY_AFTER, retry_after));
+        }
+        return response.content_type("application/json").body(reply.body);
     }
     let detail = last_error.map_or_else(String::new, |e| format!(" (last error: {e})"));
     error(StatusCode::SERVICE_UNAVAILABLE, format!("no live worker could take the request{detail}"))
 }
 
-async fn send(upstream: &Upstream, member: &Member, request: &Forward) -> reqwest::Result<(StatusCode, Bytes)> {
+/// A worker's reply.
+struct Reply {
+    status: StatusCode,
+    /// When the worker asks to be tried again, on a 503.
+    retry_after: Option<String>,
+    body: Bytes,
+}
+
+async fn send(upstream: &Upstream, member: &Member, request: &Forward) -> reqwest::Result<Reply> {
     let mut builder = upstream.0.request(request.method.clone(), format!("{}{}", member.url, request.path));
     if let Some(body) = &request.body {
         builder = builder.header("content-type", "application/json").body(body.clone());
     }
     let reply = builder.send().await?;
     let status = StatusCode::from_u16(reply.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    Ok((status, reply.bytes().await?))
+    let retry_after =
+        reply.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    Ok(Reply { status, retry_after, body: reply.bytes().await? })
 }
 
 /// The `accepted` count of a worker's `200` reply to `POST /items`.

@@ -1,10 +1,10 @@
 //! The worker's HTTP API (SPEC.md, "HTTP API"): ingest, counts, health, stats, metrics and the
 //! coordinator's graceful shutdown.
 
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{AUTHORIZATION, ContentType};
+use actix_web::http::header::{AUTHORIZATION, ContentType, HeaderValue, RETRY_AFTER};
 use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
 use countapp_shared::api::{Accepted, Count};
@@ -31,6 +31,17 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     .default_service(web::to(no_such_route));
 }
 
+/// How far behind its merging may fall before a worker refuses ingest: counts then converge
+/// within about `worker_persist` plus this of the last acknowledgement, however long the load.
+const MAX_MERGE_LAG: Duration = Duration::from_secs(2);
+
+/// A 503 asking the client to come back: `Retry-After: 1`.
+fn push_back(message: String) -> HttpResponse {
+    let mut reply = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    reply.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    reply
+}
+
 fn not_ready() -> HttpResponse {
     error(StatusCode::SERVICE_UNAVAILABLE, "the worker is recovering its log and not ready yet")
 }
@@ -43,7 +54,13 @@ async fn post_items(req: HttpRequest, payload: web::Payload, state: web::Data<Ap
         // The tenants' store has not taken this worker's log for a while (Redis down): stop
         // acknowledging before the log fills the disk. The coordinator retries elsewhere.
         let message = format!("{pending} items wait for the tenant store; max_pending_items is reached");
-        return error(StatusCode::SERVICE_UNAVAILABLE, message);
+        return push_back(message);
+    }
+    let lag = store.merge_lag();
+    if lag > MAX_MERGE_LAG {
+        // Ingest outruns this worker's merging: shed it (the coordinator tries the other
+        // workers) rather than let the counts fall further behind.
+        return push_back(format!("merging is {:.1} s behind; retry shortly", lag.as_secs_f64()));
     }
     let body = match read_body(&req, payload, state.max_body_bytes).await {
         Ok(body) => body,
@@ -143,6 +160,7 @@ async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) 
         "requests": requests.served(),
         "items_accepted": state.metrics.items_accepted(),
         "pending_items": store.as_ref().map_or(0, |s| s.pending_items),
+        "merge_lag_s": state.store().map_or(0.0, |s| s.merge_lag().as_secs_f64()),
         "ids_in_memory": store.as_ref().map_or(0, |s| s.ids_in_memory.0),
         "log_bytes_appended": store.as_ref().map_or(0, |s| s.log_bytes_appended),
         "last_merge": last_flush,

@@ -339,6 +339,16 @@ impl Store {
         matches!(self.engine, Engine::Redis(_))
     }
 
+    /// How far behind this worker's merging is: how long ago the oldest log file was written
+    /// that holds runs this worker has yet to merge. Zero when it keeps up, and with Redis,
+    /// where each worker merges only its own log.
+    pub fn merge_lag(&self) -> Duration {
+        match &self.engine {
+            Engine::Json(shards) => shards.behind(),
+            Engine::Redis(_) => Duration::ZERO,
+        }
+    }
+
     /// Items this worker acknowledged that are still in its log files.
     pub fn pending_items(&self) -> u64 {
         self.writer.active_items() + self.closed.lock().values().sum::<u64>()

@@ -30,6 +30,7 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use hashbrown::HashMap;
 use memmap2::Mmap;
@@ -157,6 +158,9 @@ pub(crate) struct Shards {
     /// Whether merges are made durable before log files are deleted (not under `fsync: never`).
     sync: bool,
     state: Mutex<MergeState>,
+    /// When the oldest log file that holds runs this worker has yet to merge was last written,
+    /// if there is one: how far behind this worker's merging is.
+    behind_since: Mutex<Option<SystemTime>>,
     /// Counts read from tenant files, each with its file still open. A tenant file is only ever
     /// replaced whole, by a rename that unlinks the old file: while the open file still has a
     /// link, the count read from it is current, and a count costs one `fstat`.
@@ -173,6 +177,7 @@ impl Shards {
             writer,
             sync,
             state: Mutex::new(MergeState::default()),
+            behind_since: Mutex::new(None),
             counts: Mutex::new(HashMap::new()),
         }
     }
@@ -225,6 +230,7 @@ impl Shards {
             logs.iter().any(|l| l.worker == *worker && l.inputs.iter().any(|f| f.seq == *seq))
         });
 
+        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed);
         let inputs = self.read_inputs(logs, owned, indexed, report)?;
         let mut with_runs = BTreeSet::new();
         for input in &inputs {
@@ -244,11 +250,19 @@ impl Shards {
             }
             result?;
         }
+        // What is left: runs of shards that were busy, or files past the round's budget.
+        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed);
         self.collect_garbage(logs, indexed, report)
     }
 
-    /// Reads the final log files that may hold runs of owned shards not merged yet, and indexes
-    /// the files this process never read.
+    /// How long this worker's merging is behind: since the oldest log file with runs it has
+    /// yet to merge was written.
+    pub(crate) fn behind(&self) -> Duration {
+        self.behind_since.lock().map_or(Duration::ZERO, |since| since.elapsed().unwrap_or_default())
+    }
+
+    /// Reads the final log files that may hold runs of owned shards not merged yet (see
+    /// [`wanted`]), and indexes the files this process never read.
     fn read_inputs<'a>(
         &self,
         logs: &'a [WorkerLog],
@@ -260,13 +274,10 @@ impl Shards {
         let mut inputs = Vec::new();
         'workers: for log in logs {
             for file in &log.inputs {
-                let key = (log.worker.clone(), file.seq);
-                let wanted = indexed.get(&key).is_none_or(|set| {
-                    set.iter().any(|s| owned.get(&s).is_some_and(|o| file.seq > o.record.merged(&log.worker)))
-                });
-                if !wanted {
+                if !wanted(&log.worker, file, owned, indexed) {
                     continue;
                 }
+                let key = (log.worker.clone(), file.seq);
                 if budget == 0 {
                     break 'workers;
                 }
@@ -510,6 +521,29 @@ impl Shards {
         let tenants = state.owned.values().flat_map(|s| s.tenants.values());
         tenants.fold((0, 0), |(ids, bytes), t| (ids + t.count(), bytes + t.heap_bytes() as u64))
     }
+}
+
+/// Whether the log file `file` of `worker` may hold runs of owned shards not merged yet: this
+/// process never read it, or it holds runs of an owned shard whose record is behind it.
+fn wanted(
+    worker: &str,
+    file: &LogFile,
+    owned: &HashMap<u16, OwnedShard>,
+    indexed: &HashMap<(String, u64), ShardSet>,
+) -> bool {
+    indexed
+        .get(&(worker.to_owned(), file.seq))
+        .is_none_or(|set| set.iter().any(|s| owned.get(&s).is_some_and(|o| file.seq > o.record.merged(worker))))
+}
+
+/// When the oldest wanted log file was last written.
+fn oldest_wanted(
+    logs: &[WorkerLog],
+    owned: &HashMap<u16, OwnedShard>,
+    indexed: &HashMap<(String, u64), ShardSet>,
+) -> Option<SystemTime> {
+    let wanted = logs.iter().flat_map(|l| l.inputs.iter().filter(|f| wanted(&l.worker, f, owned, indexed)));
+    wanted.map(|f| f.modified).min()
 }
 
 /// Opens the lock file of the shard directory `dir`, creating both if need be.

@@ -16,7 +16,7 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::fsutil;
 
@@ -83,6 +83,8 @@ pub(crate) struct LogFile {
     pub(crate) path: PathBuf,
     /// Renamed `.log` by its writer: no record will ever be added.
     pub(crate) closed: bool,
+    /// When it was last written: for a final file, when its items were all in.
+    pub(crate) modified: SystemTime,
 }
 
 /// The log files in `dir`, oldest first.
@@ -98,7 +100,13 @@ pub(crate) fn files(dir: &Path) -> io::Result<Vec<LogFile>> {
             OPEN_SUFFIX => false,
             _ => continue,
         };
-        files.push(LogFile { seq, path: entry.path(), closed });
+        let modified = match entry.metadata() {
+            Ok(meta) => meta.modified()?,
+            // Merged and deleted by another worker since the listing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        files.push(LogFile { seq, path: entry.path(), closed, modified });
     }
     files.sort_unstable_by_key(|f| f.seq);
     Ok(files)
