@@ -32,7 +32,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use memmap2::Mmap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -75,8 +75,14 @@ struct OwnedShard {
     record: ShardRecord,
     /// The shard's lock file, open while the shard is this worker's.
     lock: Option<File>,
-    /// The tenants loaded, exactly as their files hold them while `record.writer` is ours.
+    /// The large tenants loaded, exactly as their files hold them while `record.writer` is
+    /// ours. Small ones are dropped after each round: their file is read again when needed,
+    /// which costs less than keeping a million of them.
     tenants: HashMap<String, Tenant>,
+    /// The names of the tenant files in the shard's directory, listed when the shard was
+    /// locked first or changed hands, and kept up to date since: a new tenant needs no look
+    /// for a file it does not have.
+    files: Option<HashSet<String>>,
 }
 
 /// The shards a log file holds runs of, one bit each.
@@ -223,7 +229,7 @@ impl Shards {
         for shard in (0..self.shards).filter(|&s| owner_of(s, live.iter().copied()) == Some(&self.worker)) {
             if !owned.contains_key(&shard) {
                 let record = self.read_record(shard)?;
-                owned.insert(shard, OwnedShard { record, lock: None, tenants: HashMap::new() });
+                owned.insert(shard, OwnedShard { record, lock: None, tenants: HashMap::new(), files: None });
             }
         }
         indexed.retain(|(worker, seq), _| {
@@ -360,6 +366,7 @@ impl Shards {
                 // Changed by another process since this one last wrote it, or never by this
                 // one: claim it before changing anything, and reload its tenants.
                 state.tenants.clear();
+                state.files = None;
                 let claim = ShardRecord { writer: self.writer.clone(), merged: record.merged.clone() };
                 self.stage_record(&mut commit, Step::Claim, shard, &claim)?;
             }
@@ -407,16 +414,24 @@ impl Shards {
         }
         for ((shard, name), runs) in &by_tenant {
             let state = owned.get_mut(shard).expect("locked shards are owned");
+            let dir = shard_dir(&self.root, *shard);
+            let files = match &mut state.files {
+                Some(files) => files,
+                files => files.insert(list_tenant_files(&dir)?),
+            };
+            let file_name = tenant_file_name(name);
             let tenant = match state.tenants.entry_ref(*name) {
                 hashbrown::hash_map::EntryRef::Occupied(entry) => entry.into_mut(),
-                hashbrown::hash_map::EntryRef::Vacant(entry) => {
-                    entry.insert(Tenant::load(self.tenant_path_in(*shard, name), name)?)
+                hashbrown::hash_map::EntryRef::Vacant(entry) if files.contains(&file_name) => {
+                    entry.insert(Tenant::load(dir.join(&file_name), name)?)
                 }
+                hashbrown::hash_map::EntryRef::Vacant(entry) => entry.insert(Tenant::new(dir.join(&file_name))),
             };
             // Every run was checked by `count_ids` above.
             let ids = runs.iter().flat_map(|run| run.ids().into_iter().flatten());
             report.new_ids += tenant.merge(name, ids, commit)?;
             report.tenants += 1;
+            files.insert(file_name);
         }
         // Each shard's record moves past every file it has now merged: those read this round,
         // and those known to hold none of its runs.
@@ -444,7 +459,9 @@ impl Shards {
             .finish(&self.root)
             .map_err(|e| StoreError::io("committing a merge", e))?;
         for (shard, record) in locked.iter() {
-            owned.get_mut(shard).expect("locked shards are owned").record = record.clone();
+            let state = owned.get_mut(shard).expect("locked shards are owned");
+            state.record = record.clone();
+            state.tenants.retain(|_, tenant| !tenant.is_small());
         }
         Ok(())
     }
@@ -508,11 +525,7 @@ impl Shards {
     }
 
     fn tenant_path(&self, tenant: &str) -> PathBuf {
-        self.tenant_path_in(shard_of(tenant, self.shards), tenant)
-    }
-
-    fn tenant_path_in(&self, shard: u16, tenant: &str) -> PathBuf {
-        shard_dir(&self.root, shard).join(format!("{}.json", tenant_file_stem(tenant)))
+        shard_dir(&self.root, shard_of(tenant, self.shards)).join(tenant_file_name(tenant))
     }
 
     /// Ids this worker holds in memory, and their resident bytes, about.
@@ -544,6 +557,26 @@ fn oldest_wanted(
 ) -> Option<SystemTime> {
     let wanted = logs.iter().flat_map(|l| l.inputs.iter().filter(|f| wanted(&l.worker, f, owned, indexed)));
     wanted.map(|f| f.modified).min()
+}
+
+/// The name of `tenant`'s file in its shard's directory.
+fn tenant_file_name(tenant: &str) -> String {
+    format!("{}.json", tenant_file_stem(tenant))
+}
+
+/// The names of the tenant files in the shard directory `dir`.
+fn list_tenant_files(dir: &Path) -> Result<HashSet<String>, StoreError> {
+    let mut files = HashSet::new();
+    for entry in fs::read_dir(dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))? {
+        let entry = entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+        if let Ok(name) = entry.file_name().into_string()
+            && name.ends_with(".json")
+            && name != SHARD_FILE
+        {
+            files.insert(name);
+        }
+    }
+    Ok(files)
 }
 
 /// Opens the lock file of the shard directory `dir`, creating both if need be.

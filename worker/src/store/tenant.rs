@@ -106,11 +106,16 @@ pub(crate) struct Tenant {
 }
 
 impl Tenant {
+    /// A tenant that has no file yet.
+    pub(crate) fn new(path: PathBuf) -> Tenant {
+        let segments_dir = path.with_extension("");
+        Tenant { path, segments_dir, ids: IdSet::default(), layout: Layout::Small }
+    }
+
     /// Loads `tenant` from its file `path` (and segments), or starts it empty if it has none.
     /// Holds the shard's lock: removes what an unfinished merge left among its segments.
     pub(crate) fn load(path: PathBuf, tenant: &str) -> Result<Tenant, StoreError> {
-        let segments_dir = path.with_extension("");
-        let mut loaded = Tenant { path, segments_dir, ids: IdSet::default(), layout: Layout::Small };
+        let mut loaded = Tenant::new(path);
         let bytes = match fs::read(&loaded.path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(loaded),
@@ -151,6 +156,11 @@ impl Tenant {
                 .map_err(|e| StoreError::corrupt(&path, e))?;
         }
         Ok(())
+    }
+
+    /// Whether the tenant keeps its ids in its own small file, cheap to read again.
+    pub(crate) fn is_small(&self) -> bool {
+        matches!(self.layout, Layout::Small)
     }
 
     /// The tenant's distinct ids.
