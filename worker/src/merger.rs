@@ -1,21 +1,27 @@
 //! The worker's background merging, on a thread of its own.
 //!
-//! Every `worker_persist` it closes the worker's log file and runs a merge round
-//! ([`Store::flush`]). In between it looks every [`POLL`] for log files that other workers
-//! closed, and for workers that came or went ([`Store::merge`], which costs one listing when
-//! nothing changed), so that the owner of a shard merges a closed file within a poll of its
-//! closing: an item is counted within about `worker_persist` of its acknowledgement.
+//! Every `worker_persist` it closes the worker's log file, at the multiples of `worker_persist`
+//! since the Unix epoch: every worker closes its file at the same instants, so that the owner of
+//! a shard takes every worker's new file in one merge round, [`SETTLE`] later, and rewrites each
+//! of its tenants once per `worker_persist`, not once per worker. In between it looks every
+//! [`POLL`] for log files that other workers closed, and for workers that came or went
+//! ([`Store::merge`], which costs one listing when nothing changed), so that a dead worker's
+//! files are merged at once too. An item is counted about `worker_persist` after its
+//! acknowledgement, at most.
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::metrics::Metrics;
 use crate::store::{FlushReport, Store};
 
-/// How often the merger looks for new log files between flushes.
+/// How often the merger looks for new log files between closings.
 pub(crate) const POLL: Duration = Duration::from_millis(100);
+/// How long after the instant every worker closes its log file a merge round starts: long
+/// enough for every worker to have closed it.
+const SETTLE: Duration = Duration::from_millis(50);
 /// After failed rounds, the next waits longer, doubling up to this: a tenant store that is down
 /// (Redis) is retried without being hammered, and the log keeps everything meanwhile.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -50,31 +56,35 @@ impl Merger {
 }
 
 fn run(store: &Store, every: Duration, metrics: &Metrics, stopped: &mpsc::Receiver<()>) {
-    let mut next_flush = Instant::now() + every;
+    let mut next_close = next_multiple(SystemTime::now(), every);
+    let mut next_merge = Instant::now() + POLL;
     let mut backoff = every;
     let mut failing_since: Option<Instant> = None;
     loop {
-        let wait = if failing_since.is_some() {
-            backoff
-        } else {
-            POLL.min(next_flush.saturating_duration_since(Instant::now()))
-        };
-        match stopped.recv_timeout(wait) {
+        let until_close = next_close.duration_since(SystemTime::now()).unwrap_or_default();
+        match stopped.recv_timeout(until_close.min(next_merge.saturating_duration_since(Instant::now()))) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
-        let flush = Instant::now() >= next_flush || failing_since.is_some();
-        let started = Instant::now();
-        let outcome = if flush { store.flush() } else { store.merge() };
-        if flush {
-            next_flush = Instant::now() + every;
+        if SystemTime::now() >= next_close {
+            if let Err(e) = store.close_log() {
+                tracing::error!(error = %e, "cannot close the log file");
+            }
+            next_close = next_multiple(SystemTime::now(), every);
+            next_merge = Instant::now() + SETTLE;
+            continue;
         }
-        match outcome {
+        if Instant::now() < next_merge {
+            continue;
+        }
+        let started = Instant::now();
+        match store.merge() {
             Ok(report) => {
                 if let Some(since) = failing_since.take() {
                     tracing::info!(failing_for_s = since.elapsed().as_secs(), "merging again");
                 }
                 backoff = every;
+                next_merge = Instant::now() + POLL;
                 record(&report, started.elapsed(), metrics);
             }
             Err(e) => {
@@ -85,9 +95,18 @@ fn run(store: &Store, every: Duration, metrics: &Metrics, stopped: &mpsc::Receiv
                     tracing::debug!(error = %e, "merge failed again");
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF.max(every));
+                next_merge = Instant::now() + backoff;
             }
         }
     }
+}
+
+/// The first multiple of `every` since the Unix epoch after `now`.
+fn next_multiple(now: SystemTime, every: Duration) -> SystemTime {
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let every = every.as_nanos().max(1);
+    let next = (since_epoch / every + 1) * every;
+    UNIX_EPOCH + Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX))
 }
 
 /// Logs and counts a round that did something.
@@ -105,5 +124,20 @@ fn record(report: &FlushReport, took: Duration, metrics: &Metrics) {
             ms = took.as_millis() as u64,
             "merged"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_worker_closes_its_log_at_the_same_instants() {
+        let every = Duration::from_millis(200);
+        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        assert_eq!(next_multiple(at(1_000_000_050), every), at(1_000_000_200));
+        assert_eq!(next_multiple(at(1_000_000_199), every), at(1_000_000_200));
+        assert_eq!(next_multiple(at(1_000_000_200), every), at(1_000_000_400));
+        assert_eq!(next_multiple(at(7), Duration::from_secs(5)), at(5_000));
     }
 }

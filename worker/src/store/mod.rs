@@ -278,10 +278,17 @@ impl Store {
     /// acknowledged item is counted; a worker alone owns every shard.
     pub fn flush(&self) -> Result<FlushReport, StoreError> {
         let mut rounds = self.rounds.lock();
+        self.close_log()?;
+        self.round(&mut rounds, true)
+    }
+
+    /// Closes the active log file, if it holds anything: every item acknowledged so far is then
+    /// in a closed file, for the owners of its shards to merge.
+    pub fn close_log(&self) -> Result<(), StoreError> {
         if let Some((seq, items)) = self.writer.rotate()? {
             self.closed.lock().insert(seq, items);
         }
-        self.round(&mut rounds, true)
+        Ok(())
     }
 
     /// A merge round, if anything changed since the last one: a log file was closed or

@@ -53,6 +53,8 @@ struct Pending {
 /// The log writer; dropping it finishes the queue, syncs the file and stops its threads.
 pub(crate) struct Writer {
     log: Arc<Log>,
+    /// Held while the active file is replaced.
+    rotating: Mutex<()>,
     committer: Option<(mpsc::Sender<Pending>, JoinHandle<()>)>,
     syncer: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
@@ -111,7 +113,7 @@ impl Writer {
             }
             FsyncPolicy::Always | FsyncPolicy::Never => None,
         };
-        Ok(Writer { log, committer, syncer })
+        Ok(Writer { log, rotating: Mutex::new(()), committer, syncer })
     }
 
     /// Appends `record`, holding `items` items: written at once under `everysec` and `never`,
@@ -131,8 +133,9 @@ impl Writer {
 
     /// Closes the active file, if it holds anything, and continues in a new one: every record
     /// acknowledged before this call is then in a closed file. Returns the closed file's
-    /// sequence number and items. Callers serialize rotations (the store flushes one at a time).
+    /// sequence number and items.
     pub(crate) fn rotate(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        let _one_at_a_time = self.rotating.lock();
         let (seq, len) = {
             let active = self.log.active.lock();
             if let Some(why) = &active.poisoned {
