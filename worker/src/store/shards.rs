@@ -120,6 +120,14 @@ struct MergeState {
     indexed: HashMap<(String, u64), ShardSet>,
 }
 
+/// What a round merges from: every worker's log as listed, the files it read, and the shards
+/// each file this process read holds runs of.
+struct Sources<'a> {
+    logs: &'a [WorkerLog],
+    inputs: &'a [Input<'a>],
+    indexed: &'a HashMap<(String, u64), ShardSet>,
+}
+
 /// A log file read by a round.
 struct Input<'a> {
     worker: &'a str,
@@ -247,7 +255,8 @@ impl Shards {
             }
         }
         if !with_runs.is_empty() {
-            let result = self.merge(&with_runs, &inputs, logs, owned, indexed, report);
+            let sources = Sources { logs, inputs: &inputs, indexed };
+            let result = self.merge(&with_runs, &sources, owned, report);
             if result.is_err() {
                 // Whatever failed, the sets may now disagree with the files: reload them next time.
                 for shard in &with_runs {
@@ -333,10 +342,8 @@ impl Shards {
     fn merge(
         &self,
         with_runs: &BTreeSet<u16>,
-        inputs: &[Input],
-        logs: &[WorkerLog],
+        sources: &Sources,
         owned: &mut HashMap<u16, OwnedShard>,
-        indexed: &HashMap<(String, u64), ShardSet>,
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
         let mut commit = Commit::new(self.sync);
@@ -373,7 +380,7 @@ impl Shards {
             state.record = record.clone();
             locked.insert(shard, record);
         }
-        let result = self.merge_locked(&mut locked, &mut commit, inputs, logs, owned, indexed, report);
+        let result = self.merge_locked(&mut locked, &mut commit, sources, owned, report);
         for shard in locked.keys() {
             if let Some(lock) = owned.get(shard).and_then(|o| o.lock.as_ref()) {
                 let _ = lock.unlock();
@@ -383,20 +390,18 @@ impl Shards {
     }
 
     /// [`Shards::merge`] once the shards are locked.
-    #[allow(clippy::too_many_arguments)]
     fn merge_locked(
         &self,
         locked: &mut BTreeMap<u16, ShardRecord>,
         commit: &mut Commit,
-        inputs: &[Input],
-        logs: &[WorkerLog],
+        sources: &Sources,
         owned: &mut HashMap<u16, OwnedShard>,
-        indexed: &HashMap<(String, u64), ShardSet>,
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
         if locked.is_empty() {
             return Ok(());
         }
+        let Sources { logs, inputs, indexed } = *sources;
         let mut by_tenant: HashMap<(u16, &str), Vec<Run>> = HashMap::new();
         for input in inputs {
             let malformed = |e| StoreError::corrupt(&self.root.join("wal").join(input.worker), e);
