@@ -322,6 +322,23 @@ mod tests {
         }
     }
 
+    impl Script {
+        /// [`await_convergence`] over this script, polling every second.
+        async fn wait(
+            &mut self,
+            baselines: &[u64],
+            tallies: &[Tally],
+            load_end: Instant,
+            timeout: Duration,
+        ) -> anyhow::Result<Convergence> {
+            let poll = Duration::from_secs(1);
+            await_convergence(baselines, tallies, load_end, timeout, poll, async |tenants: &[usize]| {
+                self.read(tenants).await
+            })
+            .await
+        }
+    }
+
     fn all(counts: &[u64]) -> Vec<Option<u64>> {
         counts.iter().copied().map(Some).collect()
     }
@@ -330,16 +347,7 @@ mod tests {
     async fn waits_until_the_counts_catch_up() {
         let mut script = Script::new(vec![all(&[3, 0]), vec![None, None], all(&[10, 4]), all(&[10, 5])]);
         let tallies = [Tally { acked: 10, sent: 10 }, Tally { acked: 5, sent: 6 }];
-        let convergence = await_convergence(
-            &[0, 0],
-            &tallies,
-            Instant::now(),
-            Duration::from_secs(30),
-            Duration::from_secs(1),
-            async |tenants: &[usize]| script.read(tenants).await,
-        )
-        .await
-        .unwrap();
+        let convergence = script.wait(&[0, 0], &tallies, Instant::now(), Duration::from_secs(30)).await.unwrap();
         assert!(convergence.converged);
         assert!(convergence.verdict.passed());
         assert_eq!(convergence.waited, Duration::from_secs(3));
@@ -350,16 +358,7 @@ mod tests {
     async fn gives_up_at_the_timeout_and_reports_the_loss() {
         let mut script = Script::new(vec![all(&[8])]);
         let tallies = [Tally { acked: 10, sent: 10 }];
-        let convergence = await_convergence(
-            &[0],
-            &tallies,
-            Instant::now(),
-            Duration::from_secs(5),
-            Duration::from_secs(1),
-            async |tenants: &[usize]| script.read(tenants).await,
-        )
-        .await
-        .unwrap();
+        let convergence = script.wait(&[0], &tallies, Instant::now(), Duration::from_secs(5)).await.unwrap();
         assert!(!convergence.converged);
         assert_eq!(convergence.verdict.lost, 2);
         assert_eq!(convergence.waited, Duration::from_secs(5));
@@ -369,15 +368,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn never_reading_a_count_is_an_error() {
         let mut script = Script::new(vec![vec![None]]);
-        let result = await_convergence(
-            &[0],
-            &[Tally { acked: 1, sent: 1 }],
-            Instant::now(),
-            Duration::from_secs(2),
-            Duration::from_secs(1),
-            async |tenants: &[usize]| script.read(tenants).await,
-        )
-        .await;
+        let result = script.wait(&[0], &[Tally { acked: 1, sent: 1 }], Instant::now(), Duration::from_secs(2)).await;
         let error = format!("{:#}", result.unwrap_err());
         assert!(error.contains("1 of 1 tenants could not be read") && error.contains("HTTP 503"), "{error}");
     }
@@ -395,16 +386,7 @@ mod tests {
         ];
         // The wait starts 2 s after the last acknowledgement.
         let load_end = Instant::now() - Duration::from_secs(2);
-        let convergence = await_convergence(
-            &[0; 4],
-            &tallies,
-            load_end,
-            Duration::from_secs(30),
-            Duration::from_secs(1),
-            async |tenants: &[usize]| script.read(tenants).await,
-        )
-        .await
-        .unwrap();
+        let convergence = script.wait(&[0; 4], &tallies, load_end, Duration::from_secs(30)).await.unwrap();
         // Three sweeps, each over the tenants not yet seen converged; then one final read of all.
         assert_eq!(script.asked, [vec![0, 1, 2], vec![1, 2], vec![2], vec![0, 1, 2, 3]]);
         assert!(convergence.converged && convergence.verdict.passed());
@@ -427,16 +409,7 @@ mod tests {
             vec![Some(5), Some(5)],
         ]);
         let tallies = [Tally { acked: 5, sent: 5 }; 2];
-        let convergence = await_convergence(
-            &[0, 0],
-            &tallies,
-            Instant::now(),
-            Duration::from_secs(30),
-            Duration::from_secs(1),
-            async |tenants: &[usize]| script.read(tenants).await,
-        )
-        .await
-        .unwrap();
+        let convergence = script.wait(&[0, 0], &tallies, Instant::now(), Duration::from_secs(30)).await.unwrap();
         assert_eq!(script.asked, [vec![0, 1], vec![1], vec![1], vec![0, 1], vec![1]]);
         assert!(convergence.converged && convergence.verdict.passed());
         assert_eq!(convergence.waited, Duration::from_secs(2));
@@ -448,16 +421,7 @@ mod tests {
         // and the other counts an id never sent.
         let mut script = Script::new(vec![all(&[105, 10]), all(&[99, 12])]);
         let tallies = [Tally { acked: 5, sent: 5 }, Tally { acked: 10, sent: 11 }];
-        let convergence = await_convergence(
-            &[100, 0],
-            &tallies,
-            Instant::now(),
-            Duration::from_secs(30),
-            Duration::from_secs(1),
-            async |tenants: &[usize]| script.read(tenants).await,
-        )
-        .await
-        .unwrap();
+        let convergence = script.wait(&[100, 0], &tallies, Instant::now(), Duration::from_secs(30)).await.unwrap();
         assert!(convergence.converged);
         assert_eq!(convergence.sweeps, 1);
         let v = convergence.verdict;
