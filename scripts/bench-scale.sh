@@ -13,7 +13,10 @@
 #              (the newest tenant file's ctime), the tenant files and their disk use. Targets:
 #              worker_persist + 3 s (100k), + 15 s (1M); one file and at most 4.5 KiB per tenant.
 # Figures go to target/bench-scale/*.json (each load run's report, and summary.json); a summary
-# is printed at the end. Everything started here is stopped on exit.
+# is printed at the end. Everything started here is stopped on exit, and every run's files are
+# kept until then (about 10 GB at full size): on ext4 without a journal, as on this project's
+# machine, deleting a million files slows every file created in the next few minutes, which
+# would skew the runs that follow.
 #
 # Environment (defaults in brackets):
 #   SCENARIOS          which scenarios, in order ["memory sustained tenants"]
@@ -210,7 +213,6 @@ memory() {
         after=$(workers_rss)
         record memory "$json" "{\"ids\": $ids, \"tenants\": $tenants, \"rss_before\": $before, \"rss_after\": $after}"
         stop_cluster
-        rm -rf "$cluster_dir/db"
     done
 }
 
@@ -224,7 +226,6 @@ sustained() {
         run_load "$json" --duration "$seconds" --connections 16 --batch 100 --tenants 10
         record sustained "$json" "{\"seconds\": $seconds, \"rss_after\": $(workers_rss)}"
         stop_cluster
-        rm -rf "$cluster_dir/db"
     done
 }
 
@@ -246,7 +247,6 @@ tenants() {
         record tenants "$json" \
             "{\"tenants\": $tenants, \"newest_ctime\": ${newest:-null}, \"files\": $files, \"du_kib\": $kib}"
         stop_cluster
-        rm -rf "$cluster_dir/db"
     done
 }
 
