@@ -233,7 +233,7 @@ fn sigkill_under_load_then_restart_counts_every_acknowledged_item() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn two_workers_sharing_a_database_answer_the_same_counts() {
+fn workers_sharing_a_database_answer_the_same_counts_and_one_that_joins_later_at_once() {
     const TENANTS: usize = 3;
     let ports = [free_port(), free_port()];
     let cluster = Cluster::new(&ports, QUICK_FLUSH);
@@ -283,6 +283,22 @@ fn two_workers_sharing_a_database_answer_the_same_counts() {
         let tenant = format!("shared-{t}");
         let counts: Vec<u64> = urls.iter().map(|url| count(&client, url, &tenant)).collect();
         assert_eq!(counts, [1200, 1200], "{tenant}");
+    }
+
+    // A worker that joins later answers the same counts as soon as it is ready, with no replay
+    // and no wait; then it takes its share of the shards, and what it is sent is counted too.
+    let mut late = cluster.worker(free_port());
+    late.wait_ready();
+    for t in 0..TENANTS {
+        assert_eq!(count(&client, &late.url(), &format!("shared-{t}")), 1200, "shared-{t} as the late worker reads it");
+    }
+    let more: Vec<(String, String)> =
+        (0..TENANTS).flat_map(|t| (1200..1300).map(move |i| (format!("shared-{t}"), format!("id-{i}")))).collect();
+    post_ok(&client, &late.url(), batch_of(&more), more.len());
+    for t in 0..TENANTS {
+        for url in urls.iter().chain([&late.url()]) {
+            assert_count_settles(&client, url, &format!("shared-{t}"), 1300);
+        }
     }
 }
 
