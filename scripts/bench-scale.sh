@@ -9,8 +9,9 @@
 #              180 s: items/s, 503s and errors, and the convergence time after the last ack.
 #              Target: worker_persist + 2 s.
 #   tenants    100,000 and 1,000,000 tenants of one id each: the convergence time after the last
-#              ack as the client sees it (with its sweep granularity) and as the files show it
-#              (the newest tenant file's ctime), the tenant files and their disk use. Targets:
+#              ack as the files show it (the newest tenant file's ctime), and as the client sees
+#              it (a sample of 1,000 tenants, then all, with the sweep's granularity), the tenant
+#              files and their disk use. Targets:
 #              worker_persist + 3 s (100k), + 15 s (1M); one file and at most 4.5 KiB per tenant.
 # Figures go to target/bench-scale/*.json (each load run's report, and summary.json); a summary
 # is printed at the end. Everything started here is stopped on exit, and every run's files are
@@ -236,7 +237,9 @@ tenants() {
         json="$out/$name.json"
         echo "=== tenants: $tenants tenants of one id each ==="
         start_cluster "$name"
-        run_load "$json" --tenants "$tenants" --batch 1000 --items "$tenants" --connections 16
+        # Only a sample is read while the workers merge: reading every count through the
+        # coordinator meanwhile would take the CPU the merges need. The verdict reads them all.
+        run_load "$json" --tenants "$tenants" --batch 1000 --items "$tenants" --connections 16 --check-sample 1000
         shards="$cluster_dir/db/shards"
         newest=null files=null kib=null
         if [ -d "$shards" ]; then
@@ -321,12 +324,16 @@ for raw in open(results_path):
                       "tenant_files": r["files"], "du_kib": r["du_kib"], "kib_per_tenant": per_tenant,
                       "target_kib_per_tenant": 4.5})
         if run and check:
-            client = "%.2f s (sweep %.2f s)" % (check["waited"], check["sweep_s"]) if check["converged"] \
-                else "NOT within %.0f s" % check["waited"]
-            lines.append(("tenants    %8d  converged after the last ack: client %s, files %s (target <= %.0f s: %s)"
+            client = "sample %s s, all %.2f s (sweep %.2f s)" % (
+                "%.2f" % check["sample_s"] if check.get("sample_s") is not None else "n/a",
+                check["waited"], check["sweep_s"]) if check["converged"] else "NOT within %.0f s" % check["waited"]
+            # The files say when the last tenant became readable; the client's figure adds the
+            # time it takes to read a count of every tenant.
+            converged_s = server_s if server_s is not None else check["waited"]
+            lines.append(("tenants    %8d  converged after the last ack: files %s, client %s (target <= %.0f s: %s)"
                           "  %s tenant files (target %d: %s), %s KiB/tenant (target <= 4.5: %s)  %s") % (
-                n, client, "%.2f s" % server_s if server_s is not None else "n/a", target,
-                verdict(check["converged"] and check["waited"] <= target),
+                n, "%.2f s" % server_s if server_s is not None else "n/a", client, target,
+                verdict(check["converged"] and converged_s <= target),
                 r["files"] if r["files"] is not None else "n/a", n, verdict(r["files"] == n),
                 "%.2f" % per_tenant if per_tenant is not None else "n/a",
                 verdict(per_tenant is not None and per_tenant <= 4.5), check_text(check)))

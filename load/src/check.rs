@@ -126,10 +126,14 @@ pub struct Convergence {
     /// tenant converged; or, if some never did, to the timeout.
     #[serde(serialize_with = "seconds")]
     pub waited: Duration,
-    /// How long the first sweep of the wait took, which read every tenant with acknowledged ids:
-    /// the granularity of `waited`, since a tenant is seen converged only when it is read.
+    /// How long the first sweep over every tenant not yet seen converged took: the granularity
+    /// of `waited`, since a tenant is seen converged only when it is read.
     #[serde(rename = "sweep_s", serialize_with = "seconds")]
     pub sweep: Duration,
+    /// With `--check-sample`: from the end of the load to the read that saw the last tenant of
+    /// the sample converged, before every tenant was read.
+    #[serde(rename = "sample_s", serialize_with = "optional_seconds")]
+    pub sampled: Option<Duration>,
     /// Sweeps made while waiting, each over the tenants not yet seen converged.
     pub sweeps: u32,
     /// Tenants never seen converged (0 when `converged`).
@@ -138,6 +142,13 @@ pub struct Convergence {
 
 fn seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_f64(duration.as_secs_f64())
+}
+
+fn optional_seconds<S: serde::Serializer>(duration: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => seconds(duration, serializer),
+        None => serializer.serialize_none(),
+    }
 }
 
 /// Passes of the final read over the tenants whose count could not be read yet, before the
@@ -160,6 +171,7 @@ pub async fn await_convergence<F>(
     load_end: Instant,
     timeout: Duration,
     poll: Duration,
+    sample: Option<usize>,
     mut read: F,
 ) -> anyhow::Result<Convergence>
 where
@@ -173,18 +185,31 @@ where
     // The last count read of every tenant, and whether it was seen converged.
     let mut last: Vec<Option<u64>> = vec![None; tenants];
     let mut seen = vec![false; tenants];
-    let mut pending: Vec<usize> = (0..tenants).filter(|&t| tallies[t].acked > 0).collect();
+    let waiting: Vec<usize> = (0..tenants).filter(|&t| tallies[t].acked > 0).collect();
+    // With a sample, only it is read at first: a light load on a system still merging. Evenly
+    // spaced, so that it spans the tenants' shards.
+    let mut sampled = None;
+    let mut pending: Vec<usize> = match sample {
+        Some(n) if n < waiting.len() => waiting.iter().copied().step_by(waiting.len().div_ceil(n.max(1))).collect(),
+        _ => waiting.clone(),
+    };
+    let mut full = pending.len() == waiting.len();
     let mut last_converged: Option<Instant> = None;
-    let (mut sweeps, mut first_sweep) = (0, Duration::ZERO);
+    let (mut sweeps, mut first_sweep) = (0, None);
     let mut last_error = None;
     let waited = loop {
+        if pending.is_empty() && !full {
+            sampled = Some(last_converged.map_or(Duration::ZERO, |at| at.saturating_duration_since(load_end)));
+            pending = waiting.iter().copied().filter(|&t| !seen[t]).collect();
+            full = true;
+        }
         if pending.is_empty() {
             break last_converged.map_or(Duration::ZERO, |at| at.saturating_duration_since(load_end));
         }
         let began = Instant::now();
         let sweep = read(&pending).await;
-        if sweeps == 0 {
-            first_sweep = began.elapsed();
+        if full && first_sweep.is_none() {
+            first_sweep = Some(began.elapsed());
         }
         sweeps += 1;
         for Read { tenant, count, at } in sweep.reads {
@@ -236,7 +261,8 @@ where
         verdict: Verdict::judge(&readings),
         converged: pending.is_empty(),
         waited,
-        sweep: first_sweep,
+        sweep: first_sweep.unwrap_or_default(),
+        sampled,
         sweeps,
         unconverged: pending.len(),
     })
@@ -320,9 +346,7 @@ mod tests {
             tokio::time::sleep(self.per_read * tenants.len() as u32).await;
             sweep
         }
-    }
 
-    impl Script {
         /// [`await_convergence`] over this script, polling every second.
         async fn wait(
             &mut self,
@@ -331,8 +355,20 @@ mod tests {
             load_end: Instant,
             timeout: Duration,
         ) -> anyhow::Result<Convergence> {
+            self.wait_sampled(baselines, tallies, load_end, timeout, None).await
+        }
+
+        /// [`Script::wait`], reading only `sample` tenants until they converge.
+        async fn wait_sampled(
+            &mut self,
+            baselines: &[u64],
+            tallies: &[Tally],
+            load_end: Instant,
+            timeout: Duration,
+            sample: Option<usize>,
+        ) -> anyhow::Result<Convergence> {
             let poll = Duration::from_secs(1);
-            await_convergence(baselines, tallies, load_end, timeout, poll, async |tenants: &[usize]| {
+            await_convergence(baselines, tallies, load_end, timeout, poll, sample, async |tenants: &[usize]| {
                 self.read(tenants).await
             })
             .await
@@ -413,6 +449,19 @@ mod tests {
         assert_eq!(script.asked, [vec![0, 1], vec![1], vec![1], vec![0, 1], vec![1]]);
         assert!(convergence.converged && convergence.verdict.passed());
         assert_eq!(convergence.waited, Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sample_is_read_until_it_converges_then_every_tenant() {
+        // Tenants 0 and 2 make the sample of 2 out of 4; all converge at the second sweep.
+        let mut script = Script::new(vec![all(&[0, 0, 0, 0]), all(&[1, 1, 1, 1])]);
+        let tallies = [Tally { acked: 1, sent: 1 }; 4];
+        let convergence =
+            script.wait_sampled(&[0; 4], &tallies, Instant::now(), Duration::from_secs(30), Some(2)).await.unwrap();
+        assert_eq!(script.asked[..3], [vec![0, 2], vec![0, 2], vec![1, 3]]);
+        assert!(convergence.converged && convergence.verdict.passed());
+        assert_eq!(convergence.sampled, Some(Duration::from_secs(1)));
+        assert_eq!(convergence.waited, Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]

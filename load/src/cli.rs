@@ -96,6 +96,12 @@ pub struct Args {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub check_connections: u32,
 
+    /// While waiting, read only this many tenants (evenly spread) until they all converged, and
+    /// only then every tenant: with many tenants, reading them all while the server still
+    /// merges would load the very server being measured. The verdict still reads every tenant.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub check_sample: Option<u64>,
+
     /// A request without a complete answer after this long is an error.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,

@@ -178,6 +178,7 @@ async fn converge(
         load_end,
         args.converge_timeout,
         CONVERGE_POLL,
+        args.check_sample.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         async |tenants: &[usize]| reader.sweep(tenants, OnFailure::Skip).await,
     )
     .await

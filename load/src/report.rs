@@ -154,8 +154,11 @@ impl Report {
                     check.unconverged
                 )
             };
+            let sample = check.sampled.map_or_else(String::new, |s| {
+                format!("the sampled tenants {:.2} s after the last ack, ", s.as_secs_f64())
+            });
             let sweeps = format!(
-                "first sweep over the counts {:.2} s, {} sweep{}",
+                "{sample}first sweep over the counts {:.2} s, {} sweep{}",
                 check.sweep.as_secs_f64(),
                 check.sweeps,
                 if check.sweeps == 1 { "" } else { "s" }
@@ -224,6 +227,7 @@ mod tests {
                 converged: false,
                 waited: Duration::from_secs(30),
                 sweep: Duration::from_millis(1500),
+                sampled: None,
                 sweeps: 12,
                 unconverged: 1,
             }),
