@@ -4,6 +4,8 @@
 //!   at once under `everysec`, then one flush; the figure is items per second for both.
 //! - `flush_10k_new_ids_into/<size>`: one flush of 10k new ids into a tenant that already holds
 //!   `size` ids. It should not depend on `size`: a flush writes only the new ids.
+//! - `flush_new_small_tenants/10000`: one flush of 10k tenants of one id each, each a new file;
+//!   almost all of it is the kernel creating and renaming the files.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -98,5 +100,32 @@ fn flush_into_large_tenant(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append_then_flush, flush_into_large_tenant);
+fn flush_new_small_tenants(c: &mut Criterion) {
+    const TENANTS: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut group = c.benchmark_group("flush_new_small_tenants");
+    group.throughput(Throughput::Elements(TENANTS as u64)).sample_size(10);
+    let mut round = 0;
+    group.bench_with_input(BenchmarkId::from_parameter(TENANTS), &TENANTS, |b, _| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                round += 1;
+                let names: Vec<String> = (0..TENANTS).map(|t| format!("tenant-{round}-{t}")).collect();
+                for chunk in names.chunks(1000) {
+                    let batch: Vec<Item> = chunk.iter().map(|t| Item::new(t, "0123456789abcdef")).collect();
+                    store.append_blocking(&batch).unwrap();
+                }
+                let started = Instant::now();
+                store.flush().unwrap();
+                total += started.elapsed();
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, append_then_flush, flush_into_large_tenant, flush_new_small_tenants);
 criterion_main!(benches);
