@@ -169,3 +169,50 @@ proptest! {
         }
     }
 }
+
+/// Two workers that both take a shard for theirs (each saw the other come or go at a different
+/// moment) take turns merging into it: each must reload what the other changed before changing
+/// it, or a large tenant's manifest would drop the other's segment, and a small tenant's file
+/// would be written without the other's ids. Deterministic: worker A holds the shard's tenants
+/// in memory when B, which owns the shard once it is live, merges into it; then B leaves, and A
+/// merges again without having run a round in between.
+#[test]
+fn a_worker_that_regains_a_shard_reloads_what_another_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let (a, b) = (WORKERS[0], WORKERS[1]);
+    let options = || StoreOptions { shards: SHARDS, ..StoreOptions::default() };
+    // Two tenants of one shard that B owns while both are live.
+    let mut names = (0..).map(|i| format!("tenant {i}"));
+    let big = names.find(|t| owner_of(shard_of(t, SHARDS), [a, b]) == Some(b)).unwrap();
+    let shard = shard_of(&big, SHARDS);
+    let small = names.find(|t| shard_of(t, SHARDS) == shard).unwrap();
+    let append = |store: &Store, tenant: &str, ids: std::ops::Range<u32>| {
+        let ids: Vec<String> = ids.map(|i| i.to_string()).collect();
+        let batch: Vec<Item> = ids.iter().map(|id| Item::new(tenant, id)).collect();
+        store.append_blocking(&batch).unwrap();
+    };
+
+    let first = Store::open(&db, a, options()).unwrap();
+    append(&first, &big, 0..2000);
+    first.flush().unwrap();
+    let second = Store::open(&db, b, options()).unwrap();
+    append(&second, &big, 2000..3000);
+    append(&second, &small, 0..10);
+    second.flush().unwrap();
+    assert_eq!(second.count(&big).unwrap(), 3000, "B merged into the shard it owns");
+    second.close(Duration::ZERO).unwrap();
+
+    append(&first, &big, 3000..3500);
+    append(&first, &small, 10..15);
+    first.flush().unwrap();
+    assert_eq!(first.count(&big).unwrap(), 3500, "{big:?}");
+    assert_eq!(first.count(&small).unwrap(), 15, "{small:?}");
+    drop(first);
+    let reader = Store::open(&db, WORKERS[2], options()).unwrap();
+    reader.flush().unwrap();
+    assert_eq!(read_count(&db, &big).unwrap(), 3500);
+    // Every id, as a worker loading the tenant afresh finds it: none is new.
+    append(&reader, &big, 0..3500);
+    assert_eq!(reader.flush().unwrap().new_ids, 0);
+}
