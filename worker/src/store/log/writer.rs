@@ -31,8 +31,6 @@ const MAX_GROUP_BYTES: usize = 8 << 20;
 /// Counters the writer keeps for the worker's stats.
 #[derive(Debug, Default)]
 pub(crate) struct WriterStats {
-    /// Items appended (and acknowledged) since the store opened.
-    pub(crate) items: AtomicU64,
     /// Bytes appended since the store opened.
     pub(crate) bytes: AtomicU64,
 }
@@ -191,7 +189,6 @@ impl Log {
     /// `always`.
     fn write(&self, bytes: &[u8], items: u64) -> Result<(), StoreError> {
         self.active.lock().write(bytes, items, self.policy == FsyncPolicy::Always).map_err(StoreError::Log)?;
-        self.stats.items.fetch_add(items, Ordering::Relaxed);
         self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if self.policy == FsyncPolicy::EverySec {
             self.dirty.store(true, Ordering::Release);
