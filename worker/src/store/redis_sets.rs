@@ -143,10 +143,8 @@ impl RedisTenants {
                         Entry::Record(payload) => {
                             for run in payload.runs() {
                                 let run = run.map_err(|e| StoreError::corrupt(&file.path, e))?;
-                                let ids = by_tenant.entry(run.tenant).or_default();
-                                let before = ids.len();
-                                run.ids_into(ids).map_err(|e| StoreError::corrupt(&file.path, e))?;
-                                report.items += (ids.len() - before) as u64;
+                                report.items += run.count_ids().map_err(|e| StoreError::corrupt(&file.path, e))?;
+                                by_tenant.entry(run.tenant).or_default().extend(run.ids());
                             }
                         }
                         Entry::Damaged { offset, len } => {

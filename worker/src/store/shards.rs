@@ -131,7 +131,7 @@ struct Sources<'a> {
 /// A log file read by a round.
 struct Input<'a> {
     worker: &'a str,
-    seq: u64,
+    file: &'a LogFile,
     data: LogData,
 }
 
@@ -248,8 +248,8 @@ impl Shards {
         let inputs = self.read_inputs(logs, owned, indexed, report)?;
         let mut with_runs = BTreeSet::new();
         for input in &inputs {
-            for shard in indexed[&(input.worker.to_owned(), input.seq)].iter() {
-                if owned.get(&shard).is_some_and(|o| input.seq > o.record.merged(input.worker)) {
+            for shard in indexed[&(input.worker.to_owned(), input.file.seq)].iter() {
+                if owned.get(&shard).is_some_and(|o| input.file.seq > o.record.merged(input.worker)) {
                     with_runs.insert(shard);
                 }
             }
@@ -307,7 +307,7 @@ impl Shards {
                     indexed.insert(key, self.index(file, &data, report)?);
                 }
                 report.log_files += 1;
-                inputs.push(Input { worker: &log.worker, seq: file.seq, data });
+                inputs.push(Input { worker: &log.worker, file, data });
             }
         }
         Ok(inputs)
@@ -377,10 +377,9 @@ impl Shards {
                 let claim = ShardRecord { writer: self.writer.clone(), merged: record.merged.clone() };
                 self.stage_record(&mut commit, Step::Claim, shard, &claim)?;
             }
-            state.record = record.clone();
             locked.insert(shard, record);
         }
-        let result = self.merge_locked(&mut locked, &mut commit, sources, owned, report);
+        let result = self.merge_locked(&mut locked, commit, sources, owned, report);
         for shard in locked.keys() {
             if let Some(lock) = owned.get(shard).and_then(|o| o.lock.as_ref()) {
                 let _ = lock.unlock();
@@ -393,7 +392,7 @@ impl Shards {
     fn merge_locked(
         &self,
         locked: &mut BTreeMap<u16, ShardRecord>,
-        commit: &mut Commit,
+        mut commit: Commit,
         sources: &Sources,
         owned: &mut HashMap<u16, OwnedShard>,
         report: &mut FlushReport,
@@ -404,13 +403,13 @@ impl Shards {
         let Sources { logs, inputs, indexed } = *sources;
         let mut by_tenant: HashMap<(u16, &str), Vec<Run>> = HashMap::new();
         for input in inputs {
-            let malformed = |e| StoreError::corrupt(&self.root.join("wal").join(input.worker), e);
+            let malformed = |e| StoreError::corrupt(&input.file.path, e);
             for entry in Records::new(&input.data) {
                 let Entry::Record(payload) = entry else { continue };
                 for run in payload.runs() {
                     let run = run.map_err(malformed)?;
                     let Some(record) = locked.get(&run.shard) else { continue };
-                    if input.seq > record.merged(input.worker) {
+                    if input.file.seq > record.merged(input.worker) {
                         report.items += run.count_ids().map_err(malformed)?;
                         by_tenant.entry((run.shard, run.tenant)).or_default().push(run);
                     }
@@ -433,8 +432,7 @@ impl Shards {
                 hashbrown::hash_map::EntryRef::Vacant(entry) => entry.insert(Tenant::new(dir.join(&file_name))),
             };
             // Every run was checked by `count_ids` above.
-            let ids = runs.iter().flat_map(|run| run.ids().into_iter().flatten());
-            report.new_ids += tenant.merge(name, ids, commit)?;
+            report.new_ids += tenant.merge(name, runs.iter().flat_map(Run::ids), &mut commit)?;
             report.tenants += 1;
             files.insert(file_name);
         }
@@ -446,23 +444,21 @@ impl Shards {
                 let from = record.merged(&log.worker);
                 let mut upto = from;
                 for file in log.inputs.iter().filter(|f| f.seq > from) {
-                    let read = inputs.iter().any(|i| i.worker == log.worker && i.seq == file.seq);
+                    let read = inputs.iter().any(|i| i.worker == log.worker && i.file.seq == file.seq);
                     let without = indexed.get(&(log.worker.clone(), file.seq)).is_some_and(|set| !set.contains(*shard));
                     if !(read || without) {
                         break;
                     }
                     upto = file.seq;
                 }
-                if upto > record.merged(&log.worker) {
+                if upto > from {
                     record.merged.insert(log.worker.clone(), upto);
                 }
             }
-            self.stage_record(commit, Step::Progress, *shard, record)?;
+            self.stage_record(&mut commit, Step::Progress, *shard, record)?;
         }
         report.written_bytes += commit.written_bytes();
-        std::mem::replace(commit, Commit::new(self.sync))
-            .finish(&self.root)
-            .map_err(|e| StoreError::io("committing a merge", e))?;
+        commit.finish(&self.root).map_err(|e| StoreError::io("committing a merge", e))?;
         for (shard, record) in locked.iter() {
             let state = owned.get_mut(shard).expect("locked shards are owned");
             state.record = record.clone();

@@ -183,9 +183,8 @@ impl<'a> Payload<'a> {
         let mut items = Vec::new();
         for run in self.runs() {
             let run = run?;
-            let mut ids = Vec::new();
-            run.ids_into(&mut ids)?;
-            for id in ids {
+            run.count_ids()?;
+            for id in run.ids() {
                 items.push((run.tenant, std::str::from_utf8(id).map_err(|_| Malformed)?));
             }
         }
@@ -205,22 +204,14 @@ pub(crate) struct Run<'a> {
 
 impl<'a> Run<'a> {
     /// Appends the run's ids to `out`.
-    pub(crate) fn ids_into(&self, out: &mut Vec<&'a [u8]>) -> Result<(), Malformed> {
+    /// The run's ids. They end early at an id that does not parse: [`Run::count_ids`] checks
+    /// that none does.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = &'a [u8]> + use<'a> {
         let mut rest = self.ids;
-        while !rest.is_empty() {
-            out.push(take_bytes(&mut rest)?);
-        }
-        Ok(())
+        std::iter::from_fn(move || take_bytes(&mut rest).ok())
     }
 
-    /// The run's ids, checked to be well formed first.
-    pub(crate) fn ids(&self) -> Result<impl Iterator<Item = &'a [u8]> + use<'a>, Malformed> {
-        self.count_ids()?;
-        let mut rest = self.ids;
-        Ok(std::iter::from_fn(move || if rest.is_empty() { None } else { take_bytes(&mut rest).ok() }))
-    }
-
-    /// The number of ids in the run.
+    /// The number of ids in the run, checked to be well formed.
     pub(crate) fn count_ids(&self) -> Result<u64, Malformed> {
         let (mut rest, mut n) = (self.ids, 0);
         while !rest.is_empty() {
