@@ -180,15 +180,19 @@ impl Tenant {
         ids: impl IntoIterator<Item = &'a [u8]>,
         commit: &mut Commit,
     ) -> Result<u64, StoreError> {
-        // The new ids as the start of a new segment, `[` and the ids, comma-separated.
+        // A tenant in segments writes its new ids as the start of a new segment, `[` and the
+        // ids, comma-separated; a small one rewrites all of its ids.
+        let segmented = !self.is_small();
         let mut body = vec![b'['];
         let new = self
             .ids
             .insert_new(ids, |id| {
-                if body.len() > 1 {
-                    body.push(b',');
+                if segmented {
+                    if body.len() > 1 {
+                        body.push(b',');
+                    }
+                    push_json_str(&mut body, id);
                 }
-                push_json_str(&mut body, id);
             })
             .map_err(|e| StoreError::corrupt(&self.path, e))?;
         if new == 0 {
@@ -208,7 +212,6 @@ impl Tenant {
                 fs::create_dir_all(&self.segments_dir)
                     .map_err(|e| StoreError::io(format!("creating {}", self.segments_dir.display()), e))?;
                 let segment = Segment { first: 1, last: 1, ids: count };
-                let mut body = b"[".to_vec();
                 push_ids(&mut body, self.ids.iter());
                 body.extend_from_slice(b"]\n");
                 stage(commit, &self.segments_dir.join(segment.file_name()), body)?;
