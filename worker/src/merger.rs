@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::store::{FlushReport, Store};
 
 /// How often the merger looks for new log files between closings.
-pub(crate) const POLL: Duration = Duration::from_millis(100);
+const POLL: Duration = Duration::from_millis(100);
 /// How long after the instant every worker closes its log file a merge round starts: long
 /// enough for every worker to have closed it.
 const SETTLE: Duration = Duration::from_millis(50);
@@ -121,6 +121,7 @@ fn record(report: &FlushReport, took: Duration, metrics: &Metrics) {
             tenants = report.tenants,
             items = report.items,
             new_ids = report.new_ids,
+            written_bytes = report.written_bytes,
             ms = took.as_millis() as u64,
             "merged"
         );

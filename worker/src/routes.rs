@@ -160,8 +160,9 @@ async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) 
         "requests": requests.served(),
         "items_accepted": state.metrics.items_accepted(),
         "pending_items": store.as_ref().map_or(0, |s| s.pending_items),
-        "merge_lag_s": state.store().map_or(0.0, |s| s.merge_lag().as_secs_f64()),
+        "merge_lag_s": store.as_ref().map_or(0.0, |s| s.merge_lag.as_secs_f64()),
         "ids_in_memory": store.as_ref().map_or(0, |s| s.ids_in_memory.0),
+        "ids_in_memory_bytes": store.as_ref().map_or(0, |s| s.ids_in_memory.1),
         "log_bytes_appended": store.as_ref().map_or(0, |s| s.log_bytes_appended),
         "last_merge": last_flush,
     }))

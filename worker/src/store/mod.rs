@@ -154,6 +154,8 @@ pub struct StoreStats {
     pub pending_items: u64,
     /// Ids this worker holds in memory for the shards it merges, and their bytes, about.
     pub ids_in_memory: (u64, u64),
+    /// How far behind this worker's merging is (see [`Store::merge_lag`]).
+    pub merge_lag: Duration,
     /// When the latest round that did something finished, what it took, and what it did.
     pub last_flush: Option<(SystemTime, Duration, FlushReport)>,
 }
@@ -380,6 +382,7 @@ impl Store {
                 Engine::Json(shards) => shards.memory(),
                 Engine::Redis(_) => (0, 0),
             },
+            merge_lag: self.merge_lag(),
             last_flush: self.last_flush.lock().clone(),
         }
     }
