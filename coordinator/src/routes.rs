@@ -32,7 +32,7 @@ async fn post_items(
     state: web::Data<AppState>,
     upstream: web::Data<Upstream>,
 ) -> HttpResponse {
-    let max = state.ctx.config.read().max_body_bytes;
+    let max = state.ctx.config.read().max_body_bytes.as_usize();
     let body = match read_body(&req, payload, max).await {
         Ok(body) => body.freeze(),
         Err(reply) => return reply,

@@ -58,8 +58,8 @@ impl Coordinator {
     /// Binds `config.listen` (port 0 picks a free port) and prepares the server. Workers are
     /// spawned by [`Coordinator::run_until_stopped`] from `worker_bin`, with `config_path`.
     pub fn build(config_path: &Path, config: Config, worker_bin: PathBuf) -> Result<Coordinator, CoordinatorError> {
-        let bind_error = |error| CoordinatorError::Bind { addr: config.listen, error };
-        let listener = TcpListener::bind(config.listen).map_err(bind_error)?;
+        let bind_error = |error| CoordinatorError::Bind { addr: config.listen.0, error };
+        let listener = TcpListener::bind(config.listen.0).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let token = random_token();
         let ctx = Arc::new(Context {
@@ -117,7 +117,7 @@ impl Coordinator {
         supervisor.apply(&config);
 
         let config_path = state.ctx.config_path.clone();
-        let (check_every, check_every_rx) = watch::channel(config.config_check);
+        let (check_every, check_every_rx) = watch::channel(config.config_check());
         let (_watch, mut changes) = config_watch::watch(&config_path, check_every_rx);
         let signal = terminate_signal();
         tokio::pin!(signal);
@@ -130,7 +130,7 @@ impl Coordinator {
                         if new.listen != config.listen {
                             tracing::warn!(listen = %new.listen, "a new listen address takes effect at the next start");
                         }
-                        check_every.send_replace(new.config_check);
+                        check_every.send_replace(new.config_check());
                         supervisor.apply(&new);
                         config = new;
                     }

@@ -58,7 +58,7 @@ pub struct Context {
 
 impl Context {
     fn check_interval(&self) -> Duration {
-        self.config.read().config_check
+        self.config.read().config_check()
     }
 }
 

@@ -58,13 +58,13 @@ impl WorkerSettings {
     pub fn from_config(config: &Config, listen: SocketAddr, shutdown_token: Option<String>) -> WorkerSettings {
         WorkerSettings {
             listen,
-            database: config.database.clone(),
-            flush_interval: config.worker_persist,
+            database: config.database.to_path_buf(),
+            flush_interval: config.worker_persist(),
             fsync: config.fsync,
-            max_body_bytes: config.max_body_bytes,
-            max_key_bytes: config.max_key_bytes,
-            backend: config.store.clone(),
-            max_pending_items: config.max_pending_items,
+            max_body_bytes: config.max_body_bytes.as_usize(),
+            max_key_bytes: config.max_key_bytes.as_usize(),
+            backend: config.backend(),
+            max_pending_items: config.max_pending_items.get(),
             shutdown_token,
             http_threads: 1,
         }

@@ -1,0 +1,617 @@
+//! `config.yaml`: the settings of a CountApp cluster, read and validated in one place.
+//!
+//! The file deserializes straight into [`Config`]: each key's value type checks itself as it is
+//! read ([`values`]), unknown keys are refused (so a typo such as `worker_persit` is reported,
+//! not ignored), and errors carry the path of what was wrong (`workers[2]: ...`). Rules that
+//! span keys are checked once, in [`Config::validate`]. A file is either wholly valid or
+//! rejected: the coordinator keeps its last good config when an edit breaks the file, so a
+//! half-applied file never exists.
+
+mod values;
+mod worker_url;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use values::{Dir, FsyncPolicy, Listen, Positive, RedisUrl, Seconds, StoreKind};
+pub use worker_url::{WorkerUrl, WorkerUrlError};
+
+/// The validated contents of `config.yaml`.
+///
+/// Everything here has been checked at load time, so users of a `Config` never re-validate:
+/// paths are resolved against the config file's directory, durations and sizes are within their
+/// bounds, and worker URLs are well-formed and distinct.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping of keys to values, like `workers: [...]`")]
+pub struct Config {
+    /// The workers, in file order. Local ones are spawned by the coordinator, the others are
+    /// only health-checked and routed to.
+    #[serde(default)]
+    pub workers: Vec<WorkerUrl>,
+    /// Directory of the embedded store.
+    #[serde(default = "defaults::database")]
+    pub database: Dir,
+    /// Directory of the per-worker log files.
+    #[serde(default = "defaults::worker_logs")]
+    pub worker_logs: Dir,
+    /// Interval between flushes of pending items into the per-tenant files.
+    #[serde(default = "defaults::worker_persist")]
+    pub worker_persist: Seconds,
+    /// Interval between health checks, and between re-reads of the file if watching it fails.
+    #[serde(default = "defaults::config_check")]
+    pub config_check: Seconds,
+    /// The coordinator's listening address.
+    #[serde(default = "defaults::listen")]
+    pub listen: Listen,
+    /// When the write-ahead log is fsynced.
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+    /// Largest request body accepted.
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: Positive,
+    /// Longest id or tenant accepted, in bytes.
+    #[serde(default = "defaults::max_key_bytes")]
+    pub max_key_bytes: Positive,
+    /// Which store keeps the tenants' id sets.
+    #[serde(default)]
+    pub store: StoreKind,
+    /// The Redis server of `store: redis`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<RedisUrl>,
+    /// Whether `redis_url` is a node of a Redis Cluster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redis_cluster: bool,
+    /// Items a worker's log may hold unflushed before ingest answers 503.
+    #[serde(default = "defaults::max_pending_items")]
+    pub max_pending_items: Positive,
+}
+
+/// The defaults of the optional keys, as the README documents them.
+pub mod defaults {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+
+    use super::{Dir, Listen, Positive, Seconds};
+
+    /// Directory of the embedded store, relative to the config file.
+    pub fn database() -> Dir {
+        Dir::new("db/")
+    }
+    /// Directory of the per-worker log files, relative to the config file.
+    pub fn worker_logs() -> Dir {
+        Dir::new("logs/")
+    }
+    /// Interval between flushes of pending items into the per-tenant files.
+    pub fn worker_persist() -> Seconds {
+        Seconds::new(Duration::from_secs(5)).expect("within bounds")
+    }
+    /// Interval between health checks (and re-reads, if watching the file fails).
+    pub fn config_check() -> Seconds {
+        Seconds::new(Duration::from_secs(5)).expect("within bounds")
+    }
+    /// The coordinator's address: loopback only, so nothing is exposed unless asked for.
+    pub fn listen() -> Listen {
+        Listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5000))
+    }
+    /// Largest request body: 16 MiB.
+    pub fn max_body_bytes() -> Positive {
+        Positive::new(16 << 20).expect("positive")
+    }
+    /// Longest id or tenant, in bytes.
+    pub fn max_key_bytes() -> Positive {
+        Positive::new(256).expect("positive")
+    }
+    /// Items a worker's log holds unflushed (while its store is unreachable) before ingest
+    /// answers 503: about a gigabyte of log.
+    pub fn max_pending_items() -> Positive {
+        Positive::new(50_000_000).expect("positive")
+    }
+}
+
+/// The largest `max_body_bytes` accepted: a body is held in memory whole.
+pub const MAX_BODY_BYTES_LIMIT: u64 = 1 << 30;
+/// The largest `max_key_bytes` accepted.
+pub const MAX_KEY_BYTES_LIMIT: u64 = 64 << 10;
+
+/// The keys whose values a running cluster cannot change: an edit of any of them is refused as
+/// a whole, and the last good config stays in force.
+pub const FIXED_KEYS: [&str; 5] = ["listen", "database", "store", "redis_url", "redis_cluster"];
+
+/// Where the workers keep the tenants' id sets; the write-ahead log is local either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// Per-tenant JSON files under `database`, shared by the workers of one machine.
+    Json,
+    /// One Redis set per tenant, shared by workers on any machine.
+    Redis {
+        /// `redis://host:port`: the server, or one node of a cluster.
+        url: String,
+        /// Whether `url` is a node of a Redis Cluster.
+        cluster: bool,
+    },
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    ///
+    /// Relative paths in the file resolve against the file's own directory, so the cluster
+    /// finds the same store whatever directory it is started from.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_path_buf(), error })?;
+        let base_dir = path.parent().unwrap_or(Path::new(""));
+        Config::from_yaml_str(&text, base_dir)
+    }
+
+    /// Parses and validates config text, resolving relative paths against `base_dir`.
+    ///
+    /// This is [`Config::load`] without the file system, for tests and for callers that
+    /// already hold the text.
+    pub fn from_yaml_str(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        // Parsed to a value first, so that bad YAML (or a key given twice) is told apart from
+        // a bad key; an empty file is an empty mapping, which then lacks `workers`.
+        let value = match serde_yaml::from_str::<serde_yaml::Value>(text).map_err(ConfigError::Yaml)? {
+            serde_yaml::Value::Null => serde_yaml::Value::Mapping(serde_yaml::Mapping::new()),
+            value => value,
+        };
+        let mut config: Config = serde_path_to_error::deserialize(value).map_err(ConfigError::from_serde)?;
+        config.database = config.database.resolve(base_dir);
+        config.worker_logs = config.worker_logs.resolve(base_dir);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a config handed over as JSON (by [`Config::to_json`]), validating it again.
+    pub fn from_json(json: &str) -> Result<Config, ConfigError> {
+        let mut deserializer = serde_json::Deserializer::from_str(json);
+        let config: Config = serde_path_to_error::deserialize(&mut deserializer).map_err(ConfigError::from_serde)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The config as JSON, with every path absolute: what a coordinator hands its workers.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a config serializes")
+    }
+
+    /// A short digest of the whole config, equal on every process that runs the same settings,
+    /// so that `/stats` can show which config each one runs.
+    pub fn version(&self) -> String {
+        let digest = Sha256::digest(self.to_json().as_bytes());
+        digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The keys of [`FIXED_KEYS`] whose values differ between `self` and `new`.
+    pub fn fixed_changes(&self, new: &Config) -> Vec<&'static str> {
+        let changed = [
+            self.listen != new.listen,
+            self.database != new.database,
+            self.store != new.store,
+            self.redis_url != new.redis_url,
+            self.redis_cluster != new.redis_cluster,
+        ];
+        FIXED_KEYS.iter().zip(changed).filter(|(_, changed)| *changed).map(|(key, _)| *key).collect()
+    }
+
+    /// Where the tenants' id sets live.
+    pub fn backend(&self) -> StoreBackend {
+        match &self.redis_url {
+            Some(url) if self.store == StoreKind::Redis => {
+                StoreBackend::Redis { url: url.as_str().to_owned(), cluster: self.redis_cluster }
+            }
+            _ => StoreBackend::Json,
+        }
+    }
+
+    /// The interval between flushes.
+    pub fn worker_persist(&self) -> Duration {
+        self.worker_persist.get()
+    }
+
+    /// The interval between health checks.
+    pub fn config_check(&self) -> Duration {
+        self.config_check.get()
+    }
+
+    /// The rules that span keys, checked once after every key was read.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers.is_empty() {
+            return Err(invalid(
+                "workers",
+                "is missing or empty; it lists the worker URLs, like http://localhost:5001",
+            ));
+        }
+        // Two local spellings of one address (localhost and 127.0.0.1) would make two spawned
+        // workers fight over one port, so local workers are also compared by bind address.
+        let mut seen: HashMap<&WorkerUrl, usize> = HashMap::new();
+        let mut local_addrs: HashMap<SocketAddr, usize> = HashMap::new();
+        for (index, worker) in self.workers.iter().enumerate() {
+            let key = format!("workers[{index}]");
+            if let Some(first) = seen.insert(worker, index) {
+                return Err(invalid(key, format!("{worker} is listed twice (also workers[{first}])")));
+            }
+            let Some(addr) = worker.bind_addr().filter(|_| worker.is_local()) else { continue };
+            if addr == self.listen.0 {
+                return Err(invalid(key, format!("{worker} is the coordinator's own listen address")));
+            }
+            if let Some(first) = local_addrs.insert(addr, index) {
+                let message =
+                    format!("{worker} is the same local address as workers[{first}] ({})", self.workers[first]);
+                return Err(invalid(key, message));
+            }
+        }
+        let (body, key) = (self.max_body_bytes.get(), self.max_key_bytes.get());
+        if body > MAX_BODY_BYTES_LIMIT {
+            return Err(invalid("max_body_bytes", format!("must be at most {MAX_BODY_BYTES_LIMIT} bytes, got {body}")));
+        }
+        if key > MAX_KEY_BYTES_LIMIT {
+            return Err(invalid("max_key_bytes", format!("must be at most {MAX_KEY_BYTES_LIMIT} bytes, got {key}")));
+        }
+        match (self.store, &self.redis_url) {
+            (StoreKind::Redis, None) => Err(invalid("redis_url", "is required with store: redis")),
+            (StoreKind::Json, Some(_)) => Err(invalid("redis_url", "is only used with store: redis")),
+            (StoreKind::Json, None) if self.redis_cluster => {
+                Err(invalid("redis_cluster", "is only used with store: redis"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why a config file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read: it is missing, unreadable, or not UTF-8.
+    #[error("cannot read config file {}: {error}", path.display())]
+    Read {
+        /// The path that was tried.
+        path: PathBuf,
+        /// What the OS said.
+        error: io::Error,
+    },
+    /// The text is not YAML at all (or gives a key twice).
+    #[error("config is not valid YAML: {0}")]
+    Yaml(serde_yaml::Error),
+    /// One key is unknown, missing or has a bad value; the first one found is reported.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key, with an index for list entries (`workers[2]`), or `.` for the whole file.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// An error from deserializing, keyed by where it happened.
+    fn from_serde<E: std::fmt::Display>(error: serde_path_to_error::Error<E>) -> ConfigError {
+        let key = error.path().to_string();
+        let message = error.into_inner().to_string();
+        // An unknown key is reported at the mapping that holds it; the key itself is the one
+        // to name.
+        let unknown = message.strip_prefix("unknown field `").and_then(|rest| rest.split_once('`'));
+        match unknown {
+            Some((field, _)) if key == "." => invalid(field, message.clone()),
+            _ => invalid(key, message),
+        }
+    }
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGINAL: &str = "\
+workers:
+  - http://localhost:5001
+  - http://localhost:5002
+  - http://localhost:5003
+  - http://localhost:5004
+database: db/
+worker_logs: logs/
+worker_persist: 5
+config_check: 5
+";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml_str(text, Path::new("/srv/countapp"))
+    }
+
+    /// The key and message of an `Invalid` error, failing the test on anything else.
+    fn invalid_key(text: &str) -> (String, String) {
+        match parse(text) {
+            Err(ConfigError::Invalid { key, message }) => (key, message),
+            other => panic!("expected an Invalid error for {text:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn original_go_file_loads_unchanged() {
+        let config = parse(ORIGINAL).unwrap();
+        let urls: Vec<&str> = config.workers.iter().map(WorkerUrl::as_str).collect();
+        assert_eq!(
+            urls,
+            ["http://localhost:5001", "http://localhost:5002", "http://localhost:5003", "http://localhost:5004"]
+        );
+        assert!(config.workers.iter().all(WorkerUrl::is_local));
+        assert_eq!(&*config.database, Path::new("/srv/countapp/db"));
+        assert_eq!(&*config.worker_logs, Path::new("/srv/countapp/logs"));
+        assert_eq!(config.worker_persist(), Duration::from_secs(5));
+        assert_eq!(config.config_check(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn defaults_fill_every_optional_key() {
+        let config = parse("workers: [http://localhost:5001]").unwrap();
+        assert_eq!(&*config.database, Path::new("/srv/countapp/db/"));
+        assert_eq!(&*config.worker_logs, Path::new("/srv/countapp/logs/"));
+        assert_eq!(config.worker_persist(), Duration::from_secs(5));
+        assert_eq!(config.config_check(), Duration::from_secs(5));
+        assert_eq!(config.listen.0, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(config.fsync, FsyncPolicy::EverySec);
+        assert_eq!(config.max_body_bytes.get(), 16 * 1024 * 1024);
+        assert_eq!(config.max_key_bytes.get(), 256);
+    }
+
+    #[test]
+    fn every_key_can_be_set() {
+        let config = parse(
+            "workers: [http://localhost:5001]\n\
+             database: /var/lib/countapp\n\
+             worker_logs: /var/log/countapp\n\
+             worker_persist: 0.5\n\
+             config_check: 2\n\
+             listen: 0.0.0.0:8080\n\
+             fsync: always\n\
+             max_body_bytes: 1048576\n\
+             max_key_bytes: 64\n",
+        )
+        .unwrap();
+        assert_eq!(&*config.database, Path::new("/var/lib/countapp"));
+        assert_eq!(&*config.worker_logs, Path::new("/var/log/countapp"));
+        assert_eq!(config.worker_persist(), Duration::from_millis(500));
+        assert_eq!(config.config_check(), Duration::from_secs(2));
+        assert_eq!(config.listen.0, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(config.fsync, FsyncPolicy::Always);
+        assert_eq!(config.max_body_bytes.get(), 1 << 20);
+        assert_eq!(config.max_key_bytes.get(), 64);
+    }
+
+    #[test]
+    fn fsync_policies_and_listen_localhost() {
+        for (text, policy) in
+            [("always", FsyncPolicy::Always), ("everysec", FsyncPolicy::EverySec), ("never", FsyncPolicy::Never)]
+        {
+            let config = parse(&format!("workers: [http://localhost:5001]\nfsync: {text}")).unwrap();
+            assert_eq!(config.fsync, policy);
+        }
+        let config = parse("workers: [http://localhost:5001]\nlisten: localhost:6000").unwrap();
+        assert_eq!(config.listen.0, "127.0.0.1:6000".parse().unwrap());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let config = parse("workers: [http://localhost:5001]\ndatabase: data/store\nworker_logs: ../logs").unwrap();
+        assert_eq!(&*config.database, Path::new("/srv/countapp/data/store"));
+        assert_eq!(&*config.worker_logs, Path::new("/srv/countapp/../logs"));
+    }
+
+    #[test]
+    fn load_reads_the_file_and_resolves_paths_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, ORIGINAL).unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(&*config.database, dir.path().join("db/"));
+        assert_eq!(&*config.worker_logs, dir.path().join("logs/"));
+        assert_eq!(config.workers.len(), 4);
+    }
+
+    #[test]
+    fn the_repository_config_yaml_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.yaml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.workers.len(), 4);
+        assert!(config.workers.iter().all(WorkerUrl::is_local));
+    }
+
+    #[test]
+    fn load_of_a_missing_file_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nope.yaml");
+        let err = Config::load(&path).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Read { path: p, error } if *p == path && error.kind() == io::ErrorKind::NotFound)
+        );
+        assert!(err.to_string().contains("nope.yaml"), "{err}");
+    }
+
+    #[test]
+    fn workers_is_required() {
+        for text in ["", "database: db/", "workers: []", "workers: http://localhost:5001", "workers:"] {
+            let (key, _) = invalid_key(text);
+            assert_eq!(key, "workers", "{text:?}");
+        }
+        assert!(parse("database: db/").unwrap_err().to_string().starts_with("workers: is missing"));
+    }
+
+    #[test]
+    fn bad_durations_name_their_key() {
+        for key in ["worker_persist", "config_check"] {
+            // Past a day is a typo, and 1e19 seconds would overflow the clock arithmetic.
+            for bad in ["-1", "0", "0.0", "abc", "\"5\"", ".inf", ".nan", "[5]", "1e-12", "true", "", "86401", "1e19"] {
+                let (got, message) = invalid_key(&format!("workers: [http://localhost:5001]\n{key}: {bad}"));
+                assert_eq!(got, key, "{bad}");
+                assert!(message.ends_with("expected a number of seconds from 0.001 to 86400"), "{message}");
+            }
+        }
+        let err = parse("workers: [http://localhost:5001]\nworker_persist: -1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "worker_persist: invalid value: integer `-1`, expected a number of seconds from 0.001 to 86400"
+        );
+        let config = parse("workers: [http://localhost:5001]\nworker_persist: 86400\nconfig_check: 0.001").unwrap();
+        assert_eq!(
+            (config.worker_persist(), config.config_check()),
+            (Duration::from_secs(86400), Duration::from_millis(1))
+        );
+    }
+
+    #[test]
+    fn bad_scalars_name_their_key() {
+        let cases = [
+            ("database: ''", "database"),
+            ("database: [a]", "database"),
+            ("worker_logs: 5", "worker_logs"),
+            ("listen: 5000", "listen"),
+            ("listen: example.com:5000", "listen"),
+            ("listen: 127.0.0.1", "listen"),
+            ("fsync: sometimes", "fsync"),
+            ("fsync: Always", "fsync"),
+            ("fsync: 1", "fsync"),
+            ("max_body_bytes: 0", "max_body_bytes"),
+            ("max_body_bytes: -5", "max_body_bytes"),
+            ("max_body_bytes: 1.5", "max_body_bytes"),
+            ("max_body_bytes: 16 MiB", "max_body_bytes"),
+            ("max_key_bytes: 0", "max_key_bytes"),
+            ("max_key_bytes: '256'", "max_key_bytes"),
+        ];
+        for (line, key) in cases {
+            let (got, _) = invalid_key(&format!("workers: [http://localhost:5001]\n{line}"));
+            assert_eq!(got, key, "{line}");
+        }
+        let err = parse("workers: [http://localhost:5001]\nfsync: sometimes").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "fsync: unknown variant `sometimes`, expected one of `always`, `everysec`, `never`"
+        );
+        let err = parse("workers: [http://localhost:5001]\nmax_key_bytes: 65537").unwrap_err();
+        assert_eq!(err.to_string(), "max_key_bytes: must be at most 65536 bytes, got 65537");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let (key, message) = invalid_key("workers: [http://localhost:5001]\nworker_persit: 5");
+        assert_eq!(key, "worker_persit");
+        assert!(message.contains("worker_persist"), "{message}");
+        let (_, message) = invalid_key("workers: [http://localhost:5001]\n7: x");
+        assert!(message.contains("`7`"), "{message}");
+    }
+
+    #[test]
+    fn not_yaml_or_not_a_mapping() {
+        assert!(matches!(parse("workers: [unclosed"), Err(ConfigError::Yaml(_))));
+        let (key, message) = invalid_key("- a\n- b");
+        assert_eq!(key, ".");
+        assert!(message.contains("expected a mapping of keys to values"), "{message}");
+        // A key given twice is caught by the YAML parser.
+        assert!(matches!(
+            parse("workers: [http://localhost:5001]\nfsync: never\nfsync: always"),
+            Err(ConfigError::Yaml(_))
+        ));
+    }
+
+    #[test]
+    fn bad_worker_urls_name_their_index() {
+        let bad = [
+            "ftp://localhost:5001",
+            "https://localhost:5001",
+            "localhost:5001",
+            "http://localhost",
+            "http://localhost:0",
+            "http://localhost:5001/api",
+            "http://localhost:5001/?x=1",
+            "http://localhost:5001#top",
+            "http://user:pw@localhost:5001",
+            "http://0.0.0.0:5001",
+            "http://[::]:5001",
+            "http://:5001",
+            "not a url",
+        ];
+        for text in bad {
+            let yaml = format!("workers:\n  - http://localhost:5001\n  - http://localhost:5002\n  - {text:?}");
+            let (key, message) = invalid_key(&yaml);
+            assert_eq!(key, "workers[2]", "{text}");
+            assert!(message.starts_with(&format!("{text:?}: ")), "{message}");
+        }
+        let (key, message) = invalid_key("workers: [http://localhost:5001, 5002]");
+        assert_eq!(key, "workers[1]");
+        assert!(message.contains("expected a worker URL string"), "{message}");
+    }
+
+    #[test]
+    fn duplicate_workers_are_rejected() {
+        let (key, message) =
+            invalid_key("workers: [http://localhost:5001, http://localhost:5002, http://LOCALHOST:5001/]");
+        assert_eq!(key, "workers[2]");
+        assert_eq!(message, "http://localhost:5001 is listed twice (also workers[0])");
+        // Two spellings of one local address would fight over one port.
+        let (key, message) = invalid_key("workers: [http://localhost:5001, http://127.0.0.1:5001]");
+        assert_eq!(key, "workers[1]");
+        assert!(message.contains("same local address as workers[0]"), "{message}");
+        // Remote workers are distinct by URL alone.
+        assert!(parse("workers: [http://10.1.2.3:5001, http://worker-b.example:5001]").is_ok());
+    }
+
+    #[test]
+    fn the_store_is_json_unless_redis_is_asked_for_with_its_url() {
+        let base = "workers: [http://localhost:5001]\n";
+        let load = |extra: &str| Config::from_yaml_str(&format!("{base}{extra}"), Path::new(""));
+        assert_eq!(load("").unwrap().backend(), StoreBackend::Json);
+        let redis = load("store: redis\nredis_url: redis://127.0.0.1:6379\nredis_cluster: true\n").unwrap();
+        assert_eq!(redis.backend(), StoreBackend::Redis { url: "redis://127.0.0.1:6379".into(), cluster: true });
+        for (extra, key) in [
+            ("store: redis\n", "redis_url"),
+            ("redis_url: redis://x:1\n", "redis_url"),
+            ("store: mongo\n", "store"),
+            ("store: redis\nredis_url: http://x:1\n", "redis_url"),
+            ("redis_cluster: true\n", "redis_cluster"),
+            ("max_pending_items: 0\n", "max_pending_items"),
+        ] {
+            let err = load(extra).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{key}: ")), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_local_worker_on_the_listen_address_is_refused() {
+        let text = "workers: [http://localhost:5001, http://127.0.0.1:5000]\nlisten: 127.0.0.1:5000\n";
+        let err = Config::from_yaml_str(text, Path::new("")).unwrap_err().to_string();
+        assert!(err.starts_with("workers[1]: "), "{err}");
+    }
+
+    #[test]
+    fn a_config_handed_over_as_json_reads_back_equal_with_the_same_version() {
+        let text = "workers: [http://localhost:5001, http://10.0.0.2:5002]\nworker_persist: 0.25\nfsync: always\n\
+                    store: redis\nredis_url: redis://127.0.0.1:6379\nmax_key_bytes: 64\n";
+        let config = parse(text).unwrap();
+        let back = Config::from_json(&config.to_json()).unwrap();
+        assert_eq!(back, config);
+        assert_eq!(back.version(), config.version());
+        let other = parse(&text.replace("0.25", "0.5")).unwrap();
+        assert_ne!(other.version(), config.version());
+        // What a worker is handed is validated like a file.
+        let err = Config::from_json(r#"{"workers":[]}"#).unwrap_err().to_string();
+        assert!(err.starts_with("workers: "), "{err}");
+    }
+
+    #[test]
+    fn fixed_keys_are_told_apart_from_live_ones() {
+        let base = parse(ORIGINAL).unwrap();
+        let live = parse(&format!("{ORIGINAL}fsync: always\nmax_key_bytes: 10\nmax_body_bytes: 1000\n")).unwrap();
+        assert!(base.fixed_changes(&live).is_empty());
+        let fixed =
+            parse(&format!("{ORIGINAL}listen: 127.0.0.1:6000\nstore: redis\nredis_url: redis://x:1\n")).unwrap();
+        assert_eq!(base.fixed_changes(&fixed), ["listen", "store", "redis_url"]);
+    }
+}
