@@ -2,13 +2,11 @@
 //! request to a random live worker.
 //!
 //! - [`startup`]: wires everything together; the `coordinator` binary and the tests use it.
-//! - [`config_watch`]: notices edits of the config file.
 //! - [`supervisor`]: spawns, watches, respawns and stops the workers, one task each.
 //! - [`pool`]: the workers, their states, and the live set requests are routed to.
 //! - `proxy`: forwards a request to a live worker, retrying on another when one fails.
 //! - `routes`: the HTTP API; `state`: what its handlers share; `metrics`: Prometheus counters.
 
-pub mod config_watch;
 mod metrics;
 pub mod pool;
 mod proxy;

@@ -28,6 +28,8 @@ pub enum WorkerState {
     Exited,
     /// Removed from the config or the coordinator is stopping: draining and flushing.
     Stopping,
+    /// Its port is held by a process that is no worker: not spawned until the port is free.
+    Blocked,
 }
 
 /// One worker of the config.
@@ -57,6 +59,8 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Found already running when this coordinator started, rather than spawned by it.
     pub adopted: bool,
+    /// The version of the config it runs, as it last reported or was handed it.
+    pub config_version: Option<String>,
 }
 
 impl Member {
@@ -97,6 +101,7 @@ impl Pool {
                         restarts: 0,
                         last_error: None,
                         adopted: false,
+                        config_version: None,
                     }),
                     requests: AtomicU64::new(0),
                     items: AtomicU64::new(0),

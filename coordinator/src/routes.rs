@@ -32,7 +32,7 @@ async fn post_items(
     state: web::Data<AppState>,
     upstream: web::Data<Upstream>,
 ) -> HttpResponse {
-    let max = state.ctx.config.read().max_body_bytes.as_usize();
+    let max = state.ctx.config.borrow().max_body_bytes.as_usize();
     let body = match read_body(&req, payload, max).await {
         Ok(body) => body.freeze(),
         Err(reply) => return reply,
@@ -81,6 +81,7 @@ async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) 
                 "items_accepted": items,
                 "restarts": status.restarts,
                 "last_error": status.last_error,
+                "config_version": status.config_version,
             })
         })
         .collect();
@@ -97,6 +98,7 @@ async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) 
         "config": {
             "path": config.path.display().to_string(),
             "loaded_at_unix_ms": config.loaded_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            "version": config.version,
             "valid": config.error.is_none(),
             "error": config.error,
         },

@@ -9,14 +9,14 @@ use std::time::{Duration, SystemTime};
 
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
-use countapp_shared::config::Config;
+use countapp_shared::config::{self, Config, FIXED_KEYS};
 use countapp_shared::http::count_requests;
-use countapp_shared::shutdown::{Shutdown, terminate_signal};
-use parking_lot::{Mutex, RwLock};
+use countapp_shared::shutdown::terminate_signal;
+use parking_lot::Mutex;
 use thiserror::Error;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use crate::config_watch;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::proxy::Upstream;
@@ -24,9 +24,6 @@ use crate::routes;
 use crate::state::{AppState, ConfigStatus};
 use crate::supervisor::{Context, Supervisor};
 
-/// How long the coordinator waits, after a change is noticed, for the edit to settle: editors
-/// write a file in several steps.
-const SETTLE: Duration = Duration::from_millis(100);
 /// How long a graceful stop waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -66,7 +63,7 @@ impl Coordinator {
             worker_bin,
             config_path: config_path.to_path_buf(),
             token,
-            config: RwLock::new(Arc::new(config.clone())),
+            config: watch::Sender::new(Arc::new(config.clone())),
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(1))
                 .build()
@@ -79,10 +76,11 @@ impl Coordinator {
             config_status: Mutex::new(ConfigStatus {
                 path: config_path.to_path_buf(),
                 loaded_at: SystemTime::now(),
+                version: config.version(),
                 error: None,
             }),
             metrics,
-            shutdown: Shutdown::default(),
+            shutdown: CancellationToken::new(),
         });
         let requests = web::Data::new(requests);
         let data = state.clone();
@@ -118,24 +116,19 @@ impl Coordinator {
 
         let config_path = state.ctx.config_path.clone();
         let (check_every, check_every_rx) = watch::channel(config.config_check());
-        let (_watch, mut changes) = config_watch::watch(&config_path, check_every_rx);
+        let mut watch = config::watch::watch(&config_path, check_every_rx);
         let signal = terminate_signal();
         tokio::pin!(signal);
         loop {
             tokio::select! {
-                Some(()) = changes.recv() => {
-                    tokio::time::sleep(SETTLE).await;
-                    while changes.try_recv().is_ok() {}
+                true = watch.changed() => {
                     if let Some(new) = reload(&state, &config_path, &config) {
-                        if new.listen != config.listen {
-                            tracing::warn!(listen = %new.listen, "a new listen address takes effect at the next start");
-                        }
                         check_every.send_replace(new.config_check());
                         supervisor.apply(&new);
                         config = new;
                     }
                 }
-                () = state.shutdown.wait() => break,
+                () = state.shutdown.cancelled() => break,
                 signal = &mut signal => {
                     signal.map_err(|e| CoordinatorError::Runtime(format!("cannot watch signals: {e}")))?;
                     tracing::info!("termination signal");
@@ -143,7 +136,7 @@ impl Coordinator {
                 }
             }
         }
-        state.shutdown.trigger();
+        state.shutdown.cancel();
         tracing::info!("stopping: draining requests, then the workers");
         handle.stop(true).await;
         if let Ok(Err(e)) = serving.await {
@@ -155,32 +148,40 @@ impl Coordinator {
     }
 }
 
-/// Reads the config file again; returns it if it is valid and differs from `current`. An
-/// invalid file is logged and shown in `/stats`, and `current` stays in force.
+/// Reads the config file again; returns it if it is valid, changes no fixed key, and differs
+/// from `current`. An edit refused is logged and shown in `/stats`, and `current` stays in
+/// force.
 fn reload(state: &AppState, path: &Path, current: &Config) -> Option<Config> {
-    match Config::load(path) {
+    let refused = match Config::load(path) {
         Ok(new) => {
-            let mut status = state.config_status.lock();
-            if status.error.take().is_some() {
-                tracing::info!(path = %path.display(), "the config file is valid again");
+            let fixed = current.fixed_changes(&new);
+            if fixed.is_empty() {
+                let mut status = state.config_status.lock();
+                if status.error.take().is_some() {
+                    tracing::info!(path = %path.display(), "the config file is in force again");
+                }
+                if &new == current {
+                    return None;
+                }
+                status.loaded_at = SystemTime::now();
+                status.version = new.version();
+                tracing::info!(path = %path.display(), version = status.version, "config changed");
+                return Some(new);
             }
-            if &new == current {
-                return None;
-            }
-            status.loaded_at = SystemTime::now();
-            tracing::info!(path = %path.display(), "config changed");
-            Some(new)
+            format!(
+                "{} cannot change while the cluster runs (of {}); restart the coordinator to change them",
+                fixed.join(", "),
+                FIXED_KEYS.join(", ")
+            )
         }
-        Err(e) => {
-            let error = e.to_string();
-            let mut status = state.config_status.lock();
-            if status.error.as_ref() != Some(&error) {
-                tracing::error!(path = %path.display(), error, "invalid config edit ignored; the last good config stays in force");
-                status.error = Some(error);
-            }
-            None
-        }
+        Err(e) => e.to_string(),
+    };
+    let mut status = state.config_status.lock();
+    if status.error.as_ref() != Some(&refused) {
+        tracing::error!(path = %path.display(), error = refused, "config edit refused; the last good config stays in force");
+        status.error = Some(refused);
     }
+    None
 }
 
 /// A fresh shutdown token: 128 random bits, in hex.

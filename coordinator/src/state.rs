@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use countapp_shared::shutdown::Shutdown;
 use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::supervisor::Context;
@@ -16,7 +16,9 @@ pub(crate) struct ConfigStatus {
     pub(crate) path: PathBuf,
     /// When the config in force was loaded.
     pub(crate) loaded_at: SystemTime,
-    /// Why the file on disk is not in force, if it is not.
+    /// The version of the config in force, as each process reports it.
+    pub(crate) version: String,
+    /// Why the file on disk is not in force, if it is not: invalid, or changing a fixed key.
     pub(crate) error: Option<String>,
 }
 
@@ -26,5 +28,5 @@ pub(crate) struct AppState {
     pub(crate) ctx: Arc<Context>,
     pub(crate) config_status: Mutex<ConfigStatus>,
     pub(crate) metrics: Metrics,
-    pub(crate) shutdown: Shutdown,
+    pub(crate) shutdown: CancellationToken,
 }

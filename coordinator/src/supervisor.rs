@@ -1,44 +1,60 @@
-//! Keeps the workers of the config running: one task per worker.
+//! Keeps the workers of the config running: one task per worker URL.
 //!
 //! A local worker (127.0.0.0/8, localhost, ::1) is spawned from the `worker` binary beside the
-//! coordinator's own, its output appended to `worker_logs/<port>.log`. Its exit is seen at once
-//! through its child handle and it is respawned, with backoff if it keeps dying; it is also
-//! health-checked every `config_check`. A worker already answering on its port when the
-//! coordinator starts (left by a coordinator that was killed) is adopted, not duplicated.
-//! Removed from the config, a worker is stopped gracefully: `POST /shutdown` with its token,
-//! then SIGKILL if it has not exited in time. A worker on another host is only health-checked.
+//! coordinator's own, its output appended to `worker_logs/<port>.log`, and handed the config in
+//! force. Its exit is seen at once through its child handle and it is respawned, with backoff if
+//! it keeps dying; it is also health-checked every `config_check` (more often while it fails),
+//! and killed and respawned after [`FAILED_CHECKS_BEFORE_KILL`] failed checks in a row, so that
+//! a hung worker is replaced. A worker already answering on its port when the coordinator
+//! starts (left by a coordinator that was killed) is adopted, not duplicated. A port held by a
+//! process that is no worker is reported, not fought over.
+//!
+//! Each config edit is pushed to every local worker (`PUT /config`, with the coordinator's
+//! token), and every health check compares the version a worker runs with the one in force, so
+//! that a push that failed is made again. Removed from the config, a worker is stopped
+//! gracefully: `POST /shutdown` with its token, then SIGKILL if it has not exited in time. A URL
+//! added again while its worker is still stopping waits for that stop, then starts afresh. A
+//! worker on another host is only health-checked and routed to.
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use countapp_shared::config::{Config, WorkerUrl};
+use countapp_shared::shutdown::WORKER_STOP_TIMEOUT;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use parking_lot::RwLock;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::pool::{Member, Pool, WorkerState};
 
 /// How often a worker that is not ready yet is asked whether it is.
 const STARTING_POLL: Duration = Duration::from_millis(50);
-/// Health checks a ready worker may fail in a row before it is killed and respawned.
+/// How often a worker that failed a check or a request is checked again: a hung worker is then
+/// replaced within a few seconds, whatever `config_check` is.
+const UNHEALTHY_POLL: Duration = Duration::from_millis(500);
+/// Health checks a worker may fail in a row before it is killed and respawned.
 const FAILED_CHECKS_BEFORE_KILL: u32 = 3;
-/// How long a worker asked to stop gets to flush and exit before it is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The first and the longest pause before respawning a worker that keeps exiting.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A worker that ran this long before exiting is respawned without delay.
 const HEALTHY_RUN: Duration = Duration::from_secs(10);
-/// The timeout of a health check.
+/// The timeout of a health check, a config push or a shutdown request.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// The environment variables through which a spawned worker gets its shutdown token and its
+/// config (as the `worker` binary reads them).
+const TOKEN_VAR: &str = "COUNTAPP_SHUTDOWN_TOKEN";
+const CONFIG_VAR: &str = "COUNTAPP_CONFIG";
 
 /// What every supervising task needs.
 pub struct Context {
@@ -46,76 +62,99 @@ pub struct Context {
     pub worker_bin: PathBuf,
     /// The config file, passed on to the workers.
     pub config_path: PathBuf,
-    /// The token this coordinator's workers accept on `POST /shutdown`.
+    /// The token this coordinator's workers accept on `POST /shutdown` and `PUT /config`.
     pub token: String,
-    /// The config in force, for the log directory and the health-check interval.
-    pub config: RwLock<Arc<Config>>,
-    /// The client for health checks and shutdown requests.
+    /// The config in force; every supervising task watches it.
+    pub config: watch::Sender<Arc<Config>>,
+    /// The client for health checks, config pushes and shutdown requests.
     pub http: reqwest::Client,
     /// The workers and their states.
     pub pool: Arc<Pool>,
 }
 
 impl Context {
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
     fn check_interval(&self) -> Duration {
-        self.config.read().config_check()
+        self.config.borrow().config_check()
     }
 }
 
-/// The supervising tasks, one per worker of the config in force.
+/// The supervising tasks: one per worker URL, whether in the config or still stopping.
 pub struct Supervisor {
     ctx: Arc<Context>,
-    tasks: HashMap<WorkerUrl, (watch::Sender<bool>, JoinHandle<()>)>,
+    tasks: HashMap<WorkerUrl, Task>,
+    tracker: TaskTracker,
+}
+
+/// The task of one worker URL.
+struct Task {
+    /// Cancelled when the worker is removed from the config or the coordinator stops.
+    stop: CancellationToken,
+    handle: JoinHandle<()>,
 }
 
 impl Supervisor {
     /// A supervisor with no workers yet; [`Supervisor::apply`] gives it some.
     pub fn new(ctx: Arc<Context>) -> Supervisor {
-        Supervisor { ctx, tasks: HashMap::new() }
+        Supervisor { ctx, tasks: HashMap::new(), tracker: TaskTracker::new() }
     }
 
-    /// Makes the running workers those of `config`: starts the added ones and stops the
-    /// removed ones, in the background.
+    /// Makes the running workers and their settings those of `config`: pushes it to the running
+    /// workers, starts the added ones and stops the removed ones, in the background.
     pub fn apply(&mut self, config: &Config) {
-        *self.ctx.config.write() = Arc::new(config.clone());
-        self.tasks.retain(|url, (stop, task)| {
-            let keep = config.workers.contains(url) && !task.is_finished();
-            if !keep {
+        self.ctx.config.send_replace(Arc::new(config.clone()));
+        for (url, task) in &self.tasks {
+            if !config.workers.contains(url) && !task.stop.is_cancelled() {
                 tracing::info!(worker = %url, "removed from the config: stopping");
-                stop.send_replace(true);
+                task.stop.cancel();
             }
-            keep
-        });
+        }
         for url in &config.workers {
-            if self.tasks.contains_key(url) {
-                continue;
+            let previous = match self.tasks.remove(url) {
+                Some(task) if !task.stop.is_cancelled() && !task.handle.is_finished() => {
+                    self.tasks.insert(url.clone(), task);
+                    continue;
+                }
+                Some(task) => Some(task.handle),
+                None => None,
+            };
+            if previous.is_some() {
+                tracing::info!(worker = %url, "added again: starting once its previous run has stopped");
+            } else {
+                tracing::info!(worker = %url, local = url.is_local(), "added");
             }
-            tracing::info!(worker = %url, local = url.is_local(), "added");
-            let member = self.ctx.pool.add(url);
-            let (stop, stopped) = watch::channel(false);
-            let ctx = self.ctx.clone();
-            let task = tokio::spawn(async move {
+            let stop = CancellationToken::new();
+            let (ctx, url_owned, stopped) = (self.ctx.clone(), url.clone(), stop.clone());
+            let handle = self.tracker.spawn(async move {
+                // One run per URL at a time: the previous one removes its member when done.
+                if let Some(previous) = previous {
+                    let _ = previous.await;
+                }
+                let member = ctx.pool.add(&url_owned);
                 if member.local {
-                    supervise_local(&ctx, &member, stopped).await;
+                    supervise_local(&ctx, &member, &stopped).await;
                 } else {
-                    supervise_remote(&ctx, &member, stopped).await;
+                    supervise_remote(&ctx, &member, &stopped).await;
                 }
                 ctx.pool.remove(&member.url);
             });
-            self.tasks.insert(url.clone(), (stop, task));
+            self.tasks.insert(url.clone(), Task { stop, handle });
         }
+        self.tasks.retain(|_, task| !(task.stop.is_cancelled() && task.handle.is_finished()));
     }
 
     /// Stops every worker gracefully and waits until they have exited.
     pub async fn stop_all(&mut self) {
-        for (stop, _) in self.tasks.values() {
-            stop.send_replace(true);
+        for task in self.tasks.values() {
+            task.stop.cancel();
         }
-        for (url, (_, task)) in self.tasks.drain() {
-            if let Err(e) = task.await {
-                tracing::error!(worker = %url, error = %e, "supervising task failed");
-            }
-        }
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.tasks.clear();
     }
 }
 
@@ -123,25 +162,75 @@ impl Supervisor {
 enum Ended {
     /// It was asked to stop, and has.
     Stopped,
-    /// Its process exited by itself.
+    /// Its process exited by itself, or was killed for failing its checks.
     Exited(String),
 }
 
-async fn supervise_local(ctx: &Context, member: &Member, mut stop: watch::Receiver<bool>) {
-    if let Some(pid) = running_pid(ctx, member).await {
-        tracing::info!(worker = %member.url, pid, "adopting the worker already running on its port");
+/// A process the coordinator follows: its pid, and its start time (in clock ticks since boot,
+/// from `/proc/<pid>/stat`), so that a pid reused by another process is never taken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Process {
+    pid: u32,
+    start_time: u64,
+}
+
+impl Process {
+    /// The process `pid`, if it runs.
+    fn find(pid: u32) -> Option<Process> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the parenthesised command name: state is the first, start time the
+        // twentieth.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        // An adopted worker is not our child: once it exits it stays a zombie until its new
+        // parent reaps it, which is not running.
+        if matches!(fields.first(), Some(&("Z" | "X"))) {
+            return None;
+        }
+        Some(Process { pid, start_time: fields.get(19)?.parse().ok()? })
+    }
+
+    /// Whether this very process still runs.
+    fn alive(&self) -> bool {
+        Process::find(self.pid) == Some(*self)
+    }
+
+    fn signal(&self, signal: Signal) {
+        if self.alive() {
+            let _ = kill(Pid::from_raw(self.pid as i32), signal);
+        }
+    }
+}
+
+async fn supervise_local(ctx: &Context, member: &Member, stop: &CancellationToken) {
+    if let Some(process) = running_worker(ctx, member).await {
+        tracing::info!(worker = %member.url, pid = process.pid, "adopting the worker already running on its port");
         ctx.pool.update(member, |s| {
-            s.pid = Some(pid);
+            s.pid = Some(process.pid);
             s.adopted = true;
         });
-        if let Ended::Stopped = watch_adopted(ctx, member, pid, &mut stop).await {
-            return;
+        match watch_adopted(ctx, member, process, stop).await {
+            Ended::Stopped => return,
+            Ended::Exited(why) => exited(ctx, member, why),
         }
     }
     let mut backoff = BACKOFF_MIN;
     loop {
-        if *stop.borrow() {
+        if stop.is_cancelled() {
             return;
+        }
+        if let Some(holder) = port_held(member) {
+            // Something else holds the port: spawning would only fail again and again. Report
+            // it, and look again later.
+            let why = format!("port {} is held by another process ({holder}); not spawning", member.url.port());
+            if member.status().state != WorkerState::Blocked {
+                tracing::error!(worker = %member.url, error = why, "cannot start the worker");
+            }
+            ctx.pool.set_state(member, WorkerState::Blocked);
+            ctx.pool.update(member, |s| s.last_error = Some(why));
+            tokio::select! {
+                () = tokio::time::sleep(ctx.check_interval()) => continue,
+                () = stop.cancelled() => return,
+            }
         }
         ctx.pool.set_state(member, WorkerState::Starting);
         let started = Instant::now();
@@ -151,45 +240,68 @@ async fn supervise_local(ctx: &Context, member: &Member, mut stop: watch::Receiv
                     s.pid = child.id();
                     s.adopted = false;
                 });
-                watch_child(ctx, member, child, &mut stop).await
+                watch_child(ctx, member, child, stop).await
             }
             Err(e) => Ended::Exited(format!("cannot spawn {}: {e}", ctx.worker_bin.display())),
         };
         let Ended::Exited(why) = ended else { return };
-        tracing::warn!(worker = %member.url, reason = why, "worker exited; respawning");
-        ctx.pool.set_state(member, WorkerState::Exited);
-        ctx.pool.update(member, |s| {
-            s.restarts += 1;
-            s.pid = None;
-            s.last_error = Some(why);
-        });
+        exited(ctx, member, why);
         backoff = if started.elapsed() >= HEALTHY_RUN { BACKOFF_MIN } else { (backoff * 2).min(BACKOFF_MAX) };
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            () = stopped(&mut stop) => return,
+            () = stop.cancelled() => return,
         }
     }
 }
 
-/// Starts the worker process, its output appended to its log file after a marker line.
+/// Records that a worker's process is gone, about to be respawned.
+fn exited(ctx: &Context, member: &Member, why: String) {
+    tracing::warn!(worker = %member.url, reason = why, "worker exited; respawning");
+    ctx.pool.set_state(member, WorkerState::Exited);
+    ctx.pool.update(member, |s| {
+        s.restarts += 1;
+        s.pid = None;
+        s.adopted = false;
+        s.config_version = None;
+        s.last_error = Some(why);
+    });
+}
+
+/// Whether something holds the member's port on its address, and what, if it is not a worker
+/// (a worker would have been adopted).
+fn port_held(member: &Member) -> Option<String> {
+    let addr = member.url.bind_addr()?;
+    match TcpListener::bind(addr) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Some(e.to_string()),
+        // Anything else (no such address) is for the worker to report when it tries.
+        Err(_) => None,
+    }
+}
+
+/// Starts the worker process with the config in force, its output appended to its log file
+/// after a marker line.
 fn spawn(ctx: &Context, member: &Member) -> std::io::Result<Child> {
-    let config = ctx.config.read().clone();
+    let config = ctx.config();
     fs::create_dir_all(&config.worker_logs)?;
     let path = config.worker_logs.join(format!("{}.log", member.url.port()));
     let mut log = OpenOptions::new().create(true).append(true).open(&path)?;
     writeln!(
         log,
-        "--- {} starting worker {} (coordinator pid {}) ---",
+        "--- {} starting worker {} (coordinator pid {}, config {}) ---",
         humantime::format_rfc3339_seconds(SystemTime::now()),
         member.url,
-        std::process::id()
+        std::process::id(),
+        config.version(),
     )?;
     let mut command = Command::new(&ctx.worker_bin);
     command
         .arg(member.url.port().to_string())
         .arg("--config")
         .arg(&ctx.config_path)
-        .env("COUNTAPP_SHUTDOWN_TOKEN", &ctx.token)
+        // The config in force, which is the last good one while the file is invalid.
+        .env(CONFIG_VAR, config.to_json())
+        .env(TOKEN_VAR, &ctx.token)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -200,15 +312,26 @@ fn spawn(ctx: &Context, member: &Member) -> std::io::Result<Child> {
         command.arg("--host").arg(addr.ip().to_string());
     }
     let child = command.spawn()?;
+    ctx.pool.update(member, |s| s.config_version = Some(config.version()));
     tracing::info!(worker = %member.url, pid = child.id(), log = %path.display(), "spawned");
     Ok(child)
 }
 
+/// How often a worker in `state` is checked.
+fn check_pause(ctx: &Context, state: WorkerState) -> Duration {
+    match state {
+        WorkerState::Ready => ctx.check_interval(),
+        WorkerState::Unhealthy => UNHEALTHY_POLL.min(ctx.check_interval()),
+        _ => STARTING_POLL,
+    }
+}
+
 /// Follows a spawned worker until it exits or is asked to stop.
-async fn watch_child(ctx: &Context, member: &Member, mut child: Child, stop: &mut watch::Receiver<bool>) -> Ended {
+async fn watch_child(ctx: &Context, member: &Member, mut child: Child, stop: &CancellationToken) -> Ended {
     let mut failed_checks = 0;
+    let mut config = ctx.config.subscribe();
     loop {
-        let pause = if member.status().state == WorkerState::Ready { ctx.check_interval() } else { STARTING_POLL };
+        let pause = check_pause(ctx, member.status().state);
         tokio::select! {
             status = child.wait() => {
                 return Ended::Exited(match status {
@@ -216,15 +339,21 @@ async fn watch_child(ctx: &Context, member: &Member, mut child: Child, stop: &mu
                     Err(e) => format!("cannot wait for it: {e}"),
                 });
             }
-            () = stopped(stop) => {
+            () = stop.cancelled() => {
                 stop_gracefully(ctx, member, Some(&mut child)).await;
                 return Ended::Stopped;
             }
+            Ok(()) = config.changed() => push_config(ctx, member).await,
             () = tokio::time::sleep(pause) => {
-                failed_checks = check(ctx, member, failed_checks).await;
+                let checked = check(ctx, member, failed_checks).await;
+                failed_checks = checked.failed;
+                if checked.runs_other_config {
+                    push_config(ctx, member).await;
+                }
                 if failed_checks >= FAILED_CHECKS_BEFORE_KILL {
-                    tracing::warn!(worker = %member.url, "failed {failed_checks} health checks: killing it");
-                    let _ = child.start_kill();
+                    tracing::warn!(worker = %member.url, failed_checks, "failing its health checks: killing it");
+                    let _ = child.kill().await;
+                    return Ended::Exited(format!("killed after {failed_checks} failed health checks"));
                 }
             }
         }
@@ -232,25 +361,33 @@ async fn watch_child(ctx: &Context, member: &Member, mut child: Child, stop: &mu
 }
 
 /// Follows a worker found running at start-up, which is not our child: through health checks
-/// and by asking the kernel whether its pid still exists.
-async fn watch_adopted(ctx: &Context, member: &Member, pid: u32, stop: &mut watch::Receiver<bool>) -> Ended {
+/// and by asking the kernel whether its process still exists. It was started by an earlier
+/// coordinator, with a token this one does not know: if it runs another config, it is stopped
+/// (SIGTERM, a graceful stop) and respawned on the config in force.
+async fn watch_adopted(ctx: &Context, member: &Member, process: Process, stop: &CancellationToken) -> Ended {
     let mut failed_checks = 0;
     let mut next_check = Instant::now();
     loop {
-        if !alive(pid) {
-            return Ended::Exited(format!("adopted worker (pid {pid}) is gone"));
+        if !process.alive() {
+            return Ended::Exited(format!("adopted worker (pid {}) is gone", process.pid));
         }
         if Instant::now() >= next_check {
-            failed_checks = check(ctx, member, failed_checks).await;
-            if failed_checks >= FAILED_CHECKS_BEFORE_KILL {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let checked = check(ctx, member, failed_checks).await;
+            failed_checks = checked.failed;
+            if checked.runs_other_config {
+                tracing::info!(worker = %member.url, "the adopted worker runs another config: restarting it");
+                stop_gracefully(ctx, member, None).await;
+                return Ended::Exited("restarted to run the config in force".to_owned());
             }
-            next_check = Instant::now() + ctx.check_interval();
+            if failed_checks >= FAILED_CHECKS_BEFORE_KILL {
+                process.signal(Signal::SIGKILL);
+            }
+            next_check = Instant::now() + check_pause(ctx, member.status().state);
         }
         tokio::select! {
             // Without a child handle, a short poll of the pid stands in for the exit notice.
             () = tokio::time::sleep(STARTING_POLL) => {}
-            () = stopped(stop) => {
+            () = stop.cancelled() => {
                 stop_gracefully(ctx, member, None).await;
                 return Ended::Stopped;
             }
@@ -258,40 +395,84 @@ async fn watch_adopted(ctx: &Context, member: &Member, pid: u32, stop: &mut watc
     }
 }
 
+/// What a health check found.
+struct Checked {
+    /// Checks failed in a row, this one included.
+    failed: u32,
+    /// The worker answered ready, but runs a config other than the one in force.
+    runs_other_config: bool,
+}
+
 /// One health check: a ready worker stays ready, a failing one is taken out of routing.
-/// Returns the number of checks failed in a row.
-async fn check(ctx: &Context, member: &Member, failed_before: u32) -> u32 {
+async fn check(ctx: &Context, member: &Member, failed_before: u32) -> Checked {
     let reply = ctx.http.get(format!("{}/ready", member.url)).timeout(CHECK_TIMEOUT).send().await;
+    let state = member.status().state;
     match reply {
         Ok(reply) if reply.status().is_success() => {
+            let body: serde_json::Value = reply.json().await.unwrap_or_default();
+            let version = body.get("config_version").and_then(|v| v.as_str()).map(str::to_owned);
+            let runs_other_config = version.as_deref().is_some_and(|v| v != ctx.config().version());
+            ctx.pool.update(member, |s| s.config_version = version);
             ctx.pool.set_state(member, WorkerState::Ready);
-            0
+            Checked { failed: 0, runs_other_config }
         }
         // Not ready yet, or not answering: either way, not routed to.
         Ok(reply) => {
-            let state = member.status().state;
             if state == WorkerState::Ready {
                 ctx.pool.suspect(member, format!("/ready answered {}", reply.status()));
             }
-            if state == WorkerState::Starting { failed_before } else { failed_before + 1 }
+            let failed = if state == WorkerState::Starting { failed_before } else { failed_before + 1 };
+            Checked { failed, runs_other_config: false }
         }
         Err(e) => {
-            let state = member.status().state;
-            if state == WorkerState::Ready || state == WorkerState::Unhealthy {
+            let failed = if state == WorkerState::Ready || state == WorkerState::Unhealthy {
                 ctx.pool.suspect(member, format!("health check failed: {e}"));
                 failed_before + 1
             } else {
                 failed_before
-            }
+            };
+            Checked { failed, runs_other_config: false }
         }
     }
 }
 
+/// Hands the config in force to a spawned worker. A failure is logged and left to the next
+/// health check, which pushes again while the worker runs another version.
+async fn push_config(ctx: &Context, member: &Member) {
+    let config = ctx.config();
+    let version = config.version();
+    if member.status().config_version.as_deref() == Some(version.as_str()) {
+        return;
+    }
+    let reply = ctx
+        .http
+        .put(format!("{}/config", member.url))
+        .bearer_auth(&ctx.token)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(config.to_json())
+        .timeout(CHECK_TIMEOUT)
+        .send()
+        .await;
+    match reply {
+        Ok(reply) if reply.status().is_success() => {
+            tracing::info!(worker = %member.url, version, "config applied");
+            ctx.pool.update(member, |s| s.config_version = Some(version));
+        }
+        Ok(reply) => {
+            let why =
+                format!("config {version} refused: {} {}", reply.status(), reply.text().await.unwrap_or_default());
+            tracing::error!(worker = %member.url, error = why, "config not applied");
+            ctx.pool.update(member, |s| s.last_error = Some(why));
+        }
+        Err(e) => tracing::warn!(worker = %member.url, version, error = %e, "cannot push the config; retrying"),
+    }
+}
+
 /// Asks the worker to stop (its token on `POST /shutdown` for our child, SIGTERM for an adopted
-/// one), waits for it to flush and exit, and kills it if it takes too long.
+/// one), waits for it to drain, flush and exit, and kills it if it takes longer than a worker's
+/// own stop ever should.
 async fn stop_gracefully(ctx: &Context, member: &Member, child: Option<&mut Child>) {
     ctx.pool.set_state(member, WorkerState::Stopping);
-    let pid = member.status().pid;
     let started = Instant::now();
     match child {
         Some(child) => {
@@ -309,67 +490,50 @@ async fn stop_gracefully(ctx: &Context, member: &Member, child: Option<&mut Chil
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
                 }
             }
-            match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
+            match tokio::time::timeout(WORKER_STOP_TIMEOUT, child.wait()).await {
                 Ok(Ok(status)) => {
                     tracing::info!(worker = %member.url, %status, ms = started.elapsed().as_millis() as u64, "stopped")
                 }
                 Ok(Err(e)) => tracing::error!(worker = %member.url, error = %e, "cannot wait for the worker"),
                 Err(_) => {
-                    tracing::error!(worker = %member.url, "did not stop in {STOP_TIMEOUT:?}: killing it");
+                    tracing::error!(worker = %member.url, timeout = ?WORKER_STOP_TIMEOUT, "did not stop in time: killing it");
                     let _ = child.kill().await;
                 }
             }
         }
         None => {
-            let Some(pid) = pid else { return };
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-            while alive(pid) && started.elapsed() < STOP_TIMEOUT {
+            let Some(process) = member.status().pid.and_then(Process::find) else { return };
+            process.signal(Signal::SIGTERM);
+            while process.alive() && started.elapsed() < WORKER_STOP_TIMEOUT {
                 tokio::time::sleep(STARTING_POLL).await;
             }
-            if alive(pid) {
-                tracing::error!(worker = %member.url, pid, "did not stop in {STOP_TIMEOUT:?}: killing it");
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            if process.alive() {
+                tracing::error!(worker = %member.url, pid = process.pid, "did not stop in time: killing it");
+                process.signal(Signal::SIGKILL);
             } else {
-                tracing::info!(worker = %member.url, pid, "stopped");
+                tracing::info!(worker = %member.url, pid = process.pid, "stopped");
             }
         }
     }
 }
 
-/// The pid of a worker already answering on the member's port, from its `/stats`.
-async fn running_pid(ctx: &Context, member: &Member) -> Option<u32> {
+/// The worker already answering on the member's port, from the pid in its `/stats`.
+async fn running_worker(ctx: &Context, member: &Member) -> Option<Process> {
     let reply = ctx.http.get(format!("{}/stats", member.url)).timeout(CHECK_TIMEOUT).send().await.ok()?;
     let stats: serde_json::Value = reply.json().await.ok()?;
     let pid = u32::try_from(stats.get("pid")?.as_u64()?).ok()?;
-    alive(pid).then_some(pid)
+    Process::find(pid)
 }
 
-/// Whether a process with this pid runs. An adopted worker is not our child: once it exits it
-/// stays a zombie until its new parent reaps it, which is not running.
-fn alive(pid: u32) -> bool {
-    if kill(Pid::from_raw(pid as i32), None).is_err() {
-        return false;
-    }
-    // The state is the field after the parenthesised command name in /proc/<pid>/stat.
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-    !matches!(state, Some("Z" | "X"))
-}
-
-/// Health-checks a worker run by someone else; it is never spawned or stopped.
-async fn supervise_remote(ctx: &Context, member: &Member, mut stop: watch::Receiver<bool>) {
+/// Health-checks a worker run by someone else; it is never spawned, stopped or handed a config
+/// (it follows its own file), and the version it runs is shown in `/stats`.
+async fn supervise_remote(ctx: &Context, member: &Member, stop: &CancellationToken) {
     loop {
         check(ctx, member, 0).await;
         let pause = if member.status().state == WorkerState::Ready { ctx.check_interval() } else { STARTING_POLL * 10 };
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
-            () = stopped(&mut stop) => return,
+            () = stop.cancelled() => return,
         }
     }
-}
-
-/// Resolves once the task is asked to stop.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // A dropped sender also means stop: the supervisor is gone.
-    let _ = stop.wait_for(|s| *s).await;
 }

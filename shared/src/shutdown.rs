@@ -1,40 +1,18 @@
-//! The one signal that stops a worker: `POST /shutdown`, SIGTERM and SIGINT all trigger it, and
-//! every task that must stop watches it.
+//! Stopping gracefully: the signals that ask for it, and the time limits of a worker's stop.
+//!
+//! Within a process, the one signal every task watches is a tokio-util `CancellationToken`.
 
-use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::watch;
+/// How long a stopping worker lets the requests in flight finish.
+pub const WORKER_DRAIN: Duration = Duration::from_secs(10);
+/// How long a stopping worker then waits for the other workers to merge its last log file.
+pub const WORKER_MERGE_WAIT: Duration = Duration::from_secs(5);
+/// How long a coordinator waits for a worker it asked to stop before it kills it: longer than
+/// everything a worker's stop may take, so that a worker that is only slow is never killed.
+pub const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(25);
 
-/// A shutdown signal shared by every task of the worker; cheap to clone.
-#[derive(Clone, Debug)]
-pub struct Shutdown {
-    tx: Arc<watch::Sender<bool>>,
-}
-
-impl Default for Shutdown {
-    fn default() -> Self {
-        Shutdown { tx: Arc::new(watch::Sender::new(false)) }
-    }
-}
-
-impl Shutdown {
-    /// Asks every watcher to stop; later calls do nothing more.
-    pub fn trigger(&self) {
-        self.tx.send_replace(true);
-    }
-
-    /// Whether shutdown has been asked for.
-    pub fn is_triggered(&self) -> bool {
-        *self.tx.borrow()
-    }
-
-    /// Resolves once shutdown has been asked for (at once if it already was).
-    pub async fn wait(&self) {
-        let mut rx = self.tx.subscribe();
-        // The sender lives in `self`, so the channel cannot close while this waits.
-        let _ = rx.wait_for(|stop| *stop).await;
-    }
-}
+const _: () = assert!(WORKER_DRAIN.as_secs() + WORKER_MERGE_WAIT.as_secs() + 5 <= WORKER_STOP_TIMEOUT.as_secs());
 
 /// Resolves on SIGTERM or SIGINT. Both ask for the graceful stop: an operator's Ctrl-C should
 /// never cost the flush.

@@ -1,5 +1,9 @@
 //! The `worker` binary: `worker <port> [--config PATH] [--host IP]`, normally started by the
 //! coordinator. It reads the config, then hands over to [`countapp_worker::startup`].
+//!
+//! A coordinator hands its worker the config in force (in the environment), so that a worker
+//! respawned while the file is being edited starts on the last good config; a worker run by
+//! hand reads and then follows the file.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -7,11 +11,14 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use countapp_shared::config::Config;
+use countapp_worker::live_config::ConfigSource;
 use countapp_worker::startup::{Worker, WorkerSettings};
 
 /// The environment variable through which the coordinator hands a worker its shutdown token;
 /// unlike an argument, it is not visible to other users in the process list.
 const TOKEN_VAR: &str = "COUNTAPP_SHUTDOWN_TOKEN";
+/// The environment variable through which the coordinator hands a worker its config, as JSON.
+const CONFIG_VAR: &str = "COUNTAPP_CONFIG";
 
 /// A CountApp worker: durable ingest and shared counts over HTTP.
 #[derive(Debug, Parser)]
@@ -35,7 +42,16 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     countapp::init_logging();
     let cli = Cli::parse();
-    let config = Config::load(&cli.config).with_context(|| format!("loading {}", cli.config.display()))?;
+    let (config, config_source) = match std::env::var(CONFIG_VAR) {
+        Ok(json) => (
+            Config::from_json(&json).context("reading the config the coordinator handed over")?,
+            ConfigSource::Coordinator,
+        ),
+        Err(_) => {
+            let config = Config::load(&cli.config).with_context(|| format!("loading {}", cli.config.display()))?;
+            (config, ConfigSource::File(cli.config.clone()))
+        }
+    };
     let host = cli.host.unwrap_or_else(|| {
         config
             .workers
@@ -45,8 +61,13 @@ async fn main() -> anyhow::Result<()> {
             .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |addr| addr.ip())
     });
     let token = std::env::var(TOKEN_VAR).ok();
-    let mut settings = WorkerSettings::from_config(&config, SocketAddr::new(host, cli.port), token);
-    settings.http_threads = cli.threads.max(1);
+    let settings = WorkerSettings {
+        listen: SocketAddr::new(host, cli.port),
+        config,
+        config_source,
+        shutdown_token: token,
+        http_threads: cli.threads.max(1),
+    };
     let worker = Worker::build(settings).context("starting the worker")?;
     worker.run_until_stopped().await.context("running the worker")
 }

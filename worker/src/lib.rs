@@ -5,9 +5,11 @@
 //! - [`store`]: the durable heart, the logs and the tenant files.
 //! - [`startup`]: wires the store, the HTTP server, the merger and the shutdown signal; the
 //!   `worker` binary and the tests start workers through it.
+//! - `live_config`: the config in force, and how edits reach a running worker.
 //! - `merger`: the background thread that closes the log and merges; `routes`: the HTTP API;
 //!   `state`: what its handlers share; `metrics`: Prometheus counters.
 
+pub mod live_config;
 mod merger;
 mod metrics;
 mod routes;

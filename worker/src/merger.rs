@@ -7,13 +7,14 @@
 //! [`POLL`] for log files that other workers closed, and for workers that came or went
 //! ([`Store::merge`], which costs one listing when nothing changed), so that a dead worker's
 //! files are merged at once too. An item is counted about `worker_persist` after its
-//! acknowledgement, at most.
+//! acknowledgement, at most. An edit of `worker_persist` takes effect at the next look.
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::live_config::LiveConfig;
 use crate::metrics::Metrics;
 use crate::store::{FlushReport, Store};
 
@@ -33,8 +34,8 @@ pub(crate) struct Merger {
 }
 
 impl Merger {
-    /// Starts merging `store` with a flush every `every`.
-    pub(crate) fn start(store: Arc<Store>, every: Duration, metrics: Arc<Metrics>) -> std::io::Result<Merger> {
+    /// Starts merging `store`, closing its log every `worker_persist` of `config`.
+    pub(crate) fn start(store: Arc<Store>, config: Arc<LiveConfig>, metrics: Arc<Metrics>) -> std::io::Result<Merger> {
         let (stop, stopped) = mpsc::channel();
         let span = tracing::Span::current();
         let thread = thread::Builder::new().name("merger".into()).spawn(move || {
@@ -43,7 +44,7 @@ impl Merger {
             // value is per thread). Merging is background work that must not delay the
             // requests answered meanwhile; failing to lower the priority is harmless.
             unsafe { libc::nice(5) };
-            run(&store, every, &metrics, &stopped);
+            run(&store, &config, &metrics, &stopped);
         })?;
         Ok(Merger { stop, thread })
     }
@@ -55,7 +56,8 @@ impl Merger {
     }
 }
 
-fn run(store: &Store, every: Duration, metrics: &Metrics, stopped: &mpsc::Receiver<()>) {
+fn run(store: &Store, config: &LiveConfig, metrics: &Metrics, stopped: &mpsc::Receiver<()>) {
+    let mut every = config.get().worker_persist();
     let mut next_close = next_multiple(SystemTime::now(), every);
     let mut next_merge = Instant::now() + POLL;
     let mut backoff = every;
@@ -65,6 +67,11 @@ fn run(store: &Store, every: Duration, metrics: &Metrics, stopped: &mpsc::Receiv
         match stopped.recv_timeout(until_close.min(next_merge.saturating_duration_since(Instant::now()))) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let now_every = config.get().worker_persist();
+        if now_every != every {
+            every = now_every;
+            next_close = next_multiple(SystemTime::now(), every);
         }
         if SystemTime::now() >= next_close {
             if let Err(e) = store.close_log() {

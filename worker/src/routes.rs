@@ -8,11 +8,13 @@ use actix_web::http::header::{AUTHORIZATION, ContentType, HeaderValue, RETRY_AFT
 use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
 use countapp_shared::api::{Accepted, Count};
+use countapp_shared::config::Config;
 use countapp_shared::http::{RequestCounter, count_route, error, no_such_route, read_body, resource};
 use countapp_shared::items::parse_batch;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
 
+use crate::live_config::ApplyError;
 use crate::state::AppState;
 use crate::store::StoreError;
 
@@ -28,6 +30,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     .service(resource("/stats").route(web::get().to(stats)))
     .service(resource("/metrics").route(web::get().to(metrics)))
     .service(resource("/shutdown").route(web::post().to(shutdown)))
+    .service(resource("/config").route(web::put().to(put_config)))
     .default_service(web::to(no_such_route));
 }
 
@@ -49,8 +52,9 @@ fn not_ready() -> HttpResponse {
 /// `POST /items`: validates the whole batch, appends it to the log, and answers once durable.
 async fn post_items(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
     let Some(store) = state.store() else { return not_ready() };
+    let config = state.config.get();
     let pending = store.pending_items();
-    if pending >= state.max_pending_items {
+    if pending >= config.max_pending_items.get() {
         // The tenants' store has not taken this worker's log for a while (Redis down): stop
         // acknowledging before the log fills the disk. The coordinator retries elsewhere.
         let message = format!("{pending} items wait for the tenant store; max_pending_items is reached");
@@ -62,11 +66,11 @@ async fn post_items(req: HttpRequest, payload: web::Payload, state: web::Data<Ap
         // workers) rather than let the counts fall further behind.
         return push_back(format!("merging is {:.1} s behind; retry shortly", lag.as_secs_f64()));
     }
-    let body = match read_body(&req, payload, state.max_body_bytes).await {
+    let body = match read_body(&req, payload, config.max_body_bytes.as_usize()).await {
         Ok(body) => body,
         Err(reply) => return reply,
     };
-    let items = match parse_batch(&body, state.max_key_bytes) {
+    let items = match parse_batch(&body, config.max_key_bytes.as_usize()) {
         Ok(items) => items,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
@@ -100,8 +104,8 @@ async fn get_count(raw: &str, state: &AppState) -> HttpResponse {
             return error(StatusCode::BAD_REQUEST, "the tenant is not valid UTF-8 once percent-decoded");
         }
     };
-    if tenant.len() > state.max_key_bytes {
-        let max = state.max_key_bytes;
+    let max = state.config.get().max_key_bytes.as_usize();
+    if tenant.len() > max {
         return error(StatusCode::BAD_REQUEST, format!("the tenant is longer than max_key_bytes ({max} bytes)"));
     }
     // A JSON store answers from a manifest it holds open, cheaper than a hop to a blocking
@@ -133,7 +137,9 @@ async fn health() -> HttpResponse {
 /// `GET /ready`: the log is recovered and the worker takes ingest.
 async fn ready(state: web::Data<AppState>) -> HttpResponse {
     match state.store() {
-        Some(_) if !state.shutdown.is_triggered() => HttpResponse::Ok().json(json!({ "ready": true })),
+        Some(_) if !state.shutdown.is_cancelled() => {
+            HttpResponse::Ok().json(json!({ "ready": true, "config_version": state.config.version() }))
+        }
         Some(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the worker is shutting down"),
         None => not_ready(),
     }
@@ -157,6 +163,7 @@ async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) 
         "worker": state.worker_id,
         "pid": std::process::id(),
         "ready": store.is_some(),
+        "config_version": state.config.version(),
         "requests": requests.served(),
         "items_accepted": state.metrics.items_accepted(),
         "pending_items": store.as_ref().map_or(0, |s| s.pending_items),
@@ -181,11 +188,36 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 /// `POST /shutdown`: with the coordinator's token (`Authorization: Bearer <token>`), stop taking
 /// requests, finish those in flight, flush and exit 0.
 async fn shutdown(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let presented = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
-    if !presented.is_some_and(|token| state.is_shutdown_token(token)) {
+    if !from_coordinator(&req, &state) {
         return error(StatusCode::FORBIDDEN, "shutdown needs the token this worker was started with");
     }
     tracing::info!("shutdown requested");
-    state.shutdown.trigger();
+    state.shutdown.cancel();
     HttpResponse::Accepted().json(json!({ "status": "shutting down" }))
+}
+
+/// `PUT /config`: with the coordinator's token, puts the config in the body (JSON, as
+/// [`Config::to_json`] writes it) in force. `409` if it changes a key that only a restart can.
+async fn put_config(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    if !from_coordinator(&req, &state) {
+        return error(StatusCode::FORBIDDEN, "a config edit needs the token this worker was started with");
+    }
+    let config = match std::str::from_utf8(&body)
+        .map_err(|e| e.to_string())
+        .and_then(|json| Config::from_json(json).map_err(|e| e.to_string()))
+    {
+        Ok(config) => config,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid config: {e}")),
+    };
+    match state.config.apply(config, state.store().map(|store| &**store)) {
+        Ok(_) => HttpResponse::Ok().json(json!({ "config_version": state.config.version() })),
+        Err(e @ ApplyError::Fixed(_)) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// Whether the request carries the coordinator's token (`Authorization: Bearer <token>`).
+fn from_coordinator(req: &HttpRequest, state: &AppState) -> bool {
+    let presented = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
+    presented.is_some_and(|token| state.is_shutdown_token(token))
 }

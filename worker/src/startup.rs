@@ -2,73 +2,40 @@
 //! periodic flush and the shutdown signal together. The `worker` binary and the tests both use it.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
-use countapp_shared::config::{Config, FsyncPolicy, StoreBackend};
+use countapp_shared::config::{self, Config};
 use countapp_shared::http::count_requests;
 use thiserror::Error;
 use tracing::Instrument;
 
+use crate::live_config::{ApplyError, ConfigSource, LiveConfig};
 use crate::merger::Merger;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::state::AppState;
 use crate::store::{Store, StoreError, StoreOptions};
-use countapp_shared::shutdown::{Shutdown, terminate_signal};
-
-/// How long a graceful stop waits for requests in flight.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a graceful stop waits, after its last flush, for the other workers to merge this
-/// one's log files into the shards they own.
-const MERGE_WAIT: Duration = Duration::from_secs(5);
+use countapp_shared::shutdown::{WORKER_DRAIN, WORKER_MERGE_WAIT, terminate_signal};
+use tokio_util::sync::CancellationToken;
 
 /// Everything a worker needs to run.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     /// Where to listen: the host and port of the worker's URL. Port 0 picks a free port.
     pub listen: SocketAddr,
-    /// The directory of the store, shared with the other workers.
-    pub database: PathBuf,
-    /// How often the worker closes its log file and merges (`worker_persist`).
-    pub flush_interval: Duration,
-    /// When the log is fsynced.
-    pub fsync: FsyncPolicy,
-    /// Largest request body accepted.
-    pub max_body_bytes: usize,
-    /// Longest id or tenant accepted, in bytes.
-    pub max_key_bytes: usize,
-    /// Where the tenants' id sets live.
-    pub backend: StoreBackend,
-    /// Unflushed items past which ingest answers 503.
-    pub max_pending_items: u64,
-    /// The token `POST /shutdown` must carry, given by the coordinator at spawn.
+    /// The cluster's config at start-up.
+    pub config: Config,
+    /// Where later versions of the config come from.
+    pub config_source: ConfigSource,
+    /// The token `POST /shutdown` and `PUT /config` must carry, given by the coordinator at
+    /// spawn.
     pub shutdown_token: Option<String>,
     /// Threads serving HTTP. One by default: a cluster's parallelism comes from its worker
     /// processes, and on a small machine more threads per worker only add context switches.
     pub http_threads: usize,
-}
-
-impl WorkerSettings {
-    /// The settings of a worker listening on `listen`, from the cluster's config.
-    pub fn from_config(config: &Config, listen: SocketAddr, shutdown_token: Option<String>) -> WorkerSettings {
-        WorkerSettings {
-            listen,
-            database: config.database.to_path_buf(),
-            flush_interval: config.worker_persist(),
-            fsync: config.fsync,
-            max_body_bytes: config.max_body_bytes.as_usize(),
-            max_key_bytes: config.max_key_bytes.as_usize(),
-            backend: config.backend(),
-            max_pending_items: config.max_pending_items.get(),
-            shutdown_token,
-            http_threads: 1,
-        }
-    }
 }
 
 /// Why a worker could not start or stopped badly.
@@ -109,10 +76,8 @@ impl Worker {
         let metrics = Arc::new(metrics);
         let state = web::Data::new(AppState::new(
             worker_id(addr),
-            settings.max_body_bytes,
-            settings.max_key_bytes,
-            settings.max_pending_items,
-            Shutdown::default(),
+            Arc::new(LiveConfig::new(settings.config.clone())),
+            CancellationToken::new(),
             settings.shutdown_token.clone(),
             metrics,
         ));
@@ -130,7 +95,7 @@ impl Worker {
         // Signals are ours to handle: both SIGTERM and SIGINT mean a graceful stop with a flush.
         .workers(settings.http_threads)
         .disable_signals()
-        .shutdown_timeout(DRAIN_TIMEOUT.as_secs())
+        .shutdown_timeout(WORKER_DRAIN.as_secs())
         .run();
         Ok(Worker { server, addr, state, settings })
     }
@@ -145,8 +110,8 @@ impl Worker {
         async move {
             let handle = server.handle();
             let serving = tokio::spawn(server);
-            tracing::info!(%addr, database = %settings.database.display(), "listening; opening the store");
-            let store = match open_store(&settings, &state.worker_id).await {
+            tracing::info!(%addr, database = %settings.config.database.display(), "listening; opening the store");
+            let store = match open_store(&state.config.get(), &state.worker_id).await {
                 Ok(store) => store,
                 Err(e) => {
                     handle.stop(false).await;
@@ -154,23 +119,32 @@ impl Worker {
                 }
             };
             state.set_store(store.clone());
-            let merger = Merger::start(store.clone(), settings.flush_interval, state.metrics.clone())
+            // An edit applied while the store was opening found no store to set.
+            store.set_fsync(state.config.get().fsync);
+            let following = match &settings.config_source {
+                ConfigSource::File(path) => Some(follow_file(path, state.clone().into_inner())),
+                ConfigSource::Coordinator => None,
+            };
+            let merger = Merger::start(store.clone(), state.config.clone(), state.metrics.clone())
                 .map_err(|e| WorkerError::Runtime(format!("cannot start the merger: {e}")))?;
             tracing::info!(shards = store.shards(), "ready");
 
             let shutdown = state.shutdown.clone();
             tokio::select! {
-                () = shutdown.wait() => {}
+                () = shutdown.cancelled() => {}
                 signal = terminate_signal() => {
                     signal.map_err(|e| WorkerError::Runtime(format!("cannot watch signals: {e}")))?;
                     tracing::info!("termination signal");
                 }
             }
-            shutdown.trigger();
+            shutdown.cancel();
+            if let Some(following) = following {
+                following.abort();
+            }
             stop(handle, serving).await;
             let report = tokio::task::spawn_blocking(move || {
                 merger.stop();
-                store.drain(MERGE_WAIT)
+                store.drain(WORKER_MERGE_WAIT)
             })
             .await
             .map_err(|e| WorkerError::Runtime(format!("the final flush panicked: {e}")))??;
@@ -188,9 +162,9 @@ fn worker_id(addr: SocketAddr) -> String {
     format!("{}-{}", addr.ip(), addr.port()).replace(':', "_")
 }
 
-async fn open_store(settings: &WorkerSettings, worker_id: &str) -> Result<Arc<Store>, WorkerError> {
-    let (database, id) = (settings.database.clone(), worker_id.to_owned());
-    let options = StoreOptions { fsync: settings.fsync, backend: settings.backend.clone(), ..StoreOptions::default() };
+async fn open_store(config: &Config, worker_id: &str) -> Result<Arc<Store>, WorkerError> {
+    let (database, id) = (config.database.to_path_buf(), worker_id.to_owned());
+    let options = StoreOptions { fsync: config.fsync, backend: config.backend(), ..StoreOptions::default() };
     let store = tokio::task::spawn_blocking(move || Store::open(&database, &id, options))
         .await
         .map_err(|e| WorkerError::Runtime(format!("opening the store panicked: {e}")))??;
@@ -205,4 +179,27 @@ async fn stop(handle: ServerHandle, serving: tokio::task::JoinHandle<std::io::Re
         Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server failed"),
         Err(e) => tracing::error!(error = %e, "the HTTP server task panicked"),
     }
+}
+
+/// Follows the config file at `path` for a worker run by hand: every valid edit is applied, an
+/// invalid one or one of a fixed key is logged and the config in force kept. Aborting the
+/// returned task stops following.
+fn follow_file(path: &std::path::Path, state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    let config = state.config.get();
+    let (check_every, every) = tokio::sync::watch::channel(config.config_check());
+    let mut watch = config::watch::watch(path, every);
+    let path = path.to_path_buf();
+    tokio::spawn(async move {
+        while watch.changed().await {
+            let applied = Config::load(&path)
+                .map_err(ApplyError::from)
+                .and_then(|new| state.config.apply(new, state.store().map(|store| &**store)));
+            match applied {
+                Ok(_) => {
+                    check_every.send_replace(state.config.get().config_check());
+                }
+                Err(e) => tracing::error!(path = %path.display(), error = %e, "config edit not applied"),
+            }
+        }
+    })
 }

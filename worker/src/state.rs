@@ -2,9 +2,10 @@
 
 use std::sync::{Arc, OnceLock};
 
+use crate::live_config::LiveConfig;
 use crate::metrics::Metrics;
 use crate::store::Store;
-use countapp_shared::shutdown::Shutdown;
+use tokio_util::sync::CancellationToken;
 
 /// The worker's shared state, behind `web::Data`.
 pub(crate) struct AppState {
@@ -13,12 +14,10 @@ pub(crate) struct AppState {
     /// Set once the store is open and its log recovered: until then the worker is alive but
     /// not ready, and refuses ingest with a 503 that the coordinator retries elsewhere.
     store: OnceLock<Arc<Store>>,
-    pub(crate) max_body_bytes: usize,
-    pub(crate) max_key_bytes: usize,
-    /// Unflushed items past which ingest answers 503.
-    pub(crate) max_pending_items: u64,
+    /// The config in force: the limits each request is held to.
+    pub(crate) config: Arc<LiveConfig>,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) shutdown: Shutdown,
+    pub(crate) shutdown: CancellationToken,
     /// The token `POST /shutdown` must carry; without one, only a signal stops the worker.
     shutdown_token: Option<String>,
 }
@@ -26,23 +25,12 @@ pub(crate) struct AppState {
 impl AppState {
     pub(crate) fn new(
         worker_id: String,
-        max_body_bytes: usize,
-        max_key_bytes: usize,
-        max_pending_items: u64,
-        shutdown: Shutdown,
+        config: Arc<LiveConfig>,
+        shutdown: CancellationToken,
         shutdown_token: Option<String>,
         metrics: Arc<Metrics>,
     ) -> AppState {
-        AppState {
-            worker_id,
-            store: OnceLock::new(),
-            max_body_bytes,
-            max_key_bytes,
-            max_pending_items,
-            metrics,
-            shutdown,
-            shutdown_token,
-        }
+        AppState { worker_id, store: OnceLock::new(), config, metrics, shutdown, shutdown_token }
     }
 
     /// The store, once recovered.

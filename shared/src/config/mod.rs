@@ -8,6 +8,7 @@
 //! half-applied file never exists.
 
 mod values;
+pub mod watch;
 mod worker_url;
 
 use std::collections::HashMap;

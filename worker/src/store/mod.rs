@@ -284,6 +284,15 @@ impl Store {
         self.round(&mut rounds, true)
     }
 
+    /// Changes when appends are fsynced, and whether merges are made durable, from now on: an
+    /// edit of `fsync` in a running cluster.
+    pub fn set_fsync(&self, policy: FsyncPolicy) {
+        self.writer.set_policy(policy);
+        if let Engine::Json(shards) = &self.engine {
+            shards.set_sync(policy != FsyncPolicy::Never);
+        }
+    }
+
     /// Closes the active log file, if it holds anything: every item acknowledged so far is then
     /// in a closed file, for the owners of its shards to merge.
     pub fn close_log(&self) -> Result<(), StoreError> {

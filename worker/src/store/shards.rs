@@ -30,6 +30,7 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use hashbrown::{HashMap, HashSet};
@@ -170,7 +171,7 @@ pub(crate) struct Shards {
     /// This run of this worker, as shard records name it.
     writer: String,
     /// Whether merges are made durable before log files are deleted (not under `fsync: never`).
-    sync: bool,
+    sync: AtomicBool,
     state: Mutex<MergeState>,
     /// When the oldest log file that holds runs this worker has yet to merge was last written,
     /// if there is one: how far behind this worker's merging is.
@@ -189,11 +190,16 @@ impl Shards {
             shards,
             worker: worker.to_owned(),
             writer,
-            sync,
+            sync: AtomicBool::new(sync),
             state: Mutex::new(MergeState::default()),
             behind_since: Mutex::new(None),
             counts: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether merges from now on are made durable before log files are deleted.
+    pub(crate) fn set_sync(&self, sync: bool) {
+        self.sync.store(sync, Ordering::Relaxed);
     }
 
     /// The highest sequence number any shard records as merged from `worker`'s log: a worker
@@ -346,7 +352,7 @@ impl Shards {
         owned: &mut HashMap<u16, OwnedShard>,
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
-        let mut commit = Commit::new(self.sync);
+        let mut commit = Commit::new(self.sync.load(Ordering::Relaxed));
         // Lock the shards; one still held by another worker (its previous owner finishing a
         // round) is left for the next round.
         let mut locked: BTreeMap<u16, ShardRecord> = BTreeMap::new();

@@ -8,12 +8,17 @@
 //! Under `always` every acknowledgement waits for an fsync, and group commit lets concurrent
 //! appenders share it: a committer thread takes every record that queued up while it was busy,
 //! writes them with one `write`, fsyncs once, and only then answers them all.
+//!
+//! The policy can change while the writer runs (an edit of `fsync` in the config): both threads
+//! always run, and each append looks at the policy in force. Records already queued for the
+//! committer are still fsynced, and an fsync covers whatever was written before it, so no
+//! switch weakens what an earlier acknowledgement promised.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -57,10 +62,30 @@ pub(crate) struct Writer {
     syncer: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
+/// An [`FsyncPolicy`] that can be read and changed from any thread.
+struct Policy(AtomicU8);
+
+impl Policy {
+    const ORDER: [FsyncPolicy; 3] = [FsyncPolicy::Always, FsyncPolicy::EverySec, FsyncPolicy::Never];
+
+    fn new(policy: FsyncPolicy) -> Policy {
+        let policy_index = Policy::ORDER.iter().position(|p| *p == policy).expect("every policy is listed");
+        Policy(AtomicU8::new(policy_index as u8))
+    }
+
+    fn get(&self) -> FsyncPolicy {
+        Policy::ORDER[usize::from(self.0.load(Ordering::Acquire))]
+    }
+
+    fn set(&self, policy: FsyncPolicy) {
+        self.0.store(Policy::new(policy).0.into_inner(), Ordering::Release);
+    }
+}
+
 /// What the appenders, the committer and the syncer share.
 struct Log {
     dir: PathBuf,
-    policy: FsyncPolicy,
+    policy: Policy,
     active: Mutex<Active>,
     /// Set when bytes were written that the syncer has not fsynced yet.
     dirty: AtomicBool,
@@ -87,45 +112,44 @@ impl Writer {
         let active = Active::create(&dir, seq)?;
         let log = Arc::new(Log {
             dir,
-            policy,
+            policy: Policy::new(policy),
             active: Mutex::new(active),
             dirty: AtomicBool::new(false),
             stats: WriterStats::default(),
         });
-        let committer = match policy {
-            FsyncPolicy::Always => {
-                let (tx, rx) = mpsc::channel();
-                let log = log.clone();
-                Some((tx, thread::Builder::new().name("wal-committer".into()).spawn(move || commit_groups(&log, rx))?))
-            }
-            FsyncPolicy::EverySec | FsyncPolicy::Never => None,
+        let committer = {
+            let (tx, rx) = mpsc::channel();
+            let log = log.clone();
+            Some((tx, thread::Builder::new().name("wal-committer".into()).spawn(move || commit_groups(&log, rx))?))
         };
-        let syncer = match policy {
-            FsyncPolicy::EverySec => {
-                let (stop, ticks) = mpsc::channel();
-                let log = log.clone();
-                Some((
-                    stop,
-                    thread::Builder::new().name("wal-syncer".into()).spawn(move || sync_every_second(&log, ticks))?,
-                ))
-            }
-            FsyncPolicy::Always | FsyncPolicy::Never => None,
+        let syncer = {
+            let (stop, ticks) = mpsc::channel();
+            let log = log.clone();
+            Some((
+                stop,
+                thread::Builder::new().name("wal-syncer".into()).spawn(move || sync_every_second(&log, ticks))?,
+            ))
         };
         Ok(Writer { log, rotating: Mutex::new(()), committer, syncer })
+    }
+
+    /// Changes when appends are fsynced, from the next append on.
+    pub(crate) fn set_policy(&self, policy: FsyncPolicy) {
+        self.log.policy.set(policy);
     }
 
     /// Appends `record`, holding `items` items: written at once under `everysec` and `never`,
     /// queued for the next group fsync under `always`.
     pub(crate) fn append(&self, record: Vec<u8>, items: u64) -> Ticket {
         match &self.committer {
-            Some((tx, _)) => {
+            Some((tx, _)) if self.log.policy.get() == FsyncPolicy::Always => {
                 let (done, answer) = oneshot::channel();
                 // The committer only stops when the writer is dropped; should it have died,
                 // the dropped `done` answers `StoreError::Closed`.
                 let _ = tx.send(Pending { record, items, done });
                 Ticket::Waiting(answer)
             }
-            None => Ticket::Done(self.log.write(&record, items)),
+            _ => Ticket::Done(self.log.write(&record, items, false)),
         }
     }
 
@@ -147,7 +171,7 @@ impl Writer {
         // The new file is made outside the lock, so appends go on meanwhile.
         let next = Active::create(&self.log.dir, seq + 1).map_err(|e| StoreError::io("creating a log file", e))?;
         let old = std::mem::replace(&mut *self.log.active.lock(), next);
-        if self.log.policy != FsyncPolicy::Never {
+        if self.log.policy.get() != FsyncPolicy::Never {
             old.file.sync_data().map_err(|e| StoreError::io("syncing a closed log file", e))?;
         }
         // Renamed only once complete and synced: readers take a `.log` file as final.
@@ -178,19 +202,19 @@ impl Drop for Writer {
             let _ = thread.join();
         }
         let active = self.log.active.lock();
-        if self.log.policy != FsyncPolicy::Never && active.poisoned.is_none() {
+        if self.log.policy.get() != FsyncPolicy::Never && active.poisoned.is_none() {
             let _ = active.file.sync_data();
         }
     }
 }
 
 impl Log {
-    /// Writes `bytes` (whole records, `items` items) to the active file, fsyncing under
-    /// `always`.
-    fn write(&self, bytes: &[u8], items: u64) -> Result<(), StoreError> {
-        self.active.lock().write(bytes, items, self.policy == FsyncPolicy::Always).map_err(StoreError::Log)?;
+    /// Writes `bytes` (whole records, `items` items) to the active file, and fsyncs it if
+    /// `sync` (the committer's group); otherwise the file is left for the syncer.
+    fn write(&self, bytes: &[u8], items: u64, sync: bool) -> Result<(), StoreError> {
+        self.active.lock().write(bytes, items, sync).map_err(StoreError::Log)?;
         self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        if self.policy == FsyncPolicy::EverySec {
+        if !sync {
             self.dirty.store(true, Ordering::Release);
         }
         Ok(())
@@ -243,7 +267,7 @@ fn commit_groups(log: &Log, rx: mpsc::Receiver<Pending>) {
                 next = rx.try_recv().ok();
             }
         }
-        let result = log.write(&group, items).map_err(|e| e.to_string());
+        let result = log.write(&group, items, true).map_err(|e| e.to_string());
         for done in waiters.drain(..) {
             let _ = done.send(result.clone().map_err(StoreError::Log));
         }
@@ -252,13 +276,14 @@ fn commit_groups(log: &Log, rx: mpsc::Receiver<Pending>) {
 }
 
 /// The `everysec` syncer: fsyncs the active file once a second when anything was written since.
+/// Under another policy it only keeps watch, for a switch to `everysec`.
 fn sync_every_second(log: &Log, stop: mpsc::Receiver<()>) {
     loop {
         match stop.recv_timeout(Duration::from_secs(1)) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
-        if log.dirty.swap(false, Ordering::AcqRel) {
+        if log.policy.get() == FsyncPolicy::EverySec && log.dirty.swap(false, Ordering::AcqRel) {
             let file = log.active.lock().file.clone();
             if let Err(e) = file.sync_data() {
                 tracing::error!(error = %e, "fsync of the write-ahead log failed");

@@ -12,10 +12,28 @@ use std::time::Duration;
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
+/// How long a noticed change is left to settle before it is reported: editors write a file in
+/// several steps.
+const SETTLE: Duration = Duration::from_millis(100);
+
 /// A running watch; dropping it stops both the watcher and the poller.
 pub struct ConfigWatch {
     _watcher: Option<RecommendedWatcher>,
     poller: tokio::task::JoinHandle<()>,
+    changes: mpsc::Receiver<()>,
+}
+
+impl ConfigWatch {
+    /// Resolves once the file may have changed and the change has settled; `false` if the
+    /// watch has ended.
+    pub async fn changed(&mut self) -> bool {
+        if self.changes.recv().await.is_none() {
+            return false;
+        }
+        tokio::time::sleep(SETTLE).await;
+        while self.changes.try_recv().is_ok() {}
+        true
+    }
 }
 
 impl Drop for ConfigWatch {
@@ -24,10 +42,10 @@ impl Drop for ConfigWatch {
     }
 }
 
-/// Watches `path`; every possible change sends `()` on the returned channel (changes close
-/// together coalesce into one). `every` is the polling period, and follows the config's
-/// `config_check` as it changes.
-pub fn watch(path: &Path, every: watch::Receiver<Duration>) -> (ConfigWatch, mpsc::Receiver<()>) {
+/// Watches `path`, which [`ConfigWatch::changed`] then reports (changes close together
+/// coalesce into one). `every` is the polling period, and follows the config's `config_check`
+/// as it changes.
+pub fn watch(path: &Path, every: watch::Receiver<Duration>) -> ConfigWatch {
     // One slot: a pending hint already means "look again", so more add nothing.
     let (tx, rx) = mpsc::channel(1);
     let watcher = match file_watcher(path, tx.clone()) {
@@ -38,7 +56,7 @@ pub fn watch(path: &Path, every: watch::Receiver<Duration>) -> (ConfigWatch, mps
         }
     };
     let poller = tokio::spawn(poll(path.to_path_buf(), every, tx));
-    (ConfigWatch { _watcher: watcher, poller }, rx)
+    ConfigWatch { _watcher: watcher, poller, changes: rx }
 }
 
 fn file_watcher(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<RecommendedWatcher> {
