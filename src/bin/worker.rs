@@ -26,7 +26,8 @@ const CONFIG_VAR: &str = "COUNTAPP_CONFIG";
 struct Cli {
     /// The port to listen on.
     port: u16,
-    /// The cluster's config file.
+    /// The cluster's config file, read and then followed when the worker is run by hand (a
+    /// coordinator hands its workers the config in force instead).
     #[arg(long, default_value = "config.yaml")]
     config: PathBuf,
     /// The address to bind. Defaults to the host of this port's URL in the config, else

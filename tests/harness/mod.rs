@@ -491,5 +491,10 @@ impl Proc {
 
 /// Kills the process `pid` with SIGKILL.
 pub fn sigkill(pid: u32) {
-    assert!(Command::new("kill").arg("-KILL").arg(pid.to_string()).status().unwrap().success());
+    signal(pid, "KILL");
+}
+
+/// Sends the process `pid` the signal named `signal` (`STOP`, `CONT`, ...).
+pub fn signal(pid: u32, signal: &str) {
+    assert!(Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap().success());
 }
