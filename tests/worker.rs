@@ -228,6 +228,41 @@ fn sigkill_under_load_then_restart_counts_every_acknowledged_item() {
     check_cut_off_load(&tally, &client(), &worker.url(), &tenants);
 }
 
+/// One flipped byte in the first record of a killed worker's log: the intact second batch is
+/// still counted at restart, the damage is counted in `/metrics` as damage (not as a torn
+/// tail), and the file is kept aside for the operator.
+#[test]
+fn damage_in_the_middle_of_a_killed_workers_log_keeps_the_batch_after_it_and_the_file_aside() {
+    let port = free_port();
+    // No flush before the kill: both batches are only in the log.
+    let cluster = Cluster::new(&[port], "worker_persist: 60\n");
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    let client = client();
+    post_ok(&client, &worker.url(), batch(&[("flip", "a1"), ("flip", "a2")]), 2);
+    post_ok(&client, &worker.url(), batch(&[("flip", "b1"), ("flip", "b2"), ("flip", "b3")]), 3);
+    worker.kill();
+
+    let wal = cluster.wal_files();
+    let (log, _) = wal.iter().find(|(_, len)| *len > 0).expect("the killed worker's log");
+    let mut bytes = fs::read(log).unwrap();
+    // Past the first record's magic and length: inside its checksummed body.
+    bytes[12] ^= 0xff;
+    fs::write(log, bytes).unwrap();
+
+    cluster.write_config(&[port], QUICK_FLUSH);
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    assert_count_settles(&client, &worker.url(), "flip", 3);
+    let metrics = client.get(format!("{}/metrics", worker.url())).send().unwrap().text().unwrap();
+    let damaged = metric(&metrics, "countapp_worker_damaged_log_bytes_total", &[]).unwrap();
+    let torn = metric(&metrics, "countapp_worker_torn_log_tail_bytes_total", &[]).unwrap();
+    assert!(damaged > 0.0 && torn == 0.0, "damaged {damaged}, torn {torn}:\n{metrics}");
+    let aside: Vec<_> = fs::read_dir(cluster.database().join("damaged")).unwrap().collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert!(worker.log().contains("damaged log records skipped"), "{}", worker.log());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Two workers, one database
 // ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ pub(crate) struct Metrics {
     merged_items: Counter,
     new_ids: Counter,
     damaged_log_bytes: Counter,
+    torn_log_tail_bytes: Counter,
     pending_items: Gauge,
     ids_in_memory: Gauge,
     log_bytes: Counter,
@@ -42,8 +43,14 @@ impl Metrics {
         let damaged_log_bytes = Counter::default();
         registry.register(
             "damaged_log_bytes",
-            "Bytes of torn or damaged log records skipped by merges",
+            "Bytes of damaged records skipped in the middle of log files, each such file kept aside under damaged/",
             damaged_log_bytes.clone(),
+        );
+        let torn_log_tail_bytes = Counter::default();
+        registry.register(
+            "torn_log_tail_bytes",
+            "Bytes of torn log tails dropped: crashes mid-append, never acknowledged",
+            torn_log_tail_bytes.clone(),
         );
         let pending_items = Gauge::default();
         registry.register(
@@ -67,6 +74,7 @@ impl Metrics {
             merged_items,
             new_ids,
             damaged_log_bytes,
+            torn_log_tail_bytes,
             pending_items,
             ids_in_memory,
             log_bytes,
@@ -85,7 +93,8 @@ impl Metrics {
         self.merge_seconds.observe(seconds);
         self.merged_items.inc_by(report.items);
         self.new_ids.inc_by(report.new_ids);
-        self.damaged_log_bytes.inc_by(report.dropped_bytes);
+        self.damaged_log_bytes.inc_by(report.damaged_bytes);
+        self.torn_log_tail_bytes.inc_by(report.torn_tail_bytes);
     }
 
     /// Items acknowledged so far.

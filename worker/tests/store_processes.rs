@@ -675,7 +675,9 @@ fn a_torn_log_tail_at_every_byte_offset_keeps_every_earlier_record() {
         // A file that holds no whole record holds nothing acknowledged: its worker deletes it
         // when it starts, and no merge ever reads it.
         let dropped = if whole == 0 { 0 } else { cut - ends[whole as usize] };
-        assert_eq!(report.dropped_bytes, dropped, "{context}: dropped bytes");
+        assert_eq!(report.torn_tail_bytes, dropped, "{context}: torn tail bytes");
+        assert_eq!(report.damaged_bytes, 0, "{context}: a torn tail is no damage");
+        assert!(!cdb.join("damaged").exists(), "{context}: nothing is kept aside for a torn tail");
         assert_eq!(report.items, whole * LEN as u64, "{context}: merged items");
 
         if cut > ends[K as usize - 1] {
@@ -687,6 +689,48 @@ fn a_torn_log_tail_at_every_byte_offset_keeps_every_earlier_record() {
             let expected = per_tenant((0..whole).chain([K]), LEN);
             assert_counts(&store, &expected, &format!("{context}, then one more batch and a crash"));
         }
+    }
+}
+
+/// Damage in the middle of a log is no torn tail: with any one byte of the first record
+/// flipped, every record after it is still counted, the damage is reported as such, and the file
+/// is kept aside under `damaged/`.
+#[test]
+fn a_flipped_byte_anywhere_in_the_first_record_keeps_every_record_after_it_and_the_file_aside() {
+    const K: u64 = 3;
+    const LEN: usize = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let store = Store::open(&db, "flip", options(FsyncPolicy::Never)).unwrap();
+    let logs = log_files(&db.join("wal/flip"));
+    let [log] = &logs[..] else { panic!("one active log file expected, found {logs:?}") };
+    let log_name = log.strip_prefix(&db).unwrap().to_path_buf();
+    let mut first_end = 0;
+    for n in 0..K {
+        store.append_blocking(&items(&batch(n, LEN))).unwrap();
+        if n == 0 {
+            first_end = fs::metadata(log).unwrap().len();
+        }
+    }
+    drop(store);
+
+    for at in 0..first_end {
+        let context = format!("byte {at} of the first record ({first_end} bytes) flipped");
+        let copy = tempfile::tempdir().unwrap();
+        let cdb = copy.path().join("db");
+        copy_tree(&db, &cdb);
+        let path = cdb.join(&log_name);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[at as usize] ^= 0x5a;
+        fs::write(&path, bytes).unwrap();
+
+        let store = Store::open(&cdb, "flip", options(FsyncPolicy::Never)).unwrap();
+        let report = store.flush().unwrap_or_else(|e| panic!("{context}: flush failed: {e}"));
+        assert_counts(&store, &per_tenant(1..K, LEN), &context);
+        assert!(report.damaged_bytes > 0, "{context}: the damage must be reported");
+        assert_eq!(report.torn_tail_bytes, 0, "{context}: no torn tail");
+        let aside = log_files(&cdb.join("damaged"));
+        assert_eq!(aside.len(), 1, "{context}: the damaged file is kept aside: {aside:?}");
     }
 }
 

@@ -134,14 +134,25 @@ pub struct FlushReport {
     pub tenants: u64,
     /// Ids that were new to their tenant.
     pub new_ids: u64,
-    /// Bytes of torn or damaged records skipped in log files.
-    pub dropped_bytes: u64,
+    /// Bytes of torn tails dropped from log files: crashes mid-append, never acknowledged.
+    pub torn_tail_bytes: u64,
+    /// Bytes of damaged records skipped in the middle of log files, whose intact records after
+    /// the damage were merged and which were kept aside under `damaged/`.
+    pub damaged_bytes: u64,
     /// Log files deleted, every shard having merged them.
     pub deleted_files: u64,
     /// Bytes of tenant files written.
     pub written_bytes: u64,
     /// Shards left for a later round, their lock held by another worker.
     pub busy_shards: u64,
+}
+
+impl FlushReport {
+    /// Adds the damage found in one log file.
+    pub(crate) fn add_damage(&mut self, damage: log::Damage) {
+        self.torn_tail_bytes += damage.torn_tail_bytes;
+        self.damaged_bytes += damage.damaged_bytes;
+    }
 }
 
 /// A snapshot of the store's counters, for `/stats` and `/metrics`.

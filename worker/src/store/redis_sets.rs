@@ -15,6 +15,7 @@ use std::time::Duration;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 
+use super::log::Damage;
 use super::log::record::{Entry, Records};
 use super::log::{LogDir, WorkerLog};
 use super::{FlushReport, StoreError};
@@ -138,7 +139,9 @@ impl RedisTenants {
                     Err(e) => return Err(StoreError::io(format!("reading {}", file.path.display()), e)),
                 };
                 let mut by_tenant: HashMap<&str, Vec<&[u8]>> = HashMap::new();
-                for entry in Records::new(&data) {
+                let mut damage = Damage::default();
+                let mut records = Records::new(&data).peekable();
+                while let Some(entry) = records.next() {
                     match entry {
                         Entry::Record(payload) => {
                             for run in payload.runs() {
@@ -148,11 +151,12 @@ impl RedisTenants {
                             }
                         }
                         Entry::Damaged { offset, len } => {
-                            tracing::warn!(file = %file.path.display(), offset, bytes = len, "damaged log records skipped");
-                            report.dropped_bytes += len as u64;
+                            damage.note(&file.path, offset, len, records.peek().is_none());
                         }
                     }
                 }
+                damage.keep_aside(wal_root.parent().unwrap_or(wal_root), &file.path);
+                report.add_damage(damage);
                 for (tenant, ids) in &by_tenant {
                     report.new_ids += self.merge(tenant, ids)?;
                 }

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use super::commit::{Commit, Step, is_temporary};
 use super::layout::{owner_of, shard_dir, shard_of};
+use super::log::Damage;
 use super::log::record::{Entry, Records, Run};
 use super::log::{LogFile, WorkerLog};
 use super::naming::tenant_file_stem;
@@ -322,6 +323,7 @@ impl Shards {
     /// The shards the log file `file` holds runs of; reports the damage found in it.
     fn index(&self, file: &LogFile, data: &[u8], report: &mut FlushReport) -> Result<ShardSet, StoreError> {
         let mut set = ShardSet::new(self.shards);
+        let mut damage = Damage::default();
         let mut records = Records::new(data).peekable();
         while let Some(entry) = records.next() {
             match entry {
@@ -330,17 +332,11 @@ impl Shards {
                         set.insert(run.map_err(|e| StoreError::corrupt(&file.path, e))?.shard);
                     }
                 }
-                Entry::Damaged { offset, len } => {
-                    report.dropped_bytes += len as u64;
-                    let path = file.path.display();
-                    if records.peek().is_some() {
-                        tracing::error!(file = %path, offset, bytes = len, "damaged log records skipped; the intact ones after them are merged");
-                    } else {
-                        tracing::debug!(file = %path, offset, bytes = len, "dropped a torn log tail, never acknowledged");
-                    }
-                }
+                Entry::Damaged { offset, len } => damage.note(&file.path, offset, len, records.peek().is_none()),
             }
         }
+        damage.keep_aside(&self.root, &file.path);
+        report.add_damage(damage);
         Ok(set)
     }
 

@@ -8,6 +8,10 @@
 //! Each worker holds an exclusive OS lock on its directory while it runs, which is how every
 //! process tells live workers from dead ones: a dead worker's `.open` file is as final as a
 //! closed one, and is merged like one.
+//!
+//! A damaged stretch at the very end of a file is the torn tail of a crash mid-append, never
+//! acknowledged: it is dropped. Damage anywhere else is not: the intact records after it are
+//! still merged, and the file is kept aside under `damaged/` for an operator ([`Damage`]).
 
 pub(crate) mod record;
 pub(crate) mod writer;
@@ -20,6 +24,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::fsutil;
 
+/// The directory beside `wal/` where log files with damage in their middle are kept.
+pub(crate) const DAMAGED_DIR: &str = "damaged";
 /// The name of the lock file in every log directory.
 const LOCK_FILE: &str = "LOCK";
 const OPEN_SUFFIX: &str = "open";
@@ -168,5 +174,51 @@ fn is_live(dir: &Path) -> io::Result<bool> {
         Ok(()) => Ok(false),
         Err(TryLockError::WouldBlock) => Ok(true),
         Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Damage found in one log file, by whoever reads it: how many bytes of torn tail were dropped,
+/// and how many damaged bytes were skipped before intact records.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Damage {
+    pub(crate) torn_tail_bytes: u64,
+    pub(crate) damaged_bytes: u64,
+}
+
+impl Damage {
+    /// Notes a damaged stretch of `len` bytes at `offset` in `path`, `at_end` if nothing intact
+    /// follows it.
+    pub(crate) fn note(&mut self, path: &Path, offset: usize, len: usize, at_end: bool) {
+        if at_end {
+            tracing::debug!(file = %path.display(), offset, bytes = len, "dropped a torn log tail, never acknowledged");
+            self.torn_tail_bytes += len as u64;
+        } else {
+            tracing::error!(file = %path.display(), offset, bytes = len, "damaged log records skipped; the intact ones after them are merged");
+            self.damaged_bytes += len as u64;
+        }
+    }
+
+    /// If the file had damage in its middle, keeps it aside as `<database>/damaged/<worker>-
+    /// <file name>`: a hard link, which costs nothing and outlives the file's deletion once
+    /// merged. Failing to is logged: the merge itself must go on.
+    pub(crate) fn keep_aside(&self, database: &Path, path: &Path) {
+        if self.damaged_bytes == 0 {
+            return;
+        }
+        let worker = path.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let (Some(worker), Some(name)) = (worker, name) else { return };
+        let dir = database.join(DAMAGED_DIR);
+        let aside = dir.join(format!("{worker}-{name}"));
+        let linked = fs::create_dir_all(&dir).and_then(|()| match fs::hard_link(path, &aside) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            linked => linked,
+        });
+        match linked {
+            Ok(()) => {
+                tracing::warn!(file = %path.display(), aside = %aside.display(), "kept the damaged log file aside")
+            }
+            Err(e) => tracing::error!(file = %path.display(), error = %e, "cannot keep the damaged log file aside"),
+        }
     }
 }
