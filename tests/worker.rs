@@ -263,6 +263,55 @@ fn damage_in_the_middle_of_a_killed_workers_log_keeps_the_batch_after_it_and_the
     assert!(worker.log().contains("damaged log records skipped"), "{}", worker.log());
 }
 
+/// A failed fsync is fail-stop: the worker acknowledges nothing after it, stops answering
+/// ready, and exits non-zero; restarted, it replays its log, and every batch it acknowledged is
+/// counted. The fsync fails through the `wal-fsync` fail point, after a few good ones.
+#[test]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs the fail points: cargo test --features failpoints")]
+fn a_failed_fsync_stops_acknowledging_and_exits_and_the_restart_counts_every_acknowledged_batch() {
+    for policy in ["always", "everysec"] {
+        let port = free_port();
+        let cluster = Cluster::new(&[port], &format!("worker_persist: 60\nfsync: {policy}\n"));
+        let mut worker = cluster.worker_with_env("127.0.0.1", port, &[("FAILPOINTS", "wal-fsync=5*off->return")]);
+        worker.wait_ready();
+        let client = client();
+        let (mut acked, mut sent) = (0, 0);
+        let mut refused = None;
+        for b in 0..400 {
+            let items: Vec<(String, String)> = (0..3).map(|i| ("fsync".to_owned(), format!("{b}-{i}"))).collect();
+            sent += 3;
+            match client.post(format!("{}/items", worker.url())).body(batch_of(&items)).send() {
+                Ok(reply) if reply.status() == StatusCode::OK => acked += 3,
+                Ok(reply) => {
+                    refused = Some(reply.status());
+                    break;
+                }
+                // The worker exited between two requests.
+                Err(_) => break,
+            }
+            // Under everysec the syncer fsyncs once a second.
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(acked > 0, "{policy}: some batches are acknowledged before the failure");
+        assert!(refused.is_none_or(|status| status == StatusCode::SERVICE_UNAVAILABLE), "{policy}: {refused:?}");
+        let status = worker.wait_exit(STOP);
+        assert!(!status.success(), "{policy}: a worker whose fsync failed must exit non-zero, not {status}");
+        assert!(worker.log().contains("stopped after a failed fsync"), "{policy}:\n{}", worker.log());
+
+        cluster.write_config(&[port], QUICK_FLUSH);
+        let mut worker = cluster.worker(port);
+        worker.wait_ready();
+        eventually(SETTLE, &format!("{policy}: every acknowledged item is counted"), || {
+            count(&client, &worker.url(), "fsync") >= acked
+        });
+        let counted = count(&client, &worker.url(), "fsync");
+        assert!(counted <= sent, "{policy}: {counted} counted, {sent} sent");
+        println!(
+            "fsync {policy}: {acked} items acknowledged before the failed fsync, {counted} counted after the restart"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Two workers, one database
 // ---------------------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ struct Cli {
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
     countapp::init_logging();
+    // Fail points named in FAILPOINTS, in the builds made for the fault-injection tests.
+    #[cfg(feature = "failpoints")]
+    let _fail_points = fail::FailScenario::setup();
     let cli = Cli::parse();
     let (config, config_source) = match std::env::var(CONFIG_VAR) {
         Ok(json) => (

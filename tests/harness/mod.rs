@@ -110,6 +110,11 @@ impl Cluster {
 
     /// Starts a worker on `host`:`port` with this cluster's config, as its owner would by hand.
     pub fn worker_at(&self, host: &str, port: u16) -> Proc {
+        self.worker_with_env(host, port, &[])
+    }
+
+    /// [`Cluster::worker_at`] with more environment variables, such as `FAILPOINTS`.
+    pub fn worker_with_env(&self, host: &str, port: u16, env: &[(&str, &str)]) -> Proc {
         let log = self.path().join(format!("worker-{port}.log"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
         command
@@ -118,7 +123,8 @@ impl Cluster {
             .arg(self.config_path())
             .arg("--host")
             .arg(host)
-            .env("COUNTAPP_SHUTDOWN_TOKEN", TOKEN);
+            .env("COUNTAPP_SHUTDOWN_TOKEN", TOKEN)
+            .envs(env.iter().copied());
         Proc::spawn(command, host, port, log)
     }
 }

@@ -137,6 +137,9 @@ async fn health() -> HttpResponse {
 /// `GET /ready`: the log is recovered and the worker takes ingest.
 async fn ready(state: web::Data<AppState>) -> HttpResponse {
     match state.store() {
+        Some(store) if let Some(why) = store.failure().borrow().clone() => {
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("the worker is stopping: {why}"))
+        }
         Some(_) if !state.shutdown.is_cancelled() => {
             HttpResponse::Ok().json(json!({ "ready": true, "config_version": state.config.version() }))
         }

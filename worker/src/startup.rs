@@ -52,6 +52,10 @@ pub enum WorkerError {
     /// The store failed to open or to flush at shutdown.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The write-ahead log failed to fsync: the worker stopped at once (fail-stop), for a
+    /// restart to replay what its log holds.
+    #[error("stopped after a failed fsync of the write-ahead log: {0}")]
+    FailStop(String),
     /// Anything else of the runtime: signal handlers, a panicked task.
     #[error("{0}")]
     Runtime(String),
@@ -130,7 +134,16 @@ impl Worker {
             tracing::info!(shards = store.shards(), "ready");
 
             let shutdown = state.shutdown.clone();
+            let mut failure = store.failure();
             tokio::select! {
+                Ok(failure) = failure.wait_for(Option::is_some) => {
+                    // Fail-stop: nothing more is acknowledged; exit without the final merge,
+                    // which would need fsync too, and let the restart replay the log.
+                    let why = failure.clone().unwrap_or_default();
+                    shutdown.cancel();
+                    handle.stop(false).await;
+                    return Err(WorkerError::FailStop(why));
+                }
                 () = shutdown.cancelled() => {}
                 signal = terminate_signal() => {
                     signal.map_err(|e| WorkerError::Runtime(format!("cannot watch signals: {e}")))?;

@@ -295,6 +295,13 @@ impl Store {
         self.round(&mut rounds, true)
     }
 
+    /// Set, once, to why the log can no longer be trusted (a failed fsync): the store then
+    /// acknowledges nothing more, and its worker must stop and be restarted, to replay what the
+    /// log really holds.
+    pub fn failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.writer.failure()
+    }
+
     /// Changes when appends are fsynced, and whether merges are made durable, from now on: an
     /// edit of `fsync` in a running cluster.
     pub fn set_fsync(&self, policy: FsyncPolicy) {

@@ -9,6 +9,11 @@
 //! appenders share it: a committer thread takes every record that queued up while it was busy,
 //! writes them with one `write`, fsyncs once, and only then answers them all.
 //!
+//! A failed fsync is fail-stop, as in PostgreSQL and Redis: after one, the kernel may have
+//! dropped the dirty pages, so nothing written since the last good fsync can be trusted. The log
+//! refuses every later append and reports the failure ([`Writer::failure`]), and the worker
+//! exits, to be restarted and replay what its log really holds.
+//!
 //! The policy can change while the writer runs (an edit of `fsync` in the config): both threads
 //! always run, and each append looks at the policy in force. Records already queued for the
 //! committer are still fsynced, and an fsync covers whatever was written before it, so no
@@ -25,7 +30,7 @@ use std::time::Duration;
 
 use countapp_shared::config::FsyncPolicy;
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::{LogDir, file_path};
 use crate::store::StoreError;
@@ -90,6 +95,8 @@ struct Log {
     /// Set when bytes were written that the syncer has not fsynced yet.
     dirty: AtomicBool,
     stats: WriterStats,
+    /// Why the log can no longer be trusted, once it cannot.
+    failure: watch::Sender<Option<String>>,
 }
 
 /// The file being appended to.
@@ -116,6 +123,7 @@ impl Writer {
             active: Mutex::new(active),
             dirty: AtomicBool::new(false),
             stats: WriterStats::default(),
+            failure: watch::Sender::new(None),
         });
         let committer = {
             let (tx, rx) = mpsc::channel();
@@ -131,6 +139,12 @@ impl Writer {
             ))
         };
         Ok(Writer { log, rotating: Mutex::new(()), committer, syncer })
+    }
+
+    /// Resolves to why the log can no longer be trusted, once a fsync failed: the worker must
+    /// then stop.
+    pub(crate) fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.log.failure.subscribe()
     }
 
     /// Changes when appends are fsynced, from the next append on.
@@ -171,8 +185,12 @@ impl Writer {
         // The new file is made outside the lock, so appends go on meanwhile.
         let next = Active::create(&self.log.dir, seq + 1).map_err(|e| StoreError::io("creating a log file", e))?;
         let old = std::mem::replace(&mut *self.log.active.lock(), next);
-        if self.log.policy.get() != FsyncPolicy::Never {
-            old.file.sync_data().map_err(|e| StoreError::io("syncing a closed log file", e))?;
+        if self.log.policy.get() != FsyncPolicy::Never
+            && let Err(e) = sync_log(&old.file)
+        {
+            let why = format!("log fsync failed: {e}");
+            self.log.fail_stop(&mut self.log.active.lock(), why.clone());
+            return Err(StoreError::Log(why));
         }
         // Renamed only once complete and synced: readers take a `.log` file as final.
         fs::rename(file_path(&self.log.dir, seq, false), file_path(&self.log.dir, seq, true))
@@ -203,7 +221,7 @@ impl Drop for Writer {
         }
         let active = self.log.active.lock();
         if self.log.policy.get() != FsyncPolicy::Never && active.poisoned.is_none() {
-            let _ = active.file.sync_data();
+            let _ = sync_log(&active.file);
         }
     }
 }
@@ -212,7 +230,14 @@ impl Log {
     /// Writes `bytes` (whole records, `items` items) to the active file, and fsyncs it if
     /// `sync` (the committer's group); otherwise the file is left for the syncer.
     fn write(&self, bytes: &[u8], items: u64, sync: bool) -> Result<(), StoreError> {
-        self.active.lock().write(bytes, items, sync).map_err(StoreError::Log)?;
+        {
+            let mut active = self.active.lock();
+            let written = active.write(bytes, items, sync);
+            if let Some(why) = active.poisoned.clone() {
+                self.fail_stop(&mut active, why);
+            }
+            written.map_err(StoreError::Log)?;
+        }
         self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         if !sync {
             self.dirty.store(true, Ordering::Release);
@@ -241,7 +266,7 @@ impl Active {
         }
         self.len += bytes.len() as u64;
         self.items += items;
-        if sync && let Err(e) = self.file.sync_data() {
+        if sync && let Err(e) = sync_log(&self.file) {
             // After a failed fsync the kernel may have dropped the dirty pages: nothing written
             // since the last good fsync can be trusted any more.
             let why = format!("log fsync failed: {e}");
@@ -250,6 +275,28 @@ impl Active {
         }
         Ok(())
     }
+}
+
+impl Log {
+    /// Marks the log unusable after a failed fsync: `active` refuses every later append, and
+    /// the failure is reported, once.
+    fn fail_stop(&self, active: &mut Active, why: String) {
+        active.poisoned.get_or_insert_with(|| why.clone());
+        self.failure.send_if_modified(|failure| {
+            if failure.is_some() {
+                return false;
+            }
+            tracing::error!(error = why, "the write-ahead log can no longer be trusted: stopping");
+            *failure = Some(why);
+            true
+        });
+    }
+}
+
+/// Fsyncs a log file; the `wal-fsync` fail point makes it fail in tests.
+fn sync_log(file: &File) -> io::Result<()> {
+    fail::fail_point!("wal-fsync", |_| Err(io::Error::other("injected fsync failure (fail point wal-fsync)")));
+    file.sync_data()
 }
 
 /// The `always` committer: one write and one fsync for every record that queued up meanwhile.
@@ -285,9 +332,9 @@ fn sync_every_second(log: &Log, stop: mpsc::Receiver<()>) {
         }
         if log.policy.get() == FsyncPolicy::EverySec && log.dirty.swap(false, Ordering::AcqRel) {
             let file = log.active.lock().file.clone();
-            if let Err(e) = file.sync_data() {
-                tracing::error!(error = %e, "fsync of the write-ahead log failed");
-                log.dirty.store(true, Ordering::Release);
+            if let Err(e) = sync_log(&file) {
+                log.fail_stop(&mut log.active.lock(), format!("log fsync failed: {e}"));
+                return;
             }
         }
     }
