@@ -16,6 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 use tokio::sync::watch;
 
+use crate::cluster_view::{self, ClusterView};
 use crate::config_watch;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -74,6 +75,7 @@ impl Coordinator {
             pool: Arc::new(Pool::default()),
         });
         let (metrics, requests) = Metrics::new();
+        let requests = web::Data::new(requests);
         let state = web::Data::new(AppState {
             ctx,
             config_status: Mutex::new(ConfigStatus {
@@ -83,8 +85,8 @@ impl Coordinator {
             }),
             metrics,
             shutdown: Shutdown::default(),
+            cluster_view: ClusterView::new(requests.clone()),
         });
-        let requests = web::Data::new(requests);
         let data = state.clone();
         Upstream::new().map_err(|e| CoordinatorError::Runtime(format!("building the HTTP client: {e}")))?;
         let server = HttpServer::new(move || {
@@ -112,7 +114,9 @@ impl Coordinator {
         let Coordinator { server, addr, state, mut config } = self;
         let handle = server.handle();
         let serving = tokio::spawn(server);
-        tracing::info!(%addr, workers = config.workers.len(), "coordinator listening");
+        tracing::info!(%addr, workers = config.workers.len(), dashboard = %format!("http://{addr}/"), "coordinator listening");
+        // Refreshes the dashboard's snapshot, only while someone is looking.
+        let cluster_view = tokio::spawn(cluster_view::run(state.clone()));
         let mut supervisor = Supervisor::new(state.ctx.clone());
         supervisor.apply(&config);
 
@@ -144,6 +148,7 @@ impl Coordinator {
             }
         }
         state.shutdown.trigger();
+        cluster_view.abort();
         tracing::info!("stopping: draining requests, then the workers");
         handle.stop(true).await;
         if let Ok(Err(e)) = serving.await {

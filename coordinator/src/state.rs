@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use countapp_shared::shutdown::Shutdown;
 use parking_lot::Mutex;
 
+use crate::cluster_view::ClusterView;
 use crate::metrics::Metrics;
 use crate::supervisor::Context;
 
@@ -27,4 +28,6 @@ pub(crate) struct AppState {
     pub(crate) config_status: Mutex<ConfigStatus>,
     pub(crate) metrics: Metrics,
     pub(crate) shutdown: Shutdown,
+    /// The dashboard's shared snapshot of the cluster.
+    pub(crate) cluster_view: ClusterView,
 }
