@@ -14,8 +14,9 @@ run() {
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 
-# The Redis store's tests run a real redis-server.
+# The Redis store's tests run a real redis-server; the dashboard's test a real headless Chromium.
 ./scripts/ensure-redis.sh || status=1
+./scripts/ensure-chromium.sh || status=1
 
 echo "=== unit, property and integration tests ==="
 run cargo test --workspace --no-fail-fast -- --skip sanity_
