@@ -143,7 +143,7 @@
     const word = restarting ? "Restarting (" + known.word.toLowerCase() + ")" : known.word;
     const badge = el("span", { className: "badge state " + known.tone, textContent: known.mark + " " + word });
     const cell = el("td", {}, [badge]);
-    if (w.restarted_at_unix_ms && Date.now() - w.restarted_at_unix_ms < RECENT_RESTART_MS) {
+    if (!restarting && w.restarted_at_unix_ms && Date.now() - w.restarted_at_unix_ms < RECENT_RESTART_MS) {
       cell.append(el("span", { className: "state-note", textContent: "restarted " + ago(w.restarted_at_unix_ms) }));
     }
     if (w.adopted) cell.append(el("span", { className: "note", textContent: " adopted" }));

@@ -31,7 +31,8 @@ const CHROMIUM_FLAGS: &[&str] = &[
     "--window-size=1280,1500",
 ];
 
-/// How long one WebDriver command may take before the test fails.
+/// How long one WebDriver command may take before the test fails. Failures name the test's line
+/// (`#[track_caller]`), not this file's.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Headless Chromium under chromedriver; see the module's doc.
@@ -104,6 +105,7 @@ impl Browser {
     }
 
     /// Runs one WebDriver command, bounded by [`COMMAND_TIMEOUT`].
+    #[track_caller]
     fn run<T>(&self, what: &str, command: impl AsyncFnOnce(&Client) -> Result<T, fantoccini::error::CmdError>) -> T {
         let session = self.session.as_ref().expect("the session is open");
         match self.runtime.block_on(async { tokio::time::timeout(COMMAND_TIMEOUT, command(session)).await }) {
@@ -114,11 +116,13 @@ impl Browser {
     }
 
     /// Opens `url`.
+    #[track_caller]
     pub fn goto(&self, url: &str) {
         self.run(&format!("opening {url}"), async |s| s.goto(url).await);
     }
 
     /// The rendered text of every element matching the CSS `selector`, in document order.
+    #[track_caller]
     pub fn texts(&self, selector: &str) -> Vec<String> {
         self.run(&format!("reading {selector}"), async |s| {
             let mut texts = Vec::new();
@@ -130,16 +134,19 @@ impl Browser {
     }
 
     /// The rendered text of the first element matching `selector`, if there is one.
+    #[track_caller]
     pub fn text(&self, selector: &str) -> Option<String> {
         self.texts(selector).into_iter().next()
     }
 
     /// Runs `script` in the page and returns what it returns.
+    #[track_caller]
     pub fn script(&self, script: &str) -> Value {
         self.run("running a script", async |s| s.execute(script, Vec::new()).await)
     }
 
     /// Types `text` into the field `selector`, replacing what it held.
+    #[track_caller]
     pub fn fill(&self, selector: &str, text: &str) {
         self.run(&format!("typing into {selector}"), async |s| {
             let field = s.find(Locator::Css(selector)).await?;
@@ -149,11 +156,13 @@ impl Browser {
     }
 
     /// Clicks the element `selector`.
+    #[track_caller]
     pub fn click(&self, selector: &str) {
         self.run(&format!("clicking {selector}"), async |s| s.find(Locator::Css(selector)).await?.click().await);
     }
 
     /// Saves a PNG of the window at `path`.
+    #[track_caller]
     pub fn screenshot(&self, path: &Path) {
         let png = self.run("taking a screenshot", async |s| s.screenshot().await);
         std::fs::write(path, png).unwrap();
@@ -161,6 +170,7 @@ impl Browser {
 
     /// Polls the text of `selector` until `check` holds for it, for at most `within`; returns
     /// that text. The failure names the text last seen.
+    #[track_caller]
     pub fn wait_text(&self, selector: &str, within: Duration, what: &str, check: impl Fn(&str) -> bool) -> String {
         let started = Instant::now();
         loop {
