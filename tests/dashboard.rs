@@ -121,6 +121,7 @@ struct Trickle {
 }
 
 impl Trickle {
+    /// Starts posting to the coordinator at `url`, tenant `trickle`.
     fn start(url: &str) -> Trickle {
         let stop = Arc::new(AtomicBool::new(false));
         let (url, flag) = (url.to_owned(), stop.clone());
