@@ -10,8 +10,13 @@ build: toolchain
 	cargo build --release --workspace
 
 # The coordinator in the foreground with ./config.yaml; it spawns the workers beside it in
-# target/release. Ctrl-C stops it and every worker cleanly.
+# target/release. Ctrl-C stops it and every worker cleanly. First it says where to look: the
+# dashboard on the config's listen address (127.0.0.1:5000 unless config.yaml says otherwise).
 run: build
+	@listen=$$(sed -n 's/^listen:[[:space:]]*//p' config.yaml | sed 's/[[:space:]]*#.*//' | tr -d "\"'"); \
+	listen=$${listen:-127.0.0.1:5000}; \
+	echo "Dashboard: http://$$listen/   (its data for scripts: http://$$listen/dashboard.json)"; \
+	echo "Try:       curl -s -X POST http://$$listen/items -d '[{\"id\":\"1\",\"tenant\":\"demo\"}]'   then look up tenant demo on the dashboard"
 	./target/release/coordinator --config config.yaml
 
 tests: toolchain

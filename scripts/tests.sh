@@ -14,8 +14,9 @@ run() {
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 
-# The Redis store's tests run a real redis-server.
+# The Redis store's tests run a real redis-server; the dashboard's test a real headless Chromium.
 ./scripts/ensure-redis.sh || status=1
+./scripts/ensure-chromium.sh || status=1
 
 # The fail points are compiled in for the tests that inject faults (a failed fsync); every build
 # users run leaves them out.

@@ -6,7 +6,11 @@
 //! - [`pool`]: the workers, their states, and the live set requests are routed to.
 //! - `proxy`: forwards a request to a live worker, retrying on another when one fails.
 //! - `routes`: the HTTP API; `state`: what its handlers share; `metrics`: Prometheus counters.
+//! - `dashboard`: the operator's page at `/`; `cluster_view`: the snapshot of the cluster it
+//!   shows, shared by every reader.
 
+mod cluster_view;
+mod dashboard;
 mod metrics;
 pub mod pool;
 mod proxy;

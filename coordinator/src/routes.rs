@@ -1,5 +1,5 @@
 //! The coordinator's HTTP API: the workers' API forwarded, plus its own health, stats and
-//! metrics.
+//! metrics, and the dashboard.
 
 use std::time::UNIX_EPOCH;
 
@@ -7,8 +7,9 @@ use actix_web::http::header::ContentType;
 use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
 use countapp_shared::http::{RequestCounter, count_route, no_such_route, read_body, resource};
-use serde_json::json;
+use serde_json::{Value, json};
 
+use crate::dashboard;
 use crate::proxy::{Forward, Upstream, forward};
 use crate::state::AppState;
 
@@ -22,6 +23,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     .service(resource("/health").route(web::get().to(health)))
     .service(resource("/stats").route(web::get().to(stats)))
     .service(resource("/metrics").route(web::get().to(metrics)))
+    .configure(dashboard::configure)
     .default_service(web::to(no_such_route));
 }
 
@@ -58,6 +60,11 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
 
 /// `GET /stats`: every worker's state and counts, the cluster's totals, and the config status.
 async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) -> HttpResponse {
+    HttpResponse::Ok().json(stats_json(&state, &requests))
+}
+
+/// The `/stats` body; the dashboard's snapshot is built on it.
+pub(crate) fn stats_json(state: &AppState, requests: &RequestCounter) -> Value {
     let mut total_requests = 0;
     let mut total_items = 0;
     let workers: Vec<_> = state
@@ -86,7 +93,7 @@ async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) 
         })
         .collect();
     let config = state.config_status.lock().clone();
-    HttpResponse::Ok().json(json!({
+    json!({
         "workers": workers,
         "cluster": {
             "requests": requests.served(),
@@ -102,7 +109,7 @@ async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) 
             "valid": config.error.is_none(),
             "error": config.error,
         },
-    }))
+    })
 }
 
 /// `GET /metrics`: Prometheus text.

@@ -17,6 +17,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster_view::{self, ClusterView};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::proxy::Upstream;
@@ -71,6 +72,7 @@ impl Coordinator {
             pool: Arc::new(Pool::default()),
         });
         let (metrics, requests) = Metrics::new();
+        let requests = web::Data::new(requests);
         let state = web::Data::new(AppState {
             ctx,
             config_status: Mutex::new(ConfigStatus {
@@ -81,8 +83,8 @@ impl Coordinator {
             }),
             metrics,
             shutdown: CancellationToken::new(),
+            cluster_view: ClusterView::new(requests.clone()),
         });
-        let requests = web::Data::new(requests);
         let data = state.clone();
         Upstream::new().map_err(|e| CoordinatorError::Runtime(format!("building the HTTP client: {e}")))?;
         let server = HttpServer::new(move || {
@@ -110,7 +112,9 @@ impl Coordinator {
         let Coordinator { server, addr, state, mut config } = self;
         let handle = server.handle();
         let serving = tokio::spawn(server);
-        tracing::info!(%addr, workers = config.workers.len(), "coordinator listening");
+        tracing::info!(%addr, workers = config.workers.len(), dashboard = %format!("http://{addr}/"), "coordinator listening");
+        // Refreshes the dashboard's snapshot, only while someone is looking.
+        let cluster_view = tokio::spawn(cluster_view::run(state.clone()));
         let mut supervisor = Supervisor::new(state.ctx.clone());
         supervisor.apply(&config);
 
@@ -137,6 +141,7 @@ impl Coordinator {
             }
         }
         state.shutdown.cancel();
+        cluster_view.abort();
         tracing::info!("stopping: draining requests, then the workers");
         handle.stop(true).await;
         if let Ok(Err(e)) = serving.await {

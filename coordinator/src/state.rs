@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster_view::ClusterView;
 use crate::metrics::Metrics;
 use crate::supervisor::Context;
 
@@ -29,4 +30,6 @@ pub(crate) struct AppState {
     pub(crate) config_status: Mutex<ConfigStatus>,
     pub(crate) metrics: Metrics,
     pub(crate) shutdown: CancellationToken,
+    /// The dashboard's shared snapshot of the cluster.
+    pub(crate) cluster_view: ClusterView,
 }

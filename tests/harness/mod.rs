@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
+pub mod browser;
 pub mod redis;
 
 use std::fs;
@@ -311,17 +312,21 @@ impl Cluster {
     /// Pids of every running process started with this cluster's config: its coordinator and
     /// the workers, spawned or not.
     pub fn processes(&self) -> Vec<u32> {
-        let needle = self.config_path().into_os_string().into_encoded_bytes();
-        let mut pids = Vec::new();
-        for entry in fs::read_dir("/proc").unwrap().flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
-            if cmdline.windows(needle.len()).any(|w| w == needle) && !is_zombie(pid) {
-                pids.push(pid);
-            }
-        }
-        pids
+        processes_with(self.config_path().as_os_str().as_encoded_bytes())
     }
+}
+
+/// Pids of every running process whose command line contains `needle`.
+pub fn processes_with(needle: &[u8]) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
+        if cmdline.windows(needle.len()).any(|w| w == needle) && !is_zombie(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// Kills whatever a test left running with this cluster's config, such as the workers of a

@@ -1,0 +1,410 @@
+// The CountApp dashboard: polls GET /dashboard.json once a second (asking only for the samples
+// and events it lacks), renders the workers, the config and the events, and draws the charts on
+// canvases. Text from the cluster is only ever set as textContent, never parsed as HTML.
+"use strict";
+
+(() => {
+  const POLL_MS = 1000;
+  const WINDOW_MS = 5 * 60 * 1000;
+  const MIN_SPAN_MS = 60 * 1000;
+  // Samples further apart than this have a gap between them: nobody was watching.
+  const GAP_MS = 2500;
+  // A worker restarted this recently says so beside its state.
+  const RECENT_RESTART_MS = 30 * 1000;
+  const MAX_EVENTS = 100;
+  const PALETTE = ["#1f6feb", "#d97706", "#059669", "#db2777", "#7c3aed", "#0891b2", "#65a30d", "#b91c1c"];
+  const DASHES = [[], [6, 4], [2, 3], [10, 3, 2, 3]];
+  const TOTAL_COLOR = "#1b1f24";
+
+  const STATES = {
+    ready: { word: "Ready", tone: "ok", mark: "✓" },
+    starting: { word: "Starting", tone: "warn", mark: "…" },
+    unhealthy: { word: "Unhealthy", tone: "bad", mark: "!" },
+    exited: { word: "Exited", tone: "bad", mark: "✕" },
+    stopping: { word: "Stopping", tone: "idle", mark: "■" },
+  };
+
+  const $ = (id) => document.getElementById(id);
+  const integer = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+  const decimal = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
+
+  let since = 0;
+  let samples = [];
+  let events = [];
+  let latest = null;
+  let timer = null;
+  let polling = false;
+  // A stable colour and dash per worker URL, in the order workers were first seen.
+  const looks = new Map();
+
+  function lookOf(url) {
+    if (!looks.has(url)) {
+      const i = looks.size;
+      looks.set(url, { color: PALETTE[i % PALETTE.length], dash: DASHES[Math.floor(i / PALETTE.length) % DASHES.length] });
+    }
+    return looks.get(url);
+  }
+
+  function el(tag, props, children) {
+    const node = document.createElement(tag);
+    Object.assign(node, props || {});
+    for (const child of children || []) node.append(child);
+    return node;
+  }
+
+  const fmtInt = (v) => (v == null ? "–" : integer.format(v));
+  const fmtRate = (v) => (v == null ? "–" : v < 10 ? decimal.format(v) : integer.format(v));
+  const fmtSeconds = (v) => (v == null ? "–" : v < 10 ? decimal.format(v) + " s" : integer.format(v) + " s");
+
+  function ago(unixMs) {
+    const s = Math.max(0, Math.round((Date.now() - unixMs) / 1000));
+    if (s === 0) return "just now";
+    if (s < 60) return s + " s ago";
+    if (s < 3600) return Math.floor(s / 60) + " min ago";
+    return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min ago";
+  }
+
+  const clock = (unixMs) => new Date(unixMs).toLocaleTimeString(undefined, { hour12: false });
+
+  function schedule() {
+    clearTimeout(timer);
+    timer = setTimeout(poll, POLL_MS);
+  }
+
+  async function poll() {
+    // A hidden tab stops polling, so that forgotten tabs cost the coordinator nothing.
+    if (document.hidden || polling) return;
+    polling = true;
+    try {
+      const reply = await fetch("/dashboard.json" + (since ? "?since=" + since : ""), { cache: "no-store" });
+      const body = await reply.json().catch(() => null);
+      if (!reply.ok || !body) throw new Error((body && body.error) || "HTTP " + reply.status);
+      absorb(body);
+      render(body);
+      setConnection(true, "Live · updated " + clock(body.taken_at_unix_ms));
+    } catch (e) {
+      setConnection(false, "Coordinator unreachable (" + e.message + "); retrying every second");
+    } finally {
+      polling = false;
+      schedule();
+    }
+  }
+
+  function setConnection(ok, text) {
+    const node = $("connection");
+    node.textContent = text;
+    node.className = "connection " + (ok ? "live" : "down");
+  }
+
+  function absorb(body) {
+    since = body.taken_at_unix_ms;
+    const known = new Set(samples.map((s) => s.t_unix_ms));
+    for (const s of body.history || []) if (!known.has(s.t_unix_ms)) samples.push(s);
+    samples.sort((a, b) => a.t_unix_ms - b.t_unix_ms);
+    const oldest = body.taken_at_unix_ms - WINDOW_MS;
+    samples = samples.filter((s) => s.t_unix_ms >= oldest);
+    events = events.concat(body.events || []).slice(-MAX_EVENTS);
+  }
+
+  function render(body) {
+    latest = body;
+    const workers = body.workers || [];
+    for (const w of workers) lookOf(w.url);
+    renderSummary(body, workers);
+    renderWorkers(workers);
+    renderConfig(body.config || {}, workers);
+    renderEvents();
+    drawCharts();
+  }
+
+  function renderSummary(body, workers) {
+    const ready = workers.filter((w) => w.state === "ready").length;
+    const node = $("summary-workers");
+    node.textContent = ready + " of " + workers.length;
+    node.className = "big " + (workers.length === 0 ? "bad" : ready === workers.length ? "ok" : ready === 0 ? "bad" : "warn");
+    const notReady = workers.filter((w) => w.state !== "ready").map((w) => (STATES[w.state] || { word: w.state }).word.toLowerCase());
+    $("summary-workers-note").textContent = notReady.length ? "not ready: " + notReady.join(", ") : "all workers take requests";
+    const cluster = body.cluster || {};
+    $("summary-ingest").textContent = fmtRate(cluster.items_per_s);
+    $("summary-pending").textContent = fmtInt(cluster.pending_items);
+    $("summary-lag").textContent =
+      cluster.oldest_pending_s == null ? "items acknowledged, waiting for a merge" : "oldest waits " + fmtSeconds(cluster.oldest_pending_s);
+    const config = body.config || {};
+    const summary = $("summary-config");
+    summary.textContent = config.valid ? "Valid" : "Invalid";
+    summary.className = "big " + (config.valid ? "ok" : "bad");
+    $("summary-config-note").textContent = config.valid ? "the file on disk is in force" : "edit refused; the last good config stays in force";
+  }
+
+  function stateBadge(w) {
+    const known = STATES[w.state] || { word: String(w.state), tone: "idle", mark: "?" };
+    // Exited or starting again after a crash: the supervisor is bringing it back.
+    const restarting = w.local && w.restarts > 0 && (w.state === "exited" || w.state === "starting");
+    const word = restarting ? "Restarting (" + known.word.toLowerCase() + ")" : known.word;
+    const badge = el("span", { className: "badge state " + known.tone, textContent: known.mark + " " + word });
+    const cell = el("td", {}, [badge]);
+    if (!restarting && w.restarted_at_unix_ms && Date.now() - w.restarted_at_unix_ms < RECENT_RESTART_MS) {
+      cell.append(el("span", { className: "state-note", textContent: "restarted " + ago(w.restarted_at_unix_ms) }));
+    }
+    if (w.adopted) cell.append(el("span", { className: "note", textContent: " adopted" }));
+    return cell;
+  }
+
+  function renderWorkers(workers) {
+    const showConfig = workers.some((w) => w.config_version != null);
+    for (const th of document.querySelectorAll("#workers .col-config")) th.hidden = !showConfig;
+    const coordinatorVersion = latest && latest.config ? latest.config.version : undefined;
+    const rows = workers.map((w) => {
+      const look = lookOf(w.url);
+      const swatch = el("span", { className: "swatch" + (look.dash.length ? " dashed" : "") });
+      swatch.style.borderTopColor = look.color;
+      const urlCell = el("td", { className: "url" }, [swatch, w.url]);
+      if (!w.local) urlCell.append(el("span", { className: "note", textContent: " (remote)" }));
+      const cells = [
+        urlCell,
+        stateBadge(w),
+        el("td", { className: "num pid", textContent: w.pid == null ? "–" : String(w.pid) }),
+        el("td", { className: "num restarts", textContent: fmtInt(w.restarts) }),
+        el("td", { className: "num", textContent: fmtRate(w.requests_per_s) }),
+        el("td", { className: "num", textContent: fmtRate(w.items_per_s) }),
+        el("td", { className: "num pending", textContent: fmtInt(w.pending_items) }),
+        el("td", { className: "num", textContent: fmtSeconds(w.merge_lag_s) }),
+      ];
+      if (showConfig) {
+        const version = w.config_version == null ? "–" : String(w.config_version);
+        const differs = w.config_version != null && coordinatorVersion != null && String(w.config_version) !== String(coordinatorVersion);
+        cells.push(el("td", { className: "mono col-config", textContent: differs ? version + " (differs from the coordinator's)" : version }));
+      }
+      const problems = [w.last_error, w.stats_error ? "stats unavailable: " + w.stats_error : null].filter(Boolean);
+      cells.push(el("td", { className: "error last-error", textContent: problems.join("; ") || "–" }));
+      const row = el("tr", {}, cells);
+      row.dataset.url = w.url;
+      row.dataset.state = w.state;
+      return row;
+    });
+    $("workers").tBodies[0].replaceChildren(...rows);
+    if (workers.length === 0) {
+      const empty = el("td", { colSpan: 10, className: "note", textContent: "The config lists no workers." });
+      $("workers").tBodies[0].replaceChildren(el("tr", {}, [empty]));
+    }
+  }
+
+  function renderConfig(config, workers) {
+    const state = $("config-state");
+    state.textContent = config.valid ? "✓ Valid: the file on disk is in force" : "✕ Invalid: the edit is refused, the last good config stays in force";
+    state.className = config.valid ? "ok-text" : "bad-text";
+    $("config-path").textContent = config.path || "–";
+    $("config-loaded").textContent = config.loaded_at_unix_ms
+      ? new Date(config.loaded_at_unix_ms).toLocaleString() + " (" + ago(config.loaded_at_unix_ms) + ")"
+      : "–";
+    const hasVersion = config.version != null;
+    for (const node of document.querySelectorAll(".config-version-row")) node.hidden = !hasVersion;
+    $("config-version").textContent = hasVersion ? String(config.version) : "";
+    const versions = workers.filter((w) => w.config_version != null);
+    let processes;
+    if (versions.length) {
+      const differing = versions.filter((w) => hasVersion && String(w.config_version) !== String(config.version));
+      processes = differing.length
+        ? differing.length + " worker(s) run another config version than the coordinator (see the Config column)"
+        : "Every worker that reports its config runs the coordinator's version.";
+    } else {
+      processes = "The coordinator and its workers apply every valid edit of this file within about a second.";
+    }
+    $("config-processes").textContent = processes;
+    const error = $("config-error");
+    error.hidden = !config.error;
+    error.textContent = config.error || "";
+  }
+
+  function renderEvents() {
+    const items = events
+      .slice()
+      .reverse()
+      .map((e) => {
+        const time = el("time", { textContent: clock(e.at_unix_ms) });
+        time.dateTime = new Date(e.at_unix_ms).toISOString();
+        const parts = [time];
+        parts.push(el("span", { className: "who", textContent: e.worker || "config" }));
+        parts.push(e.message);
+        return el("li", {}, parts);
+      });
+    $("events").replaceChildren(...items);
+    $("events-empty").hidden = items.length > 0;
+  }
+
+  // Charts.
+
+  function niceMax(v) {
+    if (!(v > 0)) return 1;
+    const power = Math.pow(10, Math.floor(Math.log10(v)));
+    for (const step of [1, 2, 2.5, 5, 10]) if (v <= step * power) return step * power;
+    return 10 * power;
+  }
+
+  const fine = new Intl.NumberFormat(undefined, { maximumFractionDigits: 2 });
+
+  function compact(v) {
+    if (v >= 1e6) return fine.format(v / 1e6) + "M";
+    if (v >= 1e3) return fine.format(v / 1e3) + "k";
+    return fine.format(v);
+  }
+
+  // series: [{ color, dash, width, points: [[t, v|null], ...] }]
+  function drawChart(canvas, series, now, span) {
+    const ratio = window.devicePixelRatio || 1;
+    const width = canvas.clientWidth || 400;
+    const height = canvas.clientHeight || 180;
+    if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
+      canvas.width = Math.round(width * ratio);
+      canvas.height = Math.round(height * ratio);
+    }
+    const ctx = canvas.getContext("2d");
+    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+    ctx.clearRect(0, 0, width, height);
+    const left = 48, right = 8, top = 8, bottom = 20;
+    const plotW = width - left - right, plotH = height - top - bottom;
+    let max = 0;
+    for (const s of series) for (const [, v] of s.points) if (v != null && v > max) max = v;
+    const yMax = niceMax(max);
+    const x = (t) => left + ((t - (now - span)) / span) * plotW;
+    const y = (v) => top + plotH - (v / yMax) * plotH;
+
+    ctx.font = "11px system-ui, sans-serif";
+    ctx.fillStyle = "#57606a";
+    ctx.strokeStyle = "#e1e5ea";
+    ctx.lineWidth = 1;
+    ctx.textAlign = "right";
+    ctx.textBaseline = "middle";
+    for (let i = 0; i <= 4; i++) {
+      const v = (yMax * i) / 4;
+      const py = Math.round(y(v)) + 0.5;
+      ctx.beginPath();
+      ctx.moveTo(left, py);
+      ctx.lineTo(width - right, py);
+      ctx.stroke();
+      ctx.fillText(compact(v), left - 6, py);
+    }
+    ctx.textAlign = "center";
+    ctx.textBaseline = "top";
+    const tick = span > 2 * 60000 ? 60000 : 15000;
+    for (let back = Math.floor(span / tick) * tick; back >= 0; back -= tick) {
+      const label = back === 0 ? "now" : tick === 60000 ? "−" + back / 60000 + " min" : "−" + back / 1000 + " s";
+      ctx.fillText(label, Math.min(Math.max(x(now - back), left + 16), width - right - 12), top + plotH + 5);
+    }
+
+    for (const s of series) {
+      ctx.strokeStyle = s.color;
+      ctx.lineWidth = s.width;
+      ctx.setLineDash(s.dash);
+      ctx.beginPath();
+      // A sample with no neighbour (watching just began, or resumed) is drawn as a dot.
+      const alone = [];
+      let prev = null;
+      s.points.forEach(([t, v], i) => {
+        if (v == null) {
+          prev = null;
+          return;
+        }
+        if (prev === null || t - prev > GAP_MS) {
+          ctx.moveTo(x(t), y(v));
+          const next = s.points[i + 1];
+          if (!next || next[1] == null || next[0] - t > GAP_MS) alone.push([t, v]);
+        } else {
+          ctx.lineTo(x(t), y(v));
+        }
+        prev = t;
+      });
+      ctx.stroke();
+      ctx.fillStyle = s.color;
+      for (const [t, v] of alone) {
+        ctx.beginPath();
+        ctx.arc(x(t), y(v), s.width + 0.5, 0, 2 * Math.PI);
+        ctx.fill();
+      }
+    }
+    ctx.setLineDash([]);
+  }
+
+  function drawCharts() {
+    if (!latest) return;
+    const now = latest.taken_at_unix_ms;
+    // The charts span what there is, from one minute up to five.
+    const first = samples.length ? samples[0].t_unix_ms : now;
+    const span = Math.min(WINDOW_MS, Math.max(MIN_SPAN_MS, now - first));
+    const urls = [...looks.keys()].filter((url) => samples.some((s) => s.workers && s.workers[url]));
+    const chart = (id, total, perWorker, nowId, fmt) => {
+      const series = urls.map((url) => ({
+        ...lookOf(url),
+        width: 1.5,
+        points: samples.map((s) => [s.t_unix_ms, s.workers && s.workers[url] ? s.workers[url][perWorker] : null]),
+      }));
+      series.push({ color: TOTAL_COLOR, dash: [], width: 2.5, points: samples.map((s) => [s.t_unix_ms, s[total]]) });
+      const canvas = $(id);
+      drawChart(canvas, series, now, span);
+      const last = samples.length ? samples[samples.length - 1][total] : null;
+      const peak = Math.max(0, ...samples.map((s) => s[total] || 0));
+      $(nowId).textContent = "now " + fmt(last);
+      canvas.setAttribute("aria-label", canvas.getAttribute("aria-label").split(":")[0] + ": now " + fmt(last) + ", highest shown " + fmt(peak));
+    };
+    chart("chart-ingest", "items_per_s", "items_per_s", "chart-ingest-now", fmtRate);
+    chart("chart-pending", "pending_items", "pending_items", "chart-pending-now", fmtInt);
+    chart("chart-lag", "oldest_pending_s", "merge_lag_s", "chart-lag-now", fmtSeconds);
+    renderLegend(urls);
+  }
+
+  function renderLegend(urls) {
+    const total = el("li", {}, [el("span", { className: "swatch total" }), "cluster total (bold)"]);
+    total.firstChild.style.borderTopColor = TOTAL_COLOR;
+    const items = urls.map((url) => {
+      const look = lookOf(url);
+      const swatch = el("span", { className: "swatch" + (look.dash.length ? " dashed" : "") });
+      swatch.style.borderTopColor = look.color;
+      return el("li", {}, [swatch, url]);
+    });
+    $("legend").replaceChildren(total, ...items);
+  }
+
+  // Tenant lookup, through the coordinator like any client.
+
+  async function lookup(event) {
+    event.preventDefault();
+    const tenant = $("lookup-tenant").value;
+    const result = $("lookup-result");
+    result.className = "lookup-result";
+    if (tenant === "") {
+      result.textContent = "Type a tenant name first.";
+      return;
+    }
+    // A browser resolves "." and ".." path segments (even percent-encoded) before sending.
+    if (tenant === "." || tenant === "..") {
+      result.className = "lookup-result failed";
+      result.textContent = "A browser cannot ask for the tenant “" + tenant + "”: it rewrites that URL. Use curl --path-as-is.";
+      return;
+    }
+    result.textContent = "Counting “" + tenant + "”…";
+    try {
+      const reply = await fetch("/items/" + encodeURIComponent(tenant) + "/count", { cache: "no-store" });
+      const body = await reply.json().catch(() => null);
+      if (reply.ok && body && typeof body.count === "number") {
+        const count = el("span", { className: "count", textContent: integer.format(body.count) });
+        result.replaceChildren(count, " distinct ids for tenant “" + tenant + "” (asked at " + clock(Date.now()) + ")");
+        result.dataset.count = String(body.count);
+      } else {
+        result.className = "lookup-result failed";
+        result.textContent = "✕ " + ((body && body.error) || "HTTP " + reply.status);
+        delete result.dataset.count;
+      }
+    } catch (e) {
+      result.className = "lookup-result failed";
+      result.textContent = "✕ The coordinator did not answer: " + e.message;
+      delete result.dataset.count;
+    }
+  }
+
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) poll();
+  });
+  window.addEventListener("resize", drawCharts);
+  $("lookup").addEventListener("submit", lookup);
+  poll();
+})();
