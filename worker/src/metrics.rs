@@ -21,6 +21,7 @@ pub(crate) struct Metrics {
     torn_log_tail_bytes: Counter,
     pending_items: Gauge,
     ids_in_memory: Gauge,
+    quarantined_tenants: Gauge,
     log_bytes: Counter,
 }
 
@@ -64,6 +65,12 @@ impl Metrics {
             "Ids held in memory for the shards this worker merges",
             ids_in_memory.clone(),
         );
+        let quarantined_tenants = Gauge::default();
+        registry.register(
+            "quarantined_tenants",
+            "Tenants set apart in the shards this worker merges, a file of theirs unreadable",
+            quarantined_tenants.clone(),
+        );
         let log_bytes = Counter::default();
         registry.register("log_bytes", "Bytes appended to the write-ahead log", log_bytes.clone());
         let metrics = Metrics {
@@ -77,6 +84,7 @@ impl Metrics {
             torn_log_tail_bytes,
             pending_items,
             ids_in_memory,
+            quarantined_tenants,
             log_bytes,
         };
         (metrics, requests)
@@ -107,6 +115,7 @@ impl Metrics {
         if let Some(stats) = store {
             self.pending_items.set(i64::try_from(stats.pending_items).unwrap_or(i64::MAX));
             self.ids_in_memory.set(i64::try_from(stats.ids_in_memory.0).unwrap_or(i64::MAX));
+            self.quarantined_tenants.set(stats.quarantined.len() as i64);
             let behind = stats.log_bytes_appended.saturating_sub(self.log_bytes.get());
             self.log_bytes.inc_by(behind);
         }

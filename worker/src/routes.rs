@@ -175,6 +175,7 @@ async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) 
         "ids_in_memory_bytes": store.as_ref().map_or(0, |s| s.ids_in_memory.1),
         "log_bytes_appended": store.as_ref().map_or(0, |s| s.log_bytes_appended),
         "last_merge": last_flush,
+        "quarantined": store.as_ref().map(|s| s.quarantined.clone()).unwrap_or_default(),
     }))
 }
 

@@ -19,6 +19,7 @@ mod idset;
 mod layout;
 mod log;
 mod naming;
+mod quarantine;
 mod redis_sets;
 mod shards;
 mod tenant;
@@ -81,6 +82,17 @@ pub enum StoreError {
     /// The store's log writer has stopped.
     #[error("the store is closed")]
     Closed,
+    /// The tenant is quarantined: one of its files cannot be read (see the README, "Repairing
+    /// a tenant"); the ids that arrive for it are kept meanwhile.
+    #[error("tenant {tenant:?} is quarantined: {} cannot be read ({reason}); its new ids are kept until it is repaired", file.display())]
+    Quarantined {
+        /// The tenant.
+        tenant: String,
+        /// The file that cannot be read.
+        file: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The tenants' store (Redis) cannot be reached or refused the request; the log keeps
     /// whatever could not be merged, and a later flush retries.
     #[error("the tenant store is unavailable: {0}")]
@@ -155,6 +167,20 @@ impl FlushReport {
     }
 }
 
+/// A tenant set apart because one of its files cannot be read (see the README, "Repairing a
+/// tenant").
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QuarantinedTenant {
+    /// The tenant.
+    pub tenant: String,
+    /// The file that cannot be read.
+    pub file: PathBuf,
+    /// Why.
+    pub reason: String,
+    /// Ids that arrived for it since, kept until it is repaired.
+    pub kept_ids: u64,
+}
+
 /// A snapshot of the store's counters, for `/stats` and `/metrics`.
 #[derive(Debug, Clone)]
 pub struct StoreStats {
@@ -169,6 +195,8 @@ pub struct StoreStats {
     pub merge_lag: Duration,
     /// When the latest round that did something finished, what it took, and what it did.
     pub last_flush: Option<(SystemTime, Duration, FlushReport)>,
+    /// The tenants in quarantine in the shards this worker merges.
+    pub quarantined: Vec<QuarantinedTenant>,
 }
 
 /// Where the tenants' id sets live, and how log files get there.
@@ -333,7 +361,10 @@ impl Store {
         let logs = log::scan(&wal_root).map_err(|e| StoreError::io("listing the logs", e))?;
         let seen: Vec<(String, bool, Vec<u64>)> =
             logs.iter().map(|l| (l.worker.clone(), l.live, l.inputs.iter().map(|f| f.seq).collect())).collect();
-        if !always && state.seen.as_ref() == Some(&seen) {
+        // A quarantined tenant whose files changed (repaired, say) is tried again, even when
+        // no log changed.
+        let retry = matches!(&self.engine, Engine::Json(shards) if shards.quarantine_changed());
+        if !always && !retry && state.seen.as_ref() == Some(&seen) {
             return Ok(FlushReport::default());
         }
         state.seen = None;
@@ -411,6 +442,19 @@ impl Store {
             },
             merge_lag: self.merge_lag(),
             last_flush: self.last_flush.lock().clone(),
+            quarantined: match &self.engine {
+                Engine::Json(shards) => shards
+                    .quarantined()
+                    .into_iter()
+                    .map(|q| QuarantinedTenant {
+                        kept_ids: q.ids.len() as u64,
+                        tenant: q.tenant,
+                        file: q.file,
+                        reason: q.reason,
+                    })
+                    .collect(),
+                Engine::Redis(_) => Vec::new(),
+            },
         }
     }
 

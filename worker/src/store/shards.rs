@@ -44,6 +44,7 @@ use super::log::Damage;
 use super::log::record::{Entry, Records, Run};
 use super::log::{LogFile, WorkerLog};
 use super::naming::tenant_file_stem;
+use super::quarantine::{Quarantine, Signature, failed_file};
 use super::tenant::{Tenant, read_all, read_count};
 use super::{FlushReport, StoreError};
 
@@ -63,6 +64,10 @@ struct ShardRecord {
     writer: String,
     /// Per worker id, the sequence number up to which its log files are merged.
     merged: BTreeMap<String, u64>,
+    /// The shard's tenants in quarantine (see [`super::quarantine`]), each with its quarantine
+    /// file beside its tenant file.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    quarantined: BTreeSet<String>,
 }
 
 impl ShardRecord {
@@ -85,6 +90,9 @@ struct OwnedShard {
     /// locked first or changed hands, and kept up to date since: a new tenant needs no look
     /// for a file it does not have.
     files: Option<HashSet<String>>,
+    /// The tenants of `record.quarantined`, read from their quarantine files, with the state of
+    /// their files when last tried (`None`: not tried by this process yet).
+    quarantined: HashMap<String, (Quarantine, Option<Signature>)>,
 }
 
 /// The shards a log file holds runs of, one bit each.
@@ -177,10 +185,11 @@ pub(crate) struct Shards {
     /// When the oldest log file that holds runs this worker has yet to merge was last written,
     /// if there is one: how far behind this worker's merging is.
     behind_since: Mutex<Option<SystemTime>>,
-    /// Counts read from tenant files, each with its file still open. A tenant file is only ever
-    /// replaced whole, by a rename that unlinks the old file: while the open file still has a
-    /// link, the count read from it is current, and a count costs one `fstat`.
-    counts: Mutex<HashMap<String, (File, u64)>>,
+    /// Counts read from tenant files, each with its file still open and its length and
+    /// modification time then. A tenant file is only ever replaced whole, by a rename that
+    /// unlinks the old file: while the open file still has a link and is unchanged (nobody
+    /// wrote into it by hand), the count read from it is current, and a count costs one `fstat`.
+    counts: Mutex<HashMap<String, (File, Unchanged, u64)>>,
 }
 
 impl Shards {
@@ -215,23 +224,29 @@ impl Shards {
 
     /// The tenant's distinct count as of the latest merge by any worker.
     pub(crate) fn count(&self, tenant: &str) -> Result<u64, StoreError> {
-        if let Some((file, count)) = self.counts.lock().get(tenant)
-            && file.metadata().is_ok_and(|m| m.nlink() > 0)
+        if let Some((file, unchanged, count)) = self.counts.lock().get(tenant)
+            && file.metadata().is_ok_and(|m| m.nlink() > 0 && Unchanged::of(&m) == *unchanged)
         {
             return Ok(*count);
         }
         let path = self.tenant_path(tenant);
+        if let Some(quarantine) = Quarantine::read(&path)? {
+            return Err(quarantine.error());
+        }
         let mut file = match File::open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
         };
+        let unchanged = file.metadata().map(|m| Unchanged::of(&m));
         let count = read_count(&path, &read_all(&mut file, &path)?, tenant)?;
         let mut counts = self.counts.lock();
         if counts.len() >= OPEN_TENANT_FILES {
             counts.clear();
         }
-        counts.insert(tenant.to_owned(), (file, count));
+        if let Ok(unchanged) = unchanged {
+            counts.insert(tenant.to_owned(), (file, unchanged, count));
+        }
         Ok(count)
     }
 
@@ -244,7 +259,16 @@ impl Shards {
         for shard in (0..self.shards).filter(|&s| owner_of(s, live.iter().copied()) == Some(&self.worker)) {
             if !owned.contains_key(&shard) {
                 let record = self.read_record(shard)?;
-                owned.insert(shard, OwnedShard { record, lock: None, tenants: HashMap::new(), files: None });
+                owned.insert(
+                    shard,
+                    OwnedShard {
+                        record,
+                        lock: None,
+                        tenants: HashMap::new(),
+                        files: None,
+                        quarantined: HashMap::new(),
+                    },
+                );
             }
         }
         indexed.retain(|(worker, seq), _| {
@@ -259,6 +283,11 @@ impl Shards {
                 if owned.get(&shard).is_some_and(|o| input.file.seq > o.record.merged(input.worker)) {
                     with_runs.insert(shard);
                 }
+            }
+        }
+        for (&shard, state) in owned.iter_mut() {
+            if quarantine_changed(shard, state, &self.root)? {
+                with_runs.insert(shard);
             }
         }
         if !with_runs.is_empty() {
@@ -376,7 +405,8 @@ impl Shards {
                 // one: claim it before changing anything, and reload its tenants.
                 state.tenants.clear();
                 state.files = None;
-                let claim = ShardRecord { writer: self.writer.clone(), merged: record.merged.clone() };
+                state.quarantined.clear();
+                let claim = ShardRecord { writer: self.writer.clone(), ..record.clone() };
                 self.stage_record(&mut commit, Step::Claim, shard, &claim)?;
             }
             locked.insert(shard, record);
@@ -418,25 +448,55 @@ impl Shards {
                 }
             }
         }
+        for (shard, record) in locked.iter_mut() {
+            let state = owned.get_mut(shard).expect("locked shards are owned");
+            self.retry_quarantined(*shard, record, state, &mut commit, report)?;
+        }
         for ((shard, name), runs) in &by_tenant {
             let state = owned.get_mut(shard).expect("locked shards are owned");
+            let record = locked.get_mut(shard).expect("runs are only taken for locked shards");
             let dir = shard_dir(&self.root, *shard);
+            let file_name = tenant_file_name(name);
+            let path = dir.join(&file_name);
+            // Every run was checked by `count_ids` above.
+            let ids = || runs.iter().flat_map(Run::ids);
+            if let Some((quarantine, _)) = state.quarantined.get_mut(*name) {
+                quarantine.ids.extend(ids().map(|id| String::from_utf8_lossy(id).into_owned()));
+                quarantine.stage(&path, &mut commit)?;
+                continue;
+            }
             let files = match &mut state.files {
                 Some(files) => files,
                 files => files.insert(list_tenant_files(&dir)?),
             };
-            let file_name = tenant_file_name(name);
-            let tenant = match state.tenants.entry_ref(*name) {
-                hashbrown::hash_map::EntryRef::Occupied(entry) => entry.into_mut(),
+            let merged = match state.tenants.entry_ref(*name) {
+                hashbrown::hash_map::EntryRef::Occupied(entry) => Ok(entry.into_mut()),
                 hashbrown::hash_map::EntryRef::Vacant(entry) if files.contains(&file_name) => {
-                    entry.insert(Tenant::load(dir.join(&file_name), name)?)
+                    Tenant::load(path.clone(), name).map(|tenant| entry.insert(tenant))
                 }
-                hashbrown::hash_map::EntryRef::Vacant(entry) => entry.insert(Tenant::new(dir.join(&file_name))),
-            };
-            // Every run was checked by `count_ids` above.
-            report.new_ids += tenant.merge(name, runs.iter().flat_map(Run::ids), &mut commit)?;
-            report.tenants += 1;
-            files.insert(file_name);
+                hashbrown::hash_map::EntryRef::Vacant(entry) => Ok(entry.insert(Tenant::new(path.clone()))),
+            }
+            .and_then(|tenant| tenant.merge(name, ids(), &mut commit));
+            match merged {
+                Ok(new) => {
+                    report.new_ids += new;
+                    report.tenants += 1;
+                    files.insert(file_name);
+                }
+                Err(e) => {
+                    // This tenant alone is set apart; its ids are kept, and the round goes on.
+                    state.tenants.remove(*name);
+                    let file = failed_file(&e, &path);
+                    tracing::error!(tenant = name, file = %file.display(), error = %e, "tenant quarantined; its new ids are kept until it is repaired");
+                    let ids = ids().map(|id| String::from_utf8_lossy(id).into_owned()).collect();
+                    let quarantine = Quarantine { tenant: (*name).to_owned(), file, reason: e.to_string(), ids };
+                    quarantine.stage(&path, &mut commit)?;
+                    invalidate_cached_counts(&path, &quarantine.file, &mut commit)?;
+                    let signature = quarantine.signature(&path);
+                    state.quarantined.insert((*name).to_owned(), (quarantine, Some(signature)));
+                    record.quarantined.insert((*name).to_owned());
+                }
+            }
         }
         // Each shard's record moves past every file it has now merged: those read this round,
         // and those known to hold none of its runs.
@@ -467,6 +527,73 @@ impl Shards {
             state.tenants.retain(|_, tenant| !tenant.is_small());
         }
         Ok(())
+    }
+
+    /// Tries again each quarantined tenant of a locked shard whose files changed since it was
+    /// last tried: one that loads now takes the ids kept for it, and leaves quarantine.
+    fn retry_quarantined(
+        &self,
+        shard: u16,
+        record: &mut ShardRecord,
+        state: &mut OwnedShard,
+        commit: &mut Commit,
+        report: &mut FlushReport,
+    ) -> Result<(), StoreError> {
+        let dir = shard_dir(&self.root, shard);
+        load_quarantined(record, state, &dir)?;
+        for (name, (quarantine, tried)) in state.quarantined.iter_mut() {
+            let path = dir.join(tenant_file_name(name));
+            let signature = quarantine.signature(&path);
+            if *tried == Some(signature) {
+                continue;
+            }
+            *tried = Some(signature);
+            let loaded = Tenant::load(path.clone(), name).and_then(|mut tenant| {
+                let kept = quarantine.ids.iter().map(String::as_bytes);
+                tenant.merge(name, kept, commit).map(|new| (tenant, new))
+            });
+            match loaded {
+                Ok((tenant, new)) => {
+                    tracing::info!(
+                        tenant = name,
+                        kept_ids = quarantine.ids.len(),
+                        new_ids = new,
+                        "tenant repaired: out of quarantine"
+                    );
+                    report.new_ids += new;
+                    commit.remove_after(Quarantine::path_of(&path));
+                    record.quarantined.remove(name);
+                    state.tenants.insert(name.clone(), tenant);
+                    if let Some(files) = &mut state.files {
+                        files.insert(tenant_file_name(name));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = name, error = %e, "quarantined tenant still cannot be read");
+                    let (file, reason) = (failed_file(&e, &path), e.to_string());
+                    if quarantine.file != file || quarantine.reason != reason {
+                        (quarantine.file, quarantine.reason) = (file, reason);
+                        quarantine.stage(&path, commit)?;
+                    }
+                }
+            }
+        }
+        state.quarantined.retain(|name, _| record.quarantined.contains(name));
+        Ok(())
+    }
+
+    /// The tenants in quarantine in the shards this worker owns.
+    pub(crate) fn quarantined(&self) -> Vec<Quarantine> {
+        let state = self.state.lock();
+        state.owned.values().flat_map(|s| s.quarantined.values().map(|(q, _)| q.clone())).collect()
+    }
+
+    /// Whether a quarantined tenant's files changed since it was last tried, so that a round
+    /// should try it again.
+    pub(crate) fn quarantine_changed(&self) -> bool {
+        let mut state = self.state.lock();
+        let root = &self.root;
+        state.owned.iter_mut().any(|(&shard, owned)| quarantine_changed(shard, owned, root).unwrap_or(true))
     }
 
     /// Deletes the listed log files that every shard they hold runs of has merged. A file that
@@ -567,19 +694,72 @@ fn tenant_file_name(tenant: &str) -> String {
     format!("{}.json", tenant_file_stem(tenant))
 }
 
-/// The names of the tenant files in the shard directory `dir`.
+/// The names of the tenant files in the shard directory `dir`, with those of tenants that have
+/// a directory of segments but lost their file, whose manifest is to be rebuilt.
 fn list_tenant_files(dir: &Path) -> Result<HashSet<String>, StoreError> {
     let mut files = HashSet::new();
     for entry in fs::read_dir(dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))? {
         let entry = entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
-        if let Ok(name) = entry.file_name().into_string()
-            && name.ends_with(".json")
-            && name != SHARD_FILE
-        {
+        let Ok(name) = entry.file_name().into_string() else { continue };
+        if name.ends_with(".json") && name != SHARD_FILE {
             files.insert(name);
+        } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            files.insert(format!("{name}.json"));
         }
     }
     Ok(files)
+}
+
+/// A file's length and modification time, which change if anything writes into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Unchanged(u64, i64, i64);
+
+impl Unchanged {
+    fn of(metadata: &fs::Metadata) -> Unchanged {
+        Unchanged(metadata.len(), metadata.mtime(), metadata.mtime_nsec())
+    }
+}
+
+/// Reads the quarantine files of the tenants `record` lists that this process has not read.
+fn load_quarantined(record: &ShardRecord, state: &mut OwnedShard, dir: &Path) -> Result<(), StoreError> {
+    for name in &record.quarantined {
+        if !state.quarantined.contains_key(name)
+            && let Some(quarantine) = Quarantine::read(&dir.join(tenant_file_name(name)))?
+        {
+            state.quarantined.insert(name.clone(), (quarantine, None));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a quarantined tenant of `shard` was never tried by this process, or its files
+/// changed since it was.
+fn quarantine_changed(shard: u16, state: &mut OwnedShard, root: &Path) -> Result<bool, StoreError> {
+    if state.record.quarantined.is_empty() {
+        return Ok(false);
+    }
+    let dir = shard_dir(root, shard);
+    load_quarantined(&state.record.clone(), state, &dir)?;
+    Ok(state
+        .quarantined
+        .iter()
+        .any(|(name, (quarantine, tried))| *tried != Some(quarantine.signature(&dir.join(tenant_file_name(name))))))
+}
+
+/// Makes every worker read a quarantined tenant's file again, so that its counts answer the
+/// quarantine: counts are served from tenant files held open, and a file replaced (here with
+/// its own bytes) is read again. A tenant file that is itself the bad one fails to parse anyway.
+fn invalidate_cached_counts(tenant_path: &Path, bad: &Path, commit: &mut Commit) -> Result<(), StoreError> {
+    if bad == tenant_path {
+        return Ok(());
+    }
+    match fs::read(tenant_path) {
+        Ok(bytes) => commit
+            .write(Step::Data, tenant_path, &bytes)
+            .map_err(|e| StoreError::io(format!("writing {}", tenant_path.display()), e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io(format!("reading {}", tenant_path.display()), e)),
+    }
 }
 
 /// Opens the lock file of the shard directory `dir`, creating both if need be.

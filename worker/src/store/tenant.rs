@@ -103,25 +103,37 @@ pub(crate) struct Tenant {
     segments_dir: PathBuf,
     ids: IdSet,
     layout: Layout,
+    /// Its manifest was rebuilt from its segments, and must be written even if no id is new.
+    rebuilt: bool,
 }
 
 impl Tenant {
     /// A tenant that has no file yet.
     pub(crate) fn new(path: PathBuf) -> Tenant {
         let segments_dir = path.with_extension("");
-        Tenant { path, segments_dir, ids: IdSet::default(), layout: Layout::Small }
+        Tenant { path, segments_dir, ids: IdSet::default(), layout: Layout::Small, rebuilt: false }
     }
 
     /// Loads `tenant` from its file `path` (and segments), or starts it empty if it has none.
+    /// A manifest that is missing or unreadable while segments are there is rebuilt from them.
     /// Holds the shard's lock: removes what an unfinished merge left among its segments.
     pub(crate) fn load(path: PathBuf, tenant: &str) -> Result<Tenant, StoreError> {
         let mut loaded = Tenant::new(path);
         let bytes = match fs::read(&loaded.path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(loaded),
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(StoreError::io(format!("reading {}", loaded.path.display()), e)),
         };
-        let file: TenantFile = serde_json::from_slice(&bytes).map_err(|e| StoreError::corrupt(&loaded.path, e))?;
+        let parsed = bytes.as_deref().map(serde_json::from_slice::<TenantFile>);
+        let file = match parsed {
+            Some(Ok(file)) => file,
+            None | Some(Err(_)) if loaded.segments_dir.is_dir() => {
+                loaded.rebuild(tenant)?;
+                return Ok(loaded);
+            }
+            None => return Ok(loaded),
+            Some(Err(e)) => return Err(StoreError::corrupt(&loaded.path, e)),
+        };
         check_owner(&file.tenant, tenant)?;
         match (file.ids, file.next_seq, file.segments) {
             (Some(ids), None, None) => {
@@ -141,6 +153,47 @@ impl Tenant {
             return Err(StoreError::corrupt(&loaded.path, detail));
         }
         Ok(loaded)
+    }
+
+    /// Rebuilds the tenant from the segments in its directory: the widest of those that
+    /// overlap (an unfinished merge may have left both a segment and the ones it absorbed).
+    fn rebuild(&mut self, tenant: &str) -> Result<(), StoreError> {
+        let dir = &self.segments_dir;
+        let mut found = Vec::new();
+        for entry in fs::read_dir(dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))? {
+            let entry = entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+            let name = entry.file_name();
+            let range = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.split_once('-'));
+            if let Some((Ok(first), Ok(last))) = range.map(|(f, l)| (f.parse::<u64>(), l.parse::<u64>())) {
+                found.push((first, last));
+            }
+        }
+        found.sort_by_key(|&(first, last)| (first, std::cmp::Reverse(last)));
+        let mut segments = Vec::new();
+        for (first, last) in found {
+            if segments.last().is_some_and(|s: &Segment| first <= s.last) {
+                continue;
+            }
+            let path = dir.join(Segment { first, last, ids: 0 }.file_name());
+            let bytes = fs::read(&path).map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+            let mut ids = Vec::new();
+            parse_segment(&path, &bytes, |id| ids.push(id))?;
+            self.ids
+                .insert_new(ids.iter().map(|id| id.as_bytes()), |_| {})
+                .map_err(|e| StoreError::corrupt(&path, e))?;
+            segments.push(Segment { first, last, ids: ids.len() as u64 });
+        }
+        remove_strays(dir, &segments)?;
+        let next_seq = segments.last().map_or(1, |s| s.last + 1);
+        tracing::warn!(
+            tenant,
+            segments = segments.len(),
+            ids = self.ids.len(),
+            "tenant manifest missing or unreadable: rebuilt from its segments"
+        );
+        self.layout = Layout::Segments { next_seq, segments };
+        self.rebuilt = true;
+        Ok(())
     }
 
     fn load_segments(&mut self, segments: &[Segment], count: u64) -> Result<(), StoreError> {
@@ -195,10 +248,16 @@ impl Tenant {
                 }
             })
             .map_err(|e| StoreError::corrupt(&self.path, e))?;
+        let count = self.count();
         if new == 0 {
+            if std::mem::take(&mut self.rebuilt)
+                && let Layout::Segments { next_seq, segments } = &self.layout
+            {
+                stage(commit, &self.path, manifest(name, count, *next_seq, segments))?;
+            }
             return Ok(0);
         }
-        let count = self.count();
+        self.rebuilt = false;
         match &mut self.layout {
             Layout::Small if self.ids.len() <= SMALL_MAX_IDS => {
                 let mut file = head(name, count);
