@@ -9,7 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Cluster, Load, batch, client, count, error_message, eventually, free_port, get_json, is_running, post, sigkill,
+    Cluster, Load, batch, client, count, error_message, eventually, free_port, get_json, is_running, post, raw_get,
+    sigkill,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -262,4 +263,40 @@ fn oversize_bodies_stop_at_the_coordinator_bad_batches_pass_through_and_no_worke
     let message = error_message(post(&client, &url, batch(&[("t", "1")])), StatusCode::SERVICE_UNAVAILABLE);
     assert!(message.contains("no live worker"), "{message}");
     assert!(started.elapsed() >= Duration::from_secs(1), "a request waits briefly for a worker before a 503");
+}
+
+#[test]
+fn tenants_named_like_dot_segments_or_holding_a_slash_are_counted_through_the_coordinator() {
+    let (cluster, ports, listen) = cluster(2);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(2);
+    let client = client();
+    // Each tenant gets its own number of ids, and is named by every raw path listed.
+    let tenants: [(&str, u64, &[&str]); 5] = [
+        (".", 1, &["/items/./count", "/items/%2E/count", "/items/%2e/count"]),
+        ("..", 2, &["/items/../count", "/items/%2E%2E/count", "/items/.%2e/count"]),
+        ("a/b", 3, &["/items/a%2Fb/count", "/items/a%2fb/count"]),
+        ("a b", 4, &["/items/a%20b/count"]),
+        ("%2E%2E", 5, &["/items/%252E%252E/count"]),
+    ];
+    for (tenant, n, _) in tenants {
+        let ids: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        let items: Vec<(&str, &str)> = ids.iter().map(|id| (tenant, id.as_str())).collect();
+        assert_eq!(post(&client, &coordinator.url(), batch(&items)).status(), StatusCode::OK, "{tenant:?}");
+    }
+    let worker = format!("http://127.0.0.1:{}", ports[0]);
+    for (tenant, n, paths) in tenants {
+        for path in paths {
+            let through = || raw_get(&coordinator.url(), path);
+            eventually(SETTLE, &format!("GET {path} counts {tenant:?}"), || {
+                let (status, body) = through();
+                status == 200 && serde_json::from_str::<Value>(&body).unwrap()["count"] == n
+            });
+            assert_eq!(
+                through(),
+                raw_get(&worker, path),
+                "GET {path}: through the coordinator and straight to a worker"
+            );
+        }
+    }
 }

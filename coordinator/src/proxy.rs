@@ -10,39 +10,19 @@ use std::time::{Duration, Instant};
 
 use actix_web::HttpResponse;
 use actix_web::http::StatusCode;
-use actix_web::http::header::RETRY_AFTER;
-use actix_web::web::Bytes;
+use actix_web::http::header::{ContentType, RETRY_AFTER};
 use countapp_shared::http::error;
 
 use crate::pool::{Member, WorkerState};
 use crate::state::AppState;
+use crate::upstream::{Forward, Reply, Upstream};
 
 /// How long a request waits for a live worker before it gets a 503.
 const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
 /// Attempts on distinct workers a request gets, at most.
 const MAX_ATTEMPTS: usize = 8;
-
-/// The HTTP client requests are forwarded with: pooled, kept alive, with explicit timeouts.
-pub(crate) struct Upstream(reqwest::Client);
-
-impl Upstream {
-    pub(crate) fn new() -> reqwest::Result<Upstream> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()?;
-        Ok(Upstream(client))
-    }
-}
-
-/// A request to forward: its method, its path (with the query) and its body.
-pub(crate) struct Forward {
-    pub(crate) method: reqwest::Method,
-    pub(crate) path: String,
-    pub(crate) body: Option<Bytes>,
-}
+/// How long a worker gets to answer.
+const HOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Forwards `request` and returns the reply of the first worker that handles it.
 pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forward) -> HttpResponse {
@@ -53,7 +33,7 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
     // The last worker reply that was a 5xx: if every attempt ends so, the client gets the
     // workers' own explanation (such as their tenant store being down, or their merging being
     // behind, with when to retry), not a generic one.
-    let mut last_reply = None;
+    let mut last_reply: Option<Reply> = None;
     while tried.len() < MAX_ATTEMPTS {
         let Some(member) = pool.pick(&tried) else {
             if Instant::now() >= deadline {
@@ -67,15 +47,15 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         if !tried.is_empty() {
             state.metrics.retries.inc();
         }
-        match send(upstream, &member, &request).await {
-            Ok(Reply { status, body, .. }) if !status.is_server_error() => {
-                let items = if status == StatusCode::OK && request.method == reqwest::Method::POST {
-                    accepted(&body)
+        match upstream.send(&member.url, &request, HOP_TIMEOUT).await {
+            Ok(reply) if !reply.status.is_server_error() => {
+                let items = if reply.status == hyper::StatusCode::OK && request.method == hyper::Method::POST {
+                    accepted(&reply.body)
                 } else {
                     0
                 };
                 member.record(items);
-                return HttpResponse::build(status).content_type("application/json").body(body);
+                return HttpResponse::build(status(&reply)).insert_header(ContentType::json()).body(reply.body);
             }
             Ok(reply) => {
                 let why = format!("{}: {}", reply.status, String::from_utf8_lossy(&reply.body));
@@ -94,34 +74,19 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
     }
     state.metrics.unavailable.inc();
     if let Some(reply) = last_reply {
-        let mut response = HttpResponse::build(reply.status);
-        if let Some(retry_after) = reply.retry_after {
+        let mut response = HttpResponse::build(status(&reply));
+        if let Some(retry_after) = reply.retry_after.as_ref().and_then(|v| v.to_str().ok()) {
             response.insert_header((RETRY_AFTER, retry_after));
         }
-        return response.content_type("application/json").body(reply.body);
+        return response.insert_header(ContentType::json()).body(reply.body);
     }
     let detail = last_error.map_or_else(String::new, |e| format!(" (last error: {e})"));
     error(StatusCode::SERVICE_UNAVAILABLE, format!("no live worker could take the request{detail}"))
 }
 
-/// A worker's reply.
-struct Reply {
-    status: StatusCode,
-    /// When the worker asks to be tried again, on a 503.
-    retry_after: Option<String>,
-    body: Bytes,
-}
-
-async fn send(upstream: &Upstream, member: &Member, request: &Forward) -> reqwest::Result<Reply> {
-    let mut builder = upstream.0.request(request.method.clone(), format!("{}{}", member.url, request.path));
-    if let Some(body) = &request.body {
-        builder = builder.header("content-type", "application/json").body(body.clone());
-    }
-    let reply = builder.send().await?;
-    let status = StatusCode::from_u16(reply.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let retry_after =
-        reply.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    Ok(Reply { status, retry_after, body: reply.bytes().await? })
+/// A worker's status as actix's type (actix and hyper use different `http` crates).
+fn status(reply: &Reply) -> StatusCode {
+    StatusCode::from_u16(reply.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY)
 }
 
 /// The `accepted` count of a worker's `200` reply to `POST /items`.

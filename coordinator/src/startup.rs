@@ -19,10 +19,10 @@ use tokio::sync::watch;
 use crate::config_watch;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::proxy::Upstream;
 use crate::routes;
 use crate::state::{AppState, ConfigStatus};
 use crate::supervisor::{Context, Supervisor};
+use crate::upstream::Upstream;
 
 /// How long the coordinator waits, after a change is noticed, for the edit to settle: editors
 /// write a file in several steps.
@@ -86,12 +86,11 @@ impl Coordinator {
         });
         let requests = web::Data::new(requests);
         let data = state.clone();
-        Upstream::new().map_err(|e| CoordinatorError::Runtime(format!("building the HTTP client: {e}")))?;
         let server = HttpServer::new(move || {
             App::new()
                 // One client per server thread: its connections then live on that thread's
                 // runtime, so a forwarded request never wakes another thread to do its I/O.
-                .app_data(web::Data::new(Upstream::new().expect("built once already")))
+                .app_data(web::Data::new(Upstream::default()))
                 .app_data(data.clone())
                 .app_data(requests.clone())
                 .wrap(from_fn(count_requests))

@@ -493,3 +493,19 @@ impl Proc {
 pub fn sigkill(pid: u32) {
     assert!(Command::new("kill").arg("-KILL").arg(pid.to_string()).status().unwrap().success());
 }
+
+/// `GET {url}{path}` with `path` sent byte for byte, as HTTP/1.1 over a plain socket: reqwest and
+/// the `url` crate remove dot segments (`/./`, `/%2E%2E/`) from a path before sending it. Returns
+/// the status and the body.
+pub fn raw_get(url: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let authority = url.strip_prefix("http://").expect("an http:// URL");
+    let mut stream = std::net::TcpStream::connect(authority).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or_else(|| panic!("GET {path}: no reply head in {reply:?}"));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
+    (status.unwrap_or_else(|| panic!("GET {path}: no status in {head:?}")), body.to_owned())
+}
