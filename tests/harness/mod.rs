@@ -176,8 +176,7 @@ impl Proc {
 
     /// Sends `signal` (such as `"TERM"`) to the process.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().unwrap();
-        assert!(status.success());
+        send_signal(self.pid(), signal);
     }
 
     /// Waits for the process to exit by itself, and returns its status.
@@ -489,9 +488,51 @@ impl Proc {
     }
 }
 
+/// Sends `signal` (such as `"TERM"`) to the process `pid`.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
 /// Kills the process `pid` with SIGKILL.
 pub fn sigkill(pid: u32) {
-    assert!(Command::new("kill").arg("-KILL").arg(pid.to_string()).status().unwrap().success());
+    send_signal(pid, "KILL");
+}
+
+/// A process stopped with SIGSTOP, alive but not answering (hung), for as long as the value
+/// lives: dropped, even by a failed test, it continues the process with SIGCONT.
+pub struct Stopped(u32);
+
+impl Stopped {
+    /// Stops the process `pid`.
+    pub fn new(pid: u32) -> Stopped {
+        send_signal(pid, "STOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-CONT").arg(self.0.to_string()).status();
+    }
+}
+
+/// Makes `dir` immutable (`chattr +i`), so that nothing, not even root, can create a file in
+/// it, for as long as the value lives.
+pub struct Immutable<'a>(&'a std::path::Path);
+
+impl<'a> Immutable<'a> {
+    pub fn new(dir: &'a std::path::Path) -> Self {
+        let status = Command::new("chattr").arg("+i").arg(dir).status().unwrap();
+        assert!(status.success(), "chattr +i {}", dir.display());
+        Immutable(dir)
+    }
+}
+
+impl Drop for Immutable<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(self.0).status();
+    }
 }
 
 /// `GET {url}{path}` with `path` sent byte for byte, as HTTP/1.1 over a plain socket: reqwest and
