@@ -8,6 +8,10 @@
 #   4. redis-benchmark -t sadd -P 100 -c 16, the reference SPEC.md names;
 #   5. POST and GET through a coordinator whose workers keep the tenants in that Redis
 #      (store: redis), against the store: json figures above.
+# Each run through the coordinator also reports the coordinator's CPU time per forwarded
+# request: utime+stime from /proc/<pid>/stat over the run, over the run's delta of /stats
+# cluster.requests_forwarded (in target/bench/coordinator-cpu.json). A summary of the ratios
+# the SPEC's targets name ends the output.
 # Figures go to target/bench/*.json. Everything started here is stopped on exit.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -59,6 +63,34 @@ start_cluster() {
     echo "the cluster did not start:"; cat "$dir/$name/coordinator.log"; exit 1
 }
 
+# The coordinator's CPU time so far (user + system), in clock ticks.
+cpu_ticks() { sed 's/.*) //' "/proc/$coordinator/stat" | awk '{ print $12 + $13 }'; }
+# The requests the coordinator has forwarded to a worker and got an answer to.
+forwarded() {
+    curl -s "http://127.0.0.1:$listen/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["cluster"]["requests_forwarded"])'
+}
+cpu_figures=()
+# Runs the load tool ($2...) through the coordinator, then records the coordinator's CPU per
+# forwarded request over that run under the name $1.
+through_coordinator() {
+    local name=$1
+    shift
+    local ticks0 fwd0 ticks1 fwd1
+    ticks0=$(cpu_ticks)
+    fwd0=$(forwarded)
+    "$@"
+    ticks1=$(cpu_ticks)
+    fwd1=$(forwarded)
+    cpu_figures+=("$(python3 -c '
+import json, sys
+name, ticks, fwd, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+cpu = ticks / hz
+print(json.dumps({"run": name, "cpu_seconds": cpu, "requests_forwarded": fwd,
+                  "cpu_us_per_request": round(cpu * 1e6 / fwd, 2) if fwd else None}))
+' "$name" $((ticks1 - ticks0)) $((fwd1 - fwd0)) "$(getconf CLK_TCK)")")
+    echo "coordinator CPU: ${cpu_figures[-1]}"
+}
+
 stop_cluster() {
     kill -TERM "$coordinator" && wait "$coordinator" || true
     coordinator=
@@ -68,12 +100,12 @@ start_cluster json "store: json"
 load=./target/release/countapp-load
 common=(--duration "$duration" --connections 16 --quiet)
 echo "=== POST through the coordinator (4 workers), and Redis SADD in the same run ==="
-$load --url "http://127.0.0.1:$listen" "${common[@]}" --batch 100 --tenants 10 \
+through_coordinator post $load --url "http://127.0.0.1:$listen" "${common[@]}" --batch 100 --tenants 10 \
     --redis "redis://127.0.0.1:$redis_port" --json "$out/coordinator-post.json" --plot "$out/coordinator-post.svg"
 echo "=== POST straight to one worker ==="
 $load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --batch 100 --tenants 10 --json "$out/worker-post.json"
 echo "=== GET counts through the coordinator ==="
-$load --url "http://127.0.0.1:$listen" "${common[@]}" --count --tenants 10 --json "$out/coordinator-count.json"
+through_coordinator count $load --url "http://127.0.0.1:$listen" "${common[@]}" --count --tenants 10 --json "$out/coordinator-count.json"
 echo "=== GET counts straight to one worker ==="
 $load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --count --tenants 10 --json "$out/worker-count.json"
 echo "=== redis-benchmark -t sadd -P 100 -c 16 -r 100000000 -n 2000000 ==="
@@ -83,7 +115,30 @@ stop_cluster
 start_cluster redis "store: redis
 redis_url: redis://127.0.0.1:$redis_port"
 echo "=== store: redis: POST through the coordinator ==="
-$load --url "http://127.0.0.1:$listen" "${common[@]}" --batch 100 --tenants 10 --json "$out/redis-store-post.json"
+through_coordinator redis-store-post $load --url "http://127.0.0.1:$listen" "${common[@]}" --batch 100 --tenants 10 --json "$out/redis-store-post.json"
 echo "=== store: redis: GET counts through the coordinator ==="
-$load --url "http://127.0.0.1:$listen" "${common[@]}" --count --tenants 10 --json "$out/redis-store-count.json"
+through_coordinator redis-store-count $load --url "http://127.0.0.1:$listen" "${common[@]}" --count --tenants 10 --json "$out/redis-store-count.json"
 stop_cluster
+printf '%s\n' "${cpu_figures[@]}" | python3 -c 'import json,sys; json.dump([json.loads(l) for l in sys.stdin], open(sys.argv[1], "w"), indent=2)' "$out/coordinator-cpu.json"
+
+echo "=== summary (targets from SPEC.md, Performance) ==="
+python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+def load(name):
+    with open(f"{out}/{name}.json") as f:
+        return json.load(f)
+cpost, wpost, ccount, wcount = (load(n) for n in ("coordinator-post", "worker-post", "coordinator-count", "worker-count"))
+cpu = {c["run"]: c["cpu_us_per_request"] for c in load("coordinator-cpu")}
+run = lambda r: r["run"]
+print(f"POST items/s: coordinator {run(cpost)['items_per_s']:.0f}, one worker {run(wpost)['items_per_s']:.0f}, "
+      f"Redis SADD {cpost['redis']['items_per_s']:.0f}")
+print(f"  coordinator/worker {run(cpost)['items_per_s'] / run(wpost)['items_per_s']:.2f}x (target >= 0.9), "
+      f"coordinator/Redis {cpost['ratio']:.2f}x (target >= 2)")
+print(f"GET counts/s: coordinator {run(ccount)['requests_per_s']:.0f}, one worker {run(wcount)['requests_per_s']:.0f}: "
+      f"{run(ccount)['requests_per_s'] / run(wcount)['requests_per_s']:.2f}x (target >= 0.5)")
+print(f"p99 through the coordinator: POST {run(cpost)['latency_ms']['p99']:.2f} ms (target <= 10), "
+      f"GET {run(ccount)['latency_ms']['p99']:.2f} ms (target <= 5)")
+print("coordinator CPU per forwarded request (target <= 15 us): "
+      + ", ".join(f"{name} {us} us" for name, us in cpu.items()))
+PY

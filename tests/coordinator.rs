@@ -9,7 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Cluster, Load, batch, client, count, error_message, eventually, free_port, get_json, is_running, post, sigkill,
+    Cluster, Immutable, Load, Stopped, batch, client, count, count_reply, error_message, eventually, free_port,
+    get_json, is_running, metric, post, raw_get, sigkill,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -262,4 +263,123 @@ fn oversize_bodies_stop_at_the_coordinator_bad_batches_pass_through_and_no_worke
     let message = error_message(post(&client, &url, batch(&[("t", "1")])), StatusCode::SERVICE_UNAVAILABLE);
     assert!(message.contains("no live worker"), "{message}");
     assert!(started.elapsed() >= Duration::from_secs(1), "a request waits briefly for a worker before a 503");
+}
+
+#[test]
+fn tenants_named_like_dot_segments_or_holding_a_slash_are_counted_through_the_coordinator() {
+    let (cluster, ports, listen) = cluster(2);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(2);
+    let client = client();
+    // Each tenant gets its own number of ids, and is named by every raw path listed.
+    let tenants: [(&str, u64, &[&str]); 5] = [
+        (".", 1, &["/items/./count", "/items/%2E/count", "/items/%2e/count"]),
+        ("..", 2, &["/items/../count", "/items/%2E%2E/count", "/items/.%2e/count"]),
+        ("a/b", 3, &["/items/a%2Fb/count", "/items/a%2fb/count"]),
+        ("a b", 4, &["/items/a%20b/count"]),
+        ("%2E%2E", 5, &["/items/%252E%252E/count"]),
+    ];
+    for (tenant, n, _) in tenants {
+        let ids: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        let items: Vec<(&str, &str)> = ids.iter().map(|id| (tenant, id.as_str())).collect();
+        assert_eq!(post(&client, &coordinator.url(), batch(&items)).status(), StatusCode::OK, "{tenant:?}");
+    }
+    let worker = format!("http://127.0.0.1:{}", ports[0]);
+    for (tenant, n, paths) in tenants {
+        for path in paths {
+            let through = || raw_get(&coordinator.url(), path);
+            eventually(SETTLE, &format!("GET {path} counts {tenant:?}"), || {
+                let (status, body) = through();
+                status == 200 && serde_json::from_str::<Value>(&body).unwrap()["count"] == n
+            });
+            assert_eq!(
+                through(),
+                raw_get(&worker, path),
+                "GET {path}: through the coordinator and straight to a worker"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_hung_worker_costs_a_request_a_hop_timeout_then_another_worker_answers() {
+    let (cluster, ports, listen) = cluster(3);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(3);
+    let url = coordinator.url();
+    let hung = Stopped::new(coordinator.pid_of(ports[0]));
+    // Several clients at once, so that some requests reach the hung worker before anything
+    // takes it out of routing.
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let url = url.clone();
+            thread::spawn(move || {
+                let client = client();
+                let (mut failures, mut slowest) = (Vec::new(), Duration::ZERO);
+                let started = Instant::now();
+                for i in 0.. {
+                    if started.elapsed() > Duration::from_secs(3) {
+                        break;
+                    }
+                    let sent = Instant::now();
+                    let reply = if i % 2 == 0 {
+                        post(&client, &url, batch(&[("hung", &format!("{c}-{i}"))]))
+                    } else {
+                        count_reply(&client, &url, "hung")
+                    };
+                    slowest = slowest.max(sent.elapsed());
+                    if reply.status() != StatusCode::OK {
+                        failures.push(format!("{}: {}", reply.status(), reply.text().unwrap_or_default()));
+                    }
+                }
+                (failures, slowest)
+            })
+        })
+        .collect();
+    for client in clients {
+        let (failures, slowest) = client.join().unwrap();
+        assert!(failures.is_empty(), "requests failed while a worker hung: {failures:?}");
+        // A functional bound: the hop's timeout, not the client's, decides.
+        assert!(slowest < Duration::from_secs(2), "a request took {slowest:?} while a worker hung");
+    }
+    let metrics = client().get(format!("{url}/metrics")).send().unwrap().text().unwrap();
+    let retries = metric(&metrics, "countapp_coordinator_retries_total", &[]).unwrap();
+    assert!(retries >= 1.0, "no request reached the hung worker and went elsewhere:\n{metrics}");
+    drop(hung);
+}
+
+#[test]
+fn when_every_worker_answers_5xx_a_request_tries_each_live_worker_once() {
+    let (cluster, ports, listen) = cluster(3);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(3);
+    let client = client();
+    // Merges that cannot write make every worker fall behind, and refuse ingest with a 503. A
+    // worker merges the shards it owns, so the items go to tenants all over the shards.
+    let shards = cluster.database().join("shards");
+    fs::create_dir_all(&shards).unwrap();
+    let _frozen = Immutable::new(&shards);
+    let tenants: Vec<String> = (0..256).map(|t| format!("behind-{t}")).collect();
+    let items: Vec<(&str, &str)> = tenants.iter().map(|tenant| (tenant.as_str(), "1")).collect();
+    let workers: Vec<String> = ports.iter().map(|port| format!("http://127.0.0.1:{port}")).collect();
+    for worker in &workers {
+        eventually(SETTLE, &format!("{worker} refuses ingest"), || {
+            post(&client, worker, batch(&items)).status() == StatusCode::SERVICE_UNAVAILABLE
+        });
+    }
+    // The `POST /items` each worker has answered, by its own count.
+    let posts_seen = |worker: &String| {
+        let text = client.get(format!("{worker}/metrics")).send().unwrap().text().unwrap();
+        let served =
+            |status| metric(&text, "countapp_worker_requests_total", &[("route", "/items"), ("status", status)]);
+        served("200").unwrap_or(0.0) + served("503").unwrap_or(0.0)
+    };
+    let before: Vec<f64> = workers.iter().map(posts_seen).collect();
+
+    let reply = post(&client, &coordinator.url(), batch(&[("behind", "through the coordinator")]));
+    assert_eq!(reply.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"), "the workers' Retry-After");
+    let message = error_message(reply, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("behind"), "the workers' own explanation: {message}");
+    let attempts: Vec<f64> = workers.iter().zip(&before).map(|(worker, before)| posts_seen(worker) - before).collect();
+    assert_eq!(attempts, vec![1.0; workers.len()], "attempts on each worker");
 }

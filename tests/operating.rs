@@ -10,7 +10,7 @@ use std::net::TcpListener;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::{Cluster, batch, client, count, eventually, free_port, get_json, is_running, post, sigkill, signal};
+use harness::{Cluster, batch, client, count, eventually, free_port, get_json, is_running, post, send_signal, sigkill};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -145,12 +145,12 @@ fn a_worker_added_again_while_it_is_slow_to_stop_is_started_again_and_routed_to(
     let paused = coordinator.pid_of(ports[1]);
 
     // Paused, the worker cannot answer its shutdown request: its stop runs long.
-    signal(paused, "STOP");
+    send_signal(paused, "STOP");
     cluster.write_config(&ports[..1], &extra(listen, more));
     thread::sleep(Duration::from_secs(1));
     cluster.write_config(&ports, &extra(listen, more));
     thread::sleep(Duration::from_secs(1));
-    signal(paused, "CONT");
+    send_signal(paused, "CONT");
 
     eventually(RESPAWN, "the re-added worker runs again, in a new process", || {
         !is_running(paused) && entry(&url, ports[1]).is_some_and(|w| w["state"] == "ready" && w["pid"] != paused)

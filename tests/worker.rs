@@ -22,7 +22,8 @@ use std::thread;
 use std::time::Duration;
 
 use harness::{
-    Cluster, Load, Proc, Tally, batch, client, count, error_message, eventually, free_port, get_json, metric, post,
+    Cluster, Immutable, Load, Proc, Tally, batch, client, count, error_message, eventually, free_port, get_json,
+    metric, post,
 };
 use reqwest::StatusCode;
 use reqwest::blocking::{Body, Client};
@@ -545,24 +546,6 @@ fn a_worker_answers_health_before_ready_and_stats_and_metrics() {
 // ---------------------------------------------------------------------------------------------
 // 7. Merging that falls behind pushes back on ingest
 // ---------------------------------------------------------------------------------------------
-
-/// Makes `dir` immutable (`chattr +i`), so that nothing, not even root, can create a file in
-/// it, for as long as the value lives.
-struct Immutable<'a>(&'a std::path::Path);
-
-impl<'a> Immutable<'a> {
-    fn new(dir: &'a std::path::Path) -> Self {
-        let status = std::process::Command::new("chattr").arg("+i").arg(dir).status().unwrap();
-        assert!(status.success(), "chattr +i {}", dir.display());
-        Immutable(dir)
-    }
-}
-
-impl Drop for Immutable<'_> {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr").arg("-i").arg(self.0).status();
-    }
-}
 
 /// A worker whose merges cannot keep up (here they cannot write at all) stops acknowledging once
 /// they are 2 s behind, with a 503 that says so and when to retry, instead of letting the counts

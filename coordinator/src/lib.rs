@@ -4,7 +4,8 @@
 //! - [`startup`]: wires everything together; the `coordinator` binary and the tests use it.
 //! - [`supervisor`]: spawns, watches, respawns and stops the workers, one task each.
 //! - [`pool`]: the workers, their states, and the live set requests are routed to.
-//! - `proxy`: forwards a request to a live worker, retrying on another when one fails.
+//! - `proxy`: forwards a request to a live worker, retrying on another when one fails;
+//!   `upstream`: the hop itself, on each server thread's keep-alive connections to the workers.
 //! - `routes`: the HTTP API; `state`: what its handlers share; `metrics`: Prometheus counters.
 //! - `dashboard`: the operator's page at `/`; `cluster_view`: the snapshot of the cluster it
 //!   shows, shared by every reader.
@@ -18,3 +19,4 @@ mod routes;
 pub mod startup;
 mod state;
 pub mod supervisor;
+mod upstream;

@@ -44,6 +44,8 @@ pub struct Member {
     pub requests: AtomicU64,
     /// Items it acknowledged through this coordinator.
     pub items: AtomicU64,
+    /// Times it became ready: a request that tried it before may try it again once this moved.
+    readied: AtomicU64,
 }
 
 /// What changes about a member over time.
@@ -76,6 +78,29 @@ impl Member {
     }
 }
 
+/// The members one request has tried, each as it was then: one that has failed since and become
+/// ready again (respawned, or passing its health check) is not the same try, and may be tried
+/// again; one still ready since (it answered a 5xx) is not.
+#[derive(Debug, Default)]
+pub struct Tried(Vec<(Arc<Member>, u64)>);
+
+impl Tried {
+    /// Records a try of `member`.
+    pub fn push(&mut self, member: Arc<Member>) {
+        let readied = member.readied.load(Ordering::Relaxed);
+        self.0.push((member, readied));
+    }
+
+    /// Whether nothing was tried yet.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn holds(&self, member: &Arc<Member>) -> bool {
+        self.0.iter().any(|(m, readied)| Arc::ptr_eq(m, member) && *readied == member.readied.load(Ordering::Relaxed))
+    }
+}
+
 /// Every member, and the live ones ready-made for routing.
 #[derive(Debug, Default)]
 pub struct Pool {
@@ -105,6 +130,7 @@ impl Pool {
                     }),
                     requests: AtomicU64::new(0),
                     items: AtomicU64::new(0),
+                    readied: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -131,6 +157,9 @@ impl Pool {
         };
         if changed {
             tracing::debug!(worker = %member.url, ?state, "state");
+            if state == WorkerState::Ready {
+                member.readied.fetch_add(1, Ordering::Relaxed);
+            }
             self.refresh_live();
             if state == WorkerState::Ready {
                 self.became_ready.notify_waiters();
@@ -156,14 +185,14 @@ impl Pool {
         }
     }
 
-    /// A random live member other than those in `tried`.
-    pub fn pick(&self, tried: &[Arc<Member>]) -> Option<Arc<Member>> {
-        let live = self.live.read().clone();
-        let candidates: Vec<&Arc<Member>> = live.iter().filter(|m| !tried.iter().any(|t| Arc::ptr_eq(t, m))).collect();
-        if candidates.is_empty() {
+    /// A random live member that `tried` does not hold.
+    pub fn pick(&self, tried: &Tried) -> Option<Arc<Member>> {
+        let live = self.live.read();
+        let untried = live.iter().filter(|m| !tried.holds(m)).count();
+        if untried == 0 {
             return None;
         }
-        Some(candidates[rand::rng().random_range(0..candidates.len())].clone())
+        live.iter().filter(|m| !tried.holds(m)).nth(rand::rng().random_range(0..untried)).cloned()
     }
 
     /// How many members are live.

@@ -3,79 +3,71 @@
 //! A connection failure, a timeout or a 5xx is retried on another live worker: ingest is
 //! idempotent (a set ignores an id it holds), so a batch that reached a worker before the
 //! failure is not double-counted by the retry. A worker's 4xx is the client's fault and passes
-//! through. With no live worker, the request waits briefly for one before a 503.
+//! through. Each live worker is tried once: when every one answers a 5xx, the client gets the
+//! last of them. With no live worker, the request waits briefly for one before a 503.
+//!
+//! The hop to a worker has its own timeout, well under a client's: a hung worker (alive but not
+//! answering) costs a request [`HOP_TIMEOUT`] before it goes to another worker, and the hung
+//! one is taken out of routing until its supervisor sees it answer again or replaces it.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::HttpResponse;
 use actix_web::http::StatusCode;
-use actix_web::http::header::RETRY_AFTER;
-use actix_web::web::Bytes;
+use actix_web::http::header::{ContentType, RETRY_AFTER};
 use countapp_shared::http::error;
 
-use crate::pool::{Member, WorkerState};
+use crate::pool::Tried;
 use crate::state::AppState;
+use crate::upstream::{Forward, Reply, Upstream};
 
 /// How long a request waits for a live worker before it gets a 503.
 const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
-/// Attempts on distinct workers a request gets, at most.
-const MAX_ATTEMPTS: usize = 8;
-
-/// The HTTP client requests are forwarded with: pooled, kept alive, with explicit timeouts.
-pub(crate) struct Upstream(reqwest::Client);
-
-impl Upstream {
-    pub(crate) fn new() -> reqwest::Result<Upstream> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()?;
-        Ok(Upstream(client))
-    }
-}
-
-/// A request to forward: its method, its path (with the query) and its body.
-pub(crate) struct Forward {
-    pub(crate) method: reqwest::Method,
-    pub(crate) path: String,
-    pub(crate) body: Option<Bytes>,
-}
+/// How long a worker gets to answer a `GET` or a small `POST`: a worker answers one in
+/// microseconds to milliseconds, and a client waits several seconds.
+const HOP_TIMEOUT: Duration = Duration::from_millis(500);
+/// What a `POST` body adds to [`HOP_TIMEOUT`], per MiB: a worker parses and logs one in a few
+/// milliseconds, but a body of `max_body_bytes` (16 MiB by default) may take a good part of a
+/// second, more with `fsync: always` on a slow disk.
+const HOP_TIMEOUT_PER_MIB: Duration = Duration::from_millis(250);
 
 /// Forwards `request` and returns the reply of the first worker that handles it.
 pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forward) -> HttpResponse {
     let pool = &state.ctx.pool;
     let deadline = Instant::now() + WAIT_FOR_WORKER;
-    let mut tried: Vec<Arc<Member>> = Vec::new();
+    let timeout = hop_timeout(request.body.len());
+    let mut tried = Tried::default();
     let mut last_error = None;
     // The last worker reply that was a 5xx: if every attempt ends so, the client gets the
     // workers' own explanation (such as their tenant store being down, or their merging being
     // behind, with when to retry), not a generic one.
-    let mut last_reply = None;
-    while tried.len() < MAX_ATTEMPTS {
+    let mut last_reply: Option<Reply> = None;
+    loop {
+        if !tried.is_empty() && Instant::now() >= deadline {
+            break;
+        }
         let Some(member) = pool.pick(&tried) else {
-            if Instant::now() >= deadline {
+            // Every live worker has answered: waiting would only get the same answers again.
+            if last_reply.is_some() || Instant::now() >= deadline {
                 break;
             }
-            // Every live worker failed us or none is live: wait for one to (re)start.
+            // No worker is live, or those that were failed us: wait for one to (re)start.
             pool.wait_for_ready(Duration::from_millis(100)).await;
-            tried.retain(|m| m.status().state != WorkerState::Ready);
             continue;
         };
         if !tried.is_empty() {
             state.metrics.retries.inc();
         }
-        match send(upstream, &member, &request).await {
-            Ok(Reply { status, body, .. }) if !status.is_server_error() => {
-                let items = if status == StatusCode::OK && request.method == reqwest::Method::POST {
-                    accepted(&body)
+        tried.push(member.clone());
+        match upstream.send(&member.url, &request, timeout).await {
+            Ok(reply) if !reply.status.is_server_error() => {
+                let items = if reply.status == hyper::StatusCode::OK && request.method == hyper::Method::POST {
+                    accepted(&reply.body)
                 } else {
                     0
                 };
                 member.record(items);
-                return HttpResponse::build(status).content_type("application/json").body(body);
+                return HttpResponse::build(status(&reply)).insert_header(ContentType::json()).body(reply.body);
             }
             Ok(reply) => {
                 let why = format!("{}: {}", reply.status, String::from_utf8_lossy(&reply.body));
@@ -84,47 +76,49 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
                 last_reply = Some(reply);
             }
             Err(e) => {
+                // A timeout says "no reply within ..." in the error.
                 let why = e.to_string();
-                tracing::warn!(worker = %member.url, error = why, "cannot reach worker; retrying elsewhere");
+                tracing::warn!(worker = %member.url, error = why, "worker unreachable or hung; retrying elsewhere");
                 pool.suspect(&member, why.clone());
                 last_error = Some(why);
             }
         }
-        tried.push(member);
     }
     state.metrics.unavailable.inc();
     if let Some(reply) = last_reply {
-        let mut response = HttpResponse::build(reply.status);
-        if let Some(retry_after) = reply.retry_after {
+        let mut response = HttpResponse::build(status(&reply));
+        if let Some(retry_after) = reply.retry_after.as_ref().and_then(|v| v.to_str().ok()) {
             response.insert_header((RETRY_AFTER, retry_after));
         }
-        return response.content_type("application/json").body(reply.body);
+        return response.insert_header(ContentType::json()).body(reply.body);
     }
     let detail = last_error.map_or_else(String::new, |e| format!(" (last error: {e})"));
     error(StatusCode::SERVICE_UNAVAILABLE, format!("no live worker could take the request{detail}"))
 }
 
-/// A worker's reply.
-struct Reply {
-    status: StatusCode,
-    /// When the worker asks to be tried again, on a 503.
-    retry_after: Option<String>,
-    body: Bytes,
+/// The hop timeout of a request with a body of `len` bytes.
+fn hop_timeout(len: usize) -> Duration {
+    HOP_TIMEOUT + HOP_TIMEOUT_PER_MIB.mul_f64(len as f64 / f64::from(1 << 20))
 }
 
-async fn send(upstream: &Upstream, member: &Member, request: &Forward) -> reqwest::Result<Reply> {
-    let mut builder = upstream.0.request(request.method.clone(), format!("{}{}", member.url, request.path));
-    if let Some(body) = &request.body {
-        builder = builder.header("content-type", "application/json").body(body.clone());
-    }
-    let reply = builder.send().await?;
-    let status = StatusCode::from_u16(reply.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let retry_after =
-        reply.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    Ok(Reply { status, retry_after, body: reply.bytes().await? })
+/// A worker's status as actix's type (actix and hyper use different `http` crates).
+fn status(reply: &Reply) -> StatusCode {
+    StatusCode::from_u16(reply.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY)
 }
 
 /// The `accepted` count of a worker's `200` reply to `POST /items`.
 fn accepted(body: &[u8]) -> u64 {
     serde_json::from_slice::<countapp_shared::api::Accepted>(body).map_or(0, |a| a.accepted as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hop_timeout_grows_with_the_body() {
+        assert_eq!(hop_timeout(0), HOP_TIMEOUT);
+        assert!(hop_timeout(10 << 10) < HOP_TIMEOUT + Duration::from_millis(5));
+        assert_eq!(hop_timeout(16 << 20), HOP_TIMEOUT + HOP_TIMEOUT_PER_MIB * 16);
+    }
 }

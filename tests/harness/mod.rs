@@ -183,8 +183,7 @@ impl Proc {
 
     /// Sends `signal` (such as `"TERM"`) to the process.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().unwrap();
-        assert!(status.success());
+        send_signal(self.pid(), signal);
     }
 
     /// Waits for the process to exit by itself, and returns its status.
@@ -500,12 +499,65 @@ impl Proc {
     }
 }
 
-/// Kills the process `pid` with SIGKILL.
-pub fn sigkill(pid: u32) {
-    signal(pid, "KILL");
+/// Sends `signal` (such as `"TERM"`) to the process `pid`.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
 }
 
-/// Sends the process `pid` the signal named `signal` (`STOP`, `CONT`, ...).
-pub fn signal(pid: u32, signal: &str) {
-    assert!(Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap().success());
+/// Kills the process `pid` with SIGKILL.
+pub fn sigkill(pid: u32) {
+    send_signal(pid, "KILL");
+}
+
+/// A process stopped with SIGSTOP, alive but not answering (hung), for as long as the value
+/// lives: dropped, even by a failed test, it continues the process with SIGCONT.
+pub struct Stopped(u32);
+
+impl Stopped {
+    /// Stops the process `pid`.
+    pub fn new(pid: u32) -> Stopped {
+        send_signal(pid, "STOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-CONT").arg(self.0.to_string()).status();
+    }
+}
+
+/// Makes `dir` immutable (`chattr +i`), so that nothing, not even root, can create a file in
+/// it, for as long as the value lives.
+pub struct Immutable<'a>(&'a std::path::Path);
+
+impl<'a> Immutable<'a> {
+    pub fn new(dir: &'a std::path::Path) -> Self {
+        let status = Command::new("chattr").arg("+i").arg(dir).status().unwrap();
+        assert!(status.success(), "chattr +i {}", dir.display());
+        Immutable(dir)
+    }
+}
+
+impl Drop for Immutable<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(self.0).status();
+    }
+}
+
+/// `GET {url}{path}` with `path` sent byte for byte, as HTTP/1.1 over a plain socket: reqwest and
+/// the `url` crate remove dot segments (`/./`, `/%2E%2E/`) from a path before sending it. Returns
+/// the status and the body.
+pub fn raw_get(url: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let authority = url.strip_prefix("http://").expect("an http:// URL");
+    let mut stream = std::net::TcpStream::connect(authority).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or_else(|| panic!("GET {path}: no reply head in {reply:?}"));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
+    (status.unwrap_or_else(|| panic!("GET {path}: no status in {head:?}")), body.to_owned())
 }
