@@ -2,10 +2,9 @@
 //! into the binary, and `GET /dashboard.json` the cluster view that page polls every second
 //! (documented in README.md, for scripts too).
 
-use actix_web::http::StatusCode;
 use actix_web::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
 use actix_web::{HttpRequest, HttpResponse, web};
-use countapp_shared::http::{error, resource};
+use countapp_shared::http::{ApiError, resource};
 use serde::Deserialize;
 
 use crate::state::AppState;
@@ -53,13 +52,12 @@ struct Query {
 }
 
 /// `GET /dashboard.json[?since=<unix ms>]`: the shared snapshot of the cluster; see README.md.
-async fn dashboard_json(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let query = match web::Query::<Query>::from_query(req.query_string()) {
-        Ok(query) => query.into_inner(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad query: {e}")),
-    };
+async fn dashboard_json(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let query = web::Query::<Query>::from_query(req.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?
+        .into_inner();
     match state.cluster_view.read(query.since).await {
-        Some(body) => HttpResponse::Ok().insert_header((CACHE_CONTROL, "no-store")).json(body),
-        None => error(StatusCode::SERVICE_UNAVAILABLE, "the cluster view is not ready yet; try again in a second"),
+        Some(body) => Ok(HttpResponse::Ok().insert_header((CACHE_CONTROL, "no-store")).json(body)),
+        None => Err(ApiError::Unavailable("the cluster view is not ready yet; try again in a second".to_owned())),
     }
 }

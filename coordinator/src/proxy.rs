@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use actix_web::HttpResponse;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{ContentType, RETRY_AFTER};
-use countapp_shared::http::error;
+use countapp_shared::http::ApiError;
 
 use crate::pool::Tried;
 use crate::state::AppState;
@@ -32,7 +32,7 @@ const HOP_TIMEOUT: Duration = Duration::from_millis(500);
 const HOP_TIMEOUT_PER_MIB: Duration = Duration::from_millis(250);
 
 /// Forwards `request` and returns the reply of the first worker that handles it.
-pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forward) -> HttpResponse {
+pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forward) -> Result<HttpResponse, ApiError> {
     let pool = &state.ctx.pool;
     let deadline = Instant::now() + WAIT_FOR_WORKER;
     let timeout = hop_timeout(request.body.len());
@@ -67,7 +67,7 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
                     0
                 };
                 member.record(items);
-                return HttpResponse::build(status(&reply)).insert_header(ContentType::json()).body(reply.body);
+                return Ok(HttpResponse::build(status(&reply)).insert_header(ContentType::json()).body(reply.body));
             }
             Ok(reply) => {
                 let why = format!("{}: {}", reply.status, String::from_utf8_lossy(&reply.body));
@@ -90,10 +90,10 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         if let Some(retry_after) = reply.retry_after.as_ref().and_then(|v| v.to_str().ok()) {
             response.insert_header((RETRY_AFTER, retry_after));
         }
-        return response.insert_header(ContentType::json()).body(reply.body);
+        return Ok(response.insert_header(ContentType::json()).body(reply.body));
     }
     let detail = last_error.map_or_else(String::new, |e| format!(" (last error: {e})"));
-    error(StatusCode::SERVICE_UNAVAILABLE, format!("no live worker could take the request{detail}"))
+    Err(ApiError::Unavailable(format!("no live worker could take the request{detail}")))
 }
 
 /// The hop timeout of a request with a body of `len` bytes.

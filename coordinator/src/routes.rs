@@ -3,11 +3,10 @@
 
 use std::time::UNIX_EPOCH;
 
-use actix_web::http::StatusCode;
 use actix_web::http::header::ContentType;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
-use countapp_shared::http::{RequestCounter, count_route, error, no_such_route, read_body, resource};
+use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, read_body, resource};
 use serde_json::{Value, json};
 
 use crate::dashboard;
@@ -35,39 +34,32 @@ async fn post_items(
     payload: web::Payload,
     state: web::Data<AppState>,
     upstream: web::Data<Upstream>,
-) -> HttpResponse {
+) -> Result<HttpResponse, ApiError> {
     let max = state.ctx.config.borrow().max_body_bytes.as_usize();
-    let body = match read_body(&req, payload, max).await {
-        Ok(body) => body.freeze(),
-        Err(reply) => return reply,
-    };
-    match raw_uri(&req) {
-        Ok(uri) => forward(&state, &upstream, Forward { method: hyper::Method::POST, uri, body }).await,
-        Err(reply) => reply,
-    }
+    let body = read_body(&req, payload, max).await?.freeze();
+    let uri = raw_uri(&req)?;
+    forward(&state, &upstream, Forward { method: hyper::Method::POST, uri, body }).await
 }
 
 /// Under `/items`: the count route (see [`count_route`]), forwarded with the path exactly as the
 /// client encoded it.
-async fn items_subpath(req: HttpRequest, state: web::Data<AppState>, upstream: web::Data<Upstream>) -> HttpResponse {
-    if let Err(reply) = count_route(&req) {
-        return reply;
-    }
-    let uri = match raw_uri(&req) {
-        Ok(uri) => uri,
-        Err(reply) => return reply,
-    };
+async fn items_subpath(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    upstream: web::Data<Upstream>,
+) -> Result<HttpResponse, ApiError> {
+    count_route(&req)?;
+    let uri = raw_uri(&req)?;
     forward(&state, &upstream, Forward { method: hyper::Method::GET, uri, body: Bytes::new() }).await
 }
 
 /// The request's path and query exactly as the client sent them, for the worker: nothing
 /// decodes or normalizes them, so that `.`, `..` or `%2E%2E` stay tenants, not dot segments.
-#[expect(clippy::result_large_err, reason = "the error is the reply itself, built once per rejected request")]
-fn raw_uri(req: &HttpRequest) -> Result<hyper::Uri, HttpResponse> {
+fn raw_uri(req: &HttpRequest) -> Result<hyper::Uri, ApiError> {
     let path = req.uri().path_and_query().map_or(req.path(), |pq| pq.as_str());
     // actix parsed it with the http crate's rules already; a newer version of that crate parses
     // the worker's copy, and might be stricter.
-    hyper::Uri::try_from(path).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request path: {e}")))
+    hyper::Uri::try_from(path).map_err(|e| ApiError::BadRequest(format!("invalid request path: {e}")))
 }
 
 /// `GET /health`: the coordinator is up; how many workers take requests.

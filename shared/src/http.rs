@@ -1,14 +1,15 @@
-//! What both servers do alike: JSON errors, bounded request bodies, and counting requests.
+//! What both servers do alike: one error type for every JSON error, bounded request bodies,
+//! and counting requests.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
-use actix_web::http::header::CONTENT_LENGTH;
+use actix_web::http::header::{CONTENT_LENGTH, RETRY_AFTER};
 use actix_web::middleware::Next;
 use actix_web::web::{self, BytesMut};
-use actix_web::{HttpMessage, HttpRequest, HttpResponse};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -17,36 +18,85 @@ use prometheus_client::registry::Registry;
 
 use crate::api::ErrorBody;
 
-/// A JSON error reply: `{"error": message}`.
-pub fn error(status: StatusCode, message: impl Into<String>) -> HttpResponse {
-    HttpResponse::build(status).json(ErrorBody::new(message))
+/// Every error either server answers, and the one place that picks its status: handlers return
+/// `Result<_, ApiError>`, and actix turns the error into `{"error": message}` with that status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed; nothing of it was applied.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 403: the request needs the token the worker was started with.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404: no route matches the path.
+    #[error("no such route")]
+    NotFound,
+    /// 405: the route exists, not for this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 409: the request conflicts with what runs (a config edit of a fixed key).
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: the body is over `max_body_bytes`.
+    #[error("the body exceeds max_body_bytes ({0} bytes)")]
+    TooLarge(usize),
+    /// 500: the server cannot answer this request (a tenant in quarantine, a damaged file).
+    #[error("{0}")]
+    Internal(String),
+    /// 503: the server cannot take the request now; retry, here or elsewhere.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 503 with `Retry-After: 1`: the server pushes back under load; retry shortly.
+    #[error("{0}")]
+    PushBack(String),
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable(_) | ApiError::PushBack(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut reply = HttpResponse::build(self.status_code());
+        if let ApiError::PushBack(_) = self {
+            reply.insert_header((RETRY_AFTER, "1"));
+        }
+        reply.json(ErrorBody::new(self.to_string()))
+    }
 }
 
 /// A resource whose other methods get a JSON 405, not an empty one.
 pub fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path)
-        .default_service(web::to(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") }))
+    web::resource(path).default_service(web::to(|| async { ApiError::MethodNotAllowed.error_response() }))
 }
 
 /// The JSON 404 for a path no route matches.
-pub async fn no_such_route() -> HttpResponse {
-    error(StatusCode::NOT_FOUND, "no such route")
+pub async fn no_such_route() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound)
 }
 
 /// Reads a request body of at most `max` bytes. A larger one gets a JSON 413 as soon as it is
 /// known to be too large (from its `Content-Length`, or once the bytes read exceed `max`), so
 /// that an oversize body never sits in memory.
-pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, max: usize) -> Result<BytesMut, HttpResponse> {
-    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds max_body_bytes ({max} bytes)"));
+pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, max: usize) -> Result<BytesMut, ApiError> {
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared.is_some_and(|len| len > max) {
-        return Err(too_large());
+        return Err(ApiError::TooLarge(max));
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(8 << 10).min(max));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading the body failed: {e}")))?;
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body failed: {e}")))?;
         if body.len() + chunk.len() > max {
-            return Err(too_large());
+            return Err(ApiError::TooLarge(max));
         }
         body.extend_from_slice(&chunk);
     }
@@ -62,14 +112,13 @@ const COUNT_ROUTE: &str = "/items/{tenant}/count";
 /// Both servers match this route by hand, under a static `/items` scope: actix matches a
 /// dynamic segment with a regular expression on every request, and again to name the route for
 /// metrics, which cost a worker serving counts a tenth of its time.
-#[expect(clippy::result_large_err, reason = "the error is the reply itself, built once per rejected request")]
-pub fn count_route(req: &HttpRequest) -> Result<&str, HttpResponse> {
+pub fn count_route(req: &HttpRequest) -> Result<&str, ApiError> {
     let raw = req.path().strip_prefix("/items/").and_then(|p| p.strip_suffix("/count"));
     let Some(raw) = raw.filter(|raw| !raw.is_empty() && !raw.contains('/')) else {
-        return Err(error(StatusCode::NOT_FOUND, "no such route"));
+        return Err(ApiError::NotFound);
     };
     if req.method() != actix_web::http::Method::GET {
-        return Err(error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"));
+        return Err(ApiError::MethodNotAllowed);
     }
     req.extensions_mut().insert(RouteLabel(COUNT_ROUTE));
     Ok(raw)

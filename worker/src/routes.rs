@@ -1,15 +1,14 @@
-//! The worker's HTTP API (SPEC.md, "HTTP API"): ingest, counts, health, stats, metrics and the
-//! coordinator's graceful shutdown.
+//! The worker's HTTP API (SPEC.md, "HTTP API"): ingest, counts, health, stats, metrics, and the
+//! coordinator's graceful shutdown and config edits. Every error is an [`ApiError`].
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use actix_web::http::StatusCode;
-use actix_web::http::header::{AUTHORIZATION, ContentType, HeaderValue, RETRY_AFTER};
+use actix_web::http::header::{AUTHORIZATION, ContentType};
 use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
 use countapp_shared::api::{Accepted, Count};
 use countapp_shared::config::Config;
-use countapp_shared::http::{RequestCounter, count_route, error, no_such_route, read_body, resource};
+use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, read_body, resource};
 use countapp_shared::items::parse_batch;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
@@ -38,75 +37,57 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
 /// within about `worker_persist` plus this of the last acknowledgement, however long the load.
 const MAX_MERGE_LAG: Duration = Duration::from_secs(2);
 
-/// A 503 asking the client to come back: `Retry-After: 1`.
-fn push_back(message: String) -> HttpResponse {
-    let mut reply = error(StatusCode::SERVICE_UNAVAILABLE, message);
-    reply.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    reply
-}
-
-fn not_ready() -> HttpResponse {
-    error(StatusCode::SERVICE_UNAVAILABLE, "the worker is recovering its log and not ready yet")
+fn not_ready() -> ApiError {
+    ApiError::Unavailable("the worker is recovering its log and not ready yet".to_owned())
 }
 
 /// `POST /items`: validates the whole batch, appends it to the log, and answers once durable.
-async fn post_items(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
-    let Some(store) = state.store() else { return not_ready() };
+async fn post_items(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let store = state.store().ok_or_else(not_ready)?;
     let config = state.config.get();
     let pending = store.pending_items();
     if pending >= config.max_pending_items.get() {
         // The tenants' store has not taken this worker's log for a while (Redis down): stop
         // acknowledging before the log fills the disk. The coordinator retries elsewhere.
         let message = format!("{pending} items wait for the tenant store; max_pending_items is reached");
-        return push_back(message);
+        return Err(ApiError::PushBack(message));
     }
     let lag = store.merge_lag();
     if lag > MAX_MERGE_LAG {
         // Ingest outruns this worker's merging: shed it (the coordinator tries the other
         // workers) rather than let the counts fall further behind.
-        return push_back(format!("merging is {:.1} s behind; retry shortly", lag.as_secs_f64()));
+        return Err(ApiError::PushBack(format!("merging is {:.1} s behind; retry shortly", lag.as_secs_f64())));
     }
-    let body = match read_body(&req, payload, config.max_body_bytes.as_usize()).await {
-        Ok(body) => body,
-        Err(reply) => return reply,
-    };
-    let items = match parse_batch(&body, config.max_key_bytes.as_usize()) {
-        Ok(items) => items,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
-    };
-    match store.append(&items).await {
-        Ok(()) => {
-            state.metrics.accepted(items.len() as u64);
-            HttpResponse::Ok().json(Accepted { accepted: items.len() })
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "append failed");
-            error(StatusCode::SERVICE_UNAVAILABLE, format!("the batch was not stored: {e}"))
-        }
-    }
+    let body = read_body(&req, payload, config.max_body_bytes.as_usize()).await?;
+    let items = parse_batch(&body, config.max_key_bytes.as_usize()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    store.append(&items).await.map_err(|e| {
+        tracing::error!(error = %e, "append failed");
+        ApiError::Unavailable(format!("the batch was not stored: {e}"))
+    })?;
+    state.metrics.accepted(items.len() as u64);
+    Ok(HttpResponse::Ok().json(Accepted { accepted: items.len() }))
 }
 
 /// Under `/items`: the count route (see [`count_route`]).
-async fn items_subpath(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    match count_route(&req) {
-        Ok(raw) => get_count(raw, &state).await,
-        Err(reply) => reply,
-    }
+async fn items_subpath(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    get_count(count_route(&req)?, &state).await
 }
 
 /// `GET /items/{tenant}/count`: the tenant's count as of the latest flush by any worker.
-async fn get_count(raw: &str, state: &AppState) -> HttpResponse {
-    let Some(store) = state.store().cloned() else { return not_ready() };
+async fn get_count(raw: &str, state: &AppState) -> Result<HttpResponse, ApiError> {
+    let store = state.store().cloned().ok_or_else(not_ready)?;
     // Decoded here, once, from the raw path: every string is a tenant, `/` and `%` included.
-    let tenant = match percent_decode_str(raw).decode_utf8() {
-        Ok(tenant) => tenant.into_owned(),
-        Err(_) => {
-            return error(StatusCode::BAD_REQUEST, "the tenant is not valid UTF-8 once percent-decoded");
-        }
-    };
+    let tenant = percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| ApiError::BadRequest("the tenant is not valid UTF-8 once percent-decoded".to_owned()))?
+        .into_owned();
     let max = state.config.get().max_key_bytes.as_usize();
     if tenant.len() > max {
-        return error(StatusCode::BAD_REQUEST, format!("the tenant is longer than max_key_bytes ({max} bytes)"));
+        return Err(ApiError::BadRequest(format!("the tenant is longer than max_key_bytes ({max} bytes)")));
     }
     // A JSON store answers from a manifest it holds open, cheaper than a hop to a blocking
     // thread; Redis answers over the network, which must not stall the event loop.
@@ -117,14 +98,14 @@ async fn get_count(raw: &str, state: &AppState) -> HttpResponse {
         store.count(&tenant)
     };
     match counted {
-        Ok(count) => HttpResponse::Ok().json(Count { count }),
+        Ok(count) => Ok(HttpResponse::Ok().json(Count { count })),
         Err(e) => {
             tracing::error!(tenant, error = %e, "count failed");
-            let status = match e {
-                StoreError::Backend(_) => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            error(status, format!("the count could not be read: {e}"))
+            let message = format!("the count could not be read: {e}");
+            Err(match e {
+                StoreError::Backend(_) => ApiError::Unavailable(message),
+                _ => ApiError::Internal(message),
+            })
         }
     }
 }
@@ -135,16 +116,16 @@ async fn health() -> HttpResponse {
 }
 
 /// `GET /ready`: the log is recovered and the worker takes ingest.
-async fn ready(state: web::Data<AppState>) -> HttpResponse {
+async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     match state.store() {
         Some(store) if let Some(why) = store.failure().borrow().clone() => {
-            error(StatusCode::SERVICE_UNAVAILABLE, format!("the worker is stopping: {why}"))
+            Err(ApiError::Unavailable(format!("the worker is stopping: {why}")))
         }
         Some(_) if !state.shutdown.is_cancelled() => {
-            HttpResponse::Ok().json(json!({ "ready": true, "config_version": state.config.version() }))
+            Ok(HttpResponse::Ok().json(json!({ "ready": true, "config_version": state.config.version() })))
         }
-        Some(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the worker is shutting down"),
-        None => not_ready(),
+        Some(_) => Err(ApiError::Unavailable("the worker is shutting down".to_owned())),
+        None => Err(not_ready()),
     }
 }
 
@@ -191,32 +172,29 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 
 /// `POST /shutdown`: with the coordinator's token (`Authorization: Bearer <token>`), stop taking
 /// requests, finish those in flight, flush and exit 0.
-async fn shutdown(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+async fn shutdown(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     if !from_coordinator(&req, &state) {
-        return error(StatusCode::FORBIDDEN, "shutdown needs the token this worker was started with");
+        return Err(ApiError::Forbidden("shutdown needs the token this worker was started with".to_owned()));
     }
     tracing::info!("shutdown requested");
     state.shutdown.cancel();
-    HttpResponse::Accepted().json(json!({ "status": "shutting down" }))
+    Ok(HttpResponse::Accepted().json(json!({ "status": "shutting down" })))
 }
 
 /// `PUT /config`: with the coordinator's token, puts the config in the body (JSON, as
 /// [`Config::to_json`] writes it) in force. `409` if it changes a key that only a restart can.
-async fn put_config(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+async fn put_config(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     if !from_coordinator(&req, &state) {
-        return error(StatusCode::FORBIDDEN, "a config edit needs the token this worker was started with");
+        return Err(ApiError::Forbidden("a config edit needs the token this worker was started with".to_owned()));
     }
-    let config = match std::str::from_utf8(&body)
+    let config = std::str::from_utf8(&body)
         .map_err(|e| e.to_string())
         .and_then(|json| Config::from_json(json).map_err(|e| e.to_string()))
-    {
-        Ok(config) => config,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid config: {e}")),
-    };
+        .map_err(|e| ApiError::BadRequest(format!("invalid config: {e}")))?;
     match state.config.apply(config, state.store().map(|store| &**store)) {
-        Ok(_) => HttpResponse::Ok().json(json!({ "config_version": state.config.version() })),
-        Err(e @ ApplyError::Fixed(_)) => error(StatusCode::CONFLICT, e.to_string()),
-        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Ok(_) => Ok(HttpResponse::Ok().json(json!({ "config_version": state.config.version() }))),
+        Err(e @ ApplyError::Fixed(_)) => Err(ApiError::Conflict(e.to_string())),
+        Err(e) => Err(ApiError::BadRequest(e.to_string())),
     }
 }
 
