@@ -351,3 +351,23 @@ fn eventually_owner(ports: &[u16], tenant: &str) -> u16 {
     });
     owner.unwrap()
 }
+
+#[test]
+fn a_hung_worker_is_killed_and_replaced() {
+    let (ports, listen) = ([free_port(), free_port()], free_port());
+    let cluster = Cluster::new(&ports, &extra(listen, "worker_persist: 0.2\n"));
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(2);
+    let url = coordinator.url();
+    let hung = coordinator.pid_of(ports[0]);
+    // Alive but answering nothing: only its health checks can tell.
+    send_signal(hung, "STOP");
+    let took = eventually(RESPAWN, "the hung worker is replaced by a new process", || {
+        !is_running(hung) && entry(&url, ports[0]).is_some_and(|w| w["state"] == "ready" && w["pid"] != hung)
+    });
+    println!("replaced {took:?} after it hung");
+    let replaced = entry(&url, ports[0]).unwrap();
+    assert_eq!(replaced["restarts"], 1, "{replaced}");
+    assert!(replaced["last_error"].as_str().unwrap().contains("failed health checks"), "{replaced}");
+    assert_eq!(post(&client(), &url, batch(&[("after-hang", "1")])).status(), StatusCode::OK);
+}
