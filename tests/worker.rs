@@ -257,7 +257,8 @@ fn the_load_check_names_a_lost_batch_that_counts_alone_would_hide() {
     let check = panic::catch_unwind(AssertUnwindSafe(|| tally.check_counted(&client, &url, Duration::from_secs(1))));
     let report = *check.expect_err("the check passed").downcast::<String>().unwrap();
     let lost = format!(
-        "LOST 1 acknowledged batches, each 200 ids in each of hidden-0, hidden-1, hidden-2: client 0 batch {}",
+        "LOST 1 acknowledged batches, each {} ids in each of hidden-0, hidden-1, hidden-2: client 0 batch {}",
+        Load::PER_TENANT,
         never_posted.seq
     );
     assert!(report.contains(&lost), "{report}");

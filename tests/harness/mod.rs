@@ -382,10 +382,15 @@ impl Proc {
 }
 
 /// Load on a server: client threads posting batches of fresh ids (never in another batch) over
-/// a few tenants, until stopped (or, bounded, after `MAX_BATCHES` each). Each batch also carries
-/// one marker item in a tenant of its own, `<prefix>~batch-<client>-<seq>`: batches are
-/// all-or-nothing, so the marker's count (1 or 0) tells whether the server applied the batch,
-/// acknowledged or not, and [`Tally::check_counted`] can account for every batch exactly.
+/// a few tenants, until stopped (or, bounded, after `MAX_BATCHES` each), recording which batches
+/// were acknowledged.
+///
+/// Each batch also carries marker ids, so that [`Tally::check_counted`] can read back whether
+/// the server applied it, acknowledged or not: batch `seq` of client `c` puts 2^(`seq` %
+/// [`Load::GROUP`]) ids of its own in the marker tenant `<prefix>~batches-<c>-<seq / GROUP>`.
+/// Batches are all-or-nothing, so that tenant's count is the sum of the powers of two of its
+/// group's batches that were applied: a bitmask naming each of them, at one marker tenant per
+/// [`Load::GROUP`] batches (each a tenant the server stores, and the check reads, on its own).
 pub struct Load {
     /// The data tenants, `<prefix>-0..3`.
     pub tenants: Vec<String>,
@@ -406,6 +411,18 @@ pub struct Sent {
     pub acked: bool,
 }
 
+impl Sent {
+    /// The batch's group of [`Load::GROUP`], whose marker tenant it shares.
+    fn group(&self) -> (usize, usize) {
+        (self.client, self.seq / Load::GROUP)
+    }
+
+    /// The batch's bit in its group's marker count.
+    fn bit(&self) -> u64 {
+        1 << (self.seq % Load::GROUP)
+    }
+}
+
 /// What a load did: every batch it sent, and every failed request, as text.
 #[derive(Debug, Default)]
 pub struct Tally {
@@ -418,18 +435,20 @@ pub struct Tally {
     pub errors: Vec<String>,
 }
 
-/// Threads that read counts at once while checking: a few thousand markers in about a second.
+/// Threads that read counts at once while checking: a few hundred markers in well under a
+/// second.
 const READERS: usize = 8;
 
 impl Load {
-    /// Data items per batch; a multiple of the tenant count. Large, so that a heavy load of
-    /// items takes few batches: each batch's marker is a tenant the server stores, and reads
-    /// back, on its own.
-    pub const BATCH: usize = 600;
+    /// Data items per batch; a multiple of the tenant count.
+    pub const BATCH: usize = 150;
     /// Data tenants.
     pub const TENANTS: usize = 3;
     /// Ids per data tenant in each batch.
     pub const PER_TENANT: u64 = (Load::BATCH / Load::TENANTS) as u64;
+    /// Batches of a client that share a marker tenant: 8 adds 32 marker ids to a batch on
+    /// average, and makes 8 times fewer tenants than a marker tenant per batch.
+    pub const GROUP: usize = 8;
     /// Batches per client at most, so that a load nobody stops still ends.
     pub const MAX_BATCHES: usize = 20_000;
 
@@ -455,10 +474,12 @@ impl Load {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
+            let sent = Sent { client: c, seq, acked: false };
             let mut items: Vec<(String, String)> = (0..Load::BATCH)
                 .map(|i| (format!("{prefix}-{}", i % Load::TENANTS), format!("c{c}-b{seq}-i{i}")))
                 .collect();
-            items.push((marker(prefix, c, seq), "m".to_owned()));
+            let marker = marker(prefix, sent.group());
+            items.extend((0..sent.bit()).map(|k| (marker.clone(), format!("b{seq}-{k}"))));
             let items: Vec<(&str, &str)> = items.iter().map(|(t, id)| (t.as_str(), id.as_str())).collect();
             let reply = client
                 .post(format!("{url}/items"))
@@ -470,7 +491,7 @@ impl Load {
                 Ok(r) => Some(format!("{}: {}", r.status(), r.text().unwrap_or_default())),
                 Err(e) => Some(e.to_string()),
             };
-            tally.batches.push(Sent { client: c, seq, acked: failure.is_none() });
+            tally.batches.push(Sent { acked: failure.is_none(), ..sent });
             if let Some(failure) = failure {
                 tally.errors.push(failure);
                 if stop_on_error {
@@ -494,9 +515,10 @@ impl Load {
     }
 }
 
-/// The marker tenant of batch `seq` of client `c`: `~` keeps it apart from the data tenants.
-fn marker(prefix: &str, c: usize, seq: usize) -> String {
-    format!("{prefix}~batch-{c}-{seq}")
+/// The marker tenant of a group of batches, (client, group): `~` keeps it apart from the data
+/// tenants.
+fn marker(prefix: &str, (client, group): (usize, usize)) -> String {
+    format!("{prefix}~batches-{client}-{group}")
 }
 
 /// How a load's batches fared, once accounted for: every acknowledged one was applied, and of
@@ -518,6 +540,13 @@ impl std::fmt::Display for Accounting {
     }
 }
 
+/// The batches that share a marker tenant: the group, and the indexes of its batches in
+/// [`Tally::batches`].
+struct Group {
+    id: (usize, usize),
+    batches: Vec<usize>,
+}
+
 impl Tally {
     /// The batches the server acknowledged.
     pub fn acked_batches(&self) -> usize {
@@ -525,15 +554,24 @@ impl Tally {
     }
 
     /// Accounts for every batch exactly at `url`, polling for at most `within` until it holds:
-    /// every acknowledged batch's marker counts 1 (else that batch was LOST, and is named), and
-    /// each data tenant counts exactly the ids of the batches applied, acknowledged or not (else
-    /// items were lost or invented there). A count that is not answered (such as a 503 while a
-    /// store is down) is read again on the next poll.
+    /// every acknowledged batch is applied by its marker (else that batch was LOST, and is
+    /// named), and each data tenant counts exactly the ids of the batches applied, acknowledged
+    /// or not (else items were lost or invented there). A count that is not answered (such as a
+    /// 503 while a store is down) is read again on the next poll.
     pub fn check_counted(&self, client: &Client, url: &str, within: Duration) -> Accounting {
-        let markers: Vec<String> = self.batches.iter().map(|b| marker(&self.prefix, b.client, b.seq)).collect();
+        let mut groups: Vec<Group> = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        for (b, sent) in self.batches.iter().enumerate() {
+            let g = *index.entry(sent.group()).or_insert_with(|| {
+                groups.push(Group { id: sent.group(), batches: Vec::new() });
+                groups.len() - 1
+            });
+            groups[g].batches.push(b);
+        }
+        let markers: Vec<String> = groups.iter().map(|group| marker(&self.prefix, group.id)).collect();
         let deadline = Instant::now() + within;
-        // The markers are many: they are read once the data tenants hold at least the
-        // acknowledged ids, rather than on every poll while the server is still merging.
+        // The markers are read once the data tenants hold at least the acknowledged ids, rather
+        // than on every poll while the server is still merging.
         let acked = self.acked_batches() as u64 * Load::PER_TENANT;
         while Instant::now() < deadline {
             let counts = try_counts(client, url, self.tenants.iter().map(String::as_str));
@@ -542,18 +580,20 @@ impl Tally {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        let mut marks: Vec<Option<u64>> = vec![None; markers.len()];
-        // An acknowledged batch seen applied stays so: only the others are read again.
-        let mut settled = vec![false; markers.len()];
+        let mut marks: Vec<Option<u64>> = vec![None; groups.len()];
+        // A group of acknowledged batches seen all applied stays so: only the others are read
+        // again.
+        let mut settled = vec![false; groups.len()];
         loop {
-            let unsettled: Vec<usize> = (0..markers.len()).filter(|&b| !settled[b]).collect();
-            let read = try_counts(client, url, unsettled.iter().map(|&b| markers[b].as_str()));
-            for (&b, count) in unsettled.iter().zip(read) {
-                marks[b] = count;
-                settled[b] = self.batches[b].acked && count == Some(1);
+            let unsettled: Vec<usize> = (0..groups.len()).filter(|&g| !settled[g]).collect();
+            let read = try_counts(client, url, unsettled.iter().map(|&g| markers[g].as_str()));
+            for (&g, count) in unsettled.iter().zip(read) {
+                marks[g] = count;
+                let batches = groups[g].batches.iter().map(|&b| self.batches[b]);
+                settled[g] = batches.clone().all(|b| b.acked) && count == Some(batches.map(|b| b.bit()).sum());
             }
             let counts = try_counts(client, url, self.tenants.iter().map(String::as_str));
-            let fates = self.fates(&marks, &counts);
+            let fates = self.fates(&groups, &marks, &counts);
             if fates.exact() {
                 return fates.accounting;
             }
@@ -563,7 +603,7 @@ impl Tally {
     }
 
     /// Judges one reading of the markers and data tenants.
-    fn fates<'t>(&'t self, marks: &[Option<u64>], counts: &[Option<u64>]) -> Fates<'t> {
+    fn fates<'t>(&'t self, groups: &[Group], marks: &[Option<u64>], counts: &[Option<u64>]) -> Fates<'t> {
         let mut fates = Fates {
             tally: self,
             accounting: Accounting::default(),
@@ -572,13 +612,22 @@ impl Tally {
             unread: 0,
             tenants: Vec::new(),
         };
-        for (sent, &mark) in self.batches.iter().zip(marks) {
-            match (sent.acked, mark) {
-                (_, None) => fates.unread += 1,
-                (_, Some(n)) if n > 1 => fates.invented.push(*sent),
-                (true, Some(0)) => fates.lost.push(*sent),
-                (true, Some(_)) => fates.accounting.acked += 1,
-                (false, Some(n)) => fates.accounting.applied += n as usize,
+        for (group, &mark) in groups.iter().zip(marks) {
+            let Some(mark) = mark else {
+                fates.unread += group.batches.len();
+                continue;
+            };
+            let sent: u64 = group.batches.iter().map(|&b| self.batches[b].bit()).sum();
+            if mark & !sent != 0 {
+                fates.invented.push((marker(&self.prefix, group.id), mark));
+            }
+            for sent in group.batches.iter().map(|&b| self.batches[b]) {
+                match (sent.acked, mark & sent.bit() != 0) {
+                    (true, true) => fates.accounting.acked += 1,
+                    (true, false) => fates.lost.push(sent),
+                    (false, true) => fates.accounting.applied += 1,
+                    (false, false) => {}
+                }
             }
         }
         fates.accounting.unacked = self.batches.len() - self.acked_batches();
@@ -594,11 +643,11 @@ impl Tally {
 struct Fates<'t> {
     tally: &'t Tally,
     accounting: Accounting,
-    /// Acknowledged batches whose marker counts 0.
+    /// Acknowledged batches that their marker says were not applied.
     lost: Vec<Sent>,
-    /// Batches whose marker counts more than its one id.
-    invented: Vec<Sent>,
-    /// Markers whose count was not answered.
+    /// Marker tenants, with their count, that count ids of batches never sent.
+    invented: Vec<(String, u64)>,
+    /// Batches whose marker's count was not answered.
     unread: usize,
     /// Per data tenant: its name, its count if answered, and the ids of the batches applied.
     tenants: Vec<(&'t str, Option<u64>, u64)>,
@@ -615,12 +664,6 @@ impl std::fmt::Display for Fates<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         /// Batches named in full; the rest are only counted.
         const NAMED: usize = 20;
-        let name = |batches: &[Sent]| {
-            let named: Vec<String> =
-                batches.iter().take(NAMED).map(|b| format!("client {} batch {}", b.client, b.seq)).collect();
-            let more = batches.len().saturating_sub(NAMED);
-            named.join(", ") + &if more > 0 { format!(" and {more} more") } else { String::new() }
-        };
         let Accounting { acked, unacked, applied } = self.accounting;
         writeln!(
             f,
@@ -628,20 +671,24 @@ impl std::fmt::Display for Fates<'_> {
             self.tally.batches.len()
         )?;
         if !self.lost.is_empty() {
+            let named: Vec<String> =
+                self.lost.iter().take(NAMED).map(|b| format!("client {} batch {}", b.client, b.seq)).collect();
+            let more = self.lost.len().saturating_sub(NAMED);
+            let more = if more > 0 { format!(" and {more} more") } else { String::new() };
             let tenants = self.tally.tenants.join(", ");
             writeln!(
                 f,
-                "LOST {} acknowledged batches, each {} ids in each of {tenants}: {}",
+                "LOST {} acknowledged batches, each {} ids in each of {tenants}: {}{more}",
                 self.lost.len(),
                 Load::PER_TENANT,
-                name(&self.lost)
+                named.join(", ")
             )?;
         }
-        if !self.invented.is_empty() {
-            writeln!(f, "INVENTED: markers that count more than their one id: {}", name(&self.invented))?;
+        for (marker, count) in &self.invented {
+            writeln!(f, "INVENTED: marker {marker} counts {count}, ids of batches never sent")?;
         }
         if self.unread > 0 {
-            writeln!(f, "{} markers' counts not answered", self.unread)?;
+            writeln!(f, "{} batches' markers not answered", self.unread)?;
         }
         for &(tenant, n, expected) in &self.tenants {
             let off = match n {
