@@ -27,7 +27,8 @@ Examples:
   countapp-load                                  10 s against the coordinator on :5000
   countapp-load --url http://127.0.0.1:5001 --repeat 0.2 --redis redis://127.0.0.1/
   countapp-load --count --json counts.json       GET counts instead of posting batches
-  countapp-load --items 1000000 --plot run.svg   a million items, plotted over time"
+  countapp-load --items 1000000 --plot run.svg   a million items, plotted over time
+  countapp-load --exact --duration 30s           while workers are killed: every batch's fate read"
 )]
 pub struct Args {
     /// The server to load: a coordinator or a single worker.
