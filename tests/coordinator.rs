@@ -50,14 +50,10 @@ fn sigkill_a_worker_every_2s_under_load_loses_nothing_and_no_client_sees_an_erro
     }
     let tally = load.stop();
     assert!(tally.errors.is_empty(), "clients saw {} errors, first: {:?}", tally.errors.len(), tally.errors.first());
-    assert!(tally.acked.iter().all(|&n| n > 0));
-    tally.check_counted(&client(), &coordinator.url(), &load_tenants("kills"), SETTLE);
+    assert!(tally.acked_batches() > 0);
+    tally.check_counted(&client(), &coordinator.url(), SETTLE);
     let restarts: u64 = coordinator.workers().iter().map(|w| w["restarts"].as_u64().unwrap()).sum();
     assert_eq!(restarts, 5);
-}
-
-fn load_tenants(prefix: &str) -> Vec<String> {
-    (0..3).map(|t| format!("{prefix}-{t}")).collect()
 }
 
 #[test]

@@ -2,20 +2,23 @@
 //! system started from a fresh directory on free ports (so it runs beside a `make run`), the
 //! original's sample batch posted through the coordinator, and the counts polled until they are
 //! right, printing how long consistency took; then the same under a live config edit and under
-//! a killed worker. `make tests` runs it last, with its output shown.
+//! a worker killed with SIGKILL mid-load, after which every acknowledged batch is accounted for. `make tests` runs it last, with its output shown.
 
 mod harness;
 
 use std::fs;
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
-use harness::{Cluster, Proc, batch, client, count, eventually, free_port, get_json, post};
+use harness::{Cluster, Load, Proc, batch, client, count, eventually, free_port, get_json, post, sigkill};
 use reqwest::StatusCode;
 
 /// The original's sample batch.
 const SAMPLE: [(&str, &str); 4] = [("t1", "1"), ("t2", "2"), ("t3", "2"), ("t1", "4")];
 /// How long consistency may take: `worker_persist` is 1 s here, so well under this.
 const CONSISTENCY: Duration = Duration::from_secs(15);
+/// How long the killed worker is under load before it is killed, and the cluster after.
+const UNDER_LOAD: Duration = Duration::from_millis(700);
 
 /// The original's four workers behind a coordinator, all on free ports, flushing every second.
 fn system() -> (Cluster, Vec<u16>, Proc) {
@@ -72,8 +75,31 @@ fn sanity_consistent_under_a_live_config_edit() {
 #[test]
 fn sanity_consistent_under_a_killed_worker() {
     let (_cluster, _, coordinator) = system();
-    let stats = get_json(&client(), &format!("{}/stats", coordinator.url()));
-    let pid = stats["workers"][0]["pid"].as_u64().unwrap();
-    std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status().unwrap();
-    post_sample_and_wait(&coordinator, "kill-", "with a worker killed by SIGKILL");
+    let client = client();
+    let victim = &coordinator.workers()[0];
+    let (url, pid) = (victim["url"].as_str().unwrap().to_owned(), victim["pid"].as_u64().unwrap() as u32);
+    // Load straight to worker 0, so that it surely holds acknowledged items when it dies, and
+    // through the coordinator, whose clients must not notice.
+    let direct = Load::start(&url, 2, "kill-direct", true);
+    let routed = Load::start(&coordinator.url(), 2, "kill-routed", false);
+    thread::sleep(UNDER_LOAD);
+    sigkill(pid);
+    println!("SIGKILL worker 0 (pid {pid}) under load: 2 clients posting straight to it, 2 through the coordinator");
+    thread::sleep(UNDER_LOAD);
+    let (direct, routed) = (direct.stop(), routed.stop());
+    assert!(direct.acked_batches() > 0, "worker 0 acknowledged nothing before it was killed");
+    assert!(!direct.errors.is_empty(), "worker 0 was killed only after its clients had stopped");
+    assert!(
+        routed.errors.is_empty(),
+        "clients of the coordinator saw {} errors: {:?}",
+        routed.errors.len(),
+        routed.errors
+    );
+    for (clients, tally) in [("straight to worker 0", &direct), ("through the coordinator", &routed)] {
+        let started = Instant::now();
+        let accounting = tally.check_counted(&client, &coordinator.url(), CONSISTENCY);
+        let took = started.elapsed().as_secs_f64();
+        println!("  posted {clients}: {accounting}; read through the coordinator in {took:.2} s");
+    }
+    post_sample_and_wait(&coordinator, "kill-", "after a worker was killed by SIGKILL");
 }

@@ -18,11 +18,12 @@ mod harness;
 
 use std::fs::{self, File};
 use std::io::Cursor;
+use std::panic::{self, AssertUnwindSafe};
 use std::thread;
 use std::time::Duration;
 
 use harness::{
-    Cluster, Immutable, Load, Proc, Tally, batch, client, count, error_message, eventually, free_port, get_json,
+    Cluster, Immutable, Load, Proc, Sent, Tally, batch, client, count, error_message, eventually, free_port, get_json,
     metric, post,
 };
 use reqwest::StatusCode;
@@ -199,16 +200,17 @@ fn bad_requests_get_a_json_4xx_and_nothing_is_applied() {
 
 /// Checks what a load did until its worker was stopped or killed: some of it was acknowledged,
 /// it was cut off (the worker stopped under load, not after it), and the only failures are those
-/// of a worker going away: connection errors, or a 503 while it stops. Then checks that `url`
-/// counts every acknowledged id and none that was never sent.
-fn check_cut_off_load(tally: &Tally, client: &Client, url: &str, tenants: &[String]) {
-    assert!(tally.acked.iter().all(|&n| n > 0), "nothing was acknowledged under load");
+/// of a worker going away: connection errors, or a 503 while it stops. Then accounts at `url`
+/// for every batch exactly: each acknowledged one counted, and nothing else but the
+/// unacknowledged ones that were applied.
+fn check_cut_off_load(tally: &Tally, client: &Client, url: &str) {
+    assert!(tally.acked_batches() > 0, "nothing was acknowledged under load");
     assert!(!tally.errors.is_empty(), "the worker stopped only after the load had ended");
     for failure in &tally.errors {
         let status = failure.split(':').next().and_then(|s| s.parse::<u16>().ok());
         assert!(matches!(status, None | Some(503)), "a valid batch got {failure}");
     }
-    tally.check_counted(client, url, tenants, SETTLE);
+    tally.check_counted(client, url, SETTLE);
 }
 
 #[test]
@@ -218,7 +220,6 @@ fn sigkill_under_load_then_restart_counts_every_acknowledged_item() {
     let mut worker = cluster.worker(port);
     worker.wait_ready();
     let load = Load::start(&worker.url(), 4, "kill", true);
-    let tenants = load.tenants.clone();
 
     thread::sleep(Duration::from_millis(1500));
     worker.kill();
@@ -226,7 +227,42 @@ fn sigkill_under_load_then_restart_counts_every_acknowledged_item() {
 
     let mut worker = cluster.worker(port);
     worker.wait_ready();
-    check_cut_off_load(&tally, &client(), &worker.url(), &tenants);
+    check_cut_off_load(&tally, &client(), &worker.url());
+}
+
+/// The check of the crash tests can fail: a load in which one acknowledged batch never reached
+/// the worker, while an unacknowledged one of the same size was applied, balances in counts
+/// (all that a check of counts alone compares) but not in batches, and the check names the
+/// lost batch. The tally is doctored after an honest load: the first batch is said
+/// unacknowledged, and one more, never posted, is said acknowledged.
+#[test]
+fn the_load_check_names_a_lost_batch_that_counts_alone_would_hide() {
+    let port = free_port();
+    let cluster = Cluster::new(&[port], QUICK_FLUSH);
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    let (url, client) = (worker.url(), client());
+    let load = Load::start(&url, 1, "hidden", false);
+    thread::sleep(Duration::from_millis(200));
+    let mut tally = load.stop();
+    tally.check_counted(&client, &url, SETTLE);
+
+    let never_posted = Sent { client: 0, seq: tally.batches.len(), acked: true };
+    tally.batches[0].acked = false;
+    tally.batches.push(never_posted);
+    for tenant in &tally.tenants {
+        assert_eq!(count(&client, &url, tenant), tally.acked_batches() as u64 * Load::PER_TENANT, "{tenant}");
+    }
+    // Neither the client nor the tally is used after a panic.
+    let check = panic::catch_unwind(AssertUnwindSafe(|| tally.check_counted(&client, &url, Duration::from_secs(1))));
+    let report = *check.expect_err("the check passed").downcast::<String>().unwrap();
+    let lost = format!(
+        "LOST 1 acknowledged batches, each {} ids in each of hidden-0, hidden-1, hidden-2: client 0 batch {}",
+        Load::PER_TENANT,
+        never_posted.seq
+    );
+    assert!(report.contains(&lost), "{report}");
+    assert!(report.contains("hidden-0: the batches applied hold"), "{report}");
 }
 
 /// One flipped byte in the first record of a killed worker's log: the intact second batch is
@@ -275,41 +311,22 @@ fn a_failed_fsync_stops_acknowledging_and_exits_and_the_restart_counts_every_ack
         let cluster = Cluster::new(&[port], &format!("worker_persist: 60\nfsync: {policy}\n"));
         let mut worker = cluster.worker_with_env("127.0.0.1", port, &[("FAILPOINTS", "wal-fsync=5*off->return")]);
         worker.wait_ready();
-        let client = client();
-        let (mut acked, mut sent) = (0, 0);
-        let mut refused = None;
-        for b in 0..400 {
-            let items: Vec<(String, String)> = (0..3).map(|i| ("fsync".to_owned(), format!("{b}-{i}"))).collect();
-            sent += 3;
-            match client.post(format!("{}/items", worker.url())).body(batch_of(&items)).send() {
-                Ok(reply) if reply.status() == StatusCode::OK => acked += 3,
-                Ok(reply) => {
-                    refused = Some(reply.status());
-                    break;
-                }
-                // The worker exited between two requests.
-                Err(_) => break,
-            }
-            // Under everysec the syncer fsyncs once a second.
-            thread::sleep(Duration::from_millis(20));
-        }
-        assert!(acked > 0, "{policy}: some batches are acknowledged before the failure");
-        assert!(refused.is_none_or(|status| status == StatusCode::SERVICE_UNAVAILABLE), "{policy}: {refused:?}");
+        let load = Load::start(&worker.url(), 2, &format!("fsync-{policy}"), true);
         let status = worker.wait_exit(STOP);
+        let tally = load.stop();
         assert!(!status.success(), "{policy}: a worker whose fsync failed must exit non-zero, not {status}");
         assert!(worker.log().contains("stopped after a failed fsync"), "{policy}:\n{}", worker.log());
+        assert!(tally.acked_batches() > 0, "{policy}: some batches are acknowledged before the failure");
+        // Refused with a 503 (stored nothing, retry elsewhere), or cut off as the worker exits.
+        for error in &tally.errors {
+            assert!(!error.starts_with(char::is_numeric) || error.starts_with("503"), "{policy}: {error}");
+        }
 
         cluster.write_config(&[port], QUICK_FLUSH);
         let mut worker = cluster.worker(port);
         worker.wait_ready();
-        eventually(SETTLE, &format!("{policy}: every acknowledged item is counted"), || {
-            count(&client, &worker.url(), "fsync") >= acked
-        });
-        let counted = count(&client, &worker.url(), "fsync");
-        assert!(counted <= sent, "{policy}: {counted} counted, {sent} sent");
-        println!(
-            "fsync {policy}: {acked} items acknowledged before the failed fsync, {counted} counted after the restart"
-        );
+        let accounting = tally.check_counted(&client(), &worker.url(), SETTLE);
+        println!("fsync {policy}: {accounting}");
     }
 }
 
@@ -424,7 +441,6 @@ fn graceful_stop_flushes_everything(stop: impl FnOnce(&mut Proc, &Client)) {
 
     // Requests keep coming while the worker stops: those it acknowledges must be flushed too.
     let load = Load::start(&url, 2, "drain", true);
-    let tenants = load.tenants.clone();
     thread::sleep(Duration::from_millis(300));
     stop(&mut worker, &client);
     let status = worker.wait_exit(STOP);
@@ -439,7 +455,7 @@ fn graceful_stop_flushes_everything(stop: impl FnOnce(&mut Proc, &Client)) {
     for (tenant, n) in expected {
         assert_eq!(count(&client, &next.url(), tenant), n, "{tenant}");
     }
-    check_cut_off_load(&tally, &client, &next.url(), &tenants);
+    check_cut_off_load(&tally, &client, &next.url());
 }
 
 #[test]

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use crate::check::{Read, Sweep};
 use crate::drive::Op;
 use crate::stats::Failure;
-use crate::workload::Generator;
+use crate::workload::{Generator, marker_tenant};
 
 /// What a path segment may hold unescaped (RFC 3986's unreserved characters).
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
@@ -337,15 +337,18 @@ async fn read_counts(
 pub struct PostOp {
     connection: Connection,
     generator: Generator,
+    /// With `--exact`, the run's marker prefix: each batch ends with its marker item.
+    marker_prefix: Option<String>,
     buffer: BytesMut,
     body: Bytes,
     items: u64,
 }
 
 impl PostOp {
-    /// Posts `generator`'s batches over `connection`.
-    pub fn new(connection: Connection, generator: Generator) -> Self {
-        PostOp { connection, generator, buffer: BytesMut::new(), body: Bytes::new(), items: 0 }
+    /// Posts `generator`'s batches over `connection`; with a `marker_prefix`, each with its
+    /// marker item, `{"id":"m","tenant":"<marker_prefix><connection>-<batch>"}`, last.
+    pub fn new(connection: Connection, generator: Generator, marker_prefix: Option<String>) -> Self {
+        PostOp { connection, generator, marker_prefix, buffer: BytesMut::new(), body: Bytes::new(), items: 0 }
     }
 
     /// The stream this op sent, with its tallies.
@@ -370,9 +373,18 @@ impl Op for PostOp {
             self.buffer.put_slice(id);
             self.buffer.put_slice(target.item_ends.get(tenant));
         }
+        // The marker is no item of the workload: it is not counted in the items acknowledged.
+        self.items = batch.len() as u64;
+        if let Some(prefix) = &self.marker_prefix {
+            let tenant = marker_tenant(prefix, self.generator.batch_id());
+            self.buffer.put_u8(b',');
+            self.buffer.put_slice(ITEM_START);
+            self.buffer.put_slice(b"m\",\"tenant\":");
+            serde_json::to_writer((&mut self.buffer).writer(), &tenant).expect("a string serializes");
+            self.buffer.put_u8(b'}');
+        }
         self.buffer.put_u8(b']');
         self.body = self.buffer.split().freeze();
-        self.items = batch.len() as u64;
         Ok(())
     }
 
@@ -430,7 +442,7 @@ mod tests {
         assert_eq!(target.item_ends.get(1), br#"","tenant":"a \"quoted\"/odd one"}"#);
 
         let shape = Shape::new(16, 1, 2, 0.0);
-        let mut op = PostOp::new(Connection::new(target, Duration::from_secs(1)), Generator::new(&shape, 0));
+        let mut op = PostOp::new(Connection::new(target, Duration::from_secs(1)), Generator::new(&shape, 0), None);
         let mut first_body = None;
         for b in 0..3 {
             op.prepare(b * 5, 5).unwrap();
@@ -443,6 +455,17 @@ mod tests {
                 assert_eq!(item["id"].as_str().unwrap().len(), 16);
             }
             op.body = Bytes::new();
+        }
+
+        // With markers, each batch ends with its own, whose tenant is escaped like any other.
+        let connection = Connection::new(op.connection.target.clone(), Duration::from_secs(1));
+        let prefix = shape.marker_prefix("a \"quoted\" ");
+        let mut op = PostOp::new(connection, Generator::new(&shape, 0), Some(prefix.clone()));
+        for b in 0..2 {
+            op.prepare(b * 5, 5).unwrap();
+            let items: Vec<serde_json::Value> = serde_json::from_slice(&op.body).unwrap();
+            assert_eq!((items.len(), op.items), (6, 5));
+            assert_eq!(items[5], serde_json::json!({ "id": "m", "tenant": format!("{prefix}0-{b}") }));
         }
     }
 

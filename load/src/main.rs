@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::Parser;
 
-use crate::check::{Convergence, Tally};
+use crate::check::{Convergence, Ledger, Tally};
 use crate::cli::Args;
 use crate::drive::{Op, Plan, Shared, drive};
 use crate::http::{Connection, CountOp, CountReader, OnFailure, PostOp, Target};
@@ -31,7 +31,7 @@ use crate::progress::Progress;
 use crate::redis::{RedisOp, RedisTarget};
 use crate::report::{Figures, Mode, Report};
 use crate::stats::RunStats;
-use crate::workload::{Generator, Shape};
+use crate::workload::{Generator, Shape, marker_tenant};
 
 /// The pause between two sweeps over the counts while waiting for them to converge.
 const CONVERGE_POLL: Duration = Duration::from_millis(100);
@@ -67,7 +67,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         per_request: if args.count { 1 } else { u64::from(args.batch) },
     };
     let measured = match mode {
-        Mode::Post => post(&args, &target, &tenants, plan).await?,
+        Mode::Post => post(&args, &target, &prefix, &tenants, plan).await?,
         Mode::Count => count(&args, &target, plan).await?,
     };
     let report = Report {
@@ -96,10 +96,18 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     if report.run.items == 0 {
         bail!("nothing was acknowledged: {} of {} requests failed", report.run.errors, report.run.requests);
     }
-    Ok(report.check.is_none_or(|check| {
-        let v = check.verdict;
+    Ok(report.check.as_ref().is_none_or(|check| {
+        let v = &check.verdict;
+        if let Some(lost) = v.batches_lost.filter(|&lost| lost > 0) {
+            eprintln!("LOST {lost} acknowledged batches: {}", report::lost_batches(v));
+        }
         if v.lost > 0 {
-            eprintln!("LOST {} acknowledged items ({} of {} tenants short)", v.lost, v.tenants_short, args.tenants);
+            // With markers, the ids of unacknowledged batches the server applied must count too.
+            let which = if v.expected.is_some() { "applied" } else { "acknowledged" };
+            eprintln!("LOST {} {which} items ({} of {} tenants short)", v.lost, v.tenants_short, args.tenants);
+        }
+        if let Some(over) = v.batches_over.filter(|&over| over > 0) {
+            eprintln!("UNEXPECTED: {over} batch markers count more than their one id");
         }
         if v.unexpected > 0 {
             eprintln!(
@@ -119,7 +127,13 @@ struct Measured {
 }
 
 /// The default mode: post batches, check the counts, then the Redis reference run.
-async fn post(args: &Args, target: &Arc<Target>, tenants: &[String], plan: Plan) -> anyhow::Result<Measured> {
+async fn post(
+    args: &Args,
+    target: &Arc<Target>,
+    prefix: &str,
+    tenants: &[String],
+    plan: Plan,
+) -> anyhow::Result<Measured> {
     // Both before the load, so that a wrong URL fails at once rather than after it.
     let redis = match &args.redis {
         Some(url) => Some(RedisTarget::connect(url, tenants, args.timeout).await?),
@@ -131,20 +145,36 @@ async fn post(args: &Args, target: &Arc<Target>, tenants: &[String], plan: Plan)
 
     let connections = args.connections as usize;
     let shape = Shape::new(args.id_bytes.into(), connections, tenants.len(), args.repeat);
+    let markers = args.exact.then(|| shape.marker_prefix(prefix));
     let ops = (0..connections)
-        .map(|c| PostOp::new(Connection::new(target.clone(), args.timeout), Generator::new(&shape, c)))
+        .map(|c| {
+            let connection = Connection::new(target.clone(), args.timeout);
+            PostOp::new(connection, Generator::new(&shape, c), markers.clone())
+        })
         .collect();
     let (ops, stats) = measured("countapp", "items", ops, plan, args.quiet).await?;
 
     let mut check = None;
     if let (false, Some(load_end)) = (args.no_check, stats.totals.last_ack) {
-        let mut tallies = vec![Tally::default(); tenants.len()];
+        let mut ledger = Ledger { tallies: vec![Tally::default(); tenants.len()], ..Ledger::default() };
         for op in &ops {
-            op.generator().add_tallies(&mut tallies);
+            op.generator().add_to(&mut ledger, markers.is_some());
         }
         drop(ops);
+        // The markers are read as tenants after the run's own, by a reader of their own.
+        let mut with_markers;
+        let reader = match &markers {
+            None => &mut reader,
+            Some(marker_prefix) => {
+                let markers = ledger.markers.iter().map(|marker| marker_tenant(marker_prefix, marker.batch));
+                let names: Vec<String> = tenants.iter().cloned().chain(markers).collect();
+                let target = Arc::new(Target::resolve(&args.url, &names).await?);
+                with_markers = CountReader::new(target, args.timeout, args.check_connections as usize);
+                &mut with_markers
+            }
+        };
         let load_end = tokio::time::Instant::from_std(load_end);
-        check = Some(converge(args, &mut reader, &baselines, &tallies, load_end).await?);
+        check = Some(converge(args, reader, &baselines, &ledger, load_end).await?);
     }
 
     let mut redis_figures = None;
@@ -163,18 +193,20 @@ async fn converge(
     args: &Args,
     reader: &mut CountReader,
     baselines: &[u64],
-    tallies: &[Tally],
+    ledger: &Ledger,
     load_end: tokio::time::Instant,
 ) -> anyhow::Result<Convergence> {
+    let markers =
+        if ledger.markers.is_empty() { String::new() } else { format!(" and {} batch markers", ledger.markers.len()) };
     eprintln!(
-        "waiting up to {} for the counts of {} tenants to converge ({} connections)...",
+        "waiting up to {} for the counts of {} tenants{markers} to converge ({} connections)...",
         humantime::format_duration(args.converge_timeout),
-        tallies.len(),
+        ledger.tallies.len(),
         args.check_connections
     );
     check::await_convergence(
         baselines,
-        tallies,
+        ledger,
         load_end,
         args.converge_timeout,
         CONVERGE_POLL,
@@ -187,7 +219,7 @@ async fn converge(
 /// `--count`: seed every tenant with one batch, then read counts.
 async fn count(args: &Args, target: &Arc<Target>, plan: Plan) -> anyhow::Result<Measured> {
     let shape = Shape::new(args.id_bytes.into(), 1, target.tenants(), 0.0);
-    let mut seeder = PostOp::new(Connection::new(target.clone(), args.timeout), Generator::new(&shape, 0));
+    let mut seeder = PostOp::new(Connection::new(target.clone(), args.timeout), Generator::new(&shape, 0), None);
     // Items go round-robin over the tenants, so as many batches as tenants give each one batch.
     let batch = u64::from(args.batch);
     for b in 0..target.tenants() as u64 {

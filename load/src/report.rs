@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::check::Convergence;
+use crate::check::{Convergence, Verdict};
 use crate::stats::{Interval, RunStats};
 
 /// What a run sends.
@@ -92,6 +92,17 @@ impl Figures {
     }
 }
 
+/// Lost batches and tenants named in the text; the JSON lists more.
+const SHOWN: usize = 10;
+
+/// The first lost batches of `v`, by name, and how many more there are.
+pub fn lost_batches(v: &Verdict) -> String {
+    let named: Vec<String> =
+        v.lost_batches.iter().take(SHOWN).map(|b| format!("connection {} batch {}", b.connection, b.seq)).collect();
+    let more = v.batches_lost.unwrap_or(0).saturating_sub(named.len() as u64);
+    named.join(", ") + &if more > 0 { format!(" and {more} more") } else { String::new() }
+}
+
 impl Report {
     /// The report as a plain-text table, ending in a newline.
     pub fn table(&self) -> String {
@@ -148,8 +159,12 @@ impl Report {
             let wait = if check.converged {
                 format!("converged {:.2} s after the last ack", check.waited.as_secs_f64())
             } else {
+                let markers = match check.unconverged_markers {
+                    0 => String::new(),
+                    n => format!(" and {n} acknowledged batches' markers missing"),
+                };
                 format!(
-                    "did NOT converge within {:.2} s of the last ack, {} tenants short",
+                    "did NOT converge within {:.2} s of the last ack, {} tenants short{markers}",
                     check.waited.as_secs_f64(),
                     check.unconverged
                 )
@@ -173,8 +188,40 @@ impl Report {
                 v.unexpected,
                 if v.passed() { "" } else { " -- FAILED" }
             );
+            self.batch_lines(v, &mut out);
         }
         out
+    }
+
+    /// The check's lines on batches: with markers, the fate of every batch and the lost ones by
+    /// name; without, what counts alone cannot tell. Then the first tenants whose count is off.
+    fn batch_lines(&self, v: &Verdict, out: &mut String) {
+        if let Some(lost) = v.batches_lost {
+            let named = if lost > 0 { format!(": {}", lost_batches(v)) } else { String::new() };
+            let _ = writeln!(
+                out,
+                "batches (each read by its marker): {} sent, {} unacknowledged of which {} applied; {lost} acknowledged \
+                 and lost{named}",
+                v.batches,
+                v.batches_unacked,
+                v.batches_unacked_applied.unwrap_or(0),
+            );
+        } else if v.batches_unacked > 0 {
+            let _ = writeln!(
+                out,
+                "batches: {} sent, {} unacknowledged: counts alone cannot tell whether those were applied, so as many \
+                 lost acknowledged batches could hide behind them (--exact reads each batch's fate)",
+                v.batches, v.batches_unacked
+            );
+        }
+        for t in v.tenants_off.iter().take(SHOWN) {
+            let should = if t.at_least == t.at_most {
+                format!("{}", t.at_least)
+            } else {
+                format!("{} to {}", t.at_least, t.at_most)
+            };
+            let _ = writeln!(out, "  {}{}: counts {}, should count {should}", self.tenant_prefix, t.tenant, t.count);
+        }
     }
 }
 
@@ -183,7 +230,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::check::Verdict;
+    use crate::check::{BatchId, TenantFigures};
 
     fn figures(items_per_s: f64) -> Figures {
         Figures {
@@ -218,11 +265,19 @@ mod tests {
                 verdict: Verdict {
                     acked: 90,
                     sent: 95,
-                    counted: 80,
+                    expected: Some(95),
+                    counted: 85,
                     lost: 10,
-                    unexpected: 0,
                     tenants_short: 1,
-                    tenants_over: 0,
+                    tenants_off: vec![TenantFigures { tenant: 2, count: 20, at_least: 30, at_most: 30 }],
+                    exact: true,
+                    batches: 19,
+                    batches_unacked: 1,
+                    batches_unacked_applied: Some(1),
+                    batches_lost: Some(2),
+                    batches_over: Some(0),
+                    lost_batches: vec![BatchId { connection: 1, seq: 4 }, BatchId { connection: 0, seq: 7 }],
+                    ..Verdict::default()
                 },
                 converged: false,
                 waited: Duration::from_secs(30),
@@ -230,6 +285,7 @@ mod tests {
                 sampled: None,
                 sweeps: 12,
                 unconverged: 1,
+                unconverged_markers: 2,
             }),
         };
         let table = report.table();
@@ -238,14 +294,20 @@ mod tests {
             "redis",
             "2.00x",
             "2 × HTTP 503",
-            "did NOT converge within 30.00 s of the last ack, 1 tenants short (first sweep",
+            "did NOT converge within 30.00 s of the last ack, 1 tenants short and 2 acknowledged batches' markers \
+             missing (first sweep",
             "first sweep over the counts 1.50 s, 12 sweeps",
             "lost 10, unexpected 0 -- FAILED",
+            "19 sent, 1 unacknowledged of which 1 applied; 2 acknowledged and lost: connection 1 batch 4, connection 0 batch 7\n",
+            "  load-x-2: counts 20, should count 30\n",
         ] {
             assert!(table.contains(needle), "{needle:?} missing from\n{table}");
         }
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["check"]["lost"], 10);
+        assert_eq!(json["check"]["lost_batches"][1], serde_json::json!({ "connection": 0, "seq": 7 }));
+        assert_eq!(json["check"]["tenants_off"][0]["at_least"], 30);
+        assert_eq!((json["check"]["exact"].as_bool(), json["check"]["batches_lost"].as_u64()), (Some(true), Some(2)));
         assert_eq!(json["check"]["waited"], 30.0);
         assert_eq!(json["check"]["sweep_s"], 1.5);
         assert_eq!(json["check"]["sweeps"], 12);

@@ -11,6 +11,11 @@
 //! The number of connection `c`'s `n`-th fresh id for a tenant is `n * connections + c`, so two
 //! connections never make the same id, and a connection can recompute any id it made from `n`
 //! alone: that is what lets repeats reuse acknowledged ids without keeping them.
+//!
+//! Each connection numbers its batches 0, 1, 2... and remembers which were never acknowledged,
+//! with their fresh ids per tenant: with `--exact`, a batch also carries a marker item in a
+//! tenant named after it (see [`Shape::marker_prefix`]), and the check reads from the markers
+//! which of those the server applied all the same.
 
 use std::ops::Range;
 
@@ -18,7 +23,7 @@ use anyhow::bail;
 use rand::RngExt;
 use rand::rngs::SmallRng;
 
-use crate::check::Tally;
+use crate::check::{BatchId, Ledger, Marker, Tally, Unacked};
 
 /// The digits of an id: alphanumerics only, so that an id needs no escaping in JSON, in a URL or
 /// in a Redis command.
@@ -55,6 +60,14 @@ impl Shape {
         let mut rng: SmallRng = rand::make_rng();
         let tag = std::array::from_fn(|_| DIGITS[rng.random_range(0..DIGITS.len())]);
         Shape { tag, id_bytes, connections: connections as u64, tenants, repeat }
+    }
+
+    /// The start of every marker tenant's name in a run of tenant prefix `tenant_prefix`:
+    /// `<tenant_prefix>~<tag>-`, followed by the connection and the batch number. A data
+    /// tenant is the prefix and digits alone, so the `~` keeps the two apart, and the tag keeps
+    /// apart the markers of runs that share a prefix.
+    pub fn marker_prefix(&self, tenant_prefix: &str) -> String {
+        format!("{tenant_prefix}~{}-", String::from_utf8_lossy(&self.tag))
     }
 
     /// How many fresh ids one connection can make for one tenant before the id numbers would
@@ -142,6 +155,11 @@ impl TenantIds {
 /// Marks a tenant this connection has sent nothing to.
 const NO_SLOT: u32 = u32::MAX;
 
+/// The name of `batch`'s marker tenant, after the run's [`Shape::marker_prefix`].
+pub fn marker_tenant(marker_prefix: &str, batch: BatchId) -> String {
+    format!("{marker_prefix}{}-{}", batch.connection, batch.seq)
+}
+
 /// One connection's item stream, and its tally of what was sent and acknowledged.
 ///
 /// A connection has one batch in flight at a time: [`Generator::next_batch`] makes it, and
@@ -159,6 +177,12 @@ pub struct Generator {
     /// an item repeats.
     repeat_credit: f64,
     batch: Batch,
+    /// Batches made so far; the last one's number is one less.
+    batches: u64,
+    /// Whether the batch last made was acknowledged.
+    last_acked: bool,
+    /// The batches made before the last one and never acknowledged, in order.
+    unacked: Vec<Unacked>,
     rng: SmallRng,
 }
 
@@ -173,6 +197,9 @@ impl Generator {
             touched: Vec::new(),
             repeat_credit: 0.0,
             batch: Batch { id_bytes: shape.id_bytes, ..Batch::default() },
+            batches: 0,
+            last_acked: false,
+            unacked: Vec::new(),
             rng: rand::make_rng(),
             shape: shape.clone(),
         }
@@ -183,6 +210,13 @@ impl Generator {
     /// had acknowledged for that tenant before; while a tenant has none, it gets a fresh id
     /// instead.
     pub fn next_batch(&mut self, start: u64, size: usize) -> anyhow::Result<&Batch> {
+        // One batch in flight at a time: one never acknowledged by now never will be.
+        if self.batches > 0 && !self.last_acked {
+            let unacked = self.last_batch_unacked();
+            self.unacked.push(unacked);
+        }
+        self.batches += 1;
+        self.last_acked = false;
         let tenants = self.slots.len();
         let batch = &mut self.batch;
         batch.tenants.clear();
@@ -229,20 +263,50 @@ impl Generator {
         Ok(&self.batch)
     }
 
+    /// The batch last made, named as its marker is.
+    pub fn batch_id(&self) -> BatchId {
+        BatchId { connection: self.connection as u32, seq: self.batches.saturating_sub(1) }
+    }
+
     /// Credits the batch last made as acknowledged: its fresh ids become candidates for repeats
     /// and count as acknowledged in the tally. A batch never acknowledged still counts as sent.
     pub fn acknowledged(&mut self) {
+        self.last_acked = true;
         for &(slot, first) in &self.batch.touched {
             let ids = &mut self.touched[slot as usize];
             ids.acknowledge(first..ids.next);
         }
     }
 
-    /// Adds to `totals` (one per tenant) the distinct fresh ids this connection sent and had
-    /// acknowledged, per tenant.
-    pub fn add_tallies(&self, totals: &mut [Tally]) {
+    /// The batch last made, as never acknowledged: its fresh ids per tenant.
+    fn last_batch_unacked(&self) -> Unacked {
+        let fresh = self.batch.touched.iter().map(|&(slot, first)| {
+            let ids = &self.touched[slot as usize];
+            (ids.tenant as usize, ids.next - first)
+        });
+        Unacked { batch: self.batch_id(), fresh: fresh.filter(|&(_, n)| n > 0).collect() }
+    }
+
+    /// Adds what this connection sent to `ledger`: per tenant, the distinct fresh ids sent and
+    /// acknowledged; the batches never acknowledged; and, with `markers`, every batch's marker.
+    pub fn add_to(&self, ledger: &mut Ledger, markers: bool) {
         for ids in &self.touched {
-            totals[ids.tenant as usize] += Tally { acked: ids.acked_count(), sent: ids.next };
+            ledger.tallies[ids.tenant as usize] += Tally { acked: ids.acked_count(), sent: ids.next };
+        }
+        ledger.batches += self.batches;
+        let first_unacked = ledger.unacked.len();
+        ledger.unacked.extend(self.unacked.iter().cloned());
+        if self.batches > 0 && !self.last_acked {
+            ledger.unacked.push(self.last_batch_unacked());
+        }
+        if markers {
+            // Both in batch order: walk the unacknowledged ones beside every batch.
+            let mut unacked = (first_unacked..ledger.unacked.len()).peekable();
+            for seq in 0..self.batches {
+                let batch = BatchId { connection: self.connection as u32, seq };
+                let index = unacked.next_if(|&u| ledger.unacked[u].batch == batch);
+                ledger.markers.push(Marker { batch, unacked: index });
+            }
         }
     }
 }
@@ -268,7 +332,8 @@ mod tests {
         // Per tenant, every id sent and every id acknowledged, as sets.
         let mut sent: HashMap<usize, HashSet<Vec<u8>>> = HashMap::new();
         let mut acked: HashMap<usize, HashSet<Vec<u8>>> = HashMap::new();
-        let mut tallies = vec![Tally::default(); shape.tenants];
+        // Per failed batch, its connection, number and fresh ids per tenant.
+        let mut failed: Vec<(u32, u64, HashMap<usize, u64>)> = Vec::new();
         let mut repeats = 0;
         let mut generators: Vec<Generator> = (0..3).map(|c| Generator::new(&shape, c)).collect();
         let mut position = 0;
@@ -279,31 +344,51 @@ mod tests {
                 let batch = generator.next_batch(position, size).unwrap();
                 position += size as u64;
                 assert_eq!(batch.len(), size);
-                // Every third batch of connection 1 fails.
-                let ok = !(c == 1 && b % 3 == 0);
+                // Every third batch of connection 1 fails, its last one (49) among them.
+                let ok = !(c == 1 && b % 3 == 1);
+                let mut fresh: HashMap<usize, u64> = HashMap::new();
                 for (t, id) in batch.items() {
                     assert_eq!(id.len(), 12);
                     if acked.get(&t).is_some_and(|ids| ids.contains(id)) {
                         repeats += 1;
                     }
-                    sent.entry(t).or_default().insert(id.to_vec());
+                    if sent.entry(t).or_default().insert(id.to_vec()) {
+                        *fresh.entry(t).or_default() += 1;
+                    }
                     if ok {
                         acked.entry(t).or_default().insert(id.to_vec());
                     }
                 }
+                assert_eq!(generator.batch_id(), BatchId { connection: c as u32, seq: b as u64 });
                 if ok {
                     generator.acknowledged();
+                } else {
+                    failed.push((c as u32, b as u64, fresh));
                 }
             }
         }
+        let mut ledger = Ledger { tallies: vec![Tally::default(); shape.tenants], ..Ledger::default() };
         for generator in &generators {
-            generator.add_tallies(&mut tallies);
+            generator.add_to(&mut ledger, true);
         }
-        for (t, tally) in tallies.iter().enumerate() {
+        for (t, tally) in ledger.tallies.iter().enumerate() {
             assert_eq!(tally.sent, sent[&t].len() as u64, "tenant {t}");
             assert_eq!(tally.acked, acked[&t].len() as u64, "tenant {t}");
         }
         assert!(repeats > 0);
+        // The failed batches, with the fresh ids each would add; and a marker for every batch,
+        // pointing at the failed ones.
+        assert_eq!(ledger.unacked.len(), failed.len());
+        for (unacked, (c, b, fresh)) in ledger.unacked.iter().zip(&failed) {
+            assert_eq!(unacked.batch, BatchId { connection: *c, seq: *b });
+            assert_eq!(&unacked.fresh.iter().copied().collect::<HashMap<usize, u64>>(), fresh);
+        }
+        assert_eq!((ledger.batches, ledger.markers.len()), (3 * 50, 3 * 50));
+        for marker in &ledger.markers {
+            let failed = marker.unacked.map(|u| ledger.unacked[u].batch);
+            assert_eq!(failed.is_some(), marker.batch.connection == 1 && marker.batch.seq % 3 == 1, "{marker:?}");
+            assert!(failed.is_none_or(|batch| batch == marker.batch));
+        }
     }
 
     #[test]
@@ -379,13 +464,14 @@ mod tests {
             generator.acknowledged();
         }
         assert!(per_tenant.iter().all(|&n| n == 2));
-        let mut tallies = vec![Tally::default(); tenants];
+        let mut ledger = Ledger { tallies: vec![Tally::default(); tenants], ..Ledger::default() };
         for generator in &generators {
-            generator.add_tallies(&mut tallies);
+            generator.add_to(&mut ledger, false);
             // A connection keeps state only for the tenants it sent to.
             assert!(generator.touched.len() <= 13_000);
         }
-        assert!(tallies.iter().all(|&tally| tally == Tally { acked: 2, sent: 2 }));
+        assert!(ledger.tallies.iter().all(|&tally| tally == Tally { acked: 2, sent: 2 }));
+        assert!(ledger.unacked.is_empty() && ledger.markers.is_empty());
     }
 
     #[test]

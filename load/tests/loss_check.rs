@@ -1,7 +1,8 @@
 //! The load tool run as a real process against tiny in-test servers on loopback: an honest one,
 //! which counts exactly what it took, and deliberately broken ones, which the loss check must
 //! catch. Each server keeps its own tally of what it did wrong, so the tool's report can be held
-//! to the exact number.
+//! to the exact number. The runs use `--exact` (a marker tenant per batch, whose name tells
+//! the server's tally which batch it was), but for one that shows what counts alone miss.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -32,6 +33,15 @@ enum Behaviour {
     /// Applies every batch, but answers every 4th with a 503: items the tool sent without an
     /// acknowledgement, which may count without being unexpected.
     Flaky,
+    /// Applies every 5th batch but answers it 503, and drops the one after it whole but answers
+    /// 200: as many acknowledged batches lost as unacknowledged ones applied, so that the counts
+    /// balance.
+    Swapping,
+}
+
+/// Whether a tenant is one of the load tool's batch markers rather than one of its tenants.
+fn is_marker(tenant: &str) -> bool {
+    tenant.contains('~')
 }
 
 #[derive(Debug)]
@@ -40,8 +50,12 @@ struct Server {
     sets: Mutex<HashMap<String, HashSet<String>>>,
     items_seen: AtomicU64,
     posts: AtomicU64,
-    /// Items acknowledged but dropped (Forgetful), or ids made up (Inventive).
+    /// Items of the load's tenants acknowledged but dropped (Forgetful), ids made up
+    /// (Inventive), or batches acknowledged but dropped (Swapping).
     misdeeds: AtomicU64,
+    /// The marker tenants of the batches that Forgetful dropped the marker of, or that Swapping
+    /// dropped whole.
+    lost_markers: Mutex<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -59,6 +73,7 @@ impl Server {
             items_seen: AtomicU64::new(0),
             posts: AtomicU64::new(0),
             misdeeds: AtomicU64::new(0),
+            lost_markers: Mutex::default(),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -96,11 +111,19 @@ impl Server {
                 };
                 let post = self.posts.fetch_add(1, Ordering::Relaxed) + 1;
                 let mut sets = self.sets.lock().unwrap();
+                if self.behaviour == Behaviour::Swapping && post % 5 == 1 && post > 1 {
+                    self.misdeeds.fetch_add(1, Ordering::Relaxed);
+                    let marker = items.iter().find(|item| is_marker(&item.tenant));
+                    self.lost_markers.lock().unwrap().extend(marker.map(|item| item.tenant.clone()));
+                    return reply(StatusCode::OK, format!(r#"{{"accepted":{}}}"#, items.len()));
+                }
                 for item in &items {
                     let seen = self.items_seen.fetch_add(1, Ordering::Relaxed) + 1;
                     let set = sets.entry(item.tenant.clone()).or_default();
                     if self.behaviour == Behaviour::Forgetful && seen.is_multiple_of(10) {
-                        if !set.contains(&item.id) {
+                        if is_marker(&item.tenant) {
+                            self.lost_markers.lock().unwrap().push(item.tenant.clone());
+                        } else if !set.contains(&item.id) {
                             self.misdeeds.fetch_add(1, Ordering::Relaxed);
                         }
                         continue;
@@ -111,7 +134,12 @@ impl Server {
                     sets.entry(first.tenant.clone()).or_default().insert(format!("phantom-{post}"));
                     self.misdeeds.fetch_add(1, Ordering::Relaxed);
                 }
-                if self.behaviour == Behaviour::Flaky && post.is_multiple_of(4) {
+                let refused = match self.behaviour {
+                    Behaviour::Flaky => post.is_multiple_of(4),
+                    Behaviour::Swapping => post.is_multiple_of(5),
+                    _ => false,
+                };
+                if refused {
                     return reply(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"flaky"}"#.into());
                 }
                 reply(StatusCode::OK, format!(r#"{{"accepted":{}}}"#, items.len()))
@@ -126,11 +154,11 @@ impl Server {
 }
 
 /// Runs the load tool against `addr` for a second over two connections, with `extra` flags, and
-/// writes its JSON report to `json`.
+/// writes its JSON report to `json`. Batches of 51 ids give each of the 3 tenants 17 of them.
 fn load(addr: SocketAddr, json: &Path, extra: &[&str]) -> Output {
     let url = format!("http://{addr}");
     let json = json.to_str().unwrap();
-    let mut args = vec!["--url", &url, "--duration", "1s", "--connections", "2", "--batch", "50", "--tenants", "3"];
+    let mut args = vec!["--url", &url, "--duration", "1s", "--connections", "2", "--batch", "51", "--tenants", "3"];
     args.extend(["--converge-timeout", "1s", "--quiet", "--json", json]);
     args.extend(extra);
     let output = Command::new(env!("CARGO_BIN_EXE_countapp-load")).args(&args).output().unwrap();
@@ -147,12 +175,26 @@ fn report(json: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap()
 }
 
+/// The batch a marker tenant names, `<prefix>~<tag>-<connection>-<batch>`, as the report's
+/// `lost_batches` lists it.
+fn batch_of_marker(tenant: &str) -> serde_json::Value {
+    let (rest, seq) = tenant.rsplit_once('-').unwrap();
+    let connection = rest.rsplit_once('-').unwrap().1;
+    serde_json::json!({ "connection": connection.parse::<u64>().unwrap(), "seq": seq.parse::<u64>().unwrap() })
+}
+
+/// The distinct ids of the load's tenants that `server` counts, markers aside.
+fn counted(server: &Server) -> u64 {
+    let sets = server.sets.lock().unwrap();
+    sets.iter().filter(|(tenant, _)| !is_marker(tenant)).map(|(_, set)| set.len() as u64).sum()
+}
+
 #[test]
 fn an_honest_store_passes_with_repeats() {
     let (server, addr) = Server::start(Behaviour::Honest);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let output = load(addr, &json, &["--repeat", "0.3"]);
+    let output = load(addr, &json, &["--repeat", "0.3", "--exact"]);
     assert_eq!(output.status.code(), Some(0));
 
     let report = report(&json);
@@ -162,11 +204,15 @@ fn an_honest_store_passes_with_repeats() {
     assert_eq!(check["converged"], true);
     // Repeats were sent and deduplicated: more items than distinct ids, and the counts hold
     // exactly the distinct ids.
-    let counted: usize = server.sets.lock().unwrap().values().map(HashSet::len).sum();
-    assert_eq!(check["counted"], counted as u64);
-    assert_eq!(check["acked"], counted as u64);
+    let counted = counted(&server);
+    assert_eq!(check["counted"], counted);
+    assert_eq!(check["acked"], counted);
     assert!(report["run"]["items"].as_u64().unwrap() as f64 > 1.2 * counted as f64);
-    assert!(String::from_utf8(output.stdout).unwrap().contains("lost 0, unexpected 0"));
+    // Every batch, each with its marker, was acknowledged and read applied.
+    assert_eq!(check["batches"], server.posts.load(Ordering::Relaxed));
+    assert_eq!((check["batches_lost"].as_u64(), check["exact"].as_bool()), (Some(0), Some(true)));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("lost 0, unexpected 0") && stdout.contains("0 acknowledged and lost"), "{stdout}");
 }
 
 #[test]
@@ -174,7 +220,7 @@ fn a_store_that_forgets_acknowledged_items_fails_loudly() {
     let (server, addr) = Server::start(Behaviour::Forgetful);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let output = load(addr, &json, &[]);
+    let output = load(addr, &json, &["--exact"]);
     assert_eq!(output.status.code(), Some(1));
 
     let forgotten = server.misdeeds.load(Ordering::Relaxed);
@@ -183,8 +229,17 @@ fn a_store_that_forgets_acknowledged_items_fails_loudly() {
     assert_eq!(check["lost"], forgotten);
     assert_eq!(check["unexpected"], 0);
     assert_eq!(check["converged"], false);
+    // A batch whose marker was forgotten reads as never applied: acknowledged, so lost.
+    let lost_markers = server.lost_markers.lock().unwrap().clone();
+    assert!(!lost_markers.is_empty());
+    assert_eq!(check["batches_lost"], lost_markers.len() as u64);
+    let lost_batches: HashSet<String> = lost_markers.iter().map(|m| batch_of_marker(m).to_string()).collect();
+    for batch in check["lost_batches"].as_array().unwrap() {
+        assert!(lost_batches.contains(&batch.to_string()), "{batch} was not lost");
+    }
     let stderr = String::from_utf8(output.stderr).unwrap();
-    assert!(stderr.contains(&format!("LOST {forgotten} acknowledged items")), "{stderr}");
+    assert!(stderr.contains(&format!("LOST {forgotten} applied items")), "{stderr}");
+    assert!(stderr.contains(&format!("LOST {} acknowledged batches: connection", lost_markers.len())), "{stderr}");
     assert!(String::from_utf8(output.stdout).unwrap().contains("FAILED"));
 }
 
@@ -193,7 +248,7 @@ fn a_store_that_invents_items_fails() {
     let (server, addr) = Server::start(Behaviour::Inventive);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let output = load(addr, &json, &[]);
+    let output = load(addr, &json, &["--exact"]);
     assert_eq!(output.status.code(), Some(1));
 
     let check = &report(&json)["check"];
@@ -207,7 +262,7 @@ fn failed_batches_are_errors_but_not_losses() {
     let (server, addr) = Server::start(Behaviour::Flaky);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let output = load(addr, &json, &[]);
+    let output = load(addr, &json, &["--exact"]);
     assert_eq!(output.status.code(), Some(0));
 
     let report = report(&json);
@@ -215,11 +270,49 @@ fn failed_batches_are_errors_but_not_losses() {
     assert_eq!(report["run"]["errors"], posts / 4);
     assert_eq!(report["run"]["errors_by_kind"]["HTTP 503"], posts / 4);
     let check = &report["check"];
-    // The 503'd batches were applied: counted and sent, never acknowledged.
+    // The 503'd batches were applied: counted and sent, never acknowledged; their markers say
+    // so, and the counts must hold their ids too.
     assert_eq!(check["counted"], check["sent"]);
+    assert_eq!(check["expected"], check["sent"]);
     assert!(check["acked"].as_u64() < check["sent"].as_u64());
+    assert_eq!(
+        (check["batches_unacked"].as_u64(), check["batches_unacked_applied"].as_u64()),
+        (Some(posts / 4), Some(posts / 4))
+    );
     assert_eq!((check["lost"].as_u64(), check["unexpected"].as_u64()), (Some(0), Some(0)));
     assert!(String::from_utf8(output.stdout).unwrap().contains("errors: "));
+}
+
+#[test]
+fn a_lost_batch_hidden_by_an_applied_one_passes_counts_alone_but_not_the_exact_check() {
+    // Counts alone: every count lies between the ids acknowledged and the ids sent, so the
+    // check passes, though the server dropped acknowledged batches; it says what it cannot tell.
+    let (server, addr) = Server::start(Behaviour::Swapping);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = load(addr, &json, &[]);
+    assert_eq!(output.status.code(), Some(0));
+    assert!(server.misdeeds.load(Ordering::Relaxed) > 0);
+    let check = &report(&json)["check"];
+    assert_eq!((check["lost"].as_u64(), check["exact"].as_bool()), (Some(0), Some(false)));
+    assert!(String::from_utf8(output.stdout).unwrap().contains("counts alone cannot tell"));
+
+    // With markers, each dropped batch is named.
+    let (server, addr) = Server::start(Behaviour::Swapping);
+    let output = load(addr, &json, &["--exact"]);
+    assert_eq!(output.status.code(), Some(1));
+    let dropped: HashSet<String> =
+        server.lost_markers.lock().unwrap().iter().map(|m| batch_of_marker(m).to_string()).collect();
+    assert!(!dropped.is_empty());
+    assert_eq!(dropped.len() as u64, server.misdeeds.load(Ordering::Relaxed));
+    let check = &report(&json)["check"];
+    assert_eq!(check["batches_lost"], dropped.len() as u64);
+    for batch in check["lost_batches"].as_array().unwrap() {
+        assert!(dropped.contains(&batch.to_string()), "{batch} was not dropped");
+    }
+    assert_eq!(check["lost"], dropped.len() as u64 * 51);
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains(&format!("LOST {} acknowledged batches: connection", dropped.len())), "{stderr}");
 }
 
 #[test]
@@ -237,7 +330,7 @@ fn count_mode_reads_counts_and_plots() {
     assert_eq!(report["run"]["errors"], 0);
     assert!(report["check"].is_null());
     // Each tenant was seeded with one batch before its counts were read.
-    assert!(server.sets.lock().unwrap().values().all(|set| set.len() == 50));
+    assert!(server.sets.lock().unwrap().values().all(|set| set.len() == 51));
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.contains("requests/s"));
 }
