@@ -124,13 +124,11 @@ impl Browser {
     /// The rendered text of every element matching the CSS `selector`, in document order.
     #[track_caller]
     pub fn texts(&self, selector: &str) -> Vec<String> {
-        self.run(&format!("reading {selector}"), async |s| {
-            let mut texts = Vec::new();
-            for element in s.find_all(Locator::Css(selector)).await? {
-                texts.push(element.text().await?);
-            }
-            Ok(texts)
-        })
+        // Read in the page in one go: the page re-renders each second, and an element found in
+        // one WebDriver call may be replaced before the next reads its text.
+        let script = "return Array.from(document.querySelectorAll(arguments[0])).map(e => e.innerText.trim())";
+        let texts = self.run(&format!("reading {selector}"), async |s| s.execute(script, vec![selector.into()]).await);
+        serde_json::from_value(texts).unwrap_or_else(|e| panic!("reading {selector}: {e}"))
     }
 
     /// The rendered text of the first element matching `selector`, if there is one.

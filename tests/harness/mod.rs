@@ -445,6 +445,9 @@ pub struct Tally {
     pub errors: Vec<String>,
 }
 
+/// Times a client of a [`Load`] sends a batch a server pushed back (503 with Retry-After).
+const PUSHBACK_RETRIES: usize = 10;
+
 /// Threads that read counts at once while checking: a few hundred markers in well under a
 /// second.
 const READERS: usize = 8;
@@ -491,16 +494,32 @@ impl Load {
             let marker = marker(prefix, sent.group());
             items.extend((0..sent.bit()).map(|k| (marker.clone(), format!("b{seq}-{k}"))));
             let items: Vec<(&str, &str)> = items.iter().map(|(t, id)| (t.as_str(), id.as_str())).collect();
-            let reply = client
-                .post(format!("{url}/items"))
-                .header("content-type", "application/json")
-                .body(batch(&items))
-                .send();
-            let failure = match reply {
-                Ok(r) if r.status() == StatusCode::OK => None,
-                Ok(r) => Some(format!("{}: {}", r.status(), r.text().unwrap_or_default())),
-                Err(e) => Some(e.to_string()),
-            };
+            let body = batch(&items);
+            let mut failure = None;
+            // Like any well-behaved client, it comes back when a server pushing back under load
+            // says when (503 with Retry-After): the refused batch was stored nowhere, and sending
+            // it again is idempotent anyway.
+            for _ in 0..PUSHBACK_RETRIES {
+                let reply = client
+                    .post(format!("{url}/items"))
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send();
+                failure = match reply {
+                    Ok(r) if r.status() == StatusCode::OK => None,
+                    Ok(r)
+                        if r.status() == StatusCode::SERVICE_UNAVAILABLE && r.headers().contains_key("retry-after") =>
+                    {
+                        let after = r.headers()["retry-after"].to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+                        failure = Some(format!("{}: {}", r.status(), r.text().unwrap_or_default()));
+                        thread::sleep(Duration::from_secs(after).min(Duration::from_secs(1)));
+                        continue;
+                    }
+                    Ok(r) => Some(format!("{}: {}", r.status(), r.text().unwrap_or_default())),
+                    Err(e) => Some(e.to_string()),
+                };
+                break;
+            }
             tally.batches.push(Sent { acked: failure.is_none(), ..sent });
             if let Some(failure) = failure {
                 tally.errors.push(failure);
