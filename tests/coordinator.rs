@@ -379,25 +379,3 @@ fn when_every_worker_answers_5xx_a_request_tries_each_live_worker_once() {
     let attempts: Vec<f64> = workers.iter().zip(&before).map(|(worker, before)| posts_seen(worker) - before).collect();
     assert_eq!(attempts, vec![1.0; workers.len()], "attempts on each worker");
 }
-
-/// Local workers also serve on a Unix socket beside the store, and the coordinator forwards to
-/// them over it: after requests through the coordinator, each socket has connections besides
-/// its listener (as the kernel lists them in /proc/net/unix).
-#[test]
-fn the_coordinator_forwards_to_local_workers_over_their_unix_sockets() {
-    let (cluster, ports, listen) = cluster(2);
-    let mut coordinator = cluster.coordinator(listen);
-    coordinator.wait_live(2);
-    let client = client();
-    for i in 0..20 {
-        assert_eq!(post(&client, &coordinator.url(), batch(&[("unix", &i.to_string())])).status(), StatusCode::OK);
-    }
-    let unix = fs::read_to_string("/proc/net/unix").unwrap();
-    for port in ports {
-        let socket = cluster.database().join("run").join(format!("127.0.0.1-{port}.sock"));
-        assert!(socket.exists(), "{}", socket.display());
-        let path = socket.to_str().unwrap();
-        let entries = unix.lines().filter(|line| line.ends_with(path)).count();
-        assert!(entries > 1, "{path}: {entries} sockets, no connection besides the listener");
-    }
-}

@@ -86,13 +86,11 @@ impl Coordinator {
             cluster_view: ClusterView::new(requests.clone()),
         });
         let data = state.clone();
-        // A fixed key: every worker's Unix socket stays where it is while the cluster runs.
-        let database = config.database.to_path_buf();
         let server = HttpServer::new(move || {
             App::new()
                 // One client per server thread: its connections then live on that thread's
                 // runtime, so a forwarded request never wakes another thread to do its I/O.
-                .app_data(web::Data::new(Upstream::new(database.clone())))
+                .app_data(web::Data::new(Upstream::default()))
                 .app_data(data.clone())
                 .app_data(requests.clone())
                 .wrap(from_fn(count_requests))

@@ -2,10 +2,6 @@
 //! each worker, so that forwarding a request costs a write and a read on a connection already
 //! open, driven by the thread that took the request, with no copy of the body.
 //!
-//! A local worker also serves on a Unix socket beside the store
-//! ([`countapp_shared::config::worker_socket`]); the hop prefers it, as a round trip over it
-//! costs the kernel about a third less than over loopback TCP, and falls back to TCP without it.
-//!
 //! hyper's connection API is used as is, without a pool or a service stack above it: the
 //! request URI is the client's path and query as received (nothing parses or normalizes it, so
 //! `/items/%2E%2E/count` reaches the worker as sent), and the worker's address and `Host`
@@ -14,19 +10,17 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use countapp_shared::config::{WorkerUrl, worker_socket};
+use countapp_shared::config::WorkerUrl;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
-use hyper::rt::{Read, Write};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 
 /// Idle connections a server thread keeps to one worker, at most: about the requests it has in
 /// flight at once; beyond that a connection is closed after its request.
@@ -66,18 +60,12 @@ pub(crate) enum HopError {
 /// One server thread's connections to the workers. Each server thread makes its own (in the
 /// app factory), so that its connections are driven by its own runtime and a forwarded request
 /// never wakes another thread; hence no locks, only cells.
+#[derive(Default)]
 pub(crate) struct Upstream {
-    /// The store's directory, beside which local workers keep their Unix sockets.
-    database: PathBuf,
     workers: RefCell<HashMap<WorkerUrl, Rc<Worker>>>,
 }
 
 impl Upstream {
-    /// No connections yet, to the workers of a cluster whose store is `database`.
-    pub(crate) fn new(database: PathBuf) -> Upstream {
-        Upstream { database, workers: RefCell::new(HashMap::new()) }
-    }
-
     /// Sends `request` to the worker at `url` and reads its reply, within `timeout` for the
     /// whole exchange, a new connection included.
     pub(crate) async fn send(&self, url: &WorkerUrl, request: &Forward, timeout: Duration) -> Result<Reply, HopError> {
@@ -89,8 +77,7 @@ impl Upstream {
         if let Some(worker) = self.workers.borrow().get(url) {
             return worker.clone();
         }
-        let socket = url.bind_addr().filter(|_| url.is_local()).and_then(|addr| worker_socket(&self.database, addr));
-        let worker = Rc::new(Worker::new(url, socket));
+        let worker = Rc::new(Worker::new(url));
         self.workers.borrow_mut().insert(url.clone(), worker.clone());
         worker
     }
@@ -100,8 +87,6 @@ impl Upstream {
 struct Worker {
     url: WorkerUrl,
     addr: Addr,
-    /// Its Unix socket, for a local worker.
-    socket: Option<PathBuf>,
     /// The `Host` header of every request to it.
     host: HeaderValue,
     /// Connections with no request in flight, the most recently used last.
@@ -117,11 +102,11 @@ enum Addr {
 }
 
 impl Worker {
-    fn new(url: &WorkerUrl, socket: Option<PathBuf>) -> Worker {
+    fn new(url: &WorkerUrl) -> Worker {
         let addr = url.bind_addr().map_or_else(|| Addr::Name(url.host().to_owned(), url.port()), Addr::Ip);
         let authority = url.as_str().trim_start_matches("http://");
         let host = HeaderValue::from_str(authority).expect("a worker URL's host and port make a valid header");
-        Worker { url: url.clone(), addr, socket, host, idle: RefCell::new(Vec::new()) }
+        Worker { url: url.clone(), addr, host, idle: RefCell::new(Vec::new()) }
     }
 
     /// One exchange, on an idle connection if there is one. A kept-alive connection may have
@@ -175,13 +160,6 @@ impl Worker {
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, HopError> {
-        if let Some(socket) = &self.socket {
-            match UnixStream::connect(socket).await {
-                Ok(stream) => return self.handshake(TokioIo::new(stream)).await,
-                // A worker of an earlier version, or one that could not make its socket.
-                Err(e) => tracing::debug!(worker = %self.url, error = %e, "no Unix socket; connecting over TCP"),
-            }
-        }
         let stream = match &self.addr {
             Addr::Ip(addr) => TcpStream::connect(addr).await,
             Addr::Name(host, port) => TcpStream::connect((host.as_str(), *port)).await,
@@ -189,15 +167,7 @@ impl Worker {
         .map_err(HopError::Connect)?;
         // Requests are written whole; Nagle would only hold back their last segment.
         stream.set_nodelay(true).map_err(HopError::Connect)?;
-        self.handshake(TokioIo::new(stream)).await
-    }
-
-    /// Opens an HTTP/1.1 connection on `io`.
-    async fn handshake<IO>(&self, io: IO) -> Result<SendRequest<Full<Bytes>>, HopError>
-    where
-        IO: Read + Write + Unpin + Send + 'static,
-    {
-        let (sender, connection) = http1::handshake(io).await?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
         // The connection's I/O runs in a task of its own on this thread; it ends when the
         // worker closes the connection or the sender is dropped.
         let url = self.url.clone();

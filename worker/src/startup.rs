@@ -95,17 +95,12 @@ impl Worker {
                 .configure(routes::configure)
         })
         .listen(listener)
-        .map_err(bind_error)?;
-        let server = match unix_listener(&settings.config, addr) {
-            Some(socket) => server.listen_uds(socket).map_err(bind_error)?,
-            None => server,
-        };
-        let server = server
-            // Signals are ours to handle: both SIGTERM and SIGINT mean a graceful stop with a flush.
-            .workers(settings.http_threads)
-            .disable_signals()
-            .shutdown_timeout(WORKER_DRAIN.as_secs())
-            .run();
+        .map_err(bind_error)?
+        // Signals are ours to handle: both SIGTERM and SIGINT mean a graceful stop with a flush.
+        .workers(settings.http_threads)
+        .disable_signals()
+        .shutdown_timeout(WORKER_DRAIN.as_secs())
+        .run();
         Ok(Worker { server, addr, state, settings })
     }
 
@@ -171,31 +166,6 @@ impl Worker {
         }
         .instrument(span)
         .await
-    }
-}
-
-/// The Unix socket a local worker also serves on (see [`config::worker_socket`]), replacing one
-/// a previous run left. Without one, the coordinator forwards over TCP: failing to make it is
-/// logged, not fatal.
-fn unix_listener(config: &Config, addr: SocketAddr) -> Option<std::os::unix::net::UnixListener> {
-    if !addr.ip().is_loopback() {
-        return None;
-    }
-    let path = config::worker_socket(&config.database, addr)?;
-    let bound = path
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        })
-        .and_then(|()| std::os::unix::net::UnixListener::bind(&path));
-    match bound {
-        Ok(listener) => Some(listener),
-        Err(e) => {
-            tracing::warn!(socket = %path.display(), error = %e, "cannot serve on a Unix socket; TCP only");
-            None
-        }
     }
 }
 

@@ -124,16 +124,6 @@ pub const MAX_KEY_BYTES_LIMIT: u64 = 64 << 10;
 /// a whole, and the last good config stays in force.
 pub const FIXED_KEYS: [&str; 5] = ["listen", "database", "store", "redis_url", "redis_cluster"];
 
-/// The Unix socket a local worker listening on `addr` also serves on, for its coordinator to
-/// forward to at less cost than over TCP: `<database>/run/<ip>-<port>.sock`, which both find
-/// from the config alone. `None` where the path is too long for a socket address.
-pub fn worker_socket(database: &Path, addr: SocketAddr) -> Option<PathBuf> {
-    let name = format!("{}-{}.sock", addr.ip(), addr.port()).replace(':', "_");
-    let path = database.join("run").join(name);
-    // A socket address holds 108 bytes, the terminating zero included.
-    (path.as_os_str().len() < 108).then_some(path)
-}
-
 /// Where the workers keep the tenants' id sets; the write-ahead log is local either way.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreBackend {
