@@ -88,13 +88,23 @@ impl Cluster {
     /// Every write-ahead log file (`db/wal/<worker>/*.open` and `*.log`) with its size in bytes,
     /// sorted by path.
     pub fn wal_files(&self) -> Vec<(PathBuf, u64)> {
+        self.wal_files_named(&["log", "open"])
+    }
+
+    /// The consumed log files (`db/wal/<worker>/*.done`: their ids are in Redis, which could not
+    /// yet vouch for them) with their sizes in bytes, sorted by path.
+    pub fn consumed_wal_files(&self) -> Vec<(PathBuf, u64)> {
+        self.wal_files_named(&["done"])
+    }
+
+    fn wal_files_named(&self, extensions: &[&str]) -> Vec<(PathBuf, u64)> {
         let mut files = Vec::new();
         let Ok(workers) = fs::read_dir(self.database().join("wal")) else { return files };
         for worker in workers {
             let Ok(entries) = fs::read_dir(worker.unwrap().path()) else { continue };
             for entry in entries {
                 let path = entry.unwrap().path();
-                if path.extension().is_some_and(|ext| ext == "log" || ext == "open") {
+                if path.extension().is_some_and(|ext| extensions.iter().any(|e| ext == *e)) {
                     let len = fs::metadata(&path).map_or(0, |m| m.len());
                     files.push((path, len));
                 }
