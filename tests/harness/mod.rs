@@ -5,6 +5,7 @@
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
 pub mod browser;
+pub mod netns;
 pub mod redis;
 
 use std::fs;
@@ -59,6 +60,13 @@ impl Cluster {
         cluster
     }
 
+    /// [`Cluster::new`] with the workers' URLs as they are, such as those of other hosts.
+    pub fn with_urls(workers: &[String], extra: &str) -> Cluster {
+        let cluster = Cluster { dir: tempfile::tempdir().unwrap() };
+        cluster.write_config_urls(workers, extra);
+        cluster
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         self.dir.path()
@@ -76,9 +84,14 @@ impl Cluster {
 
     /// Rewrites `config.yaml` in place.
     pub fn write_config(&self, workers: &[u16], extra: &str) {
+        let urls: Vec<String> = workers.iter().map(|port| format!("http://127.0.0.1:{port}")).collect();
+        self.write_config_urls(&urls, extra);
+    }
+
+    fn write_config_urls(&self, workers: &[String], extra: &str) {
         let mut yaml = String::from("workers:\n");
-        for port in workers {
-            yaml.push_str(&format!("  - http://127.0.0.1:{port}\n"));
+        for url in workers {
+            yaml.push_str(&format!("  - {url}\n"));
         }
         yaml.push_str("database: db/\nworker_logs: logs/\n");
         yaml.push_str(extra);
@@ -126,8 +139,18 @@ impl Cluster {
 
     /// [`Cluster::worker_at`] with more environment variables, such as `FAILPOINTS`.
     pub fn worker_with_env(&self, host: &str, port: u16, env: &[(&str, &str)]) -> Proc {
+        self.worker_by(Command::new(env!("CARGO_BIN_EXE_worker")), host, port, env)
+    }
+
+    /// Starts a worker on the network namespace `host`, at its address, as its owner would by
+    /// hand on that machine.
+    pub fn worker_on(&self, host: &netns::Host, port: u16) -> Proc {
+        self.worker_by(host.command(env!("CARGO_BIN_EXE_worker")), &host.addr, port, &[])
+    }
+
+    /// Runs the worker binary through `command` (the binary itself, or a launcher of it).
+    fn worker_by(&self, mut command: Command, host: &str, port: u16, env: &[(&str, &str)]) -> Proc {
         let log = self.path().join(format!("worker-{port}.log"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
         command
             .arg(port.to_string())
             .arg("--config")
@@ -313,10 +336,19 @@ pub fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool)
 impl Cluster {
     /// Starts the coordinator with this cluster's config; `port` must be the config's `listen`.
     pub fn coordinator(&self, port: u16) -> Proc {
+        self.coordinator_by(Command::new(env!("CARGO_BIN_EXE_coordinator")), "127.0.0.1", port)
+    }
+
+    /// Starts the coordinator on the network namespace `host`, where it spawns its local
+    /// workers; `host`'s address and `port` must be the config's `listen`.
+    pub fn coordinator_on(&self, host: &netns::Host, port: u16) -> Proc {
+        self.coordinator_by(host.command(env!("CARGO_BIN_EXE_coordinator")), &host.addr, port)
+    }
+
+    fn coordinator_by(&self, mut command: Command, host: &str, port: u16) -> Proc {
         let log = self.path().join("coordinator.log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
         command.arg("--config").arg(self.config_path());
-        Proc::spawn(command, "127.0.0.1", port, log)
+        Proc::spawn(command, host, port, log)
     }
 
     /// Pids of every running process started with this cluster's config: its coordinator and
@@ -394,13 +426,29 @@ pub struct Load {
     clients: Vec<thread::JoinHandle<Tally>>,
 }
 
-/// What a load did: per tenant, ids in acknowledged batches and ids sent at all; and every
-/// failed request, as text.
+/// What a load did: per tenant, ids in acknowledged batches and ids sent at all; every failed
+/// request, as text; and, for a marked load, each batch's marker tenant and whether the batch
+/// was acknowledged.
 #[derive(Debug, Default)]
 pub struct Tally {
     pub acked: Vec<u64>,
     pub sent: Vec<u64>,
     pub errors: Vec<String>,
+    pub batches: Vec<(String, bool)>,
+}
+
+/// How a load's clients behave.
+#[derive(Debug, Clone, Copy)]
+struct Manner {
+    /// Stop at the first failed request.
+    stop_on_error: bool,
+    /// Add to each batch a marker: id `m` in a tenant of the batch's own, so that a count of
+    /// that tenant tells whether the batch was applied, acknowledged or not.
+    marked: bool,
+    /// The pause between a reply and the next request.
+    pause: Duration,
+    /// How long a client waits for a reply.
+    timeout: Duration,
 }
 
 impl Load {
@@ -413,12 +461,25 @@ impl Load {
     /// `stop_on_error`, a client stops at its first failed request (the server went away);
     /// otherwise it records the failure and goes on.
     pub fn start(url: &str, clients: usize, prefix: &str, stop_on_error: bool) -> Load {
+        let manner = Manner { stop_on_error, marked: false, pause: Duration::ZERO, timeout: Duration::from_secs(10) };
+        Load::spawn(url, clients, prefix, manner)
+    }
+
+    /// Starts `clients` threads that go on through failures, each posting a batch every `pause`
+    /// or so, every batch marked (see [`Tally::check_exact`]), waiting up to `timeout` for each
+    /// reply.
+    pub fn start_marked(url: &str, clients: usize, prefix: &str, pause: Duration, timeout: Duration) -> Load {
+        Load::spawn(url, clients, prefix, Manner { stop_on_error: false, marked: true, pause, timeout })
+    }
+
+    fn spawn(url: &str, clients: usize, prefix: &str, manner: Manner) -> Load {
         let tenants: Vec<String> = (0..3).map(|t| format!("{prefix}-{t}")).collect();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let clients = (0..clients)
             .map(|c| {
                 let (url, tenants, stop) = (url.to_owned(), tenants.clone(), stop.clone());
-                thread::spawn(move || Load::client(&url, c, &tenants, &stop, stop_on_error))
+                let marker = format!("{prefix}~batch-c{c}");
+                thread::spawn(move || Load::client(&url, c, &tenants, &marker, &stop, manner))
             })
             .collect();
         Load { tenants, stop, clients }
@@ -428,27 +489,36 @@ impl Load {
         url: &str,
         c: usize,
         tenants: &[String],
+        marker: &str,
         stop: &std::sync::atomic::AtomicBool,
-        stop_on_error: bool,
+        manner: Manner,
     ) -> Tally {
-        let client = client();
+        let client = Client::builder().timeout(manner.timeout).build().unwrap();
         let per_tenant = (Load::BATCH / tenants.len()) as u64;
-        let mut tally = Tally { acked: vec![0; tenants.len()], sent: vec![0; tenants.len()], errors: Vec::new() };
+        let mut tally = Tally { acked: vec![0; tenants.len()], sent: vec![0; tenants.len()], ..Tally::default() };
         for b in 0..Load::MAX_BATCHES {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
-            let items: Vec<(&str, String)> =
-                (0..Load::BATCH).map(|i| (tenants[i % tenants.len()].as_str(), format!("c{c}-b{b}-i{i}"))).collect();
-            let items: Vec<(&str, &str)> = items.iter().map(|(t, id)| (*t, id.as_str())).collect();
+            thread::sleep(manner.pause);
+            let mut items: Vec<(String, String)> =
+                (0..Load::BATCH).map(|i| (tenants[i % tenants.len()].clone(), format!("c{c}-b{b}-i{i}"))).collect();
+            if manner.marked {
+                items.push((format!("{marker}-b{b}"), "m".to_owned()));
+            }
+            let items: Vec<(&str, &str)> = items.iter().map(|(t, id)| (t.as_str(), id.as_str())).collect();
             tally.sent.iter_mut().for_each(|n| *n += per_tenant);
             let reply = client
                 .post(format!("{url}/items"))
                 .header("content-type", "application/json")
                 .body(batch(&items))
                 .send();
+            let acked = matches!(&reply, Ok(r) if r.status() == StatusCode::OK);
+            if manner.marked {
+                tally.batches.push((format!("{marker}-b{b}"), acked));
+            }
             let failure = match reply {
-                Ok(r) if r.status() == StatusCode::OK => {
+                Ok(_) if acked => {
                     tally.acked.iter_mut().for_each(|n| *n += per_tenant);
                     continue;
                 }
@@ -456,7 +526,7 @@ impl Load {
                 Err(e) => e.to_string(),
             };
             tally.errors.push(failure);
-            if stop_on_error {
+            if manner.stop_on_error {
                 break;
             }
         }
@@ -467,7 +537,7 @@ impl Load {
     pub fn stop(self) -> Tally {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut total =
-            Tally { acked: vec![0; self.tenants.len()], sent: vec![0; self.tenants.len()], errors: Vec::new() };
+            Tally { acked: vec![0; self.tenants.len()], sent: vec![0; self.tenants.len()], ..Tally::default() };
         for client in self.clients {
             let tally = client.join().unwrap();
             for t in 0..self.tenants.len() {
@@ -475,6 +545,7 @@ impl Load {
                 total.sent[t] += tally.sent[t];
             }
             total.errors.extend(tally.errors);
+            total.batches.extend(tally.batches);
         }
         total
     }
@@ -493,6 +564,41 @@ impl Tally {
         for (t, tenant) in tenants.iter().enumerate() {
             let (sent, n) = (self.sent[t], count(client, url, tenant));
             assert!(n <= sent, "{tenant}: {n} counted, but only {sent} sent");
+        }
+    }
+
+    /// Exact accounting of a marked load: waits until every acknowledged batch is applied (its
+    /// marker counts 1) and every tenant counts exactly the ids of the batches applied, whether
+    /// acknowledged or not (a batch whose reply was lost may be applied). Returns how many
+    /// batches were applied without an acknowledgement.
+    pub fn check_exact(&self, client: &Client, url: &str, tenants: &[String], within: Duration) -> usize {
+        let per_tenant = (Load::BATCH / tenants.len()) as u64;
+        let mut applied = vec![false; self.batches.len()];
+        let started = Instant::now();
+        loop {
+            let before: Vec<u64> = tenants.iter().map(|t| count(client, url, t)).collect();
+            // A marker once counted stays counted: only the others are read again.
+            for (b, (marker, _)) in self.batches.iter().enumerate() {
+                if !applied[b] {
+                    applied[b] = count(client, url, marker) == 1;
+                }
+            }
+            let after: Vec<u64> = tenants.iter().map(|t| count(client, url, t)).collect();
+            let n = applied.iter().filter(|&&a| a).count() as u64;
+            let unapplied = self.batches.iter().zip(&applied).filter(|((_, acked), applied)| *acked && !**applied);
+            let unapplied: Vec<&str> = unapplied.map(|((marker, _), _)| marker.as_str()).collect();
+            if unapplied.is_empty() && before == after && after.iter().all(|&c| c == n * per_tenant) {
+                return self.batches.iter().zip(&applied).filter(|((_, acked), applied)| !acked && **applied).count();
+            }
+            assert!(
+                started.elapsed() < within,
+                "not exact within {within:?}: {} acknowledged batches not applied (first {:?}); tenants count \
+                 {after:?}, the {n} batches applied hold {} ids each",
+                unapplied.len(),
+                unapplied.first(),
+                n * per_tenant
+            );
+            thread::sleep(Duration::from_millis(200));
         }
     }
 }
