@@ -282,3 +282,22 @@ fn ids_redis_loses_within_redis_grace_come_back_from_the_log_when_the_worker_res
     eventually(SETTLE, "the lost ids are back", || try_count(&client, &worker.url(), "lost") == Some(500));
     eventually(SETTLE, "the replayed log is consumed again", || pending_items(&client, &worker) == 0);
 }
+
+#[test]
+fn ids_redis_loses_within_redis_grace_come_back_from_the_log_when_redis_restarts() {
+    let mut redis = RedisServer::start();
+    let (cluster, worker) = lone_worker(&redis, "redis_grace: 600\n");
+    let client = client();
+    post_ids(&client, &worker.url(), "restarted", 500);
+    eventually(SETTLE, "the ids reach Redis", || try_count(&client, &worker.url(), "restarted") == Some(500));
+    eventually(SETTLE, "the log is consumed", || {
+        pending_items(&client, &worker) == 0 && !cluster.consumed_wal_files().is_empty()
+    });
+
+    // Redis loses its last writes and restarts, while the worker runs on: the worker sees
+    // another Redis process answer, and merges its consumed files again.
+    redis.cli(&["flushall"]);
+    redis.restart();
+    eventually(SETTLE, "the lost ids are back", || try_count(&client, &worker.url(), "restarted") == Some(500));
+    assert!(worker.log().contains("another Redis answers"), "{}", worker.log());
+}

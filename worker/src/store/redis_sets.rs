@@ -17,8 +17,11 @@
 //!   and deleted once `redis_grace` has passed, Redis's `everysec` window and more.
 //!
 //! Whatever is not confirmed stays a closed log file and is merged again at the next round;
-//! a consumed file left by a crash or a stop is merged again by the next run (see `log`).
-//! `SADD` is idempotent, so replaying costs nothing but the round trip.
+//! a consumed file left by a crash or a stop is merged again by the next run (see `log`). Each
+//! round first reads which Redis process it talks to (`run_id`, per primary): if that changed
+//! since a file was consumed (Redis restarted, or another took its place in a failover), the
+//! file may hold ids that Redis lost, and it is merged again rather than deleted. `SADD` is
+//! idempotent, so replaying costs nothing but the round trip.
 //!
 //! Merges run on the merger's thread over synchronous connections of their own; counts run on
 //! the request path over one multiplexed async connection, with a deadline.
@@ -37,7 +40,7 @@ use redis::{ErrorKind, ServerErrorKind, Value};
 
 use super::log::Damage;
 use super::log::record::{Entry, Records};
-use super::log::{LogDir, LogFile, WorkerLog, consumed_path};
+use super::log::{LogDir, LogFile, WorkerLog, consumed_path, file_path};
 use super::{FlushReport, StoreError};
 
 /// Ids per `SADD`: large enough to amortize the round trip, small enough not to stall Redis.
@@ -96,6 +99,17 @@ enum Durable {
     AfterGrace,
 }
 
+/// A consumed log file, waiting out the grace period.
+struct Consumed {
+    /// Its directory, and its sequence number there.
+    dir: PathBuf,
+    seq: u64,
+    /// When Redis took its ids.
+    at: Instant,
+    /// The Redis that took them: its primaries' `run_id`s.
+    redis: String,
+}
+
 /// The tenants' sets in one Redis server or one Redis Cluster.
 pub(crate) struct RedisTenants {
     target: Target,
@@ -107,8 +121,9 @@ pub(crate) struct RedisTenants {
     counter: tokio::sync::OnceCell<Counter>,
     /// The config's hand-off settings, as of the last edit.
     handoff: Mutex<RedisHandoff>,
-    /// Consumed log files, each with when Redis took its ids: deleted once the grace is over.
-    consumed: Mutex<Vec<(PathBuf, Instant)>>,
+    /// Consumed log files, each with when Redis took its ids and which Redis did: deleted once
+    /// the grace is over, merged again if another Redis answers before.
+    consumed: Mutex<Vec<Consumed>>,
     /// Whether the log already says why consumed files wait out the grace period.
     told_grace: AtomicBool,
 }
@@ -224,7 +239,8 @@ impl RedisTenants {
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
         let handoff = *self.handoff.lock();
-        self.delete_expired(handoff.grace, report)?;
+        let redis = self.with(|connection| run_ids(connection).map_err(unavailable))?;
+        self.settle_consumed(&redis, handoff.grace, report)?;
         for log in logs.iter().filter(|log| !log.inputs.is_empty()) {
             let dir = wal_root.join(&log.worker);
             // A dead worker's log is taken by one live worker at a time.
@@ -240,7 +256,12 @@ impl RedisTenants {
             };
             let (merged, durable) = self.with(|connection| {
                 let mut merged = Vec::new();
-                for file in &log.inputs {
+                // A dead worker's consumed files are its inputs; once this worker consumed
+                // them too, they only wait out its grace.
+                let waiting = |file: &&LogFile| {
+                    file.consumed && self.consumed.lock().iter().any(|c| c.dir == dir && c.seq == file.seq)
+                };
+                for file in log.inputs.iter().filter(|file| !waiting(file)) {
                     if !self.merge_file(connection, wal_root, file, report)? {
                         break;
                     }
@@ -250,7 +271,7 @@ impl RedisTenants {
                 Ok((merged, durable))
             })?;
             for file in merged {
-                self.hand_off(&dir, file, &durable, report)?;
+                self.hand_off(&dir, file, &durable, &redis, report)?;
             }
         }
         Ok(())
@@ -364,6 +385,7 @@ impl RedisTenants {
         dir: &Path,
         file: &LogFile,
         durable: &Durable,
+        redis: &str,
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
         let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
@@ -382,7 +404,8 @@ impl RedisTenants {
                         Err(e) => return Err(StoreError::io(format!("renaming {}", file.path.display()), e)),
                     }
                 }
-                self.consumed.lock().push((done, Instant::now()));
+                let (dir, seq, at, redis) = (dir.to_path_buf(), file.seq, Instant::now(), redis.to_owned());
+                self.consumed.lock().push(Consumed { dir, seq, at, redis });
             }
         }
         Ok(())
@@ -391,23 +414,41 @@ impl RedisTenants {
     /// Whether a consumed log file has waited out its grace period, for a round to delete it.
     pub(crate) fn grace_over(&self) -> bool {
         let grace = self.handoff.lock().grace;
-        self.consumed.lock().iter().any(|(_, at)| at.elapsed() >= grace)
+        self.consumed.lock().iter().any(|c| c.at.elapsed() >= grace)
     }
 
-    /// Deletes the consumed log files that have waited `grace` since Redis took their ids.
-    fn delete_expired(&self, grace: Duration, report: &mut FlushReport) -> Result<(), StoreError> {
-        let expired: Vec<PathBuf> = {
+    /// Settles the consumed log files with `redis`, the Redis that answers now: those another
+    /// Redis took become closed files again, to be merged again (the ids may be lost); those
+    /// that waited `grace` since `redis` took their ids are deleted.
+    fn settle_consumed(&self, redis: &str, grace: Duration, report: &mut FlushReport) -> Result<(), StoreError> {
+        let settled: Vec<Consumed> = {
             let mut consumed = self.consumed.lock();
-            let (expired, waiting) = consumed.drain(..).partition(|(_, at)| at.elapsed() >= grace);
+            let (settled, waiting) = consumed.drain(..).partition(|c| c.redis != redis || c.at.elapsed() >= grace);
             *consumed = waiting;
-            expired.into_iter().map(|(path, _)| path).collect()
+            settled
         };
-        for path in expired {
-            match fs::remove_file(&path) {
-                Ok(()) => report.deleted_files += 1,
-                // Renamed back by its worker's next run, which merges it again.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::io(format!("removing {}", path.display()), e)),
+        // A file gone was renamed back by its worker's next run, which merges it again.
+        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+        for file in settled {
+            let path = consumed_path(&file.dir, file.seq);
+            if file.redis != redis {
+                tracing::warn!(
+                    file = %path.display(),
+                    was = file.redis,
+                    now = redis,
+                    "another Redis answers than took this log file's ids: merging it again"
+                );
+                match fs::rename(&path, file_path(&file.dir, file.seq, true)) {
+                    Ok(()) => {}
+                    Err(e) if gone(&e) => {}
+                    Err(e) => return Err(StoreError::io(format!("renaming {}", path.display()), e)),
+                }
+            } else {
+                match fs::remove_file(&path) {
+                    Ok(()) => report.deleted_files += 1,
+                    Err(e) if gone(&e) => {}
+                    Err(e) => return Err(StoreError::io(format!("removing {}", path.display()), e)),
+                }
             }
         }
         Ok(())
@@ -460,6 +501,31 @@ fn sadd(connection: &mut Pooled, tenant: &str, ids: &[&[u8]]) -> redis::RedisRes
     Ok(replies.iter().sum())
 }
 
+/// Which Redis `connection` talks to: the `run_id` of the server, or of each primary of a
+/// cluster, sorted. A restart or a failover changes it.
+fn run_ids(connection: &mut Pooled) -> redis::RedisResult<String> {
+    let info: Value = connection.query(redis::cmd("INFO").arg("server"))?;
+    let mut ids = Vec::new();
+    collect_run_ids(&info, &mut ids);
+    ids.sort_unstable();
+    Ok(ids.join(","))
+}
+
+/// The `run_id:` lines of an `INFO` reply: a text from a server, or one per node (as an array
+/// or a map) from a cluster.
+fn collect_run_ids(info: &Value, ids: &mut Vec<String>) {
+    let lines = |text: &str| {
+        text.lines().filter_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_owned()).collect::<Vec<_>>()
+    };
+    match info {
+        Value::BulkString(bytes) => ids.extend(lines(&String::from_utf8_lossy(bytes))),
+        Value::SimpleString(text) | Value::VerbatimString { text, .. } => ids.extend(lines(text)),
+        Value::Array(items) => items.iter().for_each(|item| collect_run_ids(item, ids)),
+        Value::Map(pairs) => pairs.iter().for_each(|(_, value)| collect_run_ids(value, ids)),
+        _ => {}
+    }
+}
+
 /// The lowest `[local, replicas]` pair in a `WAITAOF` reply: one pair from a server, one per
 /// primary (as an array or a map) from a cluster.
 fn lowest_pair(reply: &Value) -> Option<(i64, i64)> {
@@ -488,6 +554,22 @@ mod tests {
         let keys: std::collections::HashSet<String> = tenants.iter().map(|t| tenant_key(t)).collect();
         assert_eq!(keys.len(), tenants.len());
         assert!(keys.iter().all(|k| !k.contains('{') && !k.contains('}')));
+    }
+
+    #[test]
+    fn run_ids_of_a_server_and_of_a_cluster_read_from_info() {
+        let info = |id: &str| Value::BulkString(format!("# Server\r\nredis_version:7.0.15\r\nrun_id:{id}\r\n").into());
+        let mut ids = Vec::new();
+        collect_run_ids(&info("abc"), &mut ids);
+        assert_eq!(ids, ["abc"]);
+        // A cluster's reply maps each primary's address to its INFO.
+        let cluster = Value::Map(vec![
+            (Value::BulkString(b"127.0.0.1:7001".to_vec()), info("b")),
+            (Value::BulkString(b"127.0.0.1:7000".to_vec()), info("a")),
+        ]);
+        let mut ids = Vec::new();
+        collect_run_ids(&cluster, &mut ids);
+        assert_eq!(ids, ["b", "a"]);
     }
 
     #[test]
