@@ -301,3 +301,29 @@ fn ids_redis_loses_within_redis_grace_come_back_from_the_log_when_redis_restarts
     eventually(SETTLE, "the lost ids are back", || try_count(&client, &worker.url(), "restarted") == Some(500));
     assert!(worker.log().contains("another Redis answers"), "{}", worker.log());
 }
+
+#[test]
+fn with_redis_wait_replicas_a_log_file_is_consumed_only_once_that_many_replicas_have_its_ids() {
+    let redis = RedisServer::start();
+    let _replica = RedisServer::start_replica_of(&redis);
+    // Asking for two replicas of a primary that has one: Redis takes the ids, but never
+    // confirms, so the log file stays pending and is merged again each round.
+    let (cluster, worker) = lone_worker(&redis, "config_check: 0.2\nredis_wait_replicas: 2\n");
+    let client = client();
+    post_ids(&client, &worker.url(), "replicated", 100);
+    eventually(SETTLE, "the ids reach Redis", || try_count(&client, &worker.url(), "replicated") == Some(100));
+    eventually(SETTLE, "the worker says why it keeps the file", || worker.log().contains("WAIT 2"));
+    assert_eq!(pending_items(&client, &worker), 100);
+    assert!(cluster.consumed_wal_files().is_empty(), "{:?}", cluster.consumed_wal_files());
+
+    // An edit to one replica applies to the running worker: WAIT 1 is met, and the file is
+    // consumed (kept for redis_grace, as Redis 7.0 cannot vouch for its own disk).
+    let extra = format!(
+        "store: redis\nredis_url: {}\nworker_persist: 0.2\nconfig_check: 0.2\nredis_wait_replicas: 1\n",
+        redis.url()
+    );
+    cluster.write_config(&[worker.port], &extra);
+    eventually(SETTLE, "the log file is consumed", || {
+        pending_items(&client, &worker) == 0 && !cluster.consumed_wal_files().is_empty()
+    });
+}

@@ -37,6 +37,19 @@ impl RedisServer {
         RedisServer::start_with(&[])
     }
 
+    /// A replica of `primary` on a free port, once `primary` counts it among its connected
+    /// replicas.
+    pub fn start_replica_of(primary: &RedisServer) -> RedisServer {
+        let port = primary.port.to_string();
+        let replica = RedisServer::start_with(&["--replicaof", primary.host(), &port]);
+        let deadline = Instant::now() + STARTUP;
+        while !primary.cli(&["info", "replication"]).lines().any(|l| l.trim() == "connected_slaves:1") {
+            assert!(Instant::now() < deadline, "the replica on {} not connected in {STARTUP:?}", replica.port);
+            thread::sleep(Duration::from_millis(25));
+        }
+        replica
+    }
+
     /// A standalone server on `host`, at its address, answering `PING`.
     pub fn start_on(host: &Host) -> RedisServer {
         RedisServer::start_with_on(&[], Some(host.clone()))
