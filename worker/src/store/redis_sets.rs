@@ -229,8 +229,9 @@ pub(crate) fn tenant_key(tenant: &str) -> String {
 
 impl RedisTenants {
     /// Merges this worker's closed log files, and those of dead workers under `wal_root`, into
-    /// Redis, and hands each log's files over (see the module documentation). First deletes
-    /// the consumed files whose grace is over.
+    /// Redis, and hands each log's files over (see the module documentation). First settles
+    /// the consumed files: merged again if another Redis answers now, deleted once their grace
+    /// is over. Asks Redis nothing when there is nothing to do.
     pub(crate) fn round(
         &self,
         wal_root: &Path,
@@ -238,6 +239,9 @@ impl RedisTenants {
         logs: &[WorkerLog],
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
+        if self.consumed.lock().is_empty() && logs.iter().all(|log| log.inputs.is_empty()) {
+            return Ok(());
+        }
         let handoff = *self.handoff.lock();
         let redis = self.with(|connection| run_ids(connection).map_err(unavailable))?;
         self.settle_consumed(&redis, handoff.grace, report)?;
