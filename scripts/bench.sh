@@ -7,7 +7,8 @@
 #   3. GET counts through the coordinator, and straight to one worker;
 #   4. redis-benchmark -t sadd -P 100 -c 16, the reference SPEC.md names;
 #   5. POST and GET through a coordinator whose workers keep the tenants in that Redis
-#      (store: redis), against the store: json figures above.
+#      (store: redis), against the store: json figures above; and GET counts straight to one
+#      worker, store: redis against store: json (step 3), with their ratio.
 # Each run through the coordinator also reports the coordinator's CPU time per forwarded
 # request: utime+stime from /proc/<pid>/stat over the run, over the run's delta of /stats
 # cluster.requests_forwarded (in target/bench/coordinator-cpu.json). A summary of the ratios
@@ -118,6 +119,14 @@ echo "=== store: redis: POST through the coordinator ==="
 through_coordinator redis-store-post $load --url "http://127.0.0.1:$listen" "${common[@]}" --batch 100 --tenants 10 --json "$out/redis-store-post.json"
 echo "=== store: redis: GET counts through the coordinator ==="
 through_coordinator redis-store-count $load --url "http://127.0.0.1:$listen" "${common[@]}" --count --tenants 10 --json "$out/redis-store-count.json"
+echo "=== store: redis: GET counts straight to one worker ==="
+$load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --count --tenants 10 --json "$out/redis-store-worker-count.json"
+python3 - "$out/redis-store-worker-count.json" "$out/worker-count.json" <<'PY'
+import json, sys
+redis, json_store = (json.load(open(path))["run"]["requests_per_s"] for path in sys.argv[1:])
+print(f"GET counts straight to one worker: store: redis {redis:,.0f}/s, store: json {json_store:,.0f}/s, "
+      f"ratio {redis / json_store:.2f}x (target at least 0.6x)")
+PY
 stop_cluster
 printf '%s\n' "${cpu_figures[@]}" | python3 -c 'import json,sys; json.dump([json.loads(l) for l in sys.stdin], open(sys.argv[1], "w"), indent=2)' "$out/coordinator-cpu.json"
 

@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 
 use harness::redis::{RedisCluster, RedisServer};
 use harness::{
-    Cluster, Load, batch, client, count_reply, error_message, eventually, free_port, post, sigkill, try_count,
+    Cluster, Load, Proc, batch, client, count_reply, error_message, eventually, free_port, get_json, post, sigkill,
+    try_count,
 };
 use reqwest::StatusCode;
+use reqwest::blocking::Client;
 
 /// How long counts get to converge: a flush every 0.2 s, plus respawns.
 const SETTLE: Duration = Duration::from_secs(20);
@@ -179,5 +181,129 @@ fn with_redis_down_ingest_is_acknowledged_up_to_max_pending_items_then_refused_u
     // The log file is deleted, and the pending count drops, just after its ids reach Redis.
     eventually(Duration::from_secs(10), "ingest resumes", || {
         post(&client, &worker.url(), batch(&[("capped", "one more")])).status() == StatusCode::OK
+    });
+}
+
+/// A worker on a free port by itself, storing into `redis` with the `extra` config lines,
+/// closing its log file every 0.2 s; ready.
+fn lone_worker(redis: &RedisServer, extra: &str) -> (Cluster, Proc) {
+    let port = free_port();
+    let extra = format!("store: redis\nredis_url: {}\nworker_persist: 0.2\n{extra}", redis.url());
+    let cluster = Cluster::new(&[port], &extra);
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    (cluster, worker)
+}
+
+/// Posts `n` ids to `tenant` at `url`, in batches of 100, asserting each is acknowledged.
+fn post_ids(client: &Client, url: &str, tenant: &str, n: usize) {
+    let ids: Vec<String> = (0..n).map(|i| format!("{tenant}-{i}")).collect();
+    for chunk in ids.chunks(100) {
+        let items: Vec<(&str, &str)> = chunk.iter().map(|id| (tenant, id.as_str())).collect();
+        assert_eq!(post(client, url, batch(&items)).status(), StatusCode::OK);
+    }
+}
+
+/// The worker's `pending_items` in its `/stats`.
+fn pending_items(client: &Client, worker: &Proc) -> u64 {
+    get_json(client, &format!("{}/stats", worker.url()))["pending_items"].as_u64().unwrap()
+}
+
+#[test]
+fn a_log_file_redis_cannot_vouch_for_is_kept_for_redis_grace_then_deleted() {
+    // Debian's Redis 7.0 has no WAITAOF: it cannot confirm that the ids are on its disk.
+    let redis = RedisServer::start();
+    let grace = Duration::from_secs(4);
+    let (cluster, worker) = lone_worker(&redis, &format!("redis_grace: {}\n", grace.as_secs()));
+    let client = client();
+    post_ids(&client, &worker.url(), "graced", 300);
+    eventually(SETTLE, "the ids reach Redis", || try_count(&client, &worker.url(), "graced") == Some(300));
+    // Redis took the ids, so the file is consumed (not pending: no backpressure from it), but
+    // kept: Redis could still lose them.
+    eventually(Duration::from_secs(2), "the log file is consumed", || {
+        cluster.consumed_wal_files().iter().any(|(_, len)| *len > 0)
+            && cluster.wal_files().iter().all(|(_, len)| *len == 0)
+    });
+    let consumed = cluster.consumed_wal_files();
+    let seen = Instant::now();
+    assert_eq!(pending_items(&client, &worker), 0);
+    thread::sleep(grace / 4);
+    assert_eq!(cluster.consumed_wal_files(), consumed, "deleted before redis_grace ({grace:?}) was over");
+    // Once the grace is over, it goes.
+    eventually(grace + SETTLE, "the consumed log file is deleted", || cluster.consumed_wal_files().is_empty());
+    println!("the consumed log file was deleted {:?} after it was first seen consumed", seen.elapsed());
+    assert!(seen.elapsed() >= grace / 2, "deleted {:?} after it was seen, grace {grace:?}", seen.elapsed());
+    assert_eq!(try_count(&client, &worker.url(), "graced"), Some(300));
+}
+
+#[test]
+fn ids_redis_loses_within_redis_grace_come_back_from_the_log_when_the_worker_restarts() {
+    let redis = RedisServer::start();
+    // A grace far longer than the test: the loss below surely falls within it.
+    let (cluster, mut worker) = lone_worker(&redis, "redis_grace: 600\n");
+    let client = client();
+    post_ids(&client, &worker.url(), "lost", 500);
+    eventually(SETTLE, "the ids reach Redis", || try_count(&client, &worker.url(), "lost") == Some(500));
+    eventually(SETTLE, "the log is consumed", || {
+        pending_items(&client, &worker) == 0 && !cluster.consumed_wal_files().is_empty()
+    });
+
+    // Redis loses its last writes (a power cut under `appendfsync everysec`, a failover to a
+    // replica that lagged): the acknowledged ids are now only in the worker's log.
+    redis.cli(&["flushall"]);
+    assert_eq!(try_count(&client, &worker.url(), "lost"), Some(0));
+
+    // The worker crashes and restarts: what is still on disk is merged again, exactly once
+    // per id (SADD is idempotent).
+    worker.kill();
+    let port = worker.port;
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    eventually(SETTLE, "the lost ids are back", || try_count(&client, &worker.url(), "lost") == Some(500));
+    eventually(SETTLE, "the replayed log is consumed again", || pending_items(&client, &worker) == 0);
+}
+
+#[test]
+fn ids_redis_loses_within_redis_grace_come_back_from_the_log_when_redis_restarts() {
+    let mut redis = RedisServer::start();
+    let (cluster, worker) = lone_worker(&redis, "redis_grace: 600\n");
+    let client = client();
+    post_ids(&client, &worker.url(), "restarted", 500);
+    eventually(SETTLE, "the ids reach Redis", || try_count(&client, &worker.url(), "restarted") == Some(500));
+    eventually(SETTLE, "the log is consumed", || {
+        pending_items(&client, &worker) == 0 && !cluster.consumed_wal_files().is_empty()
+    });
+
+    // Redis loses its last writes and restarts, while the worker runs on: the worker sees
+    // another Redis process answer, and merges its consumed files again.
+    redis.cli(&["flushall"]);
+    redis.restart();
+    eventually(SETTLE, "the lost ids are back", || try_count(&client, &worker.url(), "restarted") == Some(500));
+    assert!(worker.log().contains("another Redis answers"), "{}", worker.log());
+}
+
+#[test]
+fn with_redis_wait_replicas_a_log_file_is_consumed_only_once_that_many_replicas_have_its_ids() {
+    let redis = RedisServer::start();
+    let _replica = RedisServer::start_replica_of(&redis);
+    // Asking for two replicas of a primary that has one: Redis takes the ids, but never
+    // confirms, so the log file stays pending and is merged again each round.
+    let (cluster, worker) = lone_worker(&redis, "config_check: 0.2\nredis_wait_replicas: 2\n");
+    let client = client();
+    post_ids(&client, &worker.url(), "replicated", 100);
+    eventually(SETTLE, "the ids reach Redis", || try_count(&client, &worker.url(), "replicated") == Some(100));
+    eventually(SETTLE, "the worker says why it keeps the file", || worker.log().contains("WAIT 2"));
+    assert_eq!(pending_items(&client, &worker), 100);
+    assert!(cluster.consumed_wal_files().is_empty(), "{:?}", cluster.consumed_wal_files());
+
+    // An edit to one replica applies to the running worker: WAIT 1 is met, and the file is
+    // consumed (kept for redis_grace, as Redis 7.0 cannot vouch for its own disk).
+    let extra = format!(
+        "store: redis\nredis_url: {}\nworker_persist: 0.2\nconfig_check: 0.2\nredis_wait_replicas: 1\n",
+        redis.url()
+    );
+    cluster.write_config(&[worker.port], &extra);
+    eventually(SETTLE, "the log file is consumed", || {
+        pending_items(&client, &worker) == 0 && !cluster.consumed_wal_files().is_empty()
     });
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
 pub mod browser;
+pub mod netns;
 pub mod redis;
 
 use std::fs;
@@ -61,6 +62,13 @@ impl Cluster {
         cluster
     }
 
+    /// [`Cluster::new`] with the workers' URLs as they are, such as those of other hosts.
+    pub fn with_urls(workers: &[String], extra: &str) -> Cluster {
+        let cluster = Cluster { dir: tempfile::tempdir().unwrap() };
+        cluster.write_config_urls(workers, extra);
+        cluster
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         self.dir.path()
@@ -78,9 +86,14 @@ impl Cluster {
 
     /// Rewrites `config.yaml` in place.
     pub fn write_config(&self, workers: &[u16], extra: &str) {
+        let urls: Vec<String> = workers.iter().map(|port| format!("http://127.0.0.1:{port}")).collect();
+        self.write_config_urls(&urls, extra);
+    }
+
+    fn write_config_urls(&self, workers: &[String], extra: &str) {
         let mut yaml = String::from("workers:\n");
-        for port in workers {
-            yaml.push_str(&format!("  - http://127.0.0.1:{port}\n"));
+        for url in workers {
+            yaml.push_str(&format!("  - {url}\n"));
         }
         yaml.push_str("database: db/\nworker_logs: logs/\n");
         yaml.push_str(extra);
@@ -90,13 +103,23 @@ impl Cluster {
     /// Every write-ahead log file (`db/wal/<worker>/*.open` and `*.log`) with its size in bytes,
     /// sorted by path.
     pub fn wal_files(&self) -> Vec<(PathBuf, u64)> {
+        self.wal_files_named(&["log", "open"])
+    }
+
+    /// The consumed log files (`db/wal/<worker>/*.done`: their ids are in Redis, which could not
+    /// yet vouch for them) with their sizes in bytes, sorted by path.
+    pub fn consumed_wal_files(&self) -> Vec<(PathBuf, u64)> {
+        self.wal_files_named(&["done"])
+    }
+
+    fn wal_files_named(&self, extensions: &[&str]) -> Vec<(PathBuf, u64)> {
         let mut files = Vec::new();
         let Ok(workers) = fs::read_dir(self.database().join("wal")) else { return files };
         for worker in workers {
             let Ok(entries) = fs::read_dir(worker.unwrap().path()) else { continue };
             for entry in entries {
                 let path = entry.unwrap().path();
-                if path.extension().is_some_and(|ext| ext == "log" || ext == "open") {
+                if path.extension().is_some_and(|ext| extensions.iter().any(|e| ext == *e)) {
                     let len = fs::metadata(&path).map_or(0, |m| m.len());
                     files.push((path, len));
                 }
@@ -118,8 +141,18 @@ impl Cluster {
 
     /// [`Cluster::worker_at`] with more environment variables, such as `FAILPOINTS`.
     pub fn worker_with_env(&self, host: &str, port: u16, env: &[(&str, &str)]) -> Proc {
+        self.worker_by(Command::new(env!("CARGO_BIN_EXE_worker")), host, port, env)
+    }
+
+    /// Starts a worker on the network namespace `host`, at its address, as its owner would by
+    /// hand on that machine.
+    pub fn worker_on(&self, host: &netns::Host, port: u16) -> Proc {
+        self.worker_by(host.command(env!("CARGO_BIN_EXE_worker")), &host.addr, port, &[])
+    }
+
+    /// Runs the worker binary through `command` (the binary itself, or a launcher of it).
+    fn worker_by(&self, mut command: Command, host: &str, port: u16, env: &[(&str, &str)]) -> Proc {
         let log = self.path().join(format!("worker-{port}.log"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
         command
             .arg(port.to_string())
             .arg("--config")
@@ -319,10 +352,19 @@ pub fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool)
 impl Cluster {
     /// Starts the coordinator with this cluster's config; `port` must be the config's `listen`.
     pub fn coordinator(&self, port: u16) -> Proc {
+        self.coordinator_by(Command::new(env!("CARGO_BIN_EXE_coordinator")), "127.0.0.1", port)
+    }
+
+    /// Starts the coordinator on the network namespace `host`, where it spawns its local
+    /// workers; `host`'s address and `port` must be the config's `listen`.
+    pub fn coordinator_on(&self, host: &netns::Host, port: u16) -> Proc {
+        self.coordinator_by(host.command(env!("CARGO_BIN_EXE_coordinator")), &host.addr, port)
+    }
+
+    fn coordinator_by(&self, mut command: Command, host: &str, port: u16) -> Proc {
         let log = self.path().join("coordinator.log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
         command.arg("--config").arg(self.config_path());
-        Proc::spawn(command, "127.0.0.1", port, log)
+        Proc::spawn(command, host, port, log)
     }
 
     /// Pids of every running process started with this cluster's config: its coordinator and
@@ -445,6 +487,17 @@ pub struct Tally {
     pub errors: Vec<String>,
 }
 
+/// How the clients of a [`Load`] post.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    /// Stop at the first failed request (the server went away).
+    stop_on_error: bool,
+    /// The pause before each batch.
+    pause: Duration,
+    /// How long a client waits for a reply.
+    timeout: Duration,
+}
+
 /// Times a client of a [`Load`] sends a batch a server pushed back (503 with Retry-After).
 const PUSHBACK_RETRIES: usize = 10;
 
@@ -469,24 +522,40 @@ impl Load {
     /// `stop_on_error`, a client stops at its first failed request (the server went away);
     /// otherwise it records the failure and goes on.
     pub fn start(url: &str, clients: usize, prefix: &str, stop_on_error: bool) -> Load {
+        Load::spawn(
+            url,
+            clients,
+            prefix,
+            Pace { stop_on_error, pause: Duration::ZERO, timeout: Duration::from_secs(10) },
+        )
+    }
+
+    /// Starts `clients` threads that go on through failures, each posting a batch every `pause`
+    /// or so and waiting up to `timeout` for each reply: a load that outlasts network cuts.
+    pub fn start_paced(url: &str, clients: usize, prefix: &str, pause: Duration, timeout: Duration) -> Load {
+        Load::spawn(url, clients, prefix, Pace { stop_on_error: false, pause, timeout })
+    }
+
+    fn spawn(url: &str, clients: usize, prefix: &str, pace: Pace) -> Load {
         let tenants: Vec<String> = (0..Load::TENANTS).map(|t| format!("{prefix}-{t}")).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let clients = (0..clients)
             .map(|c| {
                 let (url, prefix, stop) = (url.to_owned(), prefix.to_owned(), stop.clone());
-                thread::spawn(move || Load::client(&url, c, &prefix, &stop, stop_on_error))
+                thread::spawn(move || Load::client(&url, c, &prefix, &stop, pace))
             })
             .collect();
         Load { tenants, prefix: prefix.to_owned(), stop, clients }
     }
 
-    fn client(url: &str, c: usize, prefix: &str, stop: &AtomicBool, stop_on_error: bool) -> Tally {
-        let client = client();
+    fn client(url: &str, c: usize, prefix: &str, stop: &AtomicBool, pace: Pace) -> Tally {
+        let client = Client::builder().timeout(pace.timeout).build().unwrap();
         let mut tally = Tally::default();
         for seq in 0..Load::MAX_BATCHES {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
+            thread::sleep(pace.pause);
             let sent = Sent { client: c, seq, acked: false };
             let mut items: Vec<(String, String)> = (0..Load::BATCH)
                 .map(|i| (format!("{prefix}-{}", i % Load::TENANTS), format!("c{c}-b{seq}-i{i}")))
@@ -523,7 +592,7 @@ impl Load {
             tally.batches.push(Sent { acked: failure.is_none(), ..sent });
             if let Some(failure) = failure {
                 tally.errors.push(failure);
-                if stop_on_error {
+                if pace.stop_on_error {
                     break;
                 }
             }

@@ -11,12 +11,14 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::netns::Host;
 use super::{STARTUP, free_port};
 
 /// How long one `redis-cli` call may take before the test fails.
 const CLI_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// One `redis-server` on 127.0.0.1, with an append-only file in its own directory so that a
+/// One `redis-server` on 127.0.0.1 (or on a host of a [`super::netns::Network`]), with an
+/// append-only file in its own directory so that a
 /// restart after SIGKILL replays what it had acknowledged (`appendfsync everysec` loses only
 /// what the OS had not written when the machine, not the process, died).
 pub struct RedisServer {
@@ -25,6 +27,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     /// Arguments beyond the harness's own, such as those of a cluster node; kept for restarts.
     extra: Vec<String>,
+    /// The network namespace it runs on, if not the test's own.
+    on: Option<Host>,
 }
 
 impl RedisServer {
@@ -33,13 +37,36 @@ impl RedisServer {
         RedisServer::start_with(&[])
     }
 
+    /// A replica of `primary` on a free port, once `primary` counts it among its connected
+    /// replicas.
+    pub fn start_replica_of(primary: &RedisServer) -> RedisServer {
+        let port = primary.port.to_string();
+        let replica = RedisServer::start_with(&["--replicaof", primary.host(), &port]);
+        let deadline = Instant::now() + STARTUP;
+        while !primary.cli(&["info", "replication"]).lines().any(|l| l.trim() == "connected_slaves:1") {
+            assert!(Instant::now() < deadline, "the replica on {} not connected in {STARTUP:?}", replica.port);
+            thread::sleep(Duration::from_millis(25));
+        }
+        replica
+    }
+
+    /// A standalone server on `host`, at its address, answering `PING`.
+    pub fn start_on(host: &Host) -> RedisServer {
+        RedisServer::start_with_on(&[], Some(host.clone()))
+    }
+
     /// A server on a free port with `extra` arguments, answering `PING`.
     fn start_with(extra: &[&str]) -> RedisServer {
+        RedisServer::start_with_on(extra, None)
+    }
+
+    fn start_with_on(extra: &[&str], on: Option<Host>) -> RedisServer {
         let mut server = RedisServer {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|&a| a.to_owned()).collect(),
+            on,
         };
         // Spawned into `server` first, so that a server that never answers is killed by Drop.
         server.spawn();
@@ -51,9 +78,12 @@ impl RedisServer {
         assert!(self.child.is_none(), "redis-server on {} is already running", self.port);
         let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let port = self.port.to_string();
-        let mut command = Command::new("redis-server");
+        let mut command = match &self.on {
+            Some(host) => host.command("redis-server"),
+            None => Command::new("redis-server"),
+        };
         command
-            .args(["--port", &port, "--bind", "127.0.0.1", "--protected-mode", "no"])
+            .args(["--port", &port, "--bind", self.host(), "--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""])
@@ -82,9 +112,14 @@ impl RedisServer {
         self.port
     }
 
+    /// The address it listens on.
+    pub fn host(&self) -> &str {
+        self.on.as_ref().map_or("127.0.0.1", |host| host.addr.as_str())
+    }
+
     /// The URL a worker's `redis_url` takes.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://{}:{}", self.host(), self.port)
     }
 
     /// The server's directory: its append-only file, `nodes.conf` and `redis.log`.
@@ -114,13 +149,13 @@ impl RedisServer {
 
     /// `redis-cli -p <port> args...`: its standard output, asserting it succeeded in time.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = cli(self.port, args);
+        let out = cli(self.host(), self.port, args);
         out.unwrap_or_else(|e| panic!("redis-cli -p {} {args:?}: {e}\n{}", self.port, self.log()))
     }
 
     /// Like [`RedisServer::cli`], but `None` on failure, as when the server is not up yet.
     fn try_cli(&self, args: &[&str]) -> Option<String> {
-        cli(self.port, args).ok()
+        cli(self.host(), self.port, args).ok()
     }
 
     /// `SCARD key`: the members of the set `key`, 0 if there is none.
@@ -220,10 +255,11 @@ impl RedisCluster {
     }
 }
 
-/// Runs `redis-cli -p <port> args...` and returns its standard output, or why it failed: it
-/// exited with an error, or did not exit within [`CLI_TIMEOUT`] (then it is killed).
-fn cli(port: u16, args: &[&str]) -> Result<String, String> {
+/// Runs `redis-cli -h <host> -p <port> args...` and returns its standard output, or why it
+/// failed: it exited with an error, or did not exit within [`CLI_TIMEOUT`] (then it is killed).
+fn cli(host: &str, port: u16, args: &[&str]) -> Result<String, String> {
     let mut child = Command::new("redis-cli")
+        .args(["-h", host])
         .arg("-p")
         .arg(port.to_string())
         .args(args)

@@ -56,7 +56,7 @@ fn measure(db: &std::path::Path) {
     let started = Instant::now();
     let store = Store::open(db, "reader", options()).unwrap();
     for t in 0..TENANTS {
-        assert_eq!(store.count(&tenant(t)).unwrap(), IDS_PER_TENANT as u64);
+        assert_eq!(store.count_blocking(&tenant(t)).unwrap(), IDS_PER_TENANT as u64);
     }
     let ready = started.elapsed();
     let opened = rss();

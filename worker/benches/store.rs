@@ -81,7 +81,7 @@ fn flush_into_large_tenant(c: &mut Criterion) {
             }
         }
         store.flush().unwrap();
-        assert_eq!(store.count("big").unwrap(), size as u64);
+        assert_eq!(store.count_blocking("big").unwrap(), size as u64);
         group.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, _| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;

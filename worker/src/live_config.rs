@@ -7,7 +7,8 @@
 //! config file, with the watch the coordinator uses.
 //!
 //! Every key applies live: the size limits and `max_pending_items` on the next request,
-//! `worker_persist` at the merger's next look (within 100 ms), `fsync` from the next append on.
+//! `worker_persist` at the merger's next look (within 100 ms), `fsync` from the next append on,
+//! `redis_grace` and `redis_wait_replicas` from the next merge round.
 //! The keys a running cluster cannot change ([`FIXED_KEYS`]) make an edit refused as a whole.
 
 use std::path::PathBuf;
@@ -60,7 +61,8 @@ impl LiveConfig {
         self.current.read().1.clone()
     }
 
-    /// Puts `new` in force, and the store's part of it (`fsync`) if the store is open. Returns
+    /// Puts `new` in force, and the store's part of it (`fsync`, `redis_grace`,
+    /// `redis_wait_replicas`) if the store is open. Returns
     /// whether anything changed.
     pub(crate) fn apply(&self, new: Config, store: Option<&Store>) -> Result<bool, ApplyError> {
         let mut current = self.current.write();
@@ -73,6 +75,7 @@ impl LiveConfig {
         }
         if let Some(store) = store {
             store.set_fsync(new.fsync);
+            store.set_redis_handoff(new.redis_handoff());
         }
         let version = new.version();
         tracing::info!(version, from = current.1, "config applied");

@@ -89,15 +89,7 @@ async fn get_count(raw: &str, state: &AppState) -> Result<HttpResponse, ApiError
     if tenant.len() > max {
         return Err(ApiError::BadRequest(format!("the tenant is longer than max_key_bytes ({max} bytes)")));
     }
-    // A JSON store answers from a manifest it holds open, cheaper than a hop to a blocking
-    // thread; Redis answers over the network, which must not stall the event loop.
-    let counted = if store.counts_block() {
-        let key = tenant.clone();
-        web::block(move || store.count(&key)).await.unwrap_or_else(|e| Err(StoreError::Backend(e.to_string())))
-    } else {
-        store.count(&tenant)
-    };
-    match counted {
+    match store.count(&tenant).await {
         Ok(count) => Ok(HttpResponse::Ok().json(Count { count })),
         Err(e) => {
             tracing::error!(tenant, error = %e, "count failed");

@@ -124,7 +124,9 @@ impl Worker {
             };
             state.set_store(store.clone());
             // An edit applied while the store was opening found no store to set.
-            store.set_fsync(state.config.get().fsync);
+            let config = state.config.get();
+            store.set_fsync(config.fsync);
+            store.set_redis_handoff(config.redis_handoff());
             let following = match &settings.config_source {
                 ConfigSource::File(path) => Some(follow_file(path, state.clone().into_inner())),
                 ConfigSource::Coordinator => None,
@@ -177,7 +179,12 @@ fn worker_id(addr: SocketAddr) -> String {
 
 async fn open_store(config: &Config, worker_id: &str) -> Result<Arc<Store>, WorkerError> {
     let (database, id) = (config.database.to_path_buf(), worker_id.to_owned());
-    let options = StoreOptions { fsync: config.fsync, backend: config.backend(), ..StoreOptions::default() };
+    let options = StoreOptions {
+        fsync: config.fsync,
+        backend: config.backend(),
+        redis_handoff: config.redis_handoff(),
+        ..StoreOptions::default()
+    };
     let store = tokio::task::spawn_blocking(move || Store::open(&database, &id, options))
         .await
         .map_err(|e| WorkerError::Runtime(format!("opening the store panicked: {e}")))??;

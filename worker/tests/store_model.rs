@@ -152,7 +152,7 @@ proptest! {
             // Every live worker, and a reader of the files, counts exactly the model's ids.
             for (t, tenant) in TENANTS.iter().enumerate() {
                 for store in stores.iter().flatten() {
-                    prop_assert_eq!(store.count(tenant).unwrap(), model.count(t), "tenant {} by {}", tenant, store.worker_id());
+                    prop_assert_eq!(store.count_blocking(tenant).unwrap(), model.count(t), "tenant {} by {}", tenant, store.worker_id());
                 }
                 prop_assert_eq!(read_count(&db, tenant).unwrap(), model.count(t), "tenant {} read from its file", tenant);
             }
@@ -165,7 +165,7 @@ proptest! {
         store.flush().unwrap();
         for (t, tenant) in TENANTS.iter().enumerate() {
             let all: BTreeSet<u8> = model.items.iter().filter(|i| i.tenant == t).map(|i| i.id).collect();
-            prop_assert_eq!(store.count(tenant).unwrap(), all.len() as u64, "tenant {} at the end", tenant);
+            prop_assert_eq!(store.count_blocking(tenant).unwrap(), all.len() as u64, "tenant {} at the end", tenant);
         }
     }
 }
@@ -200,14 +200,14 @@ fn a_worker_that_regains_a_shard_reloads_what_another_changed() {
     append(&second, &big, 2000..3000);
     append(&second, &small, 0..10);
     second.flush().unwrap();
-    assert_eq!(second.count(&big).unwrap(), 3000, "B merged into the shard it owns");
+    assert_eq!(second.count_blocking(&big).unwrap(), 3000, "B merged into the shard it owns");
     second.close(Duration::ZERO).unwrap();
 
     append(&first, &big, 3000..3500);
     append(&first, &small, 10..15);
     first.flush().unwrap();
-    assert_eq!(first.count(&big).unwrap(), 3500, "{big:?}");
-    assert_eq!(first.count(&small).unwrap(), 15, "{small:?}");
+    assert_eq!(first.count_blocking(&big).unwrap(), 3500, "{big:?}");
+    assert_eq!(first.count_blocking(&small).unwrap(), 15, "{small:?}");
     drop(first);
     let reader = Store::open(&db, WORKERS[2], options()).unwrap();
     reader.flush().unwrap();

@@ -377,7 +377,7 @@ fn per_tenant(batches: impl IntoIterator<Item = u64>, len: usize) -> BTreeMap<St
 #[track_caller]
 fn assert_counts(store: &Store, expected: &BTreeMap<String, u64>, context: &str) {
     for (tenant, want) in expected {
-        let got = store.count(tenant).unwrap_or_else(|e| panic!("{context}: count of {tenant:?}: {e}"));
+        let got = store.count_blocking(tenant).unwrap_or_else(|e| panic!("{context}: count of {tenant:?}: {e}"));
         assert_eq!(got, *want, "{context}: count of tenant {tenant:?}");
     }
 }
@@ -518,7 +518,7 @@ fn four_processes_flushing_overlapping_ids_count_exactly() {
     let (store, report) = checker(&db, FsyncPolicy::EverySec);
     assert_eq!(report.items, 0, "children closed gracefully: nothing should be left to merge");
     for (t, tenant) in OVERLAP_TENANTS.iter().enumerate() {
-        assert_eq!(store.count(tenant).unwrap(), expected[t].len() as u64, "tenant {tenant:?}");
+        assert_eq!(store.count_blocking(tenant).unwrap(), expected[t].len() as u64, "tenant {tenant:?}");
     }
 }
 
@@ -564,7 +564,7 @@ fn sigkill_mid_load_loses_no_acknowledged_batch() {
             .unwrap_or_else(|e| panic!("{context}: reopening after SIGKILL failed: {e}"));
         store.flush().unwrap_or_else(|e| panic!("{context}: the first flush after SIGKILL failed: {e}"));
         for tenant in LOAD_TENANTS {
-            let count = store.count(tenant).unwrap();
+            let count = store.count_blocking(tenant).unwrap();
             assert!(
                 acked_total[tenant] <= count && count <= sent_total[tenant],
                 "{context}: tenant {tenant:?} counts {count}, expected between {} acknowledged and {} sent",
@@ -627,7 +627,7 @@ fn shard_owners_killed_and_replaced_under_load_lose_nothing() {
     let context = format!("after {OWNER_ROUNDS} rounds, {} batches acknowledged", acked.len());
     let (low, high) = (per_tenant(acked.iter().copied(), LOAD_BATCH), per_tenant(sent, LOAD_BATCH));
     for tenant in LOAD_TENANTS {
-        let count = store.count(tenant).unwrap();
+        let count = store.count_blocking(tenant).unwrap();
         assert!(low[tenant] <= count && count <= high[tenant], "{context}: {tenant:?} counts {count}");
     }
     assert_all_stored(&store, &acked, &context);
@@ -829,10 +829,10 @@ fn tenant_names_are_distinct_and_stay_inside_the_database() {
     store.flush().unwrap();
     let check = |store: &Store, when: &str| {
         for (i, tenant) in tenants.iter().enumerate() {
-            assert_eq!(store.count(tenant).unwrap(), i as u64 + 1, "{when}: tenant {tenant:?}");
+            assert_eq!(store.count_blocking(tenant).unwrap(), i as u64 + 1, "{when}: tenant {tenant:?}");
         }
         for never in ["b", "a  b", "../y", "...", "x", "a\0"] {
-            assert_eq!(store.count(never).unwrap(), 0, "{when}: tenant {never:?} was never posted to");
+            assert_eq!(store.count_blocking(never).unwrap(), 0, "{when}: tenant {never:?} was never posted to");
         }
     };
     check(&store, "after the flush");

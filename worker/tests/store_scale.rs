@@ -56,7 +56,7 @@ fn many_small_tenants_are_one_small_file_each() {
     let report = store.flush().unwrap();
     assert_eq!((report.tenants, report.new_ids), (TENANTS as u64, TENANTS as u64));
     for name in names.iter().step_by(97) {
-        assert_eq!(store.count(name).unwrap(), 1, "{name}");
+        assert_eq!(store.count_blocking(name).unwrap(), 1, "{name}");
         assert_eq!(read_count(&db, name).unwrap(), 1, "{name}, read from its file");
     }
     store.close(Duration::ZERO).unwrap();
@@ -98,7 +98,7 @@ fn a_large_tenant_grows_into_segments_and_is_reloaded_from_them() {
         let new = (start + PER_ROUND).saturating_sub(expected.max(start)).min(PER_ROUND);
         assert_eq!(report.new_ids, new, "round {round}");
         expected += new;
-        assert_eq!(store.count("big").unwrap(), expected, "round {round}");
+        assert_eq!(store.count_blocking("big").unwrap(), expected, "round {round}");
     }
     let manifest: Value = serde_json::from_slice(&fs::read(&file).unwrap()).unwrap();
     assert_eq!(manifest["count"], expected);
@@ -128,5 +128,5 @@ fn a_large_tenant_grows_into_segments_and_is_reloaded_from_them() {
     append(&other, "big", (top - 1000..top + 1000).map(|i| format!("{i:016x}")));
     let report = other.flush().unwrap();
     assert_eq!(report.new_ids, 1000, "{report:?}");
-    assert_eq!(other.count("big").unwrap(), expected + 1000);
+    assert_eq!(other.count_blocking("big").unwrap(), expected + 1000);
 }

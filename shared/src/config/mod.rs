@@ -68,6 +68,15 @@ pub struct Config {
     /// Whether `redis_url` is a node of a Redis Cluster.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub redis_cluster: bool,
+    /// With `store: redis`, how long a log file whose ids Redis took is kept when Redis cannot
+    /// confirm that it made them durable (no `WAITAOF`, or no AOF): at least Redis's `everysec`
+    /// window, 1 s. [`defaults::redis_grace`] when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_grace: Option<Seconds>,
+    /// With `store: redis`, how many replicas must have a log file's ids (`WAIT`, or `WAITAOF`
+    /// where Redis has it) before the file is deleted.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub redis_wait_replicas: u32,
     /// Items a worker's log may hold unflushed before ingest answers 503.
     #[serde(default = "defaults::max_pending_items")]
     pub max_pending_items: Positive,
@@ -108,6 +117,11 @@ pub mod defaults {
     pub fn max_key_bytes() -> Positive {
         Positive::new(256).expect("positive")
     }
+    /// How long a log file that Redis took is kept when Redis cannot confirm its durability:
+    /// twice Redis's `everysec` window.
+    pub fn redis_grace() -> Seconds {
+        Seconds::new(Duration::from_secs(2)).expect("within bounds")
+    }
     /// Items a worker's log holds unflushed (while its store is unreachable) before ingest
     /// answers 503: about a gigabyte of log.
     pub fn max_pending_items() -> Positive {
@@ -115,6 +129,9 @@ pub mod defaults {
     }
 }
 
+/// The shortest `redis_grace` accepted: Redis's `appendfsync everysec` writes its AOF to disk
+/// once a second, so a shorter grace could delete a log file whose ids Redis may still lose.
+pub const MIN_REDIS_GRACE: Duration = Duration::from_secs(1);
 /// The largest `max_body_bytes` accepted: a body is held in memory whole.
 pub const MAX_BODY_BYTES_LIMIT: u64 = 1 << 30;
 /// The largest `max_key_bytes` accepted.
@@ -136,6 +153,26 @@ pub enum StoreBackend {
         /// Whether `url` is a node of a Redis Cluster.
         cluster: bool,
     },
+}
+
+/// What a worker with `store: redis` waits for before it deletes a log file whose ids Redis took:
+/// the live part of the Redis settings, applied at each merge round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedisHandoff {
+    /// How long the file is kept where Redis cannot confirm that the ids are on its disk.
+    pub grace: Duration,
+    /// How many replicas must have the ids first.
+    pub wait_replicas: u32,
+}
+
+impl Default for RedisHandoff {
+    fn default() -> Self {
+        RedisHandoff { grace: defaults::redis_grace().get(), wait_replicas: 0 }
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Config {
@@ -210,6 +247,14 @@ impl Config {
         }
     }
 
+    /// What a worker waits for before deleting a log file whose ids Redis took.
+    pub fn redis_handoff(&self) -> RedisHandoff {
+        RedisHandoff {
+            grace: self.redis_grace.unwrap_or_else(defaults::redis_grace).get(),
+            wait_replicas: self.redis_wait_replicas,
+        }
+    }
+
     /// The interval between flushes.
     pub fn worker_persist(&self) -> Duration {
         self.worker_persist.get()
@@ -254,11 +299,27 @@ impl Config {
         if key > MAX_KEY_BYTES_LIMIT {
             return Err(invalid("max_key_bytes", format!("must be at most {MAX_KEY_BYTES_LIMIT} bytes, got {key}")));
         }
+        if let Some(grace) = self.redis_grace
+            && grace.get() < MIN_REDIS_GRACE
+        {
+            let message = format!(
+                "must be at least {} s, Redis's everysec window, got {}",
+                MIN_REDIS_GRACE.as_secs(),
+                grace.get().as_secs_f64()
+            );
+            return Err(invalid("redis_grace", message));
+        }
         match (self.store, &self.redis_url) {
             (StoreKind::Redis, None) => Err(invalid("redis_url", "is required with store: redis")),
             (StoreKind::Json, Some(_)) => Err(invalid("redis_url", "is only used with store: redis")),
             (StoreKind::Json, None) if self.redis_cluster => {
                 Err(invalid("redis_cluster", "is only used with store: redis"))
+            }
+            (StoreKind::Json, None) if self.redis_grace.is_some() => {
+                Err(invalid("redis_grace", "is only used with store: redis"))
+            }
+            (StoreKind::Json, None) if self.redis_wait_replicas > 0 => {
+                Err(invalid("redis_wait_replicas", "is only used with store: redis"))
             }
             _ => Ok(()),
         }
@@ -578,10 +639,33 @@ config_check: 5
             ("store: redis\nredis_url: http://x:1\n", "redis_url"),
             ("redis_cluster: true\n", "redis_cluster"),
             ("max_pending_items: 0\n", "max_pending_items"),
+            ("redis_grace: 5\n", "redis_grace"),
+            ("redis_wait_replicas: 1\n", "redis_wait_replicas"),
+            ("store: redis\nredis_url: redis://x:1\nredis_grace: 0.5\n", "redis_grace"),
+            ("store: redis\nredis_url: redis://x:1\nredis_grace: 0\n", "redis_grace"),
+            ("store: redis\nredis_url: redis://x:1\nredis_wait_replicas: -1\n", "redis_wait_replicas"),
+            ("store: redis\nredis_url: redis://x:1\nredis_wait_replicas: 1.5\n", "redis_wait_replicas"),
         ] {
             let err = load(extra).unwrap_err().to_string();
             assert!(err.starts_with(&format!("{key}: ")), "{extra:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_redis_hand_off_defaults_to_a_two_second_grace_and_no_replicas() {
+        let base = "workers: [http://localhost:5001]\nstore: redis\nredis_url: redis://127.0.0.1:6379\n";
+        let load = |extra: &str| Config::from_yaml_str(&format!("{base}{extra}"), Path::new("")).unwrap();
+        let handoff = load("").redis_handoff();
+        assert_eq!(handoff, RedisHandoff { grace: Duration::from_secs(2), wait_replicas: 0 });
+        assert_eq!(handoff, RedisHandoff::default());
+        let set = load("redis_grace: 1\nredis_wait_replicas: 2\n").redis_handoff();
+        assert_eq!(set, RedisHandoff { grace: Duration::from_secs(1), wait_replicas: 2 });
+        let err = Config::from_yaml_str(&format!("{base}redis_grace: 0.999\n"), Path::new("")).unwrap_err();
+        assert_eq!(err.to_string(), "redis_grace: must be at least 1 s, Redis's everysec window, got 0.999");
+        // Unset, they stay out of the config handed to workers, so that its version is unchanged.
+        assert!(!load("").to_json().contains("redis_grace"));
+        let json = load("redis_grace: 3\nredis_wait_replicas: 1\n").to_json();
+        assert_eq!(Config::from_json(&json).unwrap().redis_handoff().grace, Duration::from_secs(3));
     }
 
     #[test]
@@ -611,6 +695,9 @@ config_check: 5
         let base = parse(ORIGINAL).unwrap();
         let live = parse(&format!("{ORIGINAL}fsync: always\nmax_key_bytes: 10\nmax_body_bytes: 1000\n")).unwrap();
         assert!(base.fixed_changes(&live).is_empty());
+        let redis = format!("{ORIGINAL}store: redis\nredis_url: redis://x:1\n");
+        let handoff = parse(&format!("{redis}redis_grace: 5\nredis_wait_replicas: 1\n")).unwrap();
+        assert!(parse(&redis).unwrap().fixed_changes(&handoff).is_empty());
         let fixed =
             parse(&format!("{ORIGINAL}listen: 127.0.0.1:6000\nstore: redis\nredis_url: redis://x:1\n")).unwrap();
         assert_eq!(base.fixed_changes(&fixed), ["listen", "store", "redis_url"]);

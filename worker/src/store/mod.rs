@@ -6,7 +6,8 @@
 //!   take the closed log files' items (see `shards` for the JSON files, `redis_sets` for Redis),
 //!   and log files merged everywhere are deleted. [`Store::merge`] runs a round only if log
 //!   files were closed or workers came or went since the last one.
-//! - [`Store::count`] reads a tenant's count as of the latest merge by any worker.
+//! - [`Store::count`] reads a tenant's count as of the latest merge by any worker: from a file
+//!   held open, or (Redis) over a multiplexed connection, without leaving the event loop.
 //! - [`Store::open`] locks this worker's log and closes what a previous run left in it; the
 //!   merges take it from there, as they take the files of dead workers: nothing acknowledged
 //!   is ever stranded, and opening costs no replay.
@@ -31,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use countapp_shared::config::{FsyncPolicy, StoreBackend};
+use countapp_shared::config::{FsyncPolicy, RedisHandoff, StoreBackend};
 use countapp_shared::items::Item;
 use parking_lot::Mutex;
 use thiserror::Error;
@@ -122,6 +123,8 @@ pub struct StoreOptions {
     pub backend: StoreBackend,
     /// The shards of the database, if this open creates it; an existing database keeps its own.
     pub shards: u16,
+    /// With Redis, what a log file's deletion waits for; [`Store::set_redis_handoff`] changes it.
+    pub redis_handoff: RedisHandoff,
 }
 
 impl Default for StoreOptions {
@@ -131,6 +134,7 @@ impl Default for StoreOptions {
             lock_wait: Duration::from_secs(10),
             backend: StoreBackend::Json,
             shards: DEFAULT_SHARDS,
+            redis_handoff: RedisHandoff::default(),
         }
     }
 }
@@ -151,7 +155,8 @@ pub struct FlushReport {
     /// Bytes of damaged records skipped in the middle of log files, whose intact records after
     /// the damage were merged and which were kept aside under `damaged/`.
     pub damaged_bytes: u64,
-    /// Log files deleted, every shard having merged them.
+    /// Log files deleted, every shard having merged them (with Redis: Redis having confirmed
+    /// their ids, or their grace period being over).
     pub deleted_files: u64,
     /// Bytes of tenant files written.
     pub written_bytes: u64,
@@ -245,7 +250,9 @@ impl Store {
         let sync = options.fsync != FsyncPolicy::Never;
         let engine = match &options.backend {
             StoreBackend::Json => Engine::Json(Shards::new(database, shards, worker_id, writer_tag, sync)),
-            StoreBackend::Redis { url, cluster } => Engine::Redis(RedisTenants::new(url, *cluster)?),
+            StoreBackend::Redis { url, cluster } => {
+                Engine::Redis(RedisTenants::new(url, *cluster, options.redis_handoff)?)
+            }
         };
         let log_path = database.join("wal").join(worker_id);
         let log = LogDir::lock(&log_path, options.lock_wait)
@@ -339,6 +346,14 @@ impl Store {
         }
     }
 
+    /// Changes what the deletion of a log file whose ids Redis took waits for, from the next
+    /// round on: an edit of `redis_grace` or `redis_wait_replicas`. Nothing with the JSON files.
+    pub fn set_redis_handoff(&self, handoff: RedisHandoff) {
+        if let Engine::Redis(redis) = &self.engine {
+            redis.set_handoff(handoff);
+        }
+    }
+
     /// Closes the active log file, if it holds anything: every item acknowledged so far is then
     /// in a closed file, for the owners of its shards to merge.
     pub fn close_log(&self) -> Result<(), StoreError> {
@@ -361,9 +376,12 @@ impl Store {
         let logs = log::scan(&wal_root).map_err(|e| StoreError::io("listing the logs", e))?;
         let seen: Vec<(String, bool, Vec<u64>)> =
             logs.iter().map(|l| (l.worker.clone(), l.live, l.inputs.iter().map(|f| f.seq).collect())).collect();
-        // A quarantined tenant whose files changed (repaired, say) is tried again, even when
-        // no log changed.
-        let retry = matches!(&self.engine, Engine::Json(shards) if shards.quarantine_changed());
+        // A round runs, changed or not, for a quarantined tenant whose files changed (repaired,
+        // say), and for consumed Redis log files whose grace is over, to delete them.
+        let retry = match &self.engine {
+            Engine::Json(shards) => shards.quarantine_changed(),
+            Engine::Redis(redis) => redis.grace_over(),
+        };
         if !always && !retry && state.seen.as_ref() == Some(&seen) {
             return Ok(FlushReport::default());
         }
@@ -385,25 +403,30 @@ impl Store {
         Ok(report)
     }
 
-    /// Drops this worker's log files that are gone from the pending count.
+    /// Drops this worker's log files that are gone, or consumed, from the pending count.
     fn forget_deleted(&self) {
         let Ok(present) = log::files(self.log.path()) else { return };
-        let present: Vec<u64> = present.iter().map(|f| f.seq).collect();
+        let present: Vec<u64> = present.iter().filter(|f| !f.consumed).map(|f| f.seq).collect();
         self.closed.lock().retain(|seq, _| present.binary_search(seq).is_ok());
     }
 
-    /// The tenant's distinct count as of the latest merge by any worker sharing the database.
-    pub fn count(&self, tenant: &str) -> Result<u64, StoreError> {
+    /// The tenant's distinct count as of the latest merge by any worker sharing the store. The
+    /// JSON files answer from a file held open; Redis over one multiplexed connection shared by
+    /// every count, within a second or with [`StoreError::Backend`]. Runs in a tokio runtime.
+    pub async fn count(&self, tenant: &str) -> Result<u64, StoreError> {
         match &self.engine {
             Engine::Json(shards) => shards.count(tenant),
-            Engine::Redis(redis) => redis.count(tenant),
+            Engine::Redis(redis) => redis.count(tenant).await,
         }
     }
 
-    /// Whether [`Store::count`] may wait on the network, so that an event loop should call it on
-    /// a blocking thread.
-    pub fn counts_block(&self) -> bool {
-        matches!(self.engine, Engine::Redis(_))
+    /// [`Store::count`] for callers outside an async runtime: Redis is asked on a connection
+    /// of the merges'.
+    pub fn count_blocking(&self, tenant: &str) -> Result<u64, StoreError> {
+        match &self.engine {
+            Engine::Json(shards) => shards.count(tenant),
+            Engine::Redis(redis) => redis.count_blocking(tenant),
+        }
     }
 
     /// How far behind this worker's merging is: how long ago the oldest log file was written
@@ -416,7 +439,8 @@ impl Store {
         }
     }
 
-    /// Items this worker acknowledged that are still in its log files.
+    /// Items this worker acknowledged that are still in its log files, not yet taken by the
+    /// tenants' store (consumed log files waiting out Redis's grace period are not pending).
     pub fn pending_items(&self) -> u64 {
         self.writer.active_items() + self.closed.lock().values().sum::<u64>()
     }
@@ -461,7 +485,8 @@ impl Store {
     /// Flushes, then goes on merging until every log file of this worker is merged by the
     /// owners of its shards, or until `wait` has passed. When the whole cluster stops, the last
     /// worker to go owns every shard: it merges what is left, so that the tenant files then
-    /// hold every acknowledged item.
+    /// hold every acknowledged item. With Redis, consumed log files still in their grace
+    /// period stay behind: the worker's next run (or whoever takes its log) merges them again.
     pub fn drain(&self, wait: Duration) -> Result<FlushReport, StoreError> {
         let mut report = self.flush()?;
         let deadline = Instant::now() + wait;

@@ -4,31 +4,62 @@
 //!
 //! The write-ahead log stays local: an acknowledgement never waits for Redis. Workers on other
 //! machines cannot read this one's log, so each worker merges its own closed log files, and
-//! those of dead workers on its machine (taking their log's lock, so that one worker does it),
-//! and deletes a file once Redis has taken its ids.
+//! those of dead workers on its machine (taking their log's lock, so that one worker does it).
+//!
+//! A log file is handed over to Redis, never just dropped once `SADD` returns: Redis may still
+//! lose what it acknowledged (AOF `everysec` and a power cut, a replica promoted in a failover).
+//! After the `SADD`s of a log's files, on the same connection:
+//!
+//! - where Redis has `WAITAOF` (7.2+) and its AOF is on, `WAITAOF 1 <redis_wait_replicas>` must
+//!   report the writes fsynced locally (and on that many replicas): the files are then deleted;
+//! - otherwise, with `redis_wait_replicas: N`, `WAIT N` must report N replicas; and since Redis
+//!   cannot vouch for its own disk, the files are renamed `.done` (consumed: no longer pending)
+//!   and deleted once `redis_grace` has passed, Redis's `everysec` window and more.
+//!
+//! Whatever is not confirmed stays a closed log file and is merged again at the next round;
+//! a consumed file left by a crash or a stop is merged again by the next run (see `log`). Each
+//! round first reads which Redis process it talks to (`run_id`, per primary): if that changed
+//! since a file was consumed (Redis restarted, or another took its place in a failover), the
+//! file may hold ids that Redis lost, and it is merged again rather than deleted. `SADD` is
+//! idempotent, so replaying costs nothing but the round trip.
+//!
+//! Merges run on the merger's thread over synchronous connections of their own; counts run on
+//! the request path over one multiplexed async connection, with a deadline.
 
 use std::fs;
 use std::io;
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use countapp_shared::config::RedisHandoff;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, ServerErrorKind, Value};
 
 use super::log::Damage;
 use super::log::record::{Entry, Records};
-use super::log::{LogDir, WorkerLog};
+use super::log::{LogDir, LogFile, WorkerLog, consumed_path, file_path};
 use super::{FlushReport, StoreError};
 
 /// Ids per `SADD`: large enough to amortize the round trip, small enough not to stall Redis.
 const SADD_CHUNK: usize = 10_000;
-/// How long connecting, and every command, may take before Redis counts as unreachable.
+/// How long connecting, and every command of a merge, may take before Redis counts as
+/// unreachable.
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `WAIT` and `WAITAOF` wait for Redis to confirm: past one `everysec` fsync, and
+/// within [`TIMEOUT`].
+const CONFIRM_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long a count may take, connecting included, before it answers that Redis is
+/// unreachable: well within the coordinator's hop to a worker, so that a count tried on every
+/// worker still answers the client in time.
+const COUNT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How to reach Redis.
 enum Target {
     Server(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Box<redis::cluster::ClusterClient>),
 }
 
 /// A connection to the server, or to the cluster (which routes each command to its node).
@@ -37,18 +68,70 @@ enum Connection {
     Cluster(Box<redis::cluster::ClusterConnection>),
 }
 
+/// A merge connection, with what it learned of its server.
+struct Pooled {
+    connection: Connection,
+    /// Whether the server confirms local fsyncs with `WAITAOF`, once asked.
+    waitaof: Option<bool>,
+}
+
+impl Pooled {
+    fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match &mut self.connection {
+            Connection::Server(connection) => cmd.query(connection),
+            Connection::Cluster(connection) => cmd.query(connection.as_mut()),
+        }
+    }
+}
+
+/// The async connection of counts: multiplexed, so that every request shares it.
+#[derive(Clone)]
+enum Counter {
+    Server(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// What Redis confirmed of a log's files once their ids were in.
+enum Durable {
+    /// On disk (and on the replicas asked for): the files may go.
+    Now,
+    /// Redis cannot confirm its own disk: the files wait out the grace period.
+    AfterGrace,
+}
+
+/// A consumed log file, waiting out the grace period.
+struct Consumed {
+    /// Its directory, and its sequence number there.
+    dir: PathBuf,
+    seq: u64,
+    /// When Redis took its ids.
+    at: Instant,
+    /// The Redis that took them: its primaries' `run_id`s.
+    redis: String,
+}
+
 /// The tenants' sets in one Redis server or one Redis Cluster.
 pub(crate) struct RedisTenants {
     target: Target,
-    /// Idle connections. A caller takes one (or opens one), and gives it back only if it still
-    /// works: a broken connection is dropped, and the next call reconnects.
-    idle: Mutex<Vec<Connection>>,
+    /// Idle merge connections. A caller takes one (or opens one), and gives it back only if it
+    /// still works: a broken connection is dropped, and the next call reconnects.
+    idle: Mutex<Vec<Pooled>>,
+    /// The counts' connection, made on the first count (it needs the async runtime); a cluster
+    /// connection that could not be made is tried again on the next count.
+    counter: tokio::sync::OnceCell<Counter>,
+    /// The config's hand-off settings, as of the last edit.
+    handoff: Mutex<RedisHandoff>,
+    /// Consumed log files, each with when Redis took its ids and which Redis did: deleted once
+    /// the grace is over, merged again if another Redis answers before.
+    consumed: Mutex<Vec<Consumed>>,
+    /// Whether the log already says why consumed files wait out the grace period.
+    told_grace: AtomicBool,
 }
 
 impl RedisTenants {
     /// The sets at `url`, a server or (with `cluster`) any node of a cluster. Nothing is
     /// connected yet: Redis may be down when a worker starts, and its log takes the ingest.
-    pub(crate) fn new(url: &str, cluster: bool) -> Result<RedisTenants, StoreError> {
+    pub(crate) fn new(url: &str, cluster: bool, handoff: RedisHandoff) -> Result<RedisTenants, StoreError> {
         let bad = |e: redis::RedisError| StoreError::Backend(format!("redis_url {url}: {e}"));
         let target = if cluster {
             let client = redis::cluster::ClusterClient::builder([url])
@@ -56,15 +139,27 @@ impl RedisTenants {
                 .response_timeout(TIMEOUT)
                 .build()
                 .map_err(bad)?;
-            Target::Cluster(client)
+            Target::Cluster(Box::new(client))
         } else {
             Target::Server(redis::Client::open(url).map_err(bad)?)
         };
-        Ok(RedisTenants { target, idle: Mutex::new(Vec::new()) })
+        Ok(RedisTenants {
+            target,
+            idle: Mutex::new(Vec::new()),
+            counter: tokio::sync::OnceCell::new(),
+            handoff: Mutex::new(handoff),
+            consumed: Mutex::new(Vec::new()),
+            told_grace: AtomicBool::new(false),
+        })
     }
 
-    fn connect(&self) -> redis::RedisResult<Connection> {
-        Ok(match &self.target {
+    /// Puts an edit of the hand-off settings in force, from the next round on.
+    pub(crate) fn set_handoff(&self, handoff: RedisHandoff) {
+        *self.handoff.lock() = handoff;
+    }
+
+    fn connect(&self) -> redis::RedisResult<Pooled> {
+        let connection = match &self.target {
             Target::Server(client) => {
                 let connection = client.get_connection_with_timeout(TIMEOUT)?;
                 connection.set_read_timeout(Some(TIMEOUT))?;
@@ -72,19 +167,42 @@ impl RedisTenants {
                 Connection::Server(connection)
             }
             Target::Cluster(client) => Connection::Cluster(Box::new(client.get_connection()?)),
-        })
+        };
+        Ok(Pooled { connection, waitaof: None })
     }
 
-    /// Runs `op` on a working connection.
-    fn with<T>(&self, op: impl FnOnce(&mut Connection) -> redis::RedisResult<T>) -> Result<T, StoreError> {
+    /// Runs `op` on a working merge connection.
+    fn with<T>(&self, op: impl FnOnce(&mut Pooled) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let taken = self.idle.lock().pop();
         let mut connection = match taken {
             Some(connection) => connection,
             None => self.connect().map_err(unavailable)?,
         };
-        let result = op(&mut connection).map_err(unavailable)?;
+        let result = op(&mut connection)?;
         self.idle.lock().push(connection);
         Ok(result)
+    }
+
+    /// The counts' connection, made on first use.
+    async fn counter(&self) -> redis::RedisResult<Counter> {
+        let counter = self
+            .counter
+            .get_or_try_init(|| async {
+                Ok::<_, redis::RedisError>(match &self.target {
+                    Target::Server(client) => {
+                        // One attempt per count: the manager reconnects on the next one, and
+                        // a count must not wait out a retry schedule.
+                        let config = ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(COUNT_TIMEOUT))
+                            .set_response_timeout(Some(COUNT_TIMEOUT))
+                            .set_number_of_retries(0);
+                        Counter::Server(ConnectionManager::new_lazy_with_config(client.clone(), config)?)
+                    }
+                    Target::Cluster(client) => Counter::Cluster(client.get_async_connection().await?),
+                })
+            })
+            .await?;
+        Ok(counter.clone())
     }
 }
 
@@ -111,7 +229,9 @@ pub(crate) fn tenant_key(tenant: &str) -> String {
 
 impl RedisTenants {
     /// Merges this worker's closed log files, and those of dead workers under `wal_root`, into
-    /// Redis, deleting each file once Redis has taken its ids.
+    /// Redis, and hands each log's files over (see the module documentation). First settles
+    /// the consumed files: merged again if another Redis answers now, deleted once their grace
+    /// is over. Asks Redis nothing when there is nothing to do.
     pub(crate) fn round(
         &self,
         wal_root: &Path,
@@ -119,6 +239,12 @@ impl RedisTenants {
         logs: &[WorkerLog],
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
+        if self.consumed.lock().is_empty() && logs.iter().all(|log| log.inputs.is_empty()) {
+            return Ok(());
+        }
+        let handoff = *self.handoff.lock();
+        let redis = self.with(|connection| run_ids(connection).map_err(unavailable))?;
+        self.settle_consumed(&redis, handoff.grace, report)?;
         for log in logs.iter().filter(|log| !log.inputs.is_empty()) {
             let dir = wal_root.join(&log.worker);
             // A dead worker's log is taken by one live worker at a time.
@@ -132,78 +258,294 @@ impl RedisTenants {
                     None => continue,
                 }
             };
-            for file in &log.inputs {
-                let data = match fs::read(&file.path) {
-                    Ok(data) => data,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(e) => return Err(StoreError::io(format!("reading {}", file.path.display()), e)),
+            let (merged, durable) = self.with(|connection| {
+                let mut merged = Vec::new();
+                // A dead worker's consumed files are its inputs; once this worker consumed
+                // them too, they only wait out its grace.
+                let waiting = |file: &&LogFile| {
+                    file.consumed && self.consumed.lock().iter().any(|c| c.dir == dir && c.seq == file.seq)
                 };
-                let mut by_tenant: HashMap<&str, Vec<&[u8]>> = HashMap::new();
-                let mut damage = Damage::default();
-                let mut records = Records::new(&data).peekable();
-                while let Some(entry) = records.next() {
-                    match entry {
-                        Entry::Record(payload) => {
-                            for run in payload.runs() {
-                                let run = run.map_err(|e| StoreError::corrupt(&file.path, e))?;
-                                report.items += run.count_ids().map_err(|e| StoreError::corrupt(&file.path, e))?;
-                                by_tenant.entry(run.tenant).or_default().extend(run.ids());
-                            }
-                        }
-                        Entry::Damaged { offset, len } => {
-                            damage.note(&file.path, offset, len, records.peek().is_none());
-                        }
+                for file in log.inputs.iter().filter(|file| !waiting(file)) {
+                    if !self.merge_file(connection, wal_root, file, report)? {
+                        break;
                     }
+                    merged.push(file);
                 }
-                damage.keep_aside(wal_root.parent().unwrap_or(wal_root), &file.path);
-                report.add_damage(damage);
-                for (tenant, ids) in &by_tenant {
-                    report.new_ids += self.merge(tenant, ids)?;
-                }
-                report.tenants += by_tenant.len() as u64;
-                report.log_files += 1;
-                fs::remove_file(&file.path)
-                    .map_err(|e| StoreError::io(format!("removing {}", file.path.display()), e))?;
-                report.deleted_files += 1;
+                let durable = if merged.is_empty() { Durable::Now } else { self.confirm(connection, handoff)? };
+                Ok((merged, durable))
+            })?;
+            for file in merged {
+                self.hand_off(&dir, file, &durable, &redis, report)?;
             }
         }
         Ok(())
     }
 
-    /// Adds `ids` to `tenant`'s set; returns how many of them were new to it.
-    fn merge(&self, tenant: &str, ids: &[&[u8]]) -> Result<u64, StoreError> {
-        let key = tenant_key(tenant);
-        // One round trip for the tenant's whole flush; each reply counts the ids that were new.
-        self.with(|connection| {
-            let replies: Vec<u64> = match connection {
-                Connection::Server(connection) => {
-                    let mut pipeline = redis::pipe();
-                    for chunk in ids.chunks(SADD_CHUNK) {
-                        pipeline.cmd("SADD").arg(&key).arg(chunk);
+    /// Adds the ids of the log file `file` to their tenants' sets over `connection`; false if
+    /// the file is gone (its restarted worker renamed it, or another merged it).
+    fn merge_file(
+        &self,
+        connection: &mut Pooled,
+        wal_root: &Path,
+        file: &LogFile,
+        report: &mut FlushReport,
+    ) -> Result<bool, StoreError> {
+        let data = match fs::read(&file.path) {
+            Ok(data) => data,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(StoreError::io(format!("reading {}", file.path.display()), e)),
+        };
+        let mut by_tenant: HashMap<&str, Vec<&[u8]>> = HashMap::new();
+        let mut damage = Damage::default();
+        let mut records = Records::new(&data).peekable();
+        while let Some(entry) = records.next() {
+            match entry {
+                Entry::Record(payload) => {
+                    for run in payload.runs() {
+                        let run = run.map_err(|e| StoreError::corrupt(&file.path, e))?;
+                        report.items += run.count_ids().map_err(|e| StoreError::corrupt(&file.path, e))?;
+                        by_tenant.entry(run.tenant).or_default().extend(run.ids());
                     }
-                    pipeline.query(connection)?
                 }
-                Connection::Cluster(connection) => {
-                    let mut pipeline = redis::cluster::cluster_pipe();
-                    for chunk in ids.chunks(SADD_CHUNK) {
-                        pipeline.cmd("SADD").arg(&key).arg(chunk);
-                    }
-                    pipeline.query(connection)?
+                Entry::Damaged { offset, len } => {
+                    damage.note(&file.path, offset, len, records.peek().is_none());
                 }
-            };
-            Ok(replies.iter().sum())
-        })
+            }
+        }
+        damage.keep_aside(wal_root.parent().unwrap_or(wal_root), &file.path);
+        report.add_damage(damage);
+        for (tenant, ids) in &by_tenant {
+            report.new_ids += sadd(connection, tenant, ids).map_err(unavailable)?;
+        }
+        report.tenants += by_tenant.len() as u64;
+        report.log_files += 1;
+        Ok(true)
     }
 
-    /// The tenant's distinct count: `SCARD`, a network round trip.
-    pub(crate) fn count(&self, tenant: &str) -> Result<u64, StoreError> {
-        let key = tenant_key(tenant);
-        let scard = redis::cmd("SCARD").arg(&key).to_owned();
-        self.with(|connection| match connection {
-            Connection::Server(connection) => scard.query(connection),
-            Connection::Cluster(connection) => scard.query(connection),
-        })
+    /// Asks Redis to confirm the writes made so far on `connection`: `WAITAOF` where the
+    /// server has it, else `WAIT` for the replicas asked for and the grace period.
+    fn confirm(&self, connection: &mut Pooled, handoff: RedisHandoff) -> Result<Durable, StoreError> {
+        let replicas = handoff.wait_replicas;
+        let millis = CONFIRM_TIMEOUT.as_millis() as u64;
+        if connection.waitaof.is_none() {
+            // An unknown command's entry is nil (Redis before 7.2).
+            let info: Vec<Value> =
+                connection.query(redis::cmd("COMMAND").arg("INFO").arg("WAITAOF")).map_err(unavailable)?;
+            let has = info.first().is_some_and(|entry| *entry != Value::Nil);
+            connection.waitaof = Some(has);
+            if !has {
+                self.tell_grace("Redis has no WAITAOF (it came with 7.2)", handoff.grace);
+            }
+        }
+        if connection.waitaof == Some(true) {
+            match connection.query::<Value>(redis::cmd("WAITAOF").arg(1).arg(replicas).arg(millis)) {
+                Ok(reply) => {
+                    let (local, remote) = lowest_pair(&reply).ok_or_else(|| {
+                        StoreError::Backend(format!("redis: WAITAOF answered {reply:?}, not two counts"))
+                    })?;
+                    if local >= 1 && remote >= i64::from(replicas) {
+                        return Ok(Durable::Now);
+                    }
+                    return Err(StoreError::Backend(format!(
+                        "redis: WAITAOF 1 {replicas} {millis}: fsynced on {local} primary and {remote} replicas; \
+                         the log files are merged again at the next round"
+                    )));
+                }
+                // It refuses when its AOF is off: nothing local can be confirmed then.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) => {
+                    connection.waitaof = Some(false);
+                    self.tell_grace(&format!("WAITAOF is refused ({e})"), handoff.grace);
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        if replicas > 0 {
+            let acked: i64 = connection.query(redis::cmd("WAIT").arg(replicas).arg(millis)).map_err(unavailable)?;
+            if acked < i64::from(replicas) {
+                return Err(StoreError::Backend(format!(
+                    "redis: WAIT {replicas} {millis}: {acked} replicas have the ids (redis_wait_replicas \
+                     is {replicas}); the log files are merged again at the next round"
+                )));
+            }
+        }
+        Ok(Durable::AfterGrace)
     }
+
+    /// Says once why consumed log files wait out the grace period rather than go at once.
+    fn tell_grace(&self, why: &str, grace: Duration) {
+        if !self.told_grace.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                grace_s = grace.as_secs_f64(),
+                "{why}: Redis cannot confirm that it wrote the ids to disk, so each log file whose ids it \
+                 took is kept for redis_grace, and replayed if the worker restarts within it"
+            );
+        }
+    }
+
+    /// Deletes the log file `file` of the log directory `dir` if Redis confirmed its ids, or
+    /// marks it consumed for the grace period.
+    fn hand_off(
+        &self,
+        dir: &Path,
+        file: &LogFile,
+        durable: &Durable,
+        redis: &str,
+        report: &mut FlushReport,
+    ) -> Result<(), StoreError> {
+        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+        match durable {
+            Durable::Now => match fs::remove_file(&file.path) {
+                Ok(()) => report.deleted_files += 1,
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(StoreError::io(format!("removing {}", file.path.display()), e)),
+            },
+            Durable::AfterGrace => {
+                let done = consumed_path(dir, file.seq);
+                if !file.consumed {
+                    match fs::rename(&file.path, &done) {
+                        Ok(()) => {}
+                        Err(e) if gone(&e) => return Ok(()),
+                        Err(e) => return Err(StoreError::io(format!("renaming {}", file.path.display()), e)),
+                    }
+                }
+                let (dir, seq, at, redis) = (dir.to_path_buf(), file.seq, Instant::now(), redis.to_owned());
+                self.consumed.lock().push(Consumed { dir, seq, at, redis });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a consumed log file has waited out its grace period, for a round to delete it.
+    pub(crate) fn grace_over(&self) -> bool {
+        let grace = self.handoff.lock().grace;
+        self.consumed.lock().iter().any(|c| c.at.elapsed() >= grace)
+    }
+
+    /// Settles the consumed log files with `redis`, the Redis that answers now: those another
+    /// Redis took become closed files again, to be merged again (the ids may be lost); those
+    /// that waited `grace` since `redis` took their ids are deleted.
+    fn settle_consumed(&self, redis: &str, grace: Duration, report: &mut FlushReport) -> Result<(), StoreError> {
+        let settled: Vec<Consumed> = {
+            let mut consumed = self.consumed.lock();
+            let (settled, waiting) = consumed.drain(..).partition(|c| c.redis != redis || c.at.elapsed() >= grace);
+            *consumed = waiting;
+            settled
+        };
+        // A file gone was renamed back by its worker's next run, which merges it again.
+        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+        for file in settled {
+            let path = consumed_path(&file.dir, file.seq);
+            if file.redis != redis {
+                tracing::warn!(
+                    file = %path.display(),
+                    was = file.redis,
+                    now = redis,
+                    "another Redis answers than took this log file's ids: merging it again"
+                );
+                match fs::rename(&path, file_path(&file.dir, file.seq, true)) {
+                    Ok(()) => {}
+                    Err(e) if gone(&e) => {}
+                    Err(e) => return Err(StoreError::io(format!("renaming {}", path.display()), e)),
+                }
+            } else {
+                match fs::remove_file(&path) {
+                    Ok(()) => report.deleted_files += 1,
+                    Err(e) if gone(&e) => {}
+                    Err(e) => return Err(StoreError::io(format!("removing {}", path.display()), e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The tenant's distinct count: `SCARD` on the counts' multiplexed connection, answered or
+    /// failed within [`COUNT_TIMEOUT`].
+    pub(crate) async fn count(&self, tenant: &str) -> Result<u64, StoreError> {
+        let scard = redis::cmd("SCARD").arg(tenant_key(tenant)).to_owned();
+        let counted = tokio::time::timeout(COUNT_TIMEOUT, async {
+            match self.counter().await? {
+                Counter::Server(mut connection) => scard.query_async(&mut connection).await,
+                Counter::Cluster(mut connection) => scard.query_async(&mut connection).await,
+            }
+        })
+        .await;
+        match counted {
+            Ok(counted) => counted.map_err(unavailable),
+            Err(_) => Err(StoreError::Backend(format!("redis: no answer within {COUNT_TIMEOUT:?}"))),
+        }
+    }
+
+    /// The tenant's distinct count, for callers outside an async runtime: `SCARD` on a merge
+    /// connection.
+    pub(crate) fn count_blocking(&self, tenant: &str) -> Result<u64, StoreError> {
+        let scard = redis::cmd("SCARD").arg(tenant_key(tenant)).to_owned();
+        self.with(|connection| connection.query(&scard).map_err(unavailable))
+    }
+}
+
+/// Adds `ids` to `tenant`'s set in one round trip; returns how many of them were new to it.
+fn sadd(connection: &mut Pooled, tenant: &str, ids: &[&[u8]]) -> redis::RedisResult<u64> {
+    let key = tenant_key(tenant);
+    let replies: Vec<u64> = match &mut connection.connection {
+        Connection::Server(connection) => {
+            let mut pipeline = redis::pipe();
+            for chunk in ids.chunks(SADD_CHUNK) {
+                pipeline.cmd("SADD").arg(&key).arg(chunk);
+            }
+            pipeline.query(connection)?
+        }
+        Connection::Cluster(connection) => {
+            let mut pipeline = redis::cluster::cluster_pipe();
+            for chunk in ids.chunks(SADD_CHUNK) {
+                pipeline.cmd("SADD").arg(&key).arg(chunk);
+            }
+            pipeline.query(connection.as_mut())?
+        }
+    };
+    Ok(replies.iter().sum())
+}
+
+/// Which Redis `connection` talks to: the `run_id` of the server, or of each primary of a
+/// cluster, sorted. A restart or a failover changes it.
+fn run_ids(connection: &mut Pooled) -> redis::RedisResult<String> {
+    let info: Value = connection.query(redis::cmd("INFO").arg("server"))?;
+    let mut ids = Vec::new();
+    collect_run_ids(&info, &mut ids);
+    ids.sort_unstable();
+    Ok(ids.join(","))
+}
+
+/// The `run_id:` lines of an `INFO` reply: a text from a server, or one per node (as an array
+/// or a map) from a cluster.
+fn collect_run_ids(info: &Value, ids: &mut Vec<String>) {
+    let lines = |text: &str| {
+        text.lines().filter_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_owned()).collect::<Vec<_>>()
+    };
+    match info {
+        Value::BulkString(bytes) => ids.extend(lines(&String::from_utf8_lossy(bytes))),
+        Value::SimpleString(text) | Value::VerbatimString { text, .. } => ids.extend(lines(text)),
+        Value::Array(items) => items.iter().for_each(|item| collect_run_ids(item, ids)),
+        Value::Map(pairs) => pairs.iter().for_each(|(_, value)| collect_run_ids(value, ids)),
+        _ => {}
+    }
+}
+
+/// The lowest `[local, replicas]` pair in a `WAITAOF` reply: one pair from a server, one per
+/// primary (as an array or a map) from a cluster.
+fn lowest_pair(reply: &Value) -> Option<(i64, i64)> {
+    match reply {
+        Value::Array(items) => match items.as_slice() {
+            [Value::Int(local), Value::Int(replicas)] => Some((*local, *replicas)),
+            items => lowest(items.iter().map(lowest_pair)),
+        },
+        Value::Map(pairs) => lowest(pairs.iter().map(|(_, value)| lowest_pair(value))),
+        _ => None,
+    }
+}
+
+/// The pairwise minimum of `pairs`; `None` if there is none, or if any is not a pair.
+fn lowest(pairs: impl Iterator<Item = Option<(i64, i64)>>) -> Option<(i64, i64)> {
+    pairs.reduce(|a, b| Some((a?.0.min(b?.0), a?.1.min(b?.1))))?
 }
 
 #[cfg(test)]
@@ -216,5 +558,33 @@ mod tests {
         let keys: std::collections::HashSet<String> = tenants.iter().map(|t| tenant_key(t)).collect();
         assert_eq!(keys.len(), tenants.len());
         assert!(keys.iter().all(|k| !k.contains('{') && !k.contains('}')));
+    }
+
+    #[test]
+    fn run_ids_of_a_server_and_of_a_cluster_read_from_info() {
+        let info = |id: &str| Value::BulkString(format!("# Server\r\nredis_version:7.0.15\r\nrun_id:{id}\r\n").into());
+        let mut ids = Vec::new();
+        collect_run_ids(&info("abc"), &mut ids);
+        assert_eq!(ids, ["abc"]);
+        // A cluster's reply maps each primary's address to its INFO.
+        let cluster = Value::Map(vec![
+            (Value::BulkString(b"127.0.0.1:7001".to_vec()), info("b")),
+            (Value::BulkString(b"127.0.0.1:7000".to_vec()), info("a")),
+        ]);
+        let mut ids = Vec::new();
+        collect_run_ids(&cluster, &mut ids);
+        assert_eq!(ids, ["b", "a"]);
+    }
+
+    #[test]
+    fn waitaof_replies_of_a_server_and_of_a_cluster_read_as_their_weakest_pair() {
+        let pair = |l, r| Value::Array(vec![Value::Int(l), Value::Int(r)]);
+        assert_eq!(lowest_pair(&pair(1, 0)), Some((1, 0)));
+        assert_eq!(lowest_pair(&Value::Array(vec![pair(1, 2), pair(0, 3), pair(1, 1)])), Some((0, 1)));
+        let map = Value::Map(vec![(Value::SimpleString("a".into()), pair(1, 1)), (Value::Nil, pair(1, 0))]);
+        assert_eq!(lowest_pair(&map), Some((1, 0)));
+        assert_eq!(lowest_pair(&Value::Array(vec![pair(1, 1), Value::Nil])), None);
+        assert_eq!(lowest_pair(&Value::Int(1)), None);
+        assert_eq!(lowest_pair(&Value::Array(vec![])), None);
     }
 }

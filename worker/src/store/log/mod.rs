@@ -9,6 +9,12 @@
 //! process tells live workers from dead ones: a dead worker's `.open` file is as final as a
 //! closed one, and is merged like one.
 //!
+//! With `store: redis`, a closed file whose ids Redis took but cannot yet vouch for (see
+//! `redis_sets`) is renamed `<seq>.done`: consumed, no longer pending nor merged again by its
+//! live worker, and deleted after a grace period. A `.done` file outlives its worker's run only
+//! if the worker stops or dies within that period: it is then replayed like any closed file, by
+//! the worker's next run or by whoever takes a dead worker's log (`SADD` is idempotent).
+//!
 //! A damaged stretch at the very end of a file is the torn tail of a crash mid-append, never
 //! acknowledged: it is dropped. Damage anywhere else is not: the intact records after it are
 //! still merged, and the file is kept aside under `damaged/` for an operator ([`Damage`]).
@@ -30,6 +36,7 @@ pub(crate) const DAMAGED_DIR: &str = "damaged";
 const LOCK_FILE: &str = "LOCK";
 const OPEN_SUFFIX: &str = "open";
 const CLOSED_SUFFIX: &str = "log";
+const CONSUMED_SUFFIX: &str = "done";
 
 /// One worker's log directory, locked by this process for as long as the value lives.
 pub(crate) struct LogDir {
@@ -64,12 +71,14 @@ impl LogDir {
     }
 
     /// Closes every `.open` file a previous run of this worker left: nobody appends to them
-    /// any more. Returns the highest sequence number in the directory.
+    /// any more. Its consumed files become closed ones again, to be merged again: the previous
+    /// run cannot have seen Redis vouch for them. Returns the highest sequence number in the
+    /// directory.
     pub(crate) fn close_leftovers(&self) -> io::Result<u64> {
         let mut highest = 0;
         for file in files(&self.path)? {
             highest = highest.max(file.seq);
-            if !file.closed {
+            if !file.closed || file.consumed {
                 fs::rename(&file.path, file_path(&self.path, file.seq, true))?;
             }
         }
@@ -82,13 +91,20 @@ pub(crate) fn file_path(dir: &Path, seq: u64, closed: bool) -> PathBuf {
     dir.join(format!("{seq:016}.{}", if closed { CLOSED_SUFFIX } else { OPEN_SUFFIX }))
 }
 
+/// The path a log file takes once consumed (see the module documentation).
+pub(crate) fn consumed_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016}.{CONSUMED_SUFFIX}"))
+}
+
 /// A log file found in a directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LogFile {
     pub(crate) seq: u64,
     pub(crate) path: PathBuf,
-    /// Renamed `.log` by its writer: no record will ever be added.
+    /// Renamed `.log` by its writer (or `.done` since): no record will ever be added.
     pub(crate) closed: bool,
+    /// Renamed `.done`: its ids are in Redis, and it waits out the grace period.
+    pub(crate) consumed: bool,
     /// When it was last written: for a final file, when its items were all in.
     pub(crate) modified: SystemTime,
 }
@@ -101,9 +117,10 @@ pub(crate) fn files(dir: &Path) -> io::Result<Vec<LogFile>> {
         let name = entry.file_name();
         let Some((seq, suffix)) = name.to_str().and_then(|n| n.split_once('.')) else { continue };
         let Ok(seq) = seq.parse() else { continue };
-        let closed = match suffix {
-            CLOSED_SUFFIX => true,
-            OPEN_SUFFIX => false,
+        let (closed, consumed) = match suffix {
+            CLOSED_SUFFIX => (true, false),
+            CONSUMED_SUFFIX => (true, true),
+            OPEN_SUFFIX => (false, false),
             _ => continue,
         };
         let modified = match entry.metadata() {
@@ -112,7 +129,7 @@ pub(crate) fn files(dir: &Path) -> io::Result<Vec<LogFile>> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        files.push(LogFile { seq, path: entry.path(), closed, modified });
+        files.push(LogFile { seq, path: entry.path(), closed, consumed, modified });
     }
     files.sort_unstable_by_key(|f| f.seq);
     Ok(files)
@@ -125,7 +142,9 @@ pub(crate) struct WorkerLog {
     pub(crate) worker: String,
     /// Whether a live process holds the directory's lock.
     pub(crate) live: bool,
-    /// Its files that will never change: closed ones, and every file of a dead worker.
+    /// Its files that will never change and are still to merge: closed ones not consumed, and
+    /// every file of a dead worker, consumed ones included (it may have died within their grace
+    /// period).
     pub(crate) inputs: Vec<LogFile>,
 }
 
@@ -154,7 +173,7 @@ pub(crate) fn scan(wal_root: &Path) -> io::Result<Vec<WorkerLog>> {
             Err(e) => return Err(e),
         };
         let live = is_live(&dir)?;
-        let inputs = listed.into_iter().filter(|f| f.closed || !live).collect();
+        let inputs = listed.into_iter().filter(|f| (f.closed && !f.consumed) || !live).collect();
         logs.push(WorkerLog { worker, live, inputs });
     }
     logs.sort_unstable_by(|a, b| a.worker.cmp(&b.worker));
