@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use countapp_shared::config::{Config, WorkerUrl};
 use countapp_shared::shutdown::WORKER_STOP_TIMEOUT;
+use countapp_shared::spawn::{CONFIG_ENV, TOKEN_ENV};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -51,10 +52,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const HEALTHY_RUN: Duration = Duration::from_secs(10);
 /// The timeout of a health check, a config push or a shutdown request.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-/// The environment variables through which a spawned worker gets its shutdown token and its
-/// config (as the `worker` binary reads them).
-const TOKEN_VAR: &str = "COUNTAPP_SHUTDOWN_TOKEN";
-const CONFIG_VAR: &str = "COUNTAPP_CONFIG";
 
 /// What every supervising task needs.
 pub struct Context {
@@ -300,8 +297,8 @@ fn spawn(ctx: &Context, member: &Member) -> std::io::Result<Child> {
         .arg("--config")
         .arg(&ctx.config_path)
         // The config in force, which is the last good one while the file is invalid.
-        .env(CONFIG_VAR, config.to_json())
-        .env(TOKEN_VAR, &ctx.token)
+        .env(CONFIG_ENV, config.to_json())
+        .env(TOKEN_ENV, &ctx.token)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

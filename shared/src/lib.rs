@@ -1,8 +1,10 @@
 //! What both CountApp binaries agree on: the config file, the items a client posts, the JSON
-//! replies of the HTTP API and the helpers both servers answer with, and the shutdown signal.
+//! replies of the HTTP API and the helpers both servers answer with, what a spawned worker is
+//! handed, and the shutdown signal.
 
 pub mod api;
 pub mod config;
 pub mod http;
 pub mod items;
 pub mod shutdown;
+pub mod spawn;

@@ -11,14 +11,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use countapp_shared::config::Config;
+use countapp_shared::spawn::{CONFIG_ENV, TOKEN_ENV};
 use countapp_worker::live_config::ConfigSource;
 use countapp_worker::startup::{Worker, WorkerSettings};
-
-/// The environment variable through which the coordinator hands a worker its shutdown token;
-/// unlike an argument, it is not visible to other users in the process list.
-const TOKEN_VAR: &str = "COUNTAPP_SHUTDOWN_TOKEN";
-/// The environment variable through which the coordinator hands a worker its config, as JSON.
-const CONFIG_VAR: &str = "COUNTAPP_CONFIG";
 
 /// A CountApp worker: durable ingest and shared counts over HTTP.
 #[derive(Debug, Parser)]
@@ -46,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
     #[cfg(feature = "failpoints")]
     let _fail_points = fail::FailScenario::setup();
     let cli = Cli::parse();
-    let (config, config_source) = match std::env::var(CONFIG_VAR) {
+    let (config, config_source) = match std::env::var(CONFIG_ENV) {
         Ok(json) => (
             Config::from_json(&json).context("reading the config the coordinator handed over")?,
             ConfigSource::Coordinator,
@@ -64,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
             .find_map(|url| url.bind_addr())
             .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |addr| addr.ip())
     });
-    let token = std::env::var(TOKEN_VAR).ok();
+    let token = std::env::var(TOKEN_ENV).ok();
     let settings = WorkerSettings {
         listen: SocketAddr::new(host, cli.port),
         config,

@@ -159,7 +159,7 @@ impl Cluster {
             .arg(self.config_path())
             .arg("--host")
             .arg(host)
-            .env("COUNTAPP_SHUTDOWN_TOKEN", TOKEN)
+            .env(countapp_shared::spawn::TOKEN_ENV, TOKEN)
             .envs(env.iter().copied());
         Proc::spawn(command, host, port, log)
     }
