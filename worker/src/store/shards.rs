@@ -540,7 +540,7 @@ impl Shards {
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
         let dir = shard_dir(&self.root, shard);
-        load_quarantined(record, state, &dir)?;
+        load_quarantined(&record.quarantined, &mut state.quarantined, &dir)?;
         for (name, (quarantine, tried)) in state.quarantined.iter_mut() {
             let path = dir.join(tenant_file_name(name));
             let signature = quarantine.signature(&path);
@@ -720,13 +720,18 @@ impl Unchanged {
     }
 }
 
-/// Reads the quarantine files of the tenants `record` lists that this process has not read.
-fn load_quarantined(record: &ShardRecord, state: &mut OwnedShard, dir: &Path) -> Result<(), StoreError> {
-    for name in &record.quarantined {
-        if !state.quarantined.contains_key(name)
+/// Reads into `loaded` the quarantine files of the tenants `names` (a shard record's) that this
+/// process has not read.
+fn load_quarantined(
+    names: &BTreeSet<String>,
+    loaded: &mut HashMap<String, (Quarantine, Option<Signature>)>,
+    dir: &Path,
+) -> Result<(), StoreError> {
+    for name in names {
+        if !loaded.contains_key(name)
             && let Some(quarantine) = Quarantine::read(&dir.join(tenant_file_name(name)))?
         {
-            state.quarantined.insert(name.clone(), (quarantine, None));
+            loaded.insert(name.clone(), (quarantine, None));
         }
     }
     Ok(())
@@ -739,7 +744,7 @@ fn quarantine_changed(shard: u16, state: &mut OwnedShard, root: &Path) -> Result
         return Ok(false);
     }
     let dir = shard_dir(root, shard);
-    load_quarantined(&state.record.clone(), state, &dir)?;
+    load_quarantined(&state.record.quarantined, &mut state.quarantined, &dir)?;
     Ok(state
         .quarantined
         .iter()
