@@ -10,7 +10,9 @@ use std::net::TcpListener;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::{Cluster, batch, client, count, eventually, free_port, get_json, is_running, post, send_signal, sigkill};
+use harness::{
+    Cluster, Proc, batch, client, count, eventually, free_port, get_json, is_running, post, send_signal, sigkill,
+};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -22,6 +24,16 @@ const RESPAWN: Duration = Duration::from_secs(15);
 
 fn extra(listen: u16, more: &str) -> String {
     format!("listen: 127.0.0.1:{listen}\nconfig_check: 0.5\n{more}")
+}
+
+/// A live coordinator with `workers` local workers, its config holding the keys `more`: the
+/// cluster, the workers' ports, the coordinator's, and the coordinator.
+fn running(workers: usize, more: &str) -> (Cluster, Vec<u16>, u16, Proc) {
+    let (ports, listen): (Vec<u16>, u16) = ((0..workers).map(|_| free_port()).collect(), free_port());
+    let cluster = Cluster::new(&ports, &extra(listen, more));
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(workers as u64);
+    (cluster, ports, listen, coordinator)
 }
 
 fn stats(url: &str) -> Value {
@@ -50,10 +62,7 @@ fn long_tenant(tenant_len: usize) -> String {
 
 #[test]
 fn every_key_edit_reaches_every_running_worker_without_a_restart() {
-    let (ports, listen) = ([free_port(), free_port()], free_port());
-    let cluster = Cluster::new(&ports, &extra(listen, "worker_persist: 30\n"));
-    let mut coordinator = cluster.coordinator(listen);
-    coordinator.wait_live(2);
+    let (cluster, ports, listen, coordinator) = running(2, "worker_persist: 30\n");
     let url = coordinator.url();
     let client = client();
     let pids: Vec<u32> = ports.iter().map(|&p| coordinator.pid_of(p)).collect();
@@ -92,10 +101,7 @@ fn every_key_edit_reaches_every_running_worker_without_a_restart() {
 
 #[test]
 fn a_fixed_key_edit_is_refused_whole_and_a_worker_respawned_while_the_file_is_invalid_runs_the_last_good_config() {
-    let (ports, listen) = ([free_port(), free_port()], free_port());
-    let cluster = Cluster::new(&ports, &extra(listen, "worker_persist: 0.2\n"));
-    let mut coordinator = cluster.coordinator(listen);
-    coordinator.wait_live(2);
+    let (cluster, ports, listen, coordinator) = running(2, "worker_persist: 0.2\n");
     let url = coordinator.url();
     let client = client();
     let good = stats(&url)["config"]["version"].as_str().unwrap().to_owned();
@@ -135,11 +141,8 @@ fn a_fixed_key_edit_is_refused_whole_and_a_worker_respawned_while_the_file_is_in
 
 #[test]
 fn a_worker_added_again_while_it_is_slow_to_stop_is_started_again_and_routed_to() {
-    let (ports, listen) = ([free_port(), free_port()], free_port());
     let more = "worker_persist: 0.2\n";
-    let cluster = Cluster::new(&ports, &extra(listen, more));
-    let mut coordinator = cluster.coordinator(listen);
-    coordinator.wait_live(2);
+    let (cluster, ports, listen, mut coordinator) = running(2, more);
     let url = coordinator.url();
     let client = client();
     let paused = coordinator.pid_of(ports[1]);
@@ -258,10 +261,7 @@ fn post_range(url: &str, tenant: &str, from: usize, to: usize) {
 
 #[test]
 fn a_tenant_whose_file_is_junk_is_quarantined_without_delaying_others_and_its_new_ids_are_kept() {
-    let (ports, listen) = ([free_port(), free_port()], free_port());
-    let cluster = Cluster::new(&ports, &extra(listen, "worker_persist: 0.2\n"));
-    let mut coordinator = cluster.coordinator(listen);
-    coordinator.wait_live(2);
+    let (cluster, ports, _, coordinator) = running(2, "worker_persist: 0.2\n");
     let url = coordinator.url();
     let client = client();
     post_range(&url, "bad", 0, 40);
@@ -305,10 +305,7 @@ fn a_tenant_whose_file_is_junk_is_quarantined_without_delaying_others_and_its_ne
 
 #[test]
 fn a_junk_manifest_is_rebuilt_from_its_segments_and_a_junk_segment_quarantines_until_restored() {
-    let (ports, listen) = ([free_port()], free_port());
-    let cluster = Cluster::new(&ports, &extra(listen, "worker_persist: 0.2\n"));
-    let mut coordinator = cluster.coordinator(listen);
-    coordinator.wait_live(1);
+    let (cluster, _, _, coordinator) = running(1, "worker_persist: 0.2\n");
     let url = coordinator.url();
     let client = client();
     // Past a small file: the tenant keeps its ids in segments, listed by a manifest.
@@ -354,10 +351,7 @@ fn eventually_owner(ports: &[u16], tenant: &str) -> u16 {
 
 #[test]
 fn a_hung_worker_is_killed_and_replaced() {
-    let (ports, listen) = ([free_port(), free_port()], free_port());
-    let cluster = Cluster::new(&ports, &extra(listen, "worker_persist: 0.2\n"));
-    let mut coordinator = cluster.coordinator(listen);
-    coordinator.wait_live(2);
+    let (_cluster, ports, _, coordinator) = running(2, "worker_persist: 0.2\n");
     let url = coordinator.url();
     let hung = coordinator.pid_of(ports[0]);
     // Alive but answering nothing: only its health checks can tell.
