@@ -21,7 +21,7 @@ duration=${BENCH_DURATION:-10s}
 out=target/bench
 mkdir -p "$out"
 
-./scripts/ensure-redis.sh
+./scripts/ensure-packages.sh redis-server:redis-server redis-cli:redis-server
 
 cargo build --release --workspace --bins
 

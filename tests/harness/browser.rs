@@ -51,10 +51,10 @@ pub fn which(program: &str) -> Option<PathBuf> {
 
 impl Browser {
     /// Starts chromedriver and a Chromium session. Panics, naming the fix, when either is not
-    /// installed (`scripts/ensure-chromium.sh` installs both).
+    /// installed (`make tests` installs both, through `scripts/ensure-packages.sh`).
     pub fn start() -> Browser {
         let missing =
-            "run scripts/ensure-chromium.sh (make tests does) to install Debian's chromium and chromium-driver";
+            "run `scripts/ensure-packages.sh chromium:chromium chromedriver:chromium-driver` (make tests does)";
         let chromium = which("chromium").unwrap_or_else(|| panic!("chromium is not installed: {missing}"));
         let chromedriver = which("chromedriver").unwrap_or_else(|| panic!("chromedriver is not installed: {missing}"));
         let profile = tempfile::tempdir().unwrap();
