@@ -262,6 +262,59 @@ fn oversize_bodies_stop_at_the_coordinator_bad_batches_pass_through_and_no_worke
 }
 
 #[test]
+fn concurrent_requests_share_connections_to_the_workers_and_each_gets_its_own_reply() {
+    let (cluster, _, listen) = cluster(2);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(2);
+    let url = coordinator.url();
+    let client = client();
+    // Tenant i holds i ids, so that a reply meant for another request shows in its number.
+    const TENANTS: usize = 24;
+    let tenants: Vec<(String, Vec<String>)> =
+        (1..=TENANTS).map(|i| (format!("tenant-{i}"), (0..i).map(|id| id.to_string()).collect())).collect();
+    let batch_of =
+        |tenant: &str, ids: &[String]| batch(&ids.iter().map(|id| (tenant, id.as_str())).collect::<Vec<_>>());
+    for (tenant, ids) in &tenants {
+        assert_eq!(post(&client, &url, batch_of(tenant, ids)).status(), StatusCode::OK);
+    }
+    for (tenant, ids) in &tenants {
+        eventually(SETTLE, &format!("{tenant} counts {}", ids.len()), || {
+            count(&client, &url, tenant) == ids.len() as u64
+        });
+    }
+    let metrics =
+        |name| metric(&client.get(format!("{url}/metrics")).send().unwrap().text().unwrap(), name, &[]).unwrap();
+    let writes_before = metrics("countapp_coordinator_worker_writes_total");
+    let forwarded_before =
+        get_json(&client, &format!("{url}/stats"))["cluster"]["requests_forwarded"].as_u64().unwrap();
+
+    // 16 clients at once, each reading counts and posting again ids the tenants hold (which
+    // changes no count), so that counts and acknowledgements share the connections.
+    thread::scope(|scope| {
+        for client_no in 0..16 {
+            let (client, url, tenants, batch_of) = (client.clone(), &url, &tenants, &batch_of);
+            scope.spawn(move || {
+                for round in 0..150 {
+                    let (tenant, ids) = &tenants[(client_no * 7 + round) % TENANTS];
+                    if round % 3 == 0 {
+                        let reply: Value = post(&client, url, batch_of(tenant, ids)).json().unwrap();
+                        assert_eq!(reply["accepted"], ids.len(), "POST of {} ids to {tenant}", ids.len());
+                    } else {
+                        assert_eq!(count(&client, url, tenant), ids.len() as u64, "count of {tenant}");
+                    }
+                }
+            });
+        }
+    });
+    let writes = metrics("countapp_coordinator_worker_writes_total") - writes_before;
+    let forwarded = get_json(&client, &format!("{url}/stats"))["cluster"]["requests_forwarded"].as_u64().unwrap()
+        - forwarded_before;
+    println!("{forwarded} requests forwarded in {writes} writes");
+    assert!(forwarded >= 16 * 150, "{forwarded} forwarded");
+    assert!(writes < forwarded as f64, "{forwarded} requests forwarded in {writes} writes: none shared a write");
+}
+
+#[test]
 fn tenants_named_like_dot_segments_or_holding_a_slash_are_counted_through_the_coordinator() {
     let (cluster, ports, listen) = cluster(2);
     let mut coordinator = cluster.coordinator(listen);

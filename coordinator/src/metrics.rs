@@ -22,8 +22,20 @@ pub(crate) struct Metrics {
     pub(crate) retries: Counter,
     /// Requests answered 503 because no worker was live.
     pub(crate) unavailable: Counter,
+    /// What the hop to the workers does, shared with every server thread's connections.
+    pub(crate) hop: HopCounters,
     workers: Family<StateLabels, Gauge>,
     restarts: Gauge,
+}
+
+/// The hop's counters: with requests pipelined, fewer writes than requests forwarded, and few
+/// connections.
+#[derive(Clone, Default)]
+pub(crate) struct HopCounters {
+    /// Connections opened to workers.
+    pub(crate) connections: Counter,
+    /// Writes of requests to workers, each carrying one request or several.
+    pub(crate) writes: Counter,
 }
 
 impl Metrics {
@@ -35,11 +47,18 @@ impl Metrics {
         registry.register("retries", "Requests retried on another worker after a failure", retries.clone());
         let unavailable = Counter::default();
         registry.register("unavailable", "Requests answered 503 because no worker was live", unavailable.clone());
+        let hop = HopCounters::default();
+        registry.register("worker_connections", "Connections opened to workers", hop.connections.clone());
+        registry.register(
+            "worker_writes",
+            "Writes of requests to workers; fewer than the requests when several share a write",
+            hop.writes.clone(),
+        );
         let workers = Family::<StateLabels, Gauge>::default();
         registry.register("workers", "Workers by state", workers.clone());
         let restarts = Gauge::default();
         registry.register("worker_restarts", "Worker respawns after an exit, over all workers", restarts.clone());
-        (Metrics { registry, retries, unavailable, workers, restarts }, requests)
+        (Metrics { registry, retries, unavailable, hop, workers, restarts }, requests)
     }
 
     /// The metrics as Prometheus (OpenMetrics) text, with the workers' gauges read now.

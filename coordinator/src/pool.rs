@@ -195,6 +195,11 @@ impl Pool {
         live.iter().filter(|m| !tried.holds(m)).nth(rand::rng().random_range(0..untried)).cloned()
     }
 
+    /// The member for `url`, if it is live.
+    pub fn live(&self, url: &WorkerUrl) -> Option<Arc<Member>> {
+        self.live.read().iter().find(|m| &m.url == url).cloned()
+    }
+
     /// How many members are live.
     pub fn live_count(&self) -> usize {
         self.live.read().len()

@@ -13,8 +13,8 @@
 use std::time::{Duration, Instant};
 
 use actix_web::HttpResponse;
-use actix_web::http::StatusCode;
 use actix_web::http::header::{ContentType, RETRY_AFTER};
+use actix_web::http::{Method, StatusCode};
 use countapp_shared::http::ApiError;
 
 use crate::pool::Tried;
@@ -46,7 +46,10 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         if !tried.is_empty() && Instant::now() >= deadline {
             break;
         }
-        let Some(member) = pool.pick(&tried) else {
+        // A first try joins the requests about to be written to a worker, if there are any;
+        // otherwise, and for a retry, any live worker at random.
+        let joining = if tried.is_empty() { upstream.filling().and_then(|url| pool.live(&url)) } else { None };
+        let Some(member) = joining.or_else(|| pool.pick(&tried)) else {
             // Every live worker has answered: waiting would only get the same answers again.
             if last_reply.is_some() || Instant::now() >= deadline {
                 break;
@@ -61,13 +64,13 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         tried.push(member.clone());
         match upstream.send(&member.url, &request, timeout).await {
             Ok(reply) if !reply.status.is_server_error() => {
-                let items = if reply.status == hyper::StatusCode::OK && request.method == hyper::Method::POST {
+                let items = if reply.status == StatusCode::OK && request.method == Method::POST {
                     accepted(&reply.body)
                 } else {
                     0
                 };
                 member.record(items);
-                return Ok(HttpResponse::build(status(&reply)).insert_header(ContentType::json()).body(reply.body));
+                return Ok(HttpResponse::build(reply.status).insert_header(ContentType::json()).body(reply.body));
             }
             Ok(reply) => {
                 let why = format!("{}: {}", reply.status, String::from_utf8_lossy(&reply.body));
@@ -86,8 +89,8 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
     }
     state.metrics.unavailable.inc();
     if let Some(reply) = last_reply {
-        let mut response = HttpResponse::build(status(&reply));
-        if let Some(retry_after) = reply.retry_after.as_ref().and_then(|v| v.to_str().ok()) {
+        let mut response = HttpResponse::build(reply.status);
+        if let Some(retry_after) = reply.retry_after {
             response.insert_header((RETRY_AFTER, retry_after));
         }
         return Ok(response.insert_header(ContentType::json()).body(reply.body));
@@ -99,11 +102,6 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
 /// The hop timeout of a request with a body of `len` bytes.
 fn hop_timeout(len: usize) -> Duration {
     HOP_TIMEOUT + HOP_TIMEOUT_PER_MIB.mul_f64(len as f64 / f64::from(1 << 20))
-}
-
-/// A worker's status as actix's type (actix and hyper use different `http` crates).
-fn status(reply: &Reply) -> StatusCode {
-    StatusCode::from_u16(reply.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY)
 }
 
 /// The `accepted` count of a worker's `200` reply to `POST /items`.

@@ -3,6 +3,7 @@
 
 use std::time::UNIX_EPOCH;
 
+use actix_web::http::Method;
 use actix_web::http::header::ContentType;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
@@ -12,7 +13,7 @@ use serde_json::{Value, json};
 use crate::dashboard;
 use crate::proxy::forward;
 use crate::state::AppState;
-use crate::upstream::{Forward, Upstream};
+use crate::upstream::{Forward, Upstream, valid_target};
 
 /// Registers every route of the coordinator.
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
@@ -37,8 +38,8 @@ async fn post_items(
 ) -> Result<HttpResponse, ApiError> {
     let max = state.ctx.config.borrow().max_body_bytes.as_usize();
     let body = read_body(&req, payload, max).await?.freeze();
-    let uri = raw_uri(&req)?;
-    forward(&state, &upstream, Forward { method: hyper::Method::POST, uri, body }).await
+    let target = raw_target(&req)?;
+    forward(&state, &upstream, Forward { method: Method::POST, target, body }).await
 }
 
 /// Under `/items`: the count route (see [`count_route`]), forwarded with the path exactly as the
@@ -49,17 +50,20 @@ async fn items_subpath(
     upstream: web::Data<Upstream>,
 ) -> Result<HttpResponse, ApiError> {
     count_route(&req)?;
-    let uri = raw_uri(&req)?;
-    forward(&state, &upstream, Forward { method: hyper::Method::GET, uri, body: Bytes::new() }).await
+    let target = raw_target(&req)?;
+    forward(&state, &upstream, Forward { method: Method::GET, target, body: Bytes::new() }).await
 }
 
 /// The request's path and query exactly as the client sent them, for the worker: nothing
 /// decodes or normalizes them, so that `.`, `..` or `%2E%2E` stay tenants, not dot segments.
-fn raw_uri(req: &HttpRequest) -> Result<hyper::Uri, ApiError> {
-    let path = req.uri().path_and_query().map_or(req.path(), |pq| pq.as_str());
-    // actix parsed it with the http crate's rules already; a newer version of that crate parses
-    // the worker's copy, and might be stricter.
-    hyper::Uri::try_from(path).map_err(|e| ApiError::BadRequest(format!("invalid request path: {e}")))
+fn raw_target(req: &HttpRequest) -> Result<Bytes, ApiError> {
+    let target = req.uri().path_and_query().map_or(req.path(), |pq| pq.as_str());
+    // actix parsed it already; this keeps anything that could split the request line or start
+    // a header from reaching the worker, whatever the parser let through.
+    if !valid_target(target.as_bytes()) {
+        return Err(ApiError::BadRequest("invalid request path".to_owned()));
+    }
+    Ok(Bytes::copy_from_slice(target.as_bytes()))
 }
 
 /// `GET /health`: the coordinator is up; how many workers take requests.

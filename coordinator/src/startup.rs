@@ -90,7 +90,7 @@ impl Coordinator {
             App::new()
                 // One client per server thread: its connections then live on that thread's
                 // runtime, so a forwarded request never wakes another thread to do its I/O.
-                .app_data(web::Data::new(Upstream::default()))
+                .app_data(web::Data::new(Upstream::new(data.metrics.hop.clone())))
                 .app_data(data.clone())
                 .app_data(requests.clone())
                 .wrap(from_fn(count_requests))
@@ -98,6 +98,9 @@ impl Coordinator {
         })
         .listen(listener)
         .map_err(bind_error)?
+        // Replies are written whole: Nagle's algorithm would only hold back one written while an
+        // earlier one is unacknowledged, for a delayed ACK (40 ms), as under pipelining.
+        .tcp_nodelay(true)
         .workers(server_threads())
         .disable_signals()
         .shutdown_timeout(DRAIN_TIMEOUT.as_secs())

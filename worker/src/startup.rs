@@ -96,6 +96,9 @@ impl Worker {
         })
         .listen(listener)
         .map_err(bind_error)?
+        // Replies are written whole: Nagle's algorithm would only hold back one written while an
+        // earlier one is unacknowledged, for a delayed ACK (40 ms), as under pipelining.
+        .tcp_nodelay(true)
         // Signals are ours to handle: both SIGTERM and SIGINT mean a graceful stop with a flush.
         .workers(settings.http_threads)
         .disable_signals()

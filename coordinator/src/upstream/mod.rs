@@ -1,0 +1,340 @@
+//! The hop to the workers: HTTP/1.1 on keep-alive connections that each server thread keeps to
+//! each worker, with requests pipelined, so that the requests a thread takes at about the same
+//! time go to a worker in one write and their replies come back in one read.
+//!
+//! Pipelining is what makes the hop cheap: a write and a read to a worker cost the coordinator
+//! (and the worker) about as much kernel time for one request as for twenty. Its price is that
+//! a worker answers the requests of one connection in order, so a request queued behind a slow
+//! one waits for it. Hence a request joins a connection only while every request on it was sent
+//! within [`PIPELINE_WINDOW`], at most [`MAX_DEPTH`] deep; otherwise it takes an idle connection
+//! or opens one. Fast requests (counts from files, batches logged in microseconds) share a few
+//! connections; slow ones (counts waiting on Redis, batches waiting on `fsync: always`) end up
+//! with a connection each, as without pipelining.
+//!
+//! The request target is the client's path and query as received (nothing parses or
+//! normalizes it, so `/items/%2E%2E/count` reaches the worker as sent), and the worker's
+//! address and `Host` are worked out once per worker and thread.
+
+mod connection;
+mod wire;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use countapp_shared::config::WorkerUrl;
+use tokio::net::TcpStream;
+
+use self::connection::Connection;
+pub(crate) use self::wire::{Forward, Reply, valid_target};
+use crate::metrics::HopCounters;
+
+/// How long ago the oldest unanswered request on a connection may have been sent for another
+/// to be pipelined behind it.
+const PIPELINE_WINDOW: Duration = Duration::from_micros(500);
+/// Requests in flight on one connection, at most, while there is room for more connections.
+const MAX_DEPTH: usize = 32;
+/// Connections a server thread keeps to one worker, at most; beyond them, requests queue on the
+/// least busy one.
+const MAX_CONNECTIONS: usize = 128;
+
+/// Why a hop to a worker failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HopError {
+    /// No connection could be opened.
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    /// The worker did not answer in time.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The connection ended before the reply.
+    #[error("{0}")]
+    Connection(String),
+}
+
+/// One server thread's connections to the workers. Each server thread makes its own (in the
+/// app factory), so that its connections are driven by its own runtime and a forwarded request
+/// never wakes another thread; hence no locks, only cells.
+pub(crate) struct Upstream {
+    workers: RefCell<HashMap<WorkerUrl, Rc<Worker>>>,
+    /// The worker the latest request went to.
+    latest: RefCell<Option<Rc<Worker>>>,
+    counters: HopCounters,
+}
+
+impl Upstream {
+    /// A server thread's hop, counting into `counters`.
+    pub(crate) fn new(counters: HopCounters) -> Upstream {
+        Upstream { workers: RefCell::default(), latest: RefCell::default(), counters }
+    }
+
+    /// The worker that a request queued now would reach in the same write as others: the one
+    /// the latest request went to, while that request is not written yet. Requests that arrive
+    /// together then cost the worker and this thread one write and one read, not one each.
+    pub(crate) fn filling(&self) -> Option<WorkerUrl> {
+        self.latest.borrow().as_ref().filter(|worker| worker.filling()).map(|worker| worker.url.clone())
+    }
+
+    /// Sends `request` to the worker at `url` and reads its reply, within `timeout` for the
+    /// whole exchange, a new connection included.
+    pub(crate) async fn send(&self, url: &WorkerUrl, request: &Forward, timeout: Duration) -> Result<Reply, HopError> {
+        let worker = self.worker(url);
+        *self.latest.borrow_mut() = Some(worker.clone());
+        tokio::time::timeout(timeout, worker.exchange(request)).await.unwrap_or(Err(HopError::Timeout(timeout)))
+    }
+
+    fn worker(&self, url: &WorkerUrl) -> Rc<Worker> {
+        if let Some(worker) = self.workers.borrow().get(url) {
+            return worker.clone();
+        }
+        let worker = Rc::new(Worker::new(url, self.counters.clone()));
+        self.workers.borrow_mut().insert(url.clone(), worker.clone());
+        worker
+    }
+}
+
+/// What a server thread keeps about one worker.
+struct Worker {
+    url: WorkerUrl,
+    addr: Addr,
+    /// The `Host` header of every request to it.
+    host: Vec<u8>,
+    /// Its open connections.
+    connections: RefCell<Vec<Rc<Connection>>>,
+    counters: HopCounters,
+}
+
+/// Where a worker listens.
+enum Addr {
+    /// An IP address, known from its URL.
+    Ip(SocketAddr),
+    /// A host name, resolved for each new connection (not for each request).
+    Name(String, u16),
+}
+
+impl Worker {
+    fn new(url: &WorkerUrl, counters: HopCounters) -> Worker {
+        let addr = url.bind_addr().map_or_else(|| Addr::Name(url.host().to_owned(), url.port()), Addr::Ip);
+        let host = url.as_str().trim_start_matches("http://").as_bytes().to_vec();
+        Worker { url: url.clone(), addr, host, connections: RefCell::new(Vec::new()), counters }
+    }
+
+    /// One exchange, on a connection already open if one will do. A connection open a while
+    /// may have been closed by the worker meanwhile (its keep-alive timeout, a restart): that
+    /// says nothing about the worker now, so a failure there gets one more try on a new
+    /// connection.
+    async fn exchange(&self, request: &Forward) -> Result<Reply, HopError> {
+        if let Some(connection) = self.open_connection() {
+            match exchange_on(&connection, request, &self.host).await {
+                Err(HopError::Connection(e)) => {
+                    tracing::debug!(worker = %self.url, error = %e, "a kept-alive connection failed; opening another")
+                }
+                done => return done,
+            }
+        }
+        let connection = self.connect().await?;
+        exchange_on(&connection, request, &self.host).await
+    }
+
+    /// Whether a request queued now would go out with others, in a write not made yet.
+    fn filling(&self) -> bool {
+        self.connections.borrow().iter().any(|c| c.has_unwritten() && c.in_flight() < MAX_DEPTH)
+    }
+
+    /// The connection for a request now, if one of those open will do: one with requests not
+    /// written yet, else the least busy of those it can be pipelined on, else an idle one.
+    fn open_connection(&self) -> Option<Rc<Connection>> {
+        let mut connections = self.connections.borrow_mut();
+        connections.retain(|c| !c.is_closed());
+        let now = Instant::now();
+        let mut idle = None;
+        let mut pipelined: Option<&Rc<Connection>> = None;
+        let mut least_busy: Option<&Rc<Connection>> = None;
+        for connection in connections.iter() {
+            let in_flight = connection.in_flight();
+            match connection.oldest() {
+                None => idle = Some(connection),
+                Some(_) if in_flight < MAX_DEPTH && connection.has_unwritten() => return Some(connection.clone()),
+                Some(oldest) if in_flight < MAX_DEPTH && now.duration_since(oldest) <= PIPELINE_WINDOW => {
+                    if pipelined.is_none_or(|p| p.in_flight() > in_flight) {
+                        pipelined = Some(connection);
+                    }
+                }
+                Some(_) => {}
+            }
+            if least_busy.is_none_or(|b| b.in_flight() > in_flight) {
+                least_busy = Some(connection);
+            }
+        }
+        let full = connections.len() >= MAX_CONNECTIONS;
+        pipelined.or(idle).or(least_busy.filter(|_| full)).cloned()
+    }
+
+    async fn connect(&self) -> Result<Rc<Connection>, HopError> {
+        let stream = match &self.addr {
+            Addr::Ip(addr) => TcpStream::connect(addr).await,
+            Addr::Name(host, port) => TcpStream::connect((host.as_str(), *port)).await,
+        }
+        .map_err(HopError::Connect)?;
+        // Requests are written whole; Nagle would only hold back their last segment.
+        stream.set_nodelay(true).map_err(HopError::Connect)?;
+        self.counters.connections.inc();
+        let connection = Connection::start(stream, self.counters.writes.clone());
+        self.connections.borrow_mut().push(connection.clone());
+        Ok(connection)
+    }
+}
+
+/// Sends `request` on `connection` and waits for the reply.
+async fn exchange_on(connection: &Connection, request: &Forward, host: &[u8]) -> Result<Reply, HopError> {
+    match connection.send(request, host).await {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(why)) => Err(HopError::Connection(why)),
+        Err(_) => Err(HopError::Connection("the connection ended".to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::Method;
+    use bytes::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn get(tenant: &str) -> Forward {
+        let target = Bytes::from(format!("/items/{tenant}/count"));
+        Forward { method: Method::GET, target, body: Bytes::new() }
+    }
+
+    /// A scripted worker: each connection it accepts goes to `serve`, with its number.
+    async fn worker<F, Fut>(serve: F) -> (Upstream, WorkerUrl, HopCounters)
+    where
+        F: Fn(usize, TcpStream) -> Fut + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap()).parse().unwrap();
+        actix_web::rt::spawn(async move {
+            for n in 1.. {
+                let (stream, _) = listener.accept().await.unwrap();
+                actix_web::rt::spawn(serve(n, stream));
+            }
+        });
+        let counters = HopCounters::default();
+        (Upstream::new(counters.clone()), url, counters)
+    }
+
+    /// Reads one request head from `stream`; the tenant it asks for, or `None` at its end.
+    async fn request(stream: &mut TcpStream) -> Option<String> {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0];
+            if stream.read(&mut byte).await.ok()? == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        let line = String::from_utf8(head).unwrap();
+        Some(line.split(' ').nth(1).unwrap().trim_start_matches("/items/").trim_end_matches("/count").to_owned())
+    }
+
+    async fn answer(stream: &mut TcpStream, tenant: &str) {
+        let body = format!("{{\"tenant\":\"{tenant}\"}}");
+        let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        stream.write_all(reply.as_bytes()).await.unwrap();
+    }
+
+    fn tenant_of(reply: Result<Reply, HopError>) -> String {
+        let body: serde_json::Value = serde_json::from_slice(&reply.unwrap().body).unwrap();
+        body["tenant"].as_str().unwrap().to_owned()
+    }
+
+    #[actix_web::test]
+    async fn a_request_is_not_queued_behind_one_sent_longer_ago_than_the_window() {
+        // The first connection answers "slow" only once the second has answered "fast".
+        let (answered_fast, fast_done) = mpsc::unbounded_channel::<()>();
+        let fast_done = Rc::new(RefCell::new(Some(fast_done)));
+        let (upstream, url, counters) = worker(move |n, mut stream| {
+            let answered_fast = answered_fast.clone();
+            let fast_done = fast_done.clone();
+            async move {
+                while let Some(tenant) = request(&mut stream).await {
+                    if n == 1 {
+                        let mut waiting = fast_done.borrow_mut().take().unwrap();
+                        waiting.recv().await;
+                    }
+                    answer(&mut stream, &tenant).await;
+                    if n == 2 {
+                        answered_fast.send(()).unwrap();
+                    }
+                }
+            }
+        })
+        .await;
+        let slow = async { upstream.send(&url, &get("slow"), TIMEOUT).await };
+        let fast = async {
+            tokio::time::sleep(PIPELINE_WINDOW * 4).await;
+            upstream.send(&url, &get("fast"), TIMEOUT).await
+        };
+        let (slow, fast) = tokio::join!(slow, fast);
+        assert_eq!((tenant_of(slow), tenant_of(fast)), ("slow".to_owned(), "fast".to_owned()));
+        assert_eq!(counters.connections.get(), 2);
+    }
+
+    #[actix_web::test]
+    async fn requests_sent_together_share_a_connection_and_a_write() {
+        let (upstream, url, counters) = worker(|_, mut stream| async move {
+            while let Some(tenant) = request(&mut stream).await {
+                answer(&mut stream, &tenant).await;
+            }
+        })
+        .await;
+        assert_eq!(tenant_of(upstream.send(&url, &get("first"), TIMEOUT).await), "first");
+        let requests = ["a", "b", "c", "d"].map(get);
+        let [a, b, c, d] = &requests;
+        let (a, b, c, d) = tokio::join!(
+            upstream.send(&url, a, TIMEOUT),
+            upstream.send(&url, b, TIMEOUT),
+            upstream.send(&url, c, TIMEOUT),
+            upstream.send(&url, d, TIMEOUT),
+        );
+        let got = [a, b, c, d].map(tenant_of);
+        assert_eq!(got, ["a", "b", "c", "d"]);
+        assert_eq!((counters.connections.get(), counters.writes.get()), (1, 2));
+    }
+
+    #[actix_web::test]
+    async fn a_kept_alive_connection_that_fails_gets_one_more_try_on_a_new_one() {
+        // The first connection answers one request, then closes on the next.
+        let (upstream, url, counters) = worker(|n, mut stream| async move {
+            while let Some(tenant) = request(&mut stream).await {
+                if n == 1 && tenant != "first" {
+                    return;
+                }
+                answer(&mut stream, &tenant).await;
+            }
+        })
+        .await;
+        assert_eq!(tenant_of(upstream.send(&url, &get("first"), TIMEOUT).await), "first");
+        assert_eq!(tenant_of(upstream.send(&url, &get("second"), TIMEOUT).await), "second");
+        assert_eq!(counters.connections.get(), 2);
+    }
+
+    #[actix_web::test]
+    async fn a_new_connection_that_fails_is_not_tried_again() {
+        let (upstream, url, counters) = worker(|_, mut stream| async move {
+            request(&mut stream).await;
+        })
+        .await;
+        let failed = upstream.send(&url, &get("a"), TIMEOUT).await;
+        assert!(matches!(failed, Err(HopError::Connection(_))), "{failed:?}");
+        assert_eq!(counters.connections.get(), 1);
+    }
+}
