@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use actix_web::HttpResponse;
 use actix_web::http::header::{ContentType, RETRY_AFTER};
 use actix_web::http::{Method, StatusCode};
+use countapp_shared::config::{Config, FsyncPolicy, StoreKind};
 use countapp_shared::http::ApiError;
 
 use crate::pool::Tried;
@@ -36,6 +37,7 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
     let pool = &state.ctx.pool;
     let deadline = Instant::now() + WAIT_FOR_WORKER;
     let timeout = hop_timeout(request.body.len());
+    let pipeline = answered_at_once(&state.ctx.config(), &request.method);
     let mut tried = Tried::default();
     let mut last_error = None;
     // The last worker reply that was a 5xx: if every attempt ends so, the client gets the
@@ -48,7 +50,8 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         }
         // A first try joins the requests about to be written to a worker, if there are any;
         // otherwise, and for a retry, any live worker at random.
-        let joining = if tried.is_empty() { upstream.filling().and_then(|url| pool.live(&url)) } else { None };
+        let joining =
+            if pipeline && tried.is_empty() { upstream.filling().and_then(|url| pool.live(&url)) } else { None };
         let Some(member) = joining.or_else(|| pool.pick(&tried)) else {
             // Every live worker has answered: waiting would only get the same answers again.
             if last_reply.is_some() || Instant::now() >= deadline {
@@ -62,7 +65,7 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
             state.metrics.retries.inc();
         }
         tried.push(member.clone());
-        match upstream.send(&member.url, &request, timeout).await {
+        match upstream.send(&member.url, &request, pipeline, timeout).await {
             Ok(reply) if !reply.status.is_server_error() => {
                 let items = if reply.status == StatusCode::OK && request.method == Method::POST {
                     accepted(&reply.body)
@@ -99,6 +102,13 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
     Err(ApiError::Unavailable(format!("no live worker could take the request{detail}")))
 }
 
+/// Whether a worker answers `method` at once, without waiting on anything but its own thread,
+/// under `config`: only such requests are pipelined (see [`crate::upstream`]). A count from
+/// Redis waits for Redis, and a batch under `fsync: always` for the disk.
+fn answered_at_once(config: &Config, method: &Method) -> bool {
+    if *method == Method::POST { config.fsync != FsyncPolicy::Always } else { config.store == StoreKind::Json }
+}
+
 /// The hop timeout of a request with a body of `len` bytes.
 fn hop_timeout(len: usize) -> Duration {
     HOP_TIMEOUT + HOP_TIMEOUT_PER_MIB.mul_f64(len as f64 / f64::from(1 << 20))
@@ -112,6 +122,20 @@ fn accepted(body: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_requests_a_worker_answers_without_waiting_are_pipelined() {
+        let config = |yaml: &str| {
+            Config::from_yaml_str(&format!("workers: [http://127.0.0.1:5001]\n{yaml}"), std::path::Path::new("/"))
+                .unwrap()
+        };
+        let json = config("");
+        assert!(answered_at_once(&json, &Method::GET) && answered_at_once(&json, &Method::POST));
+        let redis = config("store: redis\nredis_url: redis://127.0.0.1:6379");
+        assert!(!answered_at_once(&redis, &Method::GET) && answered_at_once(&redis, &Method::POST));
+        let always = config("fsync: always");
+        assert!(answered_at_once(&always, &Method::GET) && !answered_at_once(&always, &Method::POST));
+    }
 
     #[test]
     fn the_hop_timeout_grows_with_the_body() {

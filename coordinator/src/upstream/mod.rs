@@ -5,11 +5,11 @@
 //! Pipelining is what makes the hop cheap: a write and a read to a worker cost the coordinator
 //! (and the worker) about as much kernel time for one request as for twenty. Its price is that
 //! a worker answers the requests of one connection in order, so a request queued behind a slow
-//! one waits for it. Hence a request joins a connection only while every request on it was sent
-//! within [`PIPELINE_WINDOW`], at most [`MAX_DEPTH`] deep; otherwise it takes an idle connection
-//! or opens one. Fast requests (counts from files, batches logged in microseconds) share a few
-//! connections; slow ones (counts waiting on Redis, batches waiting on `fsync: always`) end up
-//! with a connection each, as without pipelining.
+//! one waits for it. Hence only requests the worker answers at once, without waiting on Redis
+//! or on the disk, are pipelined (the caller says which), and only on a connection whose every
+//! request was sent within [`PIPELINE_WINDOW`], at most [`MAX_DEPTH`] deep: a worker that has
+//! become slow gets new connections rather than a queue. Any other request takes an idle
+//! connection or opens one, as without pipelining.
 //!
 //! The request target is the client's path and query as received (nothing parses or
 //! normalizes it, so `/items/%2E%2E/count` reaches the worker as sent), and the worker's
@@ -74,15 +74,24 @@ impl Upstream {
     /// the latest request went to, while that request is not written yet. Requests that arrive
     /// together then cost the worker and this thread one write and one read, not one each.
     pub(crate) fn filling(&self) -> Option<WorkerUrl> {
-        self.latest.borrow().as_ref().filter(|worker| worker.filling()).map(|worker| worker.url.clone())
+        let now = Instant::now();
+        self.latest.borrow().as_ref().filter(|worker| worker.filling(now)).map(|worker| worker.url.clone())
     }
 
     /// Sends `request` to the worker at `url` and reads its reply, within `timeout` for the
-    /// whole exchange, a new connection included.
-    pub(crate) async fn send(&self, url: &WorkerUrl, request: &Forward, timeout: Duration) -> Result<Reply, HopError> {
+    /// whole exchange, a new connection included. `pipeline` says that the worker answers it at
+    /// once, so that it may be queued behind others.
+    pub(crate) async fn send(
+        &self,
+        url: &WorkerUrl,
+        request: &Forward,
+        pipeline: bool,
+        timeout: Duration,
+    ) -> Result<Reply, HopError> {
         let worker = self.worker(url);
         *self.latest.borrow_mut() = Some(worker.clone());
-        tokio::time::timeout(timeout, worker.exchange(request)).await.unwrap_or(Err(HopError::Timeout(timeout)))
+        let exchange = worker.exchange(request, pipeline);
+        tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(HopError::Timeout(timeout)))
     }
 
     fn worker(&self, url: &WorkerUrl) -> Rc<Worker> {
@@ -125,8 +134,8 @@ impl Worker {
     /// may have been closed by the worker meanwhile (its keep-alive timeout, a restart): that
     /// says nothing about the worker now, so a failure there gets one more try on a new
     /// connection.
-    async fn exchange(&self, request: &Forward) -> Result<Reply, HopError> {
-        if let Some(connection) = self.open_connection() {
+    async fn exchange(&self, request: &Forward, pipeline: bool) -> Result<Reply, HopError> {
+        if let Some(connection) = self.open_connection(pipeline) {
             match exchange_on(&connection, request, &self.host).await {
                 Err(HopError::Connection(e)) => {
                     tracing::debug!(worker = %self.url, error = %e, "a kept-alive connection failed; opening another")
@@ -139,37 +148,26 @@ impl Worker {
     }
 
     /// Whether a request queued now would go out with others, in a write not made yet.
-    fn filling(&self) -> bool {
-        self.connections.borrow().iter().any(|c| c.has_unwritten() && c.in_flight() < MAX_DEPTH)
+    fn filling(&self, now: Instant) -> bool {
+        self.connections.borrow().iter().any(|c| c.has_unwritten() && joinable(c, now))
     }
 
-    /// The connection for a request now, if one of those open will do: one with requests not
-    /// written yet, else the least busy of those it can be pipelined on, else an idle one.
-    fn open_connection(&self) -> Option<Rc<Connection>> {
+    /// The connection for a request now, if one of those open will do. A request that may be
+    /// pipelined joins one with requests not written yet, else the one with the fewest in
+    /// flight; any other request takes an idle one. Past [`MAX_CONNECTIONS`], the least busy.
+    fn open_connection(&self, pipeline: bool) -> Option<Rc<Connection>> {
         let mut connections = self.connections.borrow_mut();
         connections.retain(|c| !c.is_closed());
         let now = Instant::now();
-        let mut idle = None;
-        let mut pipelined: Option<&Rc<Connection>> = None;
-        let mut least_busy: Option<&Rc<Connection>> = None;
-        for connection in connections.iter() {
-            let in_flight = connection.in_flight();
-            match connection.oldest() {
-                None => idle = Some(connection),
-                Some(_) if in_flight < MAX_DEPTH && connection.has_unwritten() => return Some(connection.clone()),
-                Some(oldest) if in_flight < MAX_DEPTH && now.duration_since(oldest) <= PIPELINE_WINDOW => {
-                    if pipelined.is_none_or(|p| p.in_flight() > in_flight) {
-                        pipelined = Some(connection);
-                    }
-                }
-                Some(_) => {}
-            }
-            if least_busy.is_none_or(|b| b.in_flight() > in_flight) {
-                least_busy = Some(connection);
-            }
-        }
-        let full = connections.len() >= MAX_CONNECTIONS;
-        pipelined.or(idle).or(least_busy.filter(|_| full)).cloned()
+        let joined = pipeline
+            .then(|| {
+                connections.iter().filter(|c| joinable(c, now)).min_by_key(|c| (!c.has_unwritten(), c.in_flight()))
+            })
+            .flatten();
+        let idle = || connections.iter().find(|c| c.in_flight() == 0);
+        let least_busy =
+            || connections.iter().min_by_key(|c| c.in_flight()).filter(|_| connections.len() >= MAX_CONNECTIONS);
+        joined.or_else(idle).or_else(least_busy).cloned()
     }
 
     async fn connect(&self) -> Result<Rc<Connection>, HopError> {
@@ -185,6 +183,15 @@ impl Worker {
         self.connections.borrow_mut().push(connection.clone());
         Ok(connection)
     }
+}
+
+/// Whether a request may be pipelined on `connection` now: it has requests in flight, not too
+/// many, all sent within [`PIPELINE_WINDOW`].
+fn joinable(connection: &Connection, now: Instant) -> bool {
+    let in_flight = connection.in_flight();
+    in_flight > 0
+        && in_flight < MAX_DEPTH
+        && connection.oldest().is_some_and(|oldest| now.duration_since(oldest) <= PIPELINE_WINDOW)
 }
 
 /// Sends `request` on `connection` and waits for the reply.
@@ -278,10 +285,10 @@ mod tests {
             }
         })
         .await;
-        let slow = async { upstream.send(&url, &get("slow"), TIMEOUT).await };
+        let slow = async { upstream.send(&url, &get("slow"), true, TIMEOUT).await };
         let fast = async {
             tokio::time::sleep(PIPELINE_WINDOW * 4).await;
-            upstream.send(&url, &get("fast"), TIMEOUT).await
+            upstream.send(&url, &get("fast"), true, TIMEOUT).await
         };
         let (slow, fast) = tokio::join!(slow, fast);
         assert_eq!((tenant_of(slow), tenant_of(fast)), ("slow".to_owned(), "fast".to_owned()));
@@ -296,18 +303,40 @@ mod tests {
             }
         })
         .await;
-        assert_eq!(tenant_of(upstream.send(&url, &get("first"), TIMEOUT).await), "first");
+        assert_eq!(tenant_of(upstream.send(&url, &get("first"), true, TIMEOUT).await), "first");
         let requests = ["a", "b", "c", "d"].map(get);
         let [a, b, c, d] = &requests;
         let (a, b, c, d) = tokio::join!(
-            upstream.send(&url, a, TIMEOUT),
-            upstream.send(&url, b, TIMEOUT),
-            upstream.send(&url, c, TIMEOUT),
-            upstream.send(&url, d, TIMEOUT),
+            upstream.send(&url, a, true, TIMEOUT),
+            upstream.send(&url, b, true, TIMEOUT),
+            upstream.send(&url, c, true, TIMEOUT),
+            upstream.send(&url, d, true, TIMEOUT),
         );
         let got = [a, b, c, d].map(tenant_of);
         assert_eq!(got, ["a", "b", "c", "d"]);
         assert_eq!((counters.connections.get(), counters.writes.get()), (1, 2));
+    }
+
+    #[actix_web::test]
+    async fn requests_that_wait_at_the_worker_are_never_queued_behind_each_other() {
+        let (upstream, url, counters) = worker(|_, mut stream| async move {
+            while let Some(tenant) = request(&mut stream).await {
+                answer(&mut stream, &tenant).await;
+            }
+        })
+        .await;
+        assert_eq!(tenant_of(upstream.send(&url, &get("first"), false, TIMEOUT).await), "first");
+        let requests = ["a", "b", "c"].map(get);
+        let [a, b, c] = &requests;
+        let (a, b, c) = tokio::join!(
+            upstream.send(&url, a, false, TIMEOUT),
+            upstream.send(&url, b, false, TIMEOUT),
+            upstream.send(&url, c, false, TIMEOUT),
+        );
+        assert_eq!([a, b, c].map(tenant_of), ["a", "b", "c"]);
+        // The idle connection takes one; the other two open one each.
+        assert_eq!((counters.connections.get(), counters.writes.get()), (3, 4));
+        assert!(upstream.filling().is_none());
     }
 
     #[actix_web::test]
@@ -322,8 +351,8 @@ mod tests {
             }
         })
         .await;
-        assert_eq!(tenant_of(upstream.send(&url, &get("first"), TIMEOUT).await), "first");
-        assert_eq!(tenant_of(upstream.send(&url, &get("second"), TIMEOUT).await), "second");
+        assert_eq!(tenant_of(upstream.send(&url, &get("first"), true, TIMEOUT).await), "first");
+        assert_eq!(tenant_of(upstream.send(&url, &get("second"), true, TIMEOUT).await), "second");
         assert_eq!(counters.connections.get(), 2);
     }
 
@@ -333,7 +362,7 @@ mod tests {
             request(&mut stream).await;
         })
         .await;
-        let failed = upstream.send(&url, &get("a"), TIMEOUT).await;
+        let failed = upstream.send(&url, &get("a"), true, TIMEOUT).await;
         assert!(matches!(failed, Err(HopError::Connection(_))), "{failed:?}");
         assert_eq!(counters.connections.get(), 1);
     }
