@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# `make bench`: the load tool against a freshly started system, with Redis measured in the same
-# run. Starts redis-server (AOF, appendfsync everysec) and a coordinator with four workers
-# (fsync everysec) in a temporary directory on free loopback ports, then measures:
+# `make bench`: the load tool against freshly started systems, with Redis measured in the same
+# run. Starts redis-server (AOF, appendfsync everysec), then, BENCH_ROUNDS times (3 by default),
+# a fresh coordinator with four workers (fsync everysec) in a temporary directory on free
+# loopback ports, and measures in each round:
 #   1. POST through the coordinator, and the same stream as pipelined SADD into Redis;
 #   2. POST straight to one worker;
-#   3. GET counts through the coordinator, and straight to one worker;
+#   3. GET counts through the coordinator, and straight to one worker.
+# Then, once:
 #   4. redis-benchmark -t sadd -P 100 -c 16, the reference SPEC.md names;
 #   5. POST and GET through a coordinator whose workers keep the tenants in that Redis
 #      (store: redis), against the store: json figures above; and GET counts straight to one
@@ -12,13 +14,16 @@
 # Each run through the coordinator also reports the coordinator's CPU time per forwarded
 # request: utime+stime from /proc/<pid>/stat over the run, over the run's delta of /stats
 # cluster.requests_forwarded (in target/bench/coordinator-cpu.json). A summary of the ratios
-# the SPEC's targets name ends the output.
-# Figures go to target/bench/*.json. Everything started here is stopped on exit.
+# the SPEC's targets name ends the output: each round's, and their medians, since one run on
+# this machine varies by 10-20%.
+# Figures go to target/bench/ (round N's in round-N/). Everything started here is stopped on exit.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 duration=${BENCH_DURATION:-10s}
+rounds=${BENCH_ROUNDS:-3}
 out=target/bench
+rm -rf "$out"
 mkdir -p "$out"
 
 ./scripts/ensure-packages.sh redis-server:redis-server redis-cli:redis-server
@@ -97,22 +102,26 @@ stop_cluster() {
     coordinator=
 }
 
-start_cluster json "store: json"
 load=./target/release/countapp-load
 common=(--duration "$duration" --connections 16 --quiet)
-echo "=== POST through the coordinator (4 workers), and Redis SADD in the same run ==="
-through_coordinator post $load --url "http://127.0.0.1:$listen" "${common[@]}" --batch 100 --tenants 10 \
-    --redis "redis://127.0.0.1:$redis_port" --json "$out/coordinator-post.json" --plot "$out/coordinator-post.svg"
-echo "=== POST straight to one worker ==="
-$load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --batch 100 --tenants 10 --json "$out/worker-post.json"
-echo "=== GET counts through the coordinator ==="
-through_coordinator count $load --url "http://127.0.0.1:$listen" "${common[@]}" --count --tenants 10 --json "$out/coordinator-count.json"
-echo "=== GET counts straight to one worker ==="
-$load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --count --tenants 10 --json "$out/worker-count.json"
+for round in $(seq "$rounds"); do
+    r="$out/round-$round"
+    mkdir -p "$r"
+    start_cluster "json-$round" "store: json"
+    echo "=== round $round of $rounds: POST through the coordinator (4 workers), and Redis SADD in the same run ==="
+    through_coordinator "post, round $round" $load --url "http://127.0.0.1:$listen" "${common[@]}" --batch 100 --tenants 10 \
+        --redis "redis://127.0.0.1:$redis_port" --json "$r/coordinator-post.json" --plot "$r/coordinator-post.svg"
+    echo "=== round $round of $rounds: POST straight to one worker ==="
+    $load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --batch 100 --tenants 10 --json "$r/worker-post.json"
+    echo "=== round $round of $rounds: GET counts through the coordinator ==="
+    through_coordinator "count, round $round" $load --url "http://127.0.0.1:$listen" "${common[@]}" --count --tenants 10 --json "$r/coordinator-count.json"
+    echo "=== round $round of $rounds: GET counts straight to one worker ==="
+    $load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --count --tenants 10 --json "$r/worker-count.json"
+    stop_cluster
+done
 echo "=== redis-benchmark -t sadd -P 100 -c 16 -r 100000000 -n 2000000 ==="
 redis-benchmark -p "$redis_port" -t sadd -P 100 -c 16 -r 100000000 -n 2000000 -q | tr '\r' '\n' | grep 'requests per second' | tail -n 1
 
-stop_cluster
 start_cluster redis "store: redis
 redis_url: redis://127.0.0.1:$redis_port"
 echo "=== store: redis: POST through the coordinator ==="
@@ -121,33 +130,52 @@ echo "=== store: redis: GET counts through the coordinator ==="
 through_coordinator redis-store-count $load --url "http://127.0.0.1:$listen" "${common[@]}" --count --tenants 10 --json "$out/redis-store-count.json"
 echo "=== store: redis: GET counts straight to one worker ==="
 $load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --count --tenants 10 --json "$out/redis-store-worker-count.json"
-python3 - "$out/redis-store-worker-count.json" "$out/worker-count.json" <<'PY'
-import json, sys
-redis, json_store = (json.load(open(path))["run"]["requests_per_s"] for path in sys.argv[1:])
-print(f"GET counts straight to one worker: store: redis {redis:,.0f}/s, store: json {json_store:,.0f}/s, "
-      f"ratio {redis / json_store:.2f}x (target at least 0.6x)")
+python3 - "$out/redis-store-worker-count.json" "$out"/round-*/worker-count.json <<'PY'
+import json, statistics, sys
+rate = lambda path: json.load(open(path))["run"]["requests_per_s"]
+redis, json_store = rate(sys.argv[1]), statistics.median(rate(path) for path in sys.argv[2:])
+print(f"GET counts straight to one worker: store: redis {redis:,.0f}/s, store: json {json_store:,.0f}/s "
+      f"(median of the rounds), ratio {redis / json_store:.2f}x (target at least 0.6x)")
 PY
 stop_cluster
 printf '%s\n' "${cpu_figures[@]}" | python3 -c 'import json,sys; json.dump([json.loads(l) for l in sys.stdin], open(sys.argv[1], "w"), indent=2)' "$out/coordinator-cpu.json"
 
 echo "=== summary (targets from SPEC.md, Performance) ==="
-python3 - "$out" <<'PY'
-import json, sys
-out = sys.argv[1]
-def load(name):
-    with open(f"{out}/{name}.json") as f:
+python3 - "$out" "$rounds" <<'PY'
+import json, statistics, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+def load(round, name):
+    with open(f"{out}/round-{round}/{name}.json") as f:
         return json.load(f)
-cpost, wpost, ccount, wcount = (load(n) for n in ("coordinator-post", "worker-post", "coordinator-count", "worker-count"))
-cpu = {c["run"]: c["cpu_us_per_request"] for c in load("coordinator-cpu")}
-run = lambda r: r["run"]
-print(f"POST items/s: coordinator {run(cpost)['items_per_s']:.0f}, one worker {run(wpost)['items_per_s']:.0f}, "
-      f"Redis SADD {cpost['redis']['items_per_s']:.0f}")
-print(f"  coordinator/worker {run(cpost)['items_per_s'] / run(wpost)['items_per_s']:.2f}x (target >= 0.9), "
-      f"coordinator/Redis {cpost['ratio']:.2f}x (target >= 2)")
-print(f"GET counts/s: coordinator {run(ccount)['requests_per_s']:.0f}, one worker {run(wcount)['requests_per_s']:.0f}: "
-      f"{run(ccount)['requests_per_s'] / run(wcount)['requests_per_s']:.2f}x (target >= 0.5)")
-print(f"p99 through the coordinator: POST {run(cpost)['latency_ms']['p99']:.2f} ms (target <= 10), "
-      f"GET {run(ccount)['latency_ms']['p99']:.2f} ms (target <= 5)")
-print("coordinator CPU per forwarded request (target <= 15 us): "
-      + ", ".join(f"{name} {us} us" for name, us in cpu.items()))
+cpu = {c["run"]: c["cpu_us_per_request"] for c in json.load(open(f"{out}/coordinator-cpu.json"))}
+figures = []
+for r in range(1, rounds + 1):
+    cpost, wpost, ccount, wcount = (load(r, n)["run"] for n in ("coordinator-post", "worker-post", "coordinator-count", "worker-count"))
+    redis = load(r, "coordinator-post")["redis"]["items_per_s"]
+    f = {
+        "POST items/s through the coordinator": cpost["items_per_s"],
+        "POST items/s straight to one worker": wpost["items_per_s"],
+        "Redis SADD items/s": redis,
+        "POST coordinator/worker (target >= 0.9)": cpost["items_per_s"] / wpost["items_per_s"],
+        "POST coordinator/Redis (target >= 2)": cpost["items_per_s"] / redis,
+        "GET counts/s through the coordinator": ccount["requests_per_s"],
+        "GET counts/s straight to one worker": wcount["requests_per_s"],
+        "GET coordinator/worker (target >= 0.5)": ccount["requests_per_s"] / wcount["requests_per_s"],
+        "p99 ms POST through the coordinator (target <= 10)": cpost["latency_ms"]["p99"],
+        "p99 ms GET through the coordinator (target <= 5)": ccount["latency_ms"]["p99"],
+        "coordinator CPU us per POST (target <= 15)": cpu[f"post, round {r}"],
+        "coordinator CPU us per GET (target <= 15)": cpu[f"count, round {r}"],
+    }
+    figures.append(f)
+fmt = lambda v: f"{v:,.0f}" if v >= 1000 else f"{v:.2f}"
+width = max(map(len, figures[0]))
+print(f"{'':{width}}  " + "  ".join(f"{f'round {r}':>10}" for r in range(1, rounds + 1)) + f"  {'median':>10}")
+medians = {}
+for name in figures[0]:
+    values = [f[name] for f in figures]
+    medians[name] = statistics.median(values)
+    print(f"{name:{width}}  " + "  ".join(f"{fmt(v):>10}" for v in values) + f"  {fmt(medians[name]):>10}")
+json.dump({"rounds": figures, "median": medians}, open(f"{out}/summary.json", "w"), indent=2)
+print("store: redis, coordinator CPU us per forwarded request: "
+      + ", ".join(f"{name} {us}" for name, us in cpu.items() if name.startswith("redis")))
 PY
