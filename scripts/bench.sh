@@ -46,6 +46,13 @@ trap cleanup EXIT
 
 redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$dir" --appendonly yes --appendfsync everysec \
     --save "" --daemonize yes --logfile "$dir/redis.log"
+# Empties Redis and rewrites its AOF, so that each measurement starts from the same Redis: one
+# left with a round's 20M ids rewrites its AOF (a fork and a full copy) during the next.
+fresh_redis() {
+    redis-cli -p "$redis_port" flushall >/dev/null
+    redis-cli -p "$redis_port" bgrewriteaof >/dev/null
+    until redis-cli -p "$redis_port" info persistence | grep -c 'aof_rewrite_in_progress:0\|aof_rewrite_scheduled:0' | grep -q 2; do sleep 0.1; done
+}
 # A coordinator with four workers in $dir/$1, with the extra config lines $2 (the store).
 start_cluster() {
     local name=$1 extra=$2
@@ -107,6 +114,7 @@ common=(--duration "$duration" --connections 16 --quiet)
 for round in $(seq "$rounds"); do
     r="$out/round-$round"
     mkdir -p "$r"
+    fresh_redis
     start_cluster "json-$round" "store: json"
     echo "=== round $round of $rounds: POST through the coordinator (4 workers), and Redis SADD in the same run ==="
     through_coordinator "post, round $round" $load --url "http://127.0.0.1:$listen" "${common[@]}" --batch 100 --tenants 10 \
@@ -119,9 +127,11 @@ for round in $(seq "$rounds"); do
     $load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --count --tenants 10 --json "$r/worker-count.json"
     stop_cluster
 done
+fresh_redis
 echo "=== redis-benchmark -t sadd -P 100 -c 16 -r 100000000 -n 2000000 ==="
 redis-benchmark -p "$redis_port" -t sadd -P 100 -c 16 -r 100000000 -n 2000000 -q | tr '\r' '\n' | grep 'requests per second' | tail -n 1
 
+fresh_redis
 start_cluster redis "store: redis
 redis_url: redis://127.0.0.1:$redis_port"
 echo "=== store: redis: POST through the coordinator ==="
