@@ -5,8 +5,8 @@
 //!
 //! The connection is driven by two tasks on the server thread that opened it (a writer and a
 //! reader); it ends when the worker closes it (an idle one after the worker's keep-alive
-//! timeout), or on an I/O or protocol error. Requests still waiting then fail with the reason, and the caller decides
-//! whether to try them again.
+//! timeout), or on an I/O or protocol error. Requests still waiting then fail with the reason,
+//! and the caller decides whether to try them again.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -24,6 +24,9 @@ use super::wire::{Forward, Reply, read_reply, write_request};
 
 /// What a read asks room for: a batch of replies to `GET` counts fits many times over.
 const READ_BUFFER: usize = 64 * 1024;
+/// The room a write buffer keeps once written: more than a write of a few batches needs, so
+/// that it is not reallocated, but not the room a body of `max_body_bytes` took.
+const KEEP_WRITE_BUFFER: usize = 1 << 20;
 
 /// Why a request on a connection got no reply.
 pub(crate) type Failure = String;
@@ -132,6 +135,9 @@ async fn write_loop(connection: Rc<Connection>, mut stream: OwnedWriteHalf, writ
         writes.inc();
         let written = stream.write_all(&buf).await;
         buf.clear();
+        if buf.capacity() > KEEP_WRITE_BUFFER {
+            buf = Vec::new();
+        }
         if let Err(e) = written {
             connection.fail(&format!("writing to the worker: {e}"));
         }
@@ -187,21 +193,26 @@ mod tests {
         Forward { method: Method::GET, target, body: Bytes::new() }
     }
 
-    /// A connection to a scripted worker, which reads `requests` whole requests and then
-    /// writes `replies` at once.
-    async fn scripted(requests: usize, replies: &'static str) -> (Rc<Connection>, Counter) {
+    /// A connection to a scripted worker, which answers the n-th request, as soon as its head
+    /// is in, with `replies[n]`, all of them in one write if they come in one read.
+    async fn scripted(replies: Vec<String>) -> (Rc<Connection>, Counter) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         actix_web::rt::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
-            let mut got = Vec::new();
-            while got.windows(4).filter(|w| w == b"\r\n\r\n").count() < requests {
-                let mut buf = [0; 4096];
+            let (mut got, mut heads, mut answered) = (Vec::new(), 0, 0);
+            while answered < replies.len() {
+                let mut buf = [0; 64 * 1024];
                 let n = stream.read(&mut buf).await.unwrap();
-                assert!(n > 0, "the connection closed before {requests} requests");
+                assert!(n > 0, "the connection closed after {answered} replies");
+                // Only the new bytes are searched, with the three before them.
+                let from = got.len().saturating_sub(3);
                 got.extend_from_slice(&buf[..n]);
+                heads += got[from..].windows(4).filter(|w| w == b"\r\n\r\n").count();
+                let due: String = replies[answered..heads.min(replies.len())].concat();
+                stream.write_all(due.as_bytes()).await.unwrap();
+                answered = heads;
             }
-            stream.write_all(replies.as_bytes()).await.unwrap();
             // Held open until the client is done, unless the script closes it.
             let _ = stream.read(&mut [0; 1]).await;
         });
@@ -216,8 +227,7 @@ mod tests {
 
     #[actix_web::test]
     async fn requests_queued_together_go_in_one_write_and_each_gets_its_own_reply() {
-        let replies: &'static str = format!("{}{}{}", reply(1), reply(2), reply(3)).leak();
-        let (connection, writes) = scripted(3, replies).await;
+        let (connection, writes) = scripted(vec![reply(1), reply(2), reply(3)]).await;
         let pending: Vec<_> = ["a", "b", "c"].iter().map(|t| connection.send(&get(t), HOST)).collect();
         assert_eq!(connection.in_flight(), 3);
         for (pending, count) in pending.into_iter().zip(1..) {
@@ -231,9 +241,8 @@ mod tests {
 
     #[actix_web::test]
     async fn when_the_worker_closes_the_connection_the_requests_left_fail_with_the_reason() {
-        let replies: &'static str =
-            format!("{}HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n", reply(1)).leak();
-        let (connection, _) = scripted(3, replies).await;
+        let closing = "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n".to_owned();
+        let (connection, _) = scripted(vec![reply(1), closing]).await;
         let pending: Vec<_> = ["a", "b", "c"].iter().map(|t| connection.send(&get(t), HOST)).collect();
         let mut outcomes = Vec::new();
         for pending in pending {
@@ -247,12 +256,24 @@ mod tests {
 
     #[actix_web::test]
     async fn bytes_that_are_no_reply_end_the_connection() {
-        let (connection, _) = scripted(2, "HTTP/1.1 200 OK\r\ncontent-length: zero\r\n\r\n").await;
+        let (connection, _) = scripted(vec!["HTTP/1.1 200 OK\r\ncontent-length: zero\r\n\r\n".to_owned()]).await;
         let pending: Vec<_> = ["a", "b"].iter().map(|t| connection.send(&get(t), HOST)).collect();
         for pending in pending {
             let why = pending.await.unwrap().unwrap_err();
             assert!(why.contains("content-length"), "{why}");
         }
         assert!(connection.is_closed());
+    }
+
+    #[actix_web::test]
+    async fn a_big_body_does_not_leave_its_room_behind_in_the_write_buffers() {
+        let (connection, _) = scripted(vec![reply(1), reply(2)]).await;
+        let big =
+            Forward { method: Method::POST, target: Bytes::from_static(b"/items"), body: vec![b'x'; 4 << 20].into() };
+        connection.send(&big, HOST).await.unwrap().unwrap();
+        connection.send(&get("a"), HOST).await.unwrap().unwrap();
+        // The two buffers trade places at every write: the big one is `out` now, unless it
+        // was let go.
+        assert!(connection.out.borrow().capacity() <= KEEP_WRITE_BUFFER);
     }
 }
