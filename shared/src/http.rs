@@ -1,6 +1,7 @@
 //! What both servers do alike: one error type for every JSON error, bounded request bodies,
 //! and counting requests.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix_web::body::MessageBody;
@@ -132,7 +133,7 @@ struct RouteLabel(&'static str);
 /// make the series unbounded) and its status code.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: String,
+    route: Cow<'static, str>,
     status: u16,
 }
 
@@ -156,28 +157,31 @@ impl RequestCounter {
         self.served.load(Ordering::Relaxed)
     }
 
-    fn count(&self, route: &str, status: u16) {
-        self.by_route.get_or_create(&RequestLabels { route: route.to_owned(), status }).inc();
+    fn count(&self, route: Cow<'static, str>, status: u16) {
+        self.by_route.get_or_create(&RequestLabels { route, status }).inc();
         self.served.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 /// Middleware: counts every request in the app's `web::Data<RequestCounter>`, and logs it at
-/// debug level.
+/// debug level. A request matched by hand or by a static route costs it no allocation, and the
+/// log's copy of the path is made only when debug logging is on.
 pub async fn count_requests(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let counter = req.app_data::<web::Data<RequestCounter>>().cloned();
-    let method = req.method().clone();
-    let path = req.path().to_owned();
+    let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| (req.method().clone(), req.path().to_owned()));
     let res = next.call(req).await?;
-    let labelled = res.request().extensions().get::<RouteLabel>().map(|label| label.0.to_owned());
-    let route = labelled.or_else(|| res.request().match_pattern()).unwrap_or_else(|| "unmatched".to_owned());
+    let labelled = res.request().extensions().get::<RouteLabel>().map(|label| Cow::Borrowed(label.0));
+    let route =
+        labelled.or_else(|| res.request().match_pattern().map(Cow::Owned)).unwrap_or(Cow::Borrowed("unmatched"));
     let status = res.status().as_u16();
     if let Some(counter) = counter {
-        counter.count(&route, status);
+        counter.count(route, status);
     }
-    tracing::debug!(%method, path, status, "request");
+    if let Some((method, path)) = logged {
+        tracing::debug!(%method, path, status, "request");
+    }
     Ok(res)
 }
