@@ -295,45 +295,36 @@ mod tests {
         assert_eq!(counters.connections.get(), 2);
     }
 
-    #[actix_web::test]
-    async fn requests_sent_together_share_a_connection_and_a_write() {
-        let (upstream, url, counters) = worker(|_, mut stream| async move {
+    /// A scripted worker that answers every request at once, on every connection.
+    async fn answering_worker() -> (Upstream, WorkerUrl, HopCounters) {
+        worker(|_, mut stream| async move {
             while let Some(tenant) = request(&mut stream).await {
                 answer(&mut stream, &tenant).await;
             }
         })
-        .await;
-        assert_eq!(tenant_of(upstream.send(&url, &get("first"), true, TIMEOUT).await), "first");
-        let requests = ["a", "b", "c", "d"].map(get);
-        let [a, b, c, d] = &requests;
-        let (a, b, c, d) = tokio::join!(
-            upstream.send(&url, a, true, TIMEOUT),
-            upstream.send(&url, b, true, TIMEOUT),
-            upstream.send(&url, c, true, TIMEOUT),
-            upstream.send(&url, d, true, TIMEOUT),
-        );
-        let got = [a, b, c, d].map(tenant_of);
-        assert_eq!(got, ["a", "b", "c", "d"]);
+        .await
+    }
+
+    /// Sends a count of each of `tenants` at once, after one request alone (which leaves an
+    /// idle connection); the tenant each reply names, in order.
+    async fn send_together(upstream: &Upstream, url: &WorkerUrl, tenants: &[&str], pipeline: bool) -> Vec<String> {
+        assert_eq!(tenant_of(upstream.send(url, &get("first"), pipeline, TIMEOUT).await), "first");
+        let requests: Vec<Forward> = tenants.iter().map(|t| get(t)).collect();
+        let sends = requests.iter().map(|request| upstream.send(url, request, pipeline, TIMEOUT));
+        futures_util::future::join_all(sends).await.into_iter().map(tenant_of).collect()
+    }
+
+    #[actix_web::test]
+    async fn requests_sent_together_share_a_connection_and_a_write() {
+        let (upstream, url, counters) = answering_worker().await;
+        assert_eq!(send_together(&upstream, &url, &["a", "b", "c", "d"], true).await, ["a", "b", "c", "d"]);
         assert_eq!((counters.connections.get(), counters.writes.get()), (1, 2));
     }
 
     #[actix_web::test]
     async fn requests_that_wait_at_the_worker_are_never_queued_behind_each_other() {
-        let (upstream, url, counters) = worker(|_, mut stream| async move {
-            while let Some(tenant) = request(&mut stream).await {
-                answer(&mut stream, &tenant).await;
-            }
-        })
-        .await;
-        assert_eq!(tenant_of(upstream.send(&url, &get("first"), false, TIMEOUT).await), "first");
-        let requests = ["a", "b", "c"].map(get);
-        let [a, b, c] = &requests;
-        let (a, b, c) = tokio::join!(
-            upstream.send(&url, a, false, TIMEOUT),
-            upstream.send(&url, b, false, TIMEOUT),
-            upstream.send(&url, c, false, TIMEOUT),
-        );
-        assert_eq!([a, b, c].map(tenant_of), ["a", "b", "c"]);
+        let (upstream, url, counters) = answering_worker().await;
+        assert_eq!(send_together(&upstream, &url, &["a", "b", "c"], false).await, ["a", "b", "c"]);
         // The idle connection takes one; the other two open one each.
         assert_eq!((counters.connections.get(), counters.writes.get()), (3, 4));
         assert!(upstream.filling().is_none());
