@@ -50,8 +50,7 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         }
         // A first try joins the requests about to be written to a worker, if there are any;
         // otherwise, and for a retry, any live worker at random.
-        let joining =
-            if pipeline && tried.is_empty() { upstream.filling().and_then(|url| pool.live(&url)) } else { None };
+        let joining = if pipeline && tried.is_empty() { upstream.filling(|url| pool.live(url)) } else { None };
         let Some(member) = joining.or_else(|| pool.pick(&tried)) else {
             // Every live worker has answered: waiting would only get the same answers again.
             if last_reply.is_some() || Instant::now() >= deadline {

@@ -73,9 +73,11 @@ impl Upstream {
     /// The worker that a request queued now would reach in the same write as others: the one
     /// the latest request went to, while that request is not written yet. Requests that arrive
     /// together then cost the worker and this thread one write and one read, not one each.
-    pub(crate) fn filling(&self) -> Option<WorkerUrl> {
+    /// Its URL is handed to `find` (which looks up whether it still takes requests) rather than
+    /// copied out, since this is asked for every request.
+    pub(crate) fn filling<T>(&self, find: impl FnOnce(&WorkerUrl) -> Option<T>) -> Option<T> {
         let now = Instant::now();
-        self.latest.borrow().as_ref().filter(|worker| worker.filling(now)).map(|worker| worker.url.clone())
+        self.latest.borrow().as_ref().filter(|worker| worker.filling(now)).and_then(|worker| find(&worker.url))
     }
 
     /// Sends `request` to the worker at `url` and reads its reply, within `timeout` for the
@@ -327,7 +329,7 @@ mod tests {
         assert_eq!(send_together(&upstream, &url, &["a", "b", "c"], false).await, ["a", "b", "c"]);
         // The idle connection takes one; the other two open one each.
         assert_eq!((counters.connections.get(), counters.writes.get()), (3, 4));
-        assert!(upstream.filling().is_none());
+        assert!(upstream.filling(|_| Some(())).is_none());
     }
 
     #[actix_web::test]
