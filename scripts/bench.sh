@@ -5,15 +5,19 @@
 # loopback ports, and measures in each round:
 #   1. POST through the coordinator, and the same stream as pipelined SADD into Redis;
 #   2. POST straight to one worker;
-#   3. GET counts through the coordinator, and straight to one worker.
+#   3. GET counts through the coordinator, and straight to one worker;
+#   4. POST and GET counts through HAProxy in front of the same four workers: the reference for
+#      what a hop costs on this machine (an HTTP proxy in C, keep-alive to the workers), with
+#      its CPU per request measured as the coordinator's is.
 # Then, once:
-#   4. redis-benchmark -t sadd -P 100 -c 16, the reference SPEC.md names;
-#   5. POST and GET through a coordinator whose workers keep the tenants in that Redis
+#   5. redis-benchmark -t sadd -P 100 -c 16, the reference SPEC.md names;
+#   6. POST and GET through a coordinator whose workers keep the tenants in that Redis
 #      (store: redis), against the store: json figures above; and GET counts straight to one
 #      worker, store: redis against store: json (step 3), with their ratio.
 # Each run through the coordinator also reports the coordinator's CPU time per forwarded
 # request: utime+stime from /proc/<pid>/stat over the run, over the run's delta of /stats
-# cluster.requests_forwarded (in target/bench/coordinator-cpu.json). A summary of the ratios
+# cluster.requests_forwarded, and stime alone: the kernel's share, which no change to the
+# coordinator's own code removes (in target/bench/coordinator-cpu.json). A summary of the ratios
 # the SPEC's targets name ends the output: each round's, and their medians, since one run on
 # this machine varies by 10-20%.
 # Figures go to target/bench/ (round N's in round-N/). Everything started here is stopped on exit.
@@ -26,7 +30,7 @@ out=target/bench
 rm -rf "$out"
 mkdir -p "$out"
 
-./scripts/ensure-packages.sh redis-server:redis-server redis-cli:redis-server
+./scripts/ensure-packages.sh redis-server:redis-server redis-cli:redis-server haproxy:haproxy
 
 cargo build --release --workspace --bins
 
@@ -34,10 +38,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 dir=$(mktemp -d)
 redis_port=$(free_port)
 listen=$(free_port)
+haproxy_port=$(free_port)
 workers=()
 for _ in 1 2 3 4; do workers+=("$(free_port)"); done
 
 cleanup() {
+    if [ -n "${haproxy:-}" ]; then kill -TERM "$haproxy" 2>/dev/null && wait "$haproxy" 2>/dev/null || true; fi
     if [ -n "${coordinator:-}" ]; then kill -TERM "$coordinator" 2>/dev/null && wait "$coordinator" 2>/dev/null || true; fi
     redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
     rm -rf "$dir"
@@ -76,8 +82,40 @@ start_cluster() {
     echo "the cluster did not start:"; cat "$dir/$name/coordinator.log"; exit 1
 }
 
-# The coordinator's CPU time so far (user + system), in clock ticks.
-cpu_ticks() { sed 's/.*) //' "/proc/$coordinator/stat" | awk '{ print $12 + $13 }'; }
+# HAProxy as Debian packages it, with its default threads (one per core), in front of the
+# cluster's workers: random balancing as the coordinator's, keep-alive connections to the
+# workers, reused across client connections.
+start_haproxy() {
+    {
+        echo "defaults"
+        echo "  mode http"
+        echo "  option http-keep-alive"
+        echo "  timeout connect 5s"
+        echo "  timeout client 30s"
+        echo "  timeout server 30s"
+        echo "frontend hop"
+        echo "  bind 127.0.0.1:$haproxy_port"
+        echo "  default_backend workers"
+        echo "backend workers"
+        echo "  balance random"
+        echo "  http-reuse always"
+        for port in "${workers[@]}"; do echo "  server w$port 127.0.0.1:$port"; done
+    } > "$dir/haproxy.cfg"
+    haproxy -db -f "$dir/haproxy.cfg" 2> "$dir/haproxy.log" &
+    haproxy=$!
+    for _ in $(seq 50); do
+        curl -s -o /dev/null "http://127.0.0.1:$haproxy_port/health" && return 0
+        sleep 0.1
+    done
+    echo "haproxy did not start:"; cat "$dir/haproxy.log"; exit 1
+}
+stop_haproxy() {
+    kill -TERM "$haproxy" && wait "$haproxy" || true
+    haproxy=
+}
+
+# A process's CPU time so far, user and system, in clock ticks.
+cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12, $13 }'; }
 # The requests the coordinator has forwarded to a worker and got an answer to.
 forwarded() {
     curl -s "http://127.0.0.1:$listen/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["cluster"]["requests_forwarded"])'
@@ -89,19 +127,40 @@ through_coordinator() {
     local name=$1
     shift
     local ticks0 fwd0 ticks1 fwd1
-    ticks0=$(cpu_ticks)
+    ticks0=$(cpu_ticks "$coordinator")
     fwd0=$(forwarded)
     "$@"
-    ticks1=$(cpu_ticks)
+    ticks1=$(cpu_ticks "$coordinator")
     fwd1=$(forwarded)
     cpu_figures+=("$(python3 -c '
 import json, sys
-name, ticks, fwd, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-cpu = ticks / hz
-print(json.dumps({"run": name, "cpu_seconds": cpu, "requests_forwarded": fwd,
-                  "cpu_us_per_request": round(cpu * 1e6 / fwd, 2) if fwd else None}))
-' "$name" $((ticks1 - ticks0)) $((fwd1 - fwd0)) "$(getconf CLK_TCK)")")
+name, ticks0, ticks1, fwd, hz = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), int(sys.argv[4]), int(sys.argv[5])
+user, system = ((int(b) - int(a)) / hz for a, b in zip(ticks0, ticks1))
+per_request = lambda seconds: round(seconds * 1e6 / fwd, 2) if fwd else None
+print(json.dumps({"run": name, "cpu_seconds": user + system, "requests_forwarded": fwd,
+                  "cpu_us_per_request": per_request(user + system), "system_us_per_request": per_request(system)}))
+' "$name" "$ticks0" "$ticks1" $((fwd1 - fwd0)) "$(getconf CLK_TCK)")")
     echo "coordinator CPU: ${cpu_figures[-1]}"
+}
+# Runs the load tool ($2...) through HAProxy, writing its JSON to $1, then records HAProxy's CPU
+# per request over that run under the name $1's base name.
+through_haproxy() {
+    local json=$1
+    shift
+    local ticks0 ticks1
+    ticks0=$(cpu_ticks "$haproxy")
+    "$@" --json "$json"
+    ticks1=$(cpu_ticks "$haproxy")
+    python3 - "$json" "$ticks0" "$ticks1" "$(getconf CLK_TCK)" <<'PY'
+import json, sys
+path, ticks0, ticks1, hz = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), int(sys.argv[4])
+ticks = sum(int(b) - int(a) for a, b in zip(ticks0, ticks1))
+report = json.load(open(path))
+requests = report["run"]["requests"]
+report["haproxy_cpu_us_per_request"] = round(ticks / hz * 1e6 / requests, 2) if requests else None
+json.dump(report, open(path, "w"), indent=2)
+print(f"haproxy CPU: {report['haproxy_cpu_us_per_request']} us per request")
+PY
 }
 
 stop_cluster() {
@@ -125,6 +184,12 @@ for round in $(seq "$rounds"); do
     through_coordinator "count, round $round" $load --url "http://127.0.0.1:$listen" "${common[@]}" --count --tenants 10 --json "$r/coordinator-count.json"
     echo "=== round $round of $rounds: GET counts straight to one worker ==="
     $load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --count --tenants 10 --json "$r/worker-count.json"
+    start_haproxy
+    echo "=== round $round of $rounds: POST through HAProxy (the same 4 workers) ==="
+    through_haproxy "$r/haproxy-post.json" $load --url "http://127.0.0.1:$haproxy_port" "${common[@]}" --batch 100 --tenants 10
+    echo "=== round $round of $rounds: GET counts through HAProxy ==="
+    through_haproxy "$r/haproxy-count.json" $load --url "http://127.0.0.1:$haproxy_port" "${common[@]}" --count --tenants 10
+    stop_haproxy
     stop_cluster
 done
 fresh_redis
@@ -157,10 +222,13 @@ out, rounds = sys.argv[1], int(sys.argv[2])
 def load(round, name):
     with open(f"{out}/round-{round}/{name}.json") as f:
         return json.load(f)
-cpu = {c["run"]: c["cpu_us_per_request"] for c in json.load(open(f"{out}/coordinator-cpu.json"))}
+cpu_runs = json.load(open(f"{out}/coordinator-cpu.json"))
+cpu = {c["run"]: c["cpu_us_per_request"] for c in cpu_runs}
+system = {c["run"]: c["system_us_per_request"] for c in cpu_runs}
 figures = []
 for r in range(1, rounds + 1):
-    cpost, wpost, ccount, wcount = (load(r, n)["run"] for n in ("coordinator-post", "worker-post", "coordinator-count", "worker-count"))
+    cpost, wpost, ccount, wcount, hpost, hcount = (load(r, n)["run"] for n in (
+        "coordinator-post", "worker-post", "coordinator-count", "worker-count", "haproxy-post", "haproxy-count"))
     redis = load(r, "coordinator-post")["redis"]["items_per_s"]
     f = {
         "POST items/s through the coordinator": cpost["items_per_s"],
@@ -175,6 +243,12 @@ for r in range(1, rounds + 1):
         "p99 ms GET through the coordinator (target <= 5)": ccount["latency_ms"]["p99"],
         "coordinator CPU us per POST (target <= 15)": cpu[f"post, round {r}"],
         "coordinator CPU us per GET (target <= 15)": cpu[f"count, round {r}"],
+        "  of which in the kernel, per POST": system[f"post, round {r}"],
+        "  of which in the kernel, per GET": system[f"count, round {r}"],
+        "POST HAProxy/worker (reference)": hpost["items_per_s"] / wpost["items_per_s"],
+        "GET HAProxy/worker (reference)": hcount["requests_per_s"] / wcount["requests_per_s"],
+        "HAProxy CPU us per POST (reference)": load(r, "haproxy-post")["haproxy_cpu_us_per_request"],
+        "HAProxy CPU us per GET (reference)": load(r, "haproxy-count")["haproxy_cpu_us_per_request"],
     }
     figures.append(f)
 fmt = lambda v: f"{v:,.0f}" if v >= 1000 else f"{v:.2f}"
