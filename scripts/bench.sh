@@ -4,7 +4,8 @@
 # a fresh coordinator with four workers (fsync everysec) in a temporary directory on free
 # loopback ports, and measures in each round:
 #   1. POST through the coordinator, and the same stream as pipelined SADD into Redis;
-#   2. POST straight to one worker;
+#   2. POST straight to one worker, with the whole machine's busy CPU per request: what a POST
+#      costs the load tool, the worker and the merging together, which a hop's CPU adds to;
 #   3. GET counts through the coordinator, and straight to one worker;
 #   4. POST and GET counts through HAProxy in front of the same four workers: the reference for
 #      what a hop costs on this machine (an HTTP proxy in C, keep-alive to the workers), with
@@ -142,24 +143,33 @@ print(json.dumps({"run": name, "cpu_seconds": user + system, "requests_forwarded
 ' "$name" "$ticks0" "$ticks1" $((fwd1 - fwd0)) "$(getconf CLK_TCK)")")
     echo "coordinator CPU: ${cpu_figures[-1]}"
 }
-# Runs the load tool ($2...) through HAProxy, writing its JSON to $1, then records HAProxy's CPU
-# per request over that run under the name $1's base name.
-through_haproxy() {
-    local json=$1
-    shift
-    local ticks0 ticks1
-    ticks0=$(cpu_ticks "$haproxy")
+# The whole machine's busy CPU time so far (every core, all but idle and iowait), in clock ticks.
+machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+# Runs the load tool ($3...) with its JSON written to $1, then adds to that JSON the machine's
+# busy CPU per request over the run, and process $2's (HAProxy's) if $2 is not empty.
+measured() {
+    local json=$1 pid=$2
+    shift 2
+    local machine0 machine1 ticks0="0 0" ticks1="0 0"
+    [ -n "$pid" ] && ticks0=$(cpu_ticks "$pid")
+    machine0=$(machine_ticks)
     "$@" --json "$json"
-    ticks1=$(cpu_ticks "$haproxy")
-    python3 - "$json" "$ticks0" "$ticks1" "$(getconf CLK_TCK)" <<'PY'
+    machine1=$(machine_ticks)
+    [ -n "$pid" ] && ticks1=$(cpu_ticks "$pid")
+    python3 - "$json" $((machine1 - machine0)) "$ticks0" "$ticks1" "$(getconf CLK_TCK)" <<'PY'
 import json, sys
-path, ticks0, ticks1, hz = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), int(sys.argv[4])
-ticks = sum(int(b) - int(a) for a, b in zip(ticks0, ticks1))
+path, machine, ticks0, ticks1, hz = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split(), int(sys.argv[5])
+process = sum(int(b) - int(a) for a, b in zip(ticks0, ticks1))
 report = json.load(open(path))
 requests = report["run"]["requests"]
-report["haproxy_cpu_us_per_request"] = round(ticks / hz * 1e6 / requests, 2) if requests else None
+per_request = lambda ticks: round(ticks / hz * 1e6 / requests, 2) if requests else None
+report["machine_cpu_us_per_request"] = per_request(machine)
+line = f"the machine's CPU: {report['machine_cpu_us_per_request']} us per request"
+if process:
+    report["process_cpu_us_per_request"] = per_request(process)
+    line += f", haproxy's: {report['process_cpu_us_per_request']} us"
 json.dump(report, open(path, "w"), indent=2)
-print(f"haproxy CPU: {report['haproxy_cpu_us_per_request']} us per request")
+print(line)
 PY
 }
 
@@ -179,16 +189,16 @@ for round in $(seq "$rounds"); do
     through_coordinator "post, round $round" $load --url "http://127.0.0.1:$listen" "${common[@]}" --batch 100 --tenants 10 \
         --redis "redis://127.0.0.1:$redis_port" --json "$r/coordinator-post.json" --plot "$r/coordinator-post.svg"
     echo "=== round $round of $rounds: POST straight to one worker ==="
-    $load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --batch 100 --tenants 10 --json "$r/worker-post.json"
+    measured "$r/worker-post.json" "" $load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --batch 100 --tenants 10
     echo "=== round $round of $rounds: GET counts through the coordinator ==="
     through_coordinator "count, round $round" $load --url "http://127.0.0.1:$listen" "${common[@]}" --count --tenants 10 --json "$r/coordinator-count.json"
     echo "=== round $round of $rounds: GET counts straight to one worker ==="
     $load --url "http://127.0.0.1:${workers[0]}" "${common[@]}" --count --tenants 10 --json "$r/worker-count.json"
     start_haproxy
     echo "=== round $round of $rounds: POST through HAProxy (the same 4 workers) ==="
-    through_haproxy "$r/haproxy-post.json" $load --url "http://127.0.0.1:$haproxy_port" "${common[@]}" --batch 100 --tenants 10
+    measured "$r/haproxy-post.json" "$haproxy" $load --url "http://127.0.0.1:$haproxy_port" "${common[@]}" --batch 100 --tenants 10
     echo "=== round $round of $rounds: GET counts through HAProxy ==="
-    through_haproxy "$r/haproxy-count.json" $load --url "http://127.0.0.1:$haproxy_port" "${common[@]}" --count --tenants 10
+    measured "$r/haproxy-count.json" "$haproxy" $load --url "http://127.0.0.1:$haproxy_port" "${common[@]}" --count --tenants 10
     stop_haproxy
     stop_cluster
 done
@@ -245,10 +255,11 @@ for r in range(1, rounds + 1):
         "coordinator CPU us per GET (target <= 15)": cpu[f"count, round {r}"],
         "  of which in the kernel, per POST": system[f"post, round {r}"],
         "  of which in the kernel, per GET": system[f"count, round {r}"],
+        "machine CPU us per POST straight to one worker": load(r, "worker-post")["machine_cpu_us_per_request"],
         "POST HAProxy/worker (reference)": hpost["items_per_s"] / wpost["items_per_s"],
         "GET HAProxy/worker (reference)": hcount["requests_per_s"] / wcount["requests_per_s"],
-        "HAProxy CPU us per POST (reference)": load(r, "haproxy-post")["haproxy_cpu_us_per_request"],
-        "HAProxy CPU us per GET (reference)": load(r, "haproxy-count")["haproxy_cpu_us_per_request"],
+        "HAProxy CPU us per POST (reference)": load(r, "haproxy-post")["process_cpu_us_per_request"],
+        "HAProxy CPU us per GET (reference)": load(r, "haproxy-count")["process_cpu_us_per_request"],
     }
     figures.append(f)
 fmt = lambda v: f"{v:,.0f}" if v >= 1000 else f"{v:.2f}"
