@@ -195,13 +195,15 @@ fn lone_worker(redis: &RedisServer, extra: &str) -> (Cluster, Proc) {
     (cluster, worker)
 }
 
-/// Posts `n` ids to `tenant` at `url`, in batches of 100, asserting each is acknowledged.
-fn post_ids(client: &Client, url: &str, tenant: &str, n: usize) {
+/// Posts `n` ids to `tenant` at `url`, in batches of 100, asserting each is acknowledged, then
+/// waits until the tenant's count in Redis shows them all.
+fn post_ids_until_counted(client: &Client, url: &str, tenant: &str, n: usize) {
     let ids: Vec<String> = (0..n).map(|i| format!("{tenant}-{i}")).collect();
     for chunk in ids.chunks(100) {
         let items: Vec<(&str, &str)> = chunk.iter().map(|id| (tenant, id.as_str())).collect();
         assert_eq!(post(client, url, batch(&items)).status(), StatusCode::OK);
     }
+    eventually(SETTLE, "the ids reach Redis", || try_count(client, url, tenant) == Some(n as u64));
 }
 
 /// The worker's `pending_items` in its `/stats`.
@@ -216,8 +218,7 @@ fn a_log_file_redis_cannot_vouch_for_is_kept_for_redis_grace_then_deleted() {
     let grace = Duration::from_secs(4);
     let (cluster, worker) = lone_worker(&redis, &format!("redis_grace: {}\n", grace.as_secs()));
     let client = client();
-    post_ids(&client, &worker.url(), "graced", 300);
-    eventually(SETTLE, "the ids reach Redis", || try_count(&client, &worker.url(), "graced") == Some(300));
+    post_ids_until_counted(&client, &worker.url(), "graced", 300);
     // Redis took the ids, so the file is consumed (not pending: no backpressure from it), but
     // kept: Redis could still lose them.
     eventually(Duration::from_secs(2), "the log file is consumed", || {
@@ -242,8 +243,7 @@ fn ids_redis_loses_within_redis_grace_come_back_from_the_log_when_the_worker_res
     // A grace far longer than the test: the loss below surely falls within it.
     let (cluster, mut worker) = lone_worker(&redis, "redis_grace: 600\n");
     let client = client();
-    post_ids(&client, &worker.url(), "lost", 500);
-    eventually(SETTLE, "the ids reach Redis", || try_count(&client, &worker.url(), "lost") == Some(500));
+    post_ids_until_counted(&client, &worker.url(), "lost", 500);
     eventually(SETTLE, "the log is consumed", || {
         pending_items(&client, &worker) == 0 && !cluster.consumed_wal_files().is_empty()
     });
@@ -268,8 +268,7 @@ fn ids_redis_loses_within_redis_grace_come_back_from_the_log_when_redis_restarts
     let mut redis = RedisServer::start();
     let (cluster, worker) = lone_worker(&redis, "redis_grace: 600\n");
     let client = client();
-    post_ids(&client, &worker.url(), "restarted", 500);
-    eventually(SETTLE, "the ids reach Redis", || try_count(&client, &worker.url(), "restarted") == Some(500));
+    post_ids_until_counted(&client, &worker.url(), "restarted", 500);
     eventually(SETTLE, "the log is consumed", || {
         pending_items(&client, &worker) == 0 && !cluster.consumed_wal_files().is_empty()
     });
@@ -290,8 +289,7 @@ fn with_redis_wait_replicas_a_log_file_is_consumed_only_once_that_many_replicas_
     // confirms, so the log file stays pending and is merged again each round.
     let (cluster, worker) = lone_worker(&redis, "config_check: 0.2\nredis_wait_replicas: 2\n");
     let client = client();
-    post_ids(&client, &worker.url(), "replicated", 100);
-    eventually(SETTLE, "the ids reach Redis", || try_count(&client, &worker.url(), "replicated") == Some(100));
+    post_ids_until_counted(&client, &worker.url(), "replicated", 100);
     eventually(SETTLE, "the worker says why it keeps the file", || worker.log().contains("WAIT 2"));
     assert_eq!(pending_items(&client, &worker), 100);
     assert!(cluster.consumed_wal_files().is_empty(), "{:?}", cluster.consumed_wal_files());
