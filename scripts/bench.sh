@@ -143,30 +143,31 @@ print(json.dumps({"run": name, "cpu_seconds": user + system, "requests_forwarded
 ' "$name" "$ticks0" "$ticks1" $((fwd1 - fwd0)) "$(getconf CLK_TCK)")")
     echo "coordinator CPU: ${cpu_figures[-1]}"
 }
-# The whole machine's busy CPU time so far (every core, all but idle and iowait), in clock ticks.
-machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+# The whole machine's busy CPU time so far, every core: user, nice, system, irq and softirq (not
+# idle, iowait, or the time the hypervisor stole), in clock ticks.
+machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
 # Runs the load tool ($3...) with its JSON written to $1, then adds to that JSON the machine's
 # busy CPU per request over the run, and process $2's (HAProxy's) if $2 is not empty.
 measured() {
     local json=$1 pid=$2
     shift 2
-    local machine0 machine1 ticks0="0 0" ticks1="0 0"
+    local machine0 machine1 ticks0="" ticks1=""
     [ -n "$pid" ] && ticks0=$(cpu_ticks "$pid")
     machine0=$(machine_ticks)
     "$@" --json "$json"
     machine1=$(machine_ticks)
     [ -n "$pid" ] && ticks1=$(cpu_ticks "$pid")
-    python3 - "$json" $((machine1 - machine0)) "$ticks0" "$ticks1" "$(getconf CLK_TCK)" <<'PY'
+    python3 - "$json" $((machine1 - machine0)) "$(getconf CLK_TCK)" $ticks0 $ticks1 <<'PY'
 import json, sys
-path, machine, ticks0, ticks1, hz = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split(), int(sys.argv[5])
-process = sum(int(b) - int(a) for a, b in zip(ticks0, ticks1))
+path, machine, hz, process_ticks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 report = json.load(open(path))
 requests = report["run"]["requests"]
 per_request = lambda ticks: round(ticks / hz * 1e6 / requests, 2) if requests else None
 report["machine_cpu_us_per_request"] = per_request(machine)
 line = f"the machine's CPU: {report['machine_cpu_us_per_request']} us per request"
-if process:
-    report["process_cpu_us_per_request"] = per_request(process)
+if process_ticks:
+    user0, system0, user1, system1 = map(int, process_ticks)
+    report["process_cpu_us_per_request"] = per_request(user1 - user0 + system1 - system0)
     line += f", haproxy's: {report['process_cpu_us_per_request']} us"
 json.dump(report, open(path, "w"), indent=2)
 print(line)
@@ -237,9 +238,10 @@ cpu = {c["run"]: c["cpu_us_per_request"] for c in cpu_runs}
 system = {c["run"]: c["system_us_per_request"] for c in cpu_runs}
 figures = []
 for r in range(1, rounds + 1):
-    cpost, wpost, ccount, wcount, hpost, hcount = (load(r, n)["run"] for n in (
-        "coordinator-post", "worker-post", "coordinator-count", "worker-count", "haproxy-post", "haproxy-count"))
-    redis = load(r, "coordinator-post")["redis"]["items_per_s"]
+    reports = {n: load(r, n) for n in (
+        "coordinator-post", "worker-post", "coordinator-count", "worker-count", "haproxy-post", "haproxy-count")}
+    cpost, wpost, ccount, wcount, hpost, hcount = (report["run"] for report in reports.values())
+    redis = reports["coordinator-post"]["redis"]["items_per_s"]
     f = {
         "POST items/s through the coordinator": cpost["items_per_s"],
         "POST items/s straight to one worker": wpost["items_per_s"],
@@ -255,11 +257,11 @@ for r in range(1, rounds + 1):
         "coordinator CPU us per GET (target <= 15)": cpu[f"count, round {r}"],
         "  of which in the kernel, per POST": system[f"post, round {r}"],
         "  of which in the kernel, per GET": system[f"count, round {r}"],
-        "machine CPU us per POST straight to one worker": load(r, "worker-post")["machine_cpu_us_per_request"],
+        "machine CPU us per POST straight to one worker": reports["worker-post"]["machine_cpu_us_per_request"],
         "POST HAProxy/worker (reference)": hpost["items_per_s"] / wpost["items_per_s"],
         "GET HAProxy/worker (reference)": hcount["requests_per_s"] / wcount["requests_per_s"],
-        "HAProxy CPU us per POST (reference)": load(r, "haproxy-post")["process_cpu_us_per_request"],
-        "HAProxy CPU us per GET (reference)": load(r, "haproxy-count")["process_cpu_us_per_request"],
+        "HAProxy CPU us per POST (reference)": reports["haproxy-post"]["process_cpu_us_per_request"],
+        "HAProxy CPU us per GET (reference)": reports["haproxy-count"]["process_cpu_us_per_request"],
     }
     figures.append(f)
 fmt = lambda v: f"{v:,.0f}" if v >= 1000 else f"{v:.2f}"
