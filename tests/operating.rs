@@ -212,6 +212,24 @@ fn an_adopted_worker_that_dies_is_respawned_and_counted_as_a_restart() {
     assert_eq!((respawned["restarts"].as_u64(), respawned["adopted"].as_bool()), (Some(1), Some(false)), "{respawned}");
 }
 
+/// `make run` on a fresh checkout: the coordinator started from the config's directory with a
+/// relative `--config config.yaml`, and neither `db/` nor `logs/` there yet. Every worker must
+/// come up at the first try: four of them create the database at once.
+#[test]
+fn a_fresh_directory_starts_every_worker_at_the_first_try() {
+    let (ports, listen): (Vec<u16>, u16) = ((0..4).map(|_| free_port()).collect(), free_port());
+    let cluster = Cluster::new(&ports, &extra(listen, "worker_persist: 0.2\n"));
+    assert!(!cluster.database().exists() && !cluster.path().join("logs").exists());
+    let mut coordinator = cluster.coordinator_in_place(listen);
+    coordinator.wait_live(4);
+    let url = coordinator.url();
+    assert_eq!(post(&client(), &url, batch(&[("fresh", "1"), ("fresh", "2")])).status(), StatusCode::OK);
+    eventually(RESPAWN, "the batch is counted", || count(&client(), &url, "fresh") == 2);
+    for worker in stats(&url)["workers"].as_array().unwrap() {
+        assert_eq!((worker["restarts"].as_u64(), worker["last_error"].as_str()), (Some(0), None), "{worker}");
+    }
+}
+
 #[test]
 fn a_worker_run_by_hand_follows_its_own_config_file() {
     let port = free_port();

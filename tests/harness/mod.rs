@@ -361,26 +361,48 @@ impl Cluster {
         self.coordinator_by(host.command(env!("CARGO_BIN_EXE_coordinator")), &host.addr, port)
     }
 
+    /// Starts the coordinator as `make run` does: from the cluster's directory, with the
+    /// relative `--config config.yaml`, so that the config's relative paths stay relative.
+    pub fn coordinator_in_place(&self, port: u16) -> Proc {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+        command.current_dir(self.path()).arg("--config").arg("config.yaml");
+        Proc::spawn(command, "127.0.0.1", port, self.path().join("coordinator.log"))
+    }
+
     fn coordinator_by(&self, mut command: Command, host: &str, port: u16) -> Proc {
         let log = self.path().join("coordinator.log");
         command.arg("--config").arg(self.config_path());
         Proc::spawn(command, host, port, log)
     }
 
-    /// Pids of every running process started with this cluster's config: its coordinator and
-    /// the workers, spawned or not.
+    /// Pids of every running process started with this cluster's config, or in its directory:
+    /// its coordinator and the workers, spawned or not.
     pub fn processes(&self) -> Vec<u32> {
-        processes_with(self.config_path().as_os_str().as_encoded_bytes())
+        let config = self.config_path();
+        let needle = config.as_os_str().as_encoded_bytes();
+        let dir = self.path().canonicalize().unwrap();
+        processes_where(|proc_dir| {
+            cmdline_has(proc_dir, needle) || fs::read_link(proc_dir.join("cwd")).is_ok_and(|cwd| cwd == dir)
+        })
     }
 }
 
 /// Pids of every running process whose command line contains `needle`.
 pub fn processes_with(needle: &[u8]) -> Vec<u32> {
+    processes_where(|proc_dir| cmdline_has(proc_dir, needle))
+}
+
+/// Whether the command line of the process at `proc_dir` contains `needle`.
+fn cmdline_has(proc_dir: &Path, needle: &[u8]) -> bool {
+    fs::read(proc_dir.join("cmdline")).is_ok_and(|cmdline| cmdline.windows(needle.len()).any(|w| w == needle))
+}
+
+/// Pids of every running process whose `/proc/<pid>` directory passes `matches`.
+fn processes_where(mut matches: impl FnMut(&Path) -> bool) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
-        if cmdline.windows(needle.len()).any(|w| w == needle) && !is_zombie(pid) {
+        if matches(&entry.path()) && !is_zombie(pid) {
             pids.push(pid);
         }
     }

@@ -27,6 +27,8 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::thread;
 
+use super::fsutil::parent_of;
+
 /// Files (or directories) a step syncs one by one, at most; past this, one `syncfs`.
 const MAX_FILE_SYNCS: usize = 64;
 /// Threads that fsync files at once.
@@ -86,7 +88,7 @@ impl Commit {
             let mut dirs = BTreeSet::new();
             for (_, tmp, path) in self.staged.iter().filter(|(s, _, _)| steps.contains(s)) {
                 fs::rename(tmp, path)?;
-                dirs.insert(path.parent().unwrap_or(Path::new(".")));
+                dirs.insert(parent_of(path));
             }
             self.make_durable(&dirs.into_iter().collect::<Vec<_>>(), fs_of)?;
         }

@@ -25,8 +25,15 @@ pub(crate) fn create_dir_durably(dir: &Path) -> io::Result<()> {
         return Ok(());
     }
     fs::create_dir_all(dir)?;
-    if let Some(parent) = dir.parent() {
-        sync_dir(parent)?;
+    sync_dir(parent_of(dir))
+}
+
+/// The directory holding `path`'s entry: `.` for a relative name of one component (`db/`, whose
+/// parent is the empty path), none other than itself for `/`.
+pub(crate) fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
+        Some(parent) => parent,
+        None => path,
     }
-    Ok(())
 }
