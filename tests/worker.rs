@@ -302,14 +302,15 @@ fn damage_in_the_middle_of_a_killed_workers_log_keeps_the_batch_after_it_and_the
 
 /// A failed fsync is fail-stop: the worker acknowledges nothing after it, stops answering
 /// ready, and exits non-zero; restarted, it replays its log, and every batch it acknowledged is
-/// counted. The fsync fails through the `wal-fsync` fail point, after a few good ones.
+/// counted. The fsync fails through the `store-io-log-sync` fail point, after a few good ones.
 #[test]
 #[cfg_attr(not(feature = "failpoints"), ignore = "needs the fail points: cargo test --features failpoints")]
 fn a_failed_fsync_stops_acknowledging_and_exits_and_the_restart_counts_every_acknowledged_batch() {
     for policy in ["always", "everysec"] {
         let port = free_port();
         let cluster = Cluster::new(&[port], &format!("worker_persist: 60\nfsync: {policy}\n"));
-        let mut worker = cluster.worker_with_env("127.0.0.1", port, &[("FAILPOINTS", "wal-fsync=5*off->return")]);
+        let mut worker =
+            cluster.worker_with_env("127.0.0.1", port, &[("FAILPOINTS", "store-io-log-sync=5*off->return")]);
         worker.wait_ready();
         let load = Load::start(&worker.url(), 2, &format!("fsync-{policy}"), true);
         let status = worker.wait_exit(STOP);

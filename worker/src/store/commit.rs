@@ -21,13 +21,10 @@
 //! the OS.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File};
-use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::thread;
 
-use super::fsutil::parent_of;
+use super::disk::{self, parent_of};
 
 /// Files (or directories) a step syncs one by one, at most; past this, one `syncfs`.
 const MAX_FILE_SYNCS: usize = 64;
@@ -61,9 +58,9 @@ impl Commit {
     }
 
     /// Writes `bytes`, the future contents of `path`, into its temporary, to be renamed at `step`.
-    pub(crate) fn write(&mut self, step: Step, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    pub(crate) fn write(&mut self, step: Step, path: &Path, bytes: &[u8]) -> disk::Result<()> {
         let tmp = temporary(path, step);
-        fs::write(&tmp, bytes)?;
+        disk::write(&tmp, bytes)?;
         self.written_bytes += bytes.len() as u64;
         self.staged.push((step, tmp, path.to_path_buf()));
         Ok(())
@@ -81,50 +78,40 @@ impl Commit {
 
     /// Puts every staged file in place durably, in the order the module documentation gives;
     /// `fs_of` is any path on the database's file system.
-    pub(crate) fn finish(self, fs_of: &Path) -> io::Result<()> {
+    pub(crate) fn finish(self, fs_of: &Path) -> disk::Result<()> {
         let temporaries: Vec<&Path> = self.staged.iter().map(|(_, tmp, _)| tmp.as_path()).collect();
         self.make_durable(&temporaries, fs_of)?;
         for steps in [&[Step::Claim, Step::Data][..], &[Step::Progress]] {
             let mut dirs = BTreeSet::new();
             for (_, tmp, path) in self.staged.iter().filter(|(s, _, _)| steps.contains(s)) {
-                fs::rename(tmp, path)?;
+                disk::rename(tmp, path)?;
                 dirs.insert(parent_of(path));
             }
             self.make_durable(&dirs.into_iter().collect::<Vec<_>>(), fs_of)?;
         }
         for path in &self.obsolete {
-            match fs::remove_file(path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+            disk::remove_if_present(path)?;
         }
         Ok(())
     }
 
     /// Makes `paths` (files, or directories whose entries changed) durable: each one, or the
     /// whole file system at once if they are many.
-    fn make_durable(&self, paths: &[&Path], fs_of: &Path) -> io::Result<()> {
+    fn make_durable(&self, paths: &[&Path], fs_of: &Path) -> disk::Result<()> {
         if !self.sync || paths.is_empty() {
             return Ok(());
         }
         if paths.len() > MAX_FILE_SYNCS {
-            let root = File::open(fs_of)?;
-            // SAFETY: syncfs only reads the descriptor, which `root` keeps open for the call.
-            return if unsafe { libc::syncfs(root.as_raw_fd()) } == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            };
+            return disk::syncfs(fs_of);
         }
         thread::scope(|scope| {
             let workers: Vec<_> = paths
                 .chunks(paths.len().div_ceil(SYNC_THREADS))
-                .map(|chunk| scope.spawn(move || chunk.iter().try_for_each(|path| File::open(path)?.sync_all())))
+                .map(|chunk| scope.spawn(move || chunk.iter().try_for_each(|path| disk::sync_path(path))))
                 .collect();
-            workers.into_iter().try_for_each(|worker| {
-                worker.join().unwrap_or_else(|_| Err(io::Error::other("an fsync thread panicked")))
-            })
+            workers
+                .into_iter()
+                .try_for_each(|worker| worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
         })
     }
 }

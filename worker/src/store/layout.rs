@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
-use super::fsutil::{create_dir_durably, sync_dir, write_new};
+use super::disk;
 
 /// The on-disk format this version writes and reads.
 pub(crate) const FORMAT: u32 = 2;
@@ -61,24 +61,25 @@ pub(crate) fn open_or_create(root: &Path, shards: u16) -> Result<u16, StoreError
 /// of this process's, then linked into place, which fails if the name exists. Whichever process
 /// wins, all of them then read the same file.
 fn create(root: &Path, shards: u16) -> Result<(), StoreError> {
-    create_dir_durably(root).map_err(|e| StoreError::io(format!("creating {}", root.display()), e))?;
+    disk::create_dir_durably(root)?;
     let path = root.join(STORE_FILE);
     let mine = root.join(format!("{STORE_FILE}.{}.{:08x}.tmp", std::process::id(), rand::random::<u32>()));
     let file = StoreFile { format: FORMAT, shards };
-    let written = write_new(&mine, |out| serde_json::to_writer(out, &file).map_err(io::Error::from)).and_then(|()| {
-        match std::fs::hard_link(&mine, &path) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
-            _ => sync_dir(root),
-        }
-    });
-    let _ = std::fs::remove_file(&mine);
-    written.map_err(|e| StoreError::io(format!("writing {}", path.display()), e))
+    let written =
+        disk::write_new(&mine, |out| serde_json::to_writer(out, &file).map_err(io::Error::from)).and_then(|()| {
+            match disk::link_new(&mine, &path) {
+                Err(e) if e.source.kind() != io::ErrorKind::AlreadyExists => Err(e),
+                _ => disk::sync_dir(root),
+            }
+        });
+    let _ = disk::remove(&mine);
+    Ok(written?)
 }
 
 /// The shard count of the existing database at `root`.
 pub(crate) fn read_shards(root: &Path) -> Result<u16, StoreError> {
     let path = root.join(STORE_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+    let bytes = disk::read(&path)?;
     let file: StoreFile = serde_json::from_slice(&bytes).map_err(|e| StoreError::corrupt(&path, e))?;
     if file.format != FORMAT {
         let detail = format!("format {} is not the format {FORMAT} this version reads", file.format);

@@ -15,7 +15,7 @@
 //! The files under the database directory are described in `layout`.
 
 mod commit;
-mod fsutil;
+pub mod disk;
 mod idset;
 mod layout;
 mod log;
@@ -98,6 +98,12 @@ pub enum StoreError {
     /// whatever could not be merged, and a later flush retries.
     #[error("the tenant store is unavailable: {0}")]
     Backend(String),
+}
+
+impl From<disk::DiskError> for StoreError {
+    fn from(e: disk::DiskError) -> StoreError {
+        StoreError::Io { context: e.context(), error: e.source }
+    }
 }
 
 impl StoreError {
@@ -255,29 +261,26 @@ impl Store {
             }
         };
         let log_path = database.join("wal").join(worker_id);
-        let log = LogDir::lock(&log_path, options.lock_wait)
-            .map_err(|e| StoreError::io(format!("locking {}", log_path.display()), e))?
-            .ok_or_else(|| StoreError::LogInUse(worker_id.to_owned()))?;
-        let mut highest = log.close_leftovers().map_err(|e| StoreError::io("closing the previous run's log", e))?;
+        let log =
+            LogDir::lock(&log_path, options.lock_wait)?.ok_or_else(|| StoreError::LogInUse(worker_id.to_owned()))?;
+        let mut highest = log.close_leftovers()?;
         if let Engine::Json(shards) = &engine {
             highest = highest.max(shards.highest_merged(worker_id)?);
         }
         let mut closed = BTreeMap::new();
-        for file in log::files(log.path()).map_err(|e| StoreError::io("listing the log", e))? {
+        for file in log::files(log.path())? {
             match items_in(&file.path)? {
                 // Merged and deleted by another worker meanwhile: pending no more.
                 None => {}
                 // Nothing acknowledged in it. No shard records its number, so only this worker
                 // may delete it, and only now that `highest` is past it: numbers are never reused.
-                Some(0) => std::fs::remove_file(&file.path)
-                    .map_err(|e| StoreError::io(format!("removing {}", file.path.display()), e))?,
+                Some(0) => disk::remove(&file.path)?,
                 Some(items) => {
                     closed.insert(file.seq, items);
                 }
             }
         }
-        let writer = Writer::start(&log, highest + 1, options.fsync)
-            .map_err(|e| StoreError::io("starting the log writer", e))?;
+        let writer = Writer::start(&log, highest + 1, options.fsync)?;
         Ok(Store {
             worker_id: worker_id.to_owned(),
             root: database.to_path_buf(),
@@ -373,7 +376,7 @@ impl Store {
     fn round(&self, state: &mut RoundState, always: bool) -> Result<FlushReport, StoreError> {
         let started = Instant::now();
         let wal_root = self.root.join("wal");
-        let logs = log::scan(&wal_root).map_err(|e| StoreError::io("listing the logs", e))?;
+        let logs = log::scan(&wal_root)?;
         let seen: Vec<(String, bool, Vec<u64>)> =
             logs.iter().map(|l| (l.worker.clone(), l.live, l.inputs.iter().map(|f| f.seq).collect())).collect();
         // A round runs, changed or not, for a quarantined tenant whose files changed (repaired,
@@ -522,10 +525,10 @@ pub fn read_count(database: &Path, tenant: &str) -> Result<u64, StoreError> {
 
 /// The items in the log file at `path`, intact records only; `None` if it is gone.
 fn items_in(path: &Path) -> Result<Option<u64>, StoreError> {
-    let data = match std::fs::read(path) {
+    let data = match disk::read(path) {
         Ok(data) => data,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
+        Err(e) if e.not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
     };
     let mut items = 0;
     for entry in Records::new(&data) {

@@ -13,7 +13,6 @@
 //! tenant again; if it loads, the kept ids are merged into it and the quarantine ends.
 
 use std::fs;
-use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 use super::commit::{Commit, Step};
+use super::disk;
 
 /// The extension of quarantine files.
 const EXTENSION: &str = "quarantine";
@@ -51,10 +51,10 @@ impl Quarantine {
     /// Reads the quarantine file of the tenant whose file is `tenant_path`, if it has one.
     pub(crate) fn read(tenant_path: &Path) -> Result<Option<Quarantine>, StoreError> {
         let path = Quarantine::path_of(tenant_path);
-        match fs::read(&path) {
+        match disk::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| StoreError::corrupt(&path, e)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::io(format!("reading {}", path.display()), e)),
+            Err(e) if e.not_found() => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -62,7 +62,7 @@ impl Quarantine {
     pub(crate) fn stage(&self, tenant_path: &Path, commit: &mut Commit) -> Result<(), StoreError> {
         let path = Quarantine::path_of(tenant_path);
         let bytes = serde_json::to_vec(self).expect("a quarantine serializes");
-        commit.write(Step::Data, &path, &bytes).map_err(|e| StoreError::io(format!("writing {}", path.display()), e))
+        Ok(commit.write(Step::Data, &path, &bytes)?)
     }
 
     /// The state of the tenant's files now.

@@ -26,8 +26,6 @@
 //! Merges run on the merger's thread over synchronous connections of their own; counts run on
 //! the request path over one multiplexed async connection, with a deadline.
 
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -38,6 +36,7 @@ use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, ServerErrorKind, Value};
 
+use super::disk;
 use super::log::Damage;
 use super::log::record::{Entry, Records};
 use super::log::{LogDir, LogFile, WorkerLog, consumed_path, file_path};
@@ -255,7 +254,7 @@ impl RedisTenants {
             } else if log.live {
                 continue;
             } else {
-                match LogDir::lock(&dir, Duration::ZERO).map_err(|e| StoreError::io("locking a log", e))? {
+                match LogDir::lock(&dir, Duration::ZERO)? {
                     Some(held) => Some(held),
                     None => continue,
                 }
@@ -292,10 +291,10 @@ impl RedisTenants {
         file: &LogFile,
         report: &mut FlushReport,
     ) -> Result<bool, StoreError> {
-        let data = match fs::read(&file.path) {
+        let data = match disk::read(&file.path) {
             Ok(data) => data,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(StoreError::io(format!("reading {}", file.path.display()), e)),
+            Err(e) if e.not_found() => return Ok(false),
+            Err(e) => return Err(e.into()),
         };
         let mut by_tenant: HashMap<&str, Vec<&[u8]>> = HashMap::new();
         let mut damage = Damage::default();
@@ -394,20 +393,19 @@ impl RedisTenants {
         redis: &str,
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
-        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
         match durable {
-            Durable::Now => match fs::remove_file(&file.path) {
-                Ok(()) => report.deleted_files += 1,
-                Err(e) if gone(&e) => {}
-                Err(e) => return Err(StoreError::io(format!("removing {}", file.path.display()), e)),
-            },
+            Durable::Now => {
+                if disk::remove_if_present(&file.path)? {
+                    report.deleted_files += 1;
+                }
+            }
             Durable::AfterGrace => {
                 let done = consumed_path(dir, file.seq);
                 if !file.consumed {
-                    match fs::rename(&file.path, &done) {
+                    match disk::rename(&file.path, &done) {
                         Ok(()) => {}
-                        Err(e) if gone(&e) => return Ok(()),
-                        Err(e) => return Err(StoreError::io(format!("renaming {}", file.path.display()), e)),
+                        Err(e) if e.not_found() => return Ok(()),
+                        Err(e) => return Err(e.into()),
                     }
                 }
                 let (dir, seq, at, redis) = (dir.to_path_buf(), file.seq, Instant::now(), redis.to_owned());
@@ -434,7 +432,6 @@ impl RedisTenants {
             settled
         };
         // A file gone was renamed back by its worker's next run, which merges it again.
-        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
         for file in settled {
             let path = consumed_path(&file.dir, file.seq);
             if file.redis != redis {
@@ -444,17 +441,12 @@ impl RedisTenants {
                     now = redis,
                     "another Redis answers than took this log file's ids: merging it again"
                 );
-                match fs::rename(&path, file_path(&file.dir, file.seq, true)) {
-                    Ok(()) => {}
-                    Err(e) if gone(&e) => {}
-                    Err(e) => return Err(StoreError::io(format!("renaming {}", path.display()), e)),
+                match disk::rename(&path, &file_path(&file.dir, file.seq, true)) {
+                    Err(e) if !e.not_found() => return Err(e.into()),
+                    _ => {}
                 }
-            } else {
-                match fs::remove_file(&path) {
-                    Ok(()) => report.deleted_files += 1,
-                    Err(e) if gone(&e) => {}
-                    Err(e) => return Err(StoreError::io(format!("removing {}", path.display()), e)),
-                }
+            } else if disk::remove_if_present(&path)? {
+                report.deleted_files += 1;
             }
         }
         Ok(())

@@ -26,8 +26,7 @@
 //! form sets), so a crash at any instant costs at most merging some log files again.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io;
+use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +38,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::commit::{Commit, Step, is_temporary};
+use super::disk;
 use super::layout::{owner_of, shard_dir, shard_of};
 use super::log::Damage;
 use super::log::record::{Entry, Records, Run};
@@ -151,15 +151,10 @@ struct Input<'a> {
 struct LogData(Option<Mmap>);
 
 impl LogData {
-    fn map(path: &Path) -> io::Result<LogData> {
-        let file = File::open(path)?;
-        if file.metadata()?.len() == 0 {
-            // An empty file cannot be mapped.
-            return Ok(LogData(None));
-        }
+    fn map(path: &Path) -> disk::Result<LogData> {
         // SAFETY: a final log file is never written or truncated again (see above), so the
         // mapped bytes cannot change under the reader.
-        Ok(LogData(Some(unsafe { Mmap::map(&file)? })))
+        unsafe { disk::map(path) }.map(LogData)
     }
 }
 
@@ -233,10 +228,10 @@ impl Shards {
         if let Some(quarantine) = Quarantine::read(&path)? {
             return Err(quarantine.error());
         }
-        let mut file = match File::open(&path) {
+        let mut file = match disk::open(&path) {
             Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
+            Err(e) if e.not_found() => return Ok(0),
+            Err(e) => return Err(e.into()),
         };
         let unchanged = file.metadata().map(|m| Unchanged::of(&m));
         let count = read_count(&path, &read_all(&mut file, &path)?, tenant)?;
@@ -335,8 +330,8 @@ impl Shards {
                 let data = match LogData::map(&file.path) {
                     Ok(data) => data,
                     // Renamed by its restarted worker, or merged and deleted: look again next round.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue 'workers,
-                    Err(e) => return Err(StoreError::io(format!("reading {}", file.path.display()), e)),
+                    Err(e) if e.not_found() => continue 'workers,
+                    Err(e) => return Err(e.into()),
                 };
                 budget = budget.saturating_sub(data.len() as u64);
                 if !indexed.contains_key(&key) {
@@ -387,17 +382,16 @@ impl Shards {
             if first_time {
                 state.lock = Some(open_lock(&shard_dir(&self.root, shard))?);
             }
-            match state.lock.as_ref().expect("opened above").try_lock() {
-                // The first time this worker holds the shard, it removes what an unfinished
-                // merge may have left.
-                Ok(()) if first_time => remove_temporaries(&shard_dir(&self.root, shard))?,
-                Ok(()) => {}
-                Err(TryLockError::WouldBlock) => {
-                    tracing::debug!(shard, "shard busy; left for the next round");
-                    report.busy_shards += 1;
-                    continue;
-                }
-                Err(TryLockError::Error(e)) => return Err(StoreError::io(format!("locking shard {shard}"), e)),
+            let lock_path = shard_dir(&self.root, shard).join(LOCK_FILE);
+            if !disk::try_lock(state.lock.as_ref().expect("opened above"), &lock_path)? {
+                tracing::debug!(shard, "shard busy; left for the next round");
+                report.busy_shards += 1;
+                continue;
+            }
+            // The first time this worker holds the shard, it removes what an unfinished merge
+            // may have left.
+            if first_time {
+                remove_temporaries(&shard_dir(&self.root, shard))?;
             }
             let record = self.read_record(shard)?;
             if record.writer != self.writer {
@@ -520,7 +514,7 @@ impl Shards {
             self.stage_record(&mut commit, Step::Progress, *shard, record)?;
         }
         report.written_bytes += commit.written_bytes();
-        commit.finish(&self.root).map_err(|e| StoreError::io("committing a merge", e))?;
+        commit.finish(&self.root)?;
         for (shard, record) in locked.iter() {
             let state = owned.get_mut(shard).expect("locked shards are owned");
             state.record = record.clone();
@@ -622,10 +616,8 @@ impl Shards {
                 if !merged_by_all {
                     continue;
                 }
-                match fs::remove_file(&file.path) {
-                    Ok(()) => report.deleted_files += 1,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(StoreError::io(format!("removing {}", file.path.display()), e)),
+                if disk::remove_if_present(&file.path)? {
+                    report.deleted_files += 1;
                 }
             }
         }
@@ -635,10 +627,10 @@ impl Shards {
     /// The shard's record; an empty one if the shard was never merged into.
     fn read_record(&self, shard: u16) -> Result<ShardRecord, StoreError> {
         let path = shard_dir(&self.root, shard).join(SHARD_FILE);
-        match fs::read(&path) {
+        match disk::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::corrupt(&path, e)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ShardRecord::default()),
-            Err(e) => Err(StoreError::io(format!("reading {}", path.display()), e)),
+            Err(e) if e.not_found() => Ok(ShardRecord::default()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -651,7 +643,7 @@ impl Shards {
     ) -> Result<(), StoreError> {
         let path = shard_dir(&self.root, shard).join(SHARD_FILE);
         let bytes = serde_json::to_vec(record).expect("a shard record serializes");
-        commit.write(step, &path, &bytes).map_err(|e| StoreError::io(format!("writing {}", path.display()), e))
+        Ok(commit.write(step, &path, &bytes)?)
     }
 
     fn tenant_path(&self, tenant: &str) -> PathBuf {
@@ -698,8 +690,7 @@ fn tenant_file_name(tenant: &str) -> String {
 /// a directory of segments but lost their file, whose manifest is to be rebuilt.
 fn list_tenant_files(dir: &Path) -> Result<HashSet<String>, StoreError> {
     let mut files = HashSet::new();
-    for entry in fs::read_dir(dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))? {
-        let entry = entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+    for entry in disk::entries(dir)? {
         let Ok(name) = entry.file_name().into_string() else { continue };
         if name.ends_with(".json") && name != SHARD_FILE {
             files.insert(name);
@@ -758,38 +749,29 @@ fn invalidate_cached_counts(tenant_path: &Path, bad: &Path, commit: &mut Commit)
     if bad == tenant_path {
         return Ok(());
     }
-    match fs::read(tenant_path) {
-        Ok(bytes) => commit
-            .write(Step::Data, tenant_path, &bytes)
-            .map_err(|e| StoreError::io(format!("writing {}", tenant_path.display()), e)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(StoreError::io(format!("reading {}", tenant_path.display()), e)),
+    match disk::read(tenant_path) {
+        Ok(bytes) => Ok(commit.write(Step::Data, tenant_path, &bytes)?),
+        Err(e) if e.not_found() => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Opens the lock file of the shard directory `dir`, creating both if need be.
 fn open_lock(dir: &Path) -> Result<File, StoreError> {
-    fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
-    let path = dir.join(LOCK_FILE);
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))
+    disk::create_dir_all(dir)?;
+    Ok(disk::open_with(OpenOptions::new().write(true).create(true).truncate(false), &dir.join(LOCK_FILE))?)
 }
 
 /// Removes the temporaries an unfinished merge left in a shard's directory.
 fn remove_temporaries(dir: &Path) -> Result<(), StoreError> {
-    let entries = match fs::read_dir(dir) {
+    let entries = match disk::entries(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(StoreError::io(format!("listing {}", dir.display()), e)),
+        Err(e) if e.not_found() => return Ok(()),
+        Err(e) => return Err(e.into()),
     };
     for entry in entries {
-        let entry = entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
         if entry.file_name().to_str().is_some_and(is_temporary) {
-            fs::remove_file(entry.path()).map_err(|e| StoreError::io("removing a temporary", e))?;
+            disk::remove_if_present(&entry.path())?;
         }
     }
     Ok(())

@@ -17,8 +17,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use hashbrown::HashSet;
@@ -27,6 +26,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::StoreError;
 use super::commit::{Commit, Step, is_temporary};
+use super::disk;
 use super::idset::IdSet;
 
 /// Ids a tenant keeps in its own file, at most; past this it keeps them in segments.
@@ -119,10 +119,10 @@ impl Tenant {
     /// Holds the shard's lock: removes what an unfinished merge left among its segments.
     pub(crate) fn load(path: PathBuf, tenant: &str) -> Result<Tenant, StoreError> {
         let mut loaded = Tenant::new(path);
-        let bytes = match fs::read(&loaded.path) {
+        let bytes = match disk::read(&loaded.path) {
             Ok(bytes) => Some(bytes),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(StoreError::io(format!("reading {}", loaded.path.display()), e)),
+            Err(e) if e.not_found() => None,
+            Err(e) => return Err(e.into()),
         };
         let parsed = bytes.as_deref().map(serde_json::from_slice::<TenantFile>);
         let file = match parsed {
@@ -160,8 +160,7 @@ impl Tenant {
     fn rebuild(&mut self, tenant: &str) -> Result<(), StoreError> {
         let dir = &self.segments_dir;
         let mut found = Vec::new();
-        for entry in fs::read_dir(dir).map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))? {
-            let entry = entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+        for entry in disk::entries(dir)? {
             let name = entry.file_name();
             let range = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.split_once('-'));
             if let Some((Ok(first), Ok(last))) = range.map(|(f, l)| (f.parse::<u64>(), l.parse::<u64>())) {
@@ -175,7 +174,7 @@ impl Tenant {
                 continue;
             }
             let path = dir.join(Segment { first, last, ids: 0 }.file_name());
-            let bytes = fs::read(&path).map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+            let bytes = disk::read(&path)?;
             let mut ids = Vec::new();
             parse_segment(&path, &bytes, |id| ids.push(id))?;
             self.ids
@@ -201,7 +200,7 @@ impl Tenant {
         self.ids.reserve(usize::try_from(count).unwrap_or(0));
         for segment in segments {
             let path = self.segments_dir.join(segment.file_name());
-            let bytes = fs::read(&path).map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+            let bytes = disk::read(&path)?;
             let mut ids = Vec::with_capacity(usize::try_from(segment.ids).unwrap_or(0));
             parse_segment(&path, &bytes, |id| ids.push(id))?;
             self.ids
@@ -268,8 +267,7 @@ impl Tenant {
             }
             Layout::Small => {
                 // Grown past a small file: every id goes into the first segment.
-                fs::create_dir_all(&self.segments_dir)
-                    .map_err(|e| StoreError::io(format!("creating {}", self.segments_dir.display()), e))?;
+                disk::create_dir_all(&self.segments_dir)?;
                 let segment = Segment { first: 1, last: 1, ids: count };
                 push_ids(&mut body, self.ids.iter());
                 body.extend_from_slice(b"]\n");
@@ -311,7 +309,7 @@ fn stage(commit: &mut Commit, path: &Path, bytes: Vec<u8>) -> Result<(), StoreEr
     if let Err(e) = std::str::from_utf8(&bytes) {
         return Err(StoreError::corrupt(path, format!("would not be UTF-8: {e}")));
     }
-    commit.write(Step::Data, path, &bytes).map_err(|e| StoreError::io(format!("writing {}", path.display()), e))
+    Ok(commit.write(Step::Data, path, &bytes)?)
 }
 
 /// `{"tenant":<name>,"count":<count>`: how every tenant file starts.
@@ -368,11 +366,7 @@ fn push_json_str(out: &mut Vec<u8>, s: &[u8]) {
 /// and its `]` is dropped, with no copy and no parse of an id.
 fn append_array_body(path: &Path, body: &mut Vec<u8>) -> Result<(), StoreError> {
     let start = body.len();
-    let read = File::open(path).and_then(|mut file| {
-        body.reserve(usize::try_from(file.metadata()?.len()).unwrap_or(0));
-        file.read_to_end(body)
-    });
-    read.map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+    disk::read_to_end(&mut disk::open(path)?, path, body)?;
     let end = start + body[start..].trim_ascii_end().len();
     if body.get(start) != Some(&b'[') || end <= start + 1 || body[end - 1] != b']' {
         return Err(StoreError::corrupt(path, "not a JSON array"));
@@ -447,18 +441,17 @@ impl<'de> Deserialize<'de> for BorrowedId<'de> {
 /// written before the tenant file that would list them, and segments merged away whose removal
 /// did not happen.
 fn remove_strays(dir: &Path, live: &[Segment]) -> Result<(), StoreError> {
-    let entries = match fs::read_dir(dir) {
+    let entries = match disk::entries(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(StoreError::io(format!("listing {}", dir.display()), e)),
+        Err(e) if e.not_found() => return Ok(()),
+        Err(e) => return Err(e.into()),
     };
     let live: HashSet<String> = live.iter().map(Segment::file_name).collect();
     for entry in entries {
-        let entry = entry.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if is_temporary(name) || (name.ends_with(".json") && !live.contains(name)) {
-            fs::remove_file(entry.path()).map_err(|e| StoreError::io("removing a stray segment", e))?;
+            disk::remove_if_present(&entry.path())?;
         }
     }
     Ok(())
@@ -467,6 +460,6 @@ fn remove_strays(dir: &Path, live: &[Segment]) -> Result<(), StoreError> {
 /// Reads a whole file through an open handle.
 pub(crate) fn read_all(file: &mut File, path: &Path) -> Result<Vec<u8>, StoreError> {
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+    disk::read_to_end(file, path, &mut bytes)?;
     Ok(bytes)
 }

@@ -22,13 +22,12 @@
 pub(crate) mod record;
 pub(crate) mod writer;
 
-use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io;
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::fsutil;
+use super::disk;
 
 /// The directory beside `wal/` where log files with damage in their middle are kept.
 pub(crate) const DAMAGED_DIR: &str = "damaged";
@@ -48,15 +47,14 @@ pub(crate) struct LogDir {
 impl LogDir {
     /// Locks the log directory at `path` (creating it), waiting up to `wait` for another process
     /// that holds it, such as the previous run of this worker still stopping.
-    pub(crate) fn lock(path: &Path, wait: Duration) -> io::Result<Option<LogDir>> {
-        fsutil::create_dir_durably(path)?;
+    pub(crate) fn lock(path: &Path, wait: Duration) -> disk::Result<Option<LogDir>> {
+        disk::create_dir_durably(path)?;
         let deadline = Instant::now() + wait;
+        let lock_path = path.join(LOCK_FILE);
         loop {
-            let lock = OpenOptions::new().write(true).create(true).truncate(false).open(path.join(LOCK_FILE))?;
-            match lock.try_lock() {
-                Ok(()) => return Ok(Some(LogDir { path: path.to_path_buf(), _lock: lock })),
-                Err(TryLockError::WouldBlock) => {}
-                Err(TryLockError::Error(e)) => return Err(e),
+            let lock = disk::open_with(OpenOptions::new().write(true).create(true).truncate(false), &lock_path)?;
+            if disk::try_lock(&lock, &lock_path)? {
+                return Ok(Some(LogDir { path: path.to_path_buf(), _lock: lock }));
             }
             if Instant::now() >= deadline {
                 return Ok(None);
@@ -74,12 +72,12 @@ impl LogDir {
     /// any more. Its consumed files become closed ones again, to be merged again: the previous
     /// run cannot have seen Redis vouch for them. Returns the highest sequence number in the
     /// directory.
-    pub(crate) fn close_leftovers(&self) -> io::Result<u64> {
+    pub(crate) fn close_leftovers(&self) -> disk::Result<u64> {
         let mut highest = 0;
         for file in files(&self.path)? {
             highest = highest.max(file.seq);
             if !file.closed || file.consumed {
-                fs::rename(&file.path, file_path(&self.path, file.seq, true))?;
+                disk::rename(&file.path, &file_path(&self.path, file.seq, true))?;
             }
         }
         Ok(highest)
@@ -110,10 +108,9 @@ pub(crate) struct LogFile {
 }
 
 /// The log files in `dir`, oldest first.
-pub(crate) fn files(dir: &Path) -> io::Result<Vec<LogFile>> {
+pub(crate) fn files(dir: &Path) -> disk::Result<Vec<LogFile>> {
     let mut files = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
+    for entry in disk::entries(dir)? {
         let name = entry.file_name();
         let Some((seq, suffix)) = name.to_str().and_then(|n| n.split_once('.')) else { continue };
         let Ok(seq) = seq.parse() else { continue };
@@ -123,11 +120,11 @@ pub(crate) fn files(dir: &Path) -> io::Result<Vec<LogFile>> {
             OPEN_SUFFIX => (false, false),
             _ => continue,
         };
-        let modified = match entry.metadata() {
-            Ok(meta) => meta.modified()?,
+        let modified = match entry.metadata().and_then(|meta| meta.modified()) {
+            Ok(modified) => modified,
             // Merged and deleted by another worker since the listing.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(disk::DiskError::new(disk::Op::List, &entry.path(), e)),
         };
         files.push(LogFile { seq, path: entry.path(), closed, consumed, modified });
     }
@@ -153,23 +150,22 @@ pub(crate) struct WorkerLog {
 /// The files are listed before the lock is tested: a worker found dead wrote nothing after the
 /// listing, so its listed `.open` files are final; one that restarts later renames them, and a
 /// reader that then misses one stops at it until the next look.
-pub(crate) fn scan(wal_root: &Path) -> io::Result<Vec<WorkerLog>> {
-    let entries = match fs::read_dir(wal_root) {
+pub(crate) fn scan(wal_root: &Path) -> disk::Result<Vec<WorkerLog>> {
+    let entries = match disk::entries(wal_root) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.not_found() => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
     let mut logs = Vec::new();
     for entry in entries {
-        let entry = entry?;
-        if !entry.file_type()?.is_dir() {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         let Ok(worker) = entry.file_name().into_string() else { continue };
         let dir = entry.path();
         let listed = match files(&dir) {
             Ok(listed) => listed,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) if e.not_found() => continue,
             Err(e) => return Err(e),
         };
         let live = is_live(&dir)?;
@@ -182,17 +178,13 @@ pub(crate) fn scan(wal_root: &Path) -> io::Result<Vec<WorkerLog>> {
 
 /// Whether a live process holds the lock of the log directory `dir`. Tested with a shared lock,
 /// which fails while the owner holds its exclusive one and is released at once otherwise.
-fn is_live(dir: &Path) -> io::Result<bool> {
-    let lock = match File::open(dir.join(LOCK_FILE)) {
-        Ok(lock) => lock,
+fn is_live(dir: &Path) -> disk::Result<bool> {
+    let path = dir.join(LOCK_FILE);
+    match disk::open(&path) {
+        Ok(lock) => disk::is_locked(&lock, &path),
         // No lock file: nobody ever ran here, or a worker is starting and owns nothing yet.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    match lock.try_lock_shared() {
-        Ok(()) => Ok(false),
-        Err(TryLockError::WouldBlock) => Ok(true),
-        Err(TryLockError::Error(e)) => Err(e),
+        Err(e) if e.not_found() => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -229,10 +221,7 @@ impl Damage {
         let (Some(worker), Some(name)) = (worker, name) else { return };
         let dir = database.join(DAMAGED_DIR);
         let aside = dir.join(format!("{worker}-{name}"));
-        let linked = fs::create_dir_all(&dir).and_then(|()| match fs::hard_link(path, &aside) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            linked => linked,
-        });
+        let linked = disk::create_dir_all(&dir).and_then(|()| disk::hard_link(path, &aside));
         match linked {
             Ok(()) => {
                 tracing::warn!(file = %path.display(), aside = %aside.display(), "kept the damaged log file aside")

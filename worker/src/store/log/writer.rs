@@ -19,8 +19,7 @@
 //! committer are still fsynced, and an fsync covers whatever was written before it, so no
 //! switch weakens what an earlier acknowledgement promised.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -34,6 +33,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::{LogDir, file_path};
 use crate::store::StoreError;
+use crate::store::disk;
 
 /// Records gathered into one write at most; bounds the latency a long queue adds.
 const MAX_GROUP_BYTES: usize = 8 << 20;
@@ -102,6 +102,7 @@ struct Log {
 /// The file being appended to.
 struct Active {
     seq: u64,
+    path: PathBuf,
     file: Arc<File>,
     /// Bytes of whole records in the file: after a failed write the file is cut back to this.
     len: u64,
@@ -114,7 +115,7 @@ struct Active {
 
 impl Writer {
     /// Starts appending to a new file, sequence number `seq`, in `log`'s directory.
-    pub(crate) fn start(log: &LogDir, seq: u64, policy: FsyncPolicy) -> io::Result<Writer> {
+    pub(crate) fn start(log: &LogDir, seq: u64, policy: FsyncPolicy) -> Result<Writer, StoreError> {
         let dir = log.path().to_path_buf();
         let active = Active::create(&dir, seq)?;
         let log = Arc::new(Log {
@@ -128,15 +129,14 @@ impl Writer {
         let committer = {
             let (tx, rx) = mpsc::channel();
             let log = log.clone();
-            Some((tx, thread::Builder::new().name("wal-committer".into()).spawn(move || commit_groups(&log, rx))?))
+            let thread = thread::Builder::new().name("wal-committer".into()).spawn(move || commit_groups(&log, rx));
+            Some((tx, thread.map_err(|e| StoreError::io("starting the log's committer", e))?))
         };
         let syncer = {
             let (stop, ticks) = mpsc::channel();
             let log = log.clone();
-            Some((
-                stop,
-                thread::Builder::new().name("wal-syncer".into()).spawn(move || sync_every_second(&log, ticks))?,
-            ))
+            let thread = thread::Builder::new().name("wal-syncer".into()).spawn(move || sync_every_second(&log, ticks));
+            Some((stop, thread.map_err(|e| StoreError::io("starting the log's syncer", e))?))
         };
         Ok(Writer { log, rotating: Mutex::new(()), committer, syncer })
     }
@@ -183,18 +183,17 @@ impl Writer {
             return Ok(None);
         }
         // The new file is made outside the lock, so appends go on meanwhile.
-        let next = Active::create(&self.log.dir, seq + 1).map_err(|e| StoreError::io("creating a log file", e))?;
+        let next = Active::create(&self.log.dir, seq + 1)?;
         let old = std::mem::replace(&mut *self.log.active.lock(), next);
         if self.log.policy.get() != FsyncPolicy::Never
-            && let Err(e) = sync_log(&old.file)
+            && let Err(e) = disk::sync_log(&old.file, &old.path)
         {
             let why = format!("log fsync failed: {e}");
             self.log.fail_stop(&mut self.log.active.lock(), why.clone());
             return Err(StoreError::Log(why));
         }
         // Renamed only once complete and synced: readers take a `.log` file as final.
-        fs::rename(file_path(&self.log.dir, seq, false), file_path(&self.log.dir, seq, true))
-            .map_err(|e| StoreError::io("closing a log file", e))?;
+        disk::rename(&old.path, &file_path(&self.log.dir, seq, true))?;
         Ok(Some((seq, old.items)))
     }
 
@@ -221,7 +220,7 @@ impl Drop for Writer {
         }
         let active = self.log.active.lock();
         if self.log.policy.get() != FsyncPolicy::Never && active.poisoned.is_none() {
-            let _ = sync_log(&active.file);
+            let _ = disk::sync_log(&active.file, &active.path);
         }
     }
 }
@@ -247,26 +246,27 @@ impl Log {
 }
 
 impl Active {
-    fn create(dir: &Path, seq: u64) -> io::Result<Active> {
-        let file = OpenOptions::new().create_new(true).append(true).open(file_path(dir, seq, false))?;
-        crate::store::fsutil::sync_dir(dir)?;
-        Ok(Active { seq, file: Arc::new(file), len: 0, items: 0, poisoned: None })
+    fn create(dir: &Path, seq: u64) -> Result<Active, StoreError> {
+        let path = file_path(dir, seq, false);
+        let file = disk::open_with(OpenOptions::new().create_new(true).append(true), &path)?;
+        disk::sync_dir(dir)?;
+        Ok(Active { seq, path, file: Arc::new(file), len: 0, items: 0, poisoned: None })
     }
 
     fn write(&mut self, bytes: &[u8], items: u64, sync: bool) -> Result<(), String> {
         if let Some(why) = &self.poisoned {
             return Err(why.clone());
         }
-        if let Err(e) = (&*self.file).write_all(bytes) {
+        if let Err(e) = disk::write_all(&self.file, &self.path, bytes) {
             // Cut the partial write back off, so that later records do not follow a torn one.
-            if let Err(cut) = self.file.set_len(self.len) {
+            if let Err(cut) = disk::set_len(&self.file, &self.path, self.len) {
                 self.poisoned = Some(format!("log write failed ({e}) and could not be cut back ({cut})"));
             }
             return Err(format!("log write failed: {e}"));
         }
         self.len += bytes.len() as u64;
         self.items += items;
-        if sync && let Err(e) = sync_log(&self.file) {
+        if sync && let Err(e) = disk::sync_log(&self.file, &self.path) {
             // After a failed fsync the kernel may have dropped the dirty pages: nothing written
             // since the last good fsync can be trusted any more.
             let why = format!("log fsync failed: {e}");
@@ -291,12 +291,6 @@ impl Log {
             true
         });
     }
-}
-
-/// Fsyncs a log file; the `wal-fsync` fail point makes it fail in tests.
-fn sync_log(file: &File) -> io::Result<()> {
-    fail::fail_point!("wal-fsync", |_| Err(io::Error::other("injected fsync failure (fail point wal-fsync)")));
-    file.sync_data()
 }
 
 /// The `always` committer: one write and one fsync for every record that queued up meanwhile.
@@ -331,8 +325,11 @@ fn sync_every_second(log: &Log, stop: mpsc::Receiver<()>) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
         if log.policy.get() == FsyncPolicy::EverySec && log.dirty.swap(false, Ordering::AcqRel) {
-            let file = log.active.lock().file.clone();
-            if let Err(e) = sync_log(&file) {
+            let (file, path) = {
+                let active = log.active.lock();
+                (active.file.clone(), active.path.clone())
+            };
+            if let Err(e) = disk::sync_log(&file, &path) {
                 log.fail_stop(&mut log.active.lock(), format!("log fsync failed: {e}"));
                 return;
             }
