@@ -11,7 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Cluster, Proc, batch, client, count, eventually, free_port, get_json, is_running, post, send_signal, sigkill,
+    Cluster, Proc, batch, client, count, eventually, extra, free_port, is_running, post, running, send_signal, sigkill,
+    stats, worker_url,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -22,32 +23,10 @@ const EDIT_APPLIED: Duration = Duration::from_secs(5);
 /// How long a respawned or re-added worker gets to serve.
 const RESPAWN: Duration = Duration::from_secs(15);
 
-fn extra(listen: u16, more: &str) -> String {
-    format!("listen: 127.0.0.1:{listen}\nconfig_check: 0.5\n{more}")
-}
-
-/// A live coordinator with `workers` local workers, its config holding the keys `more`: the
-/// cluster, the workers' ports, the coordinator's, and the coordinator.
-fn running(workers: usize, more: &str) -> (Cluster, Vec<u16>, u16, Proc) {
-    let (ports, listen): (Vec<u16>, u16) = ((0..workers).map(|_| free_port()).collect(), free_port());
-    let cluster = Cluster::new(&ports, &extra(listen, more));
-    let mut coordinator = cluster.coordinator(listen);
-    coordinator.wait_live(workers as u64);
-    (cluster, ports, listen, coordinator)
-}
-
-fn stats(url: &str) -> Value {
-    get_json(&client(), &format!("{url}/stats"))
-}
-
 /// The coordinator's `/stats` entry of the worker on `port`, if it lists one.
 fn entry(coordinator: &str, port: u16) -> Option<Value> {
     let workers = stats(coordinator)["workers"].as_array().unwrap().clone();
     workers.into_iter().find(|w| w["url"].as_str().unwrap().ends_with(&format!(":{port}")))
-}
-
-fn worker_url(port: u16) -> String {
-    format!("http://127.0.0.1:{port}")
 }
 
 /// The version of the config the worker on `port` says it runs.
@@ -254,117 +233,6 @@ fn a_worker_run_by_hand_follows_its_own_config_file() {
     assert_eq!(runs(port), edited);
     assert!(worker.log().contains("config edit not applied"), "{}", worker.log());
     assert_eq!(post(&client, &worker.url(), long_tenant(8)).status(), StatusCode::OK);
-}
-
-/// The tenant file of `tenant` (`db/shards/NNN/<name>.<hash>.json`), found by the readable
-/// prefix of its name.
-fn tenant_file(cluster: &Cluster, tenant: &str) -> std::path::PathBuf {
-    let shards = fs::read_dir(cluster.database().join("shards")).unwrap();
-    let mut found = shards.flatten().flat_map(|shard| fs::read_dir(shard.path()).unwrap().flatten()).filter(|entry| {
-        let name = entry.file_name().into_string().unwrap();
-        name.starts_with(&format!("{tenant}.")) && name.ends_with(".json")
-    });
-    found.next().unwrap_or_else(|| panic!("no tenant file for {tenant}")).path()
-}
-
-/// Posts ids `from..to` of `tenant` to `url`, in batches of 50.
-fn post_range(url: &str, tenant: &str, from: usize, to: usize) {
-    let client = client();
-    let ids: Vec<String> = (from..to).map(|i| format!("{tenant}-{i}")).collect();
-    for chunk in ids.chunks(50) {
-        let items: Vec<(&str, &str)> = chunk.iter().map(|id| (tenant, id.as_str())).collect();
-        assert_eq!(post(&client, url, batch(&items)).status(), StatusCode::OK);
-    }
-}
-
-#[test]
-fn a_tenant_whose_file_is_junk_is_quarantined_without_delaying_others_and_its_new_ids_are_kept() {
-    let (cluster, ports, _, coordinator) = running(2, "worker_persist: 0.2\n");
-    let url = coordinator.url();
-    let client = client();
-    post_range(&url, "bad", 0, 40);
-    post_range(&url, "good", 0, 40);
-    eventually(RESPAWN, "both counted", || count(&client, &url, "bad") == 40 && count(&client, &url, "good") == 40);
-
-    // The bad tenant's file is overwritten with junk; items keep coming for both tenants.
-    let bad = tenant_file(&cluster, "bad");
-    fs::write(&bad, "this is not JSON").unwrap();
-    post_range(&url, "bad", 40, 70);
-    post_range(&url, "good", 40, 70);
-    eventually(RESPAWN, "the good tenant is not held up", || count(&client, &url, "good") == 70);
-
-    // The bad tenant answers an error naming its file, on every worker; the owner shows it.
-    for &port in &ports {
-        let reply = harness::count_reply(&client, &worker_url(port), "bad");
-        assert!(reply.status().is_server_error(), "{}", reply.status());
-        let text = reply.text().unwrap();
-        assert!(text.contains(&bad.file_name().unwrap().to_string_lossy().into_owned()), "{text}");
-    }
-    let owner = eventually_owner(&ports, "bad");
-    let quarantined = stats(&worker_url(owner))["quarantined"][0].clone();
-    assert_eq!(
-        (quarantined["tenant"].as_str(), quarantined["kept_ids"].as_u64()),
-        (Some("bad"), Some(30)),
-        "{quarantined}"
-    );
-    let metrics = client.get(format!("{}/metrics", worker_url(owner))).send().unwrap().text().unwrap();
-    assert_eq!(harness::metric(&metrics, "countapp_worker_quarantined_tenants", &[]), Some(1.0), "{metrics}");
-
-    // Repaired by removing the junk: the tenant takes the ids kept for it (those only the junk
-    // file held are gone), and leaves quarantine.
-    fs::remove_file(&bad).unwrap();
-    eventually(RESPAWN, "the repaired tenant counts its kept ids", || {
-        harness::count_reply(&client, &url, "bad").status() == StatusCode::OK && count(&client, &url, "bad") == 30
-    });
-    eventually(RESPAWN, "out of quarantine", || stats(&worker_url(owner))["quarantined"] == serde_json::json!([]));
-    post_range(&url, "bad", 70, 80);
-    eventually(RESPAWN, "ingest goes on", || count(&client, &url, "bad") == 40);
-}
-
-#[test]
-fn a_junk_manifest_is_rebuilt_from_its_segments_and_a_junk_segment_quarantines_until_restored() {
-    let (cluster, _, _, coordinator) = running(1, "worker_persist: 0.2\n");
-    let url = coordinator.url();
-    let client = client();
-    // Past a small file: the tenant keeps its ids in segments, listed by a manifest.
-    post_range(&url, "big", 0, 2000);
-    eventually(RESPAWN, "counted", || count(&client, &url, "big") == 2000);
-    let manifest = tenant_file(&cluster, "big");
-    let segments = manifest.with_extension("");
-    assert!(segments.is_dir(), "{} holds segments", segments.display());
-
-    fs::write(&manifest, "{ junk").unwrap();
-    post_range(&url, "big", 2000, 2100);
-    eventually(RESPAWN, "the manifest is rebuilt and the new ids merged", || {
-        harness::count_reply(&client, &url, "big").status() == StatusCode::OK && count(&client, &url, "big") == 2100
-    });
-
-    // A segment holds ids nothing else does: junk there quarantines the tenant.
-    let segment = fs::read_dir(&segments).unwrap().flatten().map(|e| e.path()).max().unwrap();
-    let saved = fs::read(&segment).unwrap();
-    fs::write(&segment, "[\"unterminated").unwrap();
-    post_range(&url, "big", 2100, 2200);
-    eventually(RESPAWN, "quarantined", || harness::count_reply(&client, &url, "big").status().is_server_error());
-    let reply = harness::count_reply(&client, &url, "big").text().unwrap();
-    assert!(reply.contains("quarantined"), "{reply}");
-
-    // Restored from a backup: every id is back, the kept ones too.
-    fs::write(&segment, saved).unwrap();
-    eventually(RESPAWN, "restored", || {
-        harness::count_reply(&client, &url, "big").status() == StatusCode::OK && count(&client, &url, "big") == 2200
-    });
-}
-
-/// The worker of `ports` whose `/stats` lists `tenant` in quarantine.
-fn eventually_owner(ports: &[u16], tenant: &str) -> u16 {
-    let mut owner = None;
-    eventually(RESPAWN, &format!("a worker shows {tenant} in quarantine"), || {
-        owner = ports.iter().copied().find(|&port| {
-            stats(&worker_url(port))["quarantined"].as_array().is_some_and(|q| q.iter().any(|t| t["tenant"] == tenant))
-        });
-        owner.is_some()
-    });
-    owner.unwrap()
 }
 
 #[test]

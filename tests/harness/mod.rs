@@ -455,6 +455,66 @@ impl Proc {
     }
 }
 
+/// The config lines of a coordinator listening on 127.0.0.1:`listen` that checks its workers'
+/// health twice a second, followed by the lines `more`.
+pub fn extra(listen: u16, more: &str) -> String {
+    format!("listen: 127.0.0.1:{listen}\nconfig_check: 0.5\n{more}")
+}
+
+/// A live coordinator with `workers` local workers, its config holding the keys `more`: the
+/// cluster, the workers' ports, the coordinator's, and the coordinator.
+pub fn running(workers: usize, more: &str) -> (Cluster, Vec<u16>, u16, Proc) {
+    let (ports, listen): (Vec<u16>, u16) = ((0..workers).map(|_| free_port()).collect(), free_port());
+    let cluster = Cluster::new(&ports, &extra(listen, more));
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(workers as u64);
+    (cluster, ports, listen, coordinator)
+}
+
+/// The `/stats` of the process at `url`.
+pub fn stats(url: &str) -> Value {
+    get_json(&client(), &format!("{url}/stats"))
+}
+
+/// The URL of the worker on 127.0.0.1:`port`.
+pub fn worker_url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+/// The worker of `ports` whose `/stats` lists `tenant` in quarantine, once one does.
+pub fn eventually_owner(ports: &[u16], tenant: &str, within: Duration) -> u16 {
+    let mut owner = None;
+    eventually(within, &format!("a worker shows {tenant} in quarantine"), || {
+        owner = ports.iter().copied().find(|&port| {
+            stats(&worker_url(port))["quarantined"].as_array().is_some_and(|q| q.iter().any(|t| t["tenant"] == tenant))
+        });
+        owner.is_some()
+    });
+    owner.unwrap()
+}
+
+/// The tenant file of `tenant` (`db/shards/NNN/<name>.<hash>.json`), found by the readable
+/// prefix of its name.
+pub fn tenant_file(cluster: &Cluster, tenant: &str) -> PathBuf {
+    let shards = fs::read_dir(cluster.database().join("shards")).unwrap();
+    let mut found = shards.flatten().flat_map(|shard| fs::read_dir(shard.path()).unwrap().flatten()).filter(|entry| {
+        let name = entry.file_name().into_string().unwrap();
+        name.starts_with(&format!("{tenant}.")) && name.ends_with(".json")
+    });
+    found.next().unwrap_or_else(|| panic!("no tenant file for {tenant}")).path()
+}
+
+/// Posts ids `<tenant>-<i>` for `i` in `from..to` of `tenant` to `url`, in batches of 50, each
+/// acknowledged.
+pub fn post_range(url: &str, tenant: &str, from: usize, to: usize) {
+    let client = client();
+    let ids: Vec<String> = (from..to).map(|i| format!("{tenant}-{i}")).collect();
+    for chunk in ids.chunks(50) {
+        let items: Vec<(&str, &str)> = chunk.iter().map(|id| (tenant, id.as_str())).collect();
+        assert_eq!(post(&client, url, batch(&items)).status(), StatusCode::OK);
+    }
+}
+
 /// Load on a server: client threads posting batches of fresh ids (never in another batch) over
 /// a few tenants, until stopped (or, bounded, after `MAX_BATCHES` each), recording which batches
 /// were acknowledged.

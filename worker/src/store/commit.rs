@@ -71,6 +71,30 @@ impl Commit {
         self.obsolete.push(path);
     }
 
+    /// An empty commit of the same kind, to stage one tenant's files in: [`Commit::absorb`]
+    /// takes them into this one once the tenant merged whole, [`Commit::discard`] drops them
+    /// if it failed part-way, so that a failure never leaves half a tenant's change (a segment
+    /// removed, the manifest that lists it unchanged) in the round's commit.
+    pub(crate) fn nested(&self) -> Commit {
+        Commit::new(self.sync)
+    }
+
+    /// Takes in everything `other` staged.
+    pub(crate) fn absorb(&mut self, other: Commit) {
+        self.staged.extend(other.staged);
+        self.obsolete.extend(other.obsolete);
+        self.written_bytes += other.written_bytes;
+    }
+
+    /// Drops everything staged, removing the temporaries written; one that cannot be removed
+    /// now is overwritten by the next write of its file, or removed with the other leftovers
+    /// when the shard next changes hands.
+    pub(crate) fn discard(self) {
+        for (_, tmp, _) in self.staged {
+            let _ = disk::remove_if_present(&tmp);
+        }
+    }
+
     /// Bytes written into temporaries.
     pub(crate) fn written_bytes(&self) -> u64 {
         self.written_bytes

@@ -463,6 +463,7 @@ impl Shards {
                 Some(files) => files,
                 files => files.insert(list_tenant_files(&dir)?),
             };
+            let mut staged = commit.nested();
             let merged = match state.tenants.entry_ref(*name) {
                 hashbrown::hash_map::EntryRef::Occupied(entry) => Ok(entry.into_mut()),
                 hashbrown::hash_map::EntryRef::Vacant(entry) if files.contains(&file_name) => {
@@ -470,15 +471,17 @@ impl Shards {
                 }
                 hashbrown::hash_map::EntryRef::Vacant(entry) => Ok(entry.insert(Tenant::new(path.clone()))),
             }
-            .and_then(|tenant| tenant.merge(name, ids(), &mut commit));
+            .and_then(|tenant| tenant.merge(name, ids(), &mut staged));
             match merged {
                 Ok(new) => {
+                    commit.absorb(staged);
                     report.new_ids += new;
                     report.tenants += 1;
                     files.insert(file_name);
                 }
                 Err(e) => {
                     // This tenant alone is set apart; its ids are kept, and the round goes on.
+                    staged.discard();
                     state.tenants.remove(*name);
                     let file = failed_file(&e, &path);
                     tracing::error!(tenant = name, file = %file.display(), error = %e, "tenant quarantined; its new ids are kept until it is repaired");
@@ -542,12 +545,14 @@ impl Shards {
                 continue;
             }
             *tried = Some(signature);
+            let mut staged = commit.nested();
             let loaded = Tenant::load(path.clone(), name).and_then(|mut tenant| {
                 let kept = quarantine.ids.iter().map(String::as_bytes);
-                tenant.merge(name, kept, commit).map(|new| (tenant, new))
+                tenant.merge(name, kept, &mut staged).map(|new| (tenant, new))
             });
             match loaded {
                 Ok((tenant, new)) => {
+                    commit.absorb(staged);
                     tracing::info!(
                         tenant = name,
                         kept_ids = quarantine.ids.len(),
@@ -563,6 +568,7 @@ impl Shards {
                     }
                 }
                 Err(e) => {
+                    staged.discard();
                     tracing::warn!(tenant = name, error = %e, "quarantined tenant still cannot be read");
                     let (file, reason) = (failed_file(&e, &path), e.to_string());
                     if quarantine.file != file || quarantine.reason != reason {

@@ -37,16 +37,37 @@ pub(crate) const SMALL_MAX_IDS: usize = 1024;
 const MAX_SEGMENT_IDS: u64 = 1 << 18;
 
 /// One segment file: the ids written by the merges numbered `first..=last`.
+///
+/// `crc32` is the checksum of the file's bytes: a segment is immutable, so any change to it is
+/// damage, found when the tenant loads and when a merge copies the segment into a larger one
+/// (which must never carry damage into a new file and delete the original). Manifests written
+/// before segments had checksums lack it; loading such a tenant computes it from the bytes that
+/// parse, and the next manifest written records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Segment {
     first: u64,
     last: u64,
     ids: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crc32: Option<u32>,
 }
 
 impl Segment {
     fn file_name(&self) -> String {
         format!("{:012}-{:012}.json", self.first, self.last)
+    }
+
+    /// Checks that `bytes`, read from the segment's file at `path`, are those it was written
+    /// with; returns their checksum.
+    fn check(&self, path: &Path, bytes: &[u8]) -> Result<u32, StoreError> {
+        let crc = crc32fast::hash(bytes);
+        match self.crc32 {
+            Some(expected) if expected != crc => Err(StoreError::corrupt(
+                path,
+                format!("checksum {crc:08x} is not the {expected:08x} its manifest records: the segment was changed"),
+            )),
+            _ => Ok(crc),
+        }
     }
 }
 
@@ -142,8 +163,8 @@ impl Tenant {
                     .insert_new(ids.iter().map(|id| id.as_bytes()), |_| {})
                     .map_err(|e| StoreError::corrupt(&loaded.path, e))?;
             }
-            (None, Some(next_seq), Some(segments)) => {
-                loaded.load_segments(&segments, file.count)?;
+            (None, Some(next_seq), Some(mut segments)) => {
+                loaded.load_segments(&mut segments, file.count)?;
                 loaded.layout = Layout::Segments { next_seq, segments };
             }
             _ => return Err(StoreError::corrupt(&loaded.path, "holds neither ids nor segments")),
@@ -173,14 +194,14 @@ impl Tenant {
             if segments.last().is_some_and(|s: &Segment| first <= s.last) {
                 continue;
             }
-            let path = dir.join(Segment { first, last, ids: 0 }.file_name());
+            let path = dir.join(Segment { first, last, ids: 0, crc32: None }.file_name());
             let bytes = disk::read(&path)?;
             let mut ids = Vec::new();
             parse_segment(&path, &bytes, |id| ids.push(id))?;
             self.ids
                 .insert_new(ids.iter().map(|id| id.as_bytes()), |_| {})
                 .map_err(|e| StoreError::corrupt(&path, e))?;
-            segments.push(Segment { first, last, ids: ids.len() as u64 });
+            segments.push(Segment { first, last, ids: ids.len() as u64, crc32: Some(crc32fast::hash(&bytes)) });
         }
         remove_strays(dir, &segments)?;
         let next_seq = segments.last().map_or(1, |s| s.last + 1);
@@ -195,12 +216,15 @@ impl Tenant {
         Ok(())
     }
 
-    fn load_segments(&mut self, segments: &[Segment], count: u64) -> Result<(), StoreError> {
+    /// Loads the ids of `segments`, checking each file against its checksum and recording
+    /// the checksum of those that had none.
+    fn load_segments(&mut self, segments: &mut [Segment], count: u64) -> Result<(), StoreError> {
         remove_strays(&self.segments_dir, segments)?;
         self.ids.reserve(usize::try_from(count).unwrap_or(0));
         for segment in segments {
             let path = self.segments_dir.join(segment.file_name());
             let bytes = disk::read(&path)?;
+            segment.crc32 = Some(segment.check(&path, &bytes)?);
             let mut ids = Vec::with_capacity(usize::try_from(segment.ids).unwrap_or(0));
             parse_segment(&path, &bytes, |id| ids.push(id))?;
             self.ids
@@ -268,9 +292,9 @@ impl Tenant {
             Layout::Small => {
                 // Grown past a small file: every id goes into the first segment.
                 disk::create_dir_all(&self.segments_dir)?;
-                let segment = Segment { first: 1, last: 1, ids: count };
                 push_ids(&mut body, self.ids.iter());
                 body.extend_from_slice(b"]\n");
+                let segment = Segment { first: 1, last: 1, ids: count, crc32: Some(crc32fast::hash(&body)) };
                 stage(commit, &self.segments_dir.join(segment.file_name()), body)?;
                 let segments = vec![segment];
                 stage(commit, &self.path, manifest(name, count, 2, &segments))?;
@@ -280,19 +304,20 @@ impl Tenant {
                 let seq = *next_seq;
                 // The new segment absorbs the newest ones while they are no larger than it, up
                 // to the largest segment size.
-                let mut merged = Segment { first: seq, last: seq, ids: new };
+                let mut merged = Segment { first: seq, last: seq, ids: new, crc32: None };
                 while let Some(last) = segments
                     .last()
                     .copied()
                     .filter(|last| last.ids <= merged.ids && last.ids + merged.ids <= MAX_SEGMENT_IDS)
                 {
                     segments.pop();
-                    merged = Segment { first: last.first, last: seq, ids: last.ids + merged.ids };
+                    merged = Segment { first: last.first, last: seq, ids: last.ids + merged.ids, crc32: None };
                     let path = self.segments_dir.join(last.file_name());
-                    append_array_body(&path, &mut body)?;
+                    append_array_body(&path, &last, &mut body)?;
                     commit.remove_after(path);
                 }
                 body.extend_from_slice(b"]\n");
+                merged.crc32 = Some(crc32fast::hash(&body));
                 stage(commit, &self.segments_dir.join(merged.file_name()), body)?;
                 segments.push(merged);
                 *next_seq = seq + 1;
@@ -361,12 +386,14 @@ fn push_json_str(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'"');
 }
 
-/// Appends the elements of the JSON array in the file `path` to `body`, a JSON array being
-/// written that holds at least one element: read straight into `body`, its `[` becomes a comma
-/// and its `]` is dropped, with no copy and no parse of an id.
-fn append_array_body(path: &Path, body: &mut Vec<u8>) -> Result<(), StoreError> {
+/// Appends the elements of the JSON array in the file `path`, the segment `segment`, to `body`,
+/// a JSON array being written that holds at least one element: read straight into `body` and
+/// checked against the segment's checksum, its `[` becomes a comma and its `]` is dropped, with
+/// no copy and no parse of an id.
+fn append_array_body(path: &Path, segment: &Segment, body: &mut Vec<u8>) -> Result<(), StoreError> {
     let start = body.len();
     disk::read_to_end(&mut disk::open(path)?, path, body)?;
+    segment.check(path, &body[start..])?;
     let end = start + body[start..].trim_ascii_end().len();
     if body.get(start) != Some(&b'[') || end <= start + 1 || body[end - 1] != b']' {
         return Err(StoreError::corrupt(path, "not a JSON array"));

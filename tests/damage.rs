@@ -1,0 +1,156 @@
+//! Damaged files and failing disks, as an operator meets them: junk in a tenant's file, a
+//! manifest or a segment, a damaged shard record, a segment damaged between two merges, and
+//! errors of the disk itself. Each costs at most its tenant (quarantined, its new ids kept) or
+//! its shard (its record rebuilt); every other tenant is served on, and every acknowledged id
+//! is counted once the damage is repaired. Real processes, real files.
+
+mod harness;
+
+use std::fs;
+use std::time::Duration;
+
+use harness::{
+    Cluster, client, count, count_reply, eventually, eventually_owner, post_range, running, stats, tenant_file,
+    worker_url,
+};
+use reqwest::StatusCode;
+
+/// How long a round, a repair or a respawn gets to show.
+const SETTLED: Duration = Duration::from_secs(15);
+
+/// Waits until `tenant` counts exactly `expected` through the coordinator at `url`.
+fn counted(url: &str, tenant: &str, expected: u64) {
+    let client = client();
+    eventually(SETTLED, &format!("{tenant} counts {expected}"), || {
+        count_reply(&client, url, tenant).status() == StatusCode::OK && count(&client, url, tenant) == expected
+    });
+}
+
+#[test]
+fn a_tenant_whose_file_is_junk_is_quarantined_without_delaying_others_and_its_new_ids_are_kept() {
+    let (cluster, ports, _, coordinator) = running(2, "worker_persist: 0.2\n");
+    let url = coordinator.url();
+    let client = client();
+    post_range(&url, "bad", 0, 40);
+    post_range(&url, "good", 0, 40);
+    eventually(SETTLED, "both counted", || count(&client, &url, "bad") == 40 && count(&client, &url, "good") == 40);
+
+    // The bad tenant's file is overwritten with junk; items keep coming for both tenants.
+    let bad = tenant_file(&cluster, "bad");
+    fs::write(&bad, "this is not JSON").unwrap();
+    post_range(&url, "bad", 40, 70);
+    post_range(&url, "good", 40, 70);
+    eventually(SETTLED, "the good tenant is not held up", || count(&client, &url, "good") == 70);
+
+    // The bad tenant answers an error naming its file, on every worker; the owner shows it.
+    for &port in &ports {
+        let reply = harness::count_reply(&client, &worker_url(port), "bad");
+        assert!(reply.status().is_server_error(), "{}", reply.status());
+        let text = reply.text().unwrap();
+        assert!(text.contains(&bad.file_name().unwrap().to_string_lossy().into_owned()), "{text}");
+    }
+    let owner = eventually_owner(&ports, "bad", SETTLED);
+    let quarantined = stats(&worker_url(owner))["quarantined"][0].clone();
+    assert_eq!(
+        (quarantined["tenant"].as_str(), quarantined["kept_ids"].as_u64()),
+        (Some("bad"), Some(30)),
+        "{quarantined}"
+    );
+    let metrics = client.get(format!("{}/metrics", worker_url(owner))).send().unwrap().text().unwrap();
+    assert_eq!(harness::metric(&metrics, "countapp_worker_quarantined_tenants", &[]), Some(1.0), "{metrics}");
+
+    // Repaired by removing the junk: the tenant takes the ids kept for it (those only the junk
+    // file held are gone), and leaves quarantine.
+    fs::remove_file(&bad).unwrap();
+    eventually(SETTLED, "the repaired tenant counts its kept ids", || {
+        harness::count_reply(&client, &url, "bad").status() == StatusCode::OK && count(&client, &url, "bad") == 30
+    });
+    eventually(SETTLED, "out of quarantine", || stats(&worker_url(owner))["quarantined"] == serde_json::json!([]));
+    post_range(&url, "bad", 70, 80);
+    eventually(SETTLED, "ingest goes on", || count(&client, &url, "bad") == 40);
+}
+
+#[test]
+fn a_junk_manifest_is_rebuilt_from_its_segments_and_a_junk_segment_quarantines_until_restored() {
+    let (cluster, _, _, coordinator) = running(1, "worker_persist: 0.2\n");
+    let url = coordinator.url();
+    let client = client();
+    // Past a small file: the tenant keeps its ids in segments, listed by a manifest.
+    post_range(&url, "big", 0, 2000);
+    eventually(SETTLED, "counted", || count(&client, &url, "big") == 2000);
+    let manifest = tenant_file(&cluster, "big");
+    let segments = manifest.with_extension("");
+    assert!(segments.is_dir(), "{} holds segments", segments.display());
+
+    fs::write(&manifest, "{ junk").unwrap();
+    post_range(&url, "big", 2000, 2100);
+    eventually(SETTLED, "the manifest is rebuilt and the new ids merged", || {
+        harness::count_reply(&client, &url, "big").status() == StatusCode::OK && count(&client, &url, "big") == 2100
+    });
+
+    // A segment holds ids nothing else does: junk there quarantines the tenant.
+    let segment = fs::read_dir(&segments).unwrap().flatten().map(|e| e.path()).max().unwrap();
+    let saved = fs::read(&segment).unwrap();
+    fs::write(&segment, "[\"unterminated").unwrap();
+    post_range(&url, "big", 2100, 2200);
+    eventually(SETTLED, "quarantined", || harness::count_reply(&client, &url, "big").status().is_server_error());
+    let reply = harness::count_reply(&client, &url, "big").text().unwrap();
+    assert!(reply.contains("quarantined"), "{reply}");
+
+    // Restored from a backup: every id is back, the kept ones too.
+    fs::write(&segment, saved).unwrap();
+    eventually(SETTLED, "restored", || {
+        harness::count_reply(&client, &url, "big").status() == StatusCode::OK && count(&client, &url, "big") == 2200
+    });
+}
+
+/// Posts ids `<tenant>-<i>` for `i` in `from..to` to `url` in one batch, so that one merge
+/// round takes them all.
+fn post_at_once(url: &str, tenant: &str, from: usize, to: usize) {
+    let ids: Vec<String> = (from..to).map(|i| format!("{tenant}-{i}")).collect();
+    let items: Vec<(&str, &str)> = ids.iter().map(|id| (tenant, id.as_str())).collect();
+    assert_eq!(harness::post(&client(), url, harness::batch(&items)).status(), StatusCode::OK);
+}
+
+/// A tenant grown into segments: posts of 1,100, 1,200 and 100 ids leave a segment of 2,300
+/// and one of 100. The larger is damaged; the next merge, of 2,300 new ids, would absorb both
+/// into one new segment. It must fail for this tenant alone, and delete nothing: once the
+/// damaged segment is restored, every id counts, also after the worker reloads the tenant from
+/// its files. Two damages: junk that is no array, and an array that parses but is not what the
+/// segment held (a merge must never copy damage into a new segment and delete the original).
+#[test]
+fn a_merge_that_meets_a_damaged_segment_deletes_nothing_and_every_id_counts_once_restored() {
+    for junk in ["{}", "[\"x\"]\n"] {
+        let (cluster, ports, _, coordinator) = running(1, "worker_persist: 0.2\n");
+        let url = coordinator.url();
+        for (from, to) in [(0, 1100), (1100, 2300), (2300, 2400)] {
+            post_at_once(&url, "big", from, to);
+            counted(&url, "big", to as u64);
+        }
+        let segments = tenant_file(&cluster, "big").with_extension("");
+        let mut files: Vec<_> = fs::read_dir(&segments).unwrap().flatten().map(|e| e.path()).collect();
+        files.sort();
+        assert_eq!(files.len(), 2, "a segment of 2,300 ids and one of 100: {files:?}");
+        let saved = fs::read(&files[0]).unwrap();
+
+        fs::write(&files[0], junk).unwrap();
+        post_at_once(&url, "big", 2400, 4700);
+        let owner = eventually_owner(&ports, "big", SETTLED);
+        assert!(count_reply(&client(), &url, "big").status().is_server_error(), "{junk}: quarantined");
+        assert!(files[1].exists(), "{junk}: the segment of 100 is still there");
+        post_range(&url, "other", 0, 10);
+        counted(&url, "other", 10);
+
+        fs::write(&files[0], saved).unwrap();
+        counted(&url, "big", 4700);
+        eventually(SETTLED, "out of quarantine", || stats(&worker_url(owner))["quarantined"] == serde_json::json!([]));
+        // The worker loads the tenant afresh from its files: they hold every id.
+        harness::sigkill(coordinator.pid_of(ports[0]));
+        eventually(SETTLED, "the worker is respawned", || {
+            client().get(format!("{}/ready", worker_url(ports[0]))).send().is_ok_and(|r| r.status().is_success())
+        });
+        post_at_once(&url, "big", 4700, 4701);
+        counted(&url, "big", 4701);
+        drop(cluster);
+    }
+}
