@@ -7,7 +7,7 @@
 mod harness;
 
 use std::fs;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use harness::{
     Cluster, client, count, count_reply, eventually, eventually_owner, post_range, running, stats, tenant_file,
@@ -152,5 +152,53 @@ fn a_merge_that_meets_a_damaged_segment_deletes_nothing_and_every_id_counts_once
         post_at_once(&url, "big", 4700, 4701);
         counted(&url, "big", 4701);
         drop(cluster);
+    }
+}
+
+/// One byte of junk in one shard's record (`printf '{' > SHARD.json`), then every worker killed
+/// with SIGKILL. Opening a store must not trip over the record, so every worker comes back at
+/// the first respawn; the shard's owner rebuilds the record (every log file still present is
+/// merged again) and keeps the damaged one aside; every tenant, that shard's included, counts
+/// exactly what was acknowledged.
+#[test]
+fn a_damaged_shard_record_is_rebuilt_and_stops_no_worker() {
+    let (cluster, ports, _, coordinator) = running(4, "worker_persist: 0.2\n");
+    let url = coordinator.url();
+    let tenants: Vec<String> = (0..64).map(|t| format!("t{t}")).collect();
+    for tenant in &tenants {
+        post_range(&url, tenant, 0, 10);
+    }
+    for tenant in &tenants {
+        counted(&url, tenant, 10);
+    }
+
+    let record = tenant_file(&cluster, "t0").with_file_name("SHARD.json");
+    fs::write(&record, "{").unwrap();
+    post_range(&url, "t0", 10, 20);
+    let killed = Instant::now();
+    for &port in &ports {
+        harness::sigkill(coordinator.pid_of(port));
+    }
+    counted(&url, "t0", 20);
+    for tenant in &tenants[1..] {
+        counted(&url, tenant, 10);
+    }
+    eprintln!("every tenant counted again {:.2} s after every worker was killed", killed.elapsed().as_secs_f64());
+
+    let record_now: serde_json::Value = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+    assert!(record_now["merged"].is_object(), "the record is whole again: {record_now}");
+    let kept: Vec<_> =
+        fs::read_dir(cluster.database().join("damaged")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(kept.iter().any(|name| name.to_string_lossy().contains("SHARD.json")), "{kept:?}");
+    let rebuilt: f64 = ports
+        .iter()
+        .map(|&port| {
+            let metrics = client().get(format!("{}/metrics", worker_url(port))).send().unwrap().text().unwrap();
+            harness::metric(&metrics, "countapp_worker_rebuilt_shard_records_total", &[]).unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(rebuilt, 1.0, "one worker rebuilt the record once");
+    for worker in stats(&url)["workers"].as_array().unwrap() {
+        assert_eq!(worker["restarts"], 1, "respawned once after the kill, never again: {worker}");
     }
 }

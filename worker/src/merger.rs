@@ -118,7 +118,7 @@ fn next_multiple(now: SystemTime, every: Duration) -> SystemTime {
 
 /// Logs and counts a round that did something.
 fn record(report: &FlushReport, took: Duration, metrics: &Metrics) {
-    if report.log_files == 0 && report.deleted_files == 0 {
+    if *report == FlushReport::default() {
         return;
     }
     metrics.merged(took.as_secs_f64(), report);

@@ -22,6 +22,8 @@ pub(crate) struct Metrics {
     pending_items: Gauge,
     ids_in_memory: Gauge,
     quarantined_tenants: Gauge,
+    failed_shards: Counter,
+    rebuilt_shard_records: Counter,
     log_bytes: Counter,
 }
 
@@ -71,6 +73,18 @@ impl Metrics {
             "Tenants set apart in the shards this worker merges, a file of theirs unreadable",
             quarantined_tenants.clone(),
         );
+        let failed_shards = Counter::default();
+        registry.register(
+            "failed_shards",
+            "Shards left out of a merge round by an I/O error on their lock, record or directory, tried again later",
+            failed_shards.clone(),
+        );
+        let rebuilt_shard_records = Counter::default();
+        registry.register(
+            "rebuilt_shard_records",
+            "Shard records found damaged and rebuilt, the damaged file kept aside under damaged/",
+            rebuilt_shard_records.clone(),
+        );
         let log_bytes = Counter::default();
         registry.register("log_bytes", "Bytes appended to the write-ahead log", log_bytes.clone());
         let metrics = Metrics {
@@ -85,6 +99,8 @@ impl Metrics {
             pending_items,
             ids_in_memory,
             quarantined_tenants,
+            failed_shards,
+            rebuilt_shard_records,
             log_bytes,
         };
         (metrics, requests)
@@ -95,14 +111,18 @@ impl Metrics {
         self.items_accepted.inc_by(items);
     }
 
-    /// Records a merge round that did something.
+    /// Records a merge round that did something; `seconds` is what it took.
     pub(crate) fn merged(&self, seconds: f64, report: &FlushReport) {
-        self.merges.inc();
-        self.merge_seconds.observe(seconds);
+        if report.log_files > 0 || report.deleted_files > 0 {
+            self.merges.inc();
+            self.merge_seconds.observe(seconds);
+        }
         self.merged_items.inc_by(report.items);
         self.new_ids.inc_by(report.new_ids);
         self.damaged_log_bytes.inc_by(report.damaged_bytes);
         self.torn_log_tail_bytes.inc_by(report.torn_tail_bytes);
+        self.failed_shards.inc_by(report.failed_shards);
+        self.rebuilt_shard_records.inc_by(report.rebuilt_records);
     }
 
     /// Items acknowledged so far.

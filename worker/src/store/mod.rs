@@ -15,6 +15,7 @@
 //! The files under the database directory are described in `layout`.
 
 mod commit;
+mod damaged;
 pub mod disk;
 mod idset;
 mod layout;
@@ -168,6 +169,11 @@ pub struct FlushReport {
     pub written_bytes: u64,
     /// Shards left for a later round, their lock held by another worker.
     pub busy_shards: u64,
+    /// Shards left out of the round by an I/O error on their lock, record or directory, tried
+    /// again after a backoff; every other shard merged on.
+    pub failed_shards: u64,
+    /// Shard records found damaged and rebuilt.
+    pub rebuilt_records: u64,
 }
 
 impl FlushReport {
@@ -265,7 +271,7 @@ impl Store {
             LogDir::lock(&log_path, options.lock_wait)?.ok_or_else(|| StoreError::LogInUse(worker_id.to_owned()))?;
         let mut highest = log.close_leftovers()?;
         if let Engine::Json(shards) = &engine {
-            highest = highest.max(shards.highest_merged(worker_id)?);
+            highest = highest.max(shards.highest_merged(worker_id));
         }
         let mut closed = BTreeMap::new();
         for file in log::files(log.path())? {
@@ -382,7 +388,7 @@ impl Store {
         // A round runs, changed or not, for a quarantined tenant whose files changed (repaired,
         // say), and for consumed Redis log files whose grace is over, to delete them.
         let retry = match &self.engine {
-            Engine::Json(shards) => shards.quarantine_changed(),
+            Engine::Json(shards) => shards.retry_due(),
             Engine::Redis(redis) => redis.grace_over(),
         };
         if !always && !retry && state.seen.as_ref() == Some(&seen) {
@@ -395,7 +401,7 @@ impl Store {
             Engine::Redis(redis) => redis.round(&wal_root, &self.worker_id, &logs, &mut report)?,
         }
         // A shard left busy is retried at the next poll, changed or not.
-        state.seen = (report.busy_shards == 0).then_some(seen);
+        state.seen = (report.busy_shards == 0 && report.failed_shards == 0).then_some(seen);
         self.forget_deleted();
         if report.log_files > 0 {
             release_free_memory();

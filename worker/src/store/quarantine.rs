@@ -12,6 +12,7 @@
 //! small tenant file loses the ids only it held. Once the files change, the next round loads the
 //! tenant again; if it loads, the kept ids are merged into it and the quarantine ends.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -56,6 +57,25 @@ impl Quarantine {
             Err(e) if e.not_found() => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The tenants with a quarantine file in the shard directory `dir`: those a rebuilt shard
+    /// record lists in quarantine.
+    pub(crate) fn tenants_in(dir: &Path) -> Result<BTreeSet<String>, StoreError> {
+        let mut tenants = BTreeSet::new();
+        for entry in disk::entries(dir)? {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == EXTENSION) {
+                match Quarantine::read(&path.with_extension("json")) {
+                    Ok(Some(quarantine)) => {
+                        tenants.insert(quarantine.tenant);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(file = %path.display(), error = %e, "cannot read a quarantine file"),
+                }
+            }
+        }
+        Ok(tenants)
     }
 
     /// Stages this quarantine file, for the tenant whose file is `tenant_path`.

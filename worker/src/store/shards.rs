@@ -30,7 +30,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use hashbrown::{HashMap, HashSet};
 use memmap2::Mmap;
@@ -38,7 +38,6 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::commit::{Commit, Step, is_temporary};
-use super::disk;
 use super::layout::{owner_of, shard_dir, shard_of};
 use super::log::Damage;
 use super::log::record::{Entry, Records, Run};
@@ -47,6 +46,7 @@ use super::naming::tenant_file_stem;
 use super::quarantine::{Quarantine, Signature, failed_file};
 use super::tenant::{Tenant, read_all, read_count};
 use super::{FlushReport, StoreError};
+use super::{damaged, disk};
 
 const SHARD_FILE: &str = "SHARD.json";
 const LOCK_FILE: &str = "LOCK";
@@ -68,6 +68,10 @@ struct ShardRecord {
     /// file beside its tenant file.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     quarantined: BTreeSet<String>,
+    /// Rebuilt because the file did not parse (see [`Shards::read_record`]): its owner writes
+    /// it again at its next round.
+    #[serde(skip)]
+    rebuilt: bool,
 }
 
 impl ShardRecord {
@@ -128,6 +132,38 @@ struct MergeState {
     owned: HashMap<u16, OwnedShard>,
     /// The shards each log file holds runs of, `(worker, seq)`, for the files this process read.
     indexed: HashMap<(String, u64), ShardSet>,
+    /// Owned shards that an I/O error kept out of a round (their lock, record or directory
+    /// unusable), each with when to try again and the wait after that: every other shard
+    /// merges on meanwhile.
+    failing: HashMap<u16, Backoff>,
+}
+
+/// When to try again something that failed, waiting longer after each failure.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backoff {
+    next_try: Instant,
+    wait: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(60);
+
+    /// After a first failure.
+    pub(crate) fn new() -> Backoff {
+        Backoff { next_try: Instant::now() + Backoff::FIRST, wait: Backoff::FIRST }
+    }
+
+    /// After one more failure.
+    pub(crate) fn again(self) -> Backoff {
+        let wait = (self.wait * 2).min(Backoff::MAX);
+        Backoff { next_try: Instant::now() + wait, wait }
+    }
+
+    /// Whether it is time to try again.
+    pub(crate) fn due(&self) -> bool {
+        Instant::now() >= self.next_try
+    }
 }
 
 /// What a round merges from: every worker's log as listed, the files it read, and the shards
@@ -209,12 +245,15 @@ impl Shards {
 
     /// The highest sequence number any shard records as merged from `worker`'s log: a worker
     /// must number its new files above it, or they would count as merged already.
-    pub(crate) fn highest_merged(&self, worker: &str) -> Result<u64, StoreError> {
+    pub(crate) fn highest_merged(&self, worker: &str) -> u64 {
         let mut highest = 0;
         for shard in 0..self.shards {
-            highest = highest.max(self.read_record(shard)?.merged(worker));
+            match self.read_record(shard) {
+                Ok(record) => highest = highest.max(record.merged(worker)),
+                Err(e) => tracing::warn!(shard, error = %e, "cannot read a shard's record at start"),
+            }
         }
-        Ok(highest)
+        highest
     }
 
     /// The tenant's distinct count as of the latest merge by any worker.
@@ -249,11 +288,21 @@ impl Shards {
     pub(crate) fn round(&self, logs: &[WorkerLog], report: &mut FlushReport) -> Result<(), StoreError> {
         let live: Vec<&str> = logs.iter().filter(|l| l.live).map(|l| l.worker.as_str()).collect();
         let mut state = self.state.lock();
-        let MergeState { owned, indexed } = &mut *state;
+        let MergeState { owned, indexed, failing } = &mut *state;
         owned.retain(|shard, _| owner_of(*shard, live.iter().copied()) == Some(&self.worker));
+        failing.retain(|shard, _| owner_of(*shard, live.iter().copied()) == Some(&self.worker));
         for shard in (0..self.shards).filter(|&s| owner_of(s, live.iter().copied()) == Some(&self.worker)) {
             if !owned.contains_key(&shard) {
-                let record = self.read_record(shard)?;
+                if failing.get(&shard).is_some_and(|b| !b.due()) {
+                    continue;
+                }
+                let record = match self.read_record(shard) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        shard_failed(shard, &e, failing, report);
+                        continue;
+                    }
+                };
                 owned.insert(
                     shard,
                     OwnedShard {
@@ -281,13 +330,14 @@ impl Shards {
             }
         }
         for (&shard, state) in owned.iter_mut() {
-            if quarantine_changed(shard, state, &self.root)? {
+            if state.record.rebuilt || quarantine_changed(shard, state, &self.root)? {
                 with_runs.insert(shard);
             }
         }
+        with_runs.retain(|shard| failing.get(shard).is_none_or(Backoff::due));
         if !with_runs.is_empty() {
             let sources = Sources { logs, inputs: &inputs, indexed };
-            let result = self.merge(&with_runs, &sources, owned, report);
+            let result = self.merge(&with_runs, &sources, owned, failing, report);
             if result.is_err() {
                 // Whatever failed, the sets may now disagree with the files: reload them next time.
                 for shard in &with_runs {
@@ -298,7 +348,7 @@ impl Shards {
         }
         // What is left: runs of shards that were busy, or files past the round's budget.
         *self.behind_since.lock() = oldest_wanted(logs, owned, indexed);
-        self.collect_garbage(logs, indexed, report)
+        self.collect_garbage(logs, indexed, owned, report)
     }
 
     /// How long this worker's merging is behind: since the oldest log file with runs it has
@@ -370,40 +420,28 @@ impl Shards {
         with_runs: &BTreeSet<u16>,
         sources: &Sources,
         owned: &mut HashMap<u16, OwnedShard>,
+        failing: &mut HashMap<u16, Backoff>,
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
         let mut commit = Commit::new(self.sync.load(Ordering::Relaxed));
         // Lock the shards; one still held by another worker (its previous owner finishing a
-        // round) is left for the next round.
+        // round) is left for the next round, and so is one whose files fail.
         let mut locked: BTreeMap<u16, ShardRecord> = BTreeMap::new();
         for &shard in with_runs {
             let state = owned.get_mut(&shard).expect("shards with runs are owned");
-            let first_time = state.lock.is_none();
-            if first_time {
-                state.lock = Some(open_lock(&shard_dir(&self.root, shard))?);
+            match self.lock_shard(shard, state, &mut commit, report) {
+                Ok(Some(record)) => {
+                    failing.remove(&shard);
+                    locked.insert(shard, record);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if let Some(lock) = &state.lock {
+                        let _ = lock.unlock();
+                    }
+                    shard_failed(shard, &e, failing, report);
+                }
             }
-            let lock_path = shard_dir(&self.root, shard).join(LOCK_FILE);
-            if !disk::try_lock(state.lock.as_ref().expect("opened above"), &lock_path)? {
-                tracing::debug!(shard, "shard busy; left for the next round");
-                report.busy_shards += 1;
-                continue;
-            }
-            // The first time this worker holds the shard, it removes what an unfinished merge
-            // may have left.
-            if first_time {
-                remove_temporaries(&shard_dir(&self.root, shard))?;
-            }
-            let record = self.read_record(shard)?;
-            if record.writer != self.writer {
-                // Changed by another process since this one last wrote it, or never by this
-                // one: claim it before changing anything, and reload its tenants.
-                state.tenants.clear();
-                state.files = None;
-                state.quarantined.clear();
-                let claim = ShardRecord { writer: self.writer.clone(), ..record.clone() };
-                self.stage_record(&mut commit, Step::Claim, shard, &claim)?;
-            }
-            locked.insert(shard, record);
         }
         let result = self.merge_locked(&mut locked, commit, sources, owned, report);
         for shard in locked.keys() {
@@ -412,6 +450,51 @@ impl Shards {
             }
         }
         result
+    }
+
+    /// Takes the lock of `shard` and reads its record, claiming the shard (in `commit`) if
+    /// another process changed it last; `None` if another worker holds the lock.
+    fn lock_shard(
+        &self,
+        shard: u16,
+        state: &mut OwnedShard,
+        commit: &mut Commit,
+        report: &mut FlushReport,
+    ) -> Result<Option<ShardRecord>, StoreError> {
+        let dir = shard_dir(&self.root, shard);
+        let first_time = state.lock.is_none();
+        if first_time {
+            state.lock = Some(open_lock(&dir)?);
+        }
+        if !disk::try_lock(state.lock.as_ref().expect("opened above"), &dir.join(LOCK_FILE))? {
+            tracing::debug!(shard, "shard busy; left for the next round");
+            report.busy_shards += 1;
+            return Ok(None);
+        }
+        // The first time this worker holds the shard, it removes what an unfinished merge may
+        // have left.
+        if first_time {
+            remove_temporaries(&dir)?;
+        }
+        let record = self.read_record(shard)?;
+        if record.rebuilt {
+            damaged::keep_aside(
+                &self.root,
+                &dir.join(SHARD_FILE),
+                &format!("shard-{shard:03}-{SHARD_FILE}-{}", unix_ms()),
+            );
+            report.rebuilt_records += 1;
+        }
+        if record.writer != self.writer {
+            // Changed by another process since this one last wrote it, or never by this one:
+            // claim it before changing anything, and reload its tenants.
+            state.tenants.clear();
+            state.files = None;
+            state.quarantined.clear();
+            let claim = ShardRecord { writer: self.writer.clone(), rebuilt: false, ..record.clone() };
+            self.stage_record(commit, Step::Claim, shard, &claim)?;
+        }
+        Ok(Some(record))
     }
 
     /// [`Shards::merge`] once the shards are locked.
@@ -499,6 +582,7 @@ impl Shards {
         // and those known to hold none of its runs.
         for (shard, record) in locked.iter_mut() {
             record.writer = self.writer.clone();
+            record.rebuilt = false;
             for log in logs {
                 let from = record.merged(&log.worker);
                 let mut upto = from;
@@ -588,21 +672,27 @@ impl Shards {
         state.owned.values().flat_map(|s| s.quarantined.values().map(|(q, _)| q.clone())).collect()
     }
 
-    /// Whether a quarantined tenant's files changed since it was last tried, so that a round
-    /// should try it again.
-    pub(crate) fn quarantine_changed(&self) -> bool {
+    /// Whether a round should run though no log file came or went: a quarantined tenant's
+    /// files changed since it was last tried, a shard that failed is due for another try, or
+    /// an owned shard's record was found damaged.
+    pub(crate) fn retry_due(&self) -> bool {
         let mut state = self.state.lock();
         let root = &self.root;
-        state.owned.iter_mut().any(|(&shard, owned)| quarantine_changed(shard, owned, root).unwrap_or(true))
+        state.failing.values().any(Backoff::due)
+            || state.owned.values().any(|owned| owned.record.rebuilt)
+            || state.owned.iter_mut().any(|(&shard, owned)| quarantine_changed(shard, owned, root).unwrap_or(true))
     }
 
     /// Deletes the listed log files that every shard they hold runs of has merged. A file that
     /// holds no runs is left to its worker, which deletes it when it starts: no shard records
     /// its sequence number, which must not be used again.
+    /// An owned shard whose record is found damaged is flagged for its rewrite at the next
+    /// round.
     fn collect_garbage(
         &self,
         logs: &[WorkerLog],
         indexed: &HashMap<(String, u64), ShardSet>,
+        owned: &mut HashMap<u16, OwnedShard>,
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
         let mut records: HashMap<u16, ShardRecord> = HashMap::new();
@@ -615,7 +705,13 @@ impl Shards {
                 let mut merged_by_all = true;
                 for shard in set.iter() {
                     if !records.contains_key(&shard) {
-                        records.insert(shard, self.read_record(shard)?);
+                        // A record that cannot be read holds on to every file: none is known
+                        // to be merged into its shard.
+                        let record = self.read_record(shard).unwrap_or_default();
+                        if let Some(state) = owned.get_mut(&shard).filter(|_| record.rebuilt) {
+                            state.record.rebuilt = true;
+                        }
+                        records.insert(shard, record);
                     }
                     merged_by_all &= records[&shard].merged(&log.worker) >= file.seq;
                 }
@@ -631,12 +727,30 @@ impl Shards {
     }
 
     /// The shard's record; an empty one if the shard was never merged into.
+    ///
+    /// A record that does not parse is damage (records are only ever replaced whole), and it
+    /// is rebuilt from what the shard's directory and the logs still hold: no log file counts
+    /// as merged into the shard, so that every one still present is merged again (merging is
+    /// idempotent), and the tenants in quarantine are those with a quarantine file.
     fn read_record(&self, shard: u16) -> Result<ShardRecord, StoreError> {
-        let path = shard_dir(&self.root, shard).join(SHARD_FILE);
-        match disk::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::corrupt(&path, e)),
-            Err(e) if e.not_found() => Ok(ShardRecord::default()),
-            Err(e) => Err(e.into()),
+        let dir = shard_dir(&self.root, shard);
+        let path = dir.join(SHARD_FILE);
+        let bytes = match disk::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.not_found() => return Ok(ShardRecord::default()),
+            Err(e) => return Err(e.into()),
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(record) => Ok(record),
+            Err(e) => {
+                tracing::error!(
+                    shard,
+                    file = %path.display(),
+                    error = %e,
+                    "shard record damaged: rebuilt; the shard's log files still present are merged again"
+                );
+                Ok(ShardRecord { quarantined: Quarantine::tenants_in(&dir)?, rebuilt: true, ..ShardRecord::default() })
+            }
         }
     }
 
@@ -760,6 +874,19 @@ fn invalidate_cached_counts(tenant_path: &Path, bad: &Path, commit: &mut Commit)
         Err(e) if e.not_found() => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Keeps `shard` out of rounds for a while after `error`, logged.
+fn shard_failed(shard: u16, error: &StoreError, failing: &mut HashMap<u16, Backoff>, report: &mut FlushReport) {
+    let backoff = failing.get(&shard).map_or_else(Backoff::new, |b| b.again());
+    tracing::error!(shard, error = %error, retry_in_s = backoff.wait.as_secs(), "shard left out of merging; every other shard merges on");
+    failing.insert(shard, backoff);
+    report.failed_shards += 1;
+}
+
+/// Milliseconds since the Unix epoch, to name a file kept aside.
+fn unix_ms() -> u128 {
+    SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
 }
 
 /// Opens the lock file of the shard directory `dir`, creating both if need be.

@@ -27,10 +27,8 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::disk;
+use super::{damaged, disk};
 
-/// The directory beside `wal/` where log files with damage in their middle are kept.
-pub(crate) const DAMAGED_DIR: &str = "damaged";
 /// The name of the lock file in every log directory.
 const LOCK_FILE: &str = "LOCK";
 const OPEN_SUFFIX: &str = "open";
@@ -210,23 +208,15 @@ impl Damage {
     }
 
     /// If the file had damage in its middle, keeps it aside as `<database>/damaged/<worker>-
-    /// <file name>`: a hard link, which costs nothing and outlives the file's deletion once
-    /// merged. Failing to is logged: the merge itself must go on.
+    /// <file name>` (see `damaged`): it outlives the file's deletion once merged.
     pub(crate) fn keep_aside(&self, database: &Path, path: &Path) {
         if self.damaged_bytes == 0 {
             return;
         }
         let worker = path.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let (Some(worker), Some(name)) = (worker, name) else { return };
-        let dir = database.join(DAMAGED_DIR);
-        let aside = dir.join(format!("{worker}-{name}"));
-        let linked = disk::create_dir_all(&dir).and_then(|()| disk::hard_link(path, &aside));
-        match linked {
-            Ok(()) => {
-                tracing::warn!(file = %path.display(), aside = %aside.display(), "kept the damaged log file aside")
-            }
-            Err(e) => tracing::error!(file = %path.display(), error = %e, "cannot keep the damaged log file aside"),
+        if let (Some(worker), Some(name)) = (worker, name) {
+            damaged::keep_aside(database, path, &format!("{worker}-{name}"));
         }
     }
 }
