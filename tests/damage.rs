@@ -7,11 +7,13 @@
 mod harness;
 
 use std::fs;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use countapp_worker::store::{DEFAULT_SHARDS, shard_of};
 use harness::{
-    Cluster, client, count, count_reply, eventually, eventually_owner, post_range, running, stats, tenant_file,
-    worker_url,
+    Cluster, Immutable, client, count, count_reply, eventually, eventually_owner, post_range, running, stats,
+    tenant_file, worker_url,
 };
 use reqwest::StatusCode;
 
@@ -201,4 +203,136 @@ fn a_damaged_shard_record_is_rebuilt_and_stops_no_worker() {
     for worker in stats(&url)["workers"].as_array().unwrap() {
         assert_eq!(worker["restarts"], 1, "respawned once after the kill, never again: {worker}");
     }
+}
+
+/// Quarantines the tenant `bad` (ids `bad-0..40` counted, its file overwritten with junk, ids
+/// `bad-40..70` posted) through the coordinator at `url`: returns its tenant file, its
+/// quarantine file and the worker of `ports` that holds it.
+fn quarantine_bad(cluster: &Cluster, ports: &[u16], url: &str) -> (PathBuf, PathBuf, u16) {
+    post_range(url, "bad", 0, 40);
+    counted(url, "bad", 40);
+    let file = tenant_file(cluster, "bad");
+    fs::write(&file, "this is not JSON").unwrap();
+    post_range(url, "bad", 40, 70);
+    let owner = eventually_owner(ports, "bad", SETTLED);
+    eventually(SETTLED, "the 30 new ids are kept", || kept_ids(owner, "bad") == Some(30));
+    (file.clone(), file.with_extension("quarantine"), owner)
+}
+
+/// The ids the worker on `port` keeps for the quarantined `tenant`, as its `/stats` says.
+fn kept_ids(port: u16, tenant: &str) -> Option<u64> {
+    let stats = stats(&worker_url(port));
+    stats["quarantined"].as_array()?.iter().find(|q| q["tenant"] == tenant)?["kept_ids"].as_u64()
+}
+
+/// A tenant of the same shard as `tenant`, other than it.
+fn shard_peer(tenant: &str) -> String {
+    let shard = shard_of(tenant, DEFAULT_SHARDS);
+    (0..).map(|i| format!("peer{i}")).find(|t| shard_of(t, DEFAULT_SHARDS) == shard).unwrap()
+}
+
+/// A crash between a repair's commit and the removal of the quarantine file leaves the file
+/// behind (here put back by hand). The repaired tenant must count on, and the worker that next
+/// takes the shard removes the file.
+#[test]
+fn a_quarantine_file_left_behind_by_a_repair_is_ignored_and_removed() {
+    let (cluster, ports, _, coordinator) = running(1, "worker_persist: 0.2\n");
+    let url = coordinator.url();
+    let (file, quarantine, _) = quarantine_bad(&cluster, &ports, &url);
+    let left_behind = fs::read(&quarantine).unwrap();
+    fs::remove_file(&file).unwrap();
+    counted(&url, "bad", 30);
+    assert!(!quarantine.exists(), "the repair removed it");
+
+    fs::write(&quarantine, &left_behind).unwrap();
+    for _ in 0..20 {
+        assert_eq!(count(&client(), &url, "bad"), 30, "a quarantine file the record does not list is stale");
+    }
+    harness::sigkill(coordinator.pid_of(ports[0]));
+    post_range(&url, "bad", 70, 80);
+    counted(&url, "bad", 40);
+    assert!(!quarantine.exists(), "the worker that took the shard removed the stale file");
+}
+
+/// A damaged quarantine file (junk lines, a head cut short) read by a restarted owner: its
+/// shard and every other merge on, the tenant stays in quarantine keeping its new ids, and the
+/// log says how many kept ids were lost; the damaged file is kept aside.
+#[test]
+fn a_damaged_quarantine_file_stops_nothing_else_and_says_what_was_lost() {
+    let (cluster, ports, _, coordinator) = running(1, "worker_persist: 0.2\n");
+    let url = coordinator.url();
+    let (file, quarantine, _) = quarantine_bad(&cluster, &ports, &url);
+    fs::write(&quarantine, "{\"tenant\":\"ba\ngarbage\n\"bad-4\n").unwrap();
+    harness::sigkill(coordinator.pid_of(ports[0]));
+    let peer = shard_peer("bad");
+    post_range(&url, &peer, 0, 10);
+    post_range(&url, "other", 0, 10);
+    post_range(&url, "bad", 70, 75);
+    counted(&url, &peer, 10);
+    counted(&url, "other", 10);
+    eventually(SETTLED, "the new ids are kept", || kept_ids(ports[0], "bad") == Some(5));
+    assert!(count_reply(&client(), &url, "bad").status().is_server_error());
+    let log = fs::read_to_string(cluster.path().join("logs").join(format!("{}.log", ports[0]))).unwrap();
+    assert!(log.contains("the quarantine file is damaged") && log.contains("lost_ids=30"), "{log}");
+    let kept: Vec<_> = fs::read_dir(cluster.database().join("damaged")).unwrap().flatten().collect();
+    assert!(kept.iter().any(|e| e.file_name().to_string_lossy().ends_with(".quarantine")), "kept aside");
+
+    fs::remove_file(&file).unwrap();
+    counted(&url, "bad", 5);
+}
+
+/// Ids posted again and again to a quarantined tenant are kept once each: in memory, in
+/// `/stats` and in its quarantine file, which grows by the new ids alone.
+#[test]
+fn a_quarantined_tenant_keeps_each_id_once() {
+    let (cluster, ports, _, coordinator) = running(1, "worker_persist: 0.2\n");
+    let url = coordinator.url();
+    let (_, quarantine, owner) = quarantine_bad(&cluster, &ports, &url);
+    for _ in 0..5 {
+        post_range(&url, "bad", 40, 70);
+    }
+    post_range(&url, "bad", 70, 71);
+    eventually(SETTLED, "the one new id is kept", || kept_ids(owner, "bad") == Some(31));
+    let lines = fs::read_to_string(&quarantine).unwrap().lines().count();
+    assert_eq!(lines, 1 + 31, "a head and each kept id once");
+}
+
+/// An I/O error while writing a tenant (its segments' directory made immutable, so that not
+/// even root may create a file in it) quarantines it; once the directory is writable again the
+/// tenant leaves quarantine by itself, though none of its files changed, with every id.
+#[test]
+fn a_tenant_that_could_not_be_written_recovers_by_itself() {
+    let (cluster, ports, _, coordinator) = running(1, "worker_persist: 0.2\n");
+    let url = coordinator.url();
+    post_at_once(&url, "big", 0, 1100);
+    counted(&url, "big", 1100);
+    let segments = tenant_file(&cluster, "big").with_extension("");
+    {
+        let _frozen = Immutable::new(&segments);
+        post_at_once(&url, "big", 1100, 1200);
+        eventually_owner(&ports, "big", SETTLED);
+        post_range(&url, "other", 0, 10);
+        counted(&url, "other", 10);
+    }
+    counted(&url, "big", 1200);
+}
+
+/// A shard whose directory cannot be written (made immutable) is left out of rounds, with a
+/// backoff, while every other shard of the same worker merges on; writable again, it catches up
+/// with every id.
+#[test]
+fn an_unwritable_shard_delays_no_other_shard() {
+    let (cluster, _, _, coordinator) = running(1, "worker_persist: 0.2\n");
+    let url = coordinator.url();
+    post_range(&url, "stuck", 0, 10);
+    counted(&url, "stuck", 10);
+    let shard = tenant_file(&cluster, "stuck").parent().unwrap().to_path_buf();
+    {
+        let _frozen = Immutable::new(&shard);
+        post_range(&url, "stuck", 10, 20);
+        post_range(&url, "other", 0, 10);
+        counted(&url, "other", 10);
+        assert_eq!(count(&client(), &url, "stuck"), 10);
+    }
+    counted(&url, "stuck", 20);
 }

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Cluster, Proc, batch, client, count, eventually, extra, free_port, is_running, post, running, send_signal, sigkill,
+    Cluster, batch, client, count, eventually, extra, free_port, is_running, post, running, send_signal, sigkill,
     stats, worker_url,
 };
 use reqwest::StatusCode;

@@ -2,7 +2,7 @@
 //!
 //! A round writes every file it changes as a temporary beside its target, then:
 //!
-//! 1. makes every temporary's contents durable;
+//! 1. makes every temporary's contents durable, and the files appended to in place;
 //! 2. renames the claims of shards taken over from another worker into place, so that the
 //!    previous owner, should it come back, sees that its cached sets are stale before any
 //!    tenant file changes;
@@ -47,6 +47,8 @@ pub(crate) enum Step {
 pub(crate) struct Commit {
     sync: bool,
     staged: Vec<(Step, PathBuf, PathBuf)>,
+    /// Files appended to in place (quarantine files), made durable with the temporaries.
+    appended: Vec<PathBuf>,
     obsolete: Vec<PathBuf>,
     written_bytes: u64,
 }
@@ -54,7 +56,7 @@ pub(crate) struct Commit {
 impl Commit {
     /// An empty commit; `sync` says whether to make it durable or leave that to the OS.
     pub(crate) fn new(sync: bool) -> Commit {
-        Commit { sync, staged: Vec::new(), obsolete: Vec::new(), written_bytes: 0 }
+        Commit { sync, staged: Vec::new(), appended: Vec::new(), obsolete: Vec::new(), written_bytes: 0 }
     }
 
     /// Writes `bytes`, the future contents of `path`, into its temporary, to be renamed at `step`.
@@ -63,6 +65,19 @@ impl Commit {
         disk::write(&tmp, bytes)?;
         self.written_bytes += bytes.len() as u64;
         self.staged.push((step, tmp, path.to_path_buf()));
+        Ok(())
+    }
+
+    /// Appends `lines` to the file `path` of whole lines (created if need be), in place: made
+    /// durable with the temporaries, before any record moves. A crash before that leaves at
+    /// most a last line cut short, which the next append cuts off.
+    pub(crate) fn append(&mut self, path: &Path, lines: &[u8]) -> disk::Result<()> {
+        let file = super::quarantine::open_for_append(path)?;
+        disk::write_all(&file, path, lines)?;
+        self.written_bytes += lines.len() as u64;
+        if !self.appended.iter().any(|p| p == path) {
+            self.appended.push(path.to_path_buf());
+        }
         Ok(())
     }
 
@@ -82,6 +97,7 @@ impl Commit {
     /// Takes in everything `other` staged.
     pub(crate) fn absorb(&mut self, other: Commit) {
         self.staged.extend(other.staged);
+        self.appended.extend(other.appended);
         self.obsolete.extend(other.obsolete);
         self.written_bytes += other.written_bytes;
     }
@@ -103,10 +119,15 @@ impl Commit {
     /// Puts every staged file in place durably, in the order the module documentation gives;
     /// `fs_of` is any path on the database's file system.
     pub(crate) fn finish(self, fs_of: &Path) -> disk::Result<()> {
-        let temporaries: Vec<&Path> = self.staged.iter().map(|(_, tmp, _)| tmp.as_path()).collect();
-        self.make_durable(&temporaries, fs_of)?;
+        let written =
+            self.staged.iter().map(|(_, tmp, _)| tmp.as_path()).chain(self.appended.iter().map(PathBuf::as_path));
+        self.make_durable(&written.collect::<Vec<_>>(), fs_of)?;
         for steps in [&[Step::Claim, Step::Data][..], &[Step::Progress]] {
             let mut dirs = BTreeSet::new();
+            if steps.contains(&Step::Data) {
+                // An appended file may be new: its entry is made durable with the data's.
+                dirs.extend(self.appended.iter().map(|path| parent_of(path)));
+            }
             for (_, tmp, path) in self.staged.iter().filter(|(s, _, _)| steps.contains(s)) {
                 disk::rename(tmp, path)?;
                 dirs.insert(parent_of(path));

@@ -254,6 +254,11 @@ pub(crate) fn read_to_end(file: &mut File, path: &Path, out: &mut Vec<u8>) -> Re
     })
 }
 
+/// Fills `buf` with the bytes of `file` (at `path`) from `offset` on.
+pub(crate) fn read_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
+    run(Op::Read, path, || std::os::unix::fs::FileExt::read_exact_at(file, buf, offset))
+}
+
 /// The file at `path` mapped into memory; `None` if it is empty, which cannot be mapped.
 ///
 /// # Safety
@@ -282,8 +287,8 @@ pub(crate) fn entries(dir: &Path) -> Result<Vec<fs::DirEntry>> {
 
 /// Writes `bytes` as the whole contents of `path`, created or truncated; not made durable.
 pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut file = open_with(OpenOptions::new().write(true).create(true).truncate(true), path)?;
-    write_all(&mut file, path, bytes)
+    let file = open_with(OpenOptions::new().write(true).create(true).truncate(true), path)?;
+    write_all(&file, path, bytes)
 }
 
 /// Writes all of `bytes` to `file` (at `path`), at its position.

@@ -14,6 +14,7 @@
 //!
 //! The files under the database directory are described in `layout`.
 
+mod backoff;
 mod commit;
 mod damaged;
 pub mod disk;
@@ -53,6 +54,8 @@ pub enum StoreError {
     Io {
         /// What the store was doing.
         context: String,
+        /// The file it was done to, where one was.
+        path: Option<PathBuf>,
         /// The operating system's error.
         error: io::Error,
     },
@@ -103,13 +106,13 @@ pub enum StoreError {
 
 impl From<disk::DiskError> for StoreError {
     fn from(e: disk::DiskError) -> StoreError {
-        StoreError::Io { context: e.context(), error: e.source }
+        StoreError::Io { context: e.context(), path: Some(e.path), error: e.source }
     }
 }
 
 impl StoreError {
     fn io(context: impl Into<String>, source: io::Error) -> StoreError {
-        StoreError::Io { context: context.into(), error: source }
+        StoreError::Io { context: context.into(), path: None, error: source }
     }
 
     fn corrupt(path: &Path, detail: impl ToString) -> StoreError {
@@ -476,16 +479,7 @@ impl Store {
             merge_lag: self.merge_lag(),
             last_flush: self.last_flush.lock().clone(),
             quarantined: match &self.engine {
-                Engine::Json(shards) => shards
-                    .quarantined()
-                    .into_iter()
-                    .map(|q| QuarantinedTenant {
-                        kept_ids: q.ids.len() as u64,
-                        tenant: q.tenant,
-                        file: q.file,
-                        reason: q.reason,
-                    })
-                    .collect(),
+                Engine::Json(shards) => shards.quarantined(),
                 Engine::Redis(_) => Vec::new(),
             },
         }

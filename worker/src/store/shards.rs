@@ -30,20 +30,21 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use hashbrown::{HashMap, HashSet};
 use memmap2::Mmap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::backoff::Backoff;
 use super::commit::{Commit, Step, is_temporary};
 use super::layout::{owner_of, shard_dir, shard_of};
 use super::log::Damage;
 use super::log::record::{Entry, Records, Run};
 use super::log::{LogFile, WorkerLog};
 use super::naming::tenant_file_stem;
-use super::quarantine::{Quarantine, Signature, failed_file};
+use super::quarantine::Quarantine;
 use super::tenant::{Tenant, read_all, read_count};
 use super::{FlushReport, StoreError};
 use super::{damaged, disk};
@@ -65,9 +66,10 @@ struct ShardRecord {
     /// Per worker id, the sequence number up to which its log files are merged.
     merged: BTreeMap<String, u64>,
     /// The shard's tenants in quarantine (see [`super::quarantine`]), each with its quarantine
-    /// file beside its tenant file.
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    quarantined: BTreeSet<String>,
+    /// file beside its tenant file, and how many ids it kept as of this record (unknown in a
+    /// record of an earlier release, which listed only the names).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "names_or_kept")]
+    quarantined: BTreeMap<String, Option<u64>>,
     /// Rebuilt because the file did not parse (see [`Shards::read_record`]): its owner writes
     /// it again at its next round.
     #[serde(skip)]
@@ -94,9 +96,8 @@ struct OwnedShard {
     /// locked first or changed hands, and kept up to date since: a new tenant needs no look
     /// for a file it does not have.
     files: Option<HashSet<String>>,
-    /// The tenants of `record.quarantined`, read from their quarantine files, with the state of
-    /// their files when last tried (`None`: not tried by this process yet).
-    quarantined: HashMap<String, (Quarantine, Option<Signature>)>,
+    /// The tenants of `record.quarantined`, read from their quarantine files.
+    quarantined: HashMap<String, Quarantine>,
 }
 
 /// The shards a log file holds runs of, one bit each.
@@ -138,34 +139,6 @@ struct MergeState {
     failing: HashMap<u16, Backoff>,
 }
 
-/// When to try again something that failed, waiting longer after each failure.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Backoff {
-    next_try: Instant,
-    wait: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_secs(1);
-    const MAX: Duration = Duration::from_secs(60);
-
-    /// After a first failure.
-    pub(crate) fn new() -> Backoff {
-        Backoff { next_try: Instant::now() + Backoff::FIRST, wait: Backoff::FIRST }
-    }
-
-    /// After one more failure.
-    pub(crate) fn again(self) -> Backoff {
-        let wait = (self.wait * 2).min(Backoff::MAX);
-        Backoff { next_try: Instant::now() + wait, wait }
-    }
-
-    /// Whether it is time to try again.
-    pub(crate) fn due(&self) -> bool {
-        Instant::now() >= self.next_try
-    }
-}
-
 /// What a round merges from: every worker's log as listed, the files it read, and the shards
 /// each file this process read holds runs of.
 struct Sources<'a> {
@@ -173,6 +146,9 @@ struct Sources<'a> {
     inputs: &'a [Input<'a>],
     indexed: &'a HashMap<(String, u64), ShardSet>,
 }
+
+/// The runs a round takes, by shard and tenant.
+type ShardRuns<'a> = BTreeMap<u16, HashMap<&'a str, Vec<Run<'a>>>>;
 
 /// A log file read by a round.
 struct Input<'a> {
@@ -263,9 +239,21 @@ impl Shards {
         {
             return Ok(*count);
         }
-        let path = self.tenant_path(tenant);
-        if let Some(quarantine) = Quarantine::read(&path)? {
-            return Err(quarantine.error());
+        let shard = shard_of(tenant, self.shards);
+        let path = shard_dir(&self.root, shard).join(tenant_file_name(tenant));
+        // A quarantine file counts only while the shard's record lists it: one left behind by
+        // a crash after a repair's commit is stale, and its tenant's file is whole again. Nor
+        // is a count cached while there is one, since the record lists a new quarantine only
+        // after its tenant's file was replaced to make the cached counts go stale.
+        let quarantine = Quarantine::read_head(tenant, &path)?;
+        if let Some((file, reason)) = &quarantine
+            && self.read_record(shard)?.quarantined.contains_key(tenant)
+        {
+            return Err(StoreError::Quarantined {
+                tenant: tenant.to_owned(),
+                file: file.clone(),
+                reason: reason.clone(),
+            });
         }
         let mut file = match disk::open(&path) {
             Ok(file) => file,
@@ -274,6 +262,9 @@ impl Shards {
         };
         let unchanged = file.metadata().map(|m| Unchanged::of(&m));
         let count = read_count(&path, &read_all(&mut file, &path)?, tenant)?;
+        if quarantine.is_some() {
+            return Ok(count);
+        }
         let mut counts = self.counts.lock();
         if counts.len() >= OPEN_TENANT_FILES {
             counts.clear();
@@ -319,7 +310,7 @@ impl Shards {
             logs.iter().any(|l| l.worker == *worker && l.inputs.iter().any(|f| f.seq == *seq))
         });
 
-        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed);
+        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed, failing);
         let inputs = self.read_inputs(logs, owned, indexed, report)?;
         let mut with_runs = BTreeSet::new();
         for input in &inputs {
@@ -330,7 +321,7 @@ impl Shards {
             }
         }
         for (&shard, state) in owned.iter_mut() {
-            if state.record.rebuilt || quarantine_changed(shard, state, &self.root)? {
+            if state.record.rebuilt || quarantine_due(shard, state, &self.root)? {
                 with_runs.insert(shard);
             }
         }
@@ -347,7 +338,7 @@ impl Shards {
             result?;
         }
         // What is left: runs of shards that were busy, or files past the round's budget.
-        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed);
+        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed, failing);
         self.collect_garbage(logs, indexed, owned, report)
     }
 
@@ -414,7 +405,9 @@ impl Shards {
         Ok(set)
     }
 
-    /// Merges the runs of the shards `with_runs` in `inputs`, and commits.
+    /// Merges the runs of the shards `with_runs` in `inputs`, and commits. Each shard's change
+    /// is staged on its own: a shard whose files fail is left out of the commit (and out of
+    /// rounds for a while), and every other shard merges on.
     fn merge(
         &self,
         with_runs: &BTreeSet<u16>,
@@ -423,33 +416,78 @@ impl Shards {
         failing: &mut HashMap<u16, Backoff>,
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
+        let mut runs = self.runs_of(with_runs, sources, owned, report)?;
         let mut commit = Commit::new(self.sync.load(Ordering::Relaxed));
-        // Lock the shards; one still held by another worker (its previous owner finishing a
-        // round) is left for the next round, and so is one whose files fail.
-        let mut locked: BTreeMap<u16, ShardRecord> = BTreeMap::new();
+        let mut merged = Vec::new();
         for &shard in with_runs {
             let state = owned.get_mut(&shard).expect("shards with runs are owned");
-            match self.lock_shard(shard, state, &mut commit, report) {
+            let mut staged = commit.nested();
+            let done = self.lock_shard(shard, state, &mut staged, report).and_then(|record| match record {
+                Some(mut record) => {
+                    let tenants = runs.remove(&shard).unwrap_or_default();
+                    self.merge_shard(shard, &mut record, state, &tenants, sources, &mut staged, report)?;
+                    Ok(Some(record))
+                }
+                None => Ok(None),
+            });
+            match done {
                 Ok(Some(record)) => {
                     failing.remove(&shard);
-                    locked.insert(shard, record);
+                    commit.absorb(staged);
+                    merged.push((shard, record));
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    if let Some(lock) = &state.lock {
-                        let _ = lock.unlock();
-                    }
+                    // Its sets may disagree with its files now: they are read again later.
+                    staged.discard();
+                    owned.remove(&shard);
                     shard_failed(shard, &e, failing, report);
                 }
             }
         }
-        let result = self.merge_locked(&mut locked, commit, sources, owned, report);
-        for shard in locked.keys() {
-            if let Some(lock) = owned.get(shard).and_then(|o| o.lock.as_ref()) {
+        report.written_bytes += commit.written_bytes();
+        let committed = commit.finish(&self.root);
+        for (shard, record) in merged {
+            let state = owned.get_mut(&shard).expect("merged shards are owned");
+            if let Some(lock) = &state.lock {
                 let _ = lock.unlock();
             }
+            if committed.is_ok() {
+                state.record = record;
+                state.tenants.retain(|_, tenant| !tenant.is_small());
+            }
         }
-        result
+        Ok(committed?)
+    }
+
+    /// The runs of the shards `with_runs` in `inputs` that their records have not merged, by
+    /// shard and tenant.
+    fn runs_of<'a>(
+        &self,
+        with_runs: &BTreeSet<u16>,
+        sources: &Sources<'a>,
+        owned: &HashMap<u16, OwnedShard>,
+        report: &mut FlushReport,
+    ) -> Result<ShardRuns<'a>, StoreError> {
+        let mut runs: ShardRuns = BTreeMap::new();
+        for input in sources.inputs {
+            let malformed = |e| StoreError::corrupt(&input.file.path, e);
+            for entry in Records::new(&input.data) {
+                let Entry::Record(payload) = entry else { continue };
+                for run in payload.runs() {
+                    let run = run.map_err(malformed)?;
+                    if !with_runs.contains(&run.shard) {
+                        continue;
+                    }
+                    let record = &owned.get(&run.shard).expect("shards with runs are owned").record;
+                    if input.file.seq > record.merged(input.worker) {
+                        report.items += run.count_ids().map_err(malformed)?;
+                        runs.entry(run.shard).or_default().entry(run.tenant).or_default().push(run);
+                    }
+                }
+            }
+        }
+        Ok(runs)
     }
 
     /// Takes the lock of `shard` and reads its record, claiming the shard (in `commit`) if
@@ -477,6 +515,9 @@ impl Shards {
             remove_temporaries(&dir)?;
         }
         let record = self.read_record(shard)?;
+        if first_time {
+            remove_stale_quarantines(&dir, &record)?;
+        }
         if record.rebuilt {
             damaged::keep_aside(
                 &self.root,
@@ -497,121 +538,93 @@ impl Shards {
         Ok(Some(record))
     }
 
-    /// [`Shards::merge`] once the shards are locked.
-    fn merge_locked(
+    /// Merges the runs `tenants` into the locked shard `shard`, whose record is `record`,
+    /// staging its files and its record in `commit`.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_shard(
         &self,
-        locked: &mut BTreeMap<u16, ShardRecord>,
-        mut commit: Commit,
+        shard: u16,
+        record: &mut ShardRecord,
+        state: &mut OwnedShard,
+        tenants: &HashMap<&str, Vec<Run>>,
         sources: &Sources,
-        owned: &mut HashMap<u16, OwnedShard>,
+        commit: &mut Commit,
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
-        if locked.is_empty() {
-            return Ok(());
-        }
-        let Sources { logs, inputs, indexed } = *sources;
-        let mut by_tenant: HashMap<(u16, &str), Vec<Run>> = HashMap::new();
-        for input in inputs {
-            let malformed = |e| StoreError::corrupt(&input.file.path, e);
-            for entry in Records::new(&input.data) {
-                let Entry::Record(payload) = entry else { continue };
-                for run in payload.runs() {
-                    let run = run.map_err(malformed)?;
-                    let Some(record) = locked.get(&run.shard) else { continue };
-                    if input.file.seq > record.merged(input.worker) {
-                        report.items += run.count_ids().map_err(malformed)?;
-                        by_tenant.entry((run.shard, run.tenant)).or_default().push(run);
-                    }
-                }
-            }
-        }
-        for (shard, record) in locked.iter_mut() {
-            let state = owned.get_mut(shard).expect("locked shards are owned");
-            self.retry_quarantined(*shard, record, state, &mut commit, report)?;
-        }
-        for ((shard, name), runs) in &by_tenant {
-            let state = owned.get_mut(shard).expect("locked shards are owned");
-            let record = locked.get_mut(shard).expect("runs are only taken for locked shards");
-            let dir = shard_dir(&self.root, *shard);
+        let dir = shard_dir(&self.root, shard);
+        self.retry_quarantined(shard, record, state, commit, report)?;
+        for (name, runs) in tenants {
             let file_name = tenant_file_name(name);
             let path = dir.join(&file_name);
-            // Every run was checked by `count_ids` above.
+            // Every run was checked by `count_ids` when it was taken.
             let ids = || runs.iter().flat_map(Run::ids);
-            if let Some((quarantine, _)) = state.quarantined.get_mut(*name) {
-                quarantine.ids.extend(ids().map(|id| String::from_utf8_lossy(id).into_owned()));
-                quarantine.stage(&path, &mut commit)?;
+            if let Some(quarantine) = state.quarantined.get_mut(*name) {
+                quarantine.keep(ids(), commit)?;
                 continue;
             }
-            let files = match &mut state.files {
-                Some(files) => files,
-                files => files.insert(list_tenant_files(&dir)?),
-            };
             let mut staged = commit.nested();
-            let merged = match state.tenants.entry_ref(*name) {
+            let files = match &mut state.files {
+                Some(files) => Ok(files),
+                files => list_tenant_files(&dir).map(|listed| files.insert(listed)),
+            };
+            let merged = files.and_then(|files| match state.tenants.entry_ref(*name) {
                 hashbrown::hash_map::EntryRef::Occupied(entry) => Ok(entry.into_mut()),
                 hashbrown::hash_map::EntryRef::Vacant(entry) if files.contains(&file_name) => {
                     Tenant::load(path.clone(), name).map(|tenant| entry.insert(tenant))
                 }
                 hashbrown::hash_map::EntryRef::Vacant(entry) => Ok(entry.insert(Tenant::new(path.clone()))),
-            }
-            .and_then(|tenant| tenant.merge(name, ids(), &mut staged));
-            match merged {
+            });
+            match merged.and_then(|tenant| tenant.merge(name, ids(), &mut staged)) {
                 Ok(new) => {
                     commit.absorb(staged);
                     report.new_ids += new;
                     report.tenants += 1;
-                    files.insert(file_name);
+                    if let Some(files) = &mut state.files {
+                        files.insert(file_name);
+                    }
                 }
                 Err(e) => {
                     // This tenant alone is set apart; its ids are kept, and the round goes on.
                     staged.discard();
                     state.tenants.remove(*name);
-                    let file = failed_file(&e, &path);
-                    tracing::error!(tenant = name, file = %file.display(), error = %e, "tenant quarantined; its new ids are kept until it is repaired");
-                    let ids = ids().map(|id| String::from_utf8_lossy(id).into_owned()).collect();
-                    let quarantine = Quarantine { tenant: (*name).to_owned(), file, reason: e.to_string(), ids };
-                    quarantine.stage(&path, &mut commit)?;
-                    invalidate_cached_counts(&path, &quarantine.file, &mut commit)?;
-                    let signature = quarantine.signature(&path);
-                    state.quarantined.insert((*name).to_owned(), (quarantine, Some(signature)));
-                    record.quarantined.insert((*name).to_owned());
+                    let mut quarantine = Quarantine::new(name, &path, &e);
+                    tracing::error!(tenant = name, file = %quarantine.file().display(), error = %e, "tenant quarantined; its new ids are kept until it is repaired");
+                    quarantine.keep(ids(), commit)?;
+                    invalidate_cached_counts(&path, quarantine.file(), commit);
+                    state.quarantined.insert((*name).to_owned(), quarantine);
+                    record.quarantined.insert((*name).to_owned(), None);
                 }
             }
         }
-        // Each shard's record moves past every file it has now merged: those read this round,
+        for (name, kept) in record.quarantined.iter_mut() {
+            *kept = state.quarantined.get(name).map(Quarantine::kept_count);
+        }
+        // The record moves past every file the shard has now merged: those read this round,
         // and those known to hold none of its runs.
-        for (shard, record) in locked.iter_mut() {
-            record.writer = self.writer.clone();
-            record.rebuilt = false;
-            for log in logs {
-                let from = record.merged(&log.worker);
-                let mut upto = from;
-                for file in log.inputs.iter().filter(|f| f.seq > from) {
-                    let read = inputs.iter().any(|i| i.worker == log.worker && i.file.seq == file.seq);
-                    let without = indexed.get(&(log.worker.clone(), file.seq)).is_some_and(|set| !set.contains(*shard));
-                    if !(read || without) {
-                        break;
-                    }
-                    upto = file.seq;
+        record.writer = self.writer.clone();
+        record.rebuilt = false;
+        for log in sources.logs {
+            let from = record.merged(&log.worker);
+            let mut upto = from;
+            for file in log.inputs.iter().filter(|f| f.seq > from) {
+                let read = sources.inputs.iter().any(|i| i.worker == log.worker && i.file.seq == file.seq);
+                let without =
+                    sources.indexed.get(&(log.worker.clone(), file.seq)).is_some_and(|set| !set.contains(shard));
+                if !(read || without) {
+                    break;
                 }
-                if upto > from {
-                    record.merged.insert(log.worker.clone(), upto);
-                }
+                upto = file.seq;
             }
-            self.stage_record(&mut commit, Step::Progress, *shard, record)?;
+            if upto > from {
+                record.merged.insert(log.worker.clone(), upto);
+            }
         }
-        report.written_bytes += commit.written_bytes();
-        commit.finish(&self.root)?;
-        for (shard, record) in locked.iter() {
-            let state = owned.get_mut(shard).expect("locked shards are owned");
-            state.record = record.clone();
-            state.tenants.retain(|_, tenant| !tenant.is_small());
-        }
-        Ok(())
+        self.stage_record(commit, Step::Progress, shard, record)
     }
 
-    /// Tries again each quarantined tenant of a locked shard whose files changed since it was
-    /// last tried: one that loads now takes the ids kept for it, and leaves quarantine.
+    /// Tries again each quarantined tenant of a locked shard that is due (see
+    /// [`Quarantine::due`]): one that loads now takes the ids kept for it, and leaves
+    /// quarantine.
     fn retry_quarantined(
         &self,
         shard: u16,
@@ -621,31 +634,25 @@ impl Shards {
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
         let dir = shard_dir(&self.root, shard);
-        load_quarantined(&record.quarantined, &mut state.quarantined, &dir)?;
-        for (name, (quarantine, tried)) in state.quarantined.iter_mut() {
+        load_quarantined(&record.quarantined, &mut state.quarantined, &dir, &self.root)?;
+        let mut repaired = Vec::new();
+        for (name, quarantine) in state.quarantined.iter_mut().filter(|(_, q)| q.due()) {
             let path = dir.join(tenant_file_name(name));
-            let signature = quarantine.signature(&path);
-            if *tried == Some(signature) {
-                continue;
-            }
-            *tried = Some(signature);
             let mut staged = commit.nested();
-            let loaded = Tenant::load(path.clone(), name).and_then(|mut tenant| {
-                let kept = quarantine.ids.iter().map(String::as_bytes);
-                tenant.merge(name, kept, &mut staged).map(|new| (tenant, new))
-            });
+            let loaded = Tenant::load(path.clone(), name)
+                .and_then(|mut tenant| tenant.merge(name, quarantine.kept(), &mut staged).map(|new| (tenant, new)));
             match loaded {
                 Ok((tenant, new)) => {
                     commit.absorb(staged);
                     tracing::info!(
                         tenant = name,
-                        kept_ids = quarantine.ids.len(),
+                        kept_ids = quarantine.kept_count(),
                         new_ids = new,
                         "tenant repaired: out of quarantine"
                     );
                     report.new_ids += new;
                     commit.remove_after(Quarantine::path_of(&path));
-                    record.quarantined.remove(name);
+                    repaired.push(name.clone());
                     state.tenants.insert(name.clone(), tenant);
                     if let Some(files) = &mut state.files {
                         files.insert(tenant_file_name(name));
@@ -654,22 +661,23 @@ impl Shards {
                 Err(e) => {
                     staged.discard();
                     tracing::warn!(tenant = name, error = %e, "quarantined tenant still cannot be read");
-                    let (file, reason) = (failed_file(&e, &path), e.to_string());
-                    if quarantine.file != file || quarantine.reason != reason {
-                        (quarantine.file, quarantine.reason) = (file, reason);
-                        quarantine.stage(&path, commit)?;
-                    }
+                    quarantine.failed(&e);
+                    quarantine.keep([], commit)?;
                 }
             }
         }
-        state.quarantined.retain(|name, _| record.quarantined.contains(name));
+        for name in repaired {
+            record.quarantined.remove(&name);
+            state.quarantined.remove(&name);
+        }
+        state.quarantined.retain(|name, _| record.quarantined.contains_key(name));
         Ok(())
     }
 
     /// The tenants in quarantine in the shards this worker owns.
-    pub(crate) fn quarantined(&self) -> Vec<Quarantine> {
+    pub(crate) fn quarantined(&self) -> Vec<super::QuarantinedTenant> {
         let state = self.state.lock();
-        state.owned.values().flat_map(|s| s.quarantined.values().map(|(q, _)| q.clone())).collect()
+        state.owned.values().flat_map(|s| s.quarantined.values().map(Quarantine::summary)).collect()
     }
 
     /// Whether a round should run though no log file came or went: a quarantined tenant's
@@ -680,7 +688,7 @@ impl Shards {
         let root = &self.root;
         state.failing.values().any(Backoff::due)
             || state.owned.values().any(|owned| owned.record.rebuilt)
-            || state.owned.iter_mut().any(|(&shard, owned)| quarantine_changed(shard, owned, root).unwrap_or(true))
+            || state.owned.iter_mut().any(|(&shard, owned)| quarantine_due(shard, owned, root).unwrap_or(true))
     }
 
     /// Deletes the listed log files that every shard they hold runs of has merged. A file that
@@ -749,7 +757,8 @@ impl Shards {
                     error = %e,
                     "shard record damaged: rebuilt; the shard's log files still present are merged again"
                 );
-                Ok(ShardRecord { quarantined: Quarantine::tenants_in(&dir)?, rebuilt: true, ..ShardRecord::default() })
+                let quarantined = Quarantine::tenants_in(&dir)?.into_iter().map(|tenant| (tenant, None)).collect();
+                Ok(ShardRecord { quarantined, rebuilt: true, ..ShardRecord::default() })
             }
         }
     }
@@ -764,10 +773,6 @@ impl Shards {
         let path = shard_dir(&self.root, shard).join(SHARD_FILE);
         let bytes = serde_json::to_vec(record).expect("a shard record serializes");
         Ok(commit.write(step, &path, &bytes)?)
-    }
-
-    fn tenant_path(&self, tenant: &str) -> PathBuf {
-        shard_dir(&self.root, shard_of(tenant, self.shards)).join(tenant_file_name(tenant))
     }
 
     /// Ids this worker holds in memory, and their resident bytes, about.
@@ -791,13 +796,20 @@ fn wanted(
         .is_none_or(|set| set.iter().any(|s| owned.get(&s).is_some_and(|o| file.seq > o.record.merged(worker))))
 }
 
-/// When the oldest wanted log file was last written.
+/// When the oldest log file was last written that holds runs this worker has yet to merge:
+/// runs of owned shards not merged yet, or of owned shards left out of rounds by a failure.
 fn oldest_wanted(
     logs: &[WorkerLog],
     owned: &HashMap<u16, OwnedShard>,
     indexed: &HashMap<(String, u64), ShardSet>,
+    failing: &HashMap<u16, Backoff>,
 ) -> Option<SystemTime> {
-    let wanted = logs.iter().flat_map(|l| l.inputs.iter().filter(|f| wanted(&l.worker, f, owned, indexed)));
+    let stuck = |worker: &str, file: &LogFile| {
+        indexed.get(&(worker.to_owned(), file.seq)).is_some_and(|set| set.iter().any(|s| failing.contains_key(&s)))
+    };
+    let wanted = logs
+        .iter()
+        .flat_map(|l| l.inputs.iter().filter(|f| wanted(&l.worker, f, owned, indexed) || stuck(&l.worker, f)));
     wanted.map(|f| f.modified).min()
 }
 
@@ -831,55 +843,69 @@ impl Unchanged {
     }
 }
 
-/// Reads into `loaded` the quarantine files of the tenants `names` (a shard record's) that this
-/// process has not read.
+/// Reads into `loaded` the quarantine files of the tenants `names` (a shard record's, with the
+/// ids each kept) in the shard directory `dir` that this process has not read.
 fn load_quarantined(
-    names: &BTreeSet<String>,
-    loaded: &mut HashMap<String, (Quarantine, Option<Signature>)>,
+    names: &BTreeMap<String, Option<u64>>,
+    loaded: &mut HashMap<String, Quarantine>,
     dir: &Path,
+    database: &Path,
 ) -> Result<(), StoreError> {
-    for name in names {
-        if !loaded.contains_key(name)
-            && let Some(quarantine) = Quarantine::read(&dir.join(tenant_file_name(name)))?
-        {
-            loaded.insert(name.clone(), (quarantine, None));
+    for (name, kept) in names {
+        if !loaded.contains_key(name) {
+            let quarantine = Quarantine::load(name, &dir.join(tenant_file_name(name)), *kept, database)?;
+            loaded.insert(name.clone(), quarantine);
         }
     }
     Ok(())
 }
 
-/// Whether a quarantined tenant of `shard` was never tried by this process, or its files
-/// changed since it was.
-fn quarantine_changed(shard: u16, state: &mut OwnedShard, root: &Path) -> Result<bool, StoreError> {
+/// Whether a quarantined tenant of `shard` is due for another try.
+fn quarantine_due(shard: u16, state: &mut OwnedShard, root: &Path) -> Result<bool, StoreError> {
     if state.record.quarantined.is_empty() {
         return Ok(false);
     }
-    let dir = shard_dir(root, shard);
-    load_quarantined(&state.record.quarantined, &mut state.quarantined, &dir)?;
-    Ok(state
-        .quarantined
-        .iter()
-        .any(|(name, (quarantine, tried))| *tried != Some(quarantine.signature(&dir.join(tenant_file_name(name))))))
+    load_quarantined(&state.record.quarantined, &mut state.quarantined, &shard_dir(root, shard), root)?;
+    Ok(state.quarantined.values().any(Quarantine::due))
 }
 
 /// Makes every worker read a quarantined tenant's file again, so that its counts answer the
 /// quarantine: counts are served from tenant files held open, and a file replaced (here with
 /// its own bytes) is read again. A tenant file that is itself the bad one fails to parse anyway.
-fn invalidate_cached_counts(tenant_path: &Path, bad: &Path, commit: &mut Commit) -> Result<(), StoreError> {
+/// Best effort: a worker that keeps answering the count it read before is not wrong, only late.
+fn invalidate_cached_counts(tenant_path: &Path, bad: &Path, commit: &mut Commit) {
     if bad == tenant_path {
-        return Ok(());
+        return;
     }
-    match disk::read(tenant_path) {
-        Ok(bytes) => Ok(commit.write(Step::Data, tenant_path, &bytes)?),
+    let rewritten = match disk::read(tenant_path) {
+        Ok(bytes) => commit.write(Step::Data, tenant_path, &bytes),
         Err(e) if e.not_found() => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = rewritten {
+        tracing::warn!(file = %tenant_path.display(), error = %e, "cannot make the workers read a quarantined tenant's file again");
     }
+}
+
+/// Reads a shard record's `quarantined`: a map of tenants to the ids each kept, or (a record of
+/// an earlier release) a list of tenants.
+fn names_or_kept<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, Option<u64>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Quarantined {
+        Kept(BTreeMap<String, Option<u64>>),
+        Names(Vec<String>),
+    }
+    Ok(match Quarantined::deserialize(deserializer)? {
+        Quarantined::Kept(kept) => kept,
+        Quarantined::Names(names) => names.into_iter().map(|name| (name, None)).collect(),
+    })
 }
 
 /// Keeps `shard` out of rounds for a while after `error`, logged.
 fn shard_failed(shard: u16, error: &StoreError, failing: &mut HashMap<u16, Backoff>, report: &mut FlushReport) {
     let backoff = failing.get(&shard).map_or_else(Backoff::new, |b| b.again());
-    tracing::error!(shard, error = %error, retry_in_s = backoff.wait.as_secs(), "shard left out of merging; every other shard merges on");
+    tracing::error!(shard, error = %error, retry_in_s = backoff.wait().as_secs(), "shard left out of merging; every other shard merges on");
     failing.insert(shard, backoff);
     report.failed_shards += 1;
 }
@@ -893,6 +919,26 @@ fn unix_ms() -> u128 {
 fn open_lock(dir: &Path) -> Result<File, StoreError> {
     disk::create_dir_all(dir)?;
     Ok(disk::open_with(OpenOptions::new().write(true).create(true).truncate(false), &dir.join(LOCK_FILE))?)
+}
+
+/// Removes the quarantine files in the shard directory `dir` of tenants that `record` does not
+/// list in quarantine: left behind by a crash between a repair's commit and their removal.
+fn remove_stale_quarantines(dir: &Path, record: &ShardRecord) -> Result<(), StoreError> {
+    let listed: HashSet<PathBuf> =
+        record.quarantined.keys().map(|tenant| Quarantine::path_of(&dir.join(tenant_file_name(tenant)))).collect();
+    let entries = match disk::entries(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.not_found() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        let path = entry.path();
+        if Quarantine::is_quarantine_file(&path) && !listed.contains(&path) {
+            tracing::info!(file = %path.display(), "removing a quarantine file its repair left behind");
+            disk::remove_if_present(&path)?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes the temporaries an unfinished merge left in a shard's directory.

@@ -364,7 +364,7 @@ fn push_ids<'a>(out: &mut Vec<u8>, ids: impl Iterator<Item = &'a [u8]>) {
 }
 
 /// Appends `s`, UTF-8, as a JSON string, escaped as serde_json escapes.
-fn push_json_str(out: &mut Vec<u8>, s: &[u8]) {
+pub(crate) fn push_json_str(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'"');
     if s.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
         out.extend_from_slice(s);
