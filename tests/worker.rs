@@ -283,8 +283,9 @@ fn damage_in_the_middle_of_a_killed_workers_log_keeps_the_batch_after_it_and_the
     let wal = cluster.wal_files();
     let (log, _) = wal.iter().find(|(_, len)| *len > 0).expect("the killed worker's log");
     let mut bytes = fs::read(log).unwrap();
-    // Past the first record's magic and length: inside its checksummed body.
-    bytes[12] ^= 0xff;
+    // Past the file's header of 32 bytes and the first record's magic and length: inside its
+    // checksummed body.
+    bytes[32 + 12] ^= 0xff;
     fs::write(log, bytes).unwrap();
 
     cluster.write_config(&[port], QUICK_FLUSH);

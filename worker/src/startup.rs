@@ -162,7 +162,8 @@ impl Worker {
             stop(handle, serving).await;
             let report = tokio::task::spawn_blocking(move || {
                 merger.stop();
-                store.drain(WORKER_MERGE_WAIT)
+                let report = store.drain(WORKER_MERGE_WAIT)?;
+                store.finish().map(|()| report)
             })
             .await
             .map_err(|e| WorkerError::Runtime(format!("the final flush panicked: {e}")))??;

@@ -42,6 +42,8 @@ pub enum Op {
     SyncFs,
     /// Renaming a file into place.
     Rename,
+    /// Renaming a closed write-ahead log file from `.open` to `.log`, which makes it final.
+    CloseLog,
     /// Removing a file.
     Remove,
     /// Linking a file under a second name.
@@ -56,7 +58,7 @@ pub enum Op {
 
 impl Op {
     /// Every kind, for the tests that go through them all.
-    pub const ALL: [Op; 16] = [
+    pub const ALL: [Op; 17] = [
         Op::Open,
         Op::Create,
         Op::Read,
@@ -68,6 +70,7 @@ impl Op {
         Op::SyncDir,
         Op::SyncFs,
         Op::Rename,
+        Op::CloseLog,
         Op::Remove,
         Op::Link,
         Op::CreateDir,
@@ -89,6 +92,7 @@ impl Op {
             Op::SyncDir => "store-io-sync-dir",
             Op::SyncFs => "store-io-syncfs",
             Op::Rename => "store-io-rename",
+            Op::CloseLog => "store-io-close-log",
             Op::Remove => "store-io-remove",
             Op::Link => "store-io-link",
             Op::CreateDir => "store-io-create-dir",
@@ -110,6 +114,7 @@ impl Op {
             Op::SyncDir => "syncing the directory",
             Op::SyncFs => "syncing the file system of",
             Op::Rename => "renaming",
+            Op::CloseLog => "closing the log file",
             Op::Remove => "removing",
             Op::Link => "linking",
             Op::CreateDir => "creating the directory",
@@ -192,6 +197,7 @@ pub mod faults {
                 Op::SyncDir => fail::fail_point!("store-io-sync-dir", |arg| Some(fail(arg))),
                 Op::SyncFs => fail::fail_point!("store-io-syncfs", |arg| Some(fail(arg))),
                 Op::Rename => fail::fail_point!("store-io-rename", |arg| Some(fail(arg))),
+                Op::CloseLog => fail::fail_point!("store-io-close-log", |arg| Some(fail(arg))),
                 Op::Remove => fail::fail_point!("store-io-remove", |arg| Some(fail(arg))),
                 Op::Link => fail::fail_point!("store-io-link", |arg| Some(fail(arg))),
                 Op::CreateDir => fail::fail_point!("store-io-create-dir", |arg| Some(fail(arg))),
@@ -341,6 +347,11 @@ pub(crate) fn syncfs(path: &Path) -> Result<()> {
 /// Renames `from` to `to`, replacing `to` if it exists.
 pub(crate) fn rename(from: &Path, to: &Path) -> Result<()> {
     run(Op::Rename, from, || fs::rename(from, to))
+}
+
+/// Renames the closed log file `from` (`.open`) to `to` (`.log`), making it final.
+pub(crate) fn close_log(from: &Path, to: &Path) -> Result<()> {
+    run(Op::CloseLog, from, || fs::rename(from, to))
 }
 
 /// Removes the file at `path`.

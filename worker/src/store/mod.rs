@@ -272,24 +272,28 @@ impl Store {
         let log_path = database.join("wal").join(worker_id);
         let log =
             LogDir::lock(&log_path, options.lock_wait)?.ok_or_else(|| StoreError::LogInUse(worker_id.to_owned()))?;
-        let mut highest = log.close_leftovers()?;
+        let present = log.close_leftovers()?;
+        let mut highest = present;
         if let Engine::Json(shards) = &engine {
             highest = highest.max(shards.highest_merged(worker_id));
         }
+        // A number is never used twice: a reader that knew an earlier file by it would take the
+        // new file for the old one.
+        let start = (highest + 1).max(log::reserved(log.path())?);
+        let reserved = log::reserve(log.path(), start)?;
         let mut closed = BTreeMap::new();
         for file in log::files(log.path())? {
             match items_in(&file.path)? {
                 // Merged and deleted by another worker meanwhile: pending no more.
                 None => {}
-                // Nothing acknowledged in it. No shard records its number, so only this worker
-                // may delete it, and only now that `highest` is past it: numbers are never reused.
+                // Nothing acknowledged in it, and its number is below those reserved now.
                 Some(0) => disk::remove(&file.path)?,
                 Some(items) => {
                     closed.insert(file.seq, items);
                 }
             }
         }
-        let writer = Writer::start(&log, highest + 1, options.fsync)?;
+        let writer = Writer::start(&log, start, present, reserved, options.fsync)?;
         Ok(Store {
             worker_id: worker_id.to_owned(),
             root: database.to_path_buf(),
@@ -503,9 +507,17 @@ impl Store {
         Ok(report)
     }
 
-    /// [`Store::drain`], then closes the store, releasing its log.
+    /// Ends the log once the store is drained: its active file goes if it holds nothing, so
+    /// that a worker that stops gracefully leaves nothing behind. Nothing may be appended after.
+    pub fn finish(&self) -> Result<(), StoreError> {
+        self.writer.remove_if_empty()
+    }
+
+    /// [`Store::drain`] and [`Store::finish`], then closes the store, releasing its log.
     pub fn close(self, wait: Duration) -> Result<FlushReport, StoreError> {
-        self.drain(wait)
+        let report = self.drain(wait)?;
+        self.finish()?;
+        Ok(report)
     }
 }
 
@@ -530,15 +542,9 @@ fn items_in(path: &Path) -> Result<Option<u64>, StoreError> {
         Err(e) if e.not_found() => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let mut items = 0;
-    for entry in Records::new(&data) {
-        if let Entry::Record(payload) = entry {
-            for run in payload.runs() {
-                items += run.and_then(|run| run.count_ids()).map_err(|e| StoreError::corrupt(path, e))?;
-            }
-        }
-    }
-    Ok(Some(items))
+    let records =
+        Records::new(&data).filter_map(|entry| if let Entry::Record(payload) = entry { Some(payload) } else { None });
+    Ok(Some(records.flat_map(|payload| payload.runs()).map(|run| run.count_ids()).sum()))
 }
 
 /// Hands the memory a round freed back to the OS. A round's buffers (the log files it read, the

@@ -131,8 +131,8 @@ impl ShardSet {
 struct MergeState {
     /// The shards this worker owns.
     owned: HashMap<u16, OwnedShard>,
-    /// The shards each log file holds runs of, `(worker, seq)`, for the files this process read.
-    indexed: HashMap<(String, u64), ShardSet>,
+    /// What this process read of each log file, by `(worker, seq)`.
+    indexed: Index,
     /// Owned shards that an I/O error kept out of a round (their lock, record or directory
     /// unusable), each with when to try again and the wait after that: every other shard
     /// merges on meanwhile.
@@ -144,8 +144,18 @@ struct MergeState {
 struct Sources<'a> {
     logs: &'a [WorkerLog],
     inputs: &'a [Input<'a>],
-    indexed: &'a HashMap<(String, u64), ShardSet>,
+    indexed: &'a Index,
 }
+
+/// What a process read of a log file: the shards it holds runs of, and the file its worker
+/// wrote before it, as its header says (none in a file of an earlier release).
+struct FileIndex {
+    shards: ShardSet,
+    prev: Option<u64>,
+}
+
+/// The log files a process read, by `(worker, seq)`.
+type Index = HashMap<(String, u64), FileIndex>;
 
 /// The runs a round takes, by shard and tenant.
 type ShardRuns<'a> = BTreeMap<u16, HashMap<&'a str, Vec<Run<'a>>>>;
@@ -314,7 +324,7 @@ impl Shards {
         let inputs = self.read_inputs(logs, owned, indexed, report)?;
         let mut with_runs = BTreeSet::new();
         for input in &inputs {
-            for shard in indexed[&(input.worker.to_owned(), input.file.seq)].iter() {
+            for shard in indexed[&(input.worker.to_owned(), input.file.seq)].shards.iter() {
                 if owned.get(&shard).is_some_and(|o| input.file.seq > o.record.merged(input.worker)) {
                     with_runs.insert(shard);
                 }
@@ -354,7 +364,7 @@ impl Shards {
         &self,
         logs: &'a [WorkerLog],
         owned: &HashMap<u16, OwnedShard>,
-        indexed: &mut HashMap<(String, u64), ShardSet>,
+        indexed: &mut Index,
         report: &mut FlushReport,
     ) -> Result<Vec<Input<'a>>, StoreError> {
         let mut budget = MAX_ROUND_INPUT_BYTES;
@@ -376,7 +386,7 @@ impl Shards {
                 };
                 budget = budget.saturating_sub(data.len() as u64);
                 if !indexed.contains_key(&key) {
-                    indexed.insert(key, self.index(file, &data, report)?);
+                    indexed.insert(key, self.index(file, &data, report));
                 }
                 report.log_files += 1;
                 inputs.push(Input { worker: &log.worker, file, data });
@@ -385,24 +395,23 @@ impl Shards {
         Ok(inputs)
     }
 
-    /// The shards the log file `file` holds runs of; reports the damage found in it.
-    fn index(&self, file: &LogFile, data: &[u8], report: &mut FlushReport) -> Result<ShardSet, StoreError> {
-        let mut set = ShardSet::new(self.shards);
+    /// What the log file `file` holds: the shards it holds runs of, and the file before it;
+    /// reports the damage found in it.
+    fn index(&self, file: &LogFile, data: &[u8], report: &mut FlushReport) -> FileIndex {
+        let mut shards = ShardSet::new(self.shards);
         let mut damage = Damage::default();
-        let mut records = Records::new(data).peekable();
+        let records = Records::new(data);
+        let prev = records.header().map(|header| header.prev);
+        let mut records = records.peekable();
         while let Some(entry) = records.next() {
             match entry {
-                Entry::Record(payload) => {
-                    for run in payload.runs() {
-                        set.insert(run.map_err(|e| StoreError::corrupt(&file.path, e))?.shard);
-                    }
-                }
+                Entry::Record(payload) => payload.runs().for_each(|run| shards.insert(run.shard)),
                 Entry::Damaged { offset, len } => damage.note(&file.path, offset, len, records.peek().is_none()),
             }
         }
         damage.keep_aside(&self.root, &file.path);
         report.add_damage(damage);
-        Ok(set)
+        FileIndex { shards, prev }
     }
 
     /// Merges the runs of the shards `with_runs` in `inputs`, and commits. Each shard's change
@@ -416,7 +425,7 @@ impl Shards {
         failing: &mut HashMap<u16, Backoff>,
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
-        let mut runs = self.runs_of(with_runs, sources, owned, report)?;
+        let mut runs = self.runs_of(with_runs, sources, owned, report);
         let mut commit = Commit::new(self.sync.load(Ordering::Relaxed));
         let mut merged = Vec::new();
         for &shard in with_runs {
@@ -468,26 +477,21 @@ impl Shards {
         sources: &Sources<'a>,
         owned: &HashMap<u16, OwnedShard>,
         report: &mut FlushReport,
-    ) -> Result<ShardRuns<'a>, StoreError> {
+    ) -> ShardRuns<'a> {
         let mut runs: ShardRuns = BTreeMap::new();
         for input in sources.inputs {
-            let malformed = |e| StoreError::corrupt(&input.file.path, e);
             for entry in Records::new(&input.data) {
                 let Entry::Record(payload) = entry else { continue };
-                for run in payload.runs() {
-                    let run = run.map_err(malformed)?;
-                    if !with_runs.contains(&run.shard) {
-                        continue;
-                    }
+                for run in payload.runs().filter(|run| with_runs.contains(&run.shard)) {
                     let record = &owned.get(&run.shard).expect("shards with runs are owned").record;
                     if input.file.seq > record.merged(input.worker) {
-                        report.items += run.count_ids().map_err(malformed)?;
+                        report.items += run.count_ids();
                         runs.entry(run.shard).or_default().entry(run.tenant).or_default().push(run);
                     }
                 }
             }
         }
-        Ok(runs)
+        runs
     }
 
     /// Takes the lock of `shard` and reads its record, claiming the shard (in `commit`) if
@@ -556,7 +560,6 @@ impl Shards {
         for (name, runs) in tenants {
             let file_name = tenant_file_name(name);
             let path = dir.join(&file_name);
-            // Every run was checked by `count_ids` when it was taken.
             let ids = || runs.iter().flat_map(Run::ids);
             if let Some(quarantine) = state.quarantined.get_mut(*name) {
                 quarantine.keep(ids(), commit)?;
@@ -600,17 +603,23 @@ impl Shards {
             *kept = state.quarantined.get(name).map(Quarantine::kept_count);
         }
         // The record moves past every file the shard has now merged: those read this round,
-        // and those known to hold none of its runs.
+        // and those known to hold none of its runs. It stops at a file of a live worker that
+        // is not final yet, and at a file whose predecessor exists but escaped the listing (a
+        // listing may miss a file renamed while it runs).
         record.writer = self.writer.clone();
         record.rebuilt = false;
         for log in sources.logs {
             let from = record.merged(&log.worker);
             let mut upto = from;
             for file in log.inputs.iter().filter(|f| f.seq > from) {
+                if log.unfinished.is_some_and(|unfinished| unfinished < file.seq) {
+                    break;
+                }
+                let index = sources.indexed.get(&(log.worker.clone(), file.seq));
                 let read = sources.inputs.iter().any(|i| i.worker == log.worker && i.file.seq == file.seq);
-                let without =
-                    sources.indexed.get(&(log.worker.clone(), file.seq)).is_some_and(|set| !set.contains(shard));
-                if !(read || without) {
+                let without = index.is_some_and(|index| !index.shards.contains(shard));
+                let missed = index.and_then(|index| index.prev).is_some_and(|prev| prev > upto && log.has_file(prev));
+                if !(read || without) || missed {
                     break;
                 }
                 upto = file.seq;
@@ -699,14 +708,16 @@ impl Shards {
     fn collect_garbage(
         &self,
         logs: &[WorkerLog],
-        indexed: &HashMap<(String, u64), ShardSet>,
+        indexed: &Index,
         owned: &mut HashMap<u16, OwnedShard>,
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
         let mut records: HashMap<u16, ShardRecord> = HashMap::new();
         for log in logs {
             for file in &log.inputs {
-                let Some(set) = indexed.get(&(log.worker.clone(), file.seq)) else { continue };
+                let Some(set) = indexed.get(&(log.worker.clone(), file.seq)).map(|index| &index.shards) else {
+                    continue;
+                };
                 if set.iter().next().is_none() {
                     continue;
                 }
@@ -785,15 +796,10 @@ impl Shards {
 
 /// Whether the log file `file` of `worker` may hold runs of owned shards not merged yet: this
 /// process never read it, or it holds runs of an owned shard whose record is behind it.
-fn wanted(
-    worker: &str,
-    file: &LogFile,
-    owned: &HashMap<u16, OwnedShard>,
-    indexed: &HashMap<(String, u64), ShardSet>,
-) -> bool {
-    indexed
-        .get(&(worker.to_owned(), file.seq))
-        .is_none_or(|set| set.iter().any(|s| owned.get(&s).is_some_and(|o| file.seq > o.record.merged(worker))))
+fn wanted(worker: &str, file: &LogFile, owned: &HashMap<u16, OwnedShard>, indexed: &Index) -> bool {
+    indexed.get(&(worker.to_owned(), file.seq)).is_none_or(|index| {
+        index.shards.iter().any(|s| owned.get(&s).is_some_and(|o| file.seq > o.record.merged(worker)))
+    })
 }
 
 /// When the oldest log file was last written that holds runs this worker has yet to merge:
@@ -801,11 +807,13 @@ fn wanted(
 fn oldest_wanted(
     logs: &[WorkerLog],
     owned: &HashMap<u16, OwnedShard>,
-    indexed: &HashMap<(String, u64), ShardSet>,
+    indexed: &Index,
     failing: &HashMap<u16, Backoff>,
 ) -> Option<SystemTime> {
     let stuck = |worker: &str, file: &LogFile| {
-        indexed.get(&(worker.to_owned(), file.seq)).is_some_and(|set| set.iter().any(|s| failing.contains_key(&s)))
+        indexed
+            .get(&(worker.to_owned(), file.seq))
+            .is_some_and(|index| index.shards.iter().any(|s| failing.contains_key(&s)))
     };
     let wanted = logs
         .iter()

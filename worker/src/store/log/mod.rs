@@ -31,6 +31,12 @@ use super::{damaged, disk};
 
 /// The name of the lock file in every log directory.
 const LOCK_FILE: &str = "LOCK";
+/// The file of a log directory that holds the number below which its worker may have used
+/// file numbers: a number is never used twice, even once every file is merged and deleted.
+const RESERVED_FILE: &str = "RESERVED";
+/// File numbers a worker reserves at a time: a run that closes its log every 5 s writes
+/// `RESERVED` about once every four days.
+const RESERVE: u64 = 1 << 16;
 const OPEN_SUFFIX: &str = "open";
 const CLOSED_SUFFIX: &str = "log";
 const CONSUMED_SUFFIX: &str = "done";
@@ -75,11 +81,39 @@ impl LogDir {
         for file in files(&self.path)? {
             highest = highest.max(file.seq);
             if !file.closed || file.consumed {
-                disk::rename(&file.path, &file_path(&self.path, file.seq, true))?;
+                disk::close_log(&file.path, &file_path(&self.path, file.seq, true))?;
             }
         }
         Ok(highest)
     }
+}
+
+/// The number below which the worker of the log directory `dir` may have used file numbers,
+/// as its `RESERVED` says; 0 where it has none (written by an earlier release, or damaged,
+/// which is logged).
+pub(crate) fn reserved(dir: &Path) -> disk::Result<u64> {
+    let path = dir.join(RESERVED_FILE);
+    match disk::read(&path) {
+        Ok(bytes) => Ok(std::str::from_utf8(&bytes).ok().and_then(|text| text.trim().parse().ok()).unwrap_or_else(|| {
+            tracing::error!(file = %path.display(), "a damaged RESERVED: file numbers are taken above the files and records instead");
+            0
+        })),
+        Err(e) if e.not_found() => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reserves the file numbers from `from` on for the worker of the log directory `dir`, which
+/// it must hold: `RESERVED` is replaced durably. Returns the number below which they are now
+/// reserved.
+pub(crate) fn reserve(dir: &Path, from: u64) -> disk::Result<u64> {
+    let upto = from + RESERVE;
+    let (path, tmp) = (dir.join(RESERVED_FILE), dir.join(format!("{RESERVED_FILE}.tmp")));
+    disk::write(&tmp, format!("{upto}\n").as_bytes())?;
+    disk::sync_path(&tmp)?;
+    disk::rename(&tmp, &path)?;
+    disk::sync_dir(dir)?;
+    Ok(upto)
 }
 
 /// The path of the log file with sequence number `seq` in the log directory `dir`.
@@ -135,8 +169,13 @@ pub(crate) fn files(dir: &Path) -> disk::Result<Vec<LogFile>> {
 pub(crate) struct WorkerLog {
     /// The worker's id: its directory's name.
     pub(crate) worker: String,
+    /// The directory.
+    pub(crate) dir: PathBuf,
     /// Whether a live process holds the directory's lock.
     pub(crate) live: bool,
+    /// The lowest number of a file of a live worker not final yet: its active file, or a
+    /// closed one it could not rename. No record moves past it.
+    pub(crate) unfinished: Option<u64>,
     /// Its files that will never change and are still to merge: closed ones not consumed, and
     /// every file of a dead worker, consumed ones included (it may have died within their grace
     /// period).
@@ -167,11 +206,23 @@ pub(crate) fn scan(wal_root: &Path) -> disk::Result<Vec<WorkerLog>> {
             Err(e) => return Err(e),
         };
         let live = is_live(&dir)?;
+        let unfinished = listed.iter().filter(|f| live && !f.closed).map(|f| f.seq).min();
         let inputs = listed.into_iter().filter(|f| (f.closed && !f.consumed) || !live).collect();
-        logs.push(WorkerLog { worker, live, inputs });
+        logs.push(WorkerLog { worker, dir, live, unfinished, inputs });
     }
     logs.sort_unstable_by(|a, b| a.worker.cmp(&b.worker));
     Ok(logs)
+}
+
+impl WorkerLog {
+    /// Whether the directory holds file `seq` now, under any of its names: looked up in the
+    /// order a file is renamed (`.open`, then `.log`), so that a file renamed meanwhile is
+    /// found under one name or the other.
+    pub(crate) fn has_file(&self, seq: u64) -> bool {
+        [file_path(&self.dir, seq, false), file_path(&self.dir, seq, true), consumed_path(&self.dir, seq)]
+            .iter()
+            .any(|path| path.symlink_metadata().is_ok())
+    }
 }
 
 /// Whether a live process holds the lock of the log directory `dir`. Tested with a shared lock,

@@ -1,12 +1,20 @@
-//! The format of a log record, and the reader that finds every intact record in a file.
+//! The format of a log file, and the reader that finds every intact record in one.
 //!
-//! A record is one acknowledged batch:
+//! A log file starts with a header of [`FILE_HEADER_LEN`] bytes:
 //!
 //! ```text
-//! [magic: u32 LE][length: u32 LE][CRC-32 of length and payload: u32 LE][payload: length bytes]
+//! ["CAL2"][version: u32 LE][seq: u64 LE][prev: u64 LE][record magic: u32 LE][CRC-32 of the 28 bytes before: u32 LE]
 //! ```
 //!
-//! and its payload is the batch's items grouped into runs, one per tenant, sorted by shard and
+//! `seq` is the file's number, `prev` the number of the file its worker wrote before it (0 for
+//! none): readers check that no file between them escaped their listing. The record magic is
+//! drawn at random for each file. Then come the records, each one acknowledged batch:
+//!
+//! ```text
+//! [record magic: u32 LE][length: u32 LE][CRC-32 of length and payload: u32 LE][payload: length bytes]
+//! ```
+//!
+//! and a payload is the batch's items grouped into runs, one per tenant, sorted by shard and
 //! tenant, so that the worker merging a shard takes that shard's runs and skips the rest
 //! without reading their ids:
 //!
@@ -17,20 +25,73 @@
 //! The magic frames records: after a damaged record (a bad checksum, a run of zero bytes) the
 //! reader finds the next intact one by looking for the magic, so damage in the middle of a file
 //! never hides the records after it. A damaged record at the very end of a file is the torn
-//! tail a crash mid-append leaves; it was never acknowledged.
+//! tail a crash mid-append leaves; it was never acknowledged. The magic is the file's own and
+//! never leaves the disk, so that ids, which are the clients' bytes, cannot hold a record that
+//! the search would take for one: a forged record would have to guess it.
+//!
+//! Files written before the header existed hold records with the fixed magic "CAR1"; they are
+//! read as they are.
 
 use countapp_shared::items::Item;
 
 use crate::store::layout::shard_of;
 
-/// The first four bytes of every record, "CAR1" read as little-endian bytes.
-const MAGIC: u32 = u32::from_le_bytes(*b"CAR1");
+/// The first four bytes of a log file with a header.
+const FILE_MAGIC: [u8; 4] = *b"CAL2";
+/// The version of the file format in the header.
+const FILE_VERSION: u32 = 2;
+/// Bytes of a file's header.
+pub(crate) const FILE_HEADER_LEN: usize = 32;
+/// The magic of every record of a file without a header, "CAR1" read as little-endian bytes.
+const LEGACY_MAGIC: u32 = u32::from_le_bytes(*b"CAR1");
 /// Bytes of a record's header: magic, length and checksum.
 pub(crate) const HEADER_LEN: usize = 12;
 /// Bytes of a run's header: shard and length.
 const RUN_HEADER_LEN: usize = 6;
 
-/// Encodes `items` as one record, ready to be appended, for a database of `shards` shards.
+/// What a log file's header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileHeader {
+    /// The file's number.
+    pub(crate) seq: u64,
+    /// The number of the file its worker wrote before it; 0 if none.
+    pub(crate) prev: u64,
+    /// The magic of the file's records.
+    pub(crate) magic: u32,
+}
+
+impl FileHeader {
+    /// A header for file `seq`, written after file `prev`, with a random record magic.
+    pub(crate) fn new(seq: u64, prev: u64) -> FileHeader {
+        let magic = std::iter::repeat_with(rand::random::<u32>).find(|m| *m != LEGACY_MAGIC).expect("endless");
+        FileHeader { seq, prev, magic }
+    }
+
+    /// The header's bytes.
+    pub(crate) fn encode(&self) -> [u8; FILE_HEADER_LEN] {
+        let mut bytes = [0; FILE_HEADER_LEN];
+        bytes[..4].copy_from_slice(&FILE_MAGIC);
+        bytes[4..8].copy_from_slice(&FILE_VERSION.to_le_bytes());
+        bytes[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.prev.to_le_bytes());
+        bytes[24..28].copy_from_slice(&self.magic.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[..28]);
+        bytes[28..].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    /// The header at the start of `data`, if it is one and intact.
+    fn decode(data: &[u8]) -> Option<FileHeader> {
+        let bytes = data.get(..FILE_HEADER_LEN)?;
+        let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        let long = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+        (bytes[..4] == FILE_MAGIC && word(4) == FILE_VERSION && crc32fast::hash(&bytes[..28]) == word(28))
+            .then(|| FileHeader { seq: long(8), prev: long(16), magic: word(24) })
+    }
+}
+
+/// Encodes `items` as one record, ready to be appended once [`stamp`]ed with its file's magic,
+/// for a database of `shards` shards.
 pub(crate) fn encode(items: &[Item<'_>], shards: u16) -> Vec<u8> {
     let mut order: Vec<(u16, usize)> =
         items.iter().enumerate().map(|(i, item)| (shard_of(&item.tenant, shards), i)).collect();
@@ -59,12 +120,20 @@ pub(crate) fn encode(items: &[Item<'_>], shards: u16) -> Vec<u8> {
         end_run(&mut record, start);
     }
     let len = u32::try_from(record.len() - HEADER_LEN).expect("a batch is bounded by max_body_bytes, far below 4 GiB");
-    record[..4].copy_from_slice(&MAGIC.to_le_bytes());
     record[4..8].copy_from_slice(&len.to_le_bytes());
-    let crc = crc32fast::hash(&record[4..8]);
-    let crc = crc32_continue(crc, &record[HEADER_LEN..]);
+    let crc = record_crc(&record[4..8], &record[HEADER_LEN..]);
     record[8..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
     record
+}
+
+/// Writes `magic` into every record of `records` (whole records from [`encode`], one after
+/// the other): the magic of the file they are about to be appended to.
+pub(crate) fn stamp(records: &mut [u8], magic: u32) {
+    let mut at = 0;
+    while let Some(header) = records.get_mut(at..at + HEADER_LEN) {
+        header[..4].copy_from_slice(&magic.to_le_bytes());
+        at += HEADER_LEN + u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize;
+    }
 }
 
 /// Writes the length of the run that starts at `start` into its header.
@@ -73,15 +142,11 @@ fn end_run(record: &mut [u8], start: usize) {
     record[start + 2..start + RUN_HEADER_LEN].copy_from_slice(&len.to_le_bytes());
 }
 
-fn crc32_continue(crc: u32, bytes: &[u8]) -> u32 {
-    let mut hasher = crc32fast::Hasher::new_with_initial(crc);
-    hasher.update(bytes);
-    hasher.finalize()
-}
-
 /// The checksum of a record's length field and payload.
 fn record_crc(len: &[u8], payload: &[u8]) -> u32 {
-    crc32_continue(crc32fast::hash(len), payload)
+    let mut hasher = crc32fast::Hasher::new_with_initial(crc32fast::hash(len));
+    hasher.update(payload);
+    hasher.finalize()
 }
 
 /// What the reader finds in a log file, in order.
@@ -95,29 +160,57 @@ pub(crate) enum Entry<'a> {
 }
 
 /// The entries of a log file's contents: every intact record, and every stretch of damage
-/// between and after them.
+/// between and after them (a damaged file header included).
 pub(crate) struct Records<'a> {
     data: &'a [u8],
     pos: usize,
+    /// The magic of the file's records; `None` while it is not known (the header is damaged
+    /// and no intact record has been found yet).
+    magic: Option<u32>,
+    header: Option<FileHeader>,
 }
 
 impl<'a> Records<'a> {
     /// Reads the records of `data`, the whole contents of one log file.
     pub(crate) fn new(data: &'a [u8]) -> Self {
-        Records { data, pos: 0 }
+        if let Some(header) = FileHeader::decode(data) {
+            return Records { data, pos: FILE_HEADER_LEN, magic: Some(header.magic), header: Some(header) };
+        }
+        if data.is_empty() || data.starts_with(&LEGACY_MAGIC.to_le_bytes()) {
+            return Records { data, pos: 0, magic: Some(LEGACY_MAGIC), header: None };
+        }
+        // A damaged header (or a file of records without one, its first damaged) is damage like
+        // any: the records after it are found as after any damage, their magic learnt from the
+        // first.
+        Records { data, pos: 0, magic: None, header: None }
     }
 
-    /// The payload of an intact record starting at `at`, and its end.
+    /// The file's header, if it has an intact one.
+    pub(crate) fn header(&self) -> Option<FileHeader> {
+        self.header
+    }
+
+    /// The payload of an intact record starting at `at`, and its end: its magic is the file's
+    /// (any, while that is not known), its checksum holds and its runs parse.
     fn record_at(&self, at: usize) -> Option<(Payload<'a>, usize)> {
         let header = self.data.get(at..at.checked_add(HEADER_LEN)?)?;
-        if u32::from_le_bytes(header[..4].try_into().unwrap()) != MAGIC {
+        let magic = u32::from_le_bytes(header[..4].try_into().unwrap());
+        if self.magic.is_some_and(|m| m != magic) {
             return None;
         }
         let len = u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize;
         let crc = u32::from_le_bytes(header[8..12].try_into().unwrap());
         let end = (at + HEADER_LEN).checked_add(len)?;
-        let payload = self.data.get(at + HEADER_LEN..end)?;
-        (record_crc(&header[4..8], payload) == crc).then_some((Payload(payload), end))
+        let payload = Payload(self.data.get(at + HEADER_LEN..end)?);
+        (record_crc(&header[4..8], payload.0) == crc && payload.is_well_formed()).then_some((payload, end))
+    }
+
+    /// The intact record at `pos`, if there is one, learning the file's magic from it.
+    fn take_record(&mut self) -> Option<Payload<'a>> {
+        let (payload, end) = self.record_at(self.pos)?;
+        self.magic.get_or_insert_with(|| u32::from_le_bytes(self.data[self.pos..self.pos + 4].try_into().unwrap()));
+        self.pos = end;
+        Some(payload)
     }
 }
 
@@ -128,15 +221,17 @@ impl<'a> Iterator for Records<'a> {
         if self.pos >= self.data.len() {
             return None;
         }
-        if let Some((payload, end)) = self.record_at(self.pos) {
-            self.pos = end;
+        // Without a magic, the start of the file is damage: the header, or a first record
+        // whose magic is what is damaged.
+        if (self.magic.is_some() || self.pos > 0)
+            && let Some(payload) = self.take_record()
+        {
             return Some(Entry::Record(payload));
         }
         // Damage: the next intact record, if any, starts at a later magic.
         let offset = self.pos;
-        let magic = MAGIC.to_le_bytes();
         let next = (offset + 1..self.data.len().saturating_sub(HEADER_LEN - 1))
-            .filter(|&at| self.data[at..at + 4] == magic)
+            .filter(|&at| self.magic.is_none_or(|magic| self.data[at..at + 4] == magic.to_le_bytes()))
             .find(|&at| self.record_at(at).is_some());
         self.pos = next.unwrap_or(self.data.len());
         Some(Entry::Damaged { offset, len: self.pos - offset })
@@ -147,49 +242,53 @@ impl<'a> Iterator for Records<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Payload<'a>(&'a [u8]);
 
-/// A payload whose checksum held but whose structure does not parse: written by a bug, never by
-/// a crash.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("a log record with a valid checksum does not parse")]
-pub(crate) struct Malformed;
-
 impl<'a> Payload<'a> {
+    /// Whether the runs parse, with UTF-8 tenants and whole ids: a record that does not is
+    /// damage, whatever its checksum says.
+    fn is_well_formed(self) -> bool {
+        let mut rest = self.0;
+        while !rest.is_empty() {
+            let Some((_, len)) = run_header(rest) else { return false };
+            let Some(mut body) = rest.get(RUN_HEADER_LEN..RUN_HEADER_LEN + len) else { return false };
+            rest = &rest[RUN_HEADER_LEN + len..];
+            if take_bytes(&mut body).is_none_or(|tenant| std::str::from_utf8(tenant).is_err()) {
+                return false;
+            }
+            while !body.is_empty() {
+                if take_bytes(&mut body).is_none() {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// The runs of the record, in order.
-    pub(crate) fn runs(self) -> impl Iterator<Item = Result<Run<'a>, Malformed>> {
+    pub(crate) fn runs(self) -> impl Iterator<Item = Run<'a>> {
         let mut rest = self.0;
         std::iter::from_fn(move || {
-            if rest.is_empty() {
-                return None;
-            }
-            let run = (|| {
-                let header = rest.get(..RUN_HEADER_LEN).ok_or(Malformed)?;
-                let shard = u16::from_le_bytes(header[..2].try_into().unwrap());
-                let len = u32::from_le_bytes(header[2..].try_into().unwrap()) as usize;
-                let mut body = rest.get(RUN_HEADER_LEN..RUN_HEADER_LEN + len).ok_or(Malformed)?;
-                rest = &rest[RUN_HEADER_LEN + len..];
-                let tenant = std::str::from_utf8(take_bytes(&mut body)?).map_err(|_| Malformed)?;
-                Ok(Run { shard, tenant, ids: body })
-            })();
-            if run.is_err() {
-                rest = &[];
-            }
-            Some(run)
+            let (shard, len) = run_header(rest)?;
+            let mut body = &rest[RUN_HEADER_LEN..RUN_HEADER_LEN + len];
+            rest = &rest[RUN_HEADER_LEN + len..];
+            let tenant = std::str::from_utf8(take_bytes(&mut body)?).ok()?;
+            Some(Run { shard, tenant, ids: body })
         })
     }
 
-    /// Every item of the record as `(tenant, id)`, checked to be UTF-8.
+    /// Every item of the record as `(tenant, id)`.
     #[cfg(test)]
-    pub(crate) fn items(self) -> Result<Vec<(&'a str, &'a str)>, Malformed> {
-        let mut items = Vec::new();
-        for run in self.runs() {
-            let run = run?;
-            run.count_ids()?;
-            for id in run.ids() {
-                items.push((run.tenant, std::str::from_utf8(id).map_err(|_| Malformed)?));
-            }
-        }
-        Ok(items)
+    pub(crate) fn items(self) -> Vec<(&'a str, &'a str)> {
+        self.runs().flat_map(|run| run.ids().map(move |id| (run.tenant, std::str::from_utf8(id).unwrap()))).collect()
     }
+}
+
+/// The shard and length of the run at the start of `rest`.
+fn run_header(rest: &[u8]) -> Option<(u16, usize)> {
+    let header = rest.get(..RUN_HEADER_LEN)?;
+    Some((
+        u16::from_le_bytes(header[..2].try_into().unwrap()),
+        u32::from_le_bytes(header[2..].try_into().unwrap()) as usize,
+    ))
 }
 
 /// One tenant's ids in one record.
@@ -203,22 +302,15 @@ pub(crate) struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    /// Appends the run's ids to `out`.
-    /// The run's ids. They end early at an id that does not parse: [`Run::count_ids`] checks
-    /// that none does.
+    /// The run's ids.
     pub(crate) fn ids(&self) -> impl Iterator<Item = &'a [u8]> + use<'a> {
         let mut rest = self.ids;
-        std::iter::from_fn(move || take_bytes(&mut rest).ok())
+        std::iter::from_fn(move || take_bytes(&mut rest))
     }
 
-    /// The number of ids in the run, checked to be well formed.
-    pub(crate) fn count_ids(&self) -> Result<u64, Malformed> {
-        let (mut rest, mut n) = (self.ids, 0);
-        while !rest.is_empty() {
-            take_bytes(&mut rest)?;
-            n += 1;
-        }
-        Ok(n)
+    /// The number of ids in the run.
+    pub(crate) fn count_ids(&self) -> u64 {
+        self.ids().count() as u64
     }
 }
 
@@ -241,14 +333,16 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-fn take_bytes<'a>(input: &mut &'a [u8]) -> Result<&'a [u8], Malformed> {
+/// The bytes at the front of `input`, prefixed with their varint length; `None` if they are
+/// not all there.
+fn take_bytes<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
     let mut len: usize = 0;
     let mut shift = 0;
     loop {
-        let (&byte, rest) = input.split_first().ok_or(Malformed)?;
+        let (&byte, rest) = input.split_first()?;
         *input = rest;
         if shift > 28 {
-            return Err(Malformed);
+            return None;
         }
         len |= usize::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {
@@ -257,11 +351,11 @@ fn take_bytes<'a>(input: &mut &'a [u8]) -> Result<&'a [u8], Malformed> {
         shift += 7;
     }
     if len > input.len() {
-        return Err(Malformed);
+        return None;
     }
     let (bytes, rest) = input.split_at(len);
     *input = rest;
-    Ok(bytes)
+    Some(bytes)
 }
 
 #[cfg(test)]
@@ -272,8 +366,33 @@ mod tests {
         pairs.iter().map(|&(t, i)| Item::new(t, i)).collect()
     }
 
-    fn records(data: &[u8]) -> Vec<Entry<'_>> {
+    /// A log file of the current format holding `records`, with the offset of each.
+    fn file(records: &[Vec<u8>]) -> (Vec<u8>, Vec<usize>) {
+        let header = FileHeader::new(7, 6);
+        let mut data = header.encode().to_vec();
+        let mut starts = Vec::new();
+        for record in records {
+            starts.push(data.len());
+            let mut record = record.clone();
+            stamp(&mut record, header.magic);
+            data.extend_from_slice(&record);
+        }
+        (data, starts)
+    }
+
+    fn entries(data: &[u8]) -> Vec<Entry<'_>> {
         Records::new(data).collect()
+    }
+
+    /// The first id of each intact record.
+    fn intact(data: &[u8]) -> Vec<String> {
+        entries(data)
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Record(p) => Some(p.items()[0].1.to_owned()),
+                Entry::Damaged { .. } => None,
+            })
+            .collect()
     }
 
     fn sorted<'a>(mut items: Vec<(&'a str, &'a str)>) -> Vec<(&'a str, &'a str)> {
@@ -282,66 +401,129 @@ mod tests {
     }
 
     #[test]
+    fn a_header_reads_back() {
+        let header = FileHeader::new(42, 41);
+        assert_eq!(FileHeader::decode(&header.encode()), Some(header));
+        assert_ne!(FileHeader::new(1, 0).magic, FileHeader::new(1, 0).magic, "each file draws its own magic");
+        let mut bytes = header.encode();
+        bytes[10] ^= 1;
+        assert_eq!(FileHeader::decode(&bytes), None);
+    }
+
+    #[test]
     fn records_round_trip_grouped_by_shard_and_tenant() {
         let long = "x".repeat(300);
         let a = encode(&items(&[("t1", "1"), ("t2", "2"), ("t1", "3"), ("t1", "1")]), 256);
         let b = encode(&[Item::new("é ../", &long)], 256);
-        let data = [a.clone(), b.clone()].concat();
-        let entries = records(&data);
+        let (data, _) = file(&[a, b]);
+        let reader = Records::new(&data);
+        assert_eq!(reader.header().map(|h| (h.seq, h.prev)), Some((7, 6)));
+        let entries: Vec<Entry> = reader.collect();
         let [Entry::Record(first), Entry::Record(second)] = entries[..] else { panic!("{entries:?}") };
-        assert_eq!(sorted(first.items().unwrap()), vec![("t1", "1"), ("t1", "1"), ("t1", "3"), ("t2", "2")]);
-        assert_eq!(second.items().unwrap(), vec![("é ../", long.as_str())]);
-        let runs: Vec<Run> = first.runs().collect::<Result<_, _>>().unwrap();
+        assert_eq!(sorted(first.items()), vec![("t1", "1"), ("t1", "1"), ("t1", "3"), ("t2", "2")]);
+        assert_eq!(second.items(), vec![("é ../", long.as_str())]);
+        let runs: Vec<Run> = first.runs().collect();
         assert_eq!(runs.len(), 2, "one run per tenant");
         for run in &runs {
             assert_eq!(run.shard, shard_of(run.tenant, 256));
         }
+        assert_eq!(runs.iter().map(Run::count_ids).sum::<u64>(), 4);
         assert!(runs.windows(2).all(|w| (w[0].shard, w[0].tenant) < (w[1].shard, w[1].tenant)));
     }
 
     #[test]
     fn a_torn_tail_at_every_cut_leaves_the_whole_records_before_it() {
-        let a = encode(&items(&[("t", "a")]), 8);
-        let b = encode(&items(&[("t", "b"), ("u", "c")]), 8);
-        let whole = [a.clone(), b.clone()].concat();
-        for cut in a.len() + 1..whole.len() {
-            let entries = records(&whole[..cut]);
+        let (whole, starts) = file(&[encode(&items(&[("t", "a")]), 8), encode(&items(&[("t", "b"), ("u", "c")]), 8)]);
+        for cut in starts[1] + 1..whole.len() {
+            let entries = entries(&whole[..cut]);
             assert_eq!(entries.len(), 2, "cut at {cut}");
             assert!(matches!(entries[0], Entry::Record(_)));
-            assert_eq!(entries[1], Entry::Damaged { offset: a.len(), len: cut - a.len() }, "cut at {cut}");
+            assert_eq!(entries[1], Entry::Damaged { offset: starts[1], len: cut - starts[1] }, "cut at {cut}");
+        }
+        for cut in 0..FILE_HEADER_LEN {
+            assert!(intact(&whole[..cut]).is_empty(), "a header cut at {cut} holds no record");
         }
     }
 
     #[test]
     fn damage_anywhere_keeps_every_intact_record_after_it() {
         let batches: Vec<Vec<u8>> = (0..4).map(|n| encode(&[Item::new("t", &n.to_string())], 8)).collect();
-        let whole = batches.concat();
-        let starts: Vec<usize> = batches.iter().scan(0, |at, b| Some(std::mem::replace(at, *at + b.len()))).collect();
+        let (whole, starts) = file(&batches);
         for flip in 0..whole.len() {
             let mut bad = whole.clone();
             bad[flip] ^= 0x40;
-            let hit = starts.iter().rposition(|&s| s <= flip).unwrap();
-            let entries = records(&bad);
-            let intact: Vec<String> = entries
-                .iter()
-                .filter_map(|e| match e {
-                    Entry::Record(p) => Some(p.items().unwrap()[0].1.to_owned()),
-                    Entry::Damaged { .. } => None,
-                })
-                .collect();
-            let expected: Vec<String> = (0..4).filter(|&n| n != hit).map(|n| n.to_string()).collect();
-            assert_eq!(intact, expected, "flipped byte {flip}");
-            assert!(entries.contains(&Entry::Damaged { offset: starts[hit], len: batches[hit].len() }));
+            let hit = starts.iter().rposition(|&s| s <= flip);
+            let expected: Vec<String> = (0..4).filter(|&n| Some(n) != hit).map(|n| n.to_string()).collect();
+            assert_eq!(intact(&bad), expected, "flipped byte {flip}");
+            let damage = match hit {
+                Some(hit) => Entry::Damaged { offset: starts[hit], len: batches[hit].len() },
+                None => Entry::Damaged { offset: 0, len: FILE_HEADER_LEN },
+            };
+            assert!(entries(&bad).contains(&damage), "flipped byte {flip}: {:?}", entries(&bad));
         }
     }
 
     #[test]
     fn zero_bytes_are_damage_not_empty_records() {
-        let a = encode(&items(&[("t", "a")]), 8);
-        let data = [vec![0; 64], a.clone(), vec![0; 16]].concat();
-        let entries = records(&data);
-        assert_eq!(entries[0], Entry::Damaged { offset: 0, len: 64 });
+        let (data, _) = file(&[encode(&items(&[("t", "a")]), 8)]);
+        let data = [&data[..FILE_HEADER_LEN], &[0; 64], &data[FILE_HEADER_LEN..], &[0; 16]].concat();
+        let entries = entries(&data);
+        assert_eq!(entries[0], Entry::Damaged { offset: FILE_HEADER_LEN, len: 64 });
         assert!(matches!(entries[1], Entry::Record(_)));
-        assert_eq!(entries[2], Entry::Damaged { offset: 64 + a.len(), len: 16 });
+        assert!(matches!(entries[2], Entry::Damaged { len: 16, .. }));
+    }
+
+    #[test]
+    fn files_written_before_the_header_read_as_they_are() {
+        let mut records = [encode(&items(&[("t", "a")]), 8), encode(&items(&[("t", "b")]), 8)];
+        records.iter_mut().for_each(|record| stamp(record, LEGACY_MAGIC));
+        let data = records.concat();
+        assert_eq!(Records::new(&data).header(), None);
+        assert_eq!(intact(&data), ["a", "b"]);
+        let mut bad = data.clone();
+        bad[1] ^= 0x40;
+        assert_eq!(intact(&bad), ["b"], "a first record damaged, the next found");
+    }
+
+    /// A record of one run, `tenant` with the one id `id`, which may be any bytes.
+    fn record_with_id(tenant: &str, id: &[u8]) -> Vec<u8> {
+        let mut record = vec![0; HEADER_LEN];
+        record.extend_from_slice(&shard_of(tenant, 8).to_le_bytes());
+        record.extend_from_slice(&[0; 4]);
+        put_bytes(&mut record, tenant.as_bytes());
+        put_bytes(&mut record, id);
+        end_run(&mut record, HEADER_LEN);
+        let len = (record.len() - HEADER_LEN) as u32;
+        record[4..8].copy_from_slice(&len.to_le_bytes());
+        let crc = record_crc(&record[4..8], &record[HEADER_LEN..]);
+        record[8..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        record
+    }
+
+    /// An id is the client's bytes: one that holds a whole record, for another tenant, must not
+    /// be taken for a record when the search after damage runs over it. With the magic every
+    /// file shared before, it was.
+    #[test]
+    fn a_record_forged_inside_an_id_is_never_taken_for_one() {
+        let tenants_found = |data: &[u8]| -> Vec<String> {
+            entries(data)
+                .iter()
+                .filter_map(|e| if let Entry::Record(p) = e { Some(p.items()[0].0.to_owned()) } else { None })
+                .collect()
+        };
+        let mut forged = encode(&items(&[("victim", "forged")]), 8);
+        stamp(&mut forged, LEGACY_MAGIC);
+        let carrier = record_with_id("attacker", &forged);
+        let after = encode(&items(&[("t", "after")]), 8);
+
+        let (mut data, starts) = file(&[carrier.clone(), after.clone()]);
+        data[starts[0] + 8] ^= 0x40;
+        assert_eq!(tenants_found(&data), ["t"]);
+
+        let mut old = [carrier, after];
+        old.iter_mut().for_each(|record| stamp(record, LEGACY_MAGIC));
+        let mut old = old.concat();
+        old[8] ^= 0x40;
+        assert_eq!(tenants_found(&old), ["victim", "t"], "the old format takes the forged record");
     }
 }

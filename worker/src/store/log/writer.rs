@@ -31,7 +31,8 @@ use countapp_shared::config::FsyncPolicy;
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, watch};
 
-use super::{LogDir, file_path};
+use super::record::{FILE_HEADER_LEN, FileHeader, stamp};
+use super::{LogDir, file_path, reserve};
 use crate::store::StoreError;
 use crate::store::disk;
 
@@ -62,7 +63,7 @@ struct Pending {
 pub(crate) struct Writer {
     log: Arc<Log>,
     /// Held while the active file is replaced.
-    rotating: Mutex<()>,
+    rotating: Mutex<Rotation>,
     committer: Option<(mpsc::Sender<Pending>, JoinHandle<()>)>,
     syncer: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
@@ -99,12 +100,23 @@ struct Log {
     failure: watch::Sender<Option<String>>,
 }
 
+/// What replacing the active file needs to know.
+struct Rotation {
+    /// Closed files whose rename to `.log` failed: they stay `.open`, which no reader takes
+    /// for final, and the rename is tried again at every rotation.
+    unrenamed: Vec<u64>,
+    /// The numbers below this are reserved in the log directory's `RESERVED`.
+    reserved: u64,
+}
+
 /// The file being appended to.
 struct Active {
     seq: u64,
     path: PathBuf,
     file: Arc<File>,
-    /// Bytes of whole records in the file: after a failed write the file is cut back to this.
+    /// The magic of its records.
+    magic: u32,
+    /// Bytes of its header and whole records: after a failed write the file is cut back to this.
     len: u64,
     /// Items in the file's records.
     items: u64,
@@ -114,10 +126,18 @@ struct Active {
 }
 
 impl Writer {
-    /// Starts appending to a new file, sequence number `seq`, in `log`'s directory.
-    pub(crate) fn start(log: &LogDir, seq: u64, policy: FsyncPolicy) -> Result<Writer, StoreError> {
+    /// Starts appending to a new file, sequence number `seq`, in `log`'s directory, where `prev`
+    /// is the last file written before it (0 if none is left) and the numbers below `reserved`
+    /// are reserved.
+    pub(crate) fn start(
+        log: &LogDir,
+        seq: u64,
+        prev: u64,
+        reserved: u64,
+        policy: FsyncPolicy,
+    ) -> Result<Writer, StoreError> {
         let dir = log.path().to_path_buf();
-        let active = Active::create(&dir, seq)?;
+        let active = Active::create(&dir, seq, prev)?;
         let log = Arc::new(Log {
             dir,
             policy: Policy::new(policy),
@@ -138,7 +158,8 @@ impl Writer {
             let thread = thread::Builder::new().name("wal-syncer".into()).spawn(move || sync_every_second(&log, ticks));
             Some((stop, thread.map_err(|e| StoreError::io("starting the log's syncer", e))?))
         };
-        Ok(Writer { log, rotating: Mutex::new(()), committer, syncer })
+        let rotating = Mutex::new(Rotation { unrenamed: Vec::new(), reserved });
+        Ok(Writer { log, rotating, committer, syncer })
     }
 
     /// Resolves to why the log can no longer be trusted, once a fsync failed: the worker must
@@ -154,7 +175,7 @@ impl Writer {
 
     /// Appends `record`, holding `items` items: written at once under `everysec` and `never`,
     /// queued for the next group fsync under `always`.
-    pub(crate) fn append(&self, record: Vec<u8>, items: u64) -> Ticket {
+    pub(crate) fn append(&self, mut record: Vec<u8>, items: u64) -> Ticket {
         match &self.committer {
             Some((tx, _)) if self.log.policy.get() == FsyncPolicy::Always => {
                 let (done, answer) = oneshot::channel();
@@ -163,27 +184,32 @@ impl Writer {
                 let _ = tx.send(Pending { record, items, done });
                 Ticket::Waiting(answer)
             }
-            _ => Ticket::Done(self.log.write(&record, items, false)),
+            _ => Ticket::Done(self.log.write(&mut record, items, false)),
         }
     }
 
     /// Closes the active file, if it holds anything, and continues in a new one: every record
     /// acknowledged before this call is then in a closed file. Returns the closed file's
-    /// sequence number and items.
+    /// sequence number and items. A closed file whose rename fails stays `.open`, unmerged
+    /// but kept, and the rename is tried again at the next rotation.
     pub(crate) fn rotate(&self) -> Result<Option<(u64, u64)>, StoreError> {
-        let _one_at_a_time = self.rotating.lock();
-        let (seq, len) = {
+        let mut rotation = self.rotating.lock();
+        self.retry_renames(&mut rotation);
+        let (seq, items) = {
             let active = self.log.active.lock();
             if let Some(why) = &active.poisoned {
                 return Err(StoreError::Log(why.clone()));
             }
-            (active.seq, active.len)
+            (active.seq, active.items)
         };
-        if len == 0 {
+        if items == 0 {
             return Ok(None);
         }
+        if seq + 1 >= rotation.reserved {
+            rotation.reserved = reserve(&self.log.dir, seq + 1)?;
+        }
         // The new file is made outside the lock, so appends go on meanwhile.
-        let next = Active::create(&self.log.dir, seq + 1)?;
+        let next = Active::create(&self.log.dir, seq + 1, seq)?;
         let old = std::mem::replace(&mut *self.log.active.lock(), next);
         if self.log.policy.get() != FsyncPolicy::Never
             && let Err(e) = disk::sync_log(&old.file, &old.path)
@@ -193,8 +219,37 @@ impl Writer {
             return Err(StoreError::Log(why));
         }
         // Renamed only once complete and synced: readers take a `.log` file as final.
-        disk::rename(&old.path, &file_path(&self.log.dir, seq, true))?;
+        if let Err(e) = disk::close_log(&old.path, &file_path(&self.log.dir, seq, true)) {
+            tracing::warn!(error = %e, "a closed log file keeps its .open name for now: renamed at the next closing");
+            rotation.unrenamed.push(seq);
+        }
         Ok(Some((seq, old.items)))
+    }
+
+    /// Renames the closed files whose rename failed, oldest first, as far as they go.
+    fn retry_renames(&self, rotation: &mut Rotation) {
+        while let Some(&seq) = rotation.unrenamed.first() {
+            if let Err(e) = disk::close_log(&file_path(&self.log.dir, seq, false), &file_path(&self.log.dir, seq, true))
+            {
+                tracing::warn!(error = %e, "a closed log file still cannot take its .log name");
+                return;
+            }
+            rotation.unrenamed.remove(0);
+        }
+    }
+
+    /// Removes the active file if it holds nothing, as a worker that stops gracefully does
+    /// once its log is merged: nothing is left behind, even by a worker never started again.
+    /// Nothing may be appended after.
+    pub(crate) fn remove_if_empty(&self) -> Result<(), StoreError> {
+        let mut rotation = self.rotating.lock();
+        self.retry_renames(&mut rotation);
+        let active = self.log.active.lock();
+        if active.items == 0 && active.poisoned.is_none() {
+            disk::remove(&active.path)?;
+            disk::sync_dir(&self.log.dir)?;
+        }
+        Ok(())
     }
 
     /// Items in the active file.
@@ -226,11 +281,13 @@ impl Drop for Writer {
 }
 
 impl Log {
-    /// Writes `bytes` (whole records, `items` items) to the active file, and fsyncs it if
-    /// `sync` (the committer's group); otherwise the file is left for the syncer.
-    fn write(&self, bytes: &[u8], items: u64, sync: bool) -> Result<(), StoreError> {
+    /// Writes `bytes` (whole records, `items` items) to the active file, stamped with its
+    /// magic, and fsyncs it if `sync` (the committer's group); otherwise the file is left for
+    /// the syncer.
+    fn write(&self, bytes: &mut [u8], items: u64, sync: bool) -> Result<(), StoreError> {
         {
             let mut active = self.active.lock();
+            stamp(bytes, active.magic);
             let written = active.write(bytes, items, sync);
             if let Some(why) = active.poisoned.clone() {
                 self.fail_stop(&mut active, why);
@@ -246,11 +303,18 @@ impl Log {
 }
 
 impl Active {
-    fn create(dir: &Path, seq: u64) -> Result<Active, StoreError> {
+    /// Creates log file `seq`, written after file `prev`, with its header.
+    fn create(dir: &Path, seq: u64, prev: u64) -> Result<Active, StoreError> {
         let path = file_path(dir, seq, false);
+        let header = FileHeader::new(seq, prev);
         let file = disk::open_with(OpenOptions::new().create_new(true).append(true), &path)?;
-        disk::sync_dir(dir)?;
-        Ok(Active { seq, path, file: Arc::new(file), len: 0, items: 0, poisoned: None })
+        if let Err(e) = disk::write_all(&file, &path, &header.encode()).and_then(|()| disk::sync_dir(dir)) {
+            // Its number is tried again at the next rotation.
+            let _ = disk::remove(&path);
+            return Err(e.into());
+        }
+        let (magic, len) = (header.magic, FILE_HEADER_LEN as u64);
+        Ok(Active { seq, path, file: Arc::new(file), magic, len, items: 0, poisoned: None })
     }
 
     fn write(&mut self, bytes: &[u8], items: u64, sync: bool) -> Result<(), String> {
@@ -308,7 +372,7 @@ fn commit_groups(log: &Log, rx: mpsc::Receiver<Pending>) {
                 next = rx.try_recv().ok();
             }
         }
-        let result = log.write(&group, items, true).map_err(|e| e.to_string());
+        let result = log.write(&mut group, items, true).map_err(|e| e.to_string());
         for done in waiters.drain(..) {
             let _ = done.send(result.clone().map_err(StoreError::Log));
         }
