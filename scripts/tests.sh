@@ -17,7 +17,7 @@ run() {
 # The Redis store's tests run a real redis-server; the dashboard's test a real headless Chromium
 # through chromedriver; the multi-host test builds its hosts with `ip`.
 ./scripts/ensure-packages.sh redis-server:redis-server redis-cli:redis-server chromium:chromium \
-    chromedriver:chromium-driver ip:iproute2 || status=1
+    chromedriver:chromium-driver ip:iproute2 faketime:faketime || status=1
 
 # The fail points are compiled in for the tests that inject faults (a failed fsync); every build
 # users run leaves them out.

@@ -609,3 +609,40 @@ fn a_worker_whose_merging_falls_behind_answers_503_with_retry_after_until_it_cat
     });
     assert_count_settles(&client, &url, "behind", 4);
 }
+
+/// The wall clock stepped back an hour, then forward two, under a running worker (its own clock
+/// only, through libfaketime; `make tests` installs Debian's `faketime`): it goes on closing its
+/// log every `worker_persist`, so that ids are counted, and a step forward fakes no lag, so that
+/// ingest is never refused.
+#[test]
+fn a_step_of_the_wall_clock_stops_no_closing_and_fakes_no_lag() {
+    const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+    let port = free_port();
+    let cluster = Cluster::new(&[port], QUICK_FLUSH);
+    let offset = cluster.path().join("clock-offset");
+    fs::write(&offset, "+0").unwrap();
+    let env = [
+        ("LD_PRELOAD", LIBFAKETIME),
+        ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let mut worker = cluster.worker_with_env("127.0.0.1", port, &env);
+    worker.wait_ready();
+    let (url, client) = (worker.url(), client());
+    post_ok(&client, &url, batch(&[("clock", "before")]), 1);
+    assert_count_settles(&client, &url, "clock", 1);
+
+    fs::write(&offset, "-1h").unwrap();
+    post_ok(&client, &url, batch(&[("clock", "back")]), 1);
+    assert_count_settles(&client, &url, "clock", 2);
+
+    fs::write(&offset, "+1h").unwrap();
+    for i in 0..30 {
+        post_ok(&client, &url, batch(&[("clock", &format!("forward-{i}"))]), 1);
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_count_settles(&client, &url, "clock", 32);
+    let stats = get_json(&client, &format!("{url}/stats"));
+    assert!(stats["merge_lag_s"].as_f64().unwrap() < 60.0, "{stats}");
+}

@@ -58,26 +58,26 @@ impl Merger {
 
 fn run(store: &Store, config: &LiveConfig, metrics: &Metrics, stopped: &mpsc::Receiver<()>) {
     let mut every = config.get().worker_persist();
-    let mut next_close = next_multiple(SystemTime::now(), every);
+    let mut next_close = close_instant(every);
     let mut next_merge = Instant::now() + POLL;
     let mut backoff = every;
     let mut failing_since: Option<Instant> = None;
     loop {
-        let until_close = next_close.duration_since(SystemTime::now()).unwrap_or_default();
-        match stopped.recv_timeout(until_close.min(next_merge.saturating_duration_since(Instant::now()))) {
+        let until = next_close.min(next_merge).saturating_duration_since(Instant::now());
+        match stopped.recv_timeout(until) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
         }
         let now_every = config.get().worker_persist();
         if now_every != every {
             every = now_every;
-            next_close = next_multiple(SystemTime::now(), every);
+            next_close = close_instant(every);
         }
-        if SystemTime::now() >= next_close {
+        if Instant::now() >= next_close {
             if let Err(e) = store.close_log() {
                 tracing::error!(error = %e, "cannot close the log file");
             }
-            next_close = next_multiple(SystemTime::now(), every);
+            next_close = close_instant(every);
             next_merge = Instant::now() + SETTLE;
             continue;
         }
@@ -108,12 +108,19 @@ fn run(store: &Store, config: &LiveConfig, metrics: &Metrics, stopped: &mpsc::Re
     }
 }
 
-/// The first multiple of `every` since the Unix epoch after `now`.
-fn next_multiple(now: SystemTime, every: Duration) -> SystemTime {
+/// When to close the log next, on the monotonic clock: at the next multiple of `every` since
+/// the Unix epoch. Only the wait is read from the wall clock, and it is never longer than
+/// `every`, so that a step of the wall clock shifts the instants but never stops the closings.
+fn close_instant(every: Duration) -> Instant {
+    Instant::now() + until_next_multiple(SystemTime::now(), every)
+}
+
+/// How long from `now` to the first multiple of `every` since the Unix epoch after it.
+fn until_next_multiple(now: SystemTime, every: Duration) -> Duration {
     let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
     let every = every.as_nanos().max(1);
-    let next = (since_epoch / every + 1) * every;
-    UNIX_EPOCH + Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX))
+    let until = every - since_epoch % every;
+    Duration::from_nanos(u64::try_from(until).unwrap_or(u64::MAX))
 }
 
 /// Logs and counts a round that did something.
@@ -143,9 +150,12 @@ mod tests {
     fn every_worker_closes_its_log_at_the_same_instants() {
         let every = Duration::from_millis(200);
         let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
-        assert_eq!(next_multiple(at(1_000_000_050), every), at(1_000_000_200));
-        assert_eq!(next_multiple(at(1_000_000_199), every), at(1_000_000_200));
-        assert_eq!(next_multiple(at(1_000_000_200), every), at(1_000_000_400));
-        assert_eq!(next_multiple(at(7), Duration::from_secs(5)), at(5_000));
+        let ms = Duration::from_millis;
+        assert_eq!(until_next_multiple(at(1_000_000_050), every), ms(150));
+        assert_eq!(until_next_multiple(at(1_000_000_199), every), ms(1));
+        assert_eq!(until_next_multiple(at(1_000_000_200), every), ms(200));
+        assert_eq!(until_next_multiple(at(7), Duration::from_secs(5)), ms(4_993));
+        // A wall clock before the epoch (stepped far back) still closes every `every`.
+        assert_eq!(until_next_multiple(UNIX_EPOCH - ms(3), every), every);
     }
 }

@@ -30,7 +30,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use hashbrown::{HashMap, HashSet};
 use memmap2::Mmap;
@@ -133,6 +133,13 @@ struct MergeState {
     owned: HashMap<u16, OwnedShard>,
     /// What this process read of each log file, by `(worker, seq)`.
     indexed: Index,
+    /// Since when each listed log file has waited, on the monotonic clock: since this process
+    /// first listed it, which a running process does within a poll of the file's closing (for
+    /// the files there when it started, since their modification time). A step of the wall
+    /// clock changes no file's age.
+    written: HashMap<(String, u64), Instant>,
+    /// Whether a round has listed the logs before.
+    listed_before: bool,
     /// Owned shards that an I/O error kept out of a round (their lock, record or directory
     /// unusable), each with when to try again and the wait after that: every other shard
     /// merges on meanwhile.
@@ -201,7 +208,7 @@ pub(crate) struct Shards {
     state: Mutex<MergeState>,
     /// When the oldest log file that holds runs this worker has yet to merge was last written,
     /// if there is one: how far behind this worker's merging is.
-    behind_since: Mutex<Option<SystemTime>>,
+    behind_since: Mutex<Option<Instant>>,
     /// Counts read from tenant files, each with its file still open and its length and
     /// modification time then. A tenant file is only ever replaced whole, by a rename that
     /// unlinks the old file: while the open file still has a link and is unchanged (nobody
@@ -289,7 +296,7 @@ impl Shards {
     pub(crate) fn round(&self, logs: &[WorkerLog], report: &mut FlushReport) -> Result<(), StoreError> {
         let live: Vec<&str> = logs.iter().filter(|l| l.live).map(|l| l.worker.as_str()).collect();
         let mut state = self.state.lock();
-        let MergeState { owned, indexed, failing } = &mut *state;
+        let MergeState { owned, indexed, written, listed_before, failing } = &mut *state;
         owned.retain(|shard, _| owner_of(*shard, live.iter().copied()) == Some(&self.worker));
         failing.retain(|shard, _| owner_of(*shard, live.iter().copied()) == Some(&self.worker));
         for shard in (0..self.shards).filter(|&s| owner_of(s, live.iter().copied()) == Some(&self.worker)) {
@@ -316,11 +323,25 @@ impl Shards {
                 );
             }
         }
-        indexed.retain(|(worker, seq), _| {
+        let listed = |(worker, seq): &(String, u64)| {
             logs.iter().any(|l| l.worker == *worker && l.inputs.iter().any(|f| f.seq == *seq))
-        });
+        };
+        indexed.retain(|key, _| listed(key));
+        written.retain(|key, _| listed(key));
+        for log in logs {
+            for file in &log.inputs {
+                written.entry((log.worker.clone(), file.seq)).or_insert_with(|| {
+                    let age = match listed_before {
+                        true => Duration::ZERO,
+                        false => SystemTime::now().duration_since(file.modified).unwrap_or_default(),
+                    };
+                    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+                });
+            }
+        }
+        *listed_before = true;
 
-        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed, failing);
+        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed, written, failing);
         let inputs = self.read_inputs(logs, owned, indexed, report)?;
         let mut with_runs = BTreeSet::new();
         for input in &inputs {
@@ -348,14 +369,14 @@ impl Shards {
             result?;
         }
         // What is left: runs of shards that were busy, or files past the round's budget.
-        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed, failing);
+        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed, written, failing);
         self.collect_garbage(logs, indexed, owned, report)
     }
 
     /// How long this worker's merging is behind: since the oldest log file with runs it has
     /// yet to merge was written.
     pub(crate) fn behind(&self) -> Duration {
-        self.behind_since.lock().map_or(Duration::ZERO, |since| since.elapsed().unwrap_or_default())
+        self.behind_since.lock().map_or(Duration::ZERO, |since| since.elapsed())
     }
 
     /// Reads the final log files that may hold runs of owned shards not merged yet (see
@@ -808,17 +829,22 @@ fn oldest_wanted(
     logs: &[WorkerLog],
     owned: &HashMap<u16, OwnedShard>,
     indexed: &Index,
+    written: &HashMap<(String, u64), Instant>,
     failing: &HashMap<u16, Backoff>,
-) -> Option<SystemTime> {
+) -> Option<Instant> {
     let stuck = |worker: &str, file: &LogFile| {
         indexed
             .get(&(worker.to_owned(), file.seq))
             .is_some_and(|index| index.shards.iter().any(|s| failing.contains_key(&s)))
     };
-    let wanted = logs
-        .iter()
-        .flat_map(|l| l.inputs.iter().filter(|f| wanted(&l.worker, f, owned, indexed) || stuck(&l.worker, f)));
-    wanted.map(|f| f.modified).min()
+    let wanted = logs.iter().flat_map(|l| {
+        let worker = l.worker.as_str();
+        l.inputs
+            .iter()
+            .filter(move |f| wanted(worker, f, owned, indexed) || stuck(worker, f))
+            .map(move |f| (worker, f.seq))
+    });
+    wanted.filter_map(|(worker, seq)| written.get(&(worker.to_owned(), seq)).copied()).min()
 }
 
 /// The name of `tenant`'s file in its shard's directory.
