@@ -187,6 +187,7 @@ async fn open_store(config: &Config, worker_id: &str) -> Result<Arc<Store>, Work
         fsync: config.fsync,
         backend: config.backend(),
         redis_handoff: config.redis_handoff(),
+        damaged_max_bytes: config.damaged_max_bytes.get(),
         ..StoreOptions::default()
     };
     let store = tokio::task::spawn_blocking(move || Store::open(&database, &id, options))

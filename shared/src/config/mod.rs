@@ -80,6 +80,10 @@ pub struct Config {
     /// Items a worker's log may hold unflushed before ingest answers 503.
     #[serde(default = "defaults::max_pending_items")]
     pub max_pending_items: Positive,
+    /// Bytes of damaged files kept under the database's `damaged/` for an operator, at most;
+    /// the oldest go first past it.
+    #[serde(default = "defaults::damaged_max_bytes")]
+    pub damaged_max_bytes: Positive,
 }
 
 /// The defaults of the optional keys, as the README documents them.
@@ -126,6 +130,10 @@ pub mod defaults {
     /// answers 503: about a gigabyte of log.
     pub fn max_pending_items() -> Positive {
         Positive::new(50_000_000).expect("positive")
+    }
+    /// Bytes of damaged files kept for an operator: 1 GiB.
+    pub fn damaged_max_bytes() -> Positive {
+        Positive::new(1 << 30).expect("positive")
     }
 }
 

@@ -135,6 +135,9 @@ pub struct StoreOptions {
     pub shards: u16,
     /// With Redis, what a log file's deletion waits for; [`Store::set_redis_handoff`] changes it.
     pub redis_handoff: RedisHandoff,
+    /// Bytes of damaged files kept under `damaged/` at most; [`Store::set_damaged_max_bytes`]
+    /// changes it.
+    pub damaged_max_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -145,6 +148,7 @@ impl Default for StoreOptions {
             backend: StoreBackend::Json,
             shards: DEFAULT_SHARDS,
             redis_handoff: RedisHandoff::default(),
+            damaged_max_bytes: 1 << 30,
         }
     }
 }
@@ -245,6 +249,8 @@ pub struct Store {
     /// This worker's closed log files not yet deleted, with their items: the pending count.
     closed: Mutex<BTreeMap<u64, u64>>,
     last_flush: Mutex<Option<(SystemTime, Duration, FlushReport)>>,
+    /// The most bytes `damaged/` keeps, and when this worker last pruned it.
+    damaged: Mutex<(u64, Option<Instant>)>,
 }
 
 /// What the last merge round saw, so that a poll with nothing new does nothing.
@@ -304,6 +310,7 @@ impl Store {
             rounds: Mutex::new(RoundState::default()),
             closed: Mutex::new(closed),
             last_flush: Mutex::new(None),
+            damaged: Mutex::new((options.damaged_max_bytes, None)),
         })
     }
 
@@ -370,6 +377,12 @@ impl Store {
         }
     }
 
+    /// Changes how many bytes of damaged files `damaged/` keeps, from the next pruning on: an
+    /// edit of `damaged_max_bytes`.
+    pub fn set_damaged_max_bytes(&self, max_bytes: u64) {
+        *self.damaged.lock() = (max_bytes, None);
+    }
+
     /// Closes the active log file, if it holds anything: every item acknowledged so far is then
     /// in a closed file, for the owners of its shards to merge.
     pub fn close_log(&self) -> Result<(), StoreError> {
@@ -410,6 +423,7 @@ impl Store {
         // A shard left busy is retried at the next poll, changed or not.
         state.seen = (report.busy_shards == 0 && report.failed_shards == 0).then_some(seen);
         self.forget_deleted();
+        self.prune_damaged();
         if report.log_files > 0 {
             release_free_memory();
         }
@@ -417,6 +431,18 @@ impl Store {
             *self.last_flush.lock() = Some((SystemTime::now(), started.elapsed(), report.clone()));
         }
         Ok(report)
+    }
+
+    /// Keeps `damaged/` within its bytes, looking at most once a minute.
+    fn prune_damaged(&self) {
+        let mut damaged = self.damaged.lock();
+        if damaged.1.is_some_and(|last| last.elapsed() < DAMAGED_PRUNE_EVERY) {
+            return;
+        }
+        damaged.1 = Some(Instant::now());
+        if let Err(e) = damaged::prune(&self.root, damaged.0) {
+            tracing::warn!(error = %e, "cannot prune the damaged files kept aside");
+        }
     }
 
     /// Drops this worker's log files that are gone, or consumed, from the pending count.
@@ -520,6 +546,9 @@ impl Store {
         Ok(report)
     }
 }
+
+/// How often a worker looks whether `damaged/` holds more than it may.
+const DAMAGED_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// How often [`Store::drain`] looks whether its log files are merged.
 const DRAIN_POLL: Duration = Duration::from_millis(20);

@@ -42,7 +42,7 @@ use super::commit::{Commit, Step, is_temporary};
 use super::layout::{owner_of, shard_dir, shard_of};
 use super::log::Damage;
 use super::log::record::{Entry, Records, Run};
-use super::log::{LogFile, WorkerLog};
+use super::log::{self, LogFile, WorkerLog};
 use super::naming::tenant_file_stem;
 use super::quarantine::Quarantine;
 use super::tenant::{Tenant, read_all, read_count};
@@ -649,6 +649,14 @@ impl Shards {
                 record.merged.insert(log.worker.clone(), upto);
             }
         }
+        // A worker gone for good (dead, none of its files left, its numbers reserved past what
+        // the record says) is forgotten: it would start above them, should it come back.
+        record.merged.retain(|worker, merged| {
+            let gone = sources.logs.iter().find(|log| log.worker == *worker).is_some_and(|log| {
+                !log.live && log.inputs.is_empty() && log::reserved(&log.dir).is_ok_and(|reserved| reserved > *merged)
+            });
+            !gone
+        });
         self.stage_record(commit, Step::Progress, shard, record)
     }
 
@@ -721,11 +729,10 @@ impl Shards {
             || state.owned.iter_mut().any(|(&shard, owned)| quarantine_due(shard, owned, root).unwrap_or(true))
     }
 
-    /// Deletes the listed log files that every shard they hold runs of has merged. A file that
-    /// holds no runs is left to its worker, which deletes it when it starts: no shard records
-    /// its sequence number, which must not be used again.
-    /// An owned shard whose record is found damaged is flagged for its rewrite at the next
-    /// round.
+    /// Deletes the listed log files that every shard they hold runs of has merged, and the
+    /// files of dead workers that hold no runs (their numbers stay reserved, see
+    /// [`log::retire`]). A file that cannot be deleted now is left for a later round. An owned
+    /// shard whose record is found damaged is flagged for its rewrite at the next round.
     fn collect_garbage(
         &self,
         logs: &[WorkerLog],
@@ -740,6 +747,15 @@ impl Shards {
                     continue;
                 };
                 if set.iter().next().is_none() {
+                    if !log.live {
+                        match log::retire(&log.dir, file) {
+                            Ok(true) => report.deleted_files += 1,
+                            Ok(false) => {}
+                            Err(e) => {
+                                tracing::warn!(file = %file.path.display(), error = %e, "cannot delete an empty log file of a dead worker")
+                            }
+                        }
+                    }
                     continue;
                 }
                 let mut merged_by_all = true;
@@ -758,8 +774,9 @@ impl Shards {
                 if !merged_by_all {
                     continue;
                 }
-                if disk::remove_if_present(&file.path)? {
-                    report.deleted_files += 1;
+                match disk::remove_if_present(&file.path) {
+                    Ok(removed) => report.deleted_files += u64::from(removed),
+                    Err(e) => tracing::warn!(error = %e, "cannot delete a merged log file; tried again later"),
                 }
             }
         }

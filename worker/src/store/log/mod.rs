@@ -116,6 +116,20 @@ pub(crate) fn reserve(dir: &Path, from: u64) -> disk::Result<u64> {
     Ok(upto)
 }
 
+/// Deletes `file`, a final file of the dead worker whose log directory is `dir`, taking the
+/// directory's lock meanwhile so that the worker cannot start: first its number is reserved, so
+/// that the worker, should it come back, never uses it again. False if the worker holds its
+/// lock again, or the file is gone.
+pub(crate) fn retire(dir: &Path, file: &LogFile) -> disk::Result<bool> {
+    let Some(_held) = LogDir::lock(dir, Duration::ZERO)? else { return Ok(false) };
+    if reserved(dir)? <= file.seq {
+        reserve(dir, file.seq + 1)?;
+    }
+    let removed = disk::remove_if_present(&file.path)?;
+    disk::sync_dir(dir)?;
+    Ok(removed)
+}
+
 /// The path of the log file with sequence number `seq` in the log directory `dir`.
 pub(crate) fn file_path(dir: &Path, seq: u64, closed: bool) -> PathBuf {
     dir.join(format!("{seq:016}.{}", if closed { CLOSED_SUFFIX } else { OPEN_SUFFIX }))

@@ -1,0 +1,125 @@
+//! What the store leaves on disk, and what it reads: a worker stopped gracefully leaves no log
+//! file, a worker gone for good is forgotten (its empty files deleted, its name dropped from the
+//! shard records, its numbers still reserved), and a database written by the release before log
+//! files had headers opens and counts every id.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use countapp_shared::items::Item;
+use countapp_worker::store::{Store, StoreOptions};
+
+const WORKER: &str = "w1";
+const GONE: &str = "w2";
+
+fn open(db: &Path, worker: &str) -> Store {
+    Store::open(db, worker, StoreOptions { shards: 4, lock_wait: Duration::ZERO, ..StoreOptions::default() }).unwrap()
+}
+
+/// Appends ids `<tenant>-<from..to>` of `tenant` in one batch.
+fn append(store: &Store, tenant: &str, from: u32, to: u32) {
+    let ids: Vec<String> = (from..to).map(|i| format!("{tenant}-{i:06}")).collect();
+    let batch: Vec<Item> = ids.iter().map(|id| Item::new(tenant, id)).collect();
+    store.append_blocking(&batch).unwrap();
+}
+
+/// The numbers of the log files of `worker` under `db`, with their names.
+fn log_files(db: &Path, worker: &str) -> BTreeMap<u64, String> {
+    let entries = fs::read_dir(db.join("wal").join(worker)).unwrap().flatten();
+    entries
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            Some((name.split_once('.')?.0.parse().ok()?, name))
+        })
+        .collect()
+}
+
+/// A worker stopped gracefully, its log merged, leaves no log file: a worker removed from the
+/// config for good leaves nothing behind.
+#[test]
+fn a_graceful_stop_leaves_no_log_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let store = open(&db, WORKER);
+    append(&store, "t", 0, 3);
+    store.close(Duration::from_secs(5)).unwrap();
+    let left: Vec<String> = fs::read_dir(db.join("wal").join(WORKER))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".open") || name.ends_with(".log"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let store = open(&db, WORKER);
+    assert_eq!(store.count_blocking("t").unwrap(), 3);
+}
+
+/// A worker that died, then is removed from the config for good: a live worker merges its log,
+/// deletes its files (the one that holds no record too, which only its worker deleted before)
+/// and drops its name from the shard records as it rewrites them; should it come back after
+/// all, it numbers its files above every one it used.
+#[test]
+fn a_worker_gone_for_good_is_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let gone = open(&db, GONE);
+    append(&gone, "t", 0, 10);
+    drop(gone);
+    drop(open(&db, GONE));
+    let used: BTreeSet<u64> = log_files(&db, GONE).into_keys().collect();
+    assert_eq!(used.len(), 2, "a file of ids, and an empty one: {:?}", log_files(&db, GONE));
+
+    let store = open(&db, WORKER);
+    store.flush().unwrap();
+    assert_eq!(store.count_blocking("t").unwrap(), 10);
+    assert!(log_files(&db, GONE).is_empty(), "{:?}", log_files(&db, GONE));
+    for tenant in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+        append(&store, tenant, 0, 1);
+    }
+    store.flush().unwrap();
+    for shard in fs::read_dir(db.join("shards")).unwrap().flatten() {
+        let record = fs::read_to_string(shard.path().join("SHARD.json")).unwrap();
+        assert!(!record.contains(GONE), "{}: {record}", shard.path().display());
+    }
+
+    let back = open(&db, GONE);
+    let now = *log_files(&db, GONE).keys().max().unwrap();
+    assert!(now > *used.iter().max().unwrap(), "file {now} again: {used:?} were used");
+    append(&back, "t", 10, 15);
+    back.flush().unwrap();
+    drop(back);
+    store.flush().unwrap();
+    assert_eq!(store.count_blocking("t").unwrap(), 15);
+}
+
+/// A database written by the release before log files had headers (its merged tenants,
+/// segments included, and the logs of two workers killed with SIGKILL before their files were
+/// closed): opened and merged by this release, every tenant counts what was acknowledged.
+#[test]
+fn a_database_of_the_previous_release_opens_and_counts_every_id() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(fixtures.join("db-before-log-v2.tar.gz"))
+        .arg("-C")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let expected: BTreeMap<String, u64> =
+        serde_json::from_slice(&fs::read(fixtures.join("db-before-log-v2.expected.json")).unwrap()).unwrap();
+    let db = dir.path().join("db");
+    let store = open(&db, "127.0.0.1-7101");
+    store.flush().unwrap();
+    store.flush().unwrap();
+    for (tenant, count) in &expected {
+        assert_eq!(store.count_blocking(tenant).unwrap(), *count, "{tenant}");
+    }
+    append(&store, "big", 0, 10);
+    store.flush().unwrap();
+    assert_eq!(store.count_blocking("big").unwrap(), expected["big"] + 10);
+}
