@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use countapp_shared::config::{self, Config, FIXED_KEYS};
+use countapp_shared::edge::budget::BodyBudget;
 use countapp_shared::http::count_requests;
 use countapp_shared::shutdown::terminate_signal;
 use parking_lot::Mutex;
@@ -84,6 +85,7 @@ impl Coordinator {
             metrics,
             shutdown: CancellationToken::new(),
             cluster_view: ClusterView::new(requests.clone()),
+            bodies: BodyBudget::default(),
         });
         let data = state.clone();
         let server = HttpServer::new(move || {

@@ -8,7 +8,8 @@ use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
 use countapp_shared::api::{Accepted, Count};
 use countapp_shared::config::Config;
-use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, read_body, resource};
+use countapp_shared::edge::body::{BodyLimits, read_body};
+use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, resource};
 use countapp_shared::items::parse_batch;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
@@ -62,7 +63,7 @@ async fn post_items(
         // workers) rather than let the counts fall further behind.
         return Err(ApiError::PushBack(format!("merging is {:.1} s behind; retry shortly", lag.as_secs_f64())));
     }
-    let body = read_body(&req, payload, config.max_body_bytes.as_usize()).await?;
+    let body = read_body(&req, payload, BodyLimits::of(&config), &state.bodies).await?;
     let items = parse_batch(&body, config.max_key_bytes.as_usize()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     store.append(&items).await.map_err(|e| {
         tracing::error!(error = %e, "append failed");
