@@ -361,6 +361,25 @@ impl Cluster {
         self.coordinator_by(host.command(env!("CARGO_BIN_EXE_coordinator")), &host.addr, port)
     }
 
+    /// [`Cluster::coordinator`] with at most `open_files` descriptors (soft and hard limit),
+    /// which its workers inherit.
+    pub fn coordinator_with_open_files(&self, port: u16, open_files: u64) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+        let limit = libc::rlimit { rlim_cur: open_files, rlim_max: open_files };
+        // SAFETY: setrlimit is async-signal-safe, and `limit` is copied into the closure.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        self.coordinator_by(command, "127.0.0.1", port)
+    }
+
     fn coordinator_by(&self, mut command: Command, host: &str, port: u16) -> Proc {
         let log = self.path().join("coordinator.log");
         command.arg("--config").arg(self.config_path());
