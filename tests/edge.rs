@@ -183,6 +183,29 @@ fn a_request_stalled_on_a_kept_alive_connection_is_timed_out_too() {
 }
 
 #[test]
+fn a_head_sent_a_byte_at_a_time_is_timed_out_though_never_silent() {
+    let (_cluster, _, coordinator) = cluster(&format!("request_timeout: {}\n", REQUEST_TIMEOUT.as_secs_f64()));
+    let mut stream = TcpStream::connect(coordinator.url().trim_start_matches("http://")).unwrap();
+    stream.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+    let head = format!("GET /health HTTP/1.1\r\nhost: edge\r\nx-slow: {}\r\n\r\n", "s".repeat(200));
+    let started = Instant::now();
+    let mut reply = Vec::new();
+    // A byte every 200 ms: the connection is never silent for the deadline, its head takes 45 s.
+    for byte in head.bytes() {
+        if stream.write_all(&[byte]).is_err() || stream.read_to_end(&mut reply).is_ok() {
+            break;
+        }
+        assert!(started.elapsed() < REQUEST_TIMEOUT + SLACK, "the head is still being read");
+        thread::sleep(Duration::from_millis(200));
+    }
+    stream.set_read_timeout(Some(SLACK)).unwrap();
+    let _ = stream.read_to_end(&mut reply);
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("HTTP/1.1 408") && text.contains("request_timeout"), "{text}");
+    println!("a head sent a byte at a time was answered 408 after {:?}", started.elapsed());
+}
+
+#[test]
 fn bodies_held_at_once_stay_within_their_budget_and_their_memory_returns() {
     // The default limits: 16 MiB bodies, 64 MiB of them at once.
     let (_cluster, _, coordinator) = cluster("request_timeout: 3\n");

@@ -17,6 +17,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use crate::api::ErrorBody;
+use crate::edge::stalled::RequestSeen;
 
 /// Every error either server answers, and the one place that picks its status: handlers return
 /// `Result<_, ApiError>`, and actix turns the error into `{"error": message}` with that status.
@@ -154,13 +155,15 @@ impl RequestCounter {
     }
 }
 
-/// Middleware: counts every request in the app's `web::Data<RequestCounter>`, and logs it at
-/// debug level. A request matched by hand or by a static route costs it no allocation, and the
+/// Middleware: counts every request in the app's `web::Data<RequestCounter>`, logs it at debug
+/// level, and tells the stalled-connection watch that its head is in. A request matched by hand or by a static route costs it no allocation, and the
 /// log's copy of the path is made only when debug logging is on.
 pub async fn count_requests(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    // Its head is in: its connection is not stalled while it is served.
+    let _seen = RequestSeen::new(req.request());
     let counter = req.app_data::<web::Data<RequestCounter>>().cloned();
     let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| (req.method().clone(), req.path().to_owned()));
     let res = next.call(req).await?;
