@@ -482,7 +482,7 @@ fn a_worker_killed_under_a_busy_load_costs_clients_nothing_but_push_back() {
     // Push-back (503 with Retry-After) is retried, as any client should, and may outlast the
     // client's patience while the merges catch up; anything else that failed is here.
     let errors: Vec<&String> = tally.errors.iter().chain(&big_errors).filter(|e| !e.starts_with(PUSHED_BACK)).collect();
-    assert!(errors.is_empty(), "clients saw {} errors, first: {:?}", errors.len(), errors.first());
+    assert!(errors.is_empty(), "clients saw {} errors: {:?}", errors.len(), &errors[..errors.len().min(5)]);
     println!("at least {fewest_live} of 4 workers were live all along");
     assert!(fewest_live >= 3, "only {fewest_live} workers were live at one point: busy ones were taken out");
     assert!(tally.acked_batches() > 0 && big_acked > 0);

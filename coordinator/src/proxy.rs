@@ -4,7 +4,8 @@
 //! idempotent (a set ignores an id it holds), so a batch that reached a worker before the
 //! failure is not double-counted by the retry. A worker's 4xx is the client's fault and passes
 //! through. Each live worker is tried once: when every one answers a 5xx, the client gets the
-//! last of them. With no live worker, the request waits briefly for one before a 503.
+//! last of them; when every one is late, they are tried again until the request has waited
+//! [`WAIT_FOR_WORKER`]. With no live worker, the request waits that long for one before a 503.
 //!
 //! The hop to a worker has its own timeout, well under a client's: a worker that does not answer
 //! in time costs a request [`HOP_TIMEOUT`] before it goes to another worker. A late reply alone
@@ -58,6 +59,12 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
             // Every live worker has answered: waiting would only get the same answers again.
             if last_reply.is_some() || Instant::now() >= deadline {
                 break;
+            }
+            if pool.live_count() > 0 {
+                // Every live worker was late (one that failed otherwise is out of routing):
+                // busy ones may answer another try, until the wait is over.
+                tried = Tried::default();
+                continue;
             }
             // No worker is live, or those that were failed us: wait for one to (re)start.
             pool.wait_for_ready(Duration::from_millis(100)).await;
