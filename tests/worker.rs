@@ -616,7 +616,7 @@ fn counts_are_answered_at_once_while_large_batches_are_parsed() {
     post_ok(&client, &url, batch(&[("small", "1")]), 1);
     // Batches of about 8 MiB: on the worker's one HTTP thread, each would keep every other
     // request waiting while it is parsed.
-    let big: Vec<String> = (0..3)
+    let big: Vec<String> = (0..2)
         .map(|c| {
             batch_of(&(0..180_000).map(|i| (format!("big-{}", i % 10), format!("c{c}-{i:08}"))).collect::<Vec<_>>())
         })
@@ -646,7 +646,7 @@ fn counts_are_answered_at_once_while_large_batches_are_parsed() {
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         slowest
     });
-    println!("the slowest count beside three clients posting 8 MiB batches took {slowest:?}");
+    println!("the slowest count beside two clients posting 8 MiB batches took {slowest:?}");
     // A functional bound: a count waits for no batch's parsing.
     assert!(slowest < Duration::from_secs(1), "a count took {slowest:?} while large batches were parsed");
 }

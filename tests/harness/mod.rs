@@ -631,7 +631,7 @@ impl Load {
 /// refused batch was stored nowhere, and sending it again is idempotent anyway). `Err` is why
 /// it was not acknowledged: a batch still pushed back after those tries starts with
 /// [`PUSHED_BACK`].
-pub fn post_retrying(client: &Client, url: &str, body: &str) -> Result<(), String> {
+fn post_retrying(client: &Client, url: &str, body: &str) -> Result<(), String> {
     let mut failure = String::new();
     for _ in 0..PUSHBACK_RETRIES {
         let reply =

@@ -181,8 +181,8 @@ impl Watched {
     }
 }
 
-/// How long ago a socket last received and last sent data, and whether it ever sent any, as the
-/// kernel keeps it.
+/// How long ago a socket last received and last sent data, whether it received any, and the
+/// bytes it sent, as the kernel keeps them.
 struct Silence {
     received_ms: u32,
     sent_ms: u32,
@@ -192,7 +192,8 @@ struct Silence {
 
 impl Silence {
     fn of(fd: RawFd) -> Option<Silence> {
-        // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
+        // SAFETY: tcp_info is plain data, valid zeroed; getsockopt writes at most `len` bytes
+        // into it (an older kernel fewer, leaving the rest zero).
         let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
         let got = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
