@@ -5,12 +5,13 @@
 mod harness;
 
 use std::fs;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Cluster, Immutable, Load, Stopped, batch, client, count, count_reply, error_message, eventually, free_port,
-    get_json, is_running, metric, post, raw_get, sigkill,
+    Cluster, Immutable, Load, PUSHED_BACK, Stopped, batch, client, count, count_reply, error_message, eventually,
+    free_port, get_json, is_running, metric, post, raw_get, sigkill,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -387,6 +388,7 @@ fn a_hung_worker_costs_a_request_a_hop_timeout_then_another_worker_answers() {
     for client in clients {
         let (failures, slowest) = client.join().unwrap();
         assert!(failures.is_empty(), "requests failed while a worker hung: {failures:?}");
+        println!("the slowest request while a worker hung took {slowest:?}");
         // A functional bound: the hop's timeout, not the client's, decides.
         assert!(slowest < Duration::from_secs(2), "a request took {slowest:?} while a worker hung");
     }
@@ -430,4 +432,74 @@ fn when_every_worker_answers_5xx_a_request_tries_each_live_worker_once() {
     assert!(message.contains("behind"), "the workers' own explanation: {message}");
     let attempts: Vec<f64> = workers.iter().zip(&before).map(|(worker, before)| posts_seen(worker) - before).collect();
     assert_eq!(attempts, vec![1.0; workers.len()], "attempts on each worker");
+}
+
+/// The fewest live workers the coordinator at `url` reported, polled until `stop` is set.
+fn fewest_live(url: &str, stop: &AtomicBool) -> u64 {
+    let client = client();
+    let mut fewest = u64::MAX;
+    while !stop.load(Ordering::Relaxed) {
+        fewest = fewest.min(get_json(&client, &format!("{url}/health"))["live_workers"].as_u64().unwrap());
+        thread::sleep(Duration::from_millis(20));
+    }
+    fewest
+}
+
+#[test]
+fn a_worker_killed_under_a_load_of_new_tenants_costs_clients_nothing_but_push_back() {
+    let (cluster, ports, listen) = cluster(4);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(4);
+    let url = coordinator.url();
+    // Busy, not hung: a tenant per batch keeps the merges working hard.
+    let load = Load::start_tenant_per_batch(&url, 8, "busy");
+    let stop = AtomicBool::new(false);
+    let fewest_live = thread::scope(|scope| {
+        // How many workers take requests, all along: the killed one is out until respawned, and
+        // no other may be taken out for being busy.
+        let fewest_live = scope.spawn(|| fewest_live(&url, &stop));
+        thread::sleep(Duration::from_secs(4));
+        sigkill(coordinator.pid_of(ports[0]));
+        thread::sleep(Duration::from_secs(4));
+        stop.store(true, Ordering::Relaxed);
+        fewest_live.join().unwrap()
+    });
+    let tally = load.stop();
+    // Push-back (503 with Retry-After) is retried, as any client should, and may outlast the
+    // client's patience while the merges catch up; anything else that failed is here.
+    let errors: Vec<&String> = tally.errors.iter().filter(|e| !e.starts_with(PUSHED_BACK)).collect();
+    assert!(errors.is_empty(), "clients saw {} errors: {:?}", errors.len(), &errors[..errors.len().min(5)]);
+    println!("at least {fewest_live} of 4 workers were live all along");
+    assert!(fewest_live >= 3, "only {fewest_live} workers were live at one point: busy ones were taken out");
+    assert!(tally.acked_batches() > 0);
+    println!("{}", tally.check_counted(&client(), &url, SETTLE));
+}
+
+#[test]
+fn workers_too_busy_to_answer_for_a_moment_stay_in_routing() {
+    let (cluster, ports, listen) = cluster(3);
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(3);
+    let url = coordinator.url();
+    let pids: Vec<u32> = ports.iter().map(|&port| coordinator.pid_of(port)).collect();
+    let load = Load::start(&url, 4, "moment", false);
+    let stop = AtomicBool::new(false);
+    let fewest_live = thread::scope(|scope| {
+        let fewest = scope.spawn(|| fewest_live(&url, &stop));
+        thread::sleep(Duration::from_secs(1));
+        // Every worker answers nothing for longer than a hop's timeout, and less than its health
+        // check's: as busy as a worker gets, and alive.
+        let paused: Vec<Stopped> = pids.iter().map(|&pid| Stopped::new(pid)).collect();
+        thread::sleep(Duration::from_millis(900));
+        drop(paused);
+        thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::Relaxed);
+        fewest.join().unwrap()
+    });
+    let tally = load.stop();
+    assert!(tally.errors.is_empty(), "clients saw {} errors, first: {:?}", tally.errors.len(), tally.errors.first());
+    println!("at least {fewest_live} of 3 workers were live all along");
+    assert_eq!(fewest_live, 3, "workers late for a moment were taken out of routing");
+    assert!(coordinator.workers().iter().all(|w| w["restarts"] == 0), "no worker was replaced");
+    tally.check_counted(&client(), &url, SETTLE);
 }

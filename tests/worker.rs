@@ -646,3 +646,49 @@ fn a_step_of_the_wall_clock_stops_no_closing_and_fakes_no_lag() {
     let stats = get_json(&client, &format!("{url}/stats"));
     assert!(stats["merge_lag_s"].as_f64().unwrap() < 60.0, "{stats}");
 }
+
+#[test]
+fn counts_are_answered_at_once_while_large_batches_are_parsed() {
+    let port = free_port();
+    let cluster = Cluster::new(&[port], QUICK_FLUSH);
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    let url = worker.url();
+    let client = client();
+    post_ok(&client, &url, batch(&[("small", "1")]), 1);
+    // Batches of about 8 MiB: on the worker's one HTTP thread, each would keep every other
+    // request waiting while it is parsed.
+    let big: Vec<String> = (0..2)
+        .map(|c| {
+            batch_of(&(0..180_000).map(|i| (format!("big-{}", i % 10), format!("c{c}-{i:08}"))).collect::<Vec<_>>())
+        })
+        .collect();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let slowest = thread::scope(|scope| {
+        for body in &big {
+            let (url, done) = (&url, &done);
+            scope.spawn(move || {
+                let client = Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Accepted, or pushed back while the merges catch up with so many ids.
+                    let reply = post(&client, url, body.clone());
+                    let pushed_back = reply.status() == StatusCode::SERVICE_UNAVAILABLE
+                        && reply.headers().contains_key("retry-after");
+                    assert!(reply.status() == StatusCode::OK || pushed_back, "{}", reply.text().unwrap());
+                }
+            });
+        }
+        let (started, mut slowest) = (std::time::Instant::now(), Duration::ZERO);
+        while started.elapsed() < Duration::from_secs(6) {
+            let sent = std::time::Instant::now();
+            assert_eq!(count(&client, &url, "small"), 1);
+            slowest = slowest.max(sent.elapsed());
+            thread::sleep(Duration::from_millis(20));
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        slowest
+    });
+    println!("the slowest count beside two clients posting 8 MiB batches took {slowest:?}");
+    // A functional bound: a count waits for no batch's parsing.
+    assert!(slowest < Duration::from_secs(1), "a count took {slowest:?} while large batches were parsed");
+}

@@ -46,6 +46,8 @@ pub struct Member {
     pub items: AtomicU64,
     /// Times it became ready: a request that tried it before may try it again once this moved.
     readied: AtomicU64,
+    /// Wakes its supervisor to check its health now, rather than at the next interval.
+    check_now: Notify,
 }
 
 /// What changes about a member over time.
@@ -75,6 +77,17 @@ impl Member {
     pub fn record(&self, items: u64) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.items.fetch_add(items, Ordering::Relaxed);
+    }
+
+    /// Asks its supervisor to check its health now: a request got no reply from it in time,
+    /// which a busy worker may do as well as a hung one, and only the check tells them apart.
+    pub fn request_check(&self) {
+        self.check_now.notify_one();
+    }
+
+    /// Waits until a check is asked for with [`Member::request_check`].
+    pub async fn check_requested(&self) {
+        self.check_now.notified().await;
     }
 }
 
@@ -131,6 +144,7 @@ impl Pool {
                     requests: AtomicU64::new(0),
                     items: AtomicU64::new(0),
                     readied: AtomicU64::new(0),
+                    check_now: Notify::new(),
                 })
             })
             .clone()
@@ -183,6 +197,24 @@ impl Pool {
         if was_ready {
             self.set_state(member, WorkerState::Unhealthy);
         }
+    }
+
+    /// Marks a ready member unhealthy after it did not answer its health check in time, unless
+    /// it is the last one live: a machine too busy to answer within the check's timeout would
+    /// otherwise take every worker out of routing at once, and a hung last worker costs a
+    /// request no more in routing (a hop timeout) than out of it (the wait for a live one)
+    /// while its supervisor replaces it.
+    pub fn suspect_unresponsive(&self, member: &Member, error: String) {
+        let last = {
+            let live = self.live.read();
+            live.len() == 1 && std::ptr::eq(Arc::as_ptr(&live[0]), member)
+        };
+        if last {
+            tracing::warn!(worker = %member.url, error, "the last live worker is slow to answer; kept in routing");
+            member.status.lock().last_error = Some(error);
+            return;
+        }
+        self.suspect(member, error);
     }
 
     /// A random live member that `tried` does not hold.

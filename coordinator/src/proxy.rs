@@ -4,11 +4,15 @@
 //! idempotent (a set ignores an id it holds), so a batch that reached a worker before the
 //! failure is not double-counted by the retry. A worker's 4xx is the client's fault and passes
 //! through. Each live worker is tried once: when every one answers a 5xx, the client gets the
-//! last of them. With no live worker, the request waits briefly for one before a 503.
+//! last of them; when every one is late, they are tried again until the request has waited
+//! [`WAIT_FOR_WORKER`]. With no live worker, the request waits that long for one before a 503.
 //!
-//! The hop to a worker has its own timeout, well under a client's: a hung worker (alive but not
-//! answering) costs a request [`HOP_TIMEOUT`] before it goes to another worker, and the hung
-//! one is taken out of routing until its supervisor sees it answer again or replaces it.
+//! The hop to a worker has its own timeout, well under a client's: a worker that does not answer
+//! in time costs a request [`HOP_TIMEOUT`] before it goes to another worker. A late reply alone
+//! does not take the worker out of routing, since a busy worker is late as well as a hung one:
+//! it has its supervisor check its health at once, and only a failed check takes it out (until
+//! a check passes again, or it is replaced). A worker that refuses the connection or drops it is
+//! taken out at once.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +24,7 @@ use countapp_shared::http::ApiError;
 
 use crate::pool::Tried;
 use crate::state::AppState;
-use crate::upstream::{Forward, Reply, Upstream};
+use crate::upstream::{Forward, HopError, Reply, Upstream};
 
 /// How long a request waits for a live worker before it gets a 503.
 const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
@@ -56,6 +60,12 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
             if last_reply.is_some() || Instant::now() >= deadline {
                 break;
             }
+            if pool.live_count() > 0 {
+                // Every live worker was late (one that failed otherwise is out of routing):
+                // busy ones may answer another try, until the wait is over.
+                tried = Tried::default();
+                continue;
+            }
             // No worker is live, or those that were failed us: wait for one to (re)start.
             pool.wait_for_ready(Duration::from_millis(100)).await;
             continue;
@@ -80,10 +90,15 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
                 last_error = Some(why);
                 last_reply = Some(reply);
             }
-            Err(e) => {
-                // A timeout says "no reply within ..." in the error.
+            Err(e @ HopError::Timeout(_)) => {
                 let why = e.to_string();
-                tracing::warn!(worker = %member.url, error = why, "worker unreachable or hung; retrying elsewhere");
+                tracing::warn!(worker = %member.url, error = why, "worker late; retrying elsewhere and checking it");
+                member.request_check();
+                last_error = Some(why);
+            }
+            Err(e) => {
+                let why = e.to_string();
+                tracing::warn!(worker = %member.url, error = why, "worker unreachable; retrying elsewhere");
                 pool.suspect(&member, why.clone());
                 last_error = Some(why);
             }

@@ -7,7 +7,8 @@ use actix_web::http::Method;
 use actix_web::http::header::ContentType;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
-use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, read_body, resource};
+use countapp_shared::edge::body::{BodyLimits, read_body};
+use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, resource};
 use serde_json::{Value, json};
 
 use crate::dashboard;
@@ -36,10 +37,10 @@ async fn post_items(
     state: web::Data<AppState>,
     upstream: web::Data<Upstream>,
 ) -> Result<HttpResponse, ApiError> {
-    let max = state.ctx.config.borrow().max_body_bytes.as_usize();
-    let body = read_body(&req, payload, max).await?.freeze();
+    let limits = BodyLimits::of(&state.ctx.config.borrow());
+    let body = read_body(&req, payload, limits, &state.bodies).await?;
     let target = raw_target(&req)?;
-    forward(&state, &upstream, Forward { method: Method::POST, target, body }).await
+    forward(&state, &upstream, Forward { method: Method::POST, target, body: body.bytes().clone() }).await
 }
 
 /// Under `/items`: the count route (see [`count_route`]), forwarded with the path exactly as the

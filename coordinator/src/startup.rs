@@ -10,6 +10,9 @@ use std::time::{Duration, SystemTime};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use countapp_shared::config::{self, Config, FIXED_KEYS};
+use countapp_shared::edge;
+use countapp_shared::edge::budget::BodyBudget;
+use countapp_shared::edge::stalled::{self, Timeout};
 use countapp_shared::http::count_requests;
 use countapp_shared::shutdown::terminate_signal;
 use parking_lot::Mutex;
@@ -84,8 +87,13 @@ impl Coordinator {
             metrics,
             shutdown: CancellationToken::new(),
             cluster_view: ClusterView::new(requests.clone()),
+            bodies: BodyBudget::default(),
         });
         let data = state.clone();
+        let threads = server_threads();
+        let open_files = edge::process::prepare();
+        let ctx = state.ctx.clone();
+        let timeout: Timeout = Arc::new(move || ctx.config().request_timeout());
         let server = HttpServer::new(move || {
             App::new()
                 // One client per server thread: its connections then live on that thread's
@@ -96,12 +104,17 @@ impl Coordinator {
                 .wrap(from_fn(count_requests))
                 .configure(routes::configure)
         })
+        .on_connect(stalled::on_connect(timeout))
+        .max_connections(edge::process::connections_per_thread(open_files, threads))
+        // Heads are timed out by the stalled-connection watch, with a JSON 408.
+        .client_request_timeout(Duration::ZERO)
+        .keep_alive(edge::KEEP_ALIVE)
         .listen(listener)
         .map_err(bind_error)?
         // Replies are written whole: Nagle's algorithm would only hold back one written while an
         // earlier one is unacknowledged, for a delayed ACK (40 ms), as under pipelining.
         .tcp_nodelay(true)
-        .workers(server_threads())
+        .workers(threads)
         .disable_signals()
         .shutdown_timeout(DRAIN_TIMEOUT.as_secs())
         .run();

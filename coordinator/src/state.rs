@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use countapp_shared::edge::budget::BodyBudget;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -32,4 +33,6 @@ pub(crate) struct AppState {
     pub(crate) shutdown: CancellationToken,
     /// The dashboard's shared snapshot of the cluster.
     pub(crate) cluster_view: ClusterView,
+    /// The bytes of request bodies held now, over every connection.
+    pub(crate) bodies: BodyBudget,
 }

@@ -3,10 +3,11 @@
 //! A local worker (127.0.0.0/8, localhost, ::1) is spawned from the `worker` binary beside the
 //! coordinator's own, its output appended to `worker_logs/<port>.log`, and handed the config in
 //! force. Its exit is seen at once through its child handle and it is respawned, with backoff if
-//! it keeps dying; it is also health-checked every `config_check` (more often while it fails),
-//! and killed and respawned after [`FAILED_CHECKS_BEFORE_KILL`] failed checks in a row, so that
-//! a hung worker is replaced. A worker already answering on its port when the coordinator
-//! starts (left by a coordinator that was killed) is adopted, not duplicated. A port held by a
+//! it keeps dying; it is also health-checked every `config_check` (more often while it fails, and
+//! at once when a request got no reply from it in time), and killed and respawned after
+//! [`FAILED_CHECKS_BEFORE_KILL`] failed checks in a row, so that a hung worker is replaced. A
+//! worker already answering on its port when the coordinator starts (left by a coordinator that
+//! was killed) is adopted, not duplicated. A port held by a
 //! process that is no worker is reported, not fought over.
 //!
 //! Each config edit is pushed to every local worker (`PUT /config`, with the coordinator's
@@ -340,19 +341,22 @@ async fn watch_child(ctx: &Context, member: &Member, mut child: Child, stop: &Ca
                 stop_gracefully(ctx, member, Some(&mut child)).await;
                 return Ended::Stopped;
             }
-            Ok(()) = config.changed() => push_config(ctx, member).await,
-            () = tokio::time::sleep(pause) => {
-                let checked = check(ctx, member, failed_checks).await;
-                failed_checks = checked.failed;
-                if checked.runs_other_config {
-                    push_config(ctx, member).await;
-                }
-                if failed_checks >= FAILED_CHECKS_BEFORE_KILL {
-                    tracing::warn!(worker = %member.url, failed_checks, "failing its health checks: killing it");
-                    let _ = child.kill().await;
-                    return Ended::Exited(format!("killed after {failed_checks} failed health checks"));
-                }
+            Ok(()) = config.changed() => {
+                push_config(ctx, member).await;
+                continue;
             }
+            () = tokio::time::sleep(pause) => {}
+            () = member.check_requested() => {}
+        }
+        let checked = check(ctx, member, failed_checks).await;
+        failed_checks = checked.failed;
+        if checked.runs_other_config {
+            push_config(ctx, member).await;
+        }
+        if failed_checks >= FAILED_CHECKS_BEFORE_KILL {
+            tracing::warn!(worker = %member.url, failed_checks, "failing its health checks: killing it");
+            let _ = child.kill().await;
+            return Ended::Exited(format!("killed after {failed_checks} failed health checks"));
         }
     }
 }
@@ -384,6 +388,7 @@ async fn watch_adopted(ctx: &Context, member: &Member, process: Process, stop: &
         tokio::select! {
             // Without a child handle, a short poll of the pid stands in for the exit notice.
             () = tokio::time::sleep(STARTING_POLL) => {}
+            () = member.check_requested() => next_check = Instant::now(),
             () = stop.cancelled() => {
                 stop_gracefully(ctx, member, None).await;
                 return Ended::Stopped;
@@ -423,7 +428,12 @@ async fn check(ctx: &Context, member: &Member, failed_before: u32) -> Checked {
         }
         Err(e) => {
             let failed = if state == WorkerState::Ready || state == WorkerState::Unhealthy {
-                ctx.pool.suspect(member, format!("health check failed: {e}"));
+                let why = format!("health check failed: {e}");
+                if e.is_timeout() {
+                    ctx.pool.suspect_unresponsive(member, why);
+                } else {
+                    ctx.pool.suspect(member, why);
+                }
                 failed_before + 1
             } else {
                 failed_before
@@ -530,6 +540,7 @@ async fn supervise_remote(ctx: &Context, member: &Member, stop: &CancellationTok
         let pause = if member.status().state == WorkerState::Ready { ctx.check_interval() } else { STARTING_POLL * 10 };
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
+            () = member.check_requested() => {}
             () = stop.cancelled() => return,
         }
     }

@@ -1,5 +1,5 @@
-//! What both servers do alike: one error type for every JSON error, bounded request bodies,
-//! and counting requests.
+//! What both servers do alike: one error type for every JSON error, the routes' JSON 404 and
+//! 405, and counting requests.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,17 +7,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
-use actix_web::http::header::{CONTENT_LENGTH, RETRY_AFTER};
+use actix_web::http::header::RETRY_AFTER;
 use actix_web::middleware::Next;
-use actix_web::web::{self, BytesMut};
+use actix_web::web;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError};
-use futures_util::StreamExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use crate::api::ErrorBody;
+use crate::edge::stalled::RequestSeen;
 
 /// Every error either server answers, and the one place that picks its status: handlers return
 /// `Result<_, ApiError>`, and actix turns the error into `{"error": message}` with that status.
@@ -35,6 +35,9 @@ pub enum ApiError {
     /// 405: the route exists, not for this method.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// 408: the request did not arrive within `request_timeout`; the connection is closed.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// 409: the request conflicts with what runs (a config edit of a fixed key).
     #[error("{0}")]
     Conflict(String),
@@ -59,6 +62,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -68,8 +72,15 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut reply = HttpResponse::build(self.status_code());
-        if let ApiError::PushBack(_) = self {
-            reply.insert_header((RETRY_AFTER, "1"));
+        match self {
+            ApiError::PushBack(_) => {
+                reply.insert_header((RETRY_AFTER, "1"));
+            }
+            // The rest of the body may still come: the connection cannot carry another request.
+            ApiError::RequestTimeout(_) => {
+                reply.force_close();
+            }
+            _ => {}
         }
         reply.json(ErrorBody::new(self.to_string()))
     }
@@ -83,25 +94,6 @@ pub fn resource(path: &str) -> actix_web::Resource {
 /// The JSON 404 for a path no route matches.
 pub async fn no_such_route() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound)
-}
-
-/// Reads a request body of at most `max` bytes. A larger one gets a JSON 413 as soon as it is
-/// known to be too large (from its `Content-Length`, or once the bytes read exceed `max`), so
-/// that an oversize body never sits in memory.
-pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, max: usize) -> Result<BytesMut, ApiError> {
-    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > max) {
-        return Err(ApiError::TooLarge(max));
-    }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(8 << 10).min(max));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body failed: {e}")))?;
-        if body.len() + chunk.len() > max {
-            return Err(ApiError::TooLarge(max));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 /// The metrics name of the count route.
@@ -163,13 +155,15 @@ impl RequestCounter {
     }
 }
 
-/// Middleware: counts every request in the app's `web::Data<RequestCounter>`, and logs it at
-/// debug level. A request matched by hand or by a static route costs it no allocation, and the
+/// Middleware: counts every request in the app's `web::Data<RequestCounter>`, logs it at debug
+/// level, and tells the stalled-connection watch that its head is in. A request matched by hand or by a static route costs it no allocation, and the
 /// log's copy of the path is made only when debug logging is on.
 pub async fn count_requests(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    // Its head is in: its connection is not stalled while it is served.
+    let _seen = RequestSeen::new(req.request());
     let counter = req.app_data::<web::Data<RequestCounter>>().cloned();
     let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| (req.method().clone(), req.path().to_owned()));
     let res = next.call(req).await?;

@@ -1,9 +1,10 @@
 //! What both CountApp binaries agree on: the config file, the items a client posts, the JSON
-//! replies of the HTTP API and the helpers both servers answer with, what a spawned worker is
-//! handed, and the shutdown signal.
+//! replies of the HTTP API and the helpers both servers answer with, the bounds of their edge,
+//! what a spawned worker is handed, and the shutdown signal.
 
 pub mod api;
 pub mod config;
+pub mod edge;
 pub mod http;
 pub mod items;
 pub mod shutdown;

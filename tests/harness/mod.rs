@@ -369,6 +369,25 @@ impl Cluster {
         Proc::spawn(command, "127.0.0.1", port, self.path().join("coordinator.log"))
     }
 
+    /// [`Cluster::coordinator`] with at most `open_files` descriptors (soft and hard limit),
+    /// which its workers inherit.
+    pub fn coordinator_with_open_files(&self, port: u16, open_files: u64) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+        let limit = libc::rlimit { rlim_cur: open_files, rlim_max: open_files };
+        // SAFETY: setrlimit is async-signal-safe, and `limit` is copied into the closure.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        self.coordinator_by(command, "127.0.0.1", port)
+    }
+
     fn coordinator_by(&self, mut command: Command, host: &str, port: u16) -> Proc {
         let log = self.path().join("coordinator.log");
         command.arg("--config").arg(self.config_path());
@@ -578,6 +597,9 @@ struct Pace {
     pause: Duration,
     /// How long a client waits for a reply.
     timeout: Duration,
+    /// Each batch also puts an id in a tenant of its own, so that the merges make a tenant
+    /// file for every batch, as `countapp-load --exact` has them do.
+    tenant_per_batch: bool,
 }
 
 /// Times a client of a [`Load`] sends a batch a server pushed back (503 with Retry-After).
@@ -608,14 +630,26 @@ impl Load {
             url,
             clients,
             prefix,
-            Pace { stop_on_error, pause: Duration::ZERO, timeout: Duration::from_secs(10) },
+            Pace { stop_on_error, pause: Duration::ZERO, timeout: Duration::from_secs(10), tenant_per_batch: false },
         )
+    }
+
+    /// [`Load::start`], going on through failures, with a new tenant in every batch besides
+    /// the data tenants: the load under which merging works hardest.
+    pub fn start_tenant_per_batch(url: &str, clients: usize, prefix: &str) -> Load {
+        let pace = Pace {
+            stop_on_error: false,
+            pause: Duration::ZERO,
+            timeout: Duration::from_secs(10),
+            tenant_per_batch: true,
+        };
+        Load::spawn(url, clients, prefix, pace)
     }
 
     /// Starts `clients` threads that go on through failures, each posting a batch every `pause`
     /// or so and waiting up to `timeout` for each reply: a load that outlasts network cuts.
     pub fn start_paced(url: &str, clients: usize, prefix: &str, pause: Duration, timeout: Duration) -> Load {
-        Load::spawn(url, clients, prefix, Pace { stop_on_error: false, pause, timeout })
+        Load::spawn(url, clients, prefix, Pace { stop_on_error: false, pause, timeout, tenant_per_batch: false })
     }
 
     fn spawn(url: &str, clients: usize, prefix: &str, pace: Pace) -> Load {
@@ -644,33 +678,12 @@ impl Load {
                 .collect();
             let marker = marker(prefix, sent.group());
             items.extend((0..sent.bit()).map(|k| (marker.clone(), format!("b{seq}-{k}"))));
+            if pace.tenant_per_batch {
+                items.push((format!("{prefix}~tenant-{c}-{seq}"), "1".to_owned()));
+            }
             let items: Vec<(&str, &str)> = items.iter().map(|(t, id)| (t.as_str(), id.as_str())).collect();
             let body = batch(&items);
-            let mut failure = None;
-            // Like any well-behaved client, it comes back when a server pushing back under load
-            // says when (503 with Retry-After): the refused batch was stored nowhere, and sending
-            // it again is idempotent anyway.
-            for _ in 0..PUSHBACK_RETRIES {
-                let reply = client
-                    .post(format!("{url}/items"))
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send();
-                failure = match reply {
-                    Ok(r) if r.status() == StatusCode::OK => None,
-                    Ok(r)
-                        if r.status() == StatusCode::SERVICE_UNAVAILABLE && r.headers().contains_key("retry-after") =>
-                    {
-                        let after = r.headers()["retry-after"].to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-                        failure = Some(format!("{}: {}", r.status(), r.text().unwrap_or_default()));
-                        thread::sleep(Duration::from_secs(after).min(Duration::from_secs(1)));
-                        continue;
-                    }
-                    Ok(r) => Some(format!("{}: {}", r.status(), r.text().unwrap_or_default())),
-                    Err(e) => Some(e.to_string()),
-                };
-                break;
-            }
+            let failure = post_retrying(&client, url, &body).err();
             tally.batches.push(Sent { acked: failure.is_none(), ..sent });
             if let Some(failure) = failure {
                 tally.errors.push(failure);
@@ -694,6 +707,33 @@ impl Load {
         total
     }
 }
+
+/// `POST {url}/items` with `body`, as any well-behaved client does it: a server pushing back
+/// under load (503 with Retry-After) is asked again when it says, up to a few times (the
+/// refused batch was stored nowhere, and sending it again is idempotent anyway). `Err` is why
+/// it was not acknowledged: a batch still pushed back after those tries starts with
+/// [`PUSHED_BACK`].
+fn post_retrying(client: &Client, url: &str, body: &str) -> Result<(), String> {
+    let mut failure = String::new();
+    for _ in 0..PUSHBACK_RETRIES {
+        let reply =
+            client.post(format!("{url}/items")).header("content-type", "application/json").body(body.to_owned()).send();
+        match reply {
+            Ok(r) if r.status() == StatusCode::OK => return Ok(()),
+            Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE && r.headers().contains_key("retry-after") => {
+                let after = r.headers()["retry-after"].to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+                failure = format!("{}: {}", r.status(), r.text().unwrap_or_default());
+                thread::sleep(Duration::from_secs(after).min(Duration::from_secs(1)));
+            }
+            Ok(r) => return Err(format!("{}: {}", r.status(), r.text().unwrap_or_default())),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err(format!("{PUSHED_BACK} {PUSHBACK_RETRIES} times, last: {failure}"))
+}
+
+/// How the failure of a batch that the server kept pushing back begins.
+pub const PUSHED_BACK: &str = "pushed back";
 
 /// The marker tenant of a group of batches, (client, group): `~` keeps it apart from the data
 /// tenants.

@@ -77,7 +77,7 @@ impl LiveConfig {
         if let Some(store) = store {
             store.set_fsync(new.fsync);
             store.set_redis_handoff(new.redis_handoff());
-            store.set_damaged_max_bytes(new.damaged_max_bytes.get());
+            store.set_damaged_max_bytes(new.damaged_max_bytes());
         }
         let version = new.version();
         tracing::info!(version, from = current.1, "config applied");

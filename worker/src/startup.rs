@@ -3,11 +3,14 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use countapp_shared::config::{self, Config};
+use countapp_shared::edge;
+use countapp_shared::edge::stalled::{self, Timeout};
 use countapp_shared::http::count_requests;
 use thiserror::Error;
 use tracing::Instrument;
@@ -87,6 +90,9 @@ impl Worker {
         ));
         let requests = web::Data::new(requests);
         let data = state.clone();
+        let open_files = edge::process::prepare();
+        let config = state.config.clone();
+        let timeout: Timeout = Arc::new(move || config.get().request_timeout());
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
@@ -94,6 +100,11 @@ impl Worker {
                 .wrap(from_fn(count_requests))
                 .configure(routes::configure)
         })
+        .on_connect(stalled::on_connect(timeout))
+        .max_connections(edge::process::connections_per_thread(open_files, settings.http_threads))
+        // Heads are timed out by the stalled-connection watch, with a JSON 408.
+        .client_request_timeout(Duration::ZERO)
+        .keep_alive(edge::KEEP_ALIVE)
         .listen(listener)
         .map_err(bind_error)?
         // Replies are written whole: Nagle's algorithm would only hold back one written while an
@@ -187,7 +198,7 @@ async fn open_store(config: &Config, worker_id: &str) -> Result<Arc<Store>, Work
         fsync: config.fsync,
         backend: config.backend(),
         redis_handoff: config.redis_handoff(),
-        damaged_max_bytes: config.damaged_max_bytes.get(),
+        damaged_max_bytes: config.damaged_max_bytes(),
         ..StoreOptions::default()
     };
     let store = tokio::task::spawn_blocking(move || Store::open(&database, &id, options))

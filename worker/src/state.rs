@@ -2,6 +2,8 @@
 
 use std::sync::{Arc, OnceLock};
 
+use countapp_shared::edge::budget::BodyBudget;
+
 use crate::live_config::LiveConfig;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -20,6 +22,8 @@ pub(crate) struct AppState {
     pub(crate) shutdown: CancellationToken,
     /// The token `POST /shutdown` must carry; without one, only a signal stops the worker.
     shutdown_token: Option<String>,
+    /// The bytes of request bodies held now, over every connection.
+    pub(crate) bodies: BodyBudget,
 }
 
 impl AppState {
@@ -30,7 +34,15 @@ impl AppState {
         shutdown_token: Option<String>,
         metrics: Arc<Metrics>,
     ) -> AppState {
-        AppState { worker_id, store: OnceLock::new(), config, metrics, shutdown, shutdown_token }
+        AppState {
+            worker_id,
+            store: OnceLock::new(),
+            config,
+            metrics,
+            shutdown,
+            shutdown_token,
+            bodies: BodyBudget::default(),
+        }
     }
 
     /// The store, once recovered.

@@ -81,9 +81,17 @@ pub struct Config {
     #[serde(default = "defaults::max_pending_items")]
     pub max_pending_items: Positive,
     /// Bytes of damaged files kept under the database's `damaged/` for an operator, at most;
-    /// the oldest go first past it.
-    #[serde(default = "defaults::damaged_max_bytes")]
-    pub damaged_max_bytes: Positive,
+    /// the oldest go first past it. [`defaults::damaged_max_bytes`] when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged_max_bytes: Option<Positive>,
+    /// How long a client has to send a whole request, head and body; a connection silent that
+    /// long is closed. [`defaults::request_timeout`] when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<Seconds>,
+    /// Bytes of request bodies a server holds at once, over all its connections; past them a
+    /// request is pushed back with a 503. [`Config::max_body_bytes_in_flight`] when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes_in_flight: Option<Positive>,
 }
 
 /// The defaults of the optional keys, as the README documents them.
@@ -135,6 +143,16 @@ pub mod defaults {
     pub fn damaged_max_bytes() -> Positive {
         Positive::new(1 << 30).expect("positive")
     }
+    /// How long a client has to send a request: nginx's and HAProxy's usual order, and ample
+    /// for a body of `max_body_bytes` on any network a cluster runs on.
+    pub fn request_timeout() -> Seconds {
+        Seconds::new(Duration::from_secs(10)).expect("within bounds")
+    }
+    /// Request bodies held at once: four bodies of the default `max_body_bytes` (and never
+    /// less than one body of the configured `max_body_bytes`).
+    pub fn max_body_bytes_in_flight() -> Positive {
+        Positive::new(64 << 20).expect("positive")
+    }
 }
 
 /// The shortest `redis_grace` accepted: Redis's `appendfsync everysec` writes its AOF to disk
@@ -144,6 +162,9 @@ pub const MIN_REDIS_GRACE: Duration = Duration::from_secs(1);
 pub const MAX_BODY_BYTES_LIMIT: u64 = 1 << 30;
 /// The largest `max_key_bytes` accepted.
 pub const MAX_KEY_BYTES_LIMIT: u64 = 64 << 10;
+/// The shortest `request_timeout` accepted: a request may wait that long for a worker (a hop
+/// times out after half a second) without a byte on its connection.
+pub const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The keys whose values a running cluster cannot change: an edit of any of them is refused as
 /// a whole, and the last good config stays in force.
@@ -263,6 +284,23 @@ impl Config {
         }
     }
 
+    /// How long a client has to send a whole request.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout.unwrap_or_else(defaults::request_timeout).get()
+    }
+
+    /// Bytes of request bodies a server holds at once: as configured, else the default or one
+    /// body of `max_body_bytes`, whichever is larger.
+    pub fn max_body_bytes_in_flight(&self) -> usize {
+        let set = self.max_body_bytes_in_flight.map(Positive::as_usize);
+        set.unwrap_or_else(|| defaults::max_body_bytes_in_flight().as_usize().max(self.max_body_bytes.as_usize()))
+    }
+
+    /// Bytes of damaged files kept under `damaged/` at most.
+    pub fn damaged_max_bytes(&self) -> u64 {
+        self.damaged_max_bytes.unwrap_or_else(defaults::damaged_max_bytes).get()
+    }
+
     /// The interval between flushes.
     pub fn worker_persist(&self) -> Duration {
         self.worker_persist.get()
@@ -306,6 +344,19 @@ impl Config {
         }
         if key > MAX_KEY_BYTES_LIMIT {
             return Err(invalid("max_key_bytes", format!("must be at most {MAX_KEY_BYTES_LIMIT} bytes, got {key}")));
+        }
+        if let Some(in_flight) = self.max_body_bytes_in_flight
+            && in_flight.get() < body
+        {
+            let message = format!("must be at least max_body_bytes ({body}), got {}", in_flight.get());
+            return Err(invalid("max_body_bytes_in_flight", message));
+        }
+        if let Some(timeout) = self.request_timeout
+            && timeout.get() < MIN_REQUEST_TIMEOUT
+        {
+            let message =
+                format!("must be at least {} s, got {}", MIN_REQUEST_TIMEOUT.as_secs(), timeout.get().as_secs_f64());
+            return Err(invalid("request_timeout", message));
         }
         if let Some(grace) = self.redis_grace
             && grace.get() < MIN_REDIS_GRACE
@@ -431,6 +482,13 @@ config_check: 5
         assert_eq!(config.fsync, FsyncPolicy::EverySec);
         assert_eq!(config.max_body_bytes.get(), 16 * 1024 * 1024);
         assert_eq!(config.max_key_bytes.get(), 256);
+        assert_eq!(config.request_timeout(), Duration::from_secs(10));
+        assert_eq!(config.max_body_bytes_in_flight(), 64 << 20);
+        // A larger body than the budget's default raises the budget; unset, neither key changes
+        // the config handed to workers, nor so its version.
+        let big = parse("workers: [http://localhost:5001]\nmax_body_bytes: 104857600").unwrap();
+        assert_eq!(big.max_body_bytes_in_flight(), 100 << 20);
+        assert!(!config.to_json().contains("request_timeout") && !config.to_json().contains("in_flight"));
     }
 
     #[test]
@@ -444,7 +502,9 @@ config_check: 5
              listen: 0.0.0.0:8080\n\
              fsync: always\n\
              max_body_bytes: 1048576\n\
-             max_key_bytes: 64\n",
+             max_key_bytes: 64\n\
+             request_timeout: 2.5\n\
+             max_body_bytes_in_flight: 4194304\n",
         )
         .unwrap();
         assert_eq!(&*config.database, Path::new("/var/lib/countapp"));
@@ -455,6 +515,8 @@ config_check: 5
         assert_eq!(config.fsync, FsyncPolicy::Always);
         assert_eq!(config.max_body_bytes.get(), 1 << 20);
         assert_eq!(config.max_key_bytes.get(), 64);
+        assert_eq!(config.request_timeout(), Duration::from_millis(2500));
+        assert_eq!(config.max_body_bytes_in_flight(), 4 << 20);
     }
 
     #[test]
@@ -567,6 +629,11 @@ config_check: 5
         );
         let err = parse("workers: [http://localhost:5001]\nmax_key_bytes: 65537").unwrap_err();
         assert_eq!(err.to_string(), "max_key_bytes: must be at most 65536 bytes, got 65537");
+        let err = parse("workers: [http://localhost:5001]\nrequest_timeout: 0.5").unwrap_err();
+        assert_eq!(err.to_string(), "request_timeout: must be at least 1 s, got 0.5");
+        let err = parse("workers: [http://localhost:5001]\nmax_body_bytes: 2000\nmax_body_bytes_in_flight: 1000")
+            .unwrap_err();
+        assert_eq!(err.to_string(), "max_body_bytes_in_flight: must be at least max_body_bytes (2000), got 1000");
     }
 
     #[test]
@@ -701,7 +768,11 @@ config_check: 5
     #[test]
     fn fixed_keys_are_told_apart_from_live_ones() {
         let base = parse(ORIGINAL).unwrap();
-        let live = parse(&format!("{ORIGINAL}fsync: always\nmax_key_bytes: 10\nmax_body_bytes: 1000\n")).unwrap();
+        let live = parse(&format!(
+            "{ORIGINAL}fsync: always\nmax_key_bytes: 10\nmax_body_bytes: 1000\nrequest_timeout: 3\n\
+             max_body_bytes_in_flight: 5000\n"
+        ))
+        .unwrap();
         assert!(base.fixed_changes(&live).is_empty());
         let redis = format!("{ORIGINAL}store: redis\nredis_url: redis://x:1\n");
         let handoff = parse(&format!("{redis}redis_grace: 5\nredis_wait_replicas: 1\n")).unwrap();
