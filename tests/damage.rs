@@ -157,8 +157,8 @@ fn a_merge_that_meets_a_damaged_segment_deletes_nothing_and_every_id_counts_once
     }
 }
 
-/// One byte of junk in one shard's record (`printf '{' > SHARD.json`), then every worker killed
-/// with SIGKILL. Opening a store must not trip over the record, so every worker comes back at
+/// Every worker killed with SIGKILL, and one byte of junk in one shard's record
+/// (`printf '{' > SHARD.json`). Opening a store must not trip over the record, so every worker comes back at
 /// the first respawn; the shard's owner rebuilds the record (every log file still present is
 /// merged again) and keeps the damaged one aside; every tenant, that shard's included, counts
 /// exactly what was acknowledged.
@@ -175,12 +175,17 @@ fn a_damaged_shard_record_is_rebuilt_and_stops_no_worker() {
     }
 
     let record = tenant_file(&cluster, "t0").with_file_name("SHARD.json");
-    fs::write(&record, "{").unwrap();
     post_range(&url, "t0", 10, 20);
-    let killed = Instant::now();
-    for &port in &ports {
-        harness::sigkill(coordinator.pid_of(port));
+    let pids: Vec<u32> = ports.iter().map(|&port| coordinator.pid_of(port)).collect();
+    // The coordinator waits while the workers die and the record is damaged, so that only the
+    // workers it respawns ever read the damage.
+    let paused = harness::Stopped::new(coordinator.pid());
+    for pid in pids {
+        harness::sigkill(pid);
     }
+    fs::write(&record, "{").unwrap();
+    let killed = Instant::now();
+    drop(paused);
     counted(&url, "t0", 20);
     for tenant in &tenants[1..] {
         counted(&url, tenant, 10);

@@ -273,12 +273,42 @@ fn ids_redis_loses_within_redis_grace_come_back_from_the_log_when_redis_restarts
         pending_items(&client, &worker) == 0 && !cluster.consumed_wal_files().is_empty()
     });
 
-    // Redis loses its last writes and restarts, while the worker runs on: the worker sees
-    // another Redis process answer, and merges its consumed files again.
+    // Redis loses its last writes and restarts, while the worker runs on: the worker sees that
+    // Redis's history no longer holds them, and merges its consumed files again.
     redis.cli(&["flushall"]);
     redis.restart();
     eventually(SETTLE, "the lost ids are back", || try_count(&client, &worker.url(), "restarted") == Some(500));
-    assert!(worker.log().contains("another Redis answers"), "{}", worker.log());
+    assert!(worker.log().contains("Redis may have lost this log file's ids"), "{}", worker.log());
+}
+
+/// The Redis process that took the ids keeps running (its `run_id` unchanged), but loses them:
+/// made a replica of an empty server for a moment (a failover that went the wrong way), it
+/// takes that server's data, then is promoted again. Its replication history no longer runs
+/// through where it was when it took them, so the worker merges its consumed files again.
+#[test]
+fn ids_a_redis_loses_without_restarting_come_back_from_the_log() {
+    let redis = RedisServer::start();
+    let (cluster, worker) = lone_worker(&redis, "redis_grace: 600\n");
+    let client = client();
+    post_ids_until_counted(&client, &worker.url(), "swapped", 300);
+    eventually(SETTLE, "the log is consumed", || {
+        pending_items(&client, &worker) == 0 && !cluster.consumed_wal_files().is_empty()
+    });
+    let run_id = |server: &RedisServer| {
+        let info = server.cli(&["info", "server"]);
+        info.lines().find_map(|line| line.strip_prefix("run_id:")).unwrap().trim().to_owned()
+    };
+    let before = run_id(&redis);
+
+    let empty = RedisServer::start();
+    redis.cli(&["replicaof", empty.host(), &empty.port().to_string()]);
+    eventually(SETTLE, "the replica has taken the empty data", || {
+        redis.cli(&["info", "replication"]).contains("master_link_status:up") && redis.dbsize() == 0
+    });
+    redis.cli(&["replicaof", "no", "one"]);
+    assert_eq!(run_id(&redis), before, "the same Redis process");
+    eventually(SETTLE, "the lost ids are back", || try_count(&client, &worker.url(), "swapped") == Some(300));
+    assert!(worker.log().contains("Redis may have lost this log file's ids"), "{}", worker.log());
 }
 
 #[test]

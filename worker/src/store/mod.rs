@@ -406,10 +406,10 @@ impl Store {
         let seen: Vec<(String, bool, Vec<u64>)> =
             logs.iter().map(|l| (l.worker.clone(), l.live, l.inputs.iter().map(|f| f.seq).collect())).collect();
         // A round runs, changed or not, for a quarantined tenant whose files changed (repaired,
-        // say), and for consumed Redis log files whose grace is over, to delete them.
+        // say), and for consumed Redis log files to settle (see `redis_sets`).
         let retry = match &self.engine {
             Engine::Json(shards) => shards.retry_due(),
-            Engine::Redis(redis) => redis.grace_over(),
+            Engine::Redis(redis) => redis.settle_due(),
         };
         if !always && !retry && state.seen.as_ref() == Some(&seen) {
             return Ok(FlushReport::default());

@@ -17,11 +17,14 @@
 //!   and deleted once `redis_grace` has passed, Redis's `everysec` window and more.
 //!
 //! Whatever is not confirmed stays a closed log file and is merged again at the next round;
-//! a consumed file left by a crash or a stop is merged again by the next run (see `log`). Each
-//! round first reads which Redis process it talks to (`run_id`, per primary): if that changed
-//! since a file was consumed (Redis restarted, or another took its place in a failover), the
-//! file may hold ids that Redis lost, and it is merged again rather than deleted. `SADD` is
-//! idempotent, so replaying costs nothing but the round trip.
+//! a consumed file left by a crash or a stop is merged again by the next run (see `log`). What
+//! Redis holds is told by its replication history ([`Lineage`], per primary: the replication id
+//! and offset), read once a file's ids are in, and again before a consumed file is deleted (at
+//! least once a second while any waits): if the history no longer runs through where it was
+//! (Redis restarted without it, a failover to a replica that lacked it, a primary that lost
+//! writes and came back under the same process), the file may hold ids that Redis lost, and it
+//! is merged again rather than deleted. The process id (`run_id`) would not tell the last case.
+//! `SADD` is idempotent, so replaying costs nothing but the round trip.
 //!
 //! Merges run on the merger's thread over synchronous connections of their own; counts run on
 //! the request path over one multiplexed async connection, with a deadline.
@@ -50,6 +53,9 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `WAIT` and `WAITAOF` wait for Redis to confirm: past one `everysec` fsync, and
 /// within [`TIMEOUT`].
 const CONFIRM_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How often a round reads what Redis holds while consumed log files wait out their grace:
+/// a Redis that lost them is noticed within about this long.
+const RECHECK: Duration = Duration::from_secs(1);
 /// How long a count may take, connecting included, before it answers that Redis is
 /// unreachable: well within the coordinator's 0.5 s hop to a worker, so that the worker answers
 /// a 503 with the reason before the coordinator takes it for hung (and stops routing ingest to
@@ -107,8 +113,45 @@ struct Consumed {
     seq: u64,
     /// When Redis took its ids.
     at: Instant,
-    /// The Redis that took them: its primaries' `run_id`s.
-    redis: String,
+    /// What Redis held once it took them.
+    redis: Identity,
+}
+
+/// Where one primary's data stands, from `INFO replication`: the history it is in (its
+/// replication id) and how far along (its offset), and the history it took over when it was
+/// promoted, up to where it took it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Lineage {
+    replid: String,
+    offset: u64,
+    replid2: String,
+    offset2: i64,
+}
+
+/// What the Redis a connection reaches holds: the lineage of the server, or of each primary of
+/// a cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Identity(Vec<Lineage>);
+
+impl Identity {
+    /// Whether everything `then` held is still held: each primary then has a primary now whose
+    /// history runs through it (the same history at least as far along, or a history that took
+    /// it over past that point).
+    fn holds(&self, then: &Identity) -> bool {
+        then.0.iter().all(|old| {
+            self.0.iter().any(|now| {
+                (now.replid == old.replid && now.offset >= old.offset)
+                    || (now.replid2 == old.replid && now.offset2 >= i64::try_from(old.offset).unwrap_or(i64::MAX))
+            })
+        })
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let lineages: Vec<String> = self.0.iter().map(|l| format!("{}@{}", l.replid, l.offset)).collect();
+        f.write_str(&lineages.join(","))
+    }
 }
 
 /// The tenants' sets in one Redis server or one Redis Cluster.
@@ -122,9 +165,11 @@ pub(crate) struct RedisTenants {
     counter: tokio::sync::OnceCell<Counter>,
     /// The config's hand-off settings, as of the last edit.
     handoff: Mutex<RedisHandoff>,
-    /// Consumed log files, each with when Redis took its ids and which Redis did: deleted once
-    /// the grace is over, merged again if another Redis answers before.
+    /// Consumed log files, each with when Redis took its ids and what it held then: deleted
+    /// once the grace is over, merged again if Redis no longer holds that before.
     consumed: Mutex<Vec<Consumed>>,
+    /// When a round last read what Redis holds.
+    checked: Mutex<Option<Instant>>,
     /// Whether the log already says why consumed files wait out the grace period.
     told_grace: AtomicBool,
 }
@@ -150,6 +195,7 @@ impl RedisTenants {
             counter: tokio::sync::OnceCell::new(),
             handoff: Mutex::new(handoff),
             consumed: Mutex::new(Vec::new()),
+            checked: Mutex::new(None),
             told_grace: AtomicBool::new(false),
         })
     }
@@ -244,8 +290,11 @@ impl RedisTenants {
             return Ok(());
         }
         let handoff = *self.handoff.lock();
-        let redis = self.with(|connection| run_ids(connection).map_err(unavailable))?;
-        self.settle_consumed(&redis, handoff.grace, report)?;
+        if !self.consumed.lock().is_empty() {
+            let redis = self.with(|connection| identity(connection).map_err(unavailable))?;
+            *self.checked.lock() = Some(Instant::now());
+            self.settle_consumed(&redis, handoff.grace, report)?;
+        }
         for log in logs.iter().filter(|log| !log.inputs.is_empty()) {
             let dir = wal_root.join(&log.worker);
             // A dead worker's log is taken by one live worker at a time.
@@ -259,7 +308,7 @@ impl RedisTenants {
                     None => continue,
                 }
             };
-            let (merged, durable) = self.with(|connection| {
+            let (merged, durable, redis) = self.with(|connection| {
                 let mut merged = Vec::new();
                 // A dead worker's consumed files are its inputs; once this worker consumed
                 // them too, they only wait out its grace.
@@ -272,8 +321,14 @@ impl RedisTenants {
                     }
                     merged.push(file);
                 }
-                let durable = if merged.is_empty() { Durable::Now } else { self.confirm(connection, handoff)? };
-                Ok((merged, durable))
+                if merged.is_empty() {
+                    return Ok((merged, Durable::Now, Identity::default()));
+                }
+                let durable = self.confirm(connection, handoff)?;
+                // Read once the writes are in: a history that later runs at least this far
+                // holds them.
+                let redis = identity(connection).map_err(unavailable)?;
+                Ok((merged, durable, redis))
             })?;
             for file in merged {
                 self.hand_off(&dir, file, &durable, &redis, report)?;
@@ -389,7 +444,7 @@ impl RedisTenants {
         dir: &Path,
         file: &LogFile,
         durable: &Durable,
-        redis: &str,
+        redis: &Identity,
         report: &mut FlushReport,
     ) -> Result<(), StoreError> {
         match durable {
@@ -407,38 +462,43 @@ impl RedisTenants {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                let (dir, seq, at, redis) = (dir.to_path_buf(), file.seq, Instant::now(), redis.to_owned());
+                let (dir, seq, at, redis) = (dir.to_path_buf(), file.seq, Instant::now(), redis.clone());
                 self.consumed.lock().push(Consumed { dir, seq, at, redis });
             }
         }
         Ok(())
     }
 
-    /// Whether a consumed log file has waited out its grace period, for a round to delete it.
-    pub(crate) fn grace_over(&self) -> bool {
+    /// Whether a round should settle the consumed log files though nothing else changed: one
+    /// has waited out its grace, or what Redis holds was last read over a second ago.
+    pub(crate) fn settle_due(&self) -> bool {
         let grace = self.handoff.lock().grace;
-        self.consumed.lock().iter().any(|c| c.at.elapsed() >= grace)
+        let consumed = self.consumed.lock();
+        !consumed.is_empty()
+            && (consumed.iter().any(|c| c.at.elapsed() >= grace)
+                || self.checked.lock().is_none_or(|at| at.elapsed() >= RECHECK))
     }
 
-    /// Settles the consumed log files with `redis`, the Redis that answers now: those another
-    /// Redis took become closed files again, to be merged again (the ids may be lost); those
-    /// that waited `grace` since `redis` took their ids are deleted.
-    fn settle_consumed(&self, redis: &str, grace: Duration, report: &mut FlushReport) -> Result<(), StoreError> {
+    /// Settles the consumed log files with `redis`, what Redis holds now: those whose ids it
+    /// may have lost become closed files again, to be merged again; those that waited `grace`
+    /// since Redis took their ids are deleted.
+    fn settle_consumed(&self, redis: &Identity, grace: Duration, report: &mut FlushReport) -> Result<(), StoreError> {
         let settled: Vec<Consumed> = {
             let mut consumed = self.consumed.lock();
-            let (settled, waiting) = consumed.drain(..).partition(|c| c.redis != redis || c.at.elapsed() >= grace);
+            let (settled, waiting) =
+                consumed.drain(..).partition(|c| !redis.holds(&c.redis) || c.at.elapsed() >= grace);
             *consumed = waiting;
             settled
         };
         // A file gone was renamed back by its worker's next run, which merges it again.
         for file in settled {
             let path = consumed_path(&file.dir, file.seq);
-            if file.redis != redis {
+            if !redis.holds(&file.redis) {
                 tracing::warn!(
                     file = %path.display(),
-                    was = file.redis,
-                    now = redis,
-                    "another Redis answers than took this log file's ids: merging it again"
+                    was = %file.redis,
+                    now = %redis,
+                    "Redis may have lost this log file's ids (restarted, failed over, or lost writes): merging it again"
                 );
                 match disk::rename(&path, &file_path(&file.dir, file.seq, true)) {
                     Err(e) if !e.not_found() => return Err(e.into()),
@@ -498,27 +558,35 @@ fn sadd(connection: &mut Pooled, tenant: &str, ids: &[&[u8]]) -> redis::RedisRes
     Ok(replies.iter().sum())
 }
 
-/// Which Redis `connection` talks to: the `run_id` of the server, or of each primary of a
-/// cluster, sorted. A restart or a failover changes it.
-fn run_ids(connection: &mut Pooled) -> redis::RedisResult<String> {
-    let info: Value = connection.query(redis::cmd("INFO").arg("server"))?;
-    let mut ids = Vec::new();
-    collect_run_ids(&info, &mut ids);
-    ids.sort_unstable();
-    Ok(ids.join(","))
+/// What the Redis `connection` reaches holds: the lineage of the server, or of each primary of
+/// a cluster, from `INFO replication`.
+fn identity(connection: &mut Pooled) -> redis::RedisResult<Identity> {
+    let info: Value = connection.query(redis::cmd("INFO").arg("replication"))?;
+    let mut lineages = Vec::new();
+    collect_lineages(&info, &mut lineages);
+    lineages.sort_unstable_by(|a, b| a.replid.cmp(&b.replid));
+    Ok(Identity(lineages))
 }
 
-/// The `run_id:` lines of an `INFO` reply: a text from a server, or one per node (as an array
-/// or a map) from a cluster.
-fn collect_run_ids(info: &Value, ids: &mut Vec<String>) {
-    let lines = |text: &str| {
-        text.lines().filter_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_owned()).collect::<Vec<_>>()
+/// The lineages in an `INFO replication` reply: a text from a server, or one per node (as an
+/// array or a map) from a cluster. A node that is not a primary holds no lineage of its own.
+fn collect_lineages(info: &Value, lineages: &mut Vec<Lineage>) {
+    let parse = |text: &str| {
+        let field = |name: &str| {
+            text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':')).map(str::trim).unwrap_or_default()
+        };
+        (field("role") == "master").then(|| Lineage {
+            replid: field("master_replid").to_owned(),
+            offset: field("master_repl_offset").parse().unwrap_or(0),
+            replid2: field("master_replid2").to_owned(),
+            offset2: field("second_repl_offset").parse().unwrap_or(-1),
+        })
     };
     match info {
-        Value::BulkString(bytes) => ids.extend(lines(&String::from_utf8_lossy(bytes))),
-        Value::SimpleString(text) | Value::VerbatimString { text, .. } => ids.extend(lines(text)),
-        Value::Array(items) => items.iter().for_each(|item| collect_run_ids(item, ids)),
-        Value::Map(pairs) => pairs.iter().for_each(|(_, value)| collect_run_ids(value, ids)),
+        Value::BulkString(bytes) => lineages.extend(parse(&String::from_utf8_lossy(bytes))),
+        Value::SimpleString(text) | Value::VerbatimString { text, .. } => lineages.extend(parse(text)),
+        Value::Array(items) => items.iter().for_each(|item| collect_lineages(item, lineages)),
+        Value::Map(pairs) => pairs.iter().for_each(|(_, value)| collect_lineages(value, lineages)),
         _ => {}
     }
 }
@@ -553,20 +621,46 @@ mod tests {
         assert!(keys.iter().all(|k| !k.contains('{') && !k.contains('}')));
     }
 
+    fn info(role: &str, replid: &str, offset: u64, replid2: &str, offset2: i64) -> Value {
+        Value::BulkString(
+            format!(
+                "# Replication\r\nrole:{role}\r\nconnected_slaves:0\r\nmaster_replid:{replid}\r\n\
+                 master_replid2:{replid2}\r\nmaster_repl_offset:{offset}\r\nsecond_repl_offset:{offset2}\r\n"
+            )
+            .into(),
+        )
+    }
+
+    fn lineage(replid: &str, offset: u64, replid2: &str, offset2: i64) -> Lineage {
+        Lineage { replid: replid.into(), offset, replid2: replid2.into(), offset2 }
+    }
+
     #[test]
-    fn run_ids_of_a_server_and_of_a_cluster_read_from_info() {
-        let info = |id: &str| Value::BulkString(format!("# Server\r\nredis_version:7.0.15\r\nrun_id:{id}\r\n").into());
-        let mut ids = Vec::new();
-        collect_run_ids(&info("abc"), &mut ids);
-        assert_eq!(ids, ["abc"]);
-        // A cluster's reply maps each primary's address to its INFO.
+    fn lineages_of_a_server_and_of_a_cluster_read_from_info() {
+        let mut found = Vec::new();
+        collect_lineages(&info("master", "aaa", 120, "000", -1), &mut found);
+        assert_eq!(found, [lineage("aaa", 120, "000", -1)]);
+        // A cluster's reply maps each node's address to its INFO; replicas hold no lineage.
         let cluster = Value::Map(vec![
-            (Value::BulkString(b"127.0.0.1:7001".to_vec()), info("b")),
-            (Value::BulkString(b"127.0.0.1:7000".to_vec()), info("a")),
+            (Value::BulkString(b"127.0.0.1:7001".to_vec()), info("master", "bbb", 5, "000", -1)),
+            (Value::BulkString(b"127.0.0.1:7002".to_vec()), info("slave", "bbb", 5, "000", -1)),
         ]);
-        let mut ids = Vec::new();
-        collect_run_ids(&cluster, &mut ids);
-        assert_eq!(ids, ["b", "a"]);
+        let mut found = Vec::new();
+        collect_lineages(&cluster, &mut found);
+        assert_eq!(found, [lineage("bbb", 5, "000", -1)]);
+    }
+
+    #[test]
+    fn redis_holds_what_it_took_while_its_history_runs_through_it() {
+        let then = Identity(vec![lineage("aaa", 100, "000", -1)]);
+        let holds = |now: Lineage| Identity(vec![now]).holds(&then);
+        assert!(holds(lineage("aaa", 100, "000", -1)), "nothing happened");
+        assert!(holds(lineage("aaa", 250, "000", -1)), "more writes since");
+        assert!(holds(lineage("ccc", 300, "aaa", 180)), "a replica promoted that had it");
+        assert!(!holds(lineage("aaa", 90, "000", -1)), "reloaded from an older snapshot");
+        assert!(!holds(lineage("ddd", 0, "000", -1)), "restarted without its history");
+        assert!(!holds(lineage("ccc", 300, "aaa", 60)), "a replica promoted that lagged");
+        assert!(Identity(vec![lineage("x", 1, "", -1)]).holds(&Identity::default()), "nothing taken");
     }
 
     #[test]
