@@ -91,7 +91,7 @@ fn serve_meanwhile(client: &Client, url: &str, prefix: &str, how_long: Duration)
         }
         let sent = Instant::now();
         let reply = if i % 2 == 0 {
-            post(&client, url, batch(&[(prefix, &i.to_string())]))
+            post(client, url, batch(&[(prefix, &i.to_string())]))
         } else {
             client.get(format!("{url}/items/{prefix}/count")).send().unwrap()
         };
