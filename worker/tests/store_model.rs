@@ -1,14 +1,23 @@
 //! The store against a model: random sequences of appends, flushes, merges, crashes, workers
-//! going down and graceful restarts by three workers sharing one database of four shards, so
-//! that the shards change owners all the time; compared after every step with a set per tenant.
+//! going down, graceful restarts, disk errors and damaged files by three workers sharing one
+//! database of four shards, so that the shards change owners all the time; compared after every
+//! step with a set per tenant. Batches of a few thousand ids make tenants grow into segments,
+//! whose merges absorb older segments.
 //!
 //! The model: an item becomes final when its worker closes its log file (a flush) or dies (a
 //! dead worker's active file is final too); a final item is counted once a merge round runs in
 //! the worker that owns its tenant's shard among the live workers at that moment. Every store,
 //! and a reader of the files, must then count exactly the model's counted ids.
+//!
+//! Faults: a flush whose Nth file operation fails (the `store-io` fail point, with the
+//! `failpoints` feature), after which the worker restarts and flushes again, must count exactly
+//! what a flush would have; a shard record overwritten with junk changes no count; a tenant's
+//! file overwritten with junk costs only that tenant (an error, or its count as it was, while
+//! the others count on), and once the file is restored every count is exact again.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use countapp_shared::config::FsyncPolicy;
@@ -19,11 +28,15 @@ use proptest::prelude::*;
 const TENANTS: [&str; 6] = ["a", "A", "../x", "t é", "b", "."];
 const WORKERS: [&str; 3] = ["w1", "w2", "w3"];
 const SHARDS: u16 = 4;
+/// Ids are drawn below this: enough for a tenant to outgrow a small file (1,024 ids).
+const ID_SPACE: u32 = 3000;
 
 #[derive(Debug, Clone)]
 enum Op {
     /// Worker `.0` appends `(tenant index, id)` pairs.
-    Append(usize, Vec<(usize, u8)>),
+    Append(usize, Vec<(usize, u32)>),
+    /// Worker `.0` appends ids `.2 .. .2 + .3` of tenant `.1` in one batch.
+    AppendRange(usize, usize, u32, u32),
     /// Worker `.0` flushes: closes its log file and runs a merge round.
     Flush(usize),
     /// Worker `.0` runs a merge round if anything changed since its last.
@@ -34,17 +47,30 @@ enum Op {
     Down(usize),
     /// Worker `.0` closes gracefully (a flush) and opens again.
     Restart(usize),
+    /// Worker `.0` flushes with its file operation number `.1` failing, then restarts and
+    /// flushes again.
+    FaultyFlush(usize, u32),
+    /// The record of shard `.0` is overwritten with junk.
+    DamageRecord(u16),
+    /// The file of tenant `.0` is overwritten with junk while every live worker flushes, then
+    /// restored.
+    DamageTenant(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     let worker = 0..WORKERS.len();
+    let tenant = 0..TENANTS.len();
     prop_oneof![
-        6 => (worker.clone(), prop::collection::vec((0..TENANTS.len(), any::<u8>()), 0..20)).prop_map(|(w, items)| Op::Append(w, items)),
+        6 => (worker.clone(), prop::collection::vec((tenant.clone(), 0..ID_SPACE), 0..20)).prop_map(|(w, items)| Op::Append(w, items)),
+        3 => (worker.clone(), tenant.clone(), 0..ID_SPACE, 1..1500u32).prop_map(|(w, t, from, len)| Op::AppendRange(w, t, from, len)),
         3 => worker.clone().prop_map(Op::Flush),
         2 => worker.clone().prop_map(Op::Merge),
         1 => worker.clone().prop_map(Op::Crash),
         1 => worker.clone().prop_map(Op::Down),
-        1 => worker.prop_map(Op::Restart),
+        1 => worker.clone().prop_map(Op::Restart),
+        2 => (worker, 0..200u32).prop_map(|(w, n)| Op::FaultyFlush(w, n)),
+        1 => (0..SHARDS).prop_map(Op::DamageRecord),
+        1 => tenant.prop_map(Op::DamageTenant),
     ]
 }
 
@@ -57,7 +83,7 @@ fn open(db: &Path, worker: usize, fsync: FsyncPolicy) -> Store {
 struct ModelItem {
     worker: usize,
     tenant: usize,
-    id: u8,
+    id: u32,
     /// In a closed log file, or in the active file of a dead worker.
     fin: bool,
     counted: bool,
@@ -66,9 +92,17 @@ struct ModelItem {
 #[derive(Default)]
 struct Model {
     items: Vec<ModelItem>,
+    /// The ids each tenant counts.
+    counted: [BTreeSet<u32>; TENANTS.len()],
 }
 
 impl Model {
+    fn append(&mut self, worker: usize, items: impl IntoIterator<Item = (usize, u32)>) {
+        let appended =
+            items.into_iter().map(|(tenant, id)| ModelItem { worker, tenant, id, fin: false, counted: false });
+        self.items.extend(appended);
+    }
+
     /// Worker `w`'s active file is closed, or its worker died: its items are final.
     fn finalize(&mut self, w: usize) {
         self.items.iter_mut().filter(|i| i.worker == w).for_each(|i| i.fin = true);
@@ -77,16 +111,16 @@ impl Model {
     /// A merge round by worker `w`, with `live` the workers holding their logs.
     fn round(&mut self, w: usize, live: &[bool]) {
         let live: Vec<&str> = WORKERS.iter().zip(live).filter(|(_, up)| **up).map(|(id, _)| *id).collect();
-        for item in self.items.iter_mut().filter(|i| i.fin) {
+        for item in self.items.iter_mut().filter(|i| i.fin && !i.counted) {
             if owner_of(shard_of(TENANTS[item.tenant], SHARDS), live.iter().copied()) == Some(WORKERS[w]) {
                 item.counted = true;
+                self.counted[item.tenant].insert(item.id);
             }
         }
     }
 
     fn count(&self, tenant: usize) -> u64 {
-        self.items.iter().filter(|i| i.tenant == tenant && i.counted).map(|i| i.id).collect::<BTreeSet<_>>().len()
-            as u64
+        self.counted[tenant].len() as u64
     }
 }
 
@@ -99,6 +133,40 @@ fn up(stores: &[Option<Store>]) -> Vec<bool> {
     stores.iter().map(Option::is_some).collect()
 }
 
+/// The file of `tenant` under `db`, if it has one.
+fn tenant_file(db: &Path, tenant: &str) -> Option<PathBuf> {
+    let dir = db.join("shards").join(format!("{:03}", shard_of(tenant, SHARDS)));
+    let stem = format!(
+        "{}.",
+        tenant
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .collect::<String>()
+    );
+    fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        name.starts_with(&stem) && name.ends_with(".json") && read_count_of(p) == Some(tenant.to_owned())
+    })
+}
+
+/// The tenant a tenant file says it holds.
+fn read_count_of(path: &Path) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+    value["tenant"].as_str().map(str::to_owned)
+}
+
+/// Every live worker flushes, the model following.
+fn flush_all(stores: &mut [Option<Store>], model: &mut Model) -> Result<(), TestCaseError> {
+    for w in 0..WORKERS.len() {
+        if let Some(store) = &stores[w] {
+            store.flush().map_err(|e| TestCaseError::fail(format!("flush by {}: {e}", WORKERS[w])))?;
+            model.finalize(w);
+            model.round(w, &up(stores));
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -107,19 +175,27 @@ proptest! {
         ops in prop::collection::vec(op(), 1..50),
         fsync in prop_oneof![Just(FsyncPolicy::Always), Just(FsyncPolicy::EverySec), Just(FsyncPolicy::Never)],
     ) {
+        let scenario = fail::FailScenario::setup();
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db");
         let mut stores: Vec<Option<Store>> = WORKERS.iter().map(|_| None).collect();
         let mut model = Model::default();
         for op in ops {
+            let mut damaged = None;
             match op {
                 Op::Append(w, items) => {
                     let store = live(&mut stores, &db, w, fsync);
-                    let ids: Vec<String> = items.iter().map(|(_, id)| id.to_string()).collect();
+                    let ids: Vec<String> = items.iter().map(|(_, id)| format!("{id:08}")).collect();
                     let batch: Vec<Item> = items.iter().zip(&ids).map(|((t, _), id)| Item::new(TENANTS[*t], id)).collect();
                     store.append_blocking(&batch).unwrap();
-                    let appended = items.into_iter().map(|(tenant, id)| ModelItem { worker: w, tenant, id, fin: false, counted: false });
-                    model.items.extend(appended);
+                    model.append(w, items);
+                }
+                Op::AppendRange(w, t, from, len) => {
+                    let store = live(&mut stores, &db, w, fsync);
+                    let ids: Vec<String> = (from..from + len).map(|id| format!("{id:08}")).collect();
+                    let batch: Vec<Item> = ids.iter().map(|id| Item::new(TENANTS[t], id)).collect();
+                    store.append_blocking(&batch).unwrap();
+                    model.append(w, (from..from + len).map(|id| (t, id)));
                 }
                 Op::Flush(w) => {
                     live(&mut stores, &db, w, fsync).flush().unwrap();
@@ -148,14 +224,42 @@ proptest! {
                     }
                     live(&mut stores, &db, w, fsync);
                 }
-            }
-            // Every live worker, and a reader of the files, counts exactly the model's ids.
-            for (t, tenant) in TENANTS.iter().enumerate() {
-                for store in stores.iter().flatten() {
-                    prop_assert_eq!(store.count_blocking(tenant).unwrap(), model.count(t), "tenant {} by {}", tenant, store.worker_id());
+                Op::FaultyFlush(w, n) => {
+                    // Under everysec another store's syncer thread could meet the fail point.
+                    if fsync != FsyncPolicy::EverySec {
+                        let store = live(&mut stores, &db, w, fsync);
+                        fail::cfg("store-io", &format!("{n}*off->1*return(EIO)->off")).unwrap();
+                        let _ = store.flush();
+                        fail::remove("store-io");
+                    }
+                    // The worker restarts, as a failed fsync makes it do, and flushes again.
+                    stores[w] = None;
+                    model.finalize(w);
+                    live(&mut stores, &db, w, fsync).flush().unwrap();
+                    model.round(w, &up(&stores));
                 }
-                prop_assert_eq!(read_count(&db, tenant).unwrap(), model.count(t), "tenant {} read from its file", tenant);
+                Op::DamageRecord(shard) => {
+                    let record = db.join("shards").join(format!("{shard:03}")).join("SHARD.json");
+                    if record.exists() {
+                        fs::write(&record, "{").unwrap();
+                    }
+                }
+                Op::DamageTenant(t) => {
+                    if let Some(file) = tenant_file(&db, TENANTS[t]) {
+                        let saved = fs::read(&file).unwrap();
+                        fs::write(&file, "junk").unwrap();
+                        flush_all(&mut stores, &mut model)?;
+                        damaged = Some(t);
+                        check_counts(&stores, &db, &model, damaged)?;
+                        if fs::read(&file).unwrap() == b"junk" {
+                            fs::write(&file, saved).unwrap();
+                        }
+                        flush_all(&mut stores, &mut model)?;
+                        damaged = None;
+                    }
+                }
             }
+            check_counts(&stores, &db, &model, damaged)?;
         }
         // Once everybody is gone, one worker alone owns every shard: its flush counts every id.
         for store in stores.iter_mut() {
@@ -164,10 +268,36 @@ proptest! {
         let store = open(&db, 0, fsync);
         store.flush().unwrap();
         for (t, tenant) in TENANTS.iter().enumerate() {
-            let all: BTreeSet<u8> = model.items.iter().filter(|i| i.tenant == t).map(|i| i.id).collect();
+            let all: BTreeSet<u32> = model.items.iter().filter(|i| i.tenant == t).map(|i| i.id).collect();
             prop_assert_eq!(store.count_blocking(tenant).unwrap(), all.len() as u64, "tenant {} at the end", tenant);
         }
+        scenario.teardown();
     }
+}
+
+/// Every live worker, and a reader of the files, counts exactly the model's ids; the tenant
+/// `damaged`, whose file is junk, may answer an error or the count it had instead.
+fn check_counts(
+    stores: &[Option<Store>],
+    db: &Path,
+    model: &Model,
+    damaged: Option<usize>,
+) -> Result<(), TestCaseError> {
+    for (t, tenant) in TENANTS.iter().enumerate() {
+        let counts = stores.iter().flatten().map(|store| (store.worker_id().to_owned(), store.count_blocking(tenant)));
+        for (by, count) in counts.chain([("a reader of the files".to_owned(), read_count(db, tenant))]) {
+            match count {
+                Ok(count) if Some(t) == damaged => {
+                    prop_assert!(count <= model.count(t), "tenant {} by {}: {}", tenant, by, count)
+                }
+                Err(_) if Some(t) == damaged => {}
+                count => {
+                    prop_assert_eq!(count.map_err(|e| e.to_string()), Ok(model.count(t)), "tenant {} by {}", tenant, by)
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Two workers that both take a shard for theirs (each saw the other come or go at a different

@@ -22,6 +22,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 
 use super::disk::{self, parent_of};
@@ -161,10 +162,15 @@ impl Commit {
     }
 }
 
-/// The temporary a file is written to before it is renamed into place: fixed per target and
-/// step, so only the holder of the shard's lock writes it, and a leftover is simply overwritten.
+/// The temporary a file is written to before it is renamed into place: a name of its own for
+/// each write, so that a file staged twice in one commit (a tenant repaired, then merged into)
+/// is renamed twice, the later content last, and a tenant's change dropped from a commit never
+/// takes a temporary that another change staged. Leftovers of an unfinished commit are removed
+/// by the next holder of the shard's lock (or of the tenant, for its segments).
 fn temporary(path: &Path, step: Step) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}", NEXT.fetch_add(1, Ordering::Relaxed)));
     name.push(if step == Step::Claim { ".claim.tmp" } else { ".tmp" });
     path.with_file_name(name)
 }
