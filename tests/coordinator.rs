@@ -5,9 +5,12 @@
 mod harness;
 
 use std::fs;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use harness::fake::{self, FakeWorker};
 use harness::{
     Cluster, Immutable, Load, Stopped, batch, client, count, count_reply, error_message, eventually, free_port,
     get_json, is_running, metric, post, raw_get, sigkill,
@@ -430,4 +433,76 @@ fn when_every_worker_answers_5xx_a_request_tries_each_live_worker_once() {
     assert!(message.contains("behind"), "the workers' own explanation: {message}");
     let attempts: Vec<f64> = workers.iter().zip(&before).map(|(worker, before)| posts_seen(worker) - before).collect();
     assert_eq!(attempts, vec![1.0; workers.len()], "attempts on each worker");
+}
+
+/// What a hostile or broken program on a worker's address answers `POST /items` with, in turn:
+/// a terabyte announced, a chunked body that never ends, a head that never ends, and bytes that
+/// are no HTTP at all.
+fn junk_reply(n: usize, stream: &mut std::net::TcpStream) -> std::io::Result<()> {
+    use std::io::Write;
+    match n % 4 {
+        0 => stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n{\"accepted\":"),
+        1 => {
+            stream.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")?;
+            let chunk = format!("{:x}\r\n{}\r\n", 64 << 10, " ".repeat(64 << 10));
+            loop {
+                stream.write_all(chunk.as_bytes())?;
+            }
+        }
+        2 => {
+            stream.write_all(b"HTTP/1.1 200 OK\r\n")?;
+            loop {
+                stream.write_all(b"x-filler: yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy\r\n")?;
+            }
+        }
+        _ => stream.write_all(b"SURELY NOT HTTP\r\n\r\n"),
+    }
+}
+
+#[test]
+fn a_worker_answering_junk_is_taken_out_of_routing_and_clients_keep_getting_200s() {
+    // 127.0.0.2 stands in for another machine: a listed worker that the coordinator only routes
+    // to, and that answers its health checks well and every batch with junk.
+    let posts = Arc::new(AtomicUsize::new(0));
+    let fake = {
+        let posts = posts.clone();
+        FakeWorker::start("127.0.0.2:0", move |request, stream| {
+            match (request.method.as_str(), request.target.as_str()) {
+                ("GET", "/ready") => fake::reply(stream, "200 OK", r#"{"ready":true}"#),
+                ("POST", "/items") => junk_reply(posts.fetch_add(1, Ordering::Relaxed), stream),
+                _ => fake::reply(stream, "404 Not Found", r#"{"error":"no such route"}"#),
+            }
+        })
+    };
+    let (port, listen) = (free_port(), free_port());
+    let cluster = Cluster::with_urls(&[format!("http://127.0.0.1:{port}"), fake.url()], &extra(listen));
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(2);
+    let url = coordinator.url();
+
+    // Clients post until every kind of junk has come back at least twice (the fake is back in
+    // routing each time its health check passes, within half a second).
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (url, posts) = (url.clone(), posts.clone());
+            thread::spawn(move || {
+                let client = client();
+                let started = Instant::now();
+                let mut sent = Vec::new();
+                while posts.load(Ordering::Relaxed) < 8 && started.elapsed() < SETTLE {
+                    let id = format!("{c}-{}", sent.len());
+                    let reply = post(&client, &url, batch(&[("junk", &id)]));
+                    assert_eq!(reply.status(), StatusCode::OK, "{}", reply.text().unwrap_or_default());
+                    sent.push(id);
+                }
+                sent.len() as u64
+            })
+        })
+        .collect();
+    let sent: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    assert!(posts.load(Ordering::Relaxed) >= 8, "the fake was tried {} times", posts.load(Ordering::Relaxed));
+    assert!(coordinator.is_running(), "the coordinator died:\n{}", coordinator.log());
+    let entry = coordinator.workers().into_iter().find(|w| w["url"] == fake.url().as_str()).unwrap();
+    assert!(entry["last_error"].as_str().unwrap_or_default().contains("bad reply"), "{entry}");
+    eventually(SETTLE, "every batch counted", || count(&client(), &url, "junk") == sent);
 }

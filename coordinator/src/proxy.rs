@@ -8,7 +8,9 @@
 //!
 //! The hop to a worker has its own timeout, well under a client's: a hung worker (alive but not
 //! answering) costs a request [`HOP_TIMEOUT`] before it goes to another worker, and the hung
-//! one is taken out of routing until its supervisor sees it answer again or replaces it.
+//! one is taken out of routing until its supervisor sees it answer again or replaces it. A
+//! worker whose bytes are no reply (malformed, or over the bounds a reply is held to) is taken
+//! out of routing the same way; if that is all the request met, the client gets a 502.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +22,7 @@ use countapp_shared::http::ApiError;
 
 use crate::pool::Tried;
 use crate::state::AppState;
-use crate::upstream::{Forward, Reply, Upstream};
+use crate::upstream::{Forward, HopError, Reply, Upstream};
 
 /// How long a request waits for a live worker before it gets a 503.
 const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
@@ -39,7 +41,7 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
     let timeout = hop_timeout(request.body.len());
     let pipeline = answered_at_once(&state.ctx.config(), &request.method);
     let mut tried = Tried::default();
-    let mut last_error = None;
+    let mut last_error: Option<HopError> = None;
     // The last worker reply that was a 5xx: if every attempt ends so, the client gets the
     // workers' own explanation (such as their tenant store being down, or their merging being
     // behind, with when to retry), not a generic one.
@@ -75,17 +77,15 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
                 return Ok(HttpResponse::build(reply.status).insert_header(ContentType::json()).body(reply.body));
             }
             Ok(reply) => {
-                let why = format!("{}: {}", reply.status, String::from_utf8_lossy(&reply.body));
-                tracing::debug!(worker = %member.url, error = why, "worker failed a request; retrying elsewhere");
-                last_error = Some(why);
+                tracing::debug!(worker = %member.url, status = %reply.status, "worker failed a request; retrying elsewhere");
                 last_reply = Some(reply);
             }
             Err(e) => {
                 // A timeout says "no reply within ..." in the error.
                 let why = e.to_string();
-                tracing::warn!(worker = %member.url, error = why, "worker unreachable or hung; retrying elsewhere");
-                pool.suspect(&member, why.clone());
-                last_error = Some(why);
+                tracing::warn!(worker = %member.url, error = why, "worker unreachable, hung or answering junk; retrying elsewhere");
+                pool.suspect(&member, why);
+                last_error = Some(e);
             }
         }
     }
@@ -97,8 +97,13 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         }
         return Ok(response.insert_header(ContentType::json()).body(reply.body));
     }
-    let detail = last_error.map_or_else(String::new, |e| format!(" (last error: {e})"));
-    Err(ApiError::Unavailable(format!("no live worker could take the request{detail}")))
+    Err(match last_error {
+        Some(e @ HopError::BadReply(_)) => {
+            ApiError::BadGateway(format!("no worker answered the request well (last: {e})"))
+        }
+        Some(e) => ApiError::Unavailable(format!("no live worker could take the request (last error: {e})")),
+        None => ApiError::Unavailable("no live worker could take the request".to_owned()),
+    })
 }
 
 /// Whether a worker answers `method` at once, without waiting on anything but its own thread,

@@ -5,6 +5,7 @@
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
 pub mod browser;
+pub mod fake;
 pub mod netns;
 pub mod redis;
 
