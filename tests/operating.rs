@@ -11,7 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Cluster, Proc, batch, client, count, eventually, free_port, get_json, is_running, post, send_signal, sigkill,
+    Cluster, batch, client, count, eventually, extra, free_port, get_json, is_running, lone_worker, post, running,
+    send_signal, sigkill,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -21,20 +22,6 @@ use serde_json::Value;
 const EDIT_APPLIED: Duration = Duration::from_secs(5);
 /// How long a respawned or re-added worker gets to serve.
 const RESPAWN: Duration = Duration::from_secs(15);
-
-fn extra(listen: u16, more: &str) -> String {
-    format!("listen: 127.0.0.1:{listen}\nconfig_check: 0.5\n{more}")
-}
-
-/// A live coordinator with `workers` local workers, its config holding the keys `more`: the
-/// cluster, the workers' ports, the coordinator's, and the coordinator.
-fn running(workers: usize, more: &str) -> (Cluster, Vec<u16>, u16, Proc) {
-    let (ports, listen): (Vec<u16>, u16) = ((0..workers).map(|_| free_port()).collect(), free_port());
-    let cluster = Cluster::new(&ports, &extra(listen, more));
-    let mut coordinator = cluster.coordinator(listen);
-    coordinator.wait_live(workers as u64);
-    (cluster, ports, listen, coordinator)
-}
 
 fn stats(url: &str) -> Value {
     get_json(&client(), &format!("{url}/stats"))
@@ -214,10 +201,8 @@ fn an_adopted_worker_that_dies_is_respawned_and_counted_as_a_restart() {
 
 #[test]
 fn a_worker_run_by_hand_follows_its_own_config_file() {
-    let port = free_port();
-    let cluster = Cluster::new(&[port], "worker_persist: 0.2\nconfig_check: 0.5\n");
-    let mut worker = cluster.worker(port);
-    worker.wait_ready();
+    let (cluster, worker) = lone_worker("worker_persist: 0.2\nconfig_check: 0.5\n");
+    let port = worker.port;
     let client = client();
     let before = runs(port);
     assert_eq!(post(&client, &worker.url(), long_tenant(9)).status(), StatusCode::OK);

@@ -2,7 +2,8 @@
 //! request to a random live worker.
 //!
 //! - [`startup`]: wires everything together; the `coordinator` binary and the tests use it.
-//! - [`supervisor`]: spawns, watches, respawns and stops the workers, one task each.
+//! - [`supervisor`]: spawns, watches, respawns and stops the workers, one task each;
+//!   `control`: the client of the workers' control routes.
 //! - [`pool`]: the workers, their states, and the live set requests are routed to.
 //! - `proxy`: forwards a request to a live worker, retrying on another when one fails;
 //!   `upstream`: the hop itself, on each server thread's keep-alive connections to the workers.
@@ -11,6 +12,7 @@
 //!   shows, shared by every reader.
 
 mod cluster_view;
+mod control;
 mod dashboard;
 mod metrics;
 pub mod pool;

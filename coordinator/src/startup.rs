@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster_view::{self, ClusterView};
+use crate::control;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::routes;
@@ -65,10 +66,7 @@ impl Coordinator {
             config_path: config_path.to_path_buf(),
             token,
             config: watch::Sender::new(Arc::new(config.clone())),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(1))
-                .build()
-                .map_err(|e| CoordinatorError::Runtime(format!("building the HTTP client: {e}")))?,
+            http: control::client().map_err(|e| CoordinatorError::Runtime(format!("building the HTTP client: {e}")))?,
             pool: Arc::new(Pool::default()),
         });
         let (metrics, requests) = Metrics::new();

@@ -36,6 +36,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::control;
 use crate::pool::{Member, Pool, WorkerState};
 
 /// How often a worker that is not ready yet is asked whether it is.
@@ -404,33 +405,34 @@ struct Checked {
 async fn check(ctx: &Context, member: &Member, failed_before: u32) -> Checked {
     let reply = ctx.http.get(format!("{}/ready", member.url)).timeout(CHECK_TIMEOUT).send().await;
     let state = member.status().state;
-    match reply {
-        Ok(reply) if reply.status().is_success() => {
-            let body: serde_json::Value = reply.json().await.unwrap_or_default();
-            let version = body.get("config_version").and_then(|v| v.as_str()).map(str::to_owned);
-            let runs_other_config = version.as_deref().is_some_and(|v| v != ctx.config().version());
-            ctx.pool.update(member, |s| s.config_version = version);
-            ctx.pool.set_state(member, WorkerState::Ready);
-            Checked { failed: 0, runs_other_config }
-        }
+    let why = match reply {
+        Ok(reply) if reply.status().is_success() => match control::json::<serde_json::Value>(reply).await {
+            Ok(body) => {
+                let version = body.get("config_version").and_then(|v| v.as_str()).map(str::to_owned);
+                let runs_other_config = version.as_deref().is_some_and(|v| v != ctx.config().version());
+                ctx.pool.update(member, |s| s.config_version = version);
+                ctx.pool.set_state(member, WorkerState::Ready);
+                return Checked { failed: 0, runs_other_config };
+            }
+            Err(e) => e.to_string(),
+        },
         // Not ready yet, or not answering: either way, not routed to.
         Ok(reply) => {
             if state == WorkerState::Ready {
                 ctx.pool.suspect(member, format!("/ready answered {}", reply.status()));
             }
             let failed = if state == WorkerState::Starting { failed_before } else { failed_before + 1 };
-            Checked { failed, runs_other_config: false }
+            return Checked { failed, runs_other_config: false };
         }
-        Err(e) => {
-            let failed = if state == WorkerState::Ready || state == WorkerState::Unhealthy {
-                ctx.pool.suspect(member, format!("health check failed: {e}"));
-                failed_before + 1
-            } else {
-                failed_before
-            };
-            Checked { failed, runs_other_config: false }
-        }
-    }
+        Err(e) => e.to_string(),
+    };
+    let failed = if state == WorkerState::Ready || state == WorkerState::Unhealthy {
+        ctx.pool.suspect(member, format!("health check failed: {why}"));
+        failed_before + 1
+    } else {
+        failed_before
+    };
+    Checked { failed, runs_other_config: false }
 }
 
 /// Hands the config in force to a spawned worker. A failure is logged and left to the next
@@ -456,8 +458,9 @@ async fn push_config(ctx: &Context, member: &Member) {
             ctx.pool.update(member, |s| s.config_version = Some(version));
         }
         Ok(reply) => {
-            let why =
-                format!("config {version} refused: {} {}", reply.status(), reply.text().await.unwrap_or_default());
+            let status = reply.status();
+            let body = control::body(reply).await.unwrap_or_default();
+            let why = format!("config {version} refused: {status} {}", String::from_utf8_lossy(&body));
             tracing::error!(worker = %member.url, error = why, "config not applied");
             ctx.pool.update(member, |s| s.last_error = Some(why));
         }

@@ -353,7 +353,14 @@ pub fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool)
 impl Cluster {
     /// Starts the coordinator with this cluster's config; `port` must be the config's `listen`.
     pub fn coordinator(&self, port: u16) -> Proc {
-        self.coordinator_by(Command::new(env!("CARGO_BIN_EXE_coordinator")), "127.0.0.1", port)
+        self.coordinator_with_env(port, &[])
+    }
+
+    /// [`Cluster::coordinator`] with more environment variables, such as `HTTP_PROXY`.
+    pub fn coordinator_with_env(&self, port: u16, env: &[(&str, &str)]) -> Proc {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+        command.envs(env.iter().copied());
+        self.coordinator_by(command, "127.0.0.1", port)
     }
 
     /// Starts the coordinator on the network namespace `host`, where it spawns its local
@@ -373,6 +380,31 @@ impl Cluster {
     pub fn processes(&self) -> Vec<u32> {
         processes_with(self.config_path().as_os_str().as_encoded_bytes())
     }
+}
+
+/// The config lines of a coordinator on 127.0.0.1:`listen` that checks its workers every 0.5 s,
+/// and the keys `more`.
+pub fn extra(listen: u16, more: &str) -> String {
+    format!("listen: 127.0.0.1:{listen}\nconfig_check: 0.5\n{more}")
+}
+
+/// A live coordinator with `workers` local workers, its config holding the keys `more`: the
+/// cluster, the workers' ports, the coordinator's, and the coordinator.
+pub fn running(workers: usize, more: &str) -> (Cluster, Vec<u16>, u16, Proc) {
+    let (ports, listen): (Vec<u16>, u16) = ((0..workers).map(|_| free_port()).collect(), free_port());
+    let cluster = Cluster::new(&ports, &extra(listen, more));
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(workers as u64);
+    (cluster, ports, listen, coordinator)
+}
+
+/// A worker started by hand on a free port, ready, its config holding the keys `more`.
+pub fn lone_worker(more: &str) -> (Cluster, Proc) {
+    let port = free_port();
+    let cluster = Cluster::new(&[port], more);
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    (cluster, worker)
 }
 
 /// Pids of every running process whose command line contains `needle`.

@@ -1,0 +1,105 @@
+//! Hostile neighbours and clients, with real processes: what a program on a worker's address,
+//! the environment, a page of another site in the operator's browser or a careless client may
+//! throw at the coordinator and the workers.
+
+mod harness;
+
+use std::fs;
+use std::time::Duration;
+
+use harness::fake::{self, FakeWorker};
+use harness::{Cluster, batch, client, count, eventually, extra, free_port, get_json, post};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// How long a coordinator gets to notice a worker's port, and a worker to start.
+const STARTUP: Duration = Duration::from_secs(20);
+
+/// The keys every cluster here has beside `listen` and `config_check`.
+const MORE: &str = "worker_persist: 0.2\n";
+
+#[test]
+fn proxy_variables_in_the_environment_are_ignored_and_the_token_never_leaves_for_a_proxy() {
+    let proxy = FakeWorker::start("127.0.0.1:0", |_, stream| fake::reply(stream, "502 Bad Gateway", "{}"));
+    let proxy_url = proxy.url();
+    let env: Vec<(&str, &str)> = ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+        .into_iter()
+        .map(|name| (name, proxy_url.as_str()))
+        .collect();
+    let (ports, listen) = ([free_port(), free_port()], free_port());
+    let cluster = Cluster::new(&ports, &extra(listen, MORE));
+    let mut coordinator = cluster.coordinator_with_env(listen, &env);
+    coordinator.wait_live(2);
+    let (client, url) = (client(), coordinator.url());
+
+    // Every kind of control request: health checks, the dashboard's stats polls, a config push
+    // (with the token), and the shutdown requests (with the token).
+    assert_eq!(post(&client, &url, batch(&[("proxied", "1")])).status(), StatusCode::OK);
+    eventually(STARTUP, "counted", || count(&client, &url, "proxied") == 1);
+    let dashboard = get_json(&client, &format!("{url}/dashboard.json"));
+    assert!(dashboard["workers"].as_array().unwrap().iter().all(|w| w["stats_error"].is_null()), "{dashboard}");
+    let before = get_json(&client, &format!("{url}/stats"))["config"]["version"].clone();
+    cluster.write_config(&ports, &extra(listen, &format!("{MORE}max_key_bytes: 8\n")));
+    eventually(STARTUP, "every worker runs the edit", || {
+        let stats = get_json(&client, &format!("{url}/stats"));
+        stats["config"]["version"] != before
+            && stats["workers"].as_array().unwrap().iter().all(|w| w["config_version"] == stats["config"]["version"])
+    });
+    coordinator.signal("TERM");
+    assert!(coordinator.wait_exit(STARTUP).success(), "{}", coordinator.log());
+    assert!(cluster.processes().is_empty(), "workers left running");
+
+    assert_eq!(proxy.connections(), 0, "the proxy was sent: {:?}", proxy.requests());
+}
+
+/// The peak resident memory of the process `pid`, in bytes (`VmHWM`).
+fn peak_memory(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[test]
+fn a_reply_of_any_size_to_a_health_check_or_a_stats_poll_costs_the_coordinator_at_most_a_mebibyte() {
+    const HUGE: usize = 256 << 20;
+    // 127.0.0.2 stands in for other machines: listed workers the coordinator only checks and
+    // routes to. One answers its health checks with 256 MiB; the other answers them well, and
+    // its stats (which the dashboard polls) with 256 MiB.
+    let huge_health = FakeWorker::start("127.0.0.2:0", |request, stream| match request.target.as_str() {
+        "/ready" => fake::huge_reply(stream, "200 OK", HUGE),
+        _ => fake::reply(stream, "404 Not Found", "{}"),
+    });
+    let huge_stats = FakeWorker::start("127.0.0.2:0", |request, stream| match request.target.as_str() {
+        "/ready" => fake::reply(stream, "200 OK", r#"{"ready":true}"#),
+        "/stats" => fake::huge_reply(stream, "200 OK", HUGE),
+        _ => fake::reply(stream, "404 Not Found", "{}"),
+    });
+    let (port, listen) = (free_port(), free_port());
+    let urls = [format!("http://127.0.0.1:{port}"), huge_health.url(), huge_stats.url()];
+    let cluster = Cluster::with_urls(&urls, &extra(listen, MORE));
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(2);
+    let client = client();
+    let url = coordinator.url();
+    let dashboard = eventually_dashboard(&client, &url, &huge_stats.url());
+    eventually(STARTUP, "a few health checks of the huge one", || huge_health.requests().len() >= 3);
+
+    let peak = peak_memory(coordinator.pid());
+    println!("the coordinator's peak resident memory: {} MiB", peak >> 20);
+    assert!(peak < (HUGE / 4) as u64, "the coordinator grew to {} MiB", peak >> 20);
+    assert!(coordinator.is_running());
+    let entry = |url: &str| dashboard["workers"].as_array().unwrap().iter().find(|w| w["url"] == url).unwrap().clone();
+    assert!(entry(&huge_stats.url())["stats_error"].as_str().unwrap().contains("over"), "{dashboard}");
+    assert_ne!(entry(&huge_health.url())["state"], "ready", "{dashboard}");
+}
+
+/// The dashboard's view once it has polled the worker at `worker` (or failed to).
+fn eventually_dashboard(client: &reqwest::blocking::Client, url: &str, worker: &str) -> Value {
+    let mut dashboard = Value::Null;
+    eventually(STARTUP, "the dashboard polled the worker's stats", || {
+        dashboard = get_json(client, &format!("{url}/dashboard.json"));
+        let workers = dashboard["workers"].as_array().unwrap();
+        workers.iter().any(|w| w["url"] == worker && !w["stats_error"].is_null())
+    });
+    dashboard
+}
