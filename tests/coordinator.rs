@@ -5,6 +5,7 @@
 mod harness;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
@@ -172,6 +173,9 @@ fn a_new_coordinator_adopts_the_workers_of_one_killed_with_sigkill() {
     let mut first = cluster.coordinator(listen);
     first.wait_live(2);
     let pids: Vec<u32> = ports.iter().map(|&port| first.pid_of(port)).collect();
+    // The token the workers hold stays for the next coordinator, readable by this user alone.
+    let token_file = cluster.path().join("logs/coordinator.token");
+    assert_eq!(fs::metadata(&token_file).unwrap().permissions().mode() & 0o777, 0o600);
     first.kill();
     assert!(pids.iter().all(|&pid| is_running(pid)), "workers must outlive a coordinator killed with SIGKILL");
 
@@ -191,6 +195,7 @@ fn a_new_coordinator_adopts_the_workers_of_one_killed_with_sigkill() {
     for pid in pids {
         wait_gone(pid, Duration::from_secs(5));
     }
+    assert!(!token_file.exists(), "no worker holds the token any more");
 }
 
 #[test]

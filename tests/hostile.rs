@@ -5,10 +5,12 @@
 mod harness;
 
 use std::fs;
+use std::process::Command;
+use std::thread;
 use std::time::Duration;
 
 use harness::fake::{self, FakeWorker};
-use harness::{Cluster, batch, client, count, eventually, extra, free_port, get_json, post};
+use harness::{Cluster, Proc, batch, client, count, eventually, extra, free_port, get_json, post};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -17,6 +19,87 @@ const STARTUP: Duration = Duration::from_secs(20);
 
 /// The keys every cluster here has beside `listen` and `config_check`.
 const MORE: &str = "worker_persist: 0.2\n";
+
+/// The coordinator's `/stats` entry of the worker on `port`, if it lists one.
+fn entry(coordinator: &Proc, port: u16) -> Option<Value> {
+    let workers = get_json(&client(), &format!("{}/stats", coordinator.url()))["workers"].as_array()?.clone();
+    workers.into_iter().find(|w| w["url"].as_str().is_some_and(|url| url.ends_with(&format!(":{port}"))))
+}
+
+/// Waits until the coordinator reports the worker on `port` blocked; returns its entry.
+fn wait_blocked(coordinator: &Proc, port: u16) -> Value {
+    let mut blocked = None;
+    eventually(STARTUP, "the worker shows as blocked", || {
+        blocked = client()
+            .get(format!("{}/stats", coordinator.url()))
+            .send()
+            .is_ok()
+            .then(|| entry(coordinator, port))
+            .flatten()
+            .filter(|w| w["state"] == "blocked");
+        blocked.is_some()
+    });
+    blocked.unwrap()
+}
+
+#[test]
+fn a_program_on_a_workers_port_naming_another_pid_is_reported_and_nothing_is_signalled() {
+    let cluster = Cluster::new(&[], "");
+    let mut sleep = Command::new("sleep");
+    sleep.arg("600");
+    let mut sleeper = Proc::other_program(sleep, cluster.path().join("sleep.log"));
+    let victim = sleeper.pid();
+    // It answers like a worker: its `/stats` names the sleep's pid, and it runs another config,
+    // which is what made a coordinator stop a worker it took for its own.
+    let (port, listen) = (free_port(), free_port());
+    let squatter = FakeWorker::start(&format!("127.0.0.1:{port}"), move |request, stream| {
+        match request.target.split('?').next().unwrap_or_default() {
+            "/stats" => fake::reply(stream, "200 OK", &format!(r#"{{"pid":{victim},"config_version":"000000"}}"#)),
+            "/ready" | "/health" => fake::reply(stream, "200 OK", r#"{"ready":true,"config_version":"000000"}"#),
+            _ => fake::reply(stream, "404 Not Found", r#"{"error":"no such route"}"#),
+        }
+    });
+    cluster.write_config(&[port], &extra(listen, MORE));
+    let mut coordinator = cluster.coordinator(listen);
+
+    let blocked = wait_blocked(&coordinator, port);
+    // A coordinator that adopted it sent the sleep SIGTERM within 50 ms: give it many times that.
+    thread::sleep(Duration::from_secs(2));
+    assert!(sleeper.is_running(), "the coordinator signalled pid {victim}, named by a program on a worker's port");
+    let blocked_since = entry(&coordinator, port).unwrap();
+    assert_eq!((blocked_since["state"].as_str(), blocked_since["restarts"].as_u64()), (Some("blocked"), Some(0)));
+    let why = blocked["last_error"].as_str().unwrap();
+    assert!(why.contains("held by another program") && why.contains(&std::process::id().to_string()), "{blocked}");
+    assert_eq!((blocked["pid"].as_u64(), blocked["adopted"].as_bool()), (None, Some(false)), "{blocked}");
+    assert!(
+        squatter.requests().iter().all(|r| r.header("authorization").is_none()),
+        "the token was sent to the program on the worker's port: {:?}",
+        squatter.requests()
+    );
+
+    // Once the port is free, the worker is spawned there.
+    drop(squatter);
+    coordinator.wait_live(1);
+    assert!(sleeper.is_running());
+}
+
+#[test]
+fn the_worker_binary_run_by_someone_else_on_the_port_is_not_adopted_without_the_token() {
+    let (port, listen) = (free_port(), free_port());
+    let cluster = Cluster::new(&[port], &extra(listen, MORE));
+    // A genuine worker, the same binary on the same config, but started by hand with a token of
+    // its own: anyone on the machine can run the binary, only the coordinator knows its token.
+    let mut stranger = cluster.worker(port);
+    stranger.wait_ready();
+    let coordinator = cluster.coordinator(listen);
+
+    let blocked = wait_blocked(&coordinator, port);
+    let why = blocked["last_error"].as_str().unwrap();
+    assert!(why.contains(&format!("pid {}", stranger.pid())) && why.contains("token"), "{blocked}");
+    thread::sleep(Duration::from_secs(1));
+    assert!(stranger.is_running(), "the coordinator stopped a worker it did not start");
+    assert_eq!(entry(&coordinator, port).unwrap()["state"], "blocked");
+}
 
 #[test]
 fn proxy_variables_in_the_environment_are_ignored_and_the_token_never_leaves_for_a_proxy() {

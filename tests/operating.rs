@@ -168,7 +168,7 @@ fn a_port_held_by_another_program_is_reported_and_taken_once_free() {
             && entry(&url, port).is_some_and(|w| w["state"] == "blocked")
     });
     let worker = entry(&url, port).unwrap();
-    assert!(worker["last_error"].as_str().unwrap().contains("held by another process"), "{worker}");
+    assert!(worker["last_error"].as_str().unwrap().contains("held by another program"), "{worker}");
     assert_eq!(worker["restarts"], 0, "nothing was spawned to fail: {worker}");
     assert_eq!(cluster.processes().len(), 1, "only the coordinator runs");
 

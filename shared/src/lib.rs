@@ -1,6 +1,6 @@
 //! What both CountApp binaries agree on: the config file, the items a client posts, the JSON
 //! replies of the HTTP API and the helpers both servers answer with, what a spawned worker is
-//! handed, and the shutdown signal.
+//! handed and how it proves it holds its coordinator's token, and the shutdown signal.
 
 pub mod api;
 pub mod config;
@@ -8,3 +8,4 @@ pub mod http;
 pub mod items;
 pub mod shutdown;
 pub mod spawn;
+pub mod token;

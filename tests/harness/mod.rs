@@ -166,7 +166,8 @@ impl Cluster {
     }
 }
 
-/// A process of the system under test; killed with SIGKILL and reaped when dropped.
+/// A process of the system under test, or beside it; killed with SIGKILL and reaped when
+/// dropped.
 pub struct Proc {
     child: Option<Child>,
     host: String,
@@ -180,6 +181,12 @@ impl Proc {
         command.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
         let child = command.spawn().unwrap();
         Proc { child: Some(child), host: host.to_owned(), port, log }
+    }
+
+    /// Starts a program that is no part of the system under test (such as `sleep`), its output
+    /// appended to `log`.
+    pub fn other_program(command: Command, log: PathBuf) -> Proc {
+        Proc::spawn(command, "127.0.0.1", 0, log)
     }
 
     /// The base URL of the process.

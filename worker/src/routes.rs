@@ -10,6 +10,7 @@ use countapp_shared::api::{Accepted, Count};
 use countapp_shared::config::Config;
 use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, read_body, resource};
 use countapp_shared::items::parse_batch;
+use countapp_shared::token;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
 
@@ -30,6 +31,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     .service(resource("/metrics").route(web::get().to(metrics)))
     .service(resource("/shutdown").route(web::post().to(shutdown)))
     .service(resource("/config").route(web::put().to(put_config)))
+    .service(resource(token::IDENTITY_ROUTE).route(web::get().to(identity)))
     .default_service(web::to(no_such_route));
 }
 
@@ -188,6 +190,28 @@ async fn put_config(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
         Err(e @ ApplyError::Fixed(_)) => Err(ApiError::Conflict(e.to_string())),
         Err(e) => Err(ApiError::BadRequest(e.to_string())),
     }
+}
+
+/// The query of `GET /identity`.
+#[derive(Debug, serde::Deserialize)]
+struct Challenge {
+    challenge: String,
+}
+
+/// `GET /identity?challenge=<hex>`: proves to a coordinator that this worker holds the token it
+/// was started with, without sending it (see [`token`]): a restarted coordinator adopts a
+/// running worker only on this proof. A worker started by hand, without a token, has nothing to
+/// prove.
+async fn identity(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let query = web::Query::<Challenge>::from_query(req.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?;
+    if !token::is_hex(&query.challenge) {
+        let message = format!("the challenge must be 1 to {} hex digits", token::MAX_CHALLENGE);
+        return Err(ApiError::BadRequest(message));
+    }
+    let identity = state.identity(&query.challenge);
+    let identity = identity.ok_or_else(|| ApiError::Forbidden("this worker was started without a token".to_owned()))?;
+    Ok(HttpResponse::Ok().json(identity))
 }
 
 /// Whether the request carries the coordinator's token (`Authorization: Bearer <token>`).

@@ -80,6 +80,7 @@ impl Worker {
         let metrics = Arc::new(metrics);
         let state = web::Data::new(AppState::new(
             worker_id(addr),
+            addr.port(),
             Arc::new(LiveConfig::new(settings.config.clone())),
             CancellationToken::new(),
             settings.shutdown_token.clone(),
