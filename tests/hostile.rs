@@ -10,7 +10,9 @@ use std::thread;
 use std::time::Duration;
 
 use harness::fake::{self, FakeWorker};
-use harness::{Cluster, Proc, batch, client, count, eventually, extra, free_port, get_json, post};
+use harness::{
+    Cluster, Proc, batch, client, count, error_message, eventually, extra, free_port, get_json, post, raw, running,
+};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -185,4 +187,70 @@ fn eventually_dashboard(client: &reqwest::blocking::Client, url: &str, worker: &
         workers.iter().any(|w| w["url"] == worker && !w["stats_error"].is_null())
     });
     dashboard
+}
+
+/// `POST {url}/items` of one item, with `headers`: the status.
+fn post_with(url: &str, headers: &[(&str, &str)], id: &str) -> reqwest::blocking::Response {
+    let mut request = client().post(format!("{url}/items")).body(batch(&[("cross", id)]));
+    for &(name, value) in headers {
+        request = request.header(name, value);
+    }
+    request.send().unwrap()
+}
+
+#[test]
+fn requests_from_other_sites_pages_are_refused_and_curl_keeps_working() {
+    let (cluster, ports, _, coordinator) = running(1, MORE);
+    let worker = format!("http://127.0.0.1:{}", ports[0]);
+    let mut accepted = 0;
+    for url in [coordinator.url(), worker.clone()] {
+        let own = url.clone();
+        // What `curl -d` sends, and a page of this very server: taken.
+        for headers in [&[("content-type", "application/x-www-form-urlencoded")][..], &[("origin", &own)]] {
+            assert_eq!(
+                post_with(&url, headers, &format!("ok-{accepted}")).status(),
+                StatusCode::OK,
+                "{url} {headers:?}"
+            );
+            accepted += 1;
+        }
+        // A form or a fetch of another site's page: refused, and nothing of it applied.
+        for headers in [
+            &[("origin", "http://evil.example"), ("content-type", "text/plain")][..],
+            &[("origin", "null")],
+            &[("origin", "http://localhost:1")],
+            &[("sec-fetch-site", "cross-site"), ("sec-fetch-mode", "no-cors")],
+            &[("sec-fetch-site", "same-site"), ("sec-fetch-mode", "navigate")],
+        ] {
+            let message = error_message(post_with(&url, headers, "refused"), StatusCode::FORBIDDEN);
+            assert!(message.contains("another"), "{url} {headers:?}: {message}");
+        }
+        // Its scripts cannot read the data either; a link followed to the page is fine.
+        let read = client().get(format!("{url}/stats")).header("sec-fetch-site", "cross-site");
+        assert_eq!(read.header("sec-fetch-mode", "cors").send().unwrap().status(), StatusCode::FORBIDDEN);
+        let link = client().get(format!("{url}/stats")).header("sec-fetch-site", "cross-site");
+        assert_eq!(link.header("sec-fetch-mode", "navigate").send().unwrap().status(), StatusCode::OK);
+        // DNS rebinding: a name other than the loopback ones is refused, reads included.
+        let authority = url.strip_prefix("http://").unwrap();
+        let port = authority.rsplit_once(':').unwrap().1;
+        for host in ["evil.example", &format!("evil.example:{port}")] {
+            let (status, body) =
+                raw(&url, &format!("GET /stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
+            assert_eq!(status, 403, "{url} Host {host}: {body}");
+            assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].is_string(), "{body}");
+        }
+        for host in ["localhost", &format!("localhost:{port}"), &format!("[::1]:{port}"), authority] {
+            let (status, body) =
+                raw(&url, &format!("GET /stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"));
+            assert_eq!(status, 200, "{url} Host {host}: {body}");
+        }
+    }
+    // Even with the token, a worker's config cannot be changed from another site's page.
+    let token = fs::read_to_string(cluster.path().join("logs/coordinator.token")).unwrap();
+    let put = client().put(format!("{worker}/config")).bearer_auth(token).header("origin", "http://evil.example");
+    let message = error_message(put.body("{}").send().unwrap(), StatusCode::FORBIDDEN);
+    assert!(message.contains("another origin"), "{message}");
+    eventually(STARTUP, "only the accepted batches are counted", || {
+        count(&client(), &coordinator.url(), "cross") == accepted
+    });
 }

@@ -12,6 +12,7 @@ use actix_web::{App, HttpServer, web};
 use countapp_shared::config::{self, Config, FIXED_KEYS};
 use countapp_shared::http::count_requests;
 use countapp_shared::shutdown::terminate_signal;
+use countapp_shared::site_guard::SiteGuard;
 use parking_lot::Mutex;
 use thiserror::Error;
 use tokio::sync::watch;
@@ -101,6 +102,7 @@ impl Coordinator {
                 .app_data(web::Data::new(Upstream::new(data.metrics.hop.clone())))
                 .app_data(data.clone())
                 .app_data(requests.clone())
+                .wrap(SiteGuard::listening_on(addr))
                 .wrap(from_fn(count_requests))
                 .configure(routes::configure)
         })

@@ -933,14 +933,23 @@ impl Drop for Immutable<'_> {
 /// the `url` crate remove dot segments (`/./`, `/%2E%2E/`) from a path before sending it. Returns
 /// the status and the body.
 pub fn raw_get(url: &str, path: &str) -> (u16, String) {
+    let authority = url.strip_prefix("http://").expect("an http:// URL");
+    raw(url, &format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"))
+}
+
+/// Sends `request` to `url` byte for byte, as a client that builds its requests by hand (or
+/// lies in them) would, and reads the reply until the server closes the connection or 10 s
+/// pass. Returns the status and the body.
+pub fn raw(url: &str, request: &str) -> (u16, String) {
     use std::io::Write;
     let authority = url.strip_prefix("http://").expect("an http:// URL");
     let mut stream = std::net::TcpStream::connect(authority).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
     let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or_else(|| panic!("GET {path}: no reply head in {reply:?}"));
+    let _ = stream.read_to_string(&mut reply);
+    let line = request.lines().next().unwrap_or_default();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{line}: no reply head in {reply:?}"));
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
-    (status.unwrap_or_else(|| panic!("GET {path}: no status in {head:?}")), body.to_owned())
+    (status.unwrap_or_else(|| panic!("{line}: no status in {head:?}")), body.to_owned())
 }

@@ -9,6 +9,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use countapp_shared::config::{self, Config};
 use countapp_shared::http::count_requests;
+use countapp_shared::site_guard::SiteGuard;
 use thiserror::Error;
 use tracing::Instrument;
 
@@ -92,6 +93,7 @@ impl Worker {
             App::new()
                 .app_data(data.clone())
                 .app_data(requests.clone())
+                .wrap(SiteGuard::listening_on(addr))
                 .wrap(from_fn(count_requests))
                 .configure(routes::configure)
         })
