@@ -7,11 +7,12 @@ mod harness;
 use std::fs;
 use std::process::Command;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use harness::fake::{self, FakeWorker};
 use harness::{
-    Cluster, Proc, batch, client, count, error_message, eventually, extra, free_port, get_json, post, raw, running,
+    Cluster, Proc, batch, client, count, error_message, eventually, extra, free_port, get_json, lone_worker, post, raw,
+    running,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -253,4 +254,22 @@ fn requests_from_other_sites_pages_are_refused_and_curl_keeps_working() {
     eventually(STARTUP, "only the accepted batches are counted", || {
         count(&client(), &coordinator.url(), "cross") == accepted
     });
+}
+
+#[test]
+fn a_workers_config_route_refuses_a_request_without_the_token_before_reading_its_body() {
+    let (_cluster, worker) = lone_worker("");
+    let port = worker.port;
+    // A head announcing a body that never comes: answered at once, not waited for.
+    let started = Instant::now();
+    let (status, body) = raw(
+        &worker.url(),
+        &format!(
+            "PUT /config HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+             Content-Length: 100000\r\nConnection: close\r\n\r\n{{"
+        ),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("token"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5), "answered only after {:?}", started.elapsed());
 }

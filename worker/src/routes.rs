@@ -175,12 +175,21 @@ async fn shutdown(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
     Ok(HttpResponse::Accepted().json(json!({ "status": "shutting down" })))
 }
 
+/// The largest config a coordinator pushes: a few hundred bytes, plus about 30 per worker URL.
+const MAX_CONFIG_BYTES: usize = 1 << 20;
+
 /// `PUT /config`: with the coordinator's token, puts the config in the body (JSON, as
 /// [`Config::to_json`] writes it) in force. `409` if it changes a key that only a restart can.
-async fn put_config(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// The token is checked before a byte of the body is read: without it, a request costs nothing.
+async fn put_config(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     if !from_coordinator(&req, &state) {
         return Err(ApiError::Forbidden("a config edit needs the token this worker was started with".to_owned()));
     }
+    let body = read_body(&req, payload, MAX_CONFIG_BYTES).await?;
     let config = std::str::from_utf8(&body)
         .map_err(|e| e.to_string())
         .and_then(|json| Config::from_json(json).map_err(|e| e.to_string()))
