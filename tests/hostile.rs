@@ -273,3 +273,16 @@ fn a_workers_config_route_refuses_a_request_without_the_token_before_reading_its
     assert!(body.contains("token"), "{body}");
     assert!(started.elapsed() < Duration::from_secs(5), "answered only after {:?}", started.elapsed());
 }
+
+#[test]
+fn a_listen_on_every_address_with_a_local_worker_on_its_port_is_refused_at_start() {
+    let port = free_port();
+    for listen in [format!("0.0.0.0:{port}"), format!("\"[::]:{port}\"")] {
+        let cluster = Cluster::new(&[port], &format!("listen: {listen}\n"));
+        let mut coordinator = cluster.coordinator(port);
+        let status = coordinator.wait_exit(STARTUP);
+        assert_eq!(status.code(), Some(1), "{}", coordinator.log());
+        let log = coordinator.log();
+        assert!(log.contains("workers[0]: ") && log.contains("listen: "), "{log}");
+    }
+}
