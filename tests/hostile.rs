@@ -5,14 +5,16 @@
 mod harness;
 
 use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::fake::{self, FakeWorker};
 use harness::{
-    Cluster, Proc, batch, client, count, error_message, eventually, extra, free_port, get_json, lone_worker, post, raw,
-    running,
+    Cluster, Proc, batch, client, count, error_message, eventually, extra, free_port, get_json, lone_worker, metric,
+    post, raw, running,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -284,5 +286,32 @@ fn a_listen_on_every_address_with_a_local_worker_on_its_port_is_refused_at_start
         assert_eq!(status.code(), Some(1), "{}", coordinator.log());
         let log = coordinator.log();
         assert!(log.contains("workers[0]: ") && log.contains("listen: "), "{log}");
+    }
+}
+
+#[test]
+fn malformed_requests_are_counted_and_logged_at_debug_not_as_errors() {
+    let (cluster, ports, _, coordinator) = running(1, MORE);
+    let worker = format!("http://127.0.0.1:{}", ports[0]);
+    const MALFORMED: [&[u8]; 3] = [
+        b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
+        b"POST /items HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+    ];
+    for (url, server) in [(&coordinator.url(), "coordinator"), (&worker, "worker")] {
+        for request in MALFORMED {
+            let mut stream = std::net::TcpStream::connect(url.strip_prefix("http://").unwrap()).unwrap();
+            stream.write_all(request).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = std::io::Read::read(&mut stream, &mut [0; 256]);
+        }
+        let metrics = client().get(format!("{url}/metrics")).send().unwrap().text().unwrap();
+        let counted = metric(&metrics, &format!("countapp_{server}_client_protocol_errors_total"), &[]);
+        assert_eq!(counted, Some(MALFORMED.len() as f64), "{url}:\n{metrics}");
+    }
+    let logs: PathBuf = cluster.path().join("logs").join(format!("{}.log", ports[0]));
+    for (name, log) in [("coordinator", coordinator.log()), ("worker", fs::read_to_string(logs).unwrap())] {
+        let errors: Vec<&str> = log.lines().filter(|line| line.contains("ERROR")).collect();
+        assert!(errors.is_empty(), "the {name} logged client errors as its own:\n{}", errors.join("\n"));
     }
 }

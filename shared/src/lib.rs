@@ -4,6 +4,7 @@
 //! against other sites' pages, and the shutdown signal.
 
 pub mod api;
+pub mod client_errors;
 pub mod config;
 pub mod http;
 pub mod items;
