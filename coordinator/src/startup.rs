@@ -119,8 +119,8 @@ impl Coordinator {
     }
 
     /// Runs until SIGTERM, SIGINT or [`Coordinator::shutdown`]: serves, supervises the workers
-    /// and follows the config file; then stops taking requests, lets those in flight finish,
-    /// stops every worker gracefully and returns.
+    /// and follows the config file (re-read at once on SIGHUP); then stops taking requests, lets
+    /// those in flight finish, stops every worker gracefully and returns.
     pub async fn run_until_stopped(self) -> Result<(), CoordinatorError> {
         let Coordinator { server, addr, state, mut config } = self;
         let handle = server.handle();
