@@ -170,7 +170,8 @@ fn a_reply_of_any_size_to_a_health_check_or_a_stats_poll_costs_the_coordinator_a
     let client = client();
     let url = coordinator.url();
     let dashboard = eventually_dashboard(&client, &url, &huge_stats.url());
-    eventually(STARTUP, "a few health checks of the huge one", || huge_health.requests().len() >= 3);
+    // Each huge reply read whole, or cut off by the coordinator.
+    eventually(STARTUP, "huge replies read or refused", || huge_health.answered() >= 2 && huge_stats.answered() >= 1);
 
     let peak = peak_memory(coordinator.pid());
     println!("the coordinator's peak resident memory: {} MiB", peak >> 20);

@@ -40,6 +40,7 @@ pub struct FakeWorker {
     stop: Arc<AtomicBool>,
     requests: Arc<Mutex<Vec<Request>>>,
     connections: Arc<AtomicUsize>,
+    answered: Arc<AtomicUsize>,
     acceptor: Option<thread::JoinHandle<()>>,
 }
 
@@ -55,16 +56,19 @@ impl FakeWorker {
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(AtomicUsize::new(0));
         let script: Arc<Script> = Arc::new(script);
         let acceptor = {
-            let (stop, requests, connections) = (stop.clone(), requests.clone(), connections.clone());
+            let (stop, requests, connections, answered) =
+                (stop.clone(), requests.clone(), connections.clone(), answered.clone());
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
                             connections.fetch_add(1, Ordering::Relaxed);
-                            let (stop, requests, script) = (stop.clone(), requests.clone(), script.clone());
-                            thread::spawn(move || serve(stream, &stop, &requests, &*script));
+                            let (stop, requests, answered, script) =
+                                (stop.clone(), requests.clone(), answered.clone(), script.clone());
+                            thread::spawn(move || serve(stream, &stop, &requests, &answered, &*script));
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(POLL),
                         Err(e) => panic!("accepting: {e}"),
@@ -72,7 +76,7 @@ impl FakeWorker {
                 }
             })
         };
-        FakeWorker { addr, stop, requests, connections, acceptor: Some(acceptor) }
+        FakeWorker { addr, stop, requests, connections, answered, acceptor: Some(acceptor) }
     }
 
     /// Its base URL, `http://host:port`.
@@ -94,6 +98,11 @@ impl FakeWorker {
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
     }
+
+    /// Requests it has answered to the end, or whose reply the other side cut off.
+    pub fn answered(&self) -> usize {
+        self.answered.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for FakeWorker {
@@ -106,13 +115,21 @@ impl Drop for FakeWorker {
 }
 
 /// Reads requests off one connection and answers each with `script`, until either side ends it.
-fn serve(stream: TcpStream, stop: &AtomicBool, requests: &Mutex<Vec<Request>>, script: &Script) {
+fn serve(
+    stream: TcpStream,
+    stop: &AtomicBool,
+    requests: &Mutex<Vec<Request>>,
+    answered: &AtomicUsize,
+    script: &Script,
+) {
     stream.set_read_timeout(Some(POLL)).unwrap();
     let mut writer = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
     while let Some(request) = read_request(&mut reader, stop) {
         requests.lock().unwrap().push(request.clone());
-        if script(&request, &mut writer).is_err() {
+        let written = script(&request, &mut writer);
+        answered.fetch_add(1, Ordering::Relaxed);
+        if written.is_err() {
             return;
         }
     }
