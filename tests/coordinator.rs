@@ -5,10 +5,13 @@
 mod harness;
 
 use std::fs;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use harness::fake::{self, FakeWorker};
 use harness::{
     Cluster, Immutable, Load, PUSHED_BACK, Stopped, batch, client, count, count_reply, error_message, eventually,
     free_port, get_json, is_running, metric, post, raw_get, sigkill,
@@ -170,6 +173,9 @@ fn a_new_coordinator_adopts_the_workers_of_one_killed_with_sigkill() {
     let mut first = cluster.coordinator(listen);
     first.wait_live(2);
     let pids: Vec<u32> = ports.iter().map(|&port| first.pid_of(port)).collect();
+    // The token the workers hold stays for the next coordinator, readable by this user alone.
+    let token_file = cluster.path().join("logs/coordinator.token");
+    assert_eq!(fs::metadata(&token_file).unwrap().permissions().mode() & 0o777, 0o600);
     first.kill();
     assert!(pids.iter().all(|&pid| is_running(pid)), "workers must outlive a coordinator killed with SIGKILL");
 
@@ -189,6 +195,7 @@ fn a_new_coordinator_adopts_the_workers_of_one_killed_with_sigkill() {
     for pid in pids {
         wait_gone(pid, Duration::from_secs(5));
     }
+    assert!(!token_file.exists(), "no worker holds the token any more");
 }
 
 #[test]
@@ -502,4 +509,76 @@ fn workers_too_busy_to_answer_for_a_moment_stay_in_routing() {
     assert_eq!(fewest_live, 3, "workers late for a moment were taken out of routing");
     assert!(coordinator.workers().iter().all(|w| w["restarts"] == 0), "no worker was replaced");
     tally.check_counted(&client(), &url, SETTLE);
+}
+
+/// What a hostile or broken program on a worker's address answers `POST /items` with, in turn:
+/// a terabyte announced, a chunked body that never ends, a head that never ends, and bytes that
+/// are no HTTP at all.
+fn junk_reply(n: usize, stream: &mut std::net::TcpStream) -> std::io::Result<()> {
+    use std::io::Write;
+    match n % 4 {
+        0 => stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n{\"accepted\":"),
+        1 => {
+            stream.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")?;
+            let chunk = format!("{:x}\r\n{}\r\n", 64 << 10, " ".repeat(64 << 10));
+            loop {
+                stream.write_all(chunk.as_bytes())?;
+            }
+        }
+        2 => {
+            stream.write_all(b"HTTP/1.1 200 OK\r\n")?;
+            loop {
+                stream.write_all(b"x-filler: yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy\r\n")?;
+            }
+        }
+        _ => stream.write_all(b"SURELY NOT HTTP\r\n\r\n"),
+    }
+}
+
+#[test]
+fn a_worker_answering_junk_is_taken_out_of_routing_and_clients_keep_getting_200s() {
+    // 127.0.0.2 stands in for another machine: a listed worker that the coordinator only routes
+    // to, and that answers its health checks well and every batch with junk.
+    let posts = Arc::new(AtomicUsize::new(0));
+    let fake = {
+        let posts = posts.clone();
+        FakeWorker::start("127.0.0.2:0", move |request, stream| {
+            match (request.method.as_str(), request.target.as_str()) {
+                ("GET", "/ready") => fake::reply(stream, "200 OK", r#"{"ready":true}"#),
+                ("POST", "/items") => junk_reply(posts.fetch_add(1, Ordering::Relaxed), stream),
+                _ => fake::reply(stream, "404 Not Found", r#"{"error":"no such route"}"#),
+            }
+        })
+    };
+    let (port, listen) = (free_port(), free_port());
+    let cluster = Cluster::with_urls(&[format!("http://127.0.0.1:{port}"), fake.url()], &extra(listen));
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(2);
+    let url = coordinator.url();
+
+    // Clients post until every kind of junk has come back at least twice (the fake is back in
+    // routing each time its health check passes, within half a second).
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (url, posts) = (url.clone(), posts.clone());
+            thread::spawn(move || {
+                let client = client();
+                let started = Instant::now();
+                let mut sent = Vec::new();
+                while posts.load(Ordering::Relaxed) < 8 && started.elapsed() < SETTLE {
+                    let id = format!("{c}-{}", sent.len());
+                    let reply = post(&client, &url, batch(&[("junk", &id)]));
+                    assert_eq!(reply.status(), StatusCode::OK, "{}", reply.text().unwrap_or_default());
+                    sent.push(id);
+                }
+                sent.len() as u64
+            })
+        })
+        .collect();
+    let sent: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    assert!(posts.load(Ordering::Relaxed) >= 8, "the fake was tried {} times", posts.load(Ordering::Relaxed));
+    assert!(coordinator.is_running(), "the coordinator died:\n{}", coordinator.log());
+    let entry = coordinator.workers().into_iter().find(|w| w["url"] == fake.url().as_str()).unwrap();
+    assert!(entry["last_error"].as_str().unwrap_or_default().contains("bad reply"), "{entry}");
+    eventually(SETTLE, "every batch counted", || count(&client(), &url, "junk") == sent);
 }

@@ -11,8 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Cluster, batch, client, count, eventually, extra, free_port, is_running, post, running, send_signal, sigkill,
-    stats, worker_url,
+    Cluster, batch, client, count, eventually, extra, free_port, is_running, lone_worker, post, running, send_signal,
+    sigkill, stats, worker_url,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -160,7 +160,7 @@ fn a_port_held_by_another_program_is_reported_and_taken_once_free() {
             && entry(&url, port).is_some_and(|w| w["state"] == "blocked")
     });
     let worker = entry(&url, port).unwrap();
-    assert!(worker["last_error"].as_str().unwrap().contains("held by another process"), "{worker}");
+    assert!(worker["last_error"].as_str().unwrap().contains("held by another program"), "{worker}");
     assert_eq!(worker["restarts"], 0, "nothing was spawned to fail: {worker}");
     assert_eq!(cluster.processes().len(), 1, "only the coordinator runs");
 
@@ -210,11 +210,49 @@ fn a_fresh_directory_starts_every_worker_at_the_first_try() {
 }
 
 #[test]
+fn sighup_applies_an_edit_the_watch_cannot_see_at_once_and_the_coordinator_runs_on() {
+    // The config is a symbolic link to a file in another directory, as a mounted config map is:
+    // the watch on the link's directory never sees the file change, and with `config_check: 60`
+    // its next re-read is a minute away. Only SIGHUP can make the edit apply in time.
+    let slow = "worker_persist: 0.2\nconfig_check: 60\n";
+    let (ports, listen): (Vec<u16>, u16) = ((0..2).map(|_| free_port()).collect(), free_port());
+    let cluster = Cluster::new(&ports, &format!("listen: 127.0.0.1:{listen}\n{slow}"));
+    let elsewhere = cluster.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    fs::rename(cluster.config_path(), elsewhere.join("config.yaml")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.join("config.yaml"), cluster.config_path()).unwrap();
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(2);
+    let url = coordinator.url();
+    let version = || stats(&url)["config"]["version"].as_str().unwrap().to_owned();
+    let before = version();
+
+    cluster.write_config(&ports, &format!("listen: 127.0.0.1:{listen}\n{slow}max_key_bytes: 8\n"));
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(version(), before, "the edit was seen without SIGHUP: this test proves nothing");
+    coordinator.signal("HUP");
+    let took = eventually(EDIT_APPLIED, "SIGHUP applies the edit", || version() != before);
+    println!("applied {took:?} after SIGHUP");
+    let edited = version();
+    eventually(EDIT_APPLIED, "every worker runs it", || ports.iter().all(|&p| runs(p) == edited));
+    assert_eq!(post(&client(), &url, long_tenant(9)).status(), StatusCode::BAD_REQUEST);
+
+    // An invalid file is refused on SIGHUP as on an edit, and shown; the coordinator runs on.
+    fs::write(cluster.config_path(), "workers: [\n").unwrap();
+    coordinator.signal("HUP");
+    eventually(EDIT_APPLIED, "/stats shows the refusal", || stats(&url)["config"]["valid"] == false);
+    assert!(coordinator.is_running());
+    assert_eq!(version(), edited);
+
+    // SIGTERM still stops it gracefully.
+    coordinator.signal("TERM");
+    assert!(coordinator.wait_exit(RESPAWN).success(), "{}", coordinator.log());
+}
+
+#[test]
 fn a_worker_run_by_hand_follows_its_own_config_file() {
-    let port = free_port();
-    let cluster = Cluster::new(&[port], "worker_persist: 0.2\nconfig_check: 0.5\n");
-    let mut worker = cluster.worker(port);
-    worker.wait_ready();
+    let (cluster, worker) = lone_worker("worker_persist: 0.2\nconfig_check: 0.5\n");
+    let port = worker.port;
     let client = client();
     let before = runs(port);
     assert_eq!(post(&client, &worker.url(), long_tenant(9)).status(), StatusCode::OK);

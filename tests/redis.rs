@@ -187,12 +187,7 @@ fn with_redis_down_ingest_is_acknowledged_up_to_max_pending_items_then_refused_u
 /// A worker on a free port by itself, storing into `redis` with the `extra` config lines,
 /// closing its log file every 0.2 s; ready.
 fn lone_worker(redis: &RedisServer, extra: &str) -> (Cluster, Proc) {
-    let port = free_port();
-    let extra = format!("store: redis\nredis_url: {}\nworker_persist: 0.2\n{extra}", redis.url());
-    let cluster = Cluster::new(&[port], &extra);
-    let mut worker = cluster.worker(port);
-    worker.wait_ready();
-    (cluster, worker)
+    harness::lone_worker(&format!("store: redis\nredis_url: {}\nworker_persist: 0.2\n{extra}", redis.url()))
 }
 
 /// Posts `n` ids to `tenant` at `url`, in batches of 100, asserting each is acknowledged, then

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use harness::{
     Cluster, Immutable, Load, Proc, Sent, Tally, batch, client, count, error_message, eventually, free_port, get_json,
-    metric, post,
+    lone_worker, metric, post,
 };
 use reqwest::StatusCode;
 use reqwest::blocking::{Body, Client};
@@ -71,10 +71,7 @@ fn assert_count_settles(client: &Client, url: &str, tenant: &str, expected: u64)
 
 #[test]
 fn bad_requests_get_a_json_4xx_and_nothing_is_applied() {
-    let port = free_port();
-    let cluster = Cluster::new(&[port], "worker_persist: 0.2\nmax_key_bytes: 16\nmax_body_bytes: 4096\n");
-    let mut worker = cluster.worker(port);
-    worker.wait_ready();
+    let (_cluster, worker) = lone_worker("worker_persist: 0.2\nmax_key_bytes: 16\nmax_body_bytes: 4096\n");
     let url = worker.url();
     let client = client();
     let long_key = "k".repeat(17);

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
+use crate::control;
 use crate::pool::WorkerState;
 use crate::routes::stats_json;
 use crate::state::AppState;
@@ -282,7 +283,7 @@ async fn fetch_worker_stats(state: &AppState) -> HashMap<String, Result<Value, S
         fetches.spawn(async move {
             let reply = http.get(format!("{url}/stats")).timeout(STATS_TIMEOUT).send().await;
             let stats = match reply.and_then(reqwest::Response::error_for_status) {
-                Ok(reply) => reply.json::<Value>().await.map_err(|e| e.to_string()),
+                Ok(reply) => control::json::<Value>(reply).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             if let Err(error) = &stats {

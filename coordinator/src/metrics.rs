@@ -1,5 +1,6 @@
 //! The coordinator's counters, served as Prometheus text at `/metrics`.
 
+use countapp_shared::client_errors;
 use countapp_shared::http::RequestCounter;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -43,6 +44,7 @@ impl Metrics {
     pub(crate) fn new() -> (Metrics, RequestCounter) {
         let mut registry = Registry::with_prefix("countapp_coordinator");
         let requests = RequestCounter::registered(&mut registry);
+        client_errors::register(&mut registry);
         let retries = Counter::default();
         registry.register("retries", "Requests retried on another worker after a failure", retries.clone());
         let unavailable = Counter::default();

@@ -12,7 +12,8 @@
 //! does not take the worker out of routing, since a busy worker is late as well as a hung one:
 //! it has its supervisor check its health at once, and only a failed check takes it out (until
 //! a check passes again, or it is replaced). A worker that refuses the connection or drops it is
-//! taken out at once.
+//! taken out at once, and so is one whose bytes are no reply (malformed, or over the bounds a
+//! reply is held to); if that is all the request met, the client gets a 502.
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,7 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
     let timeout = hop_timeout(request.body.len());
     let pipeline = answered_at_once(&state.ctx.config(), &request.method);
     let mut tried = Tried::default();
-    let mut last_error = None;
+    let mut last_error: Option<HopError> = None;
     // The last worker reply that was a 5xx: if every attempt ends so, the client gets the
     // workers' own explanation (such as their tenant store being down, or their merging being
     // behind, with when to retry), not a generic one.
@@ -85,22 +86,20 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
                 return Ok(HttpResponse::build(reply.status).insert_header(ContentType::json()).body(reply.body));
             }
             Ok(reply) => {
-                let why = format!("{}: {}", reply.status, String::from_utf8_lossy(&reply.body));
-                tracing::debug!(worker = %member.url, error = why, "worker failed a request; retrying elsewhere");
-                last_error = Some(why);
+                tracing::debug!(worker = %member.url, status = %reply.status, "worker failed a request; retrying elsewhere");
                 last_reply = Some(reply);
             }
             Err(e @ HopError::Timeout(_)) => {
                 let why = e.to_string();
                 tracing::warn!(worker = %member.url, error = why, "worker late; retrying elsewhere and checking it");
                 member.request_check();
-                last_error = Some(why);
+                last_error = Some(e);
             }
             Err(e) => {
                 let why = e.to_string();
-                tracing::warn!(worker = %member.url, error = why, "worker unreachable; retrying elsewhere");
-                pool.suspect(&member, why.clone());
-                last_error = Some(why);
+                tracing::warn!(worker = %member.url, error = why, "worker unreachable or answering junk; retrying elsewhere");
+                pool.suspect(&member, why);
+                last_error = Some(e);
             }
         }
     }
@@ -112,8 +111,13 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         }
         return Ok(response.insert_header(ContentType::json()).body(reply.body));
     }
-    let detail = last_error.map_or_else(String::new, |e| format!(" (last error: {e})"));
-    Err(ApiError::Unavailable(format!("no live worker could take the request{detail}")))
+    Err(match last_error {
+        Some(e @ HopError::BadReply(_)) => {
+            ApiError::BadGateway(format!("no worker answered the request well (last: {e})"))
+        }
+        Some(e) => ApiError::Unavailable(format!("no live worker could take the request (last error: {e})")),
+        None => ApiError::Unavailable("no live worker could take the request".to_owned()),
+    })
 }
 
 /// Whether a worker answers `method` at once, without waiting on anything but its own thread,

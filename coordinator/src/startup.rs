@@ -15,17 +15,20 @@ use countapp_shared::edge::budget::BodyBudget;
 use countapp_shared::edge::stalled::{self, Timeout};
 use countapp_shared::http::count_requests;
 use countapp_shared::shutdown::terminate_signal;
+use countapp_shared::site_guard::SiteGuard;
 use parking_lot::Mutex;
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster_view::{self, ClusterView};
+use crate::control;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::routes;
 use crate::state::{AppState, ConfigStatus};
 use crate::supervisor::{Context, Supervisor};
+use crate::token_file;
 use crate::upstream::Upstream;
 
 /// How long a graceful stop waits for requests in flight.
@@ -39,6 +42,14 @@ pub enum CoordinatorError {
     Bind {
         /// The address asked for.
         addr: SocketAddr,
+        /// The operating system's error.
+        error: std::io::Error,
+    },
+    /// The token file could not be written.
+    #[error("cannot keep the token in {}: {error}", path.display())]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
         /// The operating system's error.
         error: std::io::Error,
     },
@@ -62,16 +73,14 @@ impl Coordinator {
         let bind_error = |error| CoordinatorError::Bind { addr: config.listen.0, error };
         let listener = TcpListener::bind(config.listen.0).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
-        let token = random_token();
+        let token = token_file::take_over_or_create(&config.worker_logs)
+            .map_err(|error| CoordinatorError::TokenFile { path: token_file::path(&config.worker_logs), error })?;
         let ctx = Arc::new(Context {
             worker_bin,
             config_path: config_path.to_path_buf(),
             token,
             config: watch::Sender::new(Arc::new(config.clone())),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(1))
-                .build()
-                .map_err(|e| CoordinatorError::Runtime(format!("building the HTTP client: {e}")))?,
+            http: control::client().map_err(|e| CoordinatorError::Runtime(format!("building the HTTP client: {e}")))?,
             pool: Arc::new(Pool::default()),
         });
         let (metrics, requests) = Metrics::new();
@@ -101,6 +110,7 @@ impl Coordinator {
                 .app_data(web::Data::new(Upstream::new(data.metrics.hop.clone())))
                 .app_data(data.clone())
                 .app_data(requests.clone())
+                .wrap(SiteGuard::listening_on(addr))
                 .wrap(from_fn(count_requests))
                 .configure(routes::configure)
         })
@@ -122,8 +132,8 @@ impl Coordinator {
     }
 
     /// Runs until SIGTERM, SIGINT or [`Coordinator::shutdown`]: serves, supervises the workers
-    /// and follows the config file; then stops taking requests, lets those in flight finish,
-    /// stops every worker gracefully and returns.
+    /// and follows the config file (re-read at once on SIGHUP); then stops taking requests, lets
+    /// those in flight finish, stops every worker gracefully and returns.
     pub async fn run_until_stopped(self) -> Result<(), CoordinatorError> {
         let Coordinator { server, addr, state, mut config } = self;
         let handle = server.handle();
@@ -144,6 +154,7 @@ impl Coordinator {
                 true = watch.changed() => {
                     if let Some(new) = reload(&state, &config_path, &config) {
                         check_every.send_replace(new.config_check());
+                        move_token_file(&state.ctx.token, &config.worker_logs, &new.worker_logs);
                         supervisor.apply(&new);
                         config = new;
                     }
@@ -164,8 +175,22 @@ impl Coordinator {
             tracing::error!(error = %e, "the HTTP server failed");
         }
         supervisor.stop_all().await;
+        // No worker holds the token any more: the next run makes its own.
+        token_file::remove(&config.worker_logs);
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Keeps the token file beside the workers' logs when `worker_logs` moves, so that a coordinator
+/// restarted on the edited config finds it.
+fn move_token_file(token: &str, from: &Path, to: &Path) {
+    if from == to {
+        return;
+    }
+    match token_file::record(to, token) {
+        Ok(()) => token_file::remove(from),
+        Err(e) => tracing::error!(file = %token_file::path(to).display(), error = %e, "cannot move the token file"),
     }
 }
 
@@ -211,9 +236,4 @@ fn reload(state: &AppState, path: &Path, current: &Config) -> Option<Config> {
 /// than two (measured with `perf stat` under `make bench`'s load).
 fn server_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |cores| (cores.get() / 2).max(1))
-}
-
-/// A fresh shutdown token: 128 random bits, in hex.
-fn random_token() -> String {
-    format!("{:032x}", rand::random::<u128>())
 }

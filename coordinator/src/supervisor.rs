@@ -6,9 +6,10 @@
 //! it keeps dying; it is also health-checked every `config_check` (more often while it fails, and
 //! at once when a request got no reply from it in time), and killed and respawned after
 //! [`FAILED_CHECKS_BEFORE_KILL`] failed checks in a row, so that a hung worker is replaced. A
-//! worker already answering on its port when the coordinator starts (left by a coordinator that
-//! was killed) is adopted, not duplicated. A port held by a
-//! process that is no worker is reported, not fought over.
+//! worker already running on its port (left by a coordinator that was killed) is adopted, not
+//! duplicated, once it is proven one this coordinator or its predecessor started
+//! ([`crate::adoption`]). A port held by any other program is reported, not fought over, and
+//! that program is never signalled.
 //!
 //! Each config edit is pushed to every local worker (`PUT /config`, with the coordinator's
 //! token), and every health check compares the version a worker runs with the one in force, so
@@ -37,6 +38,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::adoption::{self, Holder};
+use crate::control;
 use crate::pool::{Member, Pool, WorkerState};
 
 /// How often a worker that is not ready yet is asked whether it is.
@@ -51,8 +54,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A worker that ran this long before exiting is respawned without delay.
 const HEALTHY_RUN: Duration = Duration::from_secs(10);
-/// The timeout of a health check, a config push or a shutdown request.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// The timeout of a health check, an identity check, a config push or a shutdown request.
+pub(crate) const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What every supervising task needs.
 pub struct Context {
@@ -200,26 +203,29 @@ impl Process {
 }
 
 async fn supervise_local(ctx: &Context, member: &Member, stop: &CancellationToken) {
-    if let Some(process) = running_worker(ctx, member).await {
-        tracing::info!(worker = %member.url, pid = process.pid, "adopting the worker already running on its port");
-        ctx.pool.update(member, |s| {
-            s.pid = Some(process.pid);
-            s.adopted = true;
-        });
-        match watch_adopted(ctx, member, process, stop).await {
-            Ended::Stopped => return,
-            Ended::Exited(why) => exited(ctx, member, why),
-        }
-    }
     let mut backoff = BACKOFF_MIN;
     loop {
         if stop.is_cancelled() {
             return;
         }
-        if let Some(holder) = port_held(member) {
-            // Something else holds the port: spawning would only fail again and again. Report
-            // it, and look again later.
-            let why = format!("port {} is held by another process ({holder}); not spawning", member.url.port());
+        let holder = match adoption::holder(ctx, member).await {
+            Holder::Ours(pid) => match Process::find(pid) {
+                Some(process) => {
+                    match adopt(ctx, member, process, stop).await {
+                        Ended::Stopped => return,
+                        Ended::Exited(why) => exited(ctx, member, why),
+                    }
+                    continue;
+                }
+                None => None,
+            },
+            Holder::Other(why) => Some(why),
+            Holder::Nobody => port_held(member),
+        };
+        if let Some(holder) = holder {
+            // Something else holds the port: spawning would only fail again and again, and it
+            // is never signalled. Report it, and look again later.
+            let why = format!("port {} is held by another program ({holder}); not spawning", member.url.port());
             if member.status().state != WorkerState::Blocked {
                 tracing::error!(worker = %member.url, error = why, "cannot start the worker");
             }
@@ -252,6 +258,16 @@ async fn supervise_local(ctx: &Context, member: &Member, stop: &CancellationToke
     }
 }
 
+/// Takes over a worker that a previous coordinator started, proven ours, and follows it.
+async fn adopt(ctx: &Context, member: &Member, process: Process, stop: &CancellationToken) -> Ended {
+    tracing::info!(worker = %member.url, pid = process.pid, "adopting the worker already running on its port");
+    ctx.pool.update(member, |s| {
+        s.pid = Some(process.pid);
+        s.adopted = true;
+    });
+    watch_adopted(ctx, member, process, stop).await
+}
+
 /// Records that a worker's process is gone, about to be respawned.
 fn exited(ctx: &Context, member: &Member, why: String) {
     tracing::warn!(worker = %member.url, reason = why, "worker exited; respawning");
@@ -265,8 +281,8 @@ fn exited(ctx: &Context, member: &Member, why: String) {
     });
 }
 
-/// Whether something holds the member's port on its address, and what, if it is not a worker
-/// (a worker would have been adopted).
+/// Whether something holds the member's port on its address without listening there, and
+/// what.
 fn port_held(member: &Member) -> Option<String> {
     let addr = member.url.bind_addr()?;
     match TcpListener::bind(addr) {
@@ -338,7 +354,7 @@ async fn watch_child(ctx: &Context, member: &Member, mut child: Child, stop: &Ca
                 });
             }
             () = stop.cancelled() => {
-                stop_gracefully(ctx, member, Some(&mut child)).await;
+                stop_gracefully(ctx, member, Running::Child(&mut child)).await;
                 return Ended::Stopped;
             }
             Ok(()) = config.changed() => {
@@ -377,7 +393,7 @@ async fn watch_adopted(ctx: &Context, member: &Member, process: Process, stop: &
             failed_checks = checked.failed;
             if checked.runs_other_config {
                 tracing::info!(worker = %member.url, "the adopted worker runs another config: restarting it");
-                stop_gracefully(ctx, member, None).await;
+                stop_gracefully(ctx, member, Running::Adopted(process)).await;
                 return Ended::Exited("restarted to run the config in force".to_owned());
             }
             if failed_checks >= FAILED_CHECKS_BEFORE_KILL {
@@ -390,7 +406,7 @@ async fn watch_adopted(ctx: &Context, member: &Member, process: Process, stop: &
             () = tokio::time::sleep(STARTING_POLL) => {}
             () = member.check_requested() => next_check = Instant::now(),
             () = stop.cancelled() => {
-                stop_gracefully(ctx, member, None).await;
+                stop_gracefully(ctx, member, Running::Adopted(process)).await;
                 return Ended::Stopped;
             }
         }
@@ -409,38 +425,39 @@ struct Checked {
 async fn check(ctx: &Context, member: &Member, failed_before: u32) -> Checked {
     let reply = ctx.http.get(format!("{}/ready", member.url)).timeout(CHECK_TIMEOUT).send().await;
     let state = member.status().state;
-    match reply {
-        Ok(reply) if reply.status().is_success() => {
-            let body: serde_json::Value = reply.json().await.unwrap_or_default();
-            let version = body.get("config_version").and_then(|v| v.as_str()).map(str::to_owned);
-            let runs_other_config = version.as_deref().is_some_and(|v| v != ctx.config().version());
-            ctx.pool.update(member, |s| s.config_version = version);
-            ctx.pool.set_state(member, WorkerState::Ready);
-            Checked { failed: 0, runs_other_config }
-        }
+    let (why, timed_out) = match reply {
+        Ok(reply) if reply.status().is_success() => match control::json::<serde_json::Value>(reply).await {
+            Ok(body) => {
+                let version = body.get("config_version").and_then(|v| v.as_str()).map(str::to_owned);
+                let runs_other_config = version.as_deref().is_some_and(|v| v != ctx.config().version());
+                ctx.pool.update(member, |s| s.config_version = version);
+                ctx.pool.set_state(member, WorkerState::Ready);
+                return Checked { failed: 0, runs_other_config };
+            }
+            Err(e) => (e.to_string(), false),
+        },
         // Not ready yet, or not answering: either way, not routed to.
         Ok(reply) => {
             if state == WorkerState::Ready {
                 ctx.pool.suspect(member, format!("/ready answered {}", reply.status()));
             }
             let failed = if state == WorkerState::Starting { failed_before } else { failed_before + 1 };
-            Checked { failed, runs_other_config: false }
+            return Checked { failed, runs_other_config: false };
         }
-        Err(e) => {
-            let failed = if state == WorkerState::Ready || state == WorkerState::Unhealthy {
-                let why = format!("health check failed: {e}");
-                if e.is_timeout() {
-                    ctx.pool.suspect_unresponsive(member, why);
-                } else {
-                    ctx.pool.suspect(member, why);
-                }
-                failed_before + 1
-            } else {
-                failed_before
-            };
-            Checked { failed, runs_other_config: false }
+        Err(e) => (e.to_string(), e.is_timeout()),
+    };
+    let failed = if state == WorkerState::Ready || state == WorkerState::Unhealthy {
+        let why = format!("health check failed: {why}");
+        if timed_out {
+            ctx.pool.suspect_unresponsive(member, why);
+        } else {
+            ctx.pool.suspect(member, why);
         }
-    }
+        failed_before + 1
+    } else {
+        failed_before
+    };
+    Checked { failed, runs_other_config: false }
 }
 
 /// Hands the config in force to a spawned worker. A failure is logged and left to the next
@@ -466,8 +483,9 @@ async fn push_config(ctx: &Context, member: &Member) {
             ctx.pool.update(member, |s| s.config_version = Some(version));
         }
         Ok(reply) => {
-            let why =
-                format!("config {version} refused: {} {}", reply.status(), reply.text().await.unwrap_or_default());
+            let status = reply.status();
+            let body = control::body(reply).await.unwrap_or_default();
+            let why = format!("config {version} refused: {status} {}", String::from_utf8_lossy(&body));
             tracing::error!(worker = %member.url, error = why, "config not applied");
             ctx.pool.update(member, |s| s.last_error = Some(why));
         }
@@ -475,14 +493,20 @@ async fn push_config(ctx: &Context, member: &Member) {
     }
 }
 
+/// A worker process being stopped: a child of this coordinator, or one it adopted.
+enum Running<'a> {
+    Child(&'a mut Child),
+    Adopted(Process),
+}
+
 /// Asks the worker to stop (its token on `POST /shutdown` for our child, SIGTERM for an adopted
 /// one), waits for it to drain, flush and exit, and kills it if it takes longer than a worker's
 /// own stop ever should.
-async fn stop_gracefully(ctx: &Context, member: &Member, child: Option<&mut Child>) {
+async fn stop_gracefully(ctx: &Context, member: &Member, running: Running<'_>) {
     ctx.pool.set_state(member, WorkerState::Stopping);
     let started = Instant::now();
-    match child {
-        Some(child) => {
+    match running {
+        Running::Child(child) => {
             let asked = ctx
                 .http
                 .post(format!("{}/shutdown", member.url))
@@ -508,8 +532,9 @@ async fn stop_gracefully(ctx: &Context, member: &Member, child: Option<&mut Chil
                 }
             }
         }
-        None => {
-            let Some(process) = member.status().pid.and_then(Process::find) else { return };
+        Running::Adopted(process) => {
+            // The very process proven ours when it was adopted: a pid since reused by another
+            // process is not it (its start time differs), and is left alone.
             process.signal(Signal::SIGTERM);
             while process.alive() && started.elapsed() < WORKER_STOP_TIMEOUT {
                 tokio::time::sleep(STARTING_POLL).await;
@@ -522,14 +547,6 @@ async fn stop_gracefully(ctx: &Context, member: &Member, child: Option<&mut Chil
             }
         }
     }
-}
-
-/// The worker already answering on the member's port, from the pid in its `/stats`.
-async fn running_worker(ctx: &Context, member: &Member) -> Option<Process> {
-    let reply = ctx.http.get(format!("{}/stats", member.url)).timeout(CHECK_TIMEOUT).send().await.ok()?;
-    let stats: serde_json::Value = reply.json().await.ok()?;
-    let pid = u32::try_from(stats.get("pid")?.as_u64()?).ok()?;
-    Process::find(pid)
 }
 
 /// Health-checks a worker run by someone else; it is never spawned, stopped or handed a config

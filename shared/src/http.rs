@@ -47,6 +47,9 @@ pub enum ApiError {
     /// 500: the server cannot answer this request (a tenant in quarantine, a damaged file).
     #[error("{0}")]
     Internal(String),
+    /// 502: the workers the request was tried on answered with something that is no reply.
+    #[error("{0}")]
+    BadGateway(String),
     /// 503: the server cannot take the request now; retry, here or elsewhere.
     #[error("{0}")]
     Unavailable(String),
@@ -66,6 +69,7 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Unavailable(_) | ApiError::PushBack(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

@@ -5,6 +5,7 @@
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
 pub mod browser;
+pub mod fake;
 pub mod netns;
 pub mod redis;
 
@@ -165,7 +166,8 @@ impl Cluster {
     }
 }
 
-/// A process of the system under test; killed with SIGKILL and reaped when dropped.
+/// A process of the system under test, or beside it; killed with SIGKILL and reaped when
+/// dropped.
 pub struct Proc {
     child: Option<Child>,
     host: String,
@@ -179,6 +181,12 @@ impl Proc {
         command.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
         let child = command.spawn().unwrap();
         Proc { child: Some(child), host: host.to_owned(), port, log }
+    }
+
+    /// Starts a program that is no part of the system under test (such as `sleep`), its output
+    /// appended to `log`.
+    pub fn other_program(command: Command, log: PathBuf) -> Proc {
+        Proc::spawn(command, "127.0.0.1", 0, log)
     }
 
     /// The base URL of the process.
@@ -352,7 +360,14 @@ pub fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool)
 impl Cluster {
     /// Starts the coordinator with this cluster's config; `port` must be the config's `listen`.
     pub fn coordinator(&self, port: u16) -> Proc {
-        self.coordinator_by(Command::new(env!("CARGO_BIN_EXE_coordinator")), "127.0.0.1", port)
+        self.coordinator_with_env(port, &[])
+    }
+
+    /// [`Cluster::coordinator`] with more environment variables, such as `HTTP_PROXY`.
+    pub fn coordinator_with_env(&self, port: u16, env: &[(&str, &str)]) -> Proc {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+        command.envs(env.iter().copied());
+        self.coordinator_by(command, "127.0.0.1", port)
     }
 
     /// Starts the coordinator on the network namespace `host`, where it spawns its local
@@ -404,6 +419,31 @@ impl Cluster {
             cmdline_has(proc_dir, needle) || fs::read_link(proc_dir.join("cwd")).is_ok_and(|cwd| cwd == dir)
         })
     }
+}
+
+/// The config lines of a coordinator on 127.0.0.1:`listen` that checks its workers every 0.5 s,
+/// and the keys `more`.
+pub fn extra(listen: u16, more: &str) -> String {
+    format!("listen: 127.0.0.1:{listen}\nconfig_check: 0.5\n{more}")
+}
+
+/// A live coordinator with `workers` local workers, its config holding the keys `more`: the
+/// cluster, the workers' ports, the coordinator's, and the coordinator.
+pub fn running(workers: usize, more: &str) -> (Cluster, Vec<u16>, u16, Proc) {
+    let (ports, listen): (Vec<u16>, u16) = ((0..workers).map(|_| free_port()).collect(), free_port());
+    let cluster = Cluster::new(&ports, &extra(listen, more));
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(workers as u64);
+    (cluster, ports, listen, coordinator)
+}
+
+/// A worker started by hand on a free port, ready, its config holding the keys `more`.
+pub fn lone_worker(more: &str) -> (Cluster, Proc) {
+    let port = free_port();
+    let cluster = Cluster::new(&[port], more);
+    let mut worker = cluster.worker(port);
+    worker.wait_ready();
+    (cluster, worker)
 }
 
 /// Pids of every running process whose command line contains `needle`.
@@ -472,22 +512,6 @@ impl Proc {
             thread::sleep(Duration::from_millis(25));
         }
     }
-}
-
-/// The config lines of a coordinator listening on 127.0.0.1:`listen` that checks its workers'
-/// health twice a second, followed by the lines `more`.
-pub fn extra(listen: u16, more: &str) -> String {
-    format!("listen: 127.0.0.1:{listen}\nconfig_check: 0.5\n{more}")
-}
-
-/// A live coordinator with `workers` local workers, its config holding the keys `more`: the
-/// cluster, the workers' ports, the coordinator's, and the coordinator.
-pub fn running(workers: usize, more: &str) -> (Cluster, Vec<u16>, u16, Proc) {
-    let (ports, listen): (Vec<u16>, u16) = ((0..workers).map(|_| free_port()).collect(), free_port());
-    let cluster = Cluster::new(&ports, &extra(listen, more));
-    let mut coordinator = cluster.coordinator(listen);
-    coordinator.wait_live(workers as u64);
-    (cluster, ports, listen, coordinator)
 }
 
 /// The `/stats` of the process at `url`.
@@ -1015,14 +1039,23 @@ impl Drop for Immutable<'_> {
 /// the `url` crate remove dot segments (`/./`, `/%2E%2E/`) from a path before sending it. Returns
 /// the status and the body.
 pub fn raw_get(url: &str, path: &str) -> (u16, String) {
+    let authority = url.strip_prefix("http://").expect("an http:// URL");
+    raw(url, &format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"))
+}
+
+/// Sends `request` to `url` byte for byte, as a client that builds its requests by hand (or
+/// lies in them) would, and reads the reply until the server closes the connection or 10 s
+/// pass. Returns the status and the body.
+pub fn raw(url: &str, request: &str) -> (u16, String) {
     use std::io::Write;
     let authority = url.strip_prefix("http://").expect("an http:// URL");
     let mut stream = std::net::TcpStream::connect(authority).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
     let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or_else(|| panic!("GET {path}: no reply head in {reply:?}"));
+    let _ = stream.read_to_string(&mut reply);
+    let line = request.lines().next().unwrap_or_default();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{line}: no reply head in {reply:?}"));
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
-    (status.unwrap_or_else(|| panic!("GET {path}: no status in {head:?}")), body.to_owned())
+    (status.unwrap_or_else(|| panic!("{line}: no status in {head:?}")), body.to_owned())
 }

@@ -1,5 +1,6 @@
 //! The worker's counters, served as Prometheus text at `/metrics` and summed up at `/stats`.
 
+use countapp_shared::client_errors;
 use countapp_shared::http::RequestCounter;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -32,6 +33,7 @@ impl Metrics {
     pub(crate) fn new() -> (Metrics, RequestCounter) {
         let mut registry = Registry::with_prefix("countapp_worker");
         let requests = RequestCounter::registered(&mut registry);
+        client_errors::register(&mut registry);
         let items_accepted = Counter::default();
         registry.register("items_accepted", "Items acknowledged as durable", items_accepted.clone());
         let merges = Counter::default();

@@ -11,6 +11,7 @@ use countapp_shared::config::Config;
 use countapp_shared::edge::body::{BodyLimits, read_body};
 use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, resource};
 use countapp_shared::items::{Item, parse_batch};
+use countapp_shared::token;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
 
@@ -31,6 +32,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     .service(resource("/metrics").route(web::get().to(metrics)))
     .service(resource("/shutdown").route(web::post().to(shutdown)))
     .service(resource("/config").route(web::put().to(put_config)))
+    .service(resource(token::IDENTITY_ROUTE).route(web::get().to(identity)))
     .default_service(web::to(no_such_route));
 }
 
@@ -200,12 +202,23 @@ async fn shutdown(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
     Ok(HttpResponse::Accepted().json(json!({ "status": "shutting down" })))
 }
 
+/// The largest config a coordinator pushes: a few hundred bytes, plus about 30 per worker URL.
+const MAX_CONFIG_BYTES: usize = 1 << 20;
+
 /// `PUT /config`: with the coordinator's token, puts the config in the body (JSON, as
 /// [`Config::to_json`] writes it) in force. `409` if it changes a key that only a restart can.
-async fn put_config(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// The token is checked before a byte of the body is read: without it, a request costs nothing.
+async fn put_config(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     if !from_coordinator(&req, &state) {
         return Err(ApiError::Forbidden("a config edit needs the token this worker was started with".to_owned()));
     }
+    let config = state.config.get();
+    let limits = BodyLimits { max: MAX_CONFIG_BYTES, ..BodyLimits::of(&config) };
+    let body = read_body(&req, payload, limits, &state.bodies).await?;
     let config = std::str::from_utf8(&body)
         .map_err(|e| e.to_string())
         .and_then(|json| Config::from_json(json).map_err(|e| e.to_string()))
@@ -215,6 +228,28 @@ async fn put_config(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
         Err(e @ ApplyError::Fixed(_)) => Err(ApiError::Conflict(e.to_string())),
         Err(e) => Err(ApiError::BadRequest(e.to_string())),
     }
+}
+
+/// The query of `GET /identity`.
+#[derive(Debug, serde::Deserialize)]
+struct Challenge {
+    challenge: String,
+}
+
+/// `GET /identity?challenge=<hex>`: proves to a coordinator that this worker holds the token it
+/// was started with, without sending it (see [`token`]): a restarted coordinator adopts a
+/// running worker only on this proof. A worker started by hand, without a token, has nothing to
+/// prove.
+async fn identity(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let query = web::Query::<Challenge>::from_query(req.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?;
+    if !token::is_hex(&query.challenge) {
+        let message = format!("the challenge must be 1 to {} hex digits", token::MAX_CHALLENGE);
+        return Err(ApiError::BadRequest(message));
+    }
+    let identity = state.identity(&query.challenge);
+    let identity = identity.ok_or_else(|| ApiError::Forbidden("this worker was started without a token".to_owned()))?;
+    Ok(HttpResponse::Ok().json(identity))
 }
 
 /// Whether the request carries the coordinator's token (`Authorization: Bearer <token>`).

@@ -12,6 +12,7 @@ use countapp_shared::config::{self, Config};
 use countapp_shared::edge;
 use countapp_shared::edge::stalled::{self, Timeout};
 use countapp_shared::http::count_requests;
+use countapp_shared::site_guard::SiteGuard;
 use thiserror::Error;
 use tracing::Instrument;
 
@@ -83,6 +84,7 @@ impl Worker {
         let metrics = Arc::new(metrics);
         let state = web::Data::new(AppState::new(
             worker_id(addr),
+            addr.port(),
             Arc::new(LiveConfig::new(settings.config.clone())),
             CancellationToken::new(),
             settings.shutdown_token.clone(),
@@ -97,6 +99,7 @@ impl Worker {
             App::new()
                 .app_data(data.clone())
                 .app_data(requests.clone())
+                .wrap(SiteGuard::listening_on(addr))
                 .wrap(from_fn(count_requests))
                 .configure(routes::configure)
         })

@@ -3,6 +3,7 @@
 use std::sync::{Arc, OnceLock};
 
 use countapp_shared::edge::budget::BodyBudget;
+use countapp_shared::token;
 
 use crate::live_config::LiveConfig;
 use crate::metrics::Metrics;
@@ -13,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 pub(crate) struct AppState {
     /// The id the worker's log is kept under, `<ip>-<port>`.
     pub(crate) worker_id: String,
+    /// The port it listens on.
+    port: u16,
     /// Set once the store is open and its log recovered: until then the worker is alive but
     /// not ready, and refuses ingest with a 503 that the coordinator retries elsewhere.
     store: OnceLock<Arc<Store>>,
@@ -29,6 +32,7 @@ pub(crate) struct AppState {
 impl AppState {
     pub(crate) fn new(
         worker_id: String,
+        port: u16,
         config: Arc<LiveConfig>,
         shutdown: CancellationToken,
         shutdown_token: Option<String>,
@@ -36,6 +40,7 @@ impl AppState {
     ) -> AppState {
         AppState {
             worker_id,
+            port,
             store: OnceLock::new(),
             config,
             metrics,
@@ -59,10 +64,14 @@ impl AppState {
     /// Whether `presented` is the shutdown token, compared in constant time so that response
     /// timing reveals nothing about the token.
     pub(crate) fn is_shutdown_token(&self, presented: &str) -> bool {
-        let Some(token) = &self.shutdown_token else {
-            return false;
-        };
-        let (a, b) = (token.as_bytes(), presented.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+        self.shutdown_token.as_deref().is_some_and(|token| token::same(token, presented))
+    }
+
+    /// This process's proof that it holds its coordinator's token, for `challenge`; `None` for
+    /// a worker started without one.
+    pub(crate) fn identity(&self, challenge: &str) -> Option<token::Identity> {
+        let pid = std::process::id();
+        let proof = token::proof(self.shutdown_token.as_deref()?, challenge, self.port, pid);
+        Some(token::Identity { pid, proof })
     }
 }

@@ -6,7 +6,8 @@
 //! The connection is driven by two tasks on the server thread that opened it (a writer and a
 //! reader); it ends when the worker closes it (an idle one after the worker's keep-alive
 //! timeout), or on an I/O or protocol error. Requests still waiting then fail with the reason,
-//! and the caller decides whether to try them again.
+//! and the caller decides whether to try them again: a connection that merely ended says
+//! nothing against the worker, bytes that are no reply do.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -29,7 +30,15 @@ const READ_BUFFER: usize = 64 * 1024;
 const KEEP_WRITE_BUFFER: usize = 1 << 20;
 
 /// Why a request on a connection got no reply.
-pub(crate) type Failure = String;
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The connection ended or broke: the worker closed it (a kept-alive one it timed out, a
+    /// restart), or the socket failed.
+    Ended(String),
+    /// The worker sent bytes that are no reply, or a reply over the bounds: whatever answers
+    /// there is not a worker to trust with this request.
+    BadReply(String),
+}
 
 /// A pipelined connection, shared by the requests on it and its two tasks.
 pub(crate) struct Connection {
@@ -69,7 +78,7 @@ impl Connection {
     pub(crate) fn send(&self, request: &Forward, host: &[u8]) -> oneshot::Receiver<Result<Reply, Failure>> {
         let (reply, receiver) = oneshot::channel();
         if self.is_closed() {
-            let _ = reply.send(Err("the connection is closed".to_owned()));
+            let _ = reply.send(Err(Failure::Ended("the connection is closed".to_owned())));
             return receiver;
         }
         write_request(&mut self.out.borrow_mut(), request, host);
@@ -100,12 +109,12 @@ impl Connection {
     }
 
     /// Ends the connection: every request still waiting fails with `why`.
-    fn fail(&self, why: &str) {
+    fn fail(&self, why: &Failure) {
         self.closed.set(true);
         self.out.borrow_mut().clear();
         self.wake_writer.notify_one();
         for waiting in self.waiting.borrow_mut().drain(..) {
-            let _ = waiting.reply.send(Err(why.to_owned()));
+            let _ = waiting.reply.send(Err(why.clone()));
         }
     }
 
@@ -139,7 +148,7 @@ async fn write_loop(connection: Rc<Connection>, mut stream: OwnedWriteHalf, writ
             buf = Vec::new();
         }
         if let Err(e) = written {
-            connection.fail(&format!("writing to the worker: {e}"));
+            connection.fail(&Failure::Ended(format!("writing to the worker: {e}")));
         }
     }
 }
@@ -153,23 +162,23 @@ async fn read_loop(connection: Rc<Connection>, mut stream: OwnedReadHalf) {
                 Ok(Some(reply)) => {
                     let closes = reply.closes;
                     if !connection.deliver(reply) {
-                        break 'reading "the worker sent a reply to no request".to_owned();
+                        break 'reading Failure::BadReply("the worker sent a reply to no request".to_owned());
                     }
                     if closes {
-                        break 'reading "the worker closed the connection".to_owned();
+                        break 'reading Failure::Ended("the worker closed the connection".to_owned());
                     }
                 }
                 Ok(None) => break,
-                Err(e) => break 'reading e.to_string(),
+                Err(e) => break 'reading Failure::BadReply(e.to_string()),
             }
         }
         if buf.capacity() - buf.len() < READ_BUFFER / 4 {
             buf.reserve(READ_BUFFER);
         }
         match stream.read_buf(&mut buf).await {
-            Ok(0) => break "the worker closed the connection".to_owned(),
+            Ok(0) => break Failure::Ended("the worker closed the connection".to_owned()),
             Ok(_) => {}
-            Err(e) => break format!("reading from the worker: {e}"),
+            Err(e) => break Failure::Ended(format!("reading from the worker: {e}")),
         }
         if connection.is_closed() {
             return;
@@ -248,10 +257,11 @@ mod tests {
         for pending in pending {
             outcomes.push(pending.await.unwrap().map(|reply| reply.status.as_u16()));
         }
-        assert_eq!(outcomes, [Ok(200), Ok(200), Err("the worker closed the connection".to_owned())]);
+        let closed = |why: &str| Err(Failure::Ended(why.to_owned()));
+        assert_eq!(outcomes, [Ok(200), Ok(200), closed("the worker closed the connection")]);
         assert!(connection.is_closed());
         let after = connection.send(&get("d"), HOST).await.unwrap();
-        assert_eq!(after.unwrap_err(), "the connection is closed");
+        assert_eq!(after.map(|reply| reply.status.as_u16()), closed("the connection is closed"));
     }
 
     #[actix_web::test]
@@ -260,7 +270,7 @@ mod tests {
         let pending: Vec<_> = ["a", "b"].iter().map(|t| connection.send(&get(t), HOST)).collect();
         for pending in pending {
             let why = pending.await.unwrap().unwrap_err();
-            assert!(why.contains("content-length"), "{why}");
+            assert!(matches!(&why, Failure::BadReply(why) if why.contains("content-length")), "{why:?}");
         }
         assert!(connection.is_closed());
     }

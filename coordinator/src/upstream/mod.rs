@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use countapp_shared::config::WorkerUrl;
 use tokio::net::TcpStream;
 
-use self::connection::Connection;
+use self::connection::{Connection, Failure};
 pub(crate) use self::wire::{Forward, Reply, valid_target};
 use crate::metrics::HopCounters;
 
@@ -52,6 +52,9 @@ pub(crate) enum HopError {
     /// The connection ended before the reply.
     #[error("{0}")]
     Connection(String),
+    /// The worker's bytes were no reply, or one over the bounds a reply is held to.
+    #[error("a bad reply: {0}")]
+    BadReply(String),
 }
 
 /// One server thread's connections to the workers. Each server thread makes its own (in the
@@ -200,7 +203,8 @@ fn joinable(connection: &Connection, now: Instant) -> bool {
 async fn exchange_on(connection: &Connection, request: &Forward, host: &[u8]) -> Result<Reply, HopError> {
     match connection.send(request, host).await {
         Ok(Ok(reply)) => Ok(reply),
-        Ok(Err(why)) => Err(HopError::Connection(why)),
+        Ok(Err(Failure::Ended(why))) => Err(HopError::Connection(why)),
+        Ok(Err(Failure::BadReply(why))) => Err(HopError::BadReply(why)),
         Err(_) => Err(HopError::Connection("the connection ended".to_owned())),
     }
 }
@@ -347,6 +351,25 @@ mod tests {
         assert_eq!(tenant_of(upstream.send(&url, &get("first"), true, TIMEOUT).await), "first");
         assert_eq!(tenant_of(upstream.send(&url, &get("second"), true, TIMEOUT).await), "second");
         assert_eq!(counters.connections.get(), 2);
+    }
+
+    #[actix_web::test]
+    async fn a_bad_reply_on_a_kept_alive_connection_is_not_tried_again_on_a_new_one() {
+        let (upstream, url, counters) = worker(|_, mut stream| async move {
+            while let Some(tenant) = request(&mut stream).await {
+                if tenant != "first" {
+                    let huge = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n";
+                    stream.write_all(huge).await.unwrap();
+                    continue;
+                }
+                answer(&mut stream, &tenant).await;
+            }
+        })
+        .await;
+        assert_eq!(tenant_of(upstream.send(&url, &get("first"), true, TIMEOUT).await), "first");
+        let refused = upstream.send(&url, &get("second"), true, TIMEOUT).await;
+        assert!(matches!(&refused, Err(HopError::BadReply(why)) if why.contains("1000000000000")), "{refused:?}");
+        assert_eq!(counters.connections.get(), 1);
     }
 
     #[actix_web::test]

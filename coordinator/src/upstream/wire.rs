@@ -5,6 +5,11 @@
 //! by `Content-Length` or chunked encoding, the two ways actix-web frames them. A reply framed
 //! only by the end of the connection is refused, which costs that connection, not the request:
 //! the request is tried again elsewhere.
+//!
+//! A reply is untrusted input: whatever answers on a worker's address may send anything. Its
+//! head and its body are bounded ([`MAX_REPLY_HEAD`], [`MAX_REPLY_BODY`]) and nothing is
+//! reserved from the length a reply announces, so a reply announcing a terabyte costs its
+//! connection, not the coordinator's memory.
 
 use actix_web::http::header::HeaderValue;
 use actix_web::http::{Method, StatusCode};
@@ -12,6 +17,11 @@ use bytes::{Bytes, BytesMut};
 
 /// Headers a reply may carry, at most.
 const MAX_HEADERS: usize = 32;
+/// The longest reply head accepted, status line and headers: a worker's are under 200 bytes.
+pub(crate) const MAX_REPLY_HEAD: usize = 8 << 10;
+/// The largest reply body accepted: a worker answers a count, an acknowledgement or an error
+/// message, none near a kilobyte.
+pub(crate) const MAX_REPLY_BODY: usize = 1 << 20;
 
 /// A request to forward, as the client sent it.
 pub(crate) struct Forward {
@@ -41,6 +51,8 @@ pub(crate) enum WireError {
     Head(String),
     #[error("malformed reply framing: {0}")]
     Framing(&'static str),
+    #[error("a reply {0}")]
+    TooLarge(String),
 }
 
 /// Whether `target` may be written as a request target: an origin-form path, with nothing that
@@ -72,6 +84,9 @@ pub(crate) fn read_reply(buf: &mut BytesMut) -> Result<Option<Reply>, WireError>
         let mut head = httparse::Response::new(&mut headers);
         let head_len = match head.parse(buf) {
             Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_REPLY_HEAD => {
+                return Err(WireError::TooLarge(format!("head over {MAX_REPLY_HEAD} bytes")));
+            }
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(WireError::Head(e.to_string())),
         };
@@ -118,9 +133,12 @@ pub(crate) fn read_reply(buf: &mut BytesMut) -> Result<Option<Reply>, WireError>
                 }
             }
         } else if let Some(length) = length {
+            if length > MAX_REPLY_BODY {
+                return Err(WireError::TooLarge(format!("body of {length} bytes, over {MAX_REPLY_BODY}")));
+            }
+            // The connection's reads make room as bytes come, never from the announced length.
             let total = head_len + length;
             if buf.len() < total {
-                buf.reserve(total - buf.len());
                 return Ok(None);
             }
             buf.split_to(total).freeze().slice(head_len..)
@@ -132,12 +150,15 @@ pub(crate) fn read_reply(buf: &mut BytesMut) -> Result<Option<Reply>, WireError>
 }
 
 /// A chunked body at the front of `bytes`: the body and the bytes it took, trailers included;
-/// `None` while it is not all there yet.
+/// `None` while it is not all there yet. The body is bounded by [`MAX_REPLY_BODY`], and its
+/// encoding (sizes, extensions, trailers) by [`MAX_REPLY_HEAD`] more.
 fn dechunk(bytes: &[u8]) -> Result<Option<(Bytes, usize)>, WireError> {
+    let too_large = || WireError::TooLarge(format!("chunked body over {MAX_REPLY_BODY} bytes"));
+    let incomplete = || if bytes.len() > MAX_REPLY_BODY + MAX_REPLY_HEAD { Err(too_large()) } else { Ok(None) };
     let mut body = Vec::new();
     let mut at = 0;
     loop {
-        let Some(line_end) = find_crlf(&bytes[at..]) else { return Ok(None) };
+        let Some(line_end) = find_crlf(&bytes[at..]) else { return incomplete() };
         let line = &bytes[at..at + line_end];
         let size_digits = line.split(|&b| b == b';').next().unwrap_or_default();
         let size = std::str::from_utf8(size_digits)
@@ -148,16 +169,19 @@ fn dechunk(bytes: &[u8]) -> Result<Option<(Bytes, usize)>, WireError> {
         if size == 0 {
             // Trailers, if any, up to an empty line.
             loop {
-                let Some(line_end) = find_crlf(&bytes[at..]) else { return Ok(None) };
+                let Some(line_end) = find_crlf(&bytes[at..]) else { return incomplete() };
                 at += line_end + 2;
                 if line_end == 0 {
                     return Ok(Some((Bytes::from(body), at)));
                 }
             }
         }
-        let end = at.checked_add(size).ok_or(WireError::Framing("invalid chunk size"))?;
+        if size > MAX_REPLY_BODY - body.len() {
+            return Err(too_large());
+        }
+        let end = at + size;
         if bytes.len() < end + 2 {
-            return Ok(None);
+            return incomplete();
         }
         if &bytes[end..end + 2] != b"\r\n" {
             return Err(WireError::Framing("a chunk not followed by CRLF"));
@@ -269,6 +293,43 @@ HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nconnection: close\r\n\r\
             let mut buf = BytesMut::from(bad);
             assert!(read_reply(&mut buf).is_err(), "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn a_reply_over_the_bounds_is_refused_as_soon_as_its_bytes_show_it() {
+        let chunk = format!("{:x}\r\n{}\r\n", 64 << 10, "x".repeat(64 << 10));
+        let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        for bad in [
+            // Refused from the head alone: no body is waited for.
+            "HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n".to_owned(),
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", MAX_REPLY_BODY + 1),
+            format!("HTTP/1.1 200 OK\r\n{}\r\n", "x: y\r\n".repeat(MAX_HEADERS + 1)),
+            format!("{chunked}ffffffffffffffff\r\n"),
+            // Refused once the bytes in exceed what a reply may hold.
+            format!("HTTP/1.1 200 OK\r\nx: {}", "y".repeat(MAX_REPLY_HEAD)),
+            format!("{chunked}{}", chunk.repeat(17)),
+            format!("{chunked}1;{}", "e".repeat(MAX_REPLY_BODY + MAX_REPLY_HEAD)),
+        ] {
+            let mut buf = BytesMut::from(bad.as_bytes());
+            let refused = read_reply(&mut buf);
+            assert!(
+                matches!(refused, Err(WireError::TooLarge(_) | WireError::Head(_))),
+                "{}: {refused:?}",
+                bad.get(..60).unwrap_or(&bad)
+            );
+        }
+    }
+
+    #[test]
+    fn replies_up_to_the_bounds_are_read() {
+        let body = "x".repeat(MAX_REPLY_BODY);
+        let mut buf =
+            BytesMut::from(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes());
+        assert_eq!(read_reply(&mut buf).unwrap().unwrap().body.len(), MAX_REPLY_BODY);
+        let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+        let mut buf =
+            BytesMut::from(format!("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{chunked}").as_bytes());
+        assert_eq!(read_reply(&mut buf).unwrap().unwrap().body.len(), MAX_REPLY_BODY);
     }
 
     #[test]

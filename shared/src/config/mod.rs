@@ -329,8 +329,15 @@ impl Config {
                 return Err(invalid(key, format!("{worker} is listed twice (also workers[{first}])")));
             }
             let Some(addr) = worker.bind_addr().filter(|_| worker.is_local()) else { continue };
-            if addr == self.listen.0 {
+            let listen = self.listen.0;
+            if addr == listen {
                 return Err(invalid(key, format!("{worker} is the coordinator's own listen address")));
+            }
+            // A coordinator on every address holds the port on each of them: the worker could
+            // never bind it.
+            if listen.ip().is_unspecified() && addr.port() == listen.port() {
+                let message = format!("{worker} is on the port of listen: {listen}, which holds it on every address");
+                return Err(invalid(key, message));
             }
             if let Some(first) = local_addrs.insert(addr, index) {
                 let message =
@@ -748,6 +755,20 @@ config_check: 5
         let text = "workers: [http://localhost:5001, http://127.0.0.1:5000]\nlisten: 127.0.0.1:5000\n";
         let err = Config::from_yaml_str(text, Path::new("")).unwrap_err().to_string();
         assert!(err.starts_with("workers[1]: "), "{err}");
+    }
+
+    #[test]
+    fn a_local_worker_on_the_port_of_a_listen_on_every_address_is_refused() {
+        for listen in ["0.0.0.0:5000", "\"[::]:5000\""] {
+            for worker in ["http://127.0.0.1:5000", "http://localhost:5000", "http://[::1]:5000"] {
+                let text = format!("workers: [http://localhost:5001, \"{worker}\"]\nlisten: {listen}\n");
+                let err = Config::from_yaml_str(&text, Path::new("")).unwrap_err().to_string();
+                assert!(err.starts_with("workers[1]: ") && err.contains("listen: "), "{listen} {worker}: {err}");
+            }
+            // Another port, or a worker on another machine, is fine.
+            let text = format!("workers: [http://localhost:5001, http://10.0.0.2:5000]\nlisten: {listen}\n");
+            assert!(Config::from_yaml_str(&text, Path::new("")).is_ok(), "{listen}");
+        }
     }
 
     #[test]

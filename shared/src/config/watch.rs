@@ -3,8 +3,10 @@
 //! The file's directory is watched, not the file: editors and `mv` replace the file with a new
 //! one, which would end a watch on the old file. Events are filtered on the file name. The file
 //! is also re-read every `config_check`, which catches any edit if watching fails or the file
-//! system sends no events (network mounts). Either way the loop is only told "look again": it
-//! reads, validates and compares the file itself.
+//! system sends no events (network mounts, a file behind a symbolic link into another
+//! directory). And SIGHUP asks for a look at once, the reload signal of nginx, HAProxy and
+//! Prometheus (a process that watches its config no longer stops on it). Either way the loop is
+//! only told "look again": it reads, validates and compares the file itself.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,10 +18,11 @@ use tokio::sync::{mpsc, watch};
 /// several steps.
 const SETTLE: Duration = Duration::from_millis(100);
 
-/// A running watch; dropping it stops both the watcher and the poller.
+/// A running watch; dropping it stops the watcher, the poller and the SIGHUP listener.
 pub struct ConfigWatch {
     _watcher: Option<RecommendedWatcher>,
     poller: tokio::task::JoinHandle<()>,
+    hangups: tokio::task::JoinHandle<()>,
     changes: mpsc::Receiver<()>,
 }
 
@@ -39,6 +42,7 @@ impl ConfigWatch {
 impl Drop for ConfigWatch {
     fn drop(&mut self) {
         self.poller.abort();
+        self.hangups.abort();
     }
 }
 
@@ -55,8 +59,25 @@ pub fn watch(path: &Path, every: watch::Receiver<Duration>) -> ConfigWatch {
             None
         }
     };
-    let poller = tokio::spawn(poll(path.to_path_buf(), every, tx));
-    ConfigWatch { _watcher: watcher, poller, changes: rx }
+    let poller = tokio::spawn(poll(path.to_path_buf(), every, tx.clone()));
+    let hangups = tokio::spawn(hangups(path.to_path_buf(), tx));
+    ConfigWatch { _watcher: watcher, poller, hangups, changes: rx }
+}
+
+/// Hints at every SIGHUP.
+async fn hangups(path: PathBuf, tx: mpsc::Sender<()>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP; edits are still seen");
+            return;
+        }
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!(path = %path.display(), "SIGHUP: reading the config again");
+        let _ = tx.try_send(());
+    }
 }
 
 fn file_watcher(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<RecommendedWatcher> {
