@@ -41,8 +41,8 @@ fn stall(addr: &str, slow: Slow) -> TcpStream {
     let mut stream = TcpStream::connect(addr).unwrap();
     let sent: &[u8] = match slow {
         Slow::Idle => b"",
-        Slow::Head => b"POST /items HTTP/1.1\r\nhost: edge\r\ncontent-le",
-        Slow::Body => b"POST /items HTTP/1.1\r\nhost: edge\r\ncontent-length: 16000000\r\n\r\n[",
+        Slow::Head => b"POST /items HTTP/1.1\r\nhost: localhost\r\ncontent-le",
+        Slow::Body => b"POST /items HTTP/1.1\r\nhost: localhost\r\ncontent-length: 16000000\r\n\r\n[",
     };
     stream.write_all(sent).unwrap();
     stream
@@ -167,7 +167,7 @@ fn hundreds_of_stalled_connections_are_timed_out_while_a_normal_client_is_served
 fn a_request_stalled_on_a_kept_alive_connection_is_timed_out_too() {
     let (_cluster, _, coordinator) = cluster(&format!("request_timeout: {}\n", REQUEST_TIMEOUT.as_secs_f64()));
     let mut stream = TcpStream::connect(coordinator.url().trim_start_matches("http://")).unwrap();
-    stream.write_all(b"GET /health HTTP/1.1\r\nhost: edge\r\n\r\n").unwrap();
+    stream.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
     let mut first = [0; 12];
     stream.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
@@ -187,7 +187,7 @@ fn a_head_sent_a_byte_at_a_time_is_timed_out_though_never_silent() {
     let (_cluster, _, coordinator) = cluster(&format!("request_timeout: {}\n", REQUEST_TIMEOUT.as_secs_f64()));
     let mut stream = TcpStream::connect(coordinator.url().trim_start_matches("http://")).unwrap();
     stream.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
-    let head = format!("GET /health HTTP/1.1\r\nhost: edge\r\nx-slow: {}\r\n\r\n", "s".repeat(200));
+    let head = format!("GET /health HTTP/1.1\r\nhost: localhost\r\nx-slow: {}\r\n\r\n", "s".repeat(200));
     let started = Instant::now();
     let mut reply = Vec::new();
     // A byte every 200 ms: the connection is never silent for the deadline, its head takes 45 s.
@@ -220,7 +220,7 @@ fn bodies_held_at_once_stay_within_their_budget_and_their_memory_returns() {
                 let mut stream = TcpStream::connect(&addr).unwrap();
                 stream.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
                 let len = 16 << 20;
-                let head = format!("POST /items HTTP/1.1\r\nhost: edge\r\ncontent-length: {len}\r\n\r\n");
+                let head = format!("POST /items HTTP/1.1\r\nhost: localhost\r\ncontent-length: {len}\r\n\r\n");
                 // Refused (503) before it is all sent, a body finds its connection closed.
                 let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&vec![b' '; len - 1]));
                 stream
