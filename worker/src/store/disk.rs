@@ -57,27 +57,6 @@ pub enum Op {
 }
 
 impl Op {
-    /// Every kind, for the tests that go through them all.
-    pub const ALL: [Op; 17] = [
-        Op::Open,
-        Op::Create,
-        Op::Read,
-        Op::Map,
-        Op::List,
-        Op::Write,
-        Op::Sync,
-        Op::LogSync,
-        Op::SyncDir,
-        Op::SyncFs,
-        Op::Rename,
-        Op::CloseLog,
-        Op::Remove,
-        Op::Link,
-        Op::CreateDir,
-        Op::Truncate,
-        Op::Lock,
-    ];
-
     /// The name of this kind's own fail point.
     pub fn fail_point(self) -> &'static str {
         match self {
@@ -185,25 +164,7 @@ pub mod faults {
         let fail = |arg: Option<String>| errno(arg.as_deref());
         let errno = (|| {
             fail::fail_point!("store-io", |arg| Some(fail(arg)));
-            match op {
-                Op::Open => fail::fail_point!("store-io-open", |arg| Some(fail(arg))),
-                Op::Create => fail::fail_point!("store-io-create", |arg| Some(fail(arg))),
-                Op::Read => fail::fail_point!("store-io-read", |arg| Some(fail(arg))),
-                Op::Map => fail::fail_point!("store-io-map", |arg| Some(fail(arg))),
-                Op::List => fail::fail_point!("store-io-list", |arg| Some(fail(arg))),
-                Op::Write => fail::fail_point!("store-io-write", |arg| Some(fail(arg))),
-                Op::Sync => fail::fail_point!("store-io-sync", |arg| Some(fail(arg))),
-                Op::LogSync => fail::fail_point!("store-io-log-sync", |arg| Some(fail(arg))),
-                Op::SyncDir => fail::fail_point!("store-io-sync-dir", |arg| Some(fail(arg))),
-                Op::SyncFs => fail::fail_point!("store-io-syncfs", |arg| Some(fail(arg))),
-                Op::Rename => fail::fail_point!("store-io-rename", |arg| Some(fail(arg))),
-                Op::CloseLog => fail::fail_point!("store-io-close-log", |arg| Some(fail(arg))),
-                Op::Remove => fail::fail_point!("store-io-remove", |arg| Some(fail(arg))),
-                Op::Link => fail::fail_point!("store-io-link", |arg| Some(fail(arg))),
-                Op::CreateDir => fail::fail_point!("store-io-create-dir", |arg| Some(fail(arg))),
-                Op::Truncate => fail::fail_point!("store-io-truncate", |arg| Some(fail(arg))),
-                Op::Lock => fail::fail_point!("store-io-lock", |arg| Some(fail(arg))),
-            }
+            fail::fail_point!(op.fail_point(), |arg| Some(fail(arg)));
             None
         })();
         match errno {
