@@ -34,7 +34,7 @@ bench-scale: toolchain
 
 # The store's criterion benchmarks: ingest and flush, flush against tenant size, open.
 bench-store: toolchain
-	cargo bench -p countapp-worker
+	cargo bench -p countapp-store
 
 clean: toolchain
 	cargo clean

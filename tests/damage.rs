@@ -10,7 +10,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use countapp_worker::store::{DEFAULT_SHARDS, shard_of};
+use countapp_store::{DEFAULT_SHARDS, shard_of};
 use harness::{
     Cluster, Immutable, client, count, count_reply, eventually, eventually_owner, post_range, running, stats,
     tenant_file, worker_url,

@@ -1,4 +1,4 @@
-//! What both CountApp binaries agree on: the config file, the items a client posts, the JSON
+//! What both CountApp binaries agree on: the config file, the JSON
 //! replies of the HTTP API and the helpers both servers answer with, the bounds of their edge,
 //! what a spawned worker is handed and how it proves it holds its coordinator's token, the guard
 //! both servers keep against other sites' pages, and the shutdown signal.
@@ -8,7 +8,6 @@ pub mod client_errors;
 pub mod config;
 pub mod edge;
 pub mod http;
-pub mod items;
 pub mod shutdown;
 pub mod site_guard;
 pub mod spawn;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use countapp_shared::config::{Config, ConfigError, FIXED_KEYS};
 use parking_lot::RwLock;
 
-use crate::store::Store;
+use countapp_store::{Settings, Store};
 
 /// The config in force on this worker, with its version.
 pub(crate) struct LiveConfig {
@@ -75,9 +75,7 @@ impl LiveConfig {
             return Err(ApplyError::Fixed(fixed));
         }
         if let Some(store) = store {
-            store.set_fsync(new.fsync);
-            store.set_redis_handoff(new.redis_handoff());
-            store.set_damaged_max_bytes(new.damaged_max_bytes());
+            store.apply(&Settings::from_config(&new));
         }
         let version = new.version();
         tracing::info!(version, from = current.1, "config applied");

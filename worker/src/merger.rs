@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::live_config::LiveConfig;
 use crate::metrics::Metrics;
-use crate::store::{FlushReport, Store};
+use countapp_store::{MergeReport, Store};
 
 /// How often the merger looks for new log files between closings.
 const POLL: Duration = Duration::from_millis(100);
@@ -124,8 +124,8 @@ fn until_next_multiple(now: SystemTime, every: Duration) -> Duration {
 }
 
 /// Logs and counts a round that did something.
-fn record(report: &FlushReport, took: Duration, metrics: &Metrics) {
-    if *report == FlushReport::default() {
+fn record(report: &MergeReport, took: Duration, metrics: &Metrics) {
+    if *report == MergeReport::default() {
         return;
     }
     metrics.merged(took.as_secs_f64(), report);

@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::store::{FlushReport, StoreStats};
+use countapp_store::{MergeReport, StoreStats};
 
 /// The worker's metrics.
 pub(crate) struct Metrics {
@@ -114,7 +114,7 @@ impl Metrics {
     }
 
     /// Records a merge round that did something; `seconds` is what it took.
-    pub(crate) fn merged(&self, seconds: f64, report: &FlushReport) {
+    pub(crate) fn merged(&self, seconds: f64, report: &MergeReport) {
         if report.log_files > 0 || report.deleted_files > 0 {
             self.merges.inc();
             self.merge_seconds.observe(seconds);

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use crate::items::parse_batch;
 use actix_web::http::header::{AUTHORIZATION, ContentType};
 use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
@@ -10,14 +11,14 @@ use countapp_shared::api::{Accepted, Count};
 use countapp_shared::config::Config;
 use countapp_shared::edge::body::{BodyLimits, read_body};
 use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, resource};
-use countapp_shared::items::{Item, parse_batch};
 use countapp_shared::token;
+use countapp_store::Item;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
 
 use crate::live_config::ApplyError;
 use crate::state::AppState;
-use crate::store::StoreError;
+use countapp_store::StoreError;
 
 /// Registers every route of the worker.
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
@@ -118,7 +119,7 @@ async fn get_count(raw: &str, state: &AppState) -> Result<HttpResponse, ApiError
     if tenant.len() > max {
         return Err(ApiError::BadRequest(format!("the tenant is longer than max_key_bytes ({max} bytes)")));
     }
-    match store.count(&tenant).await {
+    match store.count(&tenant).get().await {
         Ok(count) => Ok(HttpResponse::Ok().json(Count { count })),
         Err(e) => {
             tracing::error!(tenant, error = %e, "count failed");
@@ -153,7 +154,7 @@ async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
 /// `GET /stats`: what the worker has done, as JSON.
 async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) -> HttpResponse {
     let store = state.store().map(|store| store.stats());
-    let last_flush = store.as_ref().and_then(|s| s.last_flush.as_ref()).map(|(at, took, report)| {
+    let last_merge = store.as_ref().and_then(|s| s.last_merge.as_ref()).map(|(at, took, report)| {
         json!({
             "at_unix_ms": at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             "took_ms": took.as_secs_f64() * 1000.0,
@@ -176,7 +177,7 @@ async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) 
         "ids_in_memory": store.as_ref().map_or(0, |s| s.ids_in_memory.0),
         "ids_in_memory_bytes": store.as_ref().map_or(0, |s| s.ids_in_memory.1),
         "log_bytes_appended": store.as_ref().map_or(0, |s| s.log_bytes_appended),
-        "last_merge": last_flush,
+        "last_merge": last_merge,
         "quarantined": store.as_ref().map(|s| s.quarantined.clone()).unwrap_or_default(),
     }))
 }

@@ -21,8 +21,8 @@ use crate::merger::Merger;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::state::AppState;
-use crate::store::{Store, StoreError, StoreOptions};
 use countapp_shared::shutdown::{WORKER_DRAIN, WORKER_MERGE_WAIT, terminate_signal};
+use countapp_store::{Settings, Store, StoreError, StoreOptions};
 use tokio_util::sync::CancellationToken;
 
 /// Everything a worker needs to run.
@@ -142,8 +142,7 @@ impl Worker {
             state.set_store(store.clone());
             // An edit applied while the store was opening found no store to set.
             let config = state.config.get();
-            store.set_fsync(config.fsync);
-            store.set_redis_handoff(config.redis_handoff());
+            store.apply(&Settings::from_config(&config));
             let following = match &settings.config_source {
                 ConfigSource::File(path) => Some(follow_file(path, state.clone().into_inner())),
                 ConfigSource::Coordinator => None,
@@ -197,13 +196,7 @@ fn worker_id(addr: SocketAddr) -> String {
 
 async fn open_store(config: &Config, worker_id: &str) -> Result<Arc<Store>, WorkerError> {
     let (database, id) = (config.database.to_path_buf(), worker_id.to_owned());
-    let options = StoreOptions {
-        fsync: config.fsync,
-        backend: config.backend(),
-        redis_handoff: config.redis_handoff(),
-        damaged_max_bytes: config.damaged_max_bytes(),
-        ..StoreOptions::default()
-    };
+    let options = StoreOptions::from_config(config);
     let store = tokio::task::spawn_blocking(move || Store::open(&database, &id, options))
         .await
         .map_err(|e| WorkerError::Runtime(format!("opening the store panicked: {e}")))??;

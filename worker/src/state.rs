@@ -7,7 +7,7 @@ use countapp_shared::token;
 
 use crate::live_config::LiveConfig;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use countapp_store::Store;
 use tokio_util::sync::CancellationToken;
 
 /// The worker's shared state, behind `web::Data`.

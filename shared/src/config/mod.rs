@@ -170,20 +170,6 @@ pub const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// a whole, and the last good config stays in force.
 pub const FIXED_KEYS: [&str; 5] = ["listen", "database", "store", "redis_url", "redis_cluster"];
 
-/// Where the workers keep the tenants' id sets; the write-ahead log is local either way.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreBackend {
-    /// Per-tenant JSON files under `database`, shared by the workers of one machine.
-    Json,
-    /// One Redis set per tenant, shared by workers on any machine.
-    Redis {
-        /// `redis://host:port`: the server, or one node of a cluster.
-        url: String,
-        /// Whether `url` is a node of a Redis Cluster.
-        cluster: bool,
-    },
-}
-
 /// What a worker with `store: redis` waits for before it deletes a log file whose ids Redis took:
 /// the live part of the Redis settings, applied at each merge round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,16 +250,6 @@ impl Config {
             self.redis_cluster != new.redis_cluster,
         ];
         FIXED_KEYS.iter().zip(changed).filter(|(_, changed)| *changed).map(|(key, _)| *key).collect()
-    }
-
-    /// Where the tenants' id sets live.
-    pub fn backend(&self) -> StoreBackend {
-        match &self.redis_url {
-            Some(url) if self.store == StoreKind::Redis => {
-                StoreBackend::Redis { url: url.as_str().to_owned(), cluster: self.redis_cluster }
-            }
-            _ => StoreBackend::Json,
-        }
     }
 
     /// What a worker waits for before deleting a log file whose ids Redis took.
@@ -711,9 +687,11 @@ config_check: 5
     fn the_store_is_json_unless_redis_is_asked_for_with_its_url() {
         let base = "workers: [http://localhost:5001]\n";
         let load = |extra: &str| Config::from_yaml_str(&format!("{base}{extra}"), Path::new(""));
-        assert_eq!(load("").unwrap().backend(), StoreBackend::Json);
+        assert_eq!(load("").unwrap().store, StoreKind::Json);
         let redis = load("store: redis\nredis_url: redis://127.0.0.1:6379\nredis_cluster: true\n").unwrap();
-        assert_eq!(redis.backend(), StoreBackend::Redis { url: "redis://127.0.0.1:6379".into(), cluster: true });
+        assert_eq!(redis.store, StoreKind::Redis);
+        assert_eq!(redis.redis_url.as_ref().map(RedisUrl::as_str), Some("redis://127.0.0.1:6379"));
+        assert!(redis.redis_cluster);
         for (extra, key) in [
             ("store: redis\n", "redis_url"),
             ("redis_url: redis://x:1\n", "redis_url"),

@@ -30,8 +30,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use countapp_shared::config::FsyncPolicy;
-use countapp_shared::items::Item;
-use countapp_worker::store::{FlushReport, Store, StoreError, StoreOptions};
+use countapp_store::{Item, MergeReport, Settings, Store, StoreError, StoreOptions};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 
@@ -98,7 +97,8 @@ fn child() {
     // libtest has printed `test child ... ` without a newline: end that line, so that the
     // parent reads ours whole.
     say("");
-    let options = StoreOptions { fsync: spec.fsync, ..StoreOptions::default() };
+    let options =
+        StoreOptions { settings: Settings { fsync: spec.fsync, ..Settings::default() }, ..StoreOptions::default() };
     let store = Store::open(&spec.db, &spec.worker, options).expect("child: open the store");
     say("READY");
     let deadline = Instant::now() + CHILD_LIFETIME;
@@ -384,7 +384,7 @@ fn assert_counts(store: &Store, expected: &BTreeMap<String, u64>, context: &str)
 
 /// The store a parent opens to check the children's work; once the children are dead it owns
 /// every shard, so its flush merges whatever they left.
-fn checker(db: &Path, fsync: FsyncPolicy) -> (Store, FlushReport) {
+fn checker(db: &Path, fsync: FsyncPolicy) -> (Store, MergeReport) {
     let store = Store::open(db, "checker", options(fsync)).unwrap();
     let report = store.flush().unwrap();
     (store, report)
@@ -406,7 +406,7 @@ fn assert_all_stored(store: &Store, acked: &[u64], context: &str) {
 /// Options for the parent's stores: a generous lock wait, since the only other holders of a log
 /// are this test's children, which are dead (and their locks freed) by the time it opens.
 fn options(fsync: FsyncPolicy) -> StoreOptions {
-    StoreOptions { fsync, ..StoreOptions::default() }
+    StoreOptions { settings: Settings { fsync, ..Settings::default() }, ..StoreOptions::default() }
 }
 
 /// The log files (`.open` and `.log`) directly in `dir`, sorted by name, which sorts them by
@@ -613,7 +613,7 @@ fn shard_owners_killed_and_replaced_under_load_lose_nothing() {
         acked.extend(numbered(lines, "ACK"));
         sent.extend(numbered(lines, "SENT"));
         for tenant in LOAD_TENANTS {
-            let count = countapp_worker::store::read_count(&db, tenant).unwrap();
+            let count = countapp_store::read_count(&db, tenant).unwrap();
             let before = last_counts.insert(tenant, count).unwrap_or(0);
             assert!(count >= before, "round {round}: the count of {tenant:?} went down from {before} to {count}");
         }
@@ -887,8 +887,15 @@ fn a_second_process_cannot_open_a_running_workers_log() {
     child.wait_for("DONE", Duration::from_secs(30));
     let wait = Duration::from_millis(200);
     let started = Instant::now();
-    match Store::open(&db, "w", StoreOptions { fsync: FsyncPolicy::Always, lock_wait: wait, ..StoreOptions::default() })
-    {
+    match Store::open(
+        &db,
+        "w",
+        StoreOptions {
+            settings: Settings { fsync: FsyncPolicy::Always, ..Settings::default() },
+            lock_wait: wait,
+            ..StoreOptions::default()
+        },
+    ) {
         Err(StoreError::LogInUse(id)) => assert_eq!(id, "w"),
         Err(e) => panic!("expected LogInUse, got {e}"),
         Ok(_) => panic!("a second process opened the log of a running worker"),
@@ -898,9 +905,16 @@ fn a_second_process_cannot_open_a_running_workers_log() {
 
     let acked = numbered(child.kill(), "ACK");
     assert_eq!(acked, (0..BATCHES).collect::<Vec<_>>());
-    let store =
-        Store::open(&db, "w", StoreOptions { fsync: FsyncPolicy::Always, lock_wait: wait, ..StoreOptions::default() })
-            .expect("open once the other process is dead");
+    let store = Store::open(
+        &db,
+        "w",
+        StoreOptions {
+            settings: Settings { fsync: FsyncPolicy::Always, ..Settings::default() },
+            lock_wait: wait,
+            ..StoreOptions::default()
+        },
+    )
+    .expect("open once the other process is dead");
     store.flush().unwrap();
     assert_counts(&store, &per_tenant(0..BATCHES, LOAD_BATCH), "after taking over the dead process's log");
 }

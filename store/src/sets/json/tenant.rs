@@ -24,10 +24,10 @@ use hashbrown::HashSet;
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::StoreError;
 use super::commit::{Commit, Step, is_temporary};
-use super::disk;
 use super::idset::IdSet;
+use crate::StoreError;
+use crate::disk;
 
 /// Ids a tenant keeps in its own file, at most; past this it keeps them in segments.
 pub(crate) const SMALL_MAX_IDS: usize = 1024;

@@ -32,9 +32,9 @@
 //! Files written before the header existed hold records with the fixed magic "CAR1"; they are
 //! read as they are.
 
-use countapp_shared::items::Item;
+use crate::Item;
 
-use crate::store::layout::shard_of;
+use crate::partition::shard_of;
 
 /// The first four bytes of a log file with a header.
 const FILE_MAGIC: [u8; 4] = *b"CAL2";

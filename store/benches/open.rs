@@ -1,4 +1,4 @@
-//! Opening a large store (`cargo bench -p countapp-worker --bench open`): a store holding 10M ids
+//! Opening a large store (`cargo bench -p countapp-store --bench open`): a store holding 10M ids
 //! of 16 bytes over 10 tenants is built once, then a fresh process opens it and reports
 //!
 //! - how long `open` takes until every tenant's count is served,
@@ -11,8 +11,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use countapp_shared::config::FsyncPolicy;
-use countapp_shared::items::Item;
-use countapp_worker::store::{Store, StoreOptions};
+use countapp_store::{Item, Settings, Store, StoreOptions};
 
 const TENANTS: usize = 10;
 const IDS_PER_TENANT: usize = 1_000_000;
@@ -20,7 +19,10 @@ const BATCH: usize = 100;
 const CHILD: &str = "COUNTAPP_BENCH_OPEN_DB";
 
 fn options() -> StoreOptions {
-    StoreOptions { fsync: FsyncPolicy::EverySec, ..StoreOptions::default() }
+    StoreOptions {
+        settings: Settings { fsync: FsyncPolicy::EverySec, ..Settings::default() },
+        ..StoreOptions::default()
+    }
 }
 
 fn tenant(t: usize) -> String {

@@ -1,31 +1,11 @@
-//! The unit of ingest: an `{id, tenant}` item, as posted in a `POST /items` batch.
+//! The body of a `POST /items` batch, parsed into the store's items.
 
 use std::borrow::Cow;
 use std::fmt;
 
+use countapp_store::Item;
+use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Serialize};
-
-/// One item of a batch: `id` is counted once per `tenant`, however often it is posted.
-///
-/// The strings borrow from the request body when they hold no JSON escapes, so parsing a
-/// batch allocates little.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Item<'a> {
-    /// The id to count; any non-empty string.
-    #[serde(borrow)]
-    pub id: Cow<'a, str>,
-    /// The tenant whose distinct ids are counted; any non-empty string.
-    #[serde(borrow)]
-    pub tenant: Cow<'a, str>,
-}
-
-impl<'a> Item<'a> {
-    /// An item borrowing `tenant` and `id`.
-    pub fn new(tenant: &'a str, id: &'a str) -> Self {
-        Item { id: Cow::Borrowed(id), tenant: Cow::Borrowed(tenant) }
-    }
-}
 
 /// Parses the body of a `POST /items` batch: a JSON array of `{"id": string, "tenant": string}`.
 ///

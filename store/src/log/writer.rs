@@ -33,8 +33,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::record::{FILE_HEADER_LEN, FileHeader, stamp};
 use super::{LogDir, file_path, reserve};
-use crate::store::StoreError;
-use crate::store::disk;
+use crate::StoreError;
+use crate::disk;
 
 /// Records gathered into one write at most; bounds the latency a long queue adds.
 const MAX_GROUP_BYTES: usize = 8 << 20;

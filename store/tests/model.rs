@@ -21,8 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use countapp_shared::config::FsyncPolicy;
-use countapp_shared::items::Item;
-use countapp_worker::store::{Store, StoreOptions, owner_of, read_count, shard_of};
+use countapp_store::{Item, Settings, Store, StoreOptions, owner_of, read_count, shard_of};
 use proptest::prelude::*;
 
 const TENANTS: [&str; 6] = ["a", "A", "../x", "t é", "b", "."];
@@ -75,7 +74,12 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn open(db: &Path, worker: usize, fsync: FsyncPolicy) -> Store {
-    Store::open(db, WORKERS[worker], StoreOptions { fsync, shards: SHARDS, ..StoreOptions::default() }).unwrap()
+    Store::open(
+        db,
+        WORKERS[worker],
+        StoreOptions { settings: Settings { fsync, ..Settings::default() }, shards: SHARDS, ..StoreOptions::default() },
+    )
+    .unwrap()
 }
 
 /// One appended item, as the model follows it.

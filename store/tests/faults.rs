@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use countapp_shared::config::FsyncPolicy;
-use countapp_shared::items::Item;
-use countapp_worker::store::disk::{Op, faults};
-use countapp_worker::store::{Store, StoreError, StoreOptions};
+use countapp_store::Item;
+use countapp_store::disk::{Op, faults};
+use countapp_store::{Settings, Store, StoreError, StoreOptions};
 
 const WORKER: &str = "w1";
 const DEAD: &str = "w2";
@@ -25,7 +25,12 @@ const DEAD: &str = "w2";
 /// Four shards, so that a round's calls are few enough to fail each in turn; merges and
 /// closings fsync as under the default policy.
 fn options() -> StoreOptions {
-    StoreOptions { fsync: FsyncPolicy::EverySec, lock_wait: Duration::ZERO, shards: 4, ..StoreOptions::default() }
+    StoreOptions {
+        settings: Settings { fsync: FsyncPolicy::EverySec, ..Settings::default() },
+        lock_wait: Duration::ZERO,
+        shards: 4,
+        ..StoreOptions::default()
+    }
 }
 
 fn open(db: &Path, worker: &str) -> Result<Store, StoreError> {

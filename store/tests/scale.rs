@@ -11,12 +11,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use countapp_shared::config::FsyncPolicy;
-use countapp_shared::items::Item;
-use countapp_worker::store::{Store, StoreOptions, read_count};
+use countapp_store::{Item, Settings, Store, StoreOptions, read_count};
 use serde_json::Value;
 
 fn open(db: &Path, worker: &str) -> Store {
-    Store::open(db, worker, StoreOptions { fsync: FsyncPolicy::EverySec, ..StoreOptions::default() }).unwrap()
+    Store::open(
+        db,
+        worker,
+        StoreOptions {
+            settings: Settings { fsync: FsyncPolicy::EverySec, ..Settings::default() },
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap()
 }
 
 /// The tenant files under the database: every `.json` in a shard directory but the shard records.

@@ -30,11 +30,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::backoff::Backoff;
 use super::commit::Commit;
 use super::idset::IdSet;
 use super::tenant::push_json_str;
-use super::{QuarantinedTenant, StoreError, damaged, disk};
+use crate::backoff::Backoff;
+use crate::{QuarantinedTenant, StoreError, damaged, disk};
 
 /// The extension of quarantine files.
 const EXTENSION: &str = "quarantine";

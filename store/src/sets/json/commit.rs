@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 
-use super::disk::{self, parent_of};
+use crate::disk::{self, parent_of};
 
 /// Files (or directories) a step syncs one by one, at most; past this, one `syncfs`.
 const MAX_FILE_SYNCS: usize = 64;

@@ -25,6 +25,12 @@
 //! since, and may trust its sets; any other drops them and reloads. Merging is idempotent (ids
 //! form sets), so a crash at any instant costs at most merging some log files again.
 
+mod commit;
+mod idset;
+mod naming;
+mod quarantine;
+mod tenant;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
@@ -32,22 +38,24 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use countapp_shared::config::FsyncPolicy;
+
 use hashbrown::{HashMap, HashSet};
-use memmap2::Mmap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::backoff::Backoff;
-use super::commit::{Commit, Step, is_temporary};
-use super::layout::{owner_of, shard_dir, shard_of};
-use super::log::Damage;
-use super::log::record::{Entry, Records, Run};
-use super::log::{self, LogFile, WorkerLog};
-use super::naming::tenant_file_stem;
-use super::quarantine::Quarantine;
-use super::tenant::{Tenant, read_all, read_count};
-use super::{FlushReport, StoreError};
-use super::{damaged, disk};
+use super::{Count, TenantSets};
+use crate::backoff::Backoff;
+use crate::layout::shard_dir;
+use crate::log::record::Run;
+use crate::log::{self, Contents, LogFile, WorkerLog};
+use crate::partition::{owner_of, shard_of};
+use crate::{MergeReport, Settings, StoreError};
+use crate::{damaged, disk};
+use commit::{Commit, Step, is_temporary};
+use naming::tenant_file_stem;
+use quarantine::Quarantine;
+use tenant::{Tenant, read_all, read_count};
 
 const SHARD_FILE: &str = "SHARD.json";
 const LOCK_FILE: &str = "LOCK";
@@ -171,28 +179,7 @@ type ShardRuns<'a> = BTreeMap<u16, HashMap<&'a str, Vec<Run<'a>>>>;
 struct Input<'a> {
     worker: &'a str,
     file: &'a LogFile,
-    data: LogData,
-}
-
-/// A log file's contents: mapped, so that the owners of its shards share the page cache rather
-/// than each copy it. Only final log files are mapped, and nothing ever changes or truncates
-/// one: a closed file is immutable, and a dead worker's file stays as it died.
-struct LogData(Option<Mmap>);
-
-impl LogData {
-    fn map(path: &Path) -> disk::Result<LogData> {
-        // SAFETY: a final log file is never written or truncated again (see above), so the
-        // mapped bytes cannot change under the reader.
-        unsafe { disk::map(path) }.map(LogData)
-    }
-}
-
-impl std::ops::Deref for LogData {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        self.0.as_deref().unwrap_or_default()
-    }
+    data: Contents,
 }
 
 /// The shards of one database, as one worker merges and reads them.
@@ -218,39 +205,22 @@ pub(crate) struct Shards {
 
 impl Shards {
     /// The shards under `root`, merged as `worker` (whose run `writer` names).
-    pub(crate) fn new(root: &Path, shards: u16, worker: &str, writer: String, sync: bool) -> Shards {
+    pub(crate) fn new(root: &Path, shards: u16, worker: &str, writer: String, settings: &Settings) -> Shards {
         Shards {
             root: root.to_path_buf(),
             shards,
             worker: worker.to_owned(),
             writer,
-            sync: AtomicBool::new(sync),
+            sync: AtomicBool::new(settings.fsync != FsyncPolicy::Never),
             state: Mutex::new(MergeState::default()),
             behind_since: Mutex::new(None),
             counts: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Whether merges from now on are made durable before log files are deleted.
-    pub(crate) fn set_sync(&self, sync: bool) {
-        self.sync.store(sync, Ordering::Relaxed);
-    }
-
-    /// The highest sequence number any shard records as merged from `worker`'s log: a worker
-    /// must number its new files above it, or they would count as merged already.
-    pub(crate) fn highest_merged(&self, worker: &str) -> u64 {
-        let mut highest = 0;
-        for shard in 0..self.shards {
-            match self.read_record(shard) {
-                Ok(record) => highest = highest.max(record.merged(worker)),
-                Err(e) => tracing::warn!(shard, error = %e, "cannot read a shard's record at start"),
-            }
-        }
-        highest
-    }
-
-    /// The tenant's distinct count as of the latest merge by any worker.
-    pub(crate) fn count(&self, tenant: &str) -> Result<u64, StoreError> {
+    /// The tenant's distinct count as of the latest merge by any worker, read from its file (or
+    /// the file held open since).
+    fn count_file(&self, tenant: &str) -> Result<u64, StoreError> {
         if let Some((file, unchanged, count)) = self.counts.lock().get(tenant)
             && file.metadata().is_ok_and(|m| m.nlink() > 0 && Unchanged::of(&m) == *unchanged)
         {
@@ -292,93 +262,6 @@ impl Shards {
         Ok(count)
     }
 
-    /// One merge round over the logs `logs` (see the module documentation).
-    pub(crate) fn round(&self, logs: &[WorkerLog], report: &mut FlushReport) -> Result<(), StoreError> {
-        let live: Vec<&str> = logs.iter().filter(|l| l.live).map(|l| l.worker.as_str()).collect();
-        let mut state = self.state.lock();
-        let MergeState { owned, indexed, written, listed_before, failing } = &mut *state;
-        owned.retain(|shard, _| owner_of(*shard, live.iter().copied()) == Some(&self.worker));
-        failing.retain(|shard, _| owner_of(*shard, live.iter().copied()) == Some(&self.worker));
-        for shard in (0..self.shards).filter(|&s| owner_of(s, live.iter().copied()) == Some(&self.worker)) {
-            if !owned.contains_key(&shard) {
-                if failing.get(&shard).is_some_and(|b| !b.due()) {
-                    continue;
-                }
-                let record = match self.read_record(shard) {
-                    Ok(record) => record,
-                    Err(e) => {
-                        shard_failed(shard, &e, failing, report);
-                        continue;
-                    }
-                };
-                owned.insert(
-                    shard,
-                    OwnedShard {
-                        record,
-                        lock: None,
-                        tenants: HashMap::new(),
-                        files: None,
-                        quarantined: HashMap::new(),
-                    },
-                );
-            }
-        }
-        let listed = |(worker, seq): &(String, u64)| {
-            logs.iter().any(|l| l.worker == *worker && l.inputs.iter().any(|f| f.seq == *seq))
-        };
-        indexed.retain(|key, _| listed(key));
-        written.retain(|key, _| listed(key));
-        for log in logs {
-            for file in &log.inputs {
-                written.entry((log.worker.clone(), file.seq)).or_insert_with(|| {
-                    let age = match listed_before {
-                        true => Duration::ZERO,
-                        false => SystemTime::now().duration_since(file.modified).unwrap_or_default(),
-                    };
-                    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
-                });
-            }
-        }
-        *listed_before = true;
-
-        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed, written, failing);
-        let inputs = self.read_inputs(logs, owned, indexed, report)?;
-        let mut with_runs = BTreeSet::new();
-        for input in &inputs {
-            for shard in indexed[&(input.worker.to_owned(), input.file.seq)].shards.iter() {
-                if owned.get(&shard).is_some_and(|o| input.file.seq > o.record.merged(input.worker)) {
-                    with_runs.insert(shard);
-                }
-            }
-        }
-        for (&shard, state) in owned.iter_mut() {
-            if state.record.rebuilt || quarantine_due(shard, state, &self.root)? {
-                with_runs.insert(shard);
-            }
-        }
-        with_runs.retain(|shard| failing.get(shard).is_none_or(Backoff::due));
-        if !with_runs.is_empty() {
-            let sources = Sources { logs, inputs: &inputs, indexed };
-            let result = self.merge(&with_runs, &sources, owned, failing, report);
-            if result.is_err() {
-                // Whatever failed, the sets may now disagree with the files: reload them next time.
-                for shard in &with_runs {
-                    owned.remove(shard);
-                }
-            }
-            result?;
-        }
-        // What is left: runs of shards that were busy, or files past the round's budget.
-        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed, written, failing);
-        self.collect_garbage(logs, indexed, owned, report)
-    }
-
-    /// How long this worker's merging is behind: since the oldest log file with runs it has
-    /// yet to merge was written.
-    pub(crate) fn behind(&self) -> Duration {
-        self.behind_since.lock().map_or(Duration::ZERO, |since| since.elapsed())
-    }
-
     /// Reads the final log files that may hold runs of owned shards not merged yet (see
     /// [`wanted`]), and indexes the files this process never read.
     fn read_inputs<'a>(
@@ -386,7 +269,7 @@ impl Shards {
         logs: &'a [WorkerLog],
         owned: &HashMap<u16, OwnedShard>,
         indexed: &mut Index,
-        report: &mut FlushReport,
+        report: &mut MergeReport,
     ) -> Result<Vec<Input<'a>>, StoreError> {
         let mut budget = MAX_ROUND_INPUT_BYTES;
         let mut inputs = Vec::new();
@@ -399,13 +282,10 @@ impl Shards {
                 if budget == 0 {
                     break 'workers;
                 }
-                let data = match LogData::map(&file.path) {
-                    Ok(data) => data,
-                    // Renamed by its restarted worker, or merged and deleted: look again next round.
-                    Err(e) if e.not_found() => continue 'workers,
-                    Err(e) => return Err(e.into()),
-                };
-                budget = budget.saturating_sub(data.len() as u64);
+                // Gone: renamed by its restarted worker, or merged and deleted. Looked at again
+                // next round.
+                let Some(data) = Contents::read(&file.path)? else { continue 'workers };
+                budget = budget.saturating_sub(data.len());
                 if !indexed.contains_key(&key) {
                     indexed.insert(key, self.index(file, &data, report));
                 }
@@ -418,21 +298,10 @@ impl Shards {
 
     /// What the log file `file` holds: the shards it holds runs of, and the file before it;
     /// reports the damage found in it.
-    fn index(&self, file: &LogFile, data: &[u8], report: &mut FlushReport) -> FileIndex {
+    fn index(&self, file: &LogFile, data: &Contents, report: &mut MergeReport) -> FileIndex {
         let mut shards = ShardSet::new(self.shards);
-        let mut damage = Damage::default();
-        let records = Records::new(data);
-        let prev = records.header().map(|header| header.prev);
-        let mut records = records.peekable();
-        while let Some(entry) = records.next() {
-            match entry {
-                Entry::Record(payload) => payload.runs().for_each(|run| shards.insert(run.shard)),
-                Entry::Damaged { offset, len } => damage.note(&file.path, offset, len, records.peek().is_none()),
-            }
-        }
-        damage.keep_aside(&self.root, &file.path);
-        report.add_damage(damage);
-        FileIndex { shards, prev }
+        report.add_damage(data.scan(&self.root, &file.path, |run| shards.insert(run.shard)));
+        FileIndex { shards, prev: data.prev() }
     }
 
     /// Merges the runs of the shards `with_runs` in `inputs`, and commits. Each shard's change
@@ -444,7 +313,7 @@ impl Shards {
         sources: &Sources,
         owned: &mut HashMap<u16, OwnedShard>,
         failing: &mut HashMap<u16, Backoff>,
-        report: &mut FlushReport,
+        report: &mut MergeReport,
     ) -> Result<(), StoreError> {
         let mut runs = self.runs_of(with_runs, sources, owned, report);
         let mut commit = Commit::new(self.sync.load(Ordering::Relaxed));
@@ -497,18 +366,15 @@ impl Shards {
         with_runs: &BTreeSet<u16>,
         sources: &Sources<'a>,
         owned: &HashMap<u16, OwnedShard>,
-        report: &mut FlushReport,
+        report: &mut MergeReport,
     ) -> ShardRuns<'a> {
         let mut runs: ShardRuns = BTreeMap::new();
         for input in sources.inputs {
-            for entry in Records::new(&input.data) {
-                let Entry::Record(payload) = entry else { continue };
-                for run in payload.runs().filter(|run| with_runs.contains(&run.shard)) {
-                    let record = &owned.get(&run.shard).expect("shards with runs are owned").record;
-                    if input.file.seq > record.merged(input.worker) {
-                        report.items += run.count_ids();
-                        runs.entry(run.shard).or_default().entry(run.tenant).or_default().push(run);
-                    }
+            for run in input.data.runs().filter(|run| with_runs.contains(&run.shard)) {
+                let record = &owned.get(&run.shard).expect("shards with runs are owned").record;
+                if input.file.seq > record.merged(input.worker) {
+                    report.items += run.count_ids();
+                    runs.entry(run.shard).or_default().entry(run.tenant).or_default().push(run);
                 }
             }
         }
@@ -522,7 +388,7 @@ impl Shards {
         shard: u16,
         state: &mut OwnedShard,
         commit: &mut Commit,
-        report: &mut FlushReport,
+        report: &mut MergeReport,
     ) -> Result<Option<ShardRecord>, StoreError> {
         let dir = shard_dir(&self.root, shard);
         let first_time = state.lock.is_none();
@@ -574,7 +440,7 @@ impl Shards {
         tenants: &HashMap<&str, Vec<Run>>,
         sources: &Sources,
         commit: &mut Commit,
-        report: &mut FlushReport,
+        report: &mut MergeReport,
     ) -> Result<(), StoreError> {
         let dir = shard_dir(&self.root, shard);
         self.retry_quarantined(shard, record, state, commit, report)?;
@@ -669,7 +535,7 @@ impl Shards {
         record: &mut ShardRecord,
         state: &mut OwnedShard,
         commit: &mut Commit,
-        report: &mut FlushReport,
+        report: &mut MergeReport,
     ) -> Result<(), StoreError> {
         let dir = shard_dir(&self.root, shard);
         load_quarantined(&record.quarantined, &mut state.quarantined, &dir, &self.root)?;
@@ -712,23 +578,6 @@ impl Shards {
         Ok(())
     }
 
-    /// The tenants in quarantine in the shards this worker owns.
-    pub(crate) fn quarantined(&self) -> Vec<super::QuarantinedTenant> {
-        let state = self.state.lock();
-        state.owned.values().flat_map(|s| s.quarantined.values().map(Quarantine::summary)).collect()
-    }
-
-    /// Whether a round should run though no log file came or went: a quarantined tenant's
-    /// files changed since it was last tried, a shard that failed is due for another try, or
-    /// an owned shard's record was found damaged.
-    pub(crate) fn retry_due(&self) -> bool {
-        let mut state = self.state.lock();
-        let root = &self.root;
-        state.failing.values().any(Backoff::due)
-            || state.owned.values().any(|owned| owned.record.rebuilt)
-            || state.owned.iter_mut().any(|(&shard, owned)| quarantine_due(shard, owned, root).unwrap_or(true))
-    }
-
     /// Deletes the listed log files that every shard they hold runs of has merged, and the
     /// files of dead workers that hold no runs (their numbers stay reserved, see
     /// [`log::retire`]). A file that cannot be deleted now is left for a later round. An owned
@@ -738,7 +587,7 @@ impl Shards {
         logs: &[WorkerLog],
         indexed: &Index,
         owned: &mut HashMap<u16, OwnedShard>,
-        report: &mut FlushReport,
+        report: &mut MergeReport,
     ) -> Result<(), StoreError> {
         let mut records: HashMap<u16, ShardRecord> = HashMap::new();
         for log in logs {
@@ -823,12 +672,150 @@ impl Shards {
         let bytes = serde_json::to_vec(record).expect("a shard record serializes");
         Ok(commit.write(step, &path, &bytes)?)
     }
+}
+
+/// The count of `tenant` in the JSON sets of the database at `root`, of `shards` shards, read
+/// from its file without a worker: for tools and tests, which must not count as a live worker.
+pub(crate) fn count_in(root: &Path, shards: u16, tenant: &str) -> Result<u64, StoreError> {
+    Shards::new(root, shards, "reader", String::new(), &Settings::default()).count_file(tenant)
+}
+
+impl TenantSets for Shards {
+    /// The highest sequence number any shard records as merged from `worker`'s log: a worker
+    /// must number its new files above it, or they would count as merged already.
+    fn highest_merged(&self, worker: &str) -> u64 {
+        let mut highest = 0;
+        for shard in 0..self.shards {
+            match self.read_record(shard) {
+                Ok(record) => highest = highest.max(record.merged(worker)),
+                Err(e) => tracing::warn!(shard, error = %e, "cannot read a shard's record at start"),
+            }
+        }
+        highest
+    }
+
+    /// Whether a round should run though no log file came or went: a quarantined tenant's
+    /// files changed since it was last tried, a shard that failed is due for another try, or
+    /// an owned shard's record was found damaged.
+    fn round_due(&self) -> bool {
+        let mut state = self.state.lock();
+        let root = &self.root;
+        state.failing.values().any(Backoff::due)
+            || state.owned.values().any(|owned| owned.record.rebuilt)
+            || state.owned.iter_mut().any(|(&shard, owned)| quarantine_due(shard, owned, root).unwrap_or(true))
+    }
+
+    /// One merge round over the logs `logs` (see the module documentation).
+    fn merge(&self, logs: &[WorkerLog], report: &mut MergeReport) -> Result<(), StoreError> {
+        let live: Vec<&str> = logs.iter().filter(|l| l.live).map(|l| l.worker.as_str()).collect();
+        let mut state = self.state.lock();
+        let MergeState { owned, indexed, written, listed_before, failing } = &mut *state;
+        owned.retain(|shard, _| owner_of(*shard, live.iter().copied()) == Some(&self.worker));
+        failing.retain(|shard, _| owner_of(*shard, live.iter().copied()) == Some(&self.worker));
+        for shard in (0..self.shards).filter(|&s| owner_of(s, live.iter().copied()) == Some(&self.worker)) {
+            if !owned.contains_key(&shard) {
+                if failing.get(&shard).is_some_and(|b| !b.due()) {
+                    continue;
+                }
+                let record = match self.read_record(shard) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        shard_failed(shard, &e, failing, report);
+                        continue;
+                    }
+                };
+                owned.insert(
+                    shard,
+                    OwnedShard {
+                        record,
+                        lock: None,
+                        tenants: HashMap::new(),
+                        files: None,
+                        quarantined: HashMap::new(),
+                    },
+                );
+            }
+        }
+        let listed = |(worker, seq): &(String, u64)| {
+            logs.iter().any(|l| l.worker == *worker && l.inputs.iter().any(|f| f.seq == *seq))
+        };
+        indexed.retain(|key, _| listed(key));
+        written.retain(|key, _| listed(key));
+        for log in logs {
+            for file in &log.inputs {
+                written.entry((log.worker.clone(), file.seq)).or_insert_with(|| {
+                    let age = match listed_before {
+                        true => Duration::ZERO,
+                        false => SystemTime::now().duration_since(file.modified).unwrap_or_default(),
+                    };
+                    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+                });
+            }
+        }
+        *listed_before = true;
+
+        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed, written, failing);
+        let inputs = self.read_inputs(logs, owned, indexed, report)?;
+        let mut with_runs = BTreeSet::new();
+        for input in &inputs {
+            for shard in indexed[&(input.worker.to_owned(), input.file.seq)].shards.iter() {
+                if owned.get(&shard).is_some_and(|o| input.file.seq > o.record.merged(input.worker)) {
+                    with_runs.insert(shard);
+                }
+            }
+        }
+        for (&shard, state) in owned.iter_mut() {
+            if state.record.rebuilt || quarantine_due(shard, state, &self.root)? {
+                with_runs.insert(shard);
+            }
+        }
+        with_runs.retain(|shard| failing.get(shard).is_none_or(Backoff::due));
+        if !with_runs.is_empty() {
+            let sources = Sources { logs, inputs: &inputs, indexed };
+            let result = self.merge(&with_runs, &sources, owned, failing, report);
+            if result.is_err() {
+                // Whatever failed, the sets may now disagree with the files: reload them next time.
+                for shard in &with_runs {
+                    owned.remove(shard);
+                }
+            }
+            result?;
+        }
+        // What is left: runs of shards that were busy, or files past the round's budget.
+        *self.behind_since.lock() = oldest_wanted(logs, owned, indexed, written, failing);
+        self.collect_garbage(logs, indexed, owned, report)
+    }
+
+    fn count(&self, tenant: &str) -> Count<'_> {
+        Count::Now(self.count_file(tenant))
+    }
+
+    fn count_blocking(&self, tenant: &str) -> Result<u64, StoreError> {
+        self.count_file(tenant)
+    }
+
+    /// How long this worker's merging is behind: since the oldest log file with runs it has
+    /// yet to merge was written.
+    fn merge_lag(&self) -> Duration {
+        self.behind_since.lock().map_or(Duration::ZERO, |since| since.elapsed())
+    }
 
     /// Ids this worker holds in memory, and their resident bytes, about.
-    pub(crate) fn memory(&self) -> (u64, u64) {
+    fn ids_in_memory(&self) -> (u64, u64) {
         let state = self.state.lock();
         let tenants = state.owned.values().flat_map(|s| s.tenants.values());
         tenants.fold((0, 0), |(ids, bytes), t| (ids + t.count(), bytes + t.heap_bytes() as u64))
+    }
+
+    /// The tenants in quarantine in the shards this worker owns.
+    fn quarantined(&self) -> Vec<crate::QuarantinedTenant> {
+        let state = self.state.lock();
+        state.owned.values().flat_map(|s| s.quarantined.values().map(Quarantine::summary)).collect()
+    }
+
+    fn apply(&self, settings: &Settings) {
+        // Under `fsync: never`, merges are not made durable before log files are deleted either.
+        self.sync.store(settings.fsync != FsyncPolicy::Never, Ordering::Relaxed);
     }
 }
 
@@ -954,7 +941,7 @@ fn names_or_kept<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BT
 }
 
 /// Keeps `shard` out of rounds for a while after `error`, logged.
-fn shard_failed(shard: u16, error: &StoreError, failing: &mut HashMap<u16, Backoff>, report: &mut FlushReport) {
+fn shard_failed(shard: u16, error: &StoreError, failing: &mut HashMap<u16, Backoff>, report: &mut MergeReport) {
     let backoff = failing.get(&shard).map_or_else(Backoff::new, |b| b.again());
     tracing::error!(shard, error = %error, retry_in_s = backoff.wait().as_secs(), "shard left out of merging; every other shard merges on");
     failing.insert(shard, backoff);

@@ -31,7 +31,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use countapp_shared::config::RedisHandoff;
 use hashbrown::HashMap;
@@ -39,11 +39,10 @@ use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, ServerErrorKind, Value};
 
-use super::disk;
-use super::log::Damage;
-use super::log::record::{Entry, Records};
-use super::log::{LogDir, LogFile, WorkerLog, consumed_path, file_path};
-use super::{FlushReport, StoreError};
+use super::{Count, TenantSets};
+use crate::disk;
+use crate::log::{Contents, LogDir, LogFile, WorkerLog, consumed_path, file_path};
+use crate::{MergeReport, QuarantinedTenant, Settings, StoreError};
 
 /// Ids per `SADD`: large enough to amortize the round trip, small enough not to stall Redis.
 const SADD_CHUNK: usize = 10_000;
@@ -156,6 +155,10 @@ impl std::fmt::Display for Identity {
 
 /// The tenants' sets in one Redis server or one Redis Cluster.
 pub(crate) struct RedisTenants {
+    /// The database's root, where damaged log files are kept aside.
+    root: PathBuf,
+    /// This worker's id: the log it merges, besides those of dead workers.
+    worker: String,
     target: Target,
     /// Idle merge connections. A caller takes one (or opens one), and gives it back only if it
     /// still works: a broken connection is dropped, and the next call reconnects.
@@ -172,12 +175,21 @@ pub(crate) struct RedisTenants {
     checked: Mutex<Option<Instant>>,
     /// Whether the log already says why consumed files wait out the grace period.
     told_grace: AtomicBool,
+    /// When the oldest log file that this worker is to merge and has not yet merged was last
+    /// written: how far behind its merging is.
+    behind_since: Mutex<Option<SystemTime>>,
 }
 
 impl RedisTenants {
     /// The sets at `url`, a server or (with `cluster`) any node of a cluster. Nothing is
     /// connected yet: Redis may be down when a worker starts, and its log takes the ingest.
-    pub(crate) fn new(url: &str, cluster: bool, handoff: RedisHandoff) -> Result<RedisTenants, StoreError> {
+    pub(crate) fn new(
+        root: &Path,
+        worker: &str,
+        url: &str,
+        cluster: bool,
+        settings: &Settings,
+    ) -> Result<RedisTenants, StoreError> {
         let bad = |e: redis::RedisError| StoreError::Backend(format!("redis_url {url}: {e}"));
         let target = if cluster {
             let client = redis::cluster::ClusterClient::builder([url])
@@ -190,19 +202,17 @@ impl RedisTenants {
             Target::Server(redis::Client::open(url).map_err(bad)?)
         };
         Ok(RedisTenants {
+            root: root.to_path_buf(),
+            worker: worker.to_owned(),
             target,
             idle: Mutex::new(Vec::new()),
             counter: tokio::sync::OnceCell::new(),
-            handoff: Mutex::new(handoff),
+            handoff: Mutex::new(settings.redis_handoff),
             consumed: Mutex::new(Vec::new()),
             checked: Mutex::new(None),
             told_grace: AtomicBool::new(false),
+            behind_since: Mutex::new(None),
         })
-    }
-
-    /// Puts an edit of the hand-off settings in force, from the next round on.
-    pub(crate) fn set_handoff(&self, handoff: RedisHandoff) {
-        *self.handoff.lock() = handoff;
     }
 
     fn connect(&self) -> redis::RedisResult<Pooled> {
@@ -275,99 +285,20 @@ pub(crate) fn tenant_key(tenant: &str) -> String {
 }
 
 impl RedisTenants {
-    /// Merges this worker's closed log files, and those of dead workers under `wal_root`, into
-    /// Redis, and hands each log's files over (see the module documentation). First settles
-    /// the consumed files: merged again if another Redis answers now, deleted once their grace
-    /// is over. Asks Redis nothing when there is nothing to do.
-    pub(crate) fn round(
-        &self,
-        wal_root: &Path,
-        worker: &str,
-        logs: &[WorkerLog],
-        report: &mut FlushReport,
-    ) -> Result<(), StoreError> {
-        if self.consumed.lock().is_empty() && logs.iter().all(|log| log.inputs.is_empty()) {
-            return Ok(());
-        }
-        let handoff = *self.handoff.lock();
-        if !self.consumed.lock().is_empty() {
-            let redis = self.with(|connection| identity(connection).map_err(unavailable))?;
-            *self.checked.lock() = Some(Instant::now());
-            self.settle_consumed(&redis, handoff.grace, report)?;
-        }
-        for log in logs.iter().filter(|log| !log.inputs.is_empty()) {
-            let dir = wal_root.join(&log.worker);
-            // A dead worker's log is taken by one live worker at a time.
-            let _held = if log.worker == worker {
-                None
-            } else if log.live {
-                continue;
-            } else {
-                match LogDir::lock(&dir, Duration::ZERO)? {
-                    Some(held) => Some(held),
-                    None => continue,
-                }
-            };
-            let (merged, durable, redis) = self.with(|connection| {
-                let mut merged = Vec::new();
-                // A dead worker's consumed files are its inputs; once this worker consumed
-                // them too, they only wait out its grace.
-                let waiting = |file: &&LogFile| {
-                    file.consumed && self.consumed.lock().iter().any(|c| c.dir == dir && c.seq == file.seq)
-                };
-                for file in log.inputs.iter().filter(|file| !waiting(file)) {
-                    if !self.merge_file(connection, wal_root, file, report)? {
-                        break;
-                    }
-                    merged.push(file);
-                }
-                if merged.is_empty() {
-                    return Ok((merged, Durable::Now, Identity::default()));
-                }
-                let durable = self.confirm(connection, handoff)?;
-                // Read once the writes are in: a history that later runs at least this far
-                // holds them.
-                let redis = identity(connection).map_err(unavailable)?;
-                Ok((merged, durable, redis))
-            })?;
-            for file in merged {
-                self.hand_off(&dir, file, &durable, &redis, report)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Adds the ids of the log file `file` to their tenants' sets over `connection`; false if
     /// the file is gone (its restarted worker renamed it, or another merged it).
     fn merge_file(
         &self,
         connection: &mut Pooled,
-        wal_root: &Path,
         file: &LogFile,
-        report: &mut FlushReport,
+        report: &mut MergeReport,
     ) -> Result<bool, StoreError> {
-        let data = match disk::read(&file.path) {
-            Ok(data) => data,
-            Err(e) if e.not_found() => return Ok(false),
-            Err(e) => return Err(e.into()),
-        };
+        let Some(data) = Contents::read(&file.path)? else { return Ok(false) };
         let mut by_tenant: HashMap<&str, Vec<&[u8]>> = HashMap::new();
-        let mut damage = Damage::default();
-        let mut records = Records::new(&data).peekable();
-        while let Some(entry) = records.next() {
-            match entry {
-                Entry::Record(payload) => {
-                    for run in payload.runs() {
-                        report.items += run.count_ids();
-                        by_tenant.entry(run.tenant).or_default().extend(run.ids());
-                    }
-                }
-                Entry::Damaged { offset, len } => {
-                    damage.note(&file.path, offset, len, records.peek().is_none());
-                }
-            }
-        }
-        damage.keep_aside(wal_root.parent().unwrap_or(wal_root), &file.path);
+        let damage = data.scan(&self.root, &file.path, |run| {
+            report.items += run.count_ids();
+            by_tenant.entry(run.tenant).or_default().extend(run.ids());
+        });
         report.add_damage(damage);
         for (tenant, ids) in &by_tenant {
             report.new_ids += sadd(connection, tenant, ids).map_err(unavailable)?;
@@ -445,7 +376,7 @@ impl RedisTenants {
         file: &LogFile,
         durable: &Durable,
         redis: &Identity,
-        report: &mut FlushReport,
+        report: &mut MergeReport,
     ) -> Result<(), StoreError> {
         match durable {
             Durable::Now => {
@@ -469,20 +400,10 @@ impl RedisTenants {
         Ok(())
     }
 
-    /// Whether a round should settle the consumed log files though nothing else changed: one
-    /// has waited out its grace, or what Redis holds was last read over a second ago.
-    pub(crate) fn settle_due(&self) -> bool {
-        let grace = self.handoff.lock().grace;
-        let consumed = self.consumed.lock();
-        !consumed.is_empty()
-            && (consumed.iter().any(|c| c.at.elapsed() >= grace)
-                || self.checked.lock().is_none_or(|at| at.elapsed() >= RECHECK))
-    }
-
     /// Settles the consumed log files with `redis`, what Redis holds now: those whose ids it
     /// may have lost become closed files again, to be merged again; those that waited `grace`
     /// since Redis took their ids are deleted.
-    fn settle_consumed(&self, redis: &Identity, grace: Duration, report: &mut FlushReport) -> Result<(), StoreError> {
+    fn settle_consumed(&self, redis: &Identity, grace: Duration, report: &mut MergeReport) -> Result<(), StoreError> {
         let settled: Vec<Consumed> = {
             let mut consumed = self.consumed.lock();
             let (settled, waiting) =
@@ -510,29 +431,132 @@ impl RedisTenants {
         }
         Ok(())
     }
+}
+
+impl TenantSets for RedisTenants {
+    fn highest_merged(&self, _worker: &str) -> u64 {
+        // Redis keeps no record of log files: a log file is deleted only once its ids are in.
+        0
+    }
+
+    /// Whether a round should settle the consumed log files though nothing else changed: one
+    /// has waited out its grace, or what Redis holds was last read over a second ago.
+    fn round_due(&self) -> bool {
+        let grace = self.handoff.lock().grace;
+        let consumed = self.consumed.lock();
+        !consumed.is_empty()
+            && (consumed.iter().any(|c| c.at.elapsed() >= grace)
+                || self.checked.lock().is_none_or(|at| at.elapsed() >= RECHECK))
+    }
+
+    /// Merges this worker's closed log files, and those of dead workers, into
+    /// Redis, and hands each log's files over (see the module documentation). First settles
+    /// the consumed files: merged again if another Redis answers now, deleted once their grace
+    /// is over. Asks Redis nothing when there is nothing to do.
+    fn merge(&self, logs: &[WorkerLog], report: &mut MergeReport) -> Result<(), StoreError> {
+        let worker = self.worker.as_str();
+        // What this worker is to merge: its own final files, and those of dead workers; the
+        // files it consumed only wait out their grace. Until merged, they are its lag.
+        let consumed_here = |log: &WorkerLog, file: &LogFile| {
+            file.consumed && self.consumed.lock().iter().any(|c| c.dir == log.dir && c.seq == file.seq)
+        };
+        let mut waiting: Vec<(&WorkerLog, &LogFile)> = logs
+            .iter()
+            .filter(|log| log.worker == worker || !log.live)
+            .flat_map(|log| log.inputs.iter().map(move |file| (log, file)))
+            .filter(|(log, file)| !consumed_here(log, file))
+            .collect();
+        *self.behind_since.lock() = waiting.iter().map(|(_, file)| file.modified).min();
+        if self.consumed.lock().is_empty() && waiting.is_empty() {
+            return Ok(());
+        }
+        let handoff = *self.handoff.lock();
+        if !self.consumed.lock().is_empty() {
+            let redis = self.with(|connection| identity(connection).map_err(unavailable))?;
+            *self.checked.lock() = Some(Instant::now());
+            self.settle_consumed(&redis, handoff.grace, report)?;
+        }
+        for log in logs.iter().filter(|log| !log.inputs.is_empty() && (log.worker == worker || !log.live)) {
+            let dir = log.dir.clone();
+            // A dead worker's log is taken by one live worker at a time.
+            let _held = if log.worker == worker {
+                None
+            } else {
+                match LogDir::lock(&dir, Duration::ZERO)? {
+                    Some(held) => Some(held),
+                    None => continue,
+                }
+            };
+            let (merged, durable, redis) = self.with(|connection| {
+                let mut merged = Vec::new();
+                // A dead worker's consumed files are its inputs; once this worker consumed
+                // them too, they only wait out its grace.
+                for file in log.inputs.iter().filter(|file| !consumed_here(log, file)) {
+                    if !self.merge_file(connection, file, report)? {
+                        break;
+                    }
+                    merged.push(file);
+                }
+                if merged.is_empty() {
+                    return Ok((merged, Durable::Now, Identity::default()));
+                }
+                let durable = self.confirm(connection, handoff)?;
+                // Read once the writes are in: a history that later runs at least this far
+                // holds them.
+                let redis = identity(connection).map_err(unavailable)?;
+                Ok((merged, durable, redis))
+            })?;
+            for file in merged {
+                self.hand_off(&dir, file, &durable, &redis, report)?;
+                waiting.retain(|(_, waits)| !std::ptr::eq(*waits, file));
+            }
+            *self.behind_since.lock() = waiting.iter().map(|(_, file)| file.modified).min();
+        }
+        Ok(())
+    }
 
     /// The tenant's distinct count: `SCARD` on the counts' multiplexed connection, answered or
     /// failed within [`COUNT_TIMEOUT`].
-    pub(crate) async fn count(&self, tenant: &str) -> Result<u64, StoreError> {
+    fn count(&self, tenant: &str) -> Count<'_> {
         let scard = redis::cmd("SCARD").arg(tenant_key(tenant)).to_owned();
-        let counted = tokio::time::timeout(COUNT_TIMEOUT, async {
-            match self.counter().await? {
-                Counter::Server(mut connection) => scard.query_async(&mut connection).await,
-                Counter::Cluster(mut connection) => scard.query_async(&mut connection).await,
+        Count::Later(Box::pin(async move {
+            let counted = tokio::time::timeout(COUNT_TIMEOUT, async {
+                match self.counter().await? {
+                    Counter::Server(mut connection) => scard.query_async(&mut connection).await,
+                    Counter::Cluster(mut connection) => scard.query_async(&mut connection).await,
+                }
+            })
+            .await;
+            match counted {
+                Ok(counted) => counted.map_err(unavailable),
+                Err(_) => Err(StoreError::Backend(format!("redis: no answer within {COUNT_TIMEOUT:?}"))),
             }
-        })
-        .await;
-        match counted {
-            Ok(counted) => counted.map_err(unavailable),
-            Err(_) => Err(StoreError::Backend(format!("redis: no answer within {COUNT_TIMEOUT:?}"))),
-        }
+        }))
     }
 
     /// The tenant's distinct count, for callers outside an async runtime: `SCARD` on a merge
     /// connection.
-    pub(crate) fn count_blocking(&self, tenant: &str) -> Result<u64, StoreError> {
+    fn count_blocking(&self, tenant: &str) -> Result<u64, StoreError> {
         let scard = redis::cmd("SCARD").arg(tenant_key(tenant)).to_owned();
         self.with(|connection| connection.query(&scard).map_err(unavailable))
+    }
+
+    fn merge_lag(&self) -> Duration {
+        self.behind_since.lock().map_or(Duration::ZERO, |since| since.elapsed().unwrap_or_default())
+    }
+
+    fn ids_in_memory(&self) -> (u64, u64) {
+        // The sets live in Redis; a worker holds none of them.
+        (0, 0)
+    }
+
+    fn quarantined(&self) -> Vec<QuarantinedTenant> {
+        // A Redis set has no file of its own that could be damaged.
+        Vec::new()
+    }
+
+    fn apply(&self, settings: &Settings) {
+        *self.handoff.lock() = settings.redis_handoff;
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use super::disk;
+use crate::disk;
 
 /// The directory under the database where damaged files are kept.
 pub(crate) const DIR: &str = "damaged";

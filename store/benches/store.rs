@@ -1,4 +1,4 @@
-//! Store benchmarks (`cargo bench -p countapp-worker --bench store`):
+//! Store benchmarks (`cargo bench -p countapp-store --bench store`):
 //!
 //! - `append_then_flush`: batches of 100 ids of 16 bytes over 10 tenants, appended by 16 threads
 //!   at once under `everysec`, then one flush; the figure is items per second for both.
@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use countapp_shared::config::FsyncPolicy;
-use countapp_shared::items::Item;
-use countapp_worker::store::{Store, StoreOptions};
+use countapp_store::{Item, Settings, Store, StoreOptions};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 const BATCH: usize = 100;
@@ -34,7 +33,15 @@ fn as_items(batch: &[(String, String)]) -> Vec<Item<'_>> {
 }
 
 fn open(dir: &std::path::Path) -> Store {
-    Store::open(dir, "bench", StoreOptions { fsync: FsyncPolicy::EverySec, ..StoreOptions::default() }).unwrap()
+    Store::open(
+        dir,
+        "bench",
+        StoreOptions {
+            settings: Settings { fsync: FsyncPolicy::EverySec, ..Settings::default() },
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap()
 }
 
 fn append_then_flush(c: &mut Criterion) {

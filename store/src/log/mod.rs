@@ -10,7 +10,7 @@
 //! closed one, and is merged like one.
 //!
 //! With `store: redis`, a closed file whose ids Redis took but cannot yet vouch for (see
-//! `redis_sets`) is renamed `<seq>.done`: consumed, no longer pending nor merged again by its
+//! `sets::redis`) is renamed `<seq>.done`: consumed, no longer pending nor merged again by its
 //! live worker, and deleted after a grace period. A `.done` file outlives its worker's run only
 //! if the worker stops or dies within that period: it is then replayed like any closed file, by
 //! the worker's next run or by whoever takes a dead worker's log (`SADD` is idempotent).
@@ -19,15 +19,18 @@
 //! acknowledged: it is dropped. Damage anywhere else is not: the intact records after it are
 //! still merged, and the file is kept aside under `damaged/` for an operator ([`Damage`]).
 
+mod read;
 pub(crate) mod record;
 pub(crate) mod writer;
+
+pub(crate) use read::{Contents, items_in};
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{damaged, disk};
+use crate::{damaged, disk};
 
 /// The name of the lock file in every log directory.
 const LOCK_FILE: &str = "LOCK";

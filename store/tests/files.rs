@@ -9,8 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use countapp_shared::items::Item;
-use countapp_worker::store::{Store, StoreOptions};
+use countapp_store::{Item, Store, StoreOptions};
 
 const WORKER: &str = "w1";
 const GONE: &str = "w2";

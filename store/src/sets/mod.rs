@@ -1,0 +1,102 @@
+//! Where the tenants' id sets live: one trait, [`TenantSets`], and one module per backend.
+//!
+//! - `json`: a JSON file per tenant under the database, merged shard by shard, each shard by one
+//!   worker at a time; shared by the workers of one machine.
+//! - `redis`: one Redis set per tenant; each worker merges its own log, and workers on any
+//!   machine share the sets.
+//!
+//! The store drives every backend the same way: the log hands over its final files at each
+//! merge round ([`TenantSets::merge`]), and the backend takes their items, reports what it did,
+//! and deletes (through the log's rules, see `log`) the files it has durably taken. Counts,
+//! lag and stats are asked of it. A new backend is a module here implementing the trait, a
+//! variant of the config's `store` key, and one arm in [`open`].
+
+mod json;
+mod redis;
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::time::Duration;
+
+use countapp_shared::config::StoreKind;
+
+use crate::log::WorkerLog;
+use crate::{MergeReport, QuarantinedTenant, Settings, StoreError, StoreOptions};
+
+pub(crate) use json::count_in;
+
+/// The tenants' id sets of one backend, as one worker merges and reads them.
+pub(crate) trait TenantSets: Send + Sync {
+    /// The highest number of `worker`'s log files that this backend records as merged, so that a
+    /// worker never numbers a new file at or below it (it would count as merged already); 0
+    /// where the backend keeps no such record.
+    fn highest_merged(&self, worker: &str) -> u64;
+
+    /// Whether a round must run although no log file came or went: something failed and is due
+    /// for another try, or something waits on time (a grace period, a recheck).
+    fn round_due(&self) -> bool;
+
+    /// One merge round: takes the items of the final log files in `logs` that this worker is to
+    /// merge, deletes the files it has durably taken, and adds what it did to `report`.
+    fn merge(&self, logs: &[WorkerLog], report: &mut MergeReport) -> Result<(), StoreError>;
+
+    /// The tenant's distinct count as of the latest merge by any worker.
+    fn count(&self, tenant: &str) -> Count<'_>;
+
+    /// [`TenantSets::count`] for callers outside an async runtime.
+    fn count_blocking(&self, tenant: &str) -> Result<u64, StoreError>;
+
+    /// How long the oldest item that this worker is to merge has waited since its log file was
+    /// last written: zero when it keeps up.
+    fn merge_lag(&self) -> Duration;
+
+    /// Ids this worker holds in memory for the sets it merges, and their bytes, about.
+    fn ids_in_memory(&self) -> (u64, u64);
+
+    /// The tenants in quarantine among those this worker merges.
+    fn quarantined(&self) -> Vec<QuarantinedTenant>;
+
+    /// Puts an edit of the live settings in force, from the next round on.
+    fn apply(&self, settings: &Settings);
+}
+
+/// A count: at once (read from a file held open), or later (a round trip to a server). A count
+/// answered at once costs no allocation on the request path.
+pub enum Count<'a> {
+    /// The count is known.
+    Now(Result<u64, StoreError>),
+    /// The count is on its way.
+    Later(Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send + 'a>>),
+}
+
+impl Count<'_> {
+    /// The count, however it comes.
+    pub async fn get(self) -> Result<u64, StoreError> {
+        match self {
+            Count::Now(count) => count,
+            Count::Later(count) => count.await,
+        }
+    }
+}
+
+/// Opens the sets of the backend `options.store` names, for worker `worker` of the database at
+/// `database` (of `shards` shards); `writer_tag` names this run of the worker.
+pub(crate) fn open(
+    database: &Path,
+    shards: u16,
+    worker: &str,
+    writer_tag: String,
+    options: &StoreOptions,
+) -> Result<Box<dyn TenantSets>, StoreError> {
+    Ok(match options.store {
+        StoreKind::Json => Box::new(json::Shards::new(database, shards, worker, writer_tag, &options.settings)),
+        StoreKind::Redis => {
+            let url = options
+                .redis_url
+                .as_deref()
+                .ok_or_else(|| StoreError::Backend("store: redis needs a redis_url, and none was given".to_owned()))?;
+            Box::new(redis::RedisTenants::new(database, worker, url, options.redis_cluster, &options.settings)?)
+        }
+    })
+}
