@@ -15,6 +15,11 @@
 //! if the worker stops or dies within that period: it is then replayed like any closed file, by
 //! the worker's next run or by whoever takes a dead worker's log (`SADD` is idempotent).
 //!
+//! The log decides a file's fate, by one rule for every backend, from what the backend reports
+//! of its items: durably taken, it goes ([`delete_taken`]); taken but not vouched for, it is
+//! consumed for a grace period ([`consume`], [`settle_consumed`]); otherwise it stays. Reading a
+//! final file, with its damage told and kept aside, is `read`'s.
+//!
 //! A damaged stretch at the very end of a file is the torn tail of a crash mid-append, never
 //! acknowledged: it is dropped. Damage anywhere else is not: the intact records after it are
 //! still merged, and the file is kept aside under `damaged/` for an operator ([`Damage`]).
@@ -133,13 +138,49 @@ pub(crate) fn retire(dir: &Path, file: &LogFile) -> disk::Result<bool> {
     Ok(removed)
 }
 
+/// Deletes the final log file `file`, whose every item the tenants' sets now hold durably (as
+/// the backend reports it: merged by every shard, or confirmed by Redis): the one rule by which a
+/// log file goes. True if this call deleted it; false if it was gone already.
+pub(crate) fn delete_taken(file: &LogFile) -> disk::Result<bool> {
+    disk::remove_if_present(&file.path)
+}
+
+/// Marks the final log file `file` of the log directory `dir` consumed: its items are taken, but
+/// the backend cannot vouch yet that they are durable, so it is kept for a grace period (see the
+/// module documentation), no longer pending. False if the file is gone (renamed back by its
+/// restarted worker, which merges it again).
+pub(crate) fn consume(dir: &Path, file: &LogFile) -> disk::Result<bool> {
+    if file.consumed {
+        return Ok(true);
+    }
+    match disk::rename(&file.path, &consumed_path(dir, file.seq)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Settles the consumed file `seq` of the log directory `dir` once its grace is over: deleted if
+/// the backend still holds its items (`held`), else made a closed file again, to be merged again.
+/// True if this call deleted it. A file gone was renamed back by its worker's next run.
+pub(crate) fn settle_consumed(dir: &Path, seq: u64, held: bool) -> disk::Result<bool> {
+    let path = consumed_path(dir, seq);
+    if held {
+        return disk::remove_if_present(&path);
+    }
+    match disk::rename(&path, &file_path(dir, seq, true)) {
+        Err(e) if !e.not_found() => Err(e),
+        _ => Ok(false),
+    }
+}
+
 /// The path of the log file with sequence number `seq` in the log directory `dir`.
 pub(crate) fn file_path(dir: &Path, seq: u64, closed: bool) -> PathBuf {
     dir.join(format!("{seq:016}.{}", if closed { CLOSED_SUFFIX } else { OPEN_SUFFIX }))
 }
 
 /// The path a log file takes once consumed (see the module documentation).
-pub(crate) fn consumed_path(dir: &Path, seq: u64) -> PathBuf {
+fn consumed_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016}.{CONSUMED_SUFFIX}"))
 }
 

@@ -40,8 +40,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, ServerErrorKind, Value};
 
 use super::{Count, TenantSets};
-use crate::disk;
-use crate::log::{Contents, LogDir, LogFile, WorkerLog, consumed_path, file_path};
+use crate::log::{self, Contents, LogDir, LogFile, WorkerLog};
 use crate::{MergeReport, QuarantinedTenant, Settings, StoreError};
 
 /// Ids per `SADD`: large enough to amortize the round trip, small enough not to stall Redis.
@@ -380,18 +379,13 @@ impl RedisTenants {
     ) -> Result<(), StoreError> {
         match durable {
             Durable::Now => {
-                if disk::remove_if_present(&file.path)? {
+                if log::delete_taken(file)? {
                     report.deleted_files += 1;
                 }
             }
             Durable::AfterGrace => {
-                let done = consumed_path(dir, file.seq);
-                if !file.consumed {
-                    match disk::rename(&file.path, &done) {
-                        Ok(()) => {}
-                        Err(e) if e.not_found() => return Ok(()),
-                        Err(e) => return Err(e.into()),
-                    }
+                if !log::consume(dir, file)? {
+                    return Ok(());
                 }
                 let (dir, seq, at, redis) = (dir.to_path_buf(), file.seq, Instant::now(), redis.clone());
                 self.consumed.lock().push(Consumed { dir, seq, at, redis });
@@ -411,21 +405,18 @@ impl RedisTenants {
             *consumed = waiting;
             settled
         };
-        // A file gone was renamed back by its worker's next run, which merges it again.
         for file in settled {
-            let path = consumed_path(&file.dir, file.seq);
-            if !redis.holds(&file.redis) {
+            let held = redis.holds(&file.redis);
+            if !held {
                 tracing::warn!(
-                    file = %path.display(),
+                    dir = %file.dir.display(),
+                    seq = file.seq,
                     was = %file.redis,
                     now = %redis,
                     "Redis may have lost this log file's ids (restarted, failed over, or lost writes): merging it again"
                 );
-                match disk::rename(&path, &file_path(&file.dir, file.seq, true)) {
-                    Err(e) if !e.not_found() => return Err(e.into()),
-                    _ => {}
-                }
-            } else if disk::remove_if_present(&path)? {
+            }
+            if log::settle_consumed(&file.dir, file.seq, held)? {
                 report.deleted_files += 1;
             }
         }

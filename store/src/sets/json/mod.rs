@@ -623,7 +623,7 @@ impl Shards {
                 if !merged_by_all {
                     continue;
                 }
-                match disk::remove_if_present(&file.path) {
+                match log::delete_taken(file) {
                     Ok(removed) => report.deleted_files += u64::from(removed),
                     Err(e) => tracing::warn!(error = %e, "cannot delete a merged log file; tried again later"),
                 }
