@@ -136,12 +136,21 @@ pub struct Store {
     log: LogDir,
     /// One round at a time.
     rounds: Mutex<RoundState>,
-    /// This worker's closed log files not yet deleted, with their items: the pending count.
-    closed: Mutex<BTreeMap<u64, u64>>,
+    /// This worker's closed log files not yet taken by the sets, each with its items and when
+    /// the first of them was written: what is pending, and since when.
+    closed: Mutex<BTreeMap<u64, Pending>>,
     /// When the latest round that did something finished, what it took, and what it did.
     last_merge: Mutex<Option<(SystemTime, Duration, MergeReport)>>,
     /// The most bytes `damaged/` keeps, and when this worker last pruned it.
     damaged: Mutex<(u64, Option<Instant>)>,
+}
+
+/// A closed log file of this worker's that the sets have not taken yet.
+struct Pending {
+    /// Its items.
+    items: u64,
+    /// When the first of them was written.
+    since: SystemTime,
 }
 
 /// What the last merge round saw, so that a poll with nothing new does nothing.
@@ -177,7 +186,8 @@ impl Store {
                 // Nothing acknowledged in it, and its number is below those reserved now.
                 Some(0) => disk::remove(&file.path)?,
                 Some(items) => {
-                    closed.insert(file.seq, items);
+                    // Its first item was written at the latest when the file was last written.
+                    closed.insert(file.seq, Pending { items, since: file.modified });
                 }
             }
         }
@@ -253,8 +263,8 @@ impl Store {
     /// Closes the active log file, if it holds anything: every item acknowledged so far is then
     /// in a closed file, for the owners of its shards to merge.
     pub fn close_log(&self) -> Result<(), StoreError> {
-        if let Some((seq, items)) = self.writer.rotate()? {
-            self.closed.lock().insert(seq, items);
+        if let Some((seq, items, since)) = self.writer.rotate()? {
+            self.closed.lock().insert(seq, Pending { items, since });
         }
         Ok(())
     }
@@ -333,7 +343,15 @@ impl Store {
     /// Items this worker acknowledged that are still in its log files, not yet taken by the
     /// tenants' store (consumed log files waiting out Redis's grace period are not pending).
     pub fn pending_items(&self) -> u64 {
-        self.writer.active_items() + self.closed.lock().values().sum::<u64>()
+        self.writer.active_items() + self.closed.lock().values().map(|pending| pending.items).sum::<u64>()
+    }
+
+    /// How long the oldest item this worker acknowledged that the sets have not taken yet has
+    /// waited: whether in a closed log file or still in the active one. Zero when none waits.
+    pub fn oldest_pending(&self) -> Duration {
+        let closed = self.closed.lock().values().map(|pending| pending.since).min();
+        let oldest = closed.into_iter().chain(self.writer.active_since()).min();
+        oldest.map_or(Duration::ZERO, |since| since.elapsed().unwrap_or_default())
     }
 
     /// The number of shards of the database.
@@ -353,6 +371,7 @@ impl Store {
             pending_items: self.pending_items(),
             ids_in_memory: self.sets.ids_in_memory(),
             merge_lag: self.merge_lag(),
+            oldest_pending: self.oldest_pending(),
             last_merge: self.last_merge.lock().clone(),
             quarantined: self.sets.quarantined(),
         }

@@ -70,6 +70,10 @@ pub struct StoreStats {
     pub ids_in_memory: (u64, u64),
     /// How far behind this worker's merging is (see [`Store::merge_lag`]).
     pub merge_lag: Duration,
+    /// How long the oldest item this worker acknowledged and the sets have not taken yet has
+    /// waited (see [`crate::Store::oldest_pending`]): what a client waits, at most, to see it
+    /// counted.
+    pub oldest_pending: Duration,
     /// When the latest round that did something finished, what it took, and what it did.
     pub last_merge: Option<(SystemTime, Duration, MergeReport)>,
     /// The tenants in quarantine in the shards this worker merges.

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use countapp_shared::config::FsyncPolicy;
 use parking_lot::Mutex;
@@ -120,6 +120,8 @@ struct Active {
     len: u64,
     /// Items in the file's records.
     items: u64,
+    /// When its first item was written: how long the oldest item in it has waited.
+    first_item: Option<SystemTime>,
     /// Set once the log can no longer be trusted (a failed fsync, or a failed write that could
     /// not be cut back): every later append fails rather than be acknowledged after a hole.
     poisoned: Option<String>,
@@ -190,9 +192,10 @@ impl Writer {
 
     /// Closes the active file, if it holds anything, and continues in a new one: every record
     /// acknowledged before this call is then in a closed file. Returns the closed file's
-    /// sequence number and items. A closed file whose rename fails stays `.open`, unmerged
-    /// but kept, and the rename is tried again at the next rotation.
-    pub(crate) fn rotate(&self) -> Result<Option<(u64, u64)>, StoreError> {
+    /// sequence number, its items, and when the first of them was written. A closed file whose
+    /// rename fails stays `.open`, unmerged but kept, and the rename is tried again at the next
+    /// rotation.
+    pub(crate) fn rotate(&self) -> Result<Option<(u64, u64, SystemTime)>, StoreError> {
         let mut rotation = self.rotating.lock();
         self.retry_renames(&mut rotation);
         let (seq, items) = {
@@ -223,7 +226,7 @@ impl Writer {
             tracing::warn!(error = %e, "a closed log file keeps its .open name for now: renamed at the next closing");
             rotation.unrenamed.push(seq);
         }
-        Ok(Some((seq, old.items)))
+        Ok(Some((seq, old.items, old.first_item.unwrap_or_else(SystemTime::now))))
     }
 
     /// Renames the closed files whose rename failed, oldest first, as far as they go.
@@ -255,6 +258,11 @@ impl Writer {
     /// Items in the active file.
     pub(crate) fn active_items(&self) -> u64 {
         self.log.active.lock().items
+    }
+
+    /// When the first item of the active file was written, if it holds any.
+    pub(crate) fn active_since(&self) -> Option<SystemTime> {
+        self.log.active.lock().first_item
     }
 
     /// The writer's counters.
@@ -314,7 +322,7 @@ impl Active {
             return Err(e.into());
         }
         let (magic, len) = (header.magic, FILE_HEADER_LEN as u64);
-        Ok(Active { seq, path, file: Arc::new(file), magic, len, items: 0, poisoned: None })
+        Ok(Active { seq, path, file: Arc::new(file), magic, len, items: 0, first_item: None, poisoned: None })
     }
 
     fn write(&mut self, bytes: &[u8], items: u64, sync: bool) -> Result<(), String> {
@@ -330,6 +338,7 @@ impl Active {
         }
         self.len += bytes.len() as u64;
         self.items += items;
+        self.first_item.get_or_insert_with(SystemTime::now);
         if sync && let Err(e) = disk::sync_log(&self.file, &self.path) {
             // After a failed fsync the kernel may have dropped the dirty pages: nothing written
             // since the last good fsync can be trusted any more.
