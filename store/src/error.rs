@@ -60,7 +60,7 @@ pub enum StoreError {
         reason: String,
     },
     /// The tenants' store (Redis) cannot be reached or refused the request; the log keeps
-    /// whatever could not be merged, and a later flush retries.
+    /// whatever could not be merged, and a later merge round retries.
     #[error("the tenant store is unavailable: {0}")]
     Backend(String),
 }

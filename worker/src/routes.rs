@@ -107,7 +107,7 @@ async fn items_subpath(req: HttpRequest, state: web::Data<AppState>) -> Result<H
     get_count(count_route(&req)?, &state).await
 }
 
-/// `GET /items/{tenant}/count`: the tenant's count as of the latest flush by any worker.
+/// `GET /items/{tenant}/count`: the tenant's count as of the latest merge round by any worker.
 async fn get_count(raw: &str, state: &AppState) -> Result<HttpResponse, ApiError> {
     let store = state.store().cloned().ok_or_else(not_ready)?;
     // Decoded here, once, from the raw path: every string is a tenant, `/` and `%` included.

@@ -41,7 +41,8 @@ pub struct Config {
     /// Directory of the per-worker log files.
     #[serde(default = "defaults::worker_logs")]
     pub worker_logs: Dir,
-    /// Interval between flushes of pending items into the per-tenant files.
+    /// How often each worker closes its log file, for the merge round that follows to take its
+    /// items: an item is counted about this long after it is acknowledged.
     #[serde(default = "defaults::worker_persist")]
     pub worker_persist: Seconds,
     /// Interval between health checks, and between re-reads of the file if watching it fails.
@@ -77,7 +78,8 @@ pub struct Config {
     /// where Redis has it) before the file is deleted.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub redis_wait_replicas: u32,
-    /// Items a worker's log may hold unflushed before ingest answers 503.
+    /// Items a worker's log may hold pending (acknowledged, not yet merged) before ingest
+    /// answers 503.
     #[serde(default = "defaults::max_pending_items")]
     pub max_pending_items: Positive,
     /// Bytes of damaged files kept under the database's `damaged/` for an operator, at most;
@@ -109,7 +111,7 @@ pub mod defaults {
     pub fn worker_logs() -> Dir {
         Dir::new("logs/")
     }
-    /// Interval between flushes of pending items into the per-tenant files.
+    /// How often each worker closes its log file.
     pub fn worker_persist() -> Seconds {
         Seconds::new(Duration::from_secs(5)).expect("within bounds")
     }
@@ -134,7 +136,7 @@ pub mod defaults {
     pub fn redis_grace() -> Seconds {
         Seconds::new(Duration::from_secs(2)).expect("within bounds")
     }
-    /// Items a worker's log holds unflushed (while its store is unreachable) before ingest
+    /// Items a worker's log holds pending (while its store is unreachable, say) before ingest
     /// answers 503: about a gigabyte of log.
     pub fn max_pending_items() -> Positive {
         Positive::new(50_000_000).expect("positive")
@@ -277,7 +279,7 @@ impl Config {
         self.damaged_max_bytes.unwrap_or_else(defaults::damaged_max_bytes).get()
     }
 
-    /// The interval between flushes.
+    /// How often each worker closes its log file.
     pub fn worker_persist(&self) -> Duration {
         self.worker_persist.get()
     }

@@ -1,7 +1,7 @@
 //! The write-ahead logs: one directory per worker under `wal/`, and the files in it.
 //!
 //! A worker appends every accepted batch to its active file, `<seq>.open`, before acknowledging
-//! it. At each flush it closes that file, renaming it `<seq>.log`, and goes on in `<seq+1>.open`.
+//! it. At each close it renames that file `<seq>.log`, and goes on in `<seq+1>.open`.
 //! Closed files are immutable: the workers that merge shards read them, each taking its shards'
 //! runs, and a closed file is deleted once every shard has merged it.
 //!
