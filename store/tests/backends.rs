@@ -1,0 +1,253 @@
+//! The behaviour every backend of the tenants' sets must have, as one set of scripts run against
+//! each: the JSON files, and Redis (a real `redis-server` on loopback, one per test). A new
+//! backend is added to [`every_backend!`] and must pass them all.
+//!
+//! The scripts go through the store's public API only: what a worker sees, whatever keeps the
+//! sets.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use countapp_shared::config::{RedisHandoff, StoreKind};
+use countapp_store::{Item, Settings, Store, StoreOptions};
+
+/// A backend under test: a database directory, and for Redis the server its sets live in.
+struct Backend {
+    dir: tempfile::TempDir,
+    kind: StoreKind,
+    redis: Option<RedisServer>,
+}
+
+impl Backend {
+    fn json() -> Backend {
+        Backend { dir: tempfile::tempdir().unwrap(), kind: StoreKind::Json, redis: None }
+    }
+
+    fn redis() -> Backend {
+        Backend { dir: tempfile::tempdir().unwrap(), kind: StoreKind::Redis, redis: Some(RedisServer::start()) }
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("db")
+    }
+
+    /// Opens the store of worker `worker`. Redis cannot vouch for its writes here (no AOF), so
+    /// a consumed log file waits out a short grace.
+    fn open(&self, worker: &str) -> Store {
+        let options = StoreOptions {
+            store: self.kind,
+            redis_url: self.redis.as_ref().map(RedisServer::url),
+            lock_wait: Duration::from_secs(5),
+            shards: 8,
+            settings: Settings {
+                redis_handoff: RedisHandoff { grace: Duration::from_millis(50), wait_replicas: 0 },
+                ..Settings::default()
+            },
+            ..StoreOptions::default()
+        };
+        Store::open(&self.db(), worker, options).unwrap()
+    }
+}
+
+/// Runs each script as a test against every backend.
+macro_rules! every_backend {
+    ($($script:ident),* $(,)?) => {
+        mod json {
+            $(#[test] fn $script() { super::$script(&super::Backend::json()) })*
+        }
+        mod redis {
+            $(#[test] fn $script() { super::$script(&super::Backend::redis()) })*
+        }
+    };
+}
+
+every_backend!(
+    counts_every_distinct_id_once,
+    counts_answer_alike_in_and_out_of_a_runtime,
+    a_crashed_workers_log_is_merged_by_a_live_one,
+    a_restarted_worker_loses_nothing,
+    nothing_is_pending_once_drained,
+    tenant_names_of_any_shape_keep_their_own_ids,
+    live_settings_change_nothing_acknowledged,
+);
+
+fn append(store: &Store, tenant: &str, ids: impl IntoIterator<Item = String>) {
+    let ids: Vec<String> = ids.into_iter().collect();
+    let batch: Vec<Item> = ids.iter().map(|id| Item::new(tenant, id)).collect();
+    store.append_blocking(&batch).unwrap();
+}
+
+fn ids(range: std::ops::Range<u32>) -> impl Iterator<Item = String> {
+    range.map(|i| format!("id-{i:05}"))
+}
+
+/// Merges until `store` has nothing pending, within a deadline.
+fn drained(store: &Store) {
+    store.drain(Duration::from_secs(10)).unwrap();
+    assert_eq!(store.pending_items(), 0, "items still pending after the drain");
+}
+
+fn counts_every_distinct_id_once(backend: &Backend) {
+    let store = backend.open("w1");
+    append(&store, "a", ids(0..100));
+    // Repeats within a batch, across batches, and across rounds.
+    append(&store, "a", ids(50..150).chain(ids(50..150)));
+    append(&store, "b", ids(0..10));
+    store.flush().unwrap();
+    append(&store, "a", ids(100..200));
+    drained(&store);
+    assert_eq!(store.count_blocking("a").unwrap(), 200);
+    assert_eq!(store.count_blocking("b").unwrap(), 10);
+    assert_eq!(store.count_blocking("never-seen").unwrap(), 0);
+}
+
+fn counts_answer_alike_in_and_out_of_a_runtime(backend: &Backend) {
+    let store = backend.open("w1");
+    append(&store, "t", ids(0..42));
+    drained(&store);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (counted, unknown) = runtime.block_on(async { (store.count("t").get().await, store.count("u").get().await) });
+    assert_eq!(counted.unwrap(), 42);
+    assert_eq!(unknown.unwrap(), 0);
+    assert_eq!(store.count_blocking("t").unwrap(), 42);
+}
+
+fn a_crashed_workers_log_is_merged_by_a_live_one(backend: &Backend) {
+    let crashed = backend.open("w1");
+    append(&crashed, "t", ids(0..300));
+    crashed.close_log().unwrap();
+    append(&crashed, "t", ids(300..400));
+    // Dropped without closing: as a crash, its log stays behind, its last file still `.open`.
+    drop(crashed);
+    let live = backend.open("w2");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live.count_blocking("t").unwrap() < 400 {
+        assert!(Instant::now() < deadline, "the dead worker's log was not merged");
+        live.flush().unwrap();
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(live.count_blocking("t").unwrap(), 400);
+    // Once taken, the dead worker's files go (after Redis's grace, where it applies).
+    while !log_files(&backend.db().join("wal").join("w1")).is_empty() {
+        assert!(Instant::now() < deadline, "the dead worker's log files stay: {:?}", log_files(&backend.db()));
+        live.merge().unwrap();
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn a_restarted_worker_loses_nothing(backend: &Backend) {
+    let first = backend.open("w1");
+    append(&first, "t", ids(0..100));
+    drop(first);
+    let second = backend.open("w1");
+    append(&second, "t", ids(100..150));
+    drained(&second);
+    assert_eq!(second.count_blocking("t").unwrap(), 150);
+    drop(second);
+    let third = backend.open("w1");
+    append(&third, "t", ids(140..160));
+    drained(&third);
+    assert_eq!(third.count_blocking("t").unwrap(), 160);
+}
+
+fn nothing_is_pending_once_drained(backend: &Backend) {
+    let store = backend.open("w1");
+    assert_eq!(store.oldest_pending(), Duration::ZERO);
+    append(&store, "t", ids(0..10));
+    assert_eq!(store.pending_items(), 10);
+    thread::sleep(Duration::from_millis(30));
+    assert!(store.oldest_pending() >= Duration::from_millis(30), "{:?}", store.oldest_pending());
+    store.close_log().unwrap();
+    assert_eq!(store.pending_items(), 10, "a closed file's items are pending until merged");
+    assert!(store.oldest_pending() >= Duration::from_millis(30), "{:?}", store.oldest_pending());
+    drained(&store);
+    assert_eq!(store.oldest_pending(), Duration::ZERO);
+    assert_eq!(store.merge_lag(), Duration::ZERO);
+    let stats = store.stats();
+    assert_eq!(stats.pending_items, 0);
+    let (_, _, last) = stats.last_merge.expect("a round that merged something");
+    assert_eq!((last.items, last.new_ids), (10, 10));
+}
+
+fn tenant_names_of_any_shape_keep_their_own_ids(backend: &Backend) {
+    let names = ["..", "a/b", "a b", "{tag}", "é", "t\u{0}x", &"long".repeat(64)];
+    let store = backend.open("w1");
+    for (n, name) in names.iter().enumerate() {
+        append(&store, name, ids(0..(n as u32 + 1)));
+    }
+    drained(&store);
+    for (n, name) in names.iter().enumerate() {
+        assert_eq!(store.count_blocking(name).unwrap(), n as u64 + 1, "tenant {name:?}");
+    }
+}
+
+fn live_settings_change_nothing_acknowledged(backend: &Backend) {
+    let store = backend.open("w1");
+    append(&store, "t", ids(0..10));
+    for fsync in [countapp_shared::config::FsyncPolicy::Always, countapp_shared::config::FsyncPolicy::Never] {
+        store.apply(&Settings { fsync, damaged_max_bytes: 1 << 20, ..Settings::default() });
+        append(&store, "t", ids(0..20));
+        store.flush().unwrap();
+    }
+    drained(&store);
+    assert_eq!(store.count_blocking("t").unwrap(), 20);
+}
+
+/// The log files (`.open`, `.log`, `.done`) in the log directory `dir`, or under every worker's
+/// directory of the database `dir`.
+fn log_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files = Vec::new();
+    for path in entries.flatten().map(|entry| entry.path()) {
+        if path.is_dir() {
+            files.extend(log_files(&path));
+        } else if path.extension().is_some_and(|ext| ext == "open" || ext == "log" || ext == "done") {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// A `redis-server` on a free loopback port, without persistence, killed and reaped when dropped.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot run redis-server; is it installed?");
+        let server = RedisServer { child, port, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server on {port} did not listen within 10 s");
+            thread::sleep(Duration::from_millis(10));
+        }
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
