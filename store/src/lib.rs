@@ -340,6 +340,14 @@ impl Store {
         self.sets.merge_lag()
     }
 
+    /// How far behind merging is, if past `bound`: ingest is then to be pushed back, so that
+    /// counts converge within about `worker_persist` and `bound` of the last acknowledgement.
+    /// `None` while merging keeps up, and while the backend cannot be reached (the log then
+    /// takes the ingest, up to the worker's `max_pending_items`).
+    pub fn outrun(&self, bound: Duration) -> Option<Duration> {
+        self.sets.outrun(bound)
+    }
+
     /// Items this worker acknowledged that are still in its log files, not yet taken by the
     /// tenants' store (consumed log files waiting out Redis's grace period are not pending).
     pub fn pending_items(&self) -> u64 {

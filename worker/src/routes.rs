@@ -66,8 +66,7 @@ async fn post_items(
         let message = format!("{pending} items wait for the tenant store; max_pending_items is reached");
         return Err(ApiError::PushBack(message));
     }
-    let lag = store.merge_lag();
-    if lag > MAX_MERGE_LAG {
+    if let Some(lag) = store.outrun(MAX_MERGE_LAG) {
         // Ingest outruns this worker's merging: shed it (the coordinator tries the other
         // workers) rather than let the counts fall further behind.
         return Err(ApiError::PushBack(format!("merging is {:.1} s behind; retry shortly", lag.as_secs_f64())));

@@ -195,6 +195,8 @@ pub(crate) struct LogFile {
     pub(crate) consumed: bool,
     /// When it was last written: for a final file, when its items were all in.
     pub(crate) modified: SystemTime,
+    /// Its length in bytes, as listed.
+    pub(crate) len: u64,
 }
 
 /// The log files in `dir`, oldest first.
@@ -210,13 +212,13 @@ pub(crate) fn files(dir: &Path) -> disk::Result<Vec<LogFile>> {
             OPEN_SUFFIX => (false, false),
             _ => continue,
         };
-        let modified = match entry.metadata().and_then(|meta| meta.modified()) {
-            Ok(modified) => modified,
+        let (modified, len) = match entry.metadata().and_then(|meta| Ok((meta.modified()?, meta.len()))) {
+            Ok(listed) => listed,
             // Merged and deleted by another worker since the listing.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(disk::DiskError::new(disk::Op::List, &entry.path(), e)),
         };
-        files.push(LogFile { seq, path: entry.path(), closed, consumed, modified });
+        files.push(LogFile { seq, path: entry.path(), closed, consumed, modified, len });
     }
     files.sort_unstable_by_key(|f| f.seq);
     Ok(files)

@@ -54,6 +54,9 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How often a round reads what Redis holds while consumed log files wait out their grace:
 /// a Redis that lost them is noticed within about this long.
 const RECHECK: Duration = Duration::from_secs(1);
+/// The weight of the latest merge in the recent merge rate: a few rounds make the average, so
+/// that one slow round (Redis saving, say) does not push ingest back by itself.
+const RATE_WEIGHT: f64 = 0.3;
 /// How long a count may take, connecting included, before it answers that Redis is
 /// unreachable: well within the coordinator's 0.5 s hop to a worker, so that the worker answers
 /// a 503 with the reason before the coordinator takes it for hung (and stops routing ingest to
@@ -174,9 +177,16 @@ pub(crate) struct RedisTenants {
     checked: Mutex<Option<Instant>>,
     /// Whether the log already says why consumed files wait out the grace period.
     told_grace: AtomicBool,
-    /// When the oldest log file that this worker is to merge and has not yet merged was last
-    /// written: how far behind its merging is.
-    behind_since: Mutex<Option<SystemTime>>,
+    /// What this worker is to merge and has not merged yet: when the oldest such log file was
+    /// last written, and the bytes of them all.
+    waiting: Mutex<(Option<SystemTime>, u64)>,
+    /// Whether the last round failed (Redis unreachable, or unable to confirm its writes): the
+    /// backlog then grows for want of Redis, not because ingest outruns it, and the log takes
+    /// the ingest meanwhile, up to `max_pending_items`.
+    failing: AtomicBool,
+    /// How fast this worker's merges go, in log bytes per second of merging: an average over
+    /// the recent rounds, to tell how long what waits will take.
+    merge_rate: Mutex<Option<f64>>,
 }
 
 impl RedisTenants {
@@ -210,7 +220,9 @@ impl RedisTenants {
             consumed: Mutex::new(Vec::new()),
             checked: Mutex::new(None),
             told_grace: AtomicBool::new(false),
-            behind_since: Mutex::new(None),
+            waiting: Mutex::new((None, 0)),
+            failing: AtomicBool::new(false),
+            merge_rate: Mutex::new(None),
         })
     }
 
@@ -305,6 +317,87 @@ impl RedisTenants {
         report.tenants += by_tenant.len() as u64;
         report.log_files += 1;
         Ok(true)
+    }
+
+    /// The round [`TenantSets::merge`] runs; see there.
+    fn merge_logs(&self, logs: &[WorkerLog], report: &mut MergeReport) -> Result<(), StoreError> {
+        let worker = self.worker.as_str();
+        // What this worker is to merge: its own final files, and those of dead workers; the
+        // files it consumed only wait out their grace. Until merged, they are its lag.
+        let consumed_here = |log: &WorkerLog, file: &LogFile| {
+            file.consumed && self.consumed.lock().iter().any(|c| c.dir == log.dir && c.seq == file.seq)
+        };
+        let mut waiting: Vec<(&WorkerLog, &LogFile)> = logs
+            .iter()
+            .filter(|log| log.worker == worker || !log.live)
+            .flat_map(|log| log.inputs.iter().map(move |file| (log, file)))
+            .filter(|(log, file)| !consumed_here(log, file))
+            .collect();
+        self.note_waiting(&waiting);
+        if self.consumed.lock().is_empty() && waiting.is_empty() {
+            return Ok(());
+        }
+        let handoff = *self.handoff.lock();
+        if !self.consumed.lock().is_empty() {
+            let redis = self.with(|connection| identity(connection).map_err(unavailable))?;
+            *self.checked.lock() = Some(Instant::now());
+            self.settle_consumed(&redis, handoff.grace, report)?;
+        }
+        for log in logs.iter().filter(|log| !log.inputs.is_empty() && (log.worker == worker || !log.live)) {
+            let dir = log.dir.clone();
+            // A dead worker's log is taken by one live worker at a time.
+            let _held = if log.worker == worker {
+                None
+            } else {
+                match LogDir::lock(&dir, Duration::ZERO)? {
+                    Some(held) => Some(held),
+                    None => continue,
+                }
+            };
+            let started = Instant::now();
+            let (merged, durable, redis) = self.with(|connection| {
+                let mut merged = Vec::new();
+                // A dead worker's consumed files are its inputs; once this worker consumed
+                // them too, they only wait out its grace.
+                for file in log.inputs.iter().filter(|file| !consumed_here(log, file)) {
+                    if !self.merge_file(connection, file, report)? {
+                        break;
+                    }
+                    merged.push(file);
+                }
+                if merged.is_empty() {
+                    return Ok((merged, Durable::Now, Identity::default()));
+                }
+                let durable = self.confirm(connection, handoff)?;
+                // Read once the writes are in: a history that later runs at least this far
+                // holds them.
+                let redis = identity(connection).map_err(unavailable)?;
+                Ok((merged, durable, redis))
+            })?;
+            self.note_rate(merged.iter().map(|file| file.len).sum(), started.elapsed());
+            for file in merged {
+                self.hand_off(&dir, file, &durable, &redis, report)?;
+                waiting.retain(|(_, waits)| !std::ptr::eq(*waits, file));
+            }
+            self.note_waiting(&waiting);
+        }
+        Ok(())
+    }
+
+    /// Notes what waits to be merged by this worker (see [`TenantSets::merge_lag`]).
+    fn note_waiting(&self, waiting: &[(&WorkerLog, &LogFile)]) {
+        let oldest = waiting.iter().map(|(_, file)| file.modified).min();
+        *self.waiting.lock() = (oldest, waiting.iter().map(|(_, file)| file.len).sum());
+    }
+
+    /// Folds a merge of `bytes` of log that took `took` into the recent merge rate.
+    fn note_rate(&self, bytes: u64, took: Duration) {
+        if bytes == 0 || took.is_zero() {
+            return;
+        }
+        let rate = bytes as f64 / took.as_secs_f64();
+        let mut recent = self.merge_rate.lock();
+        *recent = Some(recent.map_or(rate, |recent| RATE_WEIGHT * rate + (1.0 - RATE_WEIGHT) * recent));
     }
 
     /// Asks Redis to confirm the writes made so far on `connection`: `WAITAOF` where the
@@ -445,65 +538,9 @@ impl TenantSets for RedisTenants {
     /// the consumed files: merged again if another Redis answers now, deleted once their grace
     /// is over. Asks Redis nothing when there is nothing to do.
     fn merge(&self, logs: &[WorkerLog], report: &mut MergeReport) -> Result<(), StoreError> {
-        let worker = self.worker.as_str();
-        // What this worker is to merge: its own final files, and those of dead workers; the
-        // files it consumed only wait out their grace. Until merged, they are its lag.
-        let consumed_here = |log: &WorkerLog, file: &LogFile| {
-            file.consumed && self.consumed.lock().iter().any(|c| c.dir == log.dir && c.seq == file.seq)
-        };
-        let mut waiting: Vec<(&WorkerLog, &LogFile)> = logs
-            .iter()
-            .filter(|log| log.worker == worker || !log.live)
-            .flat_map(|log| log.inputs.iter().map(move |file| (log, file)))
-            .filter(|(log, file)| !consumed_here(log, file))
-            .collect();
-        *self.behind_since.lock() = waiting.iter().map(|(_, file)| file.modified).min();
-        if self.consumed.lock().is_empty() && waiting.is_empty() {
-            return Ok(());
-        }
-        let handoff = *self.handoff.lock();
-        if !self.consumed.lock().is_empty() {
-            let redis = self.with(|connection| identity(connection).map_err(unavailable))?;
-            *self.checked.lock() = Some(Instant::now());
-            self.settle_consumed(&redis, handoff.grace, report)?;
-        }
-        for log in logs.iter().filter(|log| !log.inputs.is_empty() && (log.worker == worker || !log.live)) {
-            let dir = log.dir.clone();
-            // A dead worker's log is taken by one live worker at a time.
-            let _held = if log.worker == worker {
-                None
-            } else {
-                match LogDir::lock(&dir, Duration::ZERO)? {
-                    Some(held) => Some(held),
-                    None => continue,
-                }
-            };
-            let (merged, durable, redis) = self.with(|connection| {
-                let mut merged = Vec::new();
-                // A dead worker's consumed files are its inputs; once this worker consumed
-                // them too, they only wait out its grace.
-                for file in log.inputs.iter().filter(|file| !consumed_here(log, file)) {
-                    if !self.merge_file(connection, file, report)? {
-                        break;
-                    }
-                    merged.push(file);
-                }
-                if merged.is_empty() {
-                    return Ok((merged, Durable::Now, Identity::default()));
-                }
-                let durable = self.confirm(connection, handoff)?;
-                // Read once the writes are in: a history that later runs at least this far
-                // holds them.
-                let redis = identity(connection).map_err(unavailable)?;
-                Ok((merged, durable, redis))
-            })?;
-            for file in merged {
-                self.hand_off(&dir, file, &durable, &redis, report)?;
-                waiting.retain(|(_, waits)| !std::ptr::eq(*waits, file));
-            }
-            *self.behind_since.lock() = waiting.iter().map(|(_, file)| file.modified).min();
-        }
-        Ok(())
+        let merged = self.merge_logs(logs, report);
+        self.failing.store(merged.is_err(), Ordering::Relaxed);
+        merged
     }
 
     /// The tenant's distinct count: `SCARD` on the counts' multiplexed connection, answered or
@@ -532,8 +569,26 @@ impl TenantSets for RedisTenants {
         self.with(|connection| connection.query(&scard).map_err(unavailable))
     }
 
+    /// How long the oldest file waiting has waited, and at least how long merging all that waits
+    /// will take at the recent rate: Redis takes ids at its own pace, slower than a worker's
+    /// log can take them, and what waits now is counted only once merged. A worker that pushes
+    /// ingest back past this keeps its backlog to what it merges within the bound, so that counts
+    /// converge within about `worker_persist` and the bound, however long the load.
     fn merge_lag(&self) -> Duration {
-        self.behind_since.lock().map_or(Duration::ZERO, |since| since.elapsed().unwrap_or_default())
+        let (oldest, bytes) = *self.waiting.lock();
+        let waited = oldest.map_or(Duration::ZERO, |since| since.elapsed().unwrap_or_default());
+        let to_merge = match *self.merge_rate.lock() {
+            Some(rate) if bytes > 0 => Duration::from_secs_f64(bytes as f64 / rate),
+            _ => Duration::ZERO,
+        };
+        waited.max(to_merge)
+    }
+
+    fn outrun(&self, bound: Duration) -> Option<Duration> {
+        if self.failing.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(self.merge_lag()).filter(|lag| *lag > bound)
     }
 
     fn ids_in_memory(&self) -> (u64, u64) {
