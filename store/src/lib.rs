@@ -56,6 +56,8 @@ pub struct StoreOptions {
     pub redis_url: Option<String>,
     /// With `store: redis`, whether `redis_url` is a node of a Redis Cluster: `redis_cluster`.
     pub redis_cluster: bool,
+    /// With a `rediss://` URL, the certificates of the TLS connection.
+    pub redis_tls: RedisTls,
     /// How long [`Store::open`] waits for a process that holds this worker's log, such as the
     /// previous run of this worker still stopping.
     pub lock_wait: Duration,
@@ -84,11 +86,24 @@ impl Default for StoreOptions {
             store: StoreKind::Json,
             redis_url: None,
             redis_cluster: false,
+            redis_tls: RedisTls::default(),
             lock_wait: Duration::from_secs(10),
             shards: DEFAULT_SHARDS,
             settings: Settings::default(),
         }
     }
+}
+
+/// The certificates of a TLS connection to Redis (`rediss://`), as PEM files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    /// The certificate authority that signed the server's certificate; the system's roots
+    /// when not given.
+    pub ca_file: Option<PathBuf>,
+    /// The client's certificate, where the server asks for one (mutual TLS); with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key.
+    pub key_file: Option<PathBuf>,
 }
 
 /// The store's settings that a running cluster can change with an edit of the config.

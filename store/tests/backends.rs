@@ -1,8 +1,10 @@
 //! The behaviour every backend of the tenants' sets must have, as one set of scripts run against
 //! each: the JSON files; Redis (a real `redis-server` on loopback, one per test, which cannot
 //! confirm its writes: log files wait out a grace); and Valkey with its append-only file on, whose
-//! `WAITAOF` confirms them (log files go at once). A new backend is added to [`every_backend!`]
-//! and must pass them all. Then the hand-off of log files to a Redis server, each way.
+//! `WAITAOF` confirms them (log files go at once); and Redis over TLS (`rediss://`, with mutual
+//! authentication, certificates made by `openssl` for the test). A new backend is added to
+//! [`every_backend!`] and must pass them all. Then the hand-off of log files to a Redis server,
+//! each way, and a server that a foreign authority vouches for, refused.
 //!
 //! The scripts go through the store's public API only: what a worker sees, whatever keeps the
 //! sets.
@@ -14,30 +16,46 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use countapp_shared::config::{RedisHandoff, StoreKind};
-use countapp_store::{Item, Settings, Store, StoreOptions};
+use countapp_store::{Item, RedisTls, Settings, Store, StoreOptions};
 
 /// A backend under test: a database directory, and for Redis the server its sets live in.
 struct Backend {
     dir: tempfile::TempDir,
     kind: StoreKind,
     redis: Option<RedisServer>,
+    tls: RedisTls,
+    /// The files `tls` names, kept while the backend lives.
+    certificates: Option<Certificates>,
 }
 
 impl Backend {
     fn json() -> Backend {
-        Backend { dir: tempfile::tempdir().unwrap(), kind: StoreKind::Json, redis: None }
+        let dir = tempfile::tempdir().unwrap();
+        Backend { dir, kind: StoreKind::Json, redis: None, tls: RedisTls::default(), certificates: None }
     }
 
     fn redis() -> Backend {
-        Backend::redis_on(RedisServer::start("redis-server", false))
+        Backend::redis_on(RedisServer::start("redis-server", false, None))
     }
 
     fn valkey_with_aof() -> Backend {
-        Backend::redis_on(RedisServer::start(&valkey_server(), true))
+        Backend::redis_on(RedisServer::start(&valkey_server(), true, None))
+    }
+
+    /// Redis on its TLS port only, asking for a client certificate; the client trusts the test's
+    /// authority alone and shows its own certificate.
+    fn redis_over_tls() -> Backend {
+        let certificates = Certificates::make();
+        let server = RedisServer::start("redis-server", false, Some(&certificates));
+        let mut backend = Backend::redis_on(server);
+        backend.tls = certificates.client();
+        backend.certificates = Some(certificates);
+        backend
     }
 
     fn redis_on(server: RedisServer) -> Backend {
-        Backend { dir: tempfile::tempdir().unwrap(), kind: StoreKind::Redis, redis: Some(server) }
+        let dir = tempfile::tempdir().unwrap();
+        Backend { dir, kind: StoreKind::Redis, redis: Some(server), tls: RedisTls::default(), certificates: None }
     }
 
     fn db(&self) -> PathBuf {
@@ -54,12 +72,10 @@ impl Backend {
         let options = StoreOptions {
             store: self.kind,
             redis_url: self.redis.as_ref().map(RedisServer::url),
+            redis_tls: self.tls.clone(),
             lock_wait: Duration::from_secs(5),
             shards: 8,
-            settings: Settings {
-                redis_handoff: RedisHandoff { grace, wait_replicas: 0 },
-                ..Settings::default()
-            },
+            settings: Settings { redis_handoff: RedisHandoff { grace, wait_replicas: 0 }, ..Settings::default() },
             ..StoreOptions::default()
         };
         Store::open(&self.db(), worker, options).unwrap()
@@ -77,6 +93,9 @@ macro_rules! every_backend {
         }
         mod valkey_with_aof {
             $(#[test] fn $script() { super::$script(&super::Backend::valkey_with_aof()) })*
+        }
+        mod redis_over_tls {
+            $(#[test] fn $script() { super::$script(&super::Backend::redis_over_tls()) })*
         }
     };
 }
@@ -230,7 +249,7 @@ fn with_waitaof_a_merged_log_file_is_deleted_at_once() {
 /// consumed (`.done`), no longer pending, and kept for the grace.
 #[test]
 fn without_an_append_only_file_a_merged_log_file_waits_out_the_grace() {
-    let backend = Backend::redis_on(RedisServer::start(&valkey_server(), false));
+    let backend = Backend::redis_on(RedisServer::start(&valkey_server(), false, None));
     let store = backend.open_with_grace("w1", Duration::from_secs(600));
     append(&store, "t", ids(0..100));
     store.flush().unwrap();
@@ -238,6 +257,98 @@ fn without_an_append_only_file_a_merged_log_file_waits_out_the_grace() {
     assert_eq!(store.pending_items(), 0);
     let consumed = log_files(&backend.db()).into_iter().filter(|f| f.extension().is_some_and(|e| e == "done"));
     assert_eq!(consumed.count(), 1);
+}
+
+/// A server whose certificate an authority other than the one the client trusts signed is
+/// refused: nothing is merged into it, and a count says why.
+#[test]
+fn a_server_vouched_for_by_a_foreign_authority_is_refused() {
+    let (ours, theirs) = (Certificates::make(), Certificates::make());
+    let mut backend = Backend::redis_on(RedisServer::start("redis-server", false, Some(&theirs)));
+    backend.tls = ours.client();
+    let store = backend.open("w1");
+    append(&store, "t", ids(0..10));
+    let refused = store.flush().expect_err("a merge into a server the client does not trust");
+    assert!(refused.to_string().contains("redis"), "{refused}");
+    assert!(store.count_blocking("t").is_err());
+    assert_eq!(store.pending_items(), 10, "nothing merged, nothing lost");
+}
+
+/// A certificate authority, a server certificate for 127.0.0.1 and a client certificate, made
+/// with `openssl` in a temporary directory.
+struct Certificates {
+    dir: tempfile::TempDir,
+}
+
+impl Certificates {
+    fn make() -> Certificates {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(dir.path()).output().expect("run openssl");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        for (name, san) in [("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")] {
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ]);
+            std::fs::write(dir.path().join(format!("{name}.ext")), san).unwrap();
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.crt"),
+            ]);
+        }
+        Certificates { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_owned()
+    }
+
+    /// What the client presents and trusts.
+    fn client(&self) -> RedisTls {
+        RedisTls {
+            ca_file: Some(self.path("ca.crt").into()),
+            cert_file: Some(self.path("client.crt").into()),
+            key_file: Some(self.path("client.key").into()),
+        }
+    }
 }
 
 /// The `valkey-server` to run: `$VALKEY_SERVER` (which `make tests` sets, see
@@ -262,20 +373,34 @@ fn log_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// A Redis server (`redis-server`, or `valkey-server`) on a free loopback port, with or without
-/// its append-only file, killed and reaped when dropped.
+/// its append-only file, on plain TCP or TLS only, killed and reaped when dropped.
 struct RedisServer {
     child: Child,
     port: u16,
+    tls: bool,
     _dir: tempfile::TempDir,
 }
 
 impl RedisServer {
-    fn start(binary: &str, aof: bool) -> RedisServer {
+    fn start(binary: &str, aof: bool, tls: Option<&Certificates>) -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
         let appendonly = if aof { "yes" } else { "no" };
+        let listen = match tls {
+            None => vec!["--port".to_owned(), port.to_string()],
+            Some(certificates) => ["--port", "0", "--tls-port", &port.to_string(), "--tls-auth-clients", "yes"]
+                .into_iter()
+                .map(str::to_owned)
+                .chain(
+                    ["--tls-cert-file", "server.crt", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt"]
+                        .chunks(2)
+                        .flat_map(|pair| [pair[0].to_owned(), certificates.path(pair[1])]),
+                )
+                .collect(),
+        };
         let child = Command::new(binary)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly])
+            .args(&listen)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly])
             .arg("--dir")
             .arg(dir.path())
             .stdin(Stdio::null())
@@ -283,7 +408,7 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {binary} ({e}): make tests installs it"));
-        let server = RedisServer { child, port, _dir: dir };
+        let server = RedisServer { child, port, tls: tls.is_some(), _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "{binary} on {port} did not listen within 10 s");
@@ -293,7 +418,7 @@ impl RedisServer {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", if self.tls { "rediss" } else { "redis" }, self.port)
     }
 }
 

@@ -103,7 +103,7 @@ pub(crate) fn open(
                 .redis_url
                 .as_deref()
                 .ok_or_else(|| StoreError::Backend("store: redis needs a redis_url, and none was given".to_owned()))?;
-            Box::new(redis::RedisTenants::new(database, worker, url, options.redis_cluster, &options.settings)?)
+            Box::new(redis::RedisTenants::new(database, worker, url, options, &options.settings)?)
         }
     })
 }

@@ -41,7 +41,7 @@ use redis::{ErrorKind, ServerErrorKind, Value};
 
 use super::{Count, TenantSets};
 use crate::log::{self, Contents, LogDir, LogFile, WorkerLog};
-use crate::{MergeReport, QuarantinedTenant, Settings, StoreError};
+use crate::{MergeReport, QuarantinedTenant, RedisTls, Settings, StoreError, StoreOptions, disk};
 
 /// Ids per `SADD`: large enough to amortize the round trip, small enough not to stall Redis.
 const SADD_CHUNK: usize = 10_000;
@@ -196,17 +196,20 @@ impl RedisTenants {
         root: &Path,
         worker: &str,
         url: &str,
-        cluster: bool,
+        options: &StoreOptions,
         settings: &Settings,
     ) -> Result<RedisTenants, StoreError> {
         let bad = |e: redis::RedisError| StoreError::Backend(format!("redis_url {url}: {e}"));
-        let target = if cluster {
-            let client = redis::cluster::ClusterClient::builder([url])
-                .connection_timeout(TIMEOUT)
-                .response_timeout(TIMEOUT)
-                .build()
-                .map_err(bad)?;
-            Target::Cluster(Box::new(client))
+        let certificates = tls_certificates(url, &options.redis_tls)?;
+        let target = if options.redis_cluster {
+            let mut builder =
+                redis::cluster::ClusterClient::builder([url]).connection_timeout(TIMEOUT).response_timeout(TIMEOUT);
+            if let Some(certificates) = certificates {
+                builder = builder.certs(certificates);
+            }
+            Target::Cluster(Box::new(builder.build().map_err(bad)?))
+        } else if let Some(certificates) = certificates {
+            Target::Server(redis::Client::build_with_tls(url, certificates).map_err(bad)?)
         } else {
             Target::Server(redis::Client::open(url).map_err(bad)?)
         };
@@ -272,6 +275,22 @@ impl RedisTenants {
             .await?;
         Ok(counter.clone())
     }
+}
+
+/// The certificates of a TLS connection to `url`, read from the files `tls` names, if `url` is a
+/// `rediss://` one; the system's roots where no CA file is given.
+fn tls_certificates(url: &str, tls: &RedisTls) -> Result<Option<redis::TlsCertificates>, StoreError> {
+    if !url.starts_with("rediss://") {
+        return Ok(None);
+    }
+    let read = |path: &PathBuf| disk::read(path).map_err(StoreError::from);
+    let client_tls = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig { client_cert: read(cert)?, client_key: read(key)? }),
+        (None, None) => None,
+        _ => return Err(StoreError::Backend("a client certificate needs its key, and a key its certificate".into())),
+    };
+    let root_cert = tls.ca_file.as_ref().map(read).transpose()?;
+    Ok(Some(redis::TlsCertificates { client_tls, root_cert }))
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
