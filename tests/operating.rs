@@ -11,8 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Cluster, batch, client, count, eventually, extra, free_port, is_running, lone_worker, post, running, send_signal,
-    sigkill, stats, worker_url,
+    Cluster, batch, client, count, eventually, extra, free_port, is_running, lone_worker, metric, post, running,
+    send_signal, sigkill, stats, worker_url,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -161,12 +161,35 @@ fn a_port_held_by_another_program_is_reported_and_taken_once_free() {
     });
     let worker = entry(&url, port).unwrap();
     assert!(worker["last_error"].as_str().unwrap().contains("held by another program"), "{worker}");
+    assert!(worker["last_error_at_unix_ms"].as_u64().is_some_and(|ms| ms > 0), "{worker}");
+    assert_eq!(worker["last_error_past"], false, "{worker}");
     assert_eq!(worker["restarts"], 0, "nothing was spawned to fail: {worker}");
     assert_eq!(cluster.processes().len(), 1, "only the coordinator runs");
 
+    // Alive, but not ready: a load balancer sends no client here, and says why.
+    let client = client();
+    assert_eq!(client.get(format!("{url}/health")).send().unwrap().status(), StatusCode::OK);
+    let not_ready = client.get(format!("{url}/ready")).send().unwrap();
+    assert_eq!(not_ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = not_ready.json().unwrap();
+    assert_eq!((body["ready"].as_bool(), body["live_workers"].as_u64()), (Some(false), Some(0)), "{body}");
+    let why = body["error"].as_str().unwrap();
+    assert!(why.contains("no worker is ready") && why.contains(&format!(":{port} blocked")), "{body}");
+    let text = client.get(format!("{url}/metrics")).send().unwrap().text().unwrap();
+    for state in ["starting", "ready", "unhealthy", "exited", "stopping", "blocked"] {
+        let expected = if state == "blocked" { 1.0 } else { 0.0 };
+        assert_eq!(metric(&text, "countapp_coordinator_workers", &[("state", state)]), Some(expected), "{state}");
+    }
+
     drop(squatter);
     coordinator.wait_live(1);
-    assert_eq!(post(&client(), &url, batch(&[("freed", "1")])).status(), StatusCode::OK);
+    let ready = client.get(format!("{url}/ready")).send().unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let body: Value = ready.json().unwrap();
+    assert_eq!((body["ready"].as_bool(), body["live_workers"].as_u64()), (Some(true), Some(1)), "{body}");
+    let worker = entry(&url, port).unwrap();
+    assert_eq!(worker["last_error_past"], true, "the error is history once the worker is ready: {worker}");
+    assert_eq!(post(&client, &url, batch(&[("freed", "1")])).status(), StatusCode::OK);
 }
 
 #[test]
