@@ -43,10 +43,14 @@
   };
 
   // A worker's colour and dash follow from its port alone, so that they never move when a
-  // worker is added or removed, nor between tabs; neighbouring ports get different colours.
+  // worker is added or removed, nor between tabs. The low bits are mixed with higher ones:
+  // neighbouring ports (5001, 5002, ...) get different colours, and so do ports the kernel
+  // hands out, which are mostly odd.
   function lookOf(url) {
     const port = portOf(url);
-    return { color: PALETTE[port % PALETTE.length], dash: DASHES[Math.floor(port / PALETTE.length) % DASHES.length] };
+    const color = (port ^ (port >> 3) ^ (port >> 6)) % PALETTE.length;
+    const dash = ((port >> 3) ^ (port >> 9)) % DASHES.length;
+    return { color: PALETTE[color], dash: DASHES[dash] };
   }
 
   function el(tag, props, children) {
