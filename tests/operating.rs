@@ -312,3 +312,41 @@ fn a_hung_worker_is_killed_and_replaced() {
     assert!(replaced["last_error"].as_str().unwrap().contains("failed health checks"), "{replaced}");
     assert_eq!(post(&client(), &url, batch(&[("after-hang", "1")])).status(), StatusCode::OK);
 }
+
+/// A worker still recovering its log (held back here by its log's lock, as a previous run of it
+/// would hold it): the coordinator shows why it is not ready, as the worker says it, and is not
+/// ready itself until the worker is.
+#[test]
+fn a_worker_recovering_its_log_says_why_and_the_coordinator_is_ready_once_it_is() {
+    let (port, listen) = (free_port(), free_port());
+    let cluster = Cluster::new(&[port], &extra(listen, "worker_persist: 0.2\n"));
+    let log_dir = cluster.database().join("wal").join(format!("127.0.0.1-{port}"));
+    fs::create_dir_all(&log_dir).unwrap();
+    let lock = fs::File::create(log_dir.join("LOCK")).unwrap();
+    lock.lock().unwrap();
+    let mut coordinator = cluster.coordinator(listen);
+    let url = coordinator.url();
+    let mut recovering = None;
+    eventually(RESPAWN, "the worker says it is recovering", || {
+        recovering = client()
+            .get(format!("{url}/stats"))
+            .send()
+            .is_ok()
+            .then(|| entry(&url, port))
+            .flatten()
+            .filter(|w| w["not_ready"].as_str().is_some_and(|why| why.contains("recovering")));
+        recovering.is_some()
+    });
+    let recovering = recovering.unwrap();
+    assert_eq!(recovering["state"], "starting", "{recovering}");
+    let reply = client().get(format!("{url}/ready")).send().unwrap();
+    assert_eq!(reply.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = reply.json().unwrap();
+    assert!(body["error"].as_str().unwrap().contains(&format!(":{port} starting")), "{body}");
+
+    drop(lock);
+    coordinator.wait_live(1);
+    let ready = entry(&url, port).unwrap();
+    assert_eq!((ready["state"].as_str(), &ready["not_ready"]), (Some("ready"), &Value::Null), "{ready}");
+    assert_eq!(client().get(format!("{url}/ready")).send().unwrap().status(), StatusCode::OK);
+}
