@@ -31,7 +31,7 @@ use countapp_shared::api::ErrorBody;
 use countapp_shared::config::{Config, WorkerUrl};
 use countapp_shared::shutdown::WORKER_STOP_TIMEOUT;
 use countapp_shared::spawn::{CONFIG_ENV, TOKEN_ENV};
-use countapp_shared::wire::{ConfigPush, Ready};
+use countapp_shared::wire::{ConfigApplied, ConfigPush, Ready};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -504,8 +504,11 @@ async fn push_config(ctx: &Context, member: &Member) {
         .await;
     match reply {
         Ok(reply) if reply.status().is_success() => {
-            tracing::info!(worker = %member.url, version, "config applied");
-            ctx.pool.update(member, |s| s.config_version = Some(version));
+            // The version the worker says it runs now; a reply that cannot be read leaves it
+            // unknown, for the next health check to learn.
+            let runs = control::json::<ConfigApplied>(reply).await.ok().map(|applied| applied.config_version);
+            tracing::info!(worker = %member.url, version, runs = runs.as_deref(), "config applied");
+            ctx.pool.update(member, |s| s.config_version = runs);
         }
         Ok(reply) => {
             let status = reply.status();
