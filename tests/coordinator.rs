@@ -267,6 +267,11 @@ fn oversize_bodies_stop_at_the_coordinator_bad_batches_pass_through_and_no_worke
     let message = error_message(post(&client, &url, batch(&[("t", "1")])), StatusCode::SERVICE_UNAVAILABLE);
     assert!(message.contains("no live worker"), "{message}");
     assert!(started.elapsed() >= Duration::from_secs(1), "a request waits briefly for a worker before a 503");
+    let text = client.get(format!("{url}/metrics")).send().unwrap().text().unwrap();
+    let unavailable = |cause| metric(&text, "countapp_coordinator_unavailable_total", &[("cause", cause)]);
+    assert_eq!(unavailable("no_live_worker"), Some(1.0), "{text}");
+    assert_eq!(unavailable("push_back"), Some(0.0), "{text}");
+    assert!(coordinator.log().contains("request not served by a worker"), "each 503 is logged");
 }
 
 #[test]
@@ -439,6 +444,10 @@ fn when_every_worker_answers_5xx_a_request_tries_each_live_worker_once() {
     assert!(message.contains("behind"), "the workers' own explanation: {message}");
     let attempts: Vec<f64> = workers.iter().zip(&before).map(|(worker, before)| posts_seen(worker) - before).collect();
     assert_eq!(attempts, vec![1.0; workers.len()], "attempts on each worker");
+    // Counted as the workers' push-back, not as no worker being live.
+    let text = client.get(format!("{}/metrics", coordinator.url())).send().unwrap().text().unwrap();
+    let unavailable = |cause| metric(&text, "countapp_coordinator_unavailable_total", &[("cause", cause)]);
+    assert_eq!((unavailable("push_back"), unavailable("no_live_worker")), (Some(1.0), Some(0.0)), "{text}");
 }
 
 /// The fewest live workers the coordinator at `url` reported, polled until `stop` is set.

@@ -60,6 +60,16 @@ fn a_tenant_whose_file_is_junk_is_quarantined_without_delaying_others_and_its_ne
     );
     let metrics = client.get(format!("{}/metrics", worker_url(owner))).send().unwrap().text().unwrap();
     assert_eq!(harness::metric(&metrics, "countapp_worker_quarantined_tenants", &[]), Some(1.0), "{metrics}");
+    // The dashboard shows it on the owner's row.
+    let owner_url = worker_url(owner);
+    eventually(SETTLED, "the dashboard shows the quarantine", || {
+        let body = harness::get_json(&client, &format!("{url}/dashboard.json"));
+        body["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["url"] == owner_url && w["quarantined"][0]["tenant"] == "bad")
+    });
 
     // Repaired by removing the junk: the tenant takes the ids kept for it (those only the junk
     // file held are gone), and leaves quarantine.

@@ -1,19 +1,25 @@
 //! The operator's dashboard at `GET /`, as an operator sees it: headless Chromium opens the page
 //! of a real coordinator with four workers, and the test reads what the page's script rendered
 //! from live data (never the static HTML): the workers ready, one killed with SIGKILL and back
-//! without a reload, a tenant's count looked up, an invalid config edit and its error. A
-//! screenshot of the end is saved as `target/dashboard.png`. The JSON behind the page is checked
-//! on its own, and so is that many readers cost the workers no more than one.
+//! without a reload (its exit an event with the time it happened, its last error shown with its
+//! time and as past), a tenant's count looked up, workers added by a config edit (the others
+//! keeping their colours, one whose port another program holds shown as blocked), an invalid
+//! config edit and its error. A screenshot of the end is saved as `target/dashboard.png`. The
+//! JSON behind the page is checked on its own, and so is that many readers cost the workers no
+//! more than one.
 
 mod harness;
 
+use std::collections::BTreeMap;
 use std::fs;
+use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use countapp_shared::wire::Dashboard;
 use harness::browser::Browser;
 use harness::{Cluster, batch, client, count, error_message, eventually, free_port, get_json, metric, post, sigkill};
 use reqwest::StatusCode;
@@ -86,6 +92,7 @@ fn the_dashboard_shows_workers_a_restart_a_tenant_count_and_a_bad_config_live() 
     browser.script("window.sameDocument = true; return null");
     let victim = ports[1];
     let old_pid = coordinator.pid_of(victim);
+    let killed_at = unix_ms();
     sigkill(old_pid);
     let restarting = browser.wait_text(&row(victim), WAIT, "the killed worker shows its restart", |t| {
         ["Restarting", "Exited", "Starting", "restarted"].iter().any(|word| t.contains(word))
@@ -96,10 +103,81 @@ fn the_dashboard_shows_workers_a_restart_a_tenant_count_and_a_bad_config_live() 
     assert_ne!(new_pid, old_pid);
     browser.wait_text(&format!("{} td.pid", row(victim)), WAIT, "the new pid", |t| t == new_pid.to_string());
     assert_eq!(browser.text(&format!("{} td.restarts", row(victim))).as_deref(), Some("1"));
-    let error = browser.text(&format!("{} td.last-error", row(victim))).unwrap();
+    let error = browser.wait_text(&format!("{} td.last-error", row(victim)), WAIT, "the error as past", |t| {
+        t.contains("before it was ready again")
+    });
     assert!(error.contains("SIGKILL") || error.contains("signal: 9"), "last error: {error}");
-    browser.wait_text("#events", WAIT, "the restart is in the events", |t| t.contains("restarted after"));
+    let error_time = browser.text(&format!("{} td.last-error time", row(victim))).unwrap();
+    assert!(is_clock(&error_time), "the last error's time: {error_time:?}");
+
+    // The exit is an event stamped when it happened, not when the page happened to look.
+    let exit = format!("http://127.0.0.1:{victim}");
+    browser
+        .wait_text("#events", WAIT, "the exit is in the events", |t| t.contains("SIGKILL") || t.contains("signal: 9"));
+    let shown = browser.script(
+        "return Array.from(document.querySelectorAll('#events li')).map(li => ({ \
+           seq: Number(li.dataset.seq), at: Date.parse(li.querySelector('time').dateTime), \
+           time: li.querySelector('time').innerText, text: li.innerText }))",
+    );
+    let shown = shown.as_array().unwrap();
+    let exited = shown
+        .iter()
+        .find(|e| e["text"].as_str().unwrap().contains(&exit) && e["text"].as_str().unwrap().contains("signal"))
+        .unwrap_or_else(|| panic!("no exit event for {exit} in {shown:?}"));
+    assert!(is_clock(exited["time"].as_str().unwrap()), "{exited}");
+    let recorded = get_json(&client, &format!("{url}/dashboard.json"))["events"].clone();
+    let recorded = recorded.as_array().unwrap().iter().find(|e| e["seq"] == exited["seq"]).cloned().unwrap();
+    let at = recorded["at_unix_ms"].as_u64().unwrap();
+    assert_eq!(exited["at"].as_u64(), Some(at), "the page shows the time recorded: {recorded}");
+    assert!(at >= killed_at && at <= unix_ms(), "the exit's time {at} is when it happened (killed at {killed_at})");
+    let seqs: Vec<u64> = shown.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    let mut unique = seqs.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), seqs.len(), "an event shown twice: {seqs:?}");
     browser.wait_text("#summary-workers", WAIT, "four of four ready again", |t| t == "4 of 4");
+
+    // Two workers added by a config edit, one of them on a port another program holds: every
+    // worker keeps its colour, even in a page opened afresh (where the added one, first in URL
+    // order, would otherwise take the first colour), and the held port shows as blocked.
+    let colours = || -> BTreeMap<String, String> {
+        let found = browser.script(
+            "return Object.fromEntries(Array.from(document.querySelectorAll('#workers tbody tr')).map(tr => \
+               [tr.dataset.url, getComputedStyle(tr.querySelector('.swatch')).borderTopColor]))",
+        );
+        serde_json::from_value(found).unwrap()
+    };
+    let before = colours();
+    assert_eq!(before.len(), 4, "{before:?}");
+    let lowest = ports.iter().map(|p| p.to_string()).min().unwrap();
+    let added = loop {
+        let port = free_port();
+        if port.to_string() < lowest {
+            break port;
+        }
+    };
+    let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
+    let held = squatter.local_addr().unwrap().port();
+    let mut edited = ports.clone();
+    edited.extend([added, held]);
+    cluster.write_config(&edited, &format!("listen: 127.0.0.1:{listen}\nworker_persist: 0.2\nconfig_check: 0.5\n"));
+    browser.wait_text(&format!("{} .badge", row(added)), WAIT, "the added worker is ready", |t| t == "✓ Ready");
+    let blocked = browser.wait_text(&format!("{} .badge", row(held)), WAIT, "the held port", |t| t.contains("Blocked"));
+    assert_eq!(blocked, "⊘ Blocked: port taken");
+    let why = browser.text(&format!("{} td.last-error", row(held))).unwrap();
+    assert!(why.contains("held by another program"), "{why}");
+    browser.wait_text("#summary-workers", WAIT, "five of six ready", |t| t == "5 of 6");
+    let after = colours();
+    for (worker, colour) in &before {
+        assert_eq!(after.get(worker), Some(colour), "{worker} kept its colour in the same page");
+    }
+    browser.goto(&format!("{url}/"));
+    browser.wait_text("#summary-workers", WAIT, "five of six ready, reloaded", |t| t == "5 of 6");
+    let reloaded = colours();
+    for (worker, colour) in &before {
+        assert_eq!(reloaded.get(worker), Some(colour), "{worker} kept its colour in a page opened afresh");
+    }
+    browser.script("window.sameDocument = true; return null");
 
     // An invalid edit of config.yaml: refused, and shown with the coordinator's own words.
     fs::write(cluster.config_path(), "workers: [\n").unwrap();
@@ -114,6 +192,17 @@ fn the_dashboard_shows_workers_a_restart_a_tenant_count_and_a_bad_config_live() 
     let screenshot = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("dashboard.png");
     browser.screenshot(&screenshot);
     println!("screenshot: {}; the test took {:?}", screenshot.display(), started.elapsed());
+}
+
+/// Now, in milliseconds since the unix epoch.
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Whether `text` is a time of day as the page prints it, `HH:MM:SS`.
+fn is_clock(text: &str) -> bool {
+    let parts: Vec<&str> = text.split(':').collect();
+    parts.len() == 3 && parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// A light, steady ingest (a batch of new ids every 50 ms) so that the rates and charts move.
@@ -196,7 +285,14 @@ fn dashboard_json_is_one_shared_snapshot_and_the_page_is_self_contained() {
         for key in ["pid", "restarts", "last_error", "requests_per_s", "items_per_s", "restarted_at_unix_ms"] {
             assert!(worker.get(key).is_some(), "{key} missing in {worker}");
         }
+        assert_eq!(worker["quarantined"], json!([]), "{worker}");
     }
+    // The body is the typed contract, whole.
+    let typed: Dashboard = serde_json::from_value(first.clone()).unwrap();
+    assert_eq!(typed.workers.len(), 2);
+    let events = typed.events.iter().map(|e| e.message.as_str()).collect::<Vec<_>>();
+    assert!(events.iter().filter(|m| m.starts_with("spawned")).count() == 2, "{events:?}");
+    assert!(events.iter().filter(|m| m.starts_with("ready")).count() == 2, "{events:?}");
     assert!(first["cluster"]["pending_items"].is_u64());
     assert_eq!(first["config"]["valid"], true);
     let taken = first["taken_at_unix_ms"].as_u64().unwrap();

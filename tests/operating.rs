@@ -11,8 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Cluster, batch, client, count, eventually, extra, free_port, is_running, lone_worker, post, running, send_signal,
-    sigkill, stats, worker_url,
+    Cluster, batch, client, count, eventually, extra, free_port, is_running, lone_worker, metric, post, running,
+    send_signal, sigkill, stats, worker_url,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -161,12 +161,35 @@ fn a_port_held_by_another_program_is_reported_and_taken_once_free() {
     });
     let worker = entry(&url, port).unwrap();
     assert!(worker["last_error"].as_str().unwrap().contains("held by another program"), "{worker}");
+    assert!(worker["last_error_at_unix_ms"].as_u64().is_some_and(|ms| ms > 0), "{worker}");
+    assert_eq!(worker["last_error_past"], false, "{worker}");
     assert_eq!(worker["restarts"], 0, "nothing was spawned to fail: {worker}");
     assert_eq!(cluster.processes().len(), 1, "only the coordinator runs");
 
+    // Alive, but not ready: a load balancer sends no client here, and says why.
+    let client = client();
+    assert_eq!(client.get(format!("{url}/health")).send().unwrap().status(), StatusCode::OK);
+    let not_ready = client.get(format!("{url}/ready")).send().unwrap();
+    assert_eq!(not_ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = not_ready.json().unwrap();
+    assert_eq!((body["ready"].as_bool(), body["live_workers"].as_u64()), (Some(false), Some(0)), "{body}");
+    let why = body["error"].as_str().unwrap();
+    assert!(why.contains("no worker is ready") && why.contains(&format!(":{port} blocked")), "{body}");
+    let text = client.get(format!("{url}/metrics")).send().unwrap().text().unwrap();
+    for state in ["starting", "ready", "unhealthy", "exited", "stopping", "blocked"] {
+        let expected = if state == "blocked" { 1.0 } else { 0.0 };
+        assert_eq!(metric(&text, "countapp_coordinator_workers", &[("state", state)]), Some(expected), "{state}");
+    }
+
     drop(squatter);
     coordinator.wait_live(1);
-    assert_eq!(post(&client(), &url, batch(&[("freed", "1")])).status(), StatusCode::OK);
+    let ready = client.get(format!("{url}/ready")).send().unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let body: Value = ready.json().unwrap();
+    assert_eq!((body["ready"].as_bool(), body["live_workers"].as_u64()), (Some(true), Some(1)), "{body}");
+    let worker = entry(&url, port).unwrap();
+    assert_eq!(worker["last_error_past"], true, "the error is history once the worker is ready: {worker}");
+    assert_eq!(post(&client, &url, batch(&[("freed", "1")])).status(), StatusCode::OK);
 }
 
 #[test]
@@ -288,4 +311,42 @@ fn a_hung_worker_is_killed_and_replaced() {
     assert_eq!(replaced["restarts"], 1, "{replaced}");
     assert!(replaced["last_error"].as_str().unwrap().contains("failed health checks"), "{replaced}");
     assert_eq!(post(&client(), &url, batch(&[("after-hang", "1")])).status(), StatusCode::OK);
+}
+
+/// A worker still recovering its log (held back here by its log's lock, as a previous run of it
+/// would hold it): the coordinator shows why it is not ready, as the worker says it, and is not
+/// ready itself until the worker is.
+#[test]
+fn a_worker_recovering_its_log_says_why_and_the_coordinator_is_ready_once_it_is() {
+    let (port, listen) = (free_port(), free_port());
+    let cluster = Cluster::new(&[port], &extra(listen, "worker_persist: 0.2\n"));
+    let log_dir = cluster.database().join("wal").join(format!("127.0.0.1-{port}"));
+    fs::create_dir_all(&log_dir).unwrap();
+    let lock = fs::File::create(log_dir.join("LOCK")).unwrap();
+    lock.lock().unwrap();
+    let mut coordinator = cluster.coordinator(listen);
+    let url = coordinator.url();
+    let mut recovering = None;
+    eventually(RESPAWN, "the worker says it is recovering", || {
+        recovering = client()
+            .get(format!("{url}/stats"))
+            .send()
+            .is_ok()
+            .then(|| entry(&url, port))
+            .flatten()
+            .filter(|w| w["not_ready"].as_str().is_some_and(|why| why.contains("recovering")));
+        recovering.is_some()
+    });
+    let recovering = recovering.unwrap();
+    assert_eq!(recovering["state"], "starting", "{recovering}");
+    let reply = client().get(format!("{url}/ready")).send().unwrap();
+    assert_eq!(reply.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = reply.json().unwrap();
+    assert!(body["error"].as_str().unwrap().contains(&format!(":{port} starting")), "{body}");
+
+    drop(lock);
+    coordinator.wait_live(1);
+    let ready = entry(&url, port).unwrap();
+    assert_eq!((ready["state"].as_str(), &ready["not_ready"]), (Some("ready"), &Value::Null), "{ready}");
+    assert_eq!(client().get(format!("{url}/ready")).send().unwrap().status(), StatusCode::OK);
 }

@@ -22,6 +22,7 @@
     unhealthy: { word: "Unhealthy", tone: "bad", mark: "!" },
     exited: { word: "Exited", tone: "bad", mark: "✕" },
     stopping: { word: "Stopping", tone: "idle", mark: "■" },
+    blocked: { word: "Blocked: port taken", tone: "bad", mark: "⊘" },
   };
 
   const $ = (id) => document.getElementById(id);
@@ -31,18 +32,25 @@
   let since = 0;
   let samples = [];
   let events = [];
+  const seenEvents = new Set();
   let latest = null;
   let timer = null;
   let polling = false;
-  // A stable colour and dash per worker URL, in the order workers were first seen.
-  const looks = new Map();
 
+  const portOf = (url) => {
+    const match = /:(\d+)\/?$/.exec(url);
+    return match ? Number(match[1]) : 0;
+  };
+
+  // A worker's colour and dash follow from its port alone, so that they never move when a
+  // worker is added or removed, nor between tabs. The low bits are mixed with higher ones:
+  // neighbouring ports (5001, 5002, ...) get different colours, and so do ports the kernel
+  // hands out, which are mostly odd.
   function lookOf(url) {
-    if (!looks.has(url)) {
-      const i = looks.size;
-      looks.set(url, { color: PALETTE[i % PALETTE.length], dash: DASHES[Math.floor(i / PALETTE.length) % DASHES.length] });
-    }
-    return looks.get(url);
+    const port = portOf(url);
+    const color = (port ^ (port >> 3) ^ (port >> 6)) % PALETTE.length;
+    const dash = ((port >> 3) ^ (port >> 9)) % DASHES.length;
+    return { color: PALETTE[color], dash: DASHES[dash] };
   }
 
   function el(tag, props, children) {
@@ -103,13 +111,18 @@
     samples.sort((a, b) => a.t_unix_ms - b.t_unix_ms);
     const oldest = body.taken_at_unix_ms - WINDOW_MS;
     samples = samples.filter((s) => s.t_unix_ms >= oldest);
-    events = events.concat(body.events || []).slice(-MAX_EVENTS);
+    // Events come with their number: one seen in an earlier poll is not shown twice.
+    for (const e of body.events || []) {
+      if (seenEvents.has(e.seq)) continue;
+      seenEvents.add(e.seq);
+      events.push(e);
+    }
+    events = events.slice(-MAX_EVENTS);
   }
 
   function render(body) {
     latest = body;
     const workers = body.workers || [];
-    for (const w of workers) lookOf(w.url);
     renderSummary(body, workers);
     renderWorkers(workers);
     renderConfig(body.config || {}, workers);
@@ -147,6 +160,29 @@
       cell.append(el("span", { className: "state-note", textContent: "restarted " + ago(w.restarted_at_unix_ms) }));
     }
     if (w.adopted) cell.append(el("span", { className: "note", textContent: " adopted" }));
+    if (w.state !== "ready" && w.not_ready) {
+      cell.append(el("span", { className: "state-note not-ready", textContent: "not ready: " + w.not_ready }));
+    }
+    return cell;
+  }
+
+  // The last error with its time; once the worker has been ready since, it is shown as past.
+  function errorCell(w) {
+    const cell = el("td", { className: "error last-error" });
+    if (w.last_error) {
+      if (w.last_error_at_unix_ms != null) {
+        const time = el("time", { textContent: clock(w.last_error_at_unix_ms) });
+        time.dateTime = new Date(w.last_error_at_unix_ms).toISOString();
+        cell.append(time, " ");
+      }
+      cell.append(w.last_error_past ? "before it was ready again: " + w.last_error : w.last_error);
+      if (w.last_error_past) cell.classList.add("past");
+    }
+    const more = [];
+    if (w.stats_error) more.push("stats unavailable: " + w.stats_error);
+    for (const q of w.quarantined || []) more.push("tenant “" + q.tenant + "” quarantined: " + q.reason + " (" + q.file + ")");
+    for (const text of more) cell.append(el("span", { className: "problem", textContent: text }));
+    if (!w.last_error && more.length === 0) cell.textContent = "–";
     return cell;
   }
 
@@ -175,8 +211,7 @@
         const differs = w.config_version != null && coordinatorVersion != null && String(w.config_version) !== String(coordinatorVersion);
         cells.push(el("td", { className: "mono col-config", textContent: differs ? version + " (differs from the coordinator's)" : version }));
       }
-      const problems = [w.last_error, w.stats_error ? "stats unavailable: " + w.stats_error : null].filter(Boolean);
-      cells.push(el("td", { className: "error last-error", textContent: problems.join("; ") || "–" }));
+      cells.push(errorCell(w));
       const row = el("tr", {}, cells);
       row.dataset.url = w.url;
       row.dataset.state = w.state;
@@ -226,7 +261,9 @@
         const parts = [time];
         parts.push(el("span", { className: "who", textContent: e.worker || "config" }));
         parts.push(e.message);
-        return el("li", {}, parts);
+        const item = el("li", {}, parts);
+        item.dataset.seq = String(e.seq);
+        return item;
       });
     $("events").replaceChildren(...items);
     $("events-empty").hidden = items.length > 0;
@@ -331,7 +368,7 @@
     // The charts span what there is, from one minute up to five.
     const first = samples.length ? samples[0].t_unix_ms : now;
     const span = Math.min(WINDOW_MS, Math.max(MIN_SPAN_MS, now - first));
-    const urls = [...looks.keys()].filter((url) => samples.some((s) => s.workers && s.workers[url]));
+    const urls = [...new Set(samples.flatMap((s) => Object.keys(s.workers || {})))].sort((a, b) => portOf(a) - portOf(b));
     const chart = (id, total, perWorker, nowId, fmt) => {
       const series = urls.map((url) => ({
         ...lookOf(url),

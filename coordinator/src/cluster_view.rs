@@ -3,29 +3,27 @@
 //! tabs poll `GET /dashboard.json`, the workers see one `GET /stats` each per second, and none
 //! while nobody looks.
 //!
-//! A snapshot is the coordinator's own `/stats` body with each worker's entry completed from that
-//! worker's `/stats` (items acknowledged but not yet counted, how far behind its merging is) and
-//! with rates against the previous snapshot. The view also keeps the last few minutes of samples
-//! for the charts, and the events seen between snapshots (restarts, state changes, config edits):
-//! a worker that is killed and back within a second still leaves a trace.
+//! A snapshot is the coordinator's own `/stats` with each worker's entry completed from that
+//! worker's `/stats` (items acknowledged but not yet counted, how far behind its merging is, its
+//! tenants in quarantine) and with rates against the previous snapshot. The view also keeps the
+//! last few minutes of samples for the charts; the events come from the pool's ring, recorded
+//! when they happened.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::web;
 use countapp_shared::http::RequestCounter;
+use countapp_shared::wire::{Dashboard, DashboardCluster, DashboardWorker, Sample, WorkerSample, WorkerStats};
 use parking_lot::Mutex;
-use serde::Serialize;
-use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 use crate::control;
 use crate::pool::WorkerState;
-use crate::routes::stats_json;
-use crate::state::AppState;
+use crate::stats::{ConfigStatus, coordinator_stats, unix_ms};
+use crate::supervisor::Context;
 
 /// The shortest time between two refreshes.
 pub(crate) const REFRESH: Duration = Duration::from_secs(1);
@@ -39,96 +37,58 @@ const STALE: Duration = Duration::from_millis(2500);
 const FRESH_WAIT: Duration = Duration::from_secs(2);
 /// Samples kept for the charts: five minutes at one a second.
 const HISTORY: usize = 300;
-/// Events kept.
-const EVENTS: usize = 100;
 
 /// The shared snapshot, its history, and whether anyone is looking.
 pub(crate) struct ClusterView {
+    /// The workers, their events, and the client to ask them for their `/stats`.
+    ctx: Arc<Context>,
+    /// The config status, which the coordinator's reloads update.
+    config_status: Arc<Mutex<ConfigStatus>>,
     /// The coordinator's request counter, for the `/stats` part of a snapshot.
     requests: web::Data<RequestCounter>,
     last_asked: Mutex<Option<Instant>>,
     asked: Notify,
     latest: watch::Sender<Option<Arc<Snapshot>>>,
-    log: Mutex<Log>,
+    samples: Mutex<VecDeque<Sample>>,
 }
 
 /// One refresh's view of the cluster.
 pub(crate) struct Snapshot {
     taken: Instant,
     /// The `/dashboard.json` body without its `history` and `events`.
-    body: Value,
+    body: Dashboard,
     /// What the next refresh compares against, per worker URL.
     seen: HashMap<String, Seen>,
-    config: ConfigSeen,
 }
 
-/// A worker's figures at a snapshot.
+/// A worker's counters at a snapshot, for rates.
 struct Seen {
-    state: WorkerState,
-    restarts: u64,
     requests: u64,
     items: u64,
-    restarted_at_unix_ms: Option<u64>,
-}
-
-/// The config status at a snapshot.
-#[derive(PartialEq)]
-struct ConfigSeen {
-    loaded_at: SystemTime,
-    error: Option<String>,
-}
-
-/// The charts' data and the event log, oldest first.
-#[derive(Default)]
-struct Log {
-    samples: VecDeque<Sample>,
-    events: VecDeque<Event>,
-}
-
-/// The cluster at one refresh, for the charts. A figure nobody could read is `null`.
-#[derive(Debug, Clone, Serialize)]
-struct Sample {
-    t_unix_ms: u64,
-    items_per_s: Option<f64>,
-    requests_per_s: Option<f64>,
-    pending_items: Option<u64>,
-    oldest_pending_s: Option<f64>,
-    workers: BTreeMap<String, WorkerSample>,
-}
-
-/// One worker at one refresh, for the charts.
-#[derive(Debug, Clone, Serialize)]
-struct WorkerSample {
-    items_per_s: Option<f64>,
-    pending_items: Option<u64>,
-    merge_lag_s: Option<f64>,
-}
-
-/// Something that changed between two snapshots.
-#[derive(Debug, Clone, Serialize)]
-struct Event {
-    at_unix_ms: u64,
-    /// The worker's URL, or `null` for the cluster's config.
-    worker: Option<String>,
-    message: String,
 }
 
 impl ClusterView {
     /// A view with no snapshot yet; [`run`] refreshes it.
-    pub(crate) fn new(requests: web::Data<RequestCounter>) -> ClusterView {
+    pub(crate) fn new(
+        ctx: Arc<Context>,
+        config_status: Arc<Mutex<ConfigStatus>>,
+        requests: web::Data<RequestCounter>,
+    ) -> ClusterView {
         ClusterView {
+            ctx,
+            config_status,
             requests,
             last_asked: Mutex::new(None),
             asked: Notify::new(),
             latest: watch::Sender::new(None),
-            log: Mutex::new(Log::default()),
+            samples: Mutex::new(VecDeque::new()),
         }
     }
 
-    /// The latest snapshot, as JSON, with the samples and events taken after `since` (unix ms;
-    /// all of them for 0). Marks the view as watched; after a pause in watching it waits briefly
-    /// for a fresh snapshot. `None` only if none could be taken yet.
-    pub(crate) async fn read(&self, since: u64) -> Option<Value> {
+    /// The latest snapshot with the samples taken after `since` (unix ms; all of them for 0)
+    /// and the events recorded since then. Marks the view as watched; after a pause in watching
+    /// it waits briefly for a fresh snapshot. `None` only if none could be taken yet.
+    pub(crate) async fn read(&self, since: u64) -> Option<Dashboard> {
         *self.last_asked.lock() = Some(Instant::now());
         self.asked.notify_one();
         let mut latest = self.latest.subscribe();
@@ -136,11 +96,8 @@ impl ClusterView {
         let _ = tokio::time::timeout(FRESH_WAIT, latest.wait_for(fresh)).await;
         let snapshot = latest.borrow().clone()?;
         let mut body = snapshot.body.clone();
-        let log = self.log.lock();
-        let history: Vec<&Sample> = log.samples.iter().filter(|s| s.t_unix_ms > since).collect();
-        let events: Vec<&Event> = log.events.iter().filter(|e| e.at_unix_ms > since).collect();
-        body["history"] = json!(history);
-        body["events"] = json!(events);
+        body.history = self.samples.lock().iter().filter(|s| s.t_unix_ms > since).cloned().collect();
+        body.events = self.ctx.pool.events.since(since);
         Some(body)
     }
 
@@ -149,17 +106,16 @@ impl ClusterView {
     }
 
     /// Takes a snapshot: every ready worker's `/stats` at once, then the coordinator's own.
-    async fn refresh(&self, state: &AppState) {
-        let workers = fetch_worker_stats(state).await;
-        let mut body = stats_json(state, &self.requests);
+    async fn refresh(&self) {
+        let mut fetched = fetch_worker_stats(&self.ctx).await;
+        let stats = coordinator_stats(&self.ctx.pool, &self.config_status.lock().clone(), &self.requests);
         let now = Instant::now();
         let now_unix_ms = unix_ms(SystemTime::now());
         let previous = self.latest.borrow().clone();
         // Rates against a snapshot from before a pause in watching would be averages over the
         // pause, not rates.
         let recent = previous.as_ref().filter(|p| now.duration_since(p.taken) <= STALE);
-        let elapsed = recent.map(|p| now.duration_since(p.taken).as_secs_f64());
-        let mut events = Vec::new();
+        let elapsed = recent.map(|p| now.duration_since(p.taken).as_secs_f64()).filter(|e| *e > 0.0);
         let mut seen = HashMap::new();
         let mut sample = Sample {
             t_unix_ms: now_unix_ms,
@@ -169,125 +125,109 @@ impl ClusterView {
             oldest_pending_s: None,
             workers: BTreeMap::new(),
         };
-        for member in state.ctx.pool.members() {
-            let url = member.url.as_str().to_owned();
-            let status = member.status();
-            let before = previous.as_ref().and_then(|p| p.seen.get(&url));
-            let mut now_seen = Seen {
-                state: status.state,
-                restarts: status.restarts,
-                requests: member.requests.load(Ordering::Relaxed),
-                items: member.items.load(Ordering::Relaxed),
-                restarted_at_unix_ms: before.and_then(|b| b.restarted_at_unix_ms),
+        let mut workers = Vec::with_capacity(stats.workers.len());
+        for mut entry in stats.workers {
+            let now_seen = Seen { requests: entry.requests, items: entry.items_accepted };
+            let before = recent.and_then(|p| p.seen.get(&entry.url));
+            // A counter that went down belongs to a member that was removed and added again.
+            let per_s = |now: u64, then: u64| Some(now.checked_sub(then)? as f64 / elapsed?);
+            let requests_per_s = before.and_then(|b| per_s(now_seen.requests, b.requests));
+            let items_per_s = before.and_then(|b| per_s(now_seen.items, b.items));
+            let (worker_stats, stats_error) = match fetched.remove(&entry.url) {
+                Some(Ok(stats)) => (Some(stats), None),
+                Some(Err(e)) => (None, Some(e)),
+                None => (None, None),
             };
-            let change = match before {
-                Some(before) => worker_change(before, &mut now_seen, status.last_error.as_deref(), now_unix_ms),
-                None => previous.is_some().then(|| "added to the config".to_owned()),
-            };
-            if let Some(message) = change {
-                events.push(event(now_unix_ms, &url, message));
-            }
-            let per_s = |now: u64, then: u64| {
-                let elapsed = elapsed.filter(|e| *e > 0.0)?;
-                // A counter that went down belongs to a member that was removed and added again.
-                now.checked_sub(then).map(|delta| delta as f64 / elapsed)
-            };
-            let recent_before = recent.and_then(|p| p.seen.get(&url));
-            let requests_per_s = recent_before.and_then(|b| per_s(now_seen.requests, b.requests));
-            let items_per_s = recent_before.and_then(|b| per_s(now_seen.items, b.items));
-            let (pending_items, merge_lag_s, stats_error, config_version) = match workers.get(&url) {
-                Some(Ok(stats)) => (
-                    stats["pending_items"].as_u64(),
-                    stats["merge_lag_s"].as_f64(),
-                    None,
-                    stats.get("config_version").cloned(),
-                ),
-                Some(Err(e)) => (None, None, Some(e.clone()), None),
-                None => (None, None, None, None),
-            };
+            let pending_items = worker_stats.as_ref().map(|s| s.pending_items);
+            let merge_lag_s = worker_stats.as_ref().map(|s| s.merge_lag_s);
             add(&mut sample.items_per_s, items_per_s);
             add(&mut sample.requests_per_s, requests_per_s);
             add(&mut sample.pending_items, pending_items);
-            if let Some(lag) = merge_lag_s {
-                sample.oldest_pending_s = Some(sample.oldest_pending_s.map_or(lag, |l| l.max(lag)));
+            // What a client waits, at most, to see an item counted: the oldest pending item of
+            // any worker, whether its log file is closed yet or not.
+            if let Some(waited) = worker_stats.as_ref().map(|s| s.oldest_pending_s) {
+                sample.oldest_pending_s = Some(sample.oldest_pending_s.map_or(waited, |w| w.max(waited)));
             }
-            sample.workers.insert(url.clone(), WorkerSample { items_per_s, pending_items, merge_lag_s });
-            if let Some(entry) = worker_entry(&mut body, &url) {
-                entry.insert("requests_per_s".into(), json!(requests_per_s));
-                entry.insert("items_per_s".into(), json!(items_per_s));
-                entry.insert("pending_items".into(), json!(pending_items));
-                entry.insert("merge_lag_s".into(), json!(merge_lag_s));
-                entry.insert("stats_error".into(), json!(stats_error));
-                entry.insert("restarted_at_unix_ms".into(), json!(now_seen.restarted_at_unix_ms));
-                // The version a worker says it runs, unless the coordinator already reports one.
-                if let Some(version) = config_version {
-                    entry.entry("config_version").or_insert(version);
+            sample.workers.insert(entry.url.clone(), WorkerSample { items_per_s, pending_items, merge_lag_s });
+            let quarantined = match worker_stats {
+                Some(stats) => {
+                    // The version a worker says it runs, unless the coordinator already knows one.
+                    if entry.config_version.is_none() {
+                        entry.config_version = stats.config_version;
+                    }
+                    stats.quarantined
                 }
-            }
-            seen.insert(url, now_seen);
+                None => Vec::new(),
+            };
+            seen.insert(entry.url.clone(), now_seen);
+            workers.push(DashboardWorker {
+                entry,
+                requests_per_s,
+                items_per_s,
+                pending_items,
+                merge_lag_s,
+                quarantined,
+                stats_error,
+            });
         }
-        if let Some(previous) = &previous {
-            for url in previous.seen.keys().filter(|url| !seen.contains_key(*url)) {
-                events.push(event(now_unix_ms, url, "removed from the config".to_owned()));
-            }
-        }
-        let config = {
-            let status = state.config_status.lock();
-            ConfigSeen { loaded_at: status.loaded_at, error: status.error.clone() }
+        let body = Dashboard {
+            taken_at_unix_ms: now_unix_ms,
+            refresh_s: REFRESH.as_secs_f64(),
+            workers,
+            cluster: DashboardCluster {
+                totals: stats.cluster,
+                requests_per_s: sample.requests_per_s,
+                items_per_s: sample.items_per_s,
+                pending_items: sample.pending_items,
+                oldest_pending_s: sample.oldest_pending_s,
+            },
+            config: stats.config,
+            history: Vec::new(),
+            events: Vec::new(),
         };
-        if let Some(message) = previous.as_ref().and_then(|p| config_change(&p.config, &config)) {
-            events.push(Event { at_unix_ms: now_unix_ms, worker: None, message });
-        }
-        body["cluster"]["items_per_s"] = json!(sample.items_per_s);
-        body["cluster"]["requests_per_s"] = json!(sample.requests_per_s);
-        body["cluster"]["pending_items"] = json!(sample.pending_items);
-        body["cluster"]["oldest_pending_s"] = json!(sample.oldest_pending_s);
-        body["taken_at_unix_ms"] = json!(now_unix_ms);
-        body["refresh_s"] = json!(REFRESH.as_secs_f64());
         {
-            let mut log = self.log.lock();
-            push_bounded(&mut log.samples, sample, HISTORY);
-            for event in events {
-                tracing::debug!(worker = event.worker, message = event.message, "cluster event");
-                push_bounded(&mut log.events, event, EVENTS);
+            let mut samples = self.samples.lock();
+            if samples.len() == HISTORY {
+                samples.pop_front();
             }
+            samples.push_back(sample);
         }
-        self.latest.send_replace(Some(Arc::new(Snapshot { taken: now, body, seen, config })));
+        self.latest.send_replace(Some(Arc::new(Snapshot { taken: now, body, seen })));
     }
 }
 
-/// Refreshes the view of `state` once a second while it is watched, and sleeps while it is
-/// not. Runs until aborted.
-pub(crate) async fn run(state: web::Data<AppState>) {
-    let view = &state.cluster_view;
+/// Refreshes `view` once a second while it is watched, and sleeps while it is not. Runs until
+/// aborted.
+pub(crate) async fn run(view: Arc<ClusterView>) {
     loop {
         while !view.watched() {
             view.asked.notified().await;
         }
         let started = Instant::now();
-        view.refresh(&state).await;
+        view.refresh().await;
         tokio::time::sleep_until((started + REFRESH).into()).await;
     }
 }
 
-/// Every ready worker's `/stats`, fetched concurrently, by URL: the body, or why it could not be
-/// had.
-async fn fetch_worker_stats(state: &AppState) -> HashMap<String, Result<Value, String>> {
+/// Every ready worker's `/stats`, fetched concurrently, by URL: the reply, or why it could not
+/// be had (a worker's reply is untrusted: bounded, and read as [`WorkerStats`] or refused).
+async fn fetch_worker_stats(ctx: &Context) -> HashMap<String, Result<WorkerStats, String>> {
     let mut fetches = JoinSet::new();
-    for member in state.ctx.pool.members() {
+    for member in ctx.pool.members() {
         if member.status().state != WorkerState::Ready {
             continue;
         }
-        let http = state.ctx.http.clone();
+        let http = ctx.http.clone();
         let url = member.url.as_str().to_owned();
+        let port = member.url.port();
         fetches.spawn(async move {
             let reply = http.get(format!("{url}/stats")).timeout(STATS_TIMEOUT).send().await;
             let stats = match reply.and_then(reqwest::Response::error_for_status) {
-                Ok(reply) => control::json::<Value>(reply).await.map_err(|e| e.to_string()),
+                Ok(reply) => control::json::<WorkerStats>(reply).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             if let Err(error) = &stats {
-                tracing::debug!(worker = url, error, "worker stats unavailable");
+                tracing::debug!(worker = url, port, error, "worker stats unavailable");
             }
             (url, stats)
         });
@@ -301,59 +241,9 @@ async fn fetch_worker_stats(state: &AppState) -> HashMap<String, Result<Value, S
     stats
 }
 
-/// What changed about a worker between two snapshots, if anything; a restart is noted in `now`.
-fn worker_change(before: &Seen, now: &mut Seen, last_error: Option<&str>, at_unix_ms: u64) -> Option<String> {
-    if now.restarts > before.restarts {
-        now.restarted_at_unix_ms = Some(at_unix_ms);
-        let why = last_error.unwrap_or("its process exited");
-        return Some(match now.restarts - before.restarts {
-            1 => format!("restarted after: {why}"),
-            n => format!("restarted {n} times, last after: {why}"),
-        });
-    }
-    (now.state != before.state).then(|| format!("now {}", state_name(now.state)))
-}
-
-/// What changed about the config between two snapshots, if anything.
-fn config_change(before: &ConfigSeen, now: &ConfigSeen) -> Option<String> {
-    if before == now {
-        return None;
-    }
-    Some(match (&before.error, &now.error) {
-        (_, Some(error)) => format!("config edit refused, the last good config stays in force: {error}"),
-        (Some(_), None) if before.loaded_at == now.loaded_at => "config file valid again".to_owned(),
-        _ => "config reloaded".to_owned(),
-    })
-}
-
-/// The entry of the worker `url` in a `/stats` body.
-fn worker_entry<'a>(body: &'a mut Value, url: &str) -> Option<&'a mut serde_json::Map<String, Value>> {
-    body["workers"].as_array_mut()?.iter_mut().find(|w| w["url"] == url)?.as_object_mut()
-}
-
 /// Adds `value` to a total that stays `None` until some figure is known.
 fn add<T: std::ops::Add<Output = T> + Copy>(total: &mut Option<T>, value: Option<T>) {
     if let Some(value) = value {
         *total = Some(total.map_or(value, |t| t + value));
     }
-}
-
-fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, bound: usize) {
-    if queue.len() == bound {
-        queue.pop_front();
-    }
-    queue.push_back(item);
-}
-
-fn event(at_unix_ms: u64, url: &str, message: String) -> Event {
-    Event { at_unix_ms, worker: Some(url.to_owned()), message }
-}
-
-/// A state as `/stats` spells it.
-fn state_name(state: WorkerState) -> String {
-    serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
-}
-
-fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -9,7 +9,9 @@
 //! - [`pool`]: the workers, their states, and the live set requests are routed to.
 //! - `proxy`: forwards a request to a live worker, retrying on another when one fails;
 //!   `upstream`: the hop itself, on each server thread's keep-alive connections to the workers.
-//! - `routes`: the HTTP API; `state`: what its handlers share; `metrics`: Prometheus counters.
+//! - `routes`: the HTTP API; `state`: what its handlers share; `stats`: the `/stats` body;
+//!   `metrics`: Prometheus metrics.
+//! - [`events`]: what happened in the cluster, when it happened.
 //! - `dashboard`: the operator's page at `/`; `cluster_view`: the snapshot of the cluster it
 //!   shows, shared by every reader.
 
@@ -17,12 +19,14 @@ mod adoption;
 mod cluster_view;
 mod control;
 mod dashboard;
+pub mod events;
 mod metrics;
 pub mod pool;
 mod proxy;
 mod routes;
 pub mod startup;
 mod state;
+mod stats;
 pub mod supervisor;
 mod token_file;
 mod upstream;

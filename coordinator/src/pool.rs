@@ -5,32 +5,19 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
+use actix_web::http::Method;
 use countapp_shared::config::WorkerUrl;
+use countapp_shared::wire::{AnswersAtOnce, Ready};
 use parking_lot::{Mutex, RwLock};
 use rand::RngExt;
-use serde::Serialize;
 use tokio::sync::Notify;
 
-/// How a worker is doing, as the coordinator sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WorkerState {
-    /// Spawned (or found) and recovering; not routed to yet.
-    Starting,
-    /// Answers `/ready`: routed to.
-    Ready,
-    /// Failed a health check or a request; not routed to until a check passes again.
-    Unhealthy,
-    /// Its process exited; about to be respawned.
-    Exited,
-    /// Removed from the config or the coordinator is stopping: draining and flushing.
-    Stopping,
-    /// Its port is held by a process that is no worker: not spawned until the port is free.
-    Blocked,
-}
+use crate::events::Events;
+
+pub use countapp_shared::wire::WorkerState;
 
 /// One worker of the config.
 #[derive(Debug)]
@@ -46,12 +33,15 @@ pub struct Member {
     pub items: AtomicU64,
     /// Times it became ready: a request that tried it before may try it again once this moved.
     readied: AtomicU64,
+    /// Which requests it answers at once, as it last said ([`AnswersAtOnce`], as bits): read
+    /// on every request, so kept out of the status's lock.
+    answers_at_once: AtomicU8,
     /// Wakes its supervisor to check its health now, rather than at the next interval.
     check_now: Notify,
 }
 
 /// What changes about a member over time.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default)]
 pub struct Status {
     /// Its state.
     pub state: WorkerState,
@@ -59,12 +49,30 @@ pub struct Status {
     pub pid: Option<u32>,
     /// Times it was respawned after its process exited.
     pub restarts: u64,
-    /// The latest thing that went wrong with it.
-    pub last_error: Option<String>,
+    /// When it was last respawned.
+    pub restarted_at: Option<SystemTime>,
+    /// The latest thing that went wrong with it, and when.
+    pub last_error: Option<(SystemTime, String)>,
+    /// Whether it has been ready since [`Status::last_error`]: that is history, not its state.
+    pub last_error_past: bool,
+    /// Why it is not ready, as its `/ready` said last, while it answers but is not ready.
+    pub not_ready: Option<String>,
     /// Found already running when this coordinator started, rather than spawned by it.
     pub adopted: bool,
     /// The version of the config it runs, as it last reported or was handed it.
     pub config_version: Option<String>,
+    /// Items it acknowledged and has not merged, as its `/ready` said last.
+    pub pending_items: Option<u64>,
+    /// How far behind its merging was, in seconds, as its `/ready` said last.
+    pub merge_lag_s: Option<f64>,
+}
+
+impl Status {
+    /// Records what went wrong, now.
+    pub fn failed(&mut self, why: String) {
+        self.last_error = Some((SystemTime::now(), why));
+        self.last_error_past = false;
+    }
 }
 
 impl Member {
@@ -89,7 +97,18 @@ impl Member {
     pub async fn check_requested(&self) {
         self.check_now.notified().await;
     }
+
+    /// Whether it answers a request of `method` at once, so that the request may share a
+    /// pipelined connection: a `POST` is a batch, anything else a count.
+    pub fn answers_at_once(&self, method: &Method) -> bool {
+        let bit = if *method == Method::POST { BATCHES } else { COUNTS };
+        self.answers_at_once.load(Ordering::Relaxed) & bit != 0
+    }
 }
+
+/// The bits of [`Member::answers_at_once`].
+const COUNTS: u8 = 1;
+const BATCHES: u8 = 2;
 
 /// The members one request has tried, each as it was then: one that has failed since and become
 /// ready again (respawned, or passing its health check) is not the same try, and may be tried
@@ -121,6 +140,8 @@ pub struct Pool {
     live: RwLock<Arc<Vec<Arc<Member>>>>,
     /// Woken whenever a member becomes ready, for requests waiting for a live worker.
     became_ready: Notify,
+    /// What happened to the members, and to the config, for the dashboard.
+    pub events: Events,
 }
 
 impl Pool {
@@ -133,17 +154,11 @@ impl Pool {
                 Arc::new(Member {
                     url: url.clone(),
                     local: url.is_local(),
-                    status: Mutex::new(Status {
-                        state: WorkerState::Starting,
-                        pid: None,
-                        restarts: 0,
-                        last_error: None,
-                        adopted: false,
-                        config_version: None,
-                    }),
+                    status: Mutex::new(Status::default()),
                     requests: AtomicU64::new(0),
                     items: AtomicU64::new(0),
                     readied: AtomicU64::new(0),
+                    answers_at_once: AtomicU8::new(0),
                     check_now: Notify::new(),
                 })
             })
@@ -161,6 +176,31 @@ impl Pool {
         self.members.read().values().cloned().collect()
     }
 
+    /// Marks a member ready, with what its `/ready` said: routed to from now on. Its last
+    /// error becomes history.
+    pub fn ready(&self, member: &Member, ready: &Ready) {
+        let AnswersAtOnce { counts, batches } = ready.answers_at_once;
+        let bits = if counts { COUNTS } else { 0 } | if batches { BATCHES } else { 0 };
+        member.answers_at_once.store(bits, Ordering::Relaxed);
+        let was = {
+            let mut status = member.status.lock();
+            status.config_version = ready.config_version.clone();
+            status.pending_items = ready.pending_items;
+            status.merge_lag_s = ready.merge_lag_s;
+            status.not_ready = None;
+            status.last_error_past = true;
+            status.state
+        };
+        if was != WorkerState::Ready {
+            let message = match was {
+                WorkerState::Unhealthy => "ready again: back in routing",
+                _ => "ready: routed to",
+            };
+            self.events.record(Some(&member.url), message);
+        }
+        self.set_state(member, WorkerState::Ready);
+    }
+
     /// Changes a member's state.
     pub fn set_state(&self, member: &Member, state: WorkerState) {
         let changed = {
@@ -170,7 +210,7 @@ impl Pool {
             changed
         };
         if changed {
-            tracing::debug!(worker = %member.url, ?state, "state");
+            tracing::debug!(worker = %member.url, state = state.name(), "state");
             if state == WorkerState::Ready {
                 member.readied.fetch_add(1, Ordering::Relaxed);
             }
@@ -191,10 +231,11 @@ impl Pool {
     pub fn suspect(&self, member: &Member, error: String) {
         let was_ready = {
             let mut status = member.status.lock();
-            status.last_error = Some(error);
+            status.failed(error.clone());
             status.state == WorkerState::Ready
         };
         if was_ready {
+            self.events.record(Some(&member.url), format!("out of routing: {error}"));
             self.set_state(member, WorkerState::Unhealthy);
         }
     }
@@ -211,7 +252,7 @@ impl Pool {
         };
         if last {
             tracing::warn!(worker = %member.url, error, "the last live worker is slow to answer; kept in routing");
-            member.status.lock().last_error = Some(error);
+            member.status.lock().failed(error);
             return;
         }
         self.suspect(member, error);

@@ -17,32 +17,25 @@
 
 use std::time::{Duration, Instant};
 
-use actix_web::HttpResponse;
 use actix_web::http::header::{ContentType, RETRY_AFTER};
 use actix_web::http::{Method, StatusCode};
-use countapp_shared::config::{Config, FsyncPolicy, StoreKind};
+use actix_web::{HttpResponse, ResponseError};
 use countapp_shared::http::ApiError;
+use countapp_shared::wire::{HOP_TIMEOUT, HOP_TIMEOUT_PER_MIB};
 
+use crate::metrics::Cause;
 use crate::pool::Tried;
 use crate::state::AppState;
 use crate::upstream::{Forward, HopError, Reply, Upstream};
 
 /// How long a request waits for a live worker before it gets a 503.
 const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
-/// How long a worker gets to answer a `GET` or a small `POST`: a worker answers one in
-/// microseconds to milliseconds, and a client waits several seconds.
-const HOP_TIMEOUT: Duration = Duration::from_millis(500);
-/// What a `POST` body adds to [`HOP_TIMEOUT`], per MiB: a worker parses and logs one in a few
-/// milliseconds, but a body of `max_body_bytes` (16 MiB by default) may take a good part of a
-/// second, more with `fsync: always` on a slow disk.
-const HOP_TIMEOUT_PER_MIB: Duration = Duration::from_millis(250);
 
 /// Forwards `request` and returns the reply of the first worker that handles it.
 pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forward) -> Result<HttpResponse, ApiError> {
     let pool = &state.ctx.pool;
     let deadline = Instant::now() + WAIT_FOR_WORKER;
     let timeout = hop_timeout(request.body.len());
-    let pipeline = answered_at_once(&state.ctx.config(), &request.method);
     let mut tried = Tried::default();
     let mut last_error: Option<HopError> = None;
     // The last worker reply that was a 5xx: if every attempt ends so, the client gets the
@@ -53,9 +46,14 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         if !tried.is_empty() && Instant::now() >= deadline {
             break;
         }
-        // A first try joins the requests about to be written to a worker, if there are any;
-        // otherwise, and for a retry, any live worker at random.
-        let joining = if pipeline && tried.is_empty() { upstream.filling(|url| pool.live(url)) } else { None };
+        // A first try joins the requests about to be written to a worker, if there are any and
+        // that worker answers this request at once; otherwise, and for a retry, any live worker
+        // at random.
+        let joining = if tried.is_empty() {
+            upstream.filling(|url| pool.live(url)).filter(|m| m.answers_at_once(&request.method))
+        } else {
+            None
+        };
         let Some(member) = joining.or_else(|| pool.pick(&tried)) else {
             // Every live worker has answered: waiting would only get the same answers again.
             if last_reply.is_some() || Instant::now() >= deadline {
@@ -75,7 +73,11 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
             state.metrics.retries.inc();
         }
         tried.push(member.clone());
-        match upstream.send(&member.url, &request, pipeline, timeout).await {
+        let pipeline = member.answers_at_once(&request.method);
+        let sent = Instant::now();
+        let replied = upstream.send(&member.url, &request, pipeline, timeout).await;
+        state.metrics.hop_took(member.url.as_str(), sent.elapsed());
+        match replied {
             Ok(reply) if !reply.status.is_server_error() => {
                 let items = if reply.status == StatusCode::OK && request.method == Method::POST {
                     accepted(&reply.body)
@@ -103,28 +105,28 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
             }
         }
     }
-    state.metrics.unavailable.inc();
     if let Some(reply) = last_reply {
+        let cause = if reply.retry_after.is_some() { Cause::PushBack } else { Cause::WorkerError };
+        let why = String::from_utf8_lossy(&reply.body[..reply.body.len().min(256)]).into_owned();
+        state.metrics.failed(cause, reply.status.as_u16(), &why);
         let mut response = HttpResponse::build(reply.status);
         if let Some(retry_after) = reply.retry_after {
             response.insert_header((RETRY_AFTER, retry_after));
         }
         return Ok(response.insert_header(ContentType::json()).body(reply.body));
     }
-    Err(match last_error {
+    let (cause, error) = match last_error {
         Some(e @ HopError::BadReply(_)) => {
-            ApiError::BadGateway(format!("no worker answered the request well (last: {e})"))
+            (Cause::BadReply, ApiError::BadGateway(format!("no worker answered the request well (last: {e})")))
         }
-        Some(e) => ApiError::Unavailable(format!("no live worker could take the request (last error: {e})")),
-        None => ApiError::Unavailable("no live worker could take the request".to_owned()),
-    })
-}
-
-/// Whether a worker answers `method` at once, without waiting on anything but its own thread,
-/// under `config`: only such requests are pipelined (see [`crate::upstream`]). A count from
-/// Redis waits for Redis, and a batch under `fsync: always` for the disk.
-fn answered_at_once(config: &Config, method: &Method) -> bool {
-    if *method == Method::POST { config.fsync != FsyncPolicy::Always } else { config.store == StoreKind::Json }
+        Some(e) => (
+            Cause::WorkersUnreachable,
+            ApiError::Unavailable(format!("no live worker could take the request (last error: {e})")),
+        ),
+        None => (Cause::NoLiveWorker, ApiError::Unavailable("no live worker could take the request".to_owned())),
+    };
+    state.metrics.failed(cause, error.status_code().as_u16(), &error.to_string());
+    Err(error)
 }
 
 /// The hop timeout of a request with a body of `len` bytes.
@@ -140,20 +142,6 @@ fn accepted(body: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_requests_a_worker_answers_without_waiting_are_pipelined() {
-        let config = |yaml: &str| {
-            Config::from_yaml_str(&format!("workers: [http://127.0.0.1:5001]\n{yaml}"), std::path::Path::new("/"))
-                .unwrap()
-        };
-        let json = config("");
-        assert!(answered_at_once(&json, &Method::GET) && answered_at_once(&json, &Method::POST));
-        let redis = config("store: redis\nredis_url: redis://127.0.0.1:6379");
-        assert!(!answered_at_once(&redis, &Method::GET) && answered_at_once(&redis, &Method::POST));
-        let always = config("fsync: always");
-        assert!(answered_at_once(&always, &Method::GET) && !answered_at_once(&always, &Method::POST));
-    }
 
     #[test]
     fn the_hop_timeout_grows_with_the_body() {

@@ -1,7 +1,5 @@
-//! The coordinator's HTTP API: the workers' API forwarded, plus its own health, stats and
-//! metrics, and the dashboard.
-
-use std::time::UNIX_EPOCH;
+//! The coordinator's HTTP API: the workers' API forwarded, plus its own health, readiness,
+//! stats and metrics, and the dashboard.
 
 use actix_web::http::Method;
 use actix_web::http::header::ContentType;
@@ -9,11 +7,13 @@ use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
 use countapp_shared::edge::body::{BodyLimits, read_body};
 use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, resource};
-use serde_json::{Value, json};
+use countapp_shared::wire::CoordinatorReady;
+use serde_json::json;
 
 use crate::dashboard;
 use crate::proxy::forward;
 use crate::state::AppState;
+use crate::stats::coordinator_stats;
 use crate::upstream::{Forward, Upstream, valid_target};
 
 /// Registers every route of the coordinator.
@@ -24,6 +24,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(items_subpath)),
     )
     .service(resource("/health").route(web::get().to(health)))
+    .service(resource("/ready").route(web::get().to(ready)))
     .service(resource("/stats").route(web::get().to(stats)))
     .service(resource("/metrics").route(web::get().to(metrics)))
     .configure(dashboard::configure)
@@ -67,64 +68,34 @@ fn raw_target(req: &HttpRequest) -> Result<Bytes, ApiError> {
     Ok(Bytes::copy_from_slice(target.as_bytes()))
 }
 
-/// `GET /health`: the coordinator is up; how many workers take requests.
+/// `GET /health`: liveness: the coordinator is up, however many workers take requests (a
+/// supervisor restarting it for having none would only make things worse).
 async fn health(state: web::Data<AppState>) -> HttpResponse {
     let live = state.ctx.pool.live_count();
     HttpResponse::Ok().json(json!({ "status": "ok", "live_workers": live }))
 }
 
-/// `GET /stats`: every worker's state and counts, the cluster's totals, and the config status.
-async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) -> HttpResponse {
-    HttpResponse::Ok().json(stats_json(&state, &requests))
+/// `GET /ready`: readiness, for a load balancer: 200 while some worker takes requests, 503 with
+/// the reason while none does, so that clients are sent to a coordinator that can serve them.
+async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let live_workers = state.ctx.pool.live_count();
+    if live_workers > 0 {
+        return HttpResponse::Ok().json(CoordinatorReady { ready: true, live_workers, error: None });
+    }
+    let members = state.ctx.pool.members();
+    let error = if members.is_empty() {
+        "no worker is ready: the config lists none".to_owned()
+    } else {
+        let states: Vec<String> = members.iter().map(|m| format!("{} {}", m.url, m.status().state.name())).collect();
+        format!("no worker is ready ({})", states.join(", "))
+    };
+    HttpResponse::ServiceUnavailable().json(CoordinatorReady { ready: false, live_workers, error: Some(error) })
 }
 
-/// The `/stats` body; the dashboard's snapshot is built on it.
-pub(crate) fn stats_json(state: &AppState, requests: &RequestCounter) -> Value {
-    let mut total_requests = 0;
-    let mut total_items = 0;
-    let workers: Vec<_> = state
-        .ctx
-        .pool
-        .members()
-        .iter()
-        .map(|member| {
-            let status = member.status();
-            let served = member.requests.load(std::sync::atomic::Ordering::Relaxed);
-            let items = member.items.load(std::sync::atomic::Ordering::Relaxed);
-            total_requests += served;
-            total_items += items;
-            json!({
-                "url": member.url.as_str(),
-                "local": member.local,
-                "pid": status.pid,
-                "state": status.state,
-                "adopted": status.adopted,
-                "requests": served,
-                "items_accepted": items,
-                "restarts": status.restarts,
-                "last_error": status.last_error,
-                "config_version": status.config_version,
-            })
-        })
-        .collect();
+/// `GET /stats`: every worker's state and counts, the cluster's totals, and the config status.
+async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) -> HttpResponse {
     let config = state.config_status.lock().clone();
-    json!({
-        "workers": workers,
-        "cluster": {
-            "requests": requests.served(),
-            "requests_forwarded": total_requests,
-            "items_accepted": total_items,
-            "live_workers": state.ctx.pool.live_count(),
-            "workers": workers.len(),
-        },
-        "config": {
-            "path": config.path.display().to_string(),
-            "loaded_at_unix_ms": config.loaded_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-            "version": config.version,
-            "valid": config.error.is_none(),
-            "error": config.error,
-        },
-    })
+    HttpResponse::Ok().json(coordinator_stats(&state.ctx.pool, &config, &requests))
 }
 
 /// `GET /metrics`: Prometheus text.

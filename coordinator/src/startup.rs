@@ -26,7 +26,8 @@ use crate::control;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::routes;
-use crate::state::{AppState, ConfigStatus};
+use crate::state::AppState;
+use crate::stats::ConfigStatus;
 use crate::supervisor::{Context, Supervisor};
 use crate::token_file;
 use crate::upstream::Upstream;
@@ -85,17 +86,18 @@ impl Coordinator {
         });
         let (metrics, requests) = Metrics::new();
         let requests = web::Data::new(requests);
+        let config_status = Arc::new(Mutex::new(ConfigStatus {
+            path: config_path.to_path_buf(),
+            loaded_at: SystemTime::now(),
+            version: config.version(),
+            error: None,
+        }));
         let state = web::Data::new(AppState {
+            cluster_view: Arc::new(ClusterView::new(ctx.clone(), config_status.clone(), requests.clone())),
             ctx,
-            config_status: Mutex::new(ConfigStatus {
-                path: config_path.to_path_buf(),
-                loaded_at: SystemTime::now(),
-                version: config.version(),
-                error: None,
-            }),
+            config_status,
             metrics,
             shutdown: CancellationToken::new(),
-            cluster_view: ClusterView::new(requests.clone()),
             bodies: BodyBudget::default(),
         });
         let data = state.clone();
@@ -140,7 +142,7 @@ impl Coordinator {
         let serving = tokio::spawn(server);
         tracing::info!(%addr, workers = config.workers.len(), dashboard = %format!("http://{addr}/"), "coordinator listening");
         // Refreshes the dashboard's snapshot, only while someone is looking.
-        let cluster_view = tokio::spawn(cluster_view::run(state.clone()));
+        let cluster_view = tokio::spawn(cluster_view::run(state.cluster_view.clone()));
         let mut supervisor = Supervisor::new(state.ctx.clone());
         supervisor.apply(&config);
 
@@ -203,15 +205,20 @@ fn reload(state: &AppState, path: &Path, current: &Config) -> Option<Config> {
             let fixed = current.fixed_changes(&new);
             if fixed.is_empty() {
                 let mut status = state.config_status.lock();
-                if status.error.take().is_some() {
-                    tracing::info!(path = %path.display(), "the config file is in force again");
-                }
+                let was_refused = status.error.take().is_some();
                 if &new == current {
+                    if was_refused {
+                        tracing::info!(path = %path.display(), "the config file is in force again");
+                        state.ctx.pool.events.record(None, "config file valid again: the config in force is unchanged");
+                        state.metrics.config_loaded(status.loaded_at);
+                    }
                     return None;
                 }
                 status.loaded_at = SystemTime::now();
                 status.version = new.version();
                 tracing::info!(path = %path.display(), version = status.version, "config changed");
+                state.ctx.pool.events.record(None, format!("config {} applied", status.version));
+                state.metrics.config_loaded(status.loaded_at);
                 return Some(new);
             }
             format!(
@@ -223,8 +230,11 @@ fn reload(state: &AppState, path: &Path, current: &Config) -> Option<Config> {
         Err(e) => e.to_string(),
     };
     let mut status = state.config_status.lock();
+    state.metrics.config_refused();
     if status.error.as_ref() != Some(&refused) {
         tracing::error!(path = %path.display(), error = refused, "config edit refused; the last good config stays in force");
+        let message = format!("config edit refused, the last good config stays in force: {refused}");
+        state.ctx.pool.events.record(None, message);
         status.error = Some(refused);
     }
     None

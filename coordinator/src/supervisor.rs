@@ -27,9 +27,11 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use countapp_shared::api::ErrorBody;
 use countapp_shared::config::{Config, WorkerUrl};
 use countapp_shared::shutdown::WORKER_STOP_TIMEOUT;
 use countapp_shared::spawn::{CONFIG_ENV, TOKEN_ENV};
+use countapp_shared::wire::{ConfigApplied, ConfigPush, Ready};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -111,6 +113,7 @@ impl Supervisor {
         for (url, task) in &self.tasks {
             if !config.workers.contains(url) && !task.stop.is_cancelled() {
                 tracing::info!(worker = %url, "removed from the config: stopping");
+                self.ctx.pool.events.record(Some(url), "removed from the config: stopping");
                 task.stop.cancel();
             }
         }
@@ -128,6 +131,7 @@ impl Supervisor {
             } else {
                 tracing::info!(worker = %url, local = url.is_local(), "added");
             }
+            self.ctx.pool.events.record(Some(url), "added to the config");
             let stop = CancellationToken::new();
             let (ctx, url_owned, stopped) = (self.ctx.clone(), url.clone(), stop.clone());
             let handle = self.tracker.spawn(async move {
@@ -226,11 +230,16 @@ async fn supervise_local(ctx: &Context, member: &Member, stop: &CancellationToke
             // Something else holds the port: spawning would only fail again and again, and it
             // is never signalled. Report it, and look again later.
             let why = format!("port {} is held by another program ({holder}); not spawning", member.url.port());
-            if member.status().state != WorkerState::Blocked {
+            let status = member.status();
+            if status.state != WorkerState::Blocked {
                 tracing::error!(worker = %member.url, error = why, "cannot start the worker");
+                ctx.pool.events.record(Some(&member.url), format!("blocked: {why}"));
+            }
+            // Stamped when it first said so, not at every look while it stays so.
+            if status.state != WorkerState::Blocked || status.last_error.is_none_or(|(_, said)| said != why) {
+                ctx.pool.update(member, |s| s.failed(why));
             }
             ctx.pool.set_state(member, WorkerState::Blocked);
-            ctx.pool.update(member, |s| s.last_error = Some(why));
             tokio::select! {
                 () = tokio::time::sleep(ctx.check_interval()) => continue,
                 () = stop.cancelled() => return,
@@ -261,6 +270,9 @@ async fn supervise_local(ctx: &Context, member: &Member, stop: &CancellationToke
 /// Takes over a worker that a previous coordinator started, proven ours, and follows it.
 async fn adopt(ctx: &Context, member: &Member, process: Process, stop: &CancellationToken) -> Ended {
     tracing::info!(worker = %member.url, pid = process.pid, "adopting the worker already running on its port");
+    ctx.pool
+        .events
+        .record(Some(&member.url), format!("adopted the worker already running on its port (pid {})", process.pid));
     ctx.pool.update(member, |s| {
         s.pid = Some(process.pid);
         s.adopted = true;
@@ -268,16 +280,24 @@ async fn adopt(ctx: &Context, member: &Member, process: Process, stop: &Cancella
     watch_adopted(ctx, member, process, stop).await
 }
 
-/// Records that a worker's process is gone, about to be respawned.
+/// Records that a worker's process is gone, about to be respawned: before it was ever ready,
+/// a crash at start-up.
 fn exited(ctx: &Context, member: &Member, why: String) {
     tracing::warn!(worker = %member.url, reason = why, "worker exited; respawning");
+    let at_start = member.status().state == WorkerState::Starting;
+    let message = if at_start { format!("crashed at start-up: {why}") } else { format!("{why}; respawning") };
+    ctx.pool.events.record(Some(&member.url), message);
     ctx.pool.set_state(member, WorkerState::Exited);
     ctx.pool.update(member, |s| {
         s.restarts += 1;
+        s.restarted_at = Some(SystemTime::now());
         s.pid = None;
         s.adopted = false;
         s.config_version = None;
-        s.last_error = Some(why);
+        s.pending_items = None;
+        s.merge_lag_s = None;
+        s.not_ready = None;
+        s.failed(why);
     });
 }
 
@@ -328,6 +348,8 @@ fn spawn(ctx: &Context, member: &Member) -> std::io::Result<Child> {
     let child = command.spawn()?;
     ctx.pool.update(member, |s| s.config_version = Some(config.version()));
     tracing::info!(worker = %member.url, pid = child.id(), log = %path.display(), "spawned");
+    let pid = child.id().map_or_else(String::new, |pid| format!(" (pid {pid})"));
+    ctx.pool.events.record(Some(&member.url), format!("spawned{pid}"));
     Ok(child)
 }
 
@@ -421,26 +443,29 @@ struct Checked {
     runs_other_config: bool,
 }
 
-/// One health check: a ready worker stays ready, a failing one is taken out of routing.
+/// One health check: a ready worker stays ready, a failing one is taken out of routing. A
+/// worker's reply is untrusted: read within bounds, as [`Ready`], or taken for a failure.
 async fn check(ctx: &Context, member: &Member, failed_before: u32) -> Checked {
     let reply = ctx.http.get(format!("{}/ready", member.url)).timeout(CHECK_TIMEOUT).send().await;
     let state = member.status().state;
     let (why, timed_out) = match reply {
-        Ok(reply) if reply.status().is_success() => match control::json::<serde_json::Value>(reply).await {
-            Ok(body) => {
-                let version = body.get("config_version").and_then(|v| v.as_str()).map(str::to_owned);
-                let runs_other_config = version.as_deref().is_some_and(|v| v != ctx.config().version());
-                ctx.pool.update(member, |s| s.config_version = version);
-                ctx.pool.set_state(member, WorkerState::Ready);
+        Ok(reply) if reply.status().is_success() => match control::json::<Ready>(reply).await {
+            Ok(ready) => {
+                let runs_other_config = ready.config_version.as_deref().is_some_and(|v| v != ctx.config().version());
+                ctx.pool.ready(member, &ready);
                 return Checked { failed: 0, runs_other_config };
             }
             Err(e) => (e.to_string(), false),
         },
         // Not ready yet, or not answering: either way, not routed to.
         Ok(reply) => {
+            let status = reply.status();
+            let said = control::json::<ErrorBody>(reply).await.map(|body| body.error);
+            let why = said.unwrap_or_else(|_| format!("/ready answered {status}"));
             if state == WorkerState::Ready {
-                ctx.pool.suspect(member, format!("/ready answered {}", reply.status()));
+                ctx.pool.suspect(member, format!("/ready answered {status}: {why}"));
             }
+            ctx.pool.update(member, |s| s.not_ready = Some(why));
             let failed = if state == WorkerState::Starting { failed_before } else { failed_before + 1 };
             return Checked { failed, runs_other_config: false };
         }
@@ -473,21 +498,25 @@ async fn push_config(ctx: &Context, member: &Member) {
         .put(format!("{}/config", member.url))
         .bearer_auth(&ctx.token)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(config.to_json())
+        .body(ConfigPush(config.as_ref().clone()).to_body())
         .timeout(CHECK_TIMEOUT)
         .send()
         .await;
     match reply {
         Ok(reply) if reply.status().is_success() => {
-            tracing::info!(worker = %member.url, version, "config applied");
-            ctx.pool.update(member, |s| s.config_version = Some(version));
+            // The version the worker says it runs now; a reply that cannot be read leaves it
+            // unknown, for the next health check to learn.
+            let runs = control::json::<ConfigApplied>(reply).await.ok().map(|applied| applied.config_version);
+            tracing::info!(worker = %member.url, version, runs = runs.as_deref(), "config applied");
+            ctx.pool.update(member, |s| s.config_version = runs);
         }
         Ok(reply) => {
             let status = reply.status();
             let body = control::body(reply).await.unwrap_or_default();
             let why = format!("config {version} refused: {status} {}", String::from_utf8_lossy(&body));
             tracing::error!(worker = %member.url, error = why, "config not applied");
-            ctx.pool.update(member, |s| s.last_error = Some(why));
+            ctx.pool.events.record(Some(&member.url), why.clone());
+            ctx.pool.update(member, |s| s.failed(why));
         }
         Err(e) => tracing::warn!(worker = %member.url, version, error = %e, "cannot push the config; retrying"),
     }
@@ -523,7 +552,8 @@ async fn stop_gracefully(ctx: &Context, member: &Member, running: Running<'_>) {
             }
             match tokio::time::timeout(WORKER_STOP_TIMEOUT, child.wait()).await {
                 Ok(Ok(status)) => {
-                    tracing::info!(worker = %member.url, %status, ms = started.elapsed().as_millis() as u64, "stopped")
+                    tracing::info!(worker = %member.url, %status, ms = started.elapsed().as_millis() as u64, "stopped");
+                    ctx.pool.events.record(Some(&member.url), format!("stopped: {status}"));
                 }
                 Ok(Err(e)) => tracing::error!(worker = %member.url, error = %e, "cannot wait for the worker"),
                 Err(_) => {
@@ -544,6 +574,7 @@ async fn stop_gracefully(ctx: &Context, member: &Member, running: Running<'_>) {
                 process.signal(Signal::SIGKILL);
             } else {
                 tracing::info!(worker = %member.url, pid = process.pid, "stopped");
+                ctx.pool.events.record(Some(&member.url), format!("stopped (pid {})", process.pid));
             }
         }
     }

@@ -1,8 +1,9 @@
 //! The worker's counters, served as Prometheus text at `/metrics` and summed up at `/stats`.
 
-use countapp_shared::client_errors;
+use std::sync::atomic::AtomicU64;
+
 use countapp_shared::http::RequestCounter;
-use prometheus_client::encoding::text::encode;
+use countapp_shared::{client_errors, process_metrics};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -21,6 +22,7 @@ pub(crate) struct Metrics {
     damaged_log_bytes: Counter,
     torn_log_tail_bytes: Counter,
     pending_items: Gauge,
+    merge_lag_seconds: Gauge<f64, AtomicU64>,
     ids_in_memory: Gauge,
     quarantined_tenants: Gauge,
     failed_shards: Counter,
@@ -34,6 +36,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("countapp_worker");
         let requests = RequestCounter::registered(&mut registry);
         client_errors::register(&mut registry);
+        process_metrics::register_build_info(&mut registry, env!("CARGO_PKG_VERSION"));
         let items_accepted = Counter::default();
         registry.register("items_accepted", "Items acknowledged as durable", items_accepted.clone());
         let merges = Counter::default();
@@ -62,6 +65,12 @@ impl Metrics {
             "pending_items",
             "Items this worker acknowledged still in its log files",
             pending_items.clone(),
+        );
+        let merge_lag_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "merge_lag_seconds",
+            "How far behind this worker's merging is: the age of the oldest item it acknowledged and has not merged",
+            merge_lag_seconds.clone(),
         );
         let ids_in_memory = Gauge::default();
         registry.register(
@@ -99,6 +108,7 @@ impl Metrics {
             damaged_log_bytes,
             torn_log_tail_bytes,
             pending_items,
+            merge_lag_seconds,
             ids_in_memory,
             quarantined_tenants,
             failed_shards,
@@ -136,13 +146,12 @@ impl Metrics {
     pub(crate) fn render(&self, store: Option<&StoreStats>) -> String {
         if let Some(stats) = store {
             self.pending_items.set(i64::try_from(stats.pending_items).unwrap_or(i64::MAX));
+            self.merge_lag_seconds.set(stats.merge_lag.as_secs_f64());
             self.ids_in_memory.set(i64::try_from(stats.ids_in_memory.0).unwrap_or(i64::MAX));
             self.quarantined_tenants.set(stats.quarantined.len() as i64);
             let behind = stats.log_bytes_appended.saturating_sub(self.log_bytes.get());
             self.log_bytes.inc_by(behind);
         }
-        let mut text = String::new();
-        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
-        text
+        process_metrics::encode(&self.registry)
     }
 }

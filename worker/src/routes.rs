@@ -1,17 +1,18 @@
 //! The worker's HTTP API (SPEC.md, "HTTP API"): ingest, counts, health, stats, metrics, and the
 //! coordinator's graceful shutdown and config edits. Every error is an [`ApiError`].
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::items::parse_batch;
 use actix_web::http::header::{AUTHORIZATION, ContentType};
 use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
 use countapp_shared::api::{Accepted, Count};
-use countapp_shared::config::Config;
+use countapp_shared::config::{Config, FsyncPolicy, StoreKind};
 use countapp_shared::edge::body::{BodyLimits, read_body};
 use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, resource};
 use countapp_shared::token;
+use countapp_shared::wire::{AnswersAtOnce, ConfigApplied, ConfigPush, MergeRound, Quarantined, Ready, WorkerStats};
 use countapp_store::Item;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
@@ -136,49 +137,75 @@ async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
-/// `GET /ready`: the log is recovered and the worker takes ingest.
+/// `GET /ready`: the log is recovered and the worker takes ingest; with what the coordinator
+/// needs to know of it (see [`Ready`]).
 async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     match state.store() {
         Some(store) if let Some(why) = store.failure().borrow().clone() => {
             Err(ApiError::Unavailable(format!("the worker is stopping: {why}")))
         }
-        Some(_) if !state.shutdown.is_cancelled() => {
-            Ok(HttpResponse::Ok().json(json!({ "ready": true, "config_version": state.config.version() })))
-        }
+        Some(store) if !state.shutdown.is_cancelled() => Ok(HttpResponse::Ok().json(Ready {
+            ready: true,
+            config_version: Some(state.config.version()),
+            answers_at_once: answers_at_once(&state.config.get()),
+            pending_items: Some(store.pending_items()),
+            merge_lag_s: Some(store.merge_lag().as_secs_f64()),
+        })),
         Some(_) => Err(ApiError::Unavailable("the worker is shutting down".to_owned())),
         None => Err(not_ready()),
     }
 }
 
+/// Which requests this worker answers at once under `config`: a count from Redis waits for
+/// Redis, and a batch under `fsync: always` for the disk.
+fn answers_at_once(config: &Config) -> AnswersAtOnce {
+    AnswersAtOnce { counts: config.store == StoreKind::Json, batches: config.fsync != FsyncPolicy::Always }
+}
+
 /// `GET /stats`: what the worker has done, as JSON.
 async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) -> HttpResponse {
-    let store = state.store().map(|store| store.stats());
-    let last_merge = store.as_ref().and_then(|s| s.last_merge.as_ref()).map(|(at, took, report)| {
-        json!({
-            "at_unix_ms": at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-            "took_ms": took.as_secs_f64() * 1000.0,
-            "log_files": report.log_files,
-            "items": report.items,
-            "tenants": report.tenants,
-            "new_ids": report.new_ids,
-            "deleted_files": report.deleted_files,
-        })
-    });
-    HttpResponse::Ok().json(json!({
-        "worker": state.worker_id,
-        "pid": std::process::id(),
-        "ready": store.is_some(),
-        "config_version": state.config.version(),
-        "requests": requests.served(),
-        "items_accepted": state.metrics.items_accepted(),
-        "pending_items": store.as_ref().map_or(0, |s| s.pending_items),
-        "merge_lag_s": store.as_ref().map_or(0.0, |s| s.merge_lag.as_secs_f64()),
-        "ids_in_memory": store.as_ref().map_or(0, |s| s.ids_in_memory.0),
-        "ids_in_memory_bytes": store.as_ref().map_or(0, |s| s.ids_in_memory.1),
-        "log_bytes_appended": store.as_ref().map_or(0, |s| s.log_bytes_appended),
-        "last_merge": last_merge,
-        "quarantined": store.as_ref().map(|s| s.quarantined.clone()).unwrap_or_default(),
-    }))
+    let mut stats = WorkerStats {
+        worker: state.worker_id.clone(),
+        pid: std::process::id(),
+        ready: false,
+        config_version: Some(state.config.version()),
+        requests: requests.served(),
+        items_accepted: state.metrics.items_accepted(),
+        answers_at_once: answers_at_once(&state.config.get()),
+        ..WorkerStats::default()
+    };
+    if let Some(store) = state.store().map(|store| store.stats()) {
+        stats.ready = true;
+        stats.pending_items = store.pending_items;
+        stats.merge_lag_s = store.merge_lag.as_secs_f64();
+        stats.oldest_pending_s = store.oldest_pending.as_secs_f64();
+        (stats.ids_in_memory, stats.ids_in_memory_bytes) = store.ids_in_memory;
+        stats.log_bytes_appended = store.log_bytes_appended;
+        stats.last_merge = store.last_merge.map(|(at, took, report)| MergeRound {
+            at_unix_ms: unix_ms(at),
+            took_ms: took.as_secs_f64() * 1000.0,
+            log_files: report.log_files,
+            items: report.items,
+            tenants: report.tenants,
+            new_ids: report.new_ids,
+            deleted_files: report.deleted_files,
+        });
+        stats.quarantined = store
+            .quarantined
+            .into_iter()
+            .map(|q| Quarantined {
+                tenant: q.tenant,
+                file: q.file.display().to_string(),
+                reason: q.reason,
+                kept_ids: q.kept_ids,
+            })
+            .collect();
+    }
+    HttpResponse::Ok().json(stats)
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `GET /metrics`: Prometheus text.
@@ -205,8 +232,8 @@ async fn shutdown(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
 /// The largest config a coordinator pushes: a few hundred bytes, plus about 30 per worker URL.
 const MAX_CONFIG_BYTES: usize = 1 << 20;
 
-/// `PUT /config`: with the coordinator's token, puts the config in the body (JSON, as
-/// [`Config::to_json`] writes it) in force. `409` if it changes a key that only a restart can.
+/// `PUT /config`: with the coordinator's token, puts the config in the body (a [`ConfigPush`])
+/// in force. `409` if it changes a key that only a restart can.
 /// The token is checked before a byte of the body is read: without it, a request costs nothing.
 async fn put_config(
     req: HttpRequest,
@@ -221,10 +248,10 @@ async fn put_config(
     let body = read_body(&req, payload, limits, &state.bodies).await?;
     let config = std::str::from_utf8(&body)
         .map_err(|e| e.to_string())
-        .and_then(|json| Config::from_json(json).map_err(|e| e.to_string()))
+        .and_then(|json| ConfigPush::from_body(json).map_err(|e| e.to_string()))
         .map_err(|e| ApiError::BadRequest(format!("invalid config: {e}")))?;
-    match state.config.apply(config, state.store().map(|store| &**store)) {
-        Ok(_) => Ok(HttpResponse::Ok().json(json!({ "config_version": state.config.version() }))),
+    match state.config.apply(config.0, state.store().map(|store| &**store)) {
+        Ok(_) => Ok(HttpResponse::Ok().json(ConfigApplied { config_version: state.config.version() })),
         Err(e @ ApplyError::Fixed(_)) => Err(ApiError::Conflict(e.to_string())),
         Err(e) => Err(ApiError::BadRequest(e.to_string())),
     }
@@ -256,4 +283,21 @@ async fn identity(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
 fn from_coordinator(req: &HttpRequest, state: &AppState) -> bool {
     let presented = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
     presented.is_some_and(|token| state.is_shutdown_token(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_says_it_answers_at_once_only_what_waits_on_nothing_else() {
+        let config = |yaml: &str| {
+            Config::from_yaml_str(&format!("workers: [http://127.0.0.1:5001]\n{yaml}"), std::path::Path::new("/"))
+                .unwrap()
+        };
+        assert_eq!(answers_at_once(&config("")), AnswersAtOnce { counts: true, batches: true });
+        let redis = config("store: redis\nredis_url: redis://127.0.0.1:6379");
+        assert_eq!(answers_at_once(&redis), AnswersAtOnce { counts: false, batches: true });
+        assert_eq!(answers_at_once(&config("fsync: always")), AnswersAtOnce { counts: true, batches: false });
+    }
 }

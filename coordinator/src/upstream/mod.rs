@@ -46,8 +46,8 @@ pub(crate) enum HopError {
     /// No connection could be opened.
     #[error("cannot connect: {0}")]
     Connect(std::io::Error),
-    /// The worker did not answer in time.
-    #[error("no reply within {0:?}")]
+    /// The worker did not answer in time (shown in whole milliseconds: "no reply within 501 ms").
+    #[error("no reply within {} ms", .0.as_millis())]
     Timeout(Duration),
     /// The connection ended before the reply.
     #[error("{0}")]
@@ -381,5 +381,10 @@ mod tests {
         let failed = upstream.send(&url, &get("a"), true, TIMEOUT).await;
         assert!(matches!(failed, Err(HopError::Connection(_))), "{failed:?}");
         assert_eq!(counters.connections.get(), 1);
+    }
+
+    #[test]
+    fn a_timeout_reads_in_whole_milliseconds() {
+        assert_eq!(HopError::Timeout(Duration::from_micros(501_275)).to_string(), "no reply within 501 ms");
     }
 }

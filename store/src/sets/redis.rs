@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use countapp_shared::config::RedisHandoff;
+use countapp_shared::wire::REDIS_COUNT_TIMEOUT;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -58,11 +59,11 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// that one slow round (Redis saving, say) does not push ingest back by itself.
 const RATE_WEIGHT: f64 = 0.3;
 /// How long a count may take, connecting included, before it answers that Redis is
-/// unreachable: well within the coordinator's 0.5 s hop to a worker, so that the worker answers
-/// a 503 with the reason before the coordinator takes it for hung (and stops routing ingest to
-/// it, which goes on into the logs while Redis is away). A Redis round trip takes well under a
-/// millisecond on a LAN.
-const COUNT_TIMEOUT: Duration = Duration::from_millis(250);
+/// unreachable: well within the coordinator's hop to a worker (the shared constant is derived from
+/// it), so that the worker answers a 503 with the reason before the coordinator takes it for hung
+/// (and stops routing ingest to it, which goes on into the logs while Redis is away). A Redis
+/// round trip takes well under a millisecond on a LAN.
+const COUNT_TIMEOUT: Duration = REDIS_COUNT_TIMEOUT;
 
 /// How to reach Redis.
 enum Target {
