@@ -138,15 +138,14 @@ async fn health() -> HttpResponse {
 
 /// `GET /ready`: the log is recovered and the worker takes ingest.
 async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    match state.store() {
-        Some(store) if let Some(why) = store.failure().borrow().clone() => {
-            Err(ApiError::Unavailable(format!("the worker is stopping: {why}")))
-        }
-        Some(_) if !state.shutdown.is_cancelled() => {
+    let failure = state.store().and_then(|store| store.failure().borrow().clone());
+    match (state.store(), failure) {
+        (Some(_), Some(why)) => Err(ApiError::Unavailable(format!("the worker is stopping: {why}"))),
+        (Some(_), None) if !state.shutdown.is_cancelled() => {
             Ok(HttpResponse::Ok().json(json!({ "ready": true, "config_version": state.config.version() })))
         }
-        Some(_) => Err(ApiError::Unavailable("the worker is shutting down".to_owned())),
-        None => Err(not_ready()),
+        (Some(_), None) => Err(ApiError::Unavailable("the worker is shutting down".to_owned())),
+        (None, _) => Err(not_ready()),
     }
 }
 
