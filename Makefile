@@ -4,7 +4,7 @@
 # appended, so that a cargo already on PATH wins.
 export PATH := $(PATH):$(HOME)/.cargo/bin
 
-.PHONY: build run tests bench bench-scale bench-store clean toolchain
+.PHONY: build run tests bench bench-scale bench-store clean reset toolchain
 
 build: toolchain
 	cargo build --release --workspace
@@ -36,8 +36,14 @@ bench-scale: toolchain
 bench-store: toolchain
 	cargo bench -p countapp-worker
 
+# The build's output (target/). The cluster's data stays: that is `make reset`.
 clean: toolchain
 	cargo clean
+
+# A fresh start: the database and the workers' log files of ./config.yaml removed, refused
+# while the coordinator or any of its workers runs (coordinator --reset).
+reset: toolchain
+	cargo run --release --quiet --bin coordinator -- --reset --config config.yaml
 
 # Before anything is built: cargo must be there, and rustc at least the rust-version that
 # Cargo.toml declares, or the build would stop later on some feature with an error that does not

@@ -1,4 +1,4 @@
-//! The worker's HTTP API (SPEC.md, "HTTP API"): ingest, counts, health, stats, metrics, and the
+//! The worker's HTTP API (the README's "Using it"): ingest, counts, health, stats, metrics, and the
 //! coordinator's graceful shutdown and config edits. Every error is an [`ApiError`].
 
 use std::time::{Duration, UNIX_EPOCH};
