@@ -6,7 +6,7 @@ pub mod reset;
 
 use std::process::ExitCode;
 
-use countapp_shared::client_errors;
+use countapp_server::client_errors;
 use countapp_shared::config::LogFormat;
 use countapp_shared::spawn::LOG_FILE_ENV;
 use tracing::{Event, Subscriber};

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix_web::web;
-use countapp_shared::http::RequestCounter;
+use countapp_server::http::RequestCounter;
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::{Value, json};

@@ -1,7 +1,7 @@
 //! The coordinator's counters, served as Prometheus text at `/metrics`.
 
-use countapp_shared::client_errors;
-use countapp_shared::http::RequestCounter;
+use countapp_server::client_errors;
+use countapp_server::http::RequestCounter;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;

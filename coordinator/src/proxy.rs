@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use actix_web::HttpResponse;
 use actix_web::http::header::{ContentType, RETRY_AFTER};
 use actix_web::http::{Method, StatusCode};
+use countapp_server::http::ApiError;
 use countapp_shared::config::{Config, FsyncPolicy, StoreKind};
-use countapp_shared::http::ApiError;
 
 use crate::pool::Tried;
 use crate::state::AppState;

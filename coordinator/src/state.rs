@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use countapp_shared::edge::budget::BodyBudget;
+use countapp_server::edge::budget::BodyBudget;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 

@@ -1,15 +1,11 @@
-//! What both CountApp binaries agree on: the config file, the items a client posts, the JSON
-//! replies of the HTTP API and the helpers both servers answer with, the bounds of their edge,
-//! what a spawned worker is handed and how it proves it holds its coordinator's token, the guard
-//! both servers keep against other sites' pages, and the shutdown signal.
+//! What every CountApp program agrees on: the config file, the items a client posts, the JSON
+//! replies of the HTTP API, what a spawned worker is handed and how it proves it holds its
+//! coordinator's token, and the shutdown signal. Without actix, so that the load tool takes it
+//! without a server: the servers' own side is `countapp-server`.
 
 pub mod api;
-pub mod client_errors;
 pub mod config;
-pub mod edge;
-pub mod http;
 pub mod items;
 pub mod shutdown;
-pub mod site_guard;
 pub mod spawn;
 pub mod token;
