@@ -4,7 +4,7 @@
 # appended, so that a cargo already on PATH wins.
 export PATH := $(PATH):$(HOME)/.cargo/bin
 
-.PHONY: build run tests bench bench-scale bench-store clean toolchain
+.PHONY: build run tests bench bench-scale bench-store clean reset toolchain
 
 build: toolchain
 	cargo build --release --workspace
@@ -36,11 +36,34 @@ bench-scale: toolchain
 bench-store: toolchain
 	cargo bench -p countapp-store
 
+# The build's output (target/). The cluster's data stays: that is `make reset`.
 clean: toolchain
 	cargo clean
 
+# A fresh start: the database and the workers' log files of ./config.yaml removed, refused
+# while the coordinator or any of its workers runs (coordinator --reset).
+reset: toolchain
+	cargo run --release --quiet --bin coordinator -- --reset --config config.yaml
+
+# Before anything is built: cargo must be there, and rustc at least the rust-version that
+# Cargo.toml declares, or the build would stop later on some feature with an error that does not
+# say the toolchain is what is old.
 toolchain:
 	@command -v cargo >/dev/null 2>&1 || { \
 		echo "cargo was not found: install the Rust toolchain from https://rustup.rs (or your package manager) and try again." >&2; \
 		exit 1; \
 	}
+	@need=$$(sed -n 's/^rust-version[[:space:]]*=[[:space:]]*"\([0-9.]*\)".*/\1/p' Cargo.toml | head -n 1); \
+	have=$$(rustc --version 2>/dev/null | sed -n 's/^rustc \([0-9][0-9]*\.[0-9][0-9]*\(\.[0-9][0-9]*\)\{0,1\}\).*/\1/p'); \
+	if [ -z "$$have" ]; then \
+		echo "error: cannot tell the version of rustc ('rustc --version' said: $$(rustc --version 2>&1 | head -n 1)); CountApp needs Rust $$need or newer." >&2; \
+		exit 1; \
+	fi; \
+	if ! awk -v need="$$need" -v have="$$have" 'BEGIN { \
+		split(need, n, "."); split(have, h, "."); \
+		for (i = 1; i <= 3; i++) { if (h[i] + 0 > n[i] + 0) exit 0; if (h[i] + 0 < n[i] + 0) exit 1 } \
+		exit 0 }'; then \
+		echo "error: Rust $$have is too old: CountApp needs Rust $$need or newer (rust-version in Cargo.toml)." >&2; \
+		echo "       Update it with 'rustup update stable' (or your package manager), then run make again." >&2; \
+		exit 1; \
+	fi

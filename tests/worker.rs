@@ -1,9 +1,10 @@
 //! System tests of the `worker` binary, run as a real process on a loopback port with its own
-//! config and database (see `harness`). They prove what SPEC.md promises of one worker:
+//! config and database (see `harness`). They prove what the README promises of one worker:
 //!
-//! - every bad request of "HTTP API" gets its 4xx with a JSON `{"error": ...}` body, and nothing of
-//!   a rejected batch is ever counted; tenants are percent-decoded path segments, kept apart;
-//! - "Durability and recovery": an item acknowledged before a SIGKILL under load is counted once
+//! - every bad request gets its 4xx with a JSON `{"error": ...}` body (the README's status
+//!   table), and nothing of a rejected batch is ever counted; tenants are percent-decoded path
+//!   segments, kept apart;
+//! - a `200` means durable: an item acknowledged before a SIGKILL under load is counted once
 //!   the worker is back, and nothing that was never sent is; two workers sharing one database
 //!   answer the same exact counts;
 //! - a graceful stop (`POST /shutdown` with the coordinator's token, SIGTERM, SIGINT) drains,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::web;
-use countapp_shared::http::RequestCounter;
+use countapp_server::http::RequestCounter;
 use countapp_shared::wire::{Dashboard, DashboardCluster, DashboardWorker, Sample, WorkerSample, WorkerStats};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};

@@ -4,7 +4,7 @@
 
 use actix_web::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
 use actix_web::{HttpRequest, HttpResponse, web};
-use countapp_shared::http::{ApiError, resource};
+use countapp_server::http::{ApiError, resource};
 use serde::Deserialize;
 
 use crate::state::AppState;

@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use countapp_shared::http::RequestCounter;
+use countapp_server::client_errors;
+use countapp_server::http::RequestCounter;
+use countapp_server::process_metrics;
 use countapp_shared::wire::WorkerState;
-use countapp_shared::{client_errors, process_metrics};
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::{ContentType, RETRY_AFTER};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
-use countapp_shared::http::ApiError;
+use countapp_server::http::ApiError;
 use countapp_shared::wire::{HOP_TIMEOUT, HOP_TIMEOUT_PER_MIB};
 
 use crate::metrics::Cause;

@@ -5,8 +5,8 @@ use actix_web::http::Method;
 use actix_web::http::header::ContentType;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
-use countapp_shared::edge::body::{BodyLimits, read_body};
-use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, resource};
+use countapp_server::edge::body::{BodyLimits, read_body};
+use countapp_server::http::{ApiError, RequestCounter, count_route, no_such_route, resource};
 use countapp_shared::wire::CoordinatorReady;
 use serde_json::json;
 

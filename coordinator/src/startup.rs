@@ -9,13 +9,13 @@ use std::time::{Duration, SystemTime};
 
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
+use countapp_server::edge;
+use countapp_server::edge::budget::BodyBudget;
+use countapp_server::edge::stalled::{self, Timeout};
+use countapp_server::http::count_requests;
+use countapp_server::site_guard::SiteGuard;
 use countapp_shared::config::{self, Config, FIXED_KEYS};
-use countapp_shared::edge;
-use countapp_shared::edge::budget::BodyBudget;
-use countapp_shared::edge::stalled::{self, Timeout};
-use countapp_shared::http::count_requests;
 use countapp_shared::shutdown::terminate_signal;
-use countapp_shared::site_guard::SiteGuard;
 use parking_lot::Mutex;
 use thiserror::Error;
 use tokio::sync::watch;

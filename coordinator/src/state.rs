@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use countapp_shared::edge::budget::BodyBudget;
+use countapp_server::edge::budget::BodyBudget;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use countapp_shared::http::RequestCounter;
+use countapp_server::http::RequestCounter;
 use countapp_shared::wire::{ClusterTotals, ConfigState, CoordinatorStats, WorkerEntry};
 
 use crate::pool::{Member, Pool};

@@ -1,10 +1,11 @@
 //! Keeps the workers of the config running: one task per worker URL.
 //!
 //! A local worker (127.0.0.0/8, localhost, ::1) is spawned from the `worker` binary beside the
-//! coordinator's own, its output appended to `worker_logs/<port>.log`, and handed the config in
-//! force. Its exit is seen at once through its child handle and it is respawned, with backoff if
-//! it keeps dying; it is also health-checked every `config_check` (more often while it fails, and
-//! at once when a request got no reply from it in time), and killed and respawned after
+//! coordinator's own, its output appended to `worker_logs/<port>.log` (which the worker rotates
+//! by size), and handed the config in force. Its exit is seen at once through its child handle
+//! and it is respawned, with backoff if it keeps dying; it is also health-checked every
+//! `config_check` (more often while it fails, and at once when a request got no reply from it
+//! in time), and killed and respawned after
 //! [`FAILED_CHECKS_BEFORE_KILL`] failed checks in a row, so that a hung worker is replaced. A
 //! worker already running on its port (left by a coordinator that was killed) is adopted, not
 //! duplicated, once it is proven one this coordinator or its predecessor started
@@ -28,9 +29,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use countapp_shared::api::ErrorBody;
-use countapp_shared::config::{Config, WorkerUrl};
+use countapp_shared::config::{Config, LogFormat, WorkerUrl};
 use countapp_shared::shutdown::WORKER_STOP_TIMEOUT;
-use countapp_shared::spawn::{CONFIG_ENV, TOKEN_ENV};
+use countapp_shared::spawn::{CONFIG_ENV, LOG_FILE_ENV, TOKEN_ENV};
 use countapp_shared::wire::{ConfigApplied, ConfigPush, Ready};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -320,14 +321,19 @@ fn spawn(ctx: &Context, member: &Member) -> std::io::Result<Child> {
     fs::create_dir_all(&config.worker_logs)?;
     let path = config.worker_logs.join(format!("{}.log", member.url.port()));
     let mut log = OpenOptions::new().create(true).append(true).open(&path)?;
-    writeln!(
-        log,
-        "--- {} starting worker {} (coordinator pid {}, config {}) ---",
-        humantime::format_rfc3339_seconds(SystemTime::now()),
-        member.url,
-        std::process::id(),
-        config.version(),
-    )?;
+    let now = humantime::format_rfc3339_micros(SystemTime::now());
+    let (url, pid, version) = (&member.url, std::process::id(), config.version());
+    // A marker between two runs of the worker, in the format of the lines around it.
+    let marker = match config.log_format {
+        LogFormat::Text => format!("--- {now} starting worker {url} (coordinator pid {pid}, config {version}) ---"),
+        LogFormat::Json => serde_json::json!({
+            "timestamp": now.to_string(), "level": "INFO", "process": "coordinator", "port": url.port(),
+            "fields": { "message": "starting worker", "worker": url.as_str(), "coordinator_pid": pid, "config": version },
+            "target": module_path!(),
+        })
+        .to_string(),
+    };
+    writeln!(log, "{marker}")?;
     let mut command = Command::new(&ctx.worker_bin);
     command
         .arg(member.url.port().to_string())
@@ -336,6 +342,8 @@ fn spawn(ctx: &Context, member: &Member) -> std::io::Result<Child> {
         // The config in force, which is the last good one while the file is invalid.
         .env(CONFIG_ENV, config.to_json())
         .env(TOKEN_ENV, &ctx.token)
+        // The worker rotates this file, its stdout and stderr, by size (`worker_log_max_bytes`).
+        .env(LOG_FILE_ENV, &path)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -28,19 +28,21 @@ Examples:
   countapp-load --url http://127.0.0.1:5001 --repeat 0.2 --redis redis://127.0.0.1/
   countapp-load --count --json counts.json       GET counts instead of posting batches
   countapp-load --items 1000000 --plot run.svg   a million items, plotted over time
-  countapp-load --exact --duration 30s           while workers are killed: every batch's fate read"
+  countapp-load --exact --duration 30s           while workers are killed: every batch's fate read
+  countapp-load -R 200000 -d 30s                 200k items/s on a fixed schedule: latency at that rate
+  countapp-load -c 64 -b 1000 -n 10000000 -q     short flags, as wrk's and oha's"
 )]
 pub struct Args {
     /// The server to load: a coordinator or a single worker.
-    #[arg(long, default_value = "http://127.0.0.1:5000")]
+    #[arg(short, long, default_value = "http://127.0.0.1:5000")]
     pub url: Uri,
 
     /// Concurrent keep-alive connections, each with one request in flight.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(short, long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub connections: u32,
 
     /// Items per POST batch.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(short, long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batch: u32,
 
     /// Tenants the items are spread over, round-robin.
@@ -49,12 +51,21 @@ pub struct Args {
 
     /// How long to send: "10s", "1m30s", "500ms" or plain seconds. Defaults to 10 s, unless
     /// --items is given, which then alone ends the run.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(short, long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
     /// Stop after sending this many items (or, with --count, requests), acknowledged or not.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(short = 'n', long, value_parser = clap::value_parser!(u64).range(1..))]
     pub items: Option<u64>,
+
+    /// Send at this fixed rate, in items per second (requests per second with --count), as
+    /// wrk2's -R and oha's -q do: each request has an intended start on an even schedule, and
+    /// its latency runs from then, so that a server's stall counts against every request due
+    /// during it (no coordinated omission). The connections must be enough to keep up: a
+    /// request late for want of a free connection is measured late. Without it, each
+    /// connection sends its next request as soon as the last is answered.
+    #[arg(short = 'R', long, value_name = "PER_SECOND", value_parser = parse_rate)]
+    pub rate: Option<f64>,
 
     /// Share of the items (0 to 1) that repeat an id already acknowledged for their tenant,
     /// to exercise deduplication; the rest are fresh ids.
@@ -126,12 +137,12 @@ pub struct Args {
     pub exact: bool,
 
     /// No progress bar (also the case when stderr is not a terminal).
-    #[arg(long)]
+    #[arg(short, long)]
     pub quiet: bool,
 
     /// Threads of the load tool. One is plenty for most runs, and leaves the other core of a
     /// small machine to the server under test.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(short, long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
 }
 
@@ -159,6 +170,13 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("must be more than zero".into());
     }
     Ok(duration)
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err("must be a number of items (or requests) per second above zero".into()),
+    }
 }
 
 fn parse_share(text: &str) -> Result<f64, String> {
@@ -192,6 +210,32 @@ mod tests {
     }
 
     #[test]
+    fn short_flags_name_the_common_options() {
+        let args = Args::try_parse_from([
+            "countapp-load",
+            "-u",
+            "http://127.0.0.1:5001",
+            "-c",
+            "4",
+            "-b",
+            "50",
+            "-d",
+            "3s",
+            "-n",
+            "900",
+            "-R",
+            "2000",
+            "-t",
+            "2",
+            "-q",
+        ])
+        .unwrap();
+        assert_eq!(args.url, "http://127.0.0.1:5001");
+        assert_eq!((args.connections, args.batch, args.items, args.threads), (4, 50, Some(900), 2));
+        assert_eq!((args.duration, args.rate, args.quiet), (Some(Duration::from_secs(3)), Some(2000.0), true));
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for args in [
             &["--repeat", "1.5"][..],
@@ -201,6 +245,9 @@ mod tests {
             &["--count", "--redis", "redis://x"],
             &["--exact", "--no-check"],
             &["--exact", "--count"],
+            &["--rate", "0"],
+            &["-R", "-5"],
+            &["-R", "fast"],
         ] {
             assert!(Args::try_parse_from([&["countapp-load"], args].concat()).is_err(), "{args:?}");
         }

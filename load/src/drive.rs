@@ -1,5 +1,12 @@
 //! The run loop shared by every mode: one task per connection, each sending one request at a
 //! time until the duration is over or the item budget spent, timing only the request itself.
+//!
+//! With a fixed rate (`--rate`), the requests follow a schedule instead, as wrk2's and oha's do:
+//! the k-th request of the run is meant to start at `k / rate` seconds, a connection that is free
+//! takes the next slot and waits for its time, and a request's latency runs from its intended
+//! start, not from when it was sent. A server that stalls then shows its stall in the latency of
+//! every request that was due meanwhile, rather than in the one request that was waiting for
+//! it (the coordinated omission of a closed loop, which measures only what the server let it).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +39,8 @@ pub struct Plan {
     pub units: Option<u64>,
     /// Units per request: the batch size, or 1 for counts.
     pub per_request: u64,
+    /// Requests per second to start, on a fixed schedule; as fast as the connections go if none.
+    pub rate: Option<f64>,
 }
 
 impl Plan {
@@ -49,6 +58,8 @@ pub struct Shared {
     pub live: Arc<Live>,
     /// Units handed out to requests so far.
     pub claimed: AtomicU64,
+    /// Slots of the fixed-rate schedule taken so far.
+    pub slots: AtomicU64,
 }
 
 impl Shared {
@@ -99,13 +110,22 @@ async fn connection<O: Op>(
     shared: Arc<Shared>,
 ) -> anyhow::Result<(O, Totals)> {
     let deadline = plan.duration.map(|d| start + d);
-    while deadline.is_none_or(|deadline| Instant::now() < deadline) {
+    loop {
+        // The request's intended start: its slot's time on a schedule, else now.
+        let intended = match plan.rate {
+            Some(rate) => start + slot_time(shared.slots.fetch_add(1, Ordering::Relaxed), rate),
+            None => Instant::now(),
+        };
+        if deadline.is_some_and(|deadline| intended >= deadline) {
+            break;
+        }
         let (first, units) = shared.claim(plan.per_request, plan.units);
         if units == 0 {
             break;
         }
         op.prepare(first, units)?;
-        let sent = Instant::now();
+        tokio::time::sleep_until(intended.into()).await;
+        let sent = intended;
         let outcome = op.send().await;
         let answered = Instant::now();
         match outcome {
@@ -116,9 +136,22 @@ async fn connection<O: Op>(
     Ok((op, recorder.finish()))
 }
 
+/// When the `slot`-th request of a run at `rate` requests a second is due, from the start.
+fn slot_time(slot: u64, rate: f64) -> Duration {
+    Duration::from_secs_f64(slot as f64 / rate)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_are_spread_evenly_at_the_rate() {
+        assert_eq!(slot_time(0, 100.0), Duration::ZERO);
+        assert_eq!(slot_time(1, 100.0), Duration::from_millis(10));
+        assert_eq!(slot_time(250, 100.0), Duration::from_millis(2500));
+        assert_eq!(slot_time(3, 0.5), Duration::from_secs(6));
+    }
 
     #[test]
     fn the_budget_is_never_overspent() {
@@ -132,7 +165,7 @@ mod tests {
 
     #[test]
     fn progress_follows_the_nearer_limit() {
-        let plan = Plan { duration: Some(Duration::from_secs(10)), units: Some(1000), per_request: 100 };
+        let plan = Plan { duration: Some(Duration::from_secs(10)), units: Some(1000), per_request: 100, rate: None };
         assert_eq!(plan.progress(Duration::from_secs(5), 100), 0.5);
         assert_eq!(plan.progress(Duration::from_secs(1), 800), 0.8);
         assert_eq!(plan.progress(Duration::from_secs(20), 0), 1.0);

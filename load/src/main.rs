@@ -61,11 +61,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let tenants = workload::tenant_names(&prefix, args.tenants as usize);
     let target = Arc::new(Target::resolve(&args.url, &tenants).await?);
     let mode = if args.count { Mode::Count } else { Mode::Post };
-    let plan = Plan {
-        duration: args.send_for(),
-        units: args.items,
-        per_request: if args.count { 1 } else { u64::from(args.batch) },
-    };
+    let per_request = if args.count { 1 } else { u64::from(args.batch) };
+    // --rate counts items (requests with --count); the schedule is of requests.
+    let rate = args.rate.map(|rate| rate / per_request as f64);
+    let plan = Plan { duration: args.send_for(), units: args.items, per_request, rate };
     let measured = match mode {
         Mode::Post => post(&args, &target, &prefix, &tenants, plan).await?,
         Mode::Count => count(&args, &target, plan).await?,
@@ -79,6 +78,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         tenant_prefix: prefix,
         repeat: args.repeat,
         id_bytes: args.id_bytes,
+        rate: args.rate,
         ratio: measured.redis.as_ref().map(|redis| measured.run.items_per_s / redis.items_per_s),
         run: measured.run,
         redis: measured.redis,

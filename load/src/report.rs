@@ -30,6 +30,9 @@ pub struct Report {
     pub tenant_prefix: String,
     pub repeat: f64,
     pub id_bytes: u16,
+    /// The fixed rate asked for (items a second, or requests with `--count`), with `--rate`:
+    /// then latency runs from each request's intended start.
+    pub rate: Option<f64>,
     /// The run against `url`.
     pub run: Figures,
     /// The same stream sent to Redis, with `--redis`.
@@ -121,6 +124,13 @@ impl Report {
             "{} ({}*), {} connections, {what}, {:.1} s",
             self.url, self.tenant_prefix, self.connections, self.run.seconds
         );
+        if let Some(rate) = self.rate {
+            let unit = if self.mode == Mode::Count { "requests" } else { "items" };
+            let _ = writeln!(
+                out,
+                "fixed rate: {rate:.0} {unit}/s asked; latency from each request's intended start (no coordinated omission)"
+            );
+        }
         let _ = writeln!(out);
         let _ = writeln!(
             out,
@@ -258,6 +268,7 @@ mod tests {
             tenant_prefix: "load-x-".into(),
             repeat: 0.25,
             id_bytes: 16,
+            rate: Some(5000.0),
             run: figures(1000.0),
             redis: Some(figures(500.0)),
             ratio: Some(2.0),

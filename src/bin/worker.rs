@@ -7,9 +7,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use countapp::Process;
 use countapp_shared::config::Config;
 use countapp_shared::spawn::{CONFIG_ENV, TOKEN_ENV};
 use countapp_worker::live_config::ConfigSource;
@@ -34,13 +36,15 @@ struct Cli {
     threads: usize,
 }
 
-#[actix_web::main]
-async fn main() -> anyhow::Result<()> {
-    countapp::init_logging();
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    countapp::exit_status(run(cli))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     // Fail points named in FAILPOINTS, in the builds made for the fault-injection tests.
     #[cfg(feature = "failpoints")]
     let _fail_points = fail::FailScenario::setup();
-    let cli = Cli::parse();
     let (config, config_source) = match std::env::var(CONFIG_ENV) {
         Ok(json) => (
             Config::from_json(&json).context("reading the config the coordinator handed over")?,
@@ -59,6 +63,10 @@ async fn main() -> anyhow::Result<()> {
             .find_map(|url| url.bind_addr())
             .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |addr| addr.ip())
     });
+    // The config says how to log, so logging starts once it is read; an error before then is
+    // the process's exit report.
+    let rotation = (config.worker_log_max_bytes(), config.worker_log_files());
+    countapp::init_logging(config.log_format, Process::Worker(cli.port), Some(rotation));
     let token = std::env::var(TOKEN_ENV).ok();
     let settings = WorkerSettings {
         listen: SocketAddr::new(host, cli.port),
@@ -67,6 +75,8 @@ async fn main() -> anyhow::Result<()> {
         shutdown_token: token,
         http_threads: cli.threads.max(1),
     };
-    let worker = Worker::build(settings).context("starting the worker")?;
-    worker.run_until_stopped().await.context("running the worker")
+    actix_web::rt::System::new().block_on(async move {
+        let worker = Worker::build(settings).context("starting the worker")?;
+        worker.run_until_stopped().await.context("running the worker")
+    })
 }

@@ -74,6 +74,11 @@ impl StoreOptions {
             store: config.store,
             redis_url: config.redis_url.as_ref().map(|url| url.as_str().to_owned()),
             redis_cluster: config.redis_cluster,
+            redis_tls: RedisTls {
+                ca_file: config.redis_tls_ca.as_ref().map(|file| file.to_path_buf()),
+                cert_file: config.redis_tls_cert.as_ref().map(|file| file.to_path_buf()),
+                key_file: config.redis_tls_key.as_ref().map(|file| file.to_path_buf()),
+            },
             settings: Settings::from_config(config),
             ..StoreOptions::default()
         }

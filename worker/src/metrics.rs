@@ -2,8 +2,9 @@
 
 use std::sync::atomic::AtomicU64;
 
-use countapp_shared::http::RequestCounter;
-use countapp_shared::{client_errors, process_metrics};
+use countapp_server::client_errors;
+use countapp_server::http::RequestCounter;
+use countapp_server::process_metrics;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;

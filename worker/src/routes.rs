@@ -1,4 +1,4 @@
-//! The worker's HTTP API (SPEC.md, "HTTP API"): ingest, counts, health, stats, metrics, and the
+//! The worker's HTTP API (the README's "Using it"): ingest, counts, health, stats, metrics, and the
 //! coordinator's graceful shutdown and config edits. Every error is an [`ApiError`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -7,10 +7,10 @@ use crate::items::parse_batch;
 use actix_web::http::header::{AUTHORIZATION, ContentType};
 use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
+use countapp_server::edge::body::{BodyLimits, read_body};
+use countapp_server::http::{ApiError, RequestCounter, count_route, no_such_route, resource};
 use countapp_shared::api::{Accepted, Count};
 use countapp_shared::config::{Config, FsyncPolicy, StoreKind};
-use countapp_shared::edge::body::{BodyLimits, read_body};
-use countapp_shared::http::{ApiError, RequestCounter, count_route, no_such_route, resource};
 use countapp_shared::token;
 use countapp_shared::wire::{AnswersAtOnce, ConfigApplied, ConfigPush, MergeRound, Quarantined, Ready, WorkerStats};
 use countapp_store::Item;
@@ -140,19 +140,18 @@ async fn health() -> HttpResponse {
 /// `GET /ready`: the log is recovered and the worker takes ingest; with what the coordinator
 /// needs to know of it (see [`Ready`]).
 async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    match state.store() {
-        Some(store) if let Some(why) = store.failure().borrow().clone() => {
-            Err(ApiError::Unavailable(format!("the worker is stopping: {why}")))
-        }
-        Some(store) if !state.shutdown.is_cancelled() => Ok(HttpResponse::Ok().json(Ready {
+    let failure = state.store().and_then(|store| store.failure().borrow().clone());
+    match (state.store(), failure) {
+        (Some(_), Some(why)) => Err(ApiError::Unavailable(format!("the worker is stopping: {why}"))),
+        (Some(store), None) if !state.shutdown.is_cancelled() => Ok(HttpResponse::Ok().json(Ready {
             ready: true,
             config_version: Some(state.config.version()),
             answers_at_once: answers_at_once(&state.config.get()),
             pending_items: Some(store.pending_items()),
             merge_lag_s: Some(store.merge_lag().as_secs_f64()),
         })),
-        Some(_) => Err(ApiError::Unavailable("the worker is shutting down".to_owned())),
-        None => Err(not_ready()),
+        (Some(_), None) => Err(ApiError::Unavailable("the worker is shutting down".to_owned())),
+        (None, _) => Err(not_ready()),
     }
 }
 

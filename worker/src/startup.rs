@@ -8,11 +8,11 @@ use std::time::Duration;
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
+use countapp_server::edge;
+use countapp_server::edge::stalled::{self, Timeout};
+use countapp_server::http::count_requests;
+use countapp_server::site_guard::SiteGuard;
 use countapp_shared::config::{self, Config};
-use countapp_shared::edge;
-use countapp_shared::edge::stalled::{self, Timeout};
-use countapp_shared::http::count_requests;
-use countapp_shared::site_guard::SiteGuard;
 use thiserror::Error;
 use tracing::Instrument;
 

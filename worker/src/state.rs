@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use countapp_shared::edge::budget::BodyBudget;
+use countapp_server::edge::budget::BodyBudget;
 use countapp_shared::token;
 
 use crate::live_config::LiveConfig;

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use values::{Dir, FsyncPolicy, Listen, Positive, RedisUrl, Seconds, StoreKind};
+pub use values::{Bytes, Dir, FsyncPolicy, Listen, LogFormat, Positive, RedisUrl, Seconds, StoreKind};
 pub use worker_url::{WorkerUrl, WorkerUrlError};
 
 /// The validated contents of `config.yaml`.
@@ -56,10 +56,10 @@ pub struct Config {
     pub fsync: FsyncPolicy,
     /// Largest request body accepted.
     #[serde(default = "defaults::max_body_bytes")]
-    pub max_body_bytes: Positive,
+    pub max_body_bytes: Bytes,
     /// Longest id or tenant accepted, in bytes.
     #[serde(default = "defaults::max_key_bytes")]
-    pub max_key_bytes: Positive,
+    pub max_key_bytes: Bytes,
     /// Which store keeps the tenants' id sets.
     #[serde(default)]
     pub store: StoreKind,
@@ -69,6 +69,17 @@ pub struct Config {
     /// Whether `redis_url` is a node of a Redis Cluster.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub redis_cluster: bool,
+    /// With a `rediss://` URL, the PEM file of the certificate authority that signed Redis's
+    /// certificate; the system's roots when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_tls_ca: Option<Dir>,
+    /// With a `rediss://` URL, the PEM file of the client's certificate, for a Redis that asks
+    /// for one (`tls-auth-clients`); with `redis_tls_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_tls_cert: Option<Dir>,
+    /// The PEM file of `redis_tls_cert`'s private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_tls_key: Option<Dir>,
     /// With `store: redis`, how long a log file whose ids Redis took is kept when Redis cannot
     /// confirm that it made them durable (no `WAITAOF`, or no AOF): at least Redis's `everysec`
     /// window, 1 s. [`defaults::redis_grace`] when not given.
@@ -85,7 +96,7 @@ pub struct Config {
     /// Bytes of damaged files kept under the database's `damaged/` for an operator, at most;
     /// the oldest go first past it. [`defaults::damaged_max_bytes`] when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub damaged_max_bytes: Option<Positive>,
+    pub damaged_max_bytes: Option<Bytes>,
     /// How long a client has to send a whole request, head and body; a connection silent that
     /// long is closed. [`defaults::request_timeout`] when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -93,7 +104,19 @@ pub struct Config {
     /// Bytes of request bodies a server holds at once, over all its connections; past them a
     /// request is pushed back with a 503. [`Config::max_body_bytes_in_flight`] when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_body_bytes_in_flight: Option<Positive>,
+    pub max_body_bytes_in_flight: Option<Bytes>,
+    /// How both processes write their logs: text lines or JSON objects. Read when a process
+    /// starts: the coordinator at its start, a worker at its next spawn.
+    #[serde(default, skip_serializing_if = "LogFormat::is_text")]
+    pub log_format: LogFormat,
+    /// Size at which a worker's log file under `worker_logs` is rotated.
+    /// [`defaults::worker_log_max_bytes`] when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_log_max_bytes: Option<Bytes>,
+    /// Rotated log files kept per worker (`<port>.log.1` to `.N`), besides the one written.
+    /// [`defaults::worker_log_files`] when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_log_files: Option<Positive>,
 }
 
 /// The defaults of the optional keys, as the README documents them.
@@ -101,7 +124,7 @@ pub mod defaults {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::time::Duration;
 
-    use super::{Dir, Listen, Positive, Seconds};
+    use super::{Bytes, Dir, Listen, Positive, Seconds};
 
     /// Directory of the embedded store, relative to the config file.
     pub fn database() -> Dir {
@@ -124,12 +147,12 @@ pub mod defaults {
         Listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5000))
     }
     /// Largest request body: 16 MiB.
-    pub fn max_body_bytes() -> Positive {
-        Positive::new(16 << 20).expect("positive")
+    pub fn max_body_bytes() -> Bytes {
+        Bytes::new(16 << 20).expect("positive")
     }
     /// Longest id or tenant, in bytes.
-    pub fn max_key_bytes() -> Positive {
-        Positive::new(256).expect("positive")
+    pub fn max_key_bytes() -> Bytes {
+        Bytes::new(256).expect("positive")
     }
     /// How long a log file that Redis took is kept when Redis cannot confirm its durability:
     /// twice Redis's `everysec` window.
@@ -142,8 +165,8 @@ pub mod defaults {
         Positive::new(50_000_000).expect("positive")
     }
     /// Bytes of damaged files kept for an operator: 1 GiB.
-    pub fn damaged_max_bytes() -> Positive {
-        Positive::new(1 << 30).expect("positive")
+    pub fn damaged_max_bytes() -> Bytes {
+        Bytes::new(1 << 30).expect("positive")
     }
     /// How long a client has to send a request: nginx's and HAProxy's usual order, and ample
     /// for a body of `max_body_bytes` on any network a cluster runs on.
@@ -152,8 +175,17 @@ pub mod defaults {
     }
     /// Request bodies held at once: four bodies of the default `max_body_bytes` (and never
     /// less than one body of the configured `max_body_bytes`).
-    pub fn max_body_bytes_in_flight() -> Positive {
-        Positive::new(64 << 20).expect("positive")
+    pub fn max_body_bytes_in_flight() -> Bytes {
+        Bytes::new(64 << 20).expect("positive")
+    }
+    /// Size at which a worker's log file is rotated: days of a busy worker's lines, and small
+    /// enough to open in an editor.
+    pub fn worker_log_max_bytes() -> Bytes {
+        Bytes::new(16 << 20).expect("positive")
+    }
+    /// Rotated log files kept per worker: with the default size, at most 96 MiB a worker.
+    pub fn worker_log_files() -> Positive {
+        Positive::new(5).expect("positive")
     }
 }
 
@@ -164,13 +196,19 @@ pub const MIN_REDIS_GRACE: Duration = Duration::from_secs(1);
 pub const MAX_BODY_BYTES_LIMIT: u64 = 1 << 30;
 /// The largest `max_key_bytes` accepted.
 pub const MAX_KEY_BYTES_LIMIT: u64 = 64 << 10;
+/// The smallest `worker_log_max_bytes` accepted: a few lines, below which a file would be
+/// rotated at every line.
+pub const MIN_WORKER_LOG_BYTES: u64 = 1 << 10;
+/// The most rotated files `worker_log_files` keeps: past it, a typo.
+pub const MAX_WORKER_LOG_FILES: u64 = 1000;
 /// The shortest `request_timeout` accepted: a request may wait that long for a worker (a hop
 /// times out after half a second) without a byte on its connection.
 pub const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The keys whose values a running cluster cannot change: an edit of any of them is refused as
 /// a whole, and the last good config stays in force.
-pub const FIXED_KEYS: [&str; 5] = ["listen", "database", "store", "redis_url", "redis_cluster"];
+pub const FIXED_KEYS: [&str; 8] =
+    ["listen", "database", "store", "redis_url", "redis_cluster", "redis_tls_ca", "redis_tls_cert", "redis_tls_key"];
 
 /// What a worker with `store: redis` waits for before it deletes a log file whose ids Redis took:
 /// the live part of the Redis settings, applied at each merge round.
@@ -209,15 +247,22 @@ impl Config {
     /// This is [`Config::load`] without the file system, for tests and for callers that
     /// already hold the text.
     pub fn from_yaml_str(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
-        // Parsed to a value first, so that bad YAML (or a key given twice) is told apart from
-        // a bad key; an empty file is an empty mapping, which then lacks `workers`.
-        let value = match serde_yaml::from_str::<serde_yaml::Value>(text).map_err(ConfigError::Yaml)? {
-            serde_yaml::Value::Null => serde_yaml::Value::Mapping(serde_yaml::Mapping::new()),
-            value => value,
-        };
-        let mut config: Config = serde_path_to_error::deserialize(value).map_err(ConfigError::from_serde)?;
+        // Read straight from the parser's events, so that an error has both the key's path
+        // (from serde_path_to_error) and its line and column (from the parser). An empty file
+        // is an empty mapping, which then lacks `workers`.
+        let mut path = None;
+        let parsed = serde_saphyr::with_deserializer_from_str(text, |deserializer| {
+            serde_path_to_error::deserialize(deserializer).map_err(|error| {
+                path = Some(error.path().to_string());
+                error.into_inner()
+            })
+        });
+        let mut config: Config = parsed.map_err(|error| ConfigError::from_yaml(path, &error))?;
         config.database = config.database.resolve(base_dir);
         config.worker_logs = config.worker_logs.resolve(base_dir);
+        for file in [&mut config.redis_tls_ca, &mut config.redis_tls_cert, &mut config.redis_tls_key] {
+            *file = file.as_ref().map(|file| file.resolve(base_dir));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -250,6 +295,9 @@ impl Config {
             self.store != new.store,
             self.redis_url != new.redis_url,
             self.redis_cluster != new.redis_cluster,
+            self.redis_tls_ca != new.redis_tls_ca,
+            self.redis_tls_cert != new.redis_tls_cert,
+            self.redis_tls_key != new.redis_tls_key,
         ];
         FIXED_KEYS.iter().zip(changed).filter(|(_, changed)| *changed).map(|(key, _)| *key).collect()
     }
@@ -270,13 +318,24 @@ impl Config {
     /// Bytes of request bodies a server holds at once: as configured, else the default or one
     /// body of `max_body_bytes`, whichever is larger.
     pub fn max_body_bytes_in_flight(&self) -> usize {
-        let set = self.max_body_bytes_in_flight.map(Positive::as_usize);
+        let set = self.max_body_bytes_in_flight.map(Bytes::as_usize);
         set.unwrap_or_else(|| defaults::max_body_bytes_in_flight().as_usize().max(self.max_body_bytes.as_usize()))
     }
 
     /// Bytes of damaged files kept under `damaged/` at most.
     pub fn damaged_max_bytes(&self) -> u64 {
         self.damaged_max_bytes.unwrap_or_else(defaults::damaged_max_bytes).get()
+    }
+
+    /// Size at which a worker's log file is rotated.
+    pub fn worker_log_max_bytes(&self) -> u64 {
+        self.worker_log_max_bytes.unwrap_or_else(defaults::worker_log_max_bytes).get()
+    }
+
+    /// Rotated log files kept per worker, besides the one written.
+    pub fn worker_log_files(&self) -> u32 {
+        let files = self.worker_log_files.unwrap_or_else(defaults::worker_log_files).get();
+        u32::try_from(files).unwrap_or(u32::MAX)
     }
 
     /// How often each worker closes its log file.
@@ -336,6 +395,18 @@ impl Config {
             let message = format!("must be at least max_body_bytes ({body}), got {}", in_flight.get());
             return Err(invalid("max_body_bytes_in_flight", message));
         }
+        if let Some(size) = self.worker_log_max_bytes
+            && size.get() < MIN_WORKER_LOG_BYTES
+        {
+            let message = format!("must be at least {MIN_WORKER_LOG_BYTES} bytes (1KiB), got {}", size.get());
+            return Err(invalid("worker_log_max_bytes", message));
+        }
+        if let Some(files) = self.worker_log_files
+            && files.get() > MAX_WORKER_LOG_FILES
+        {
+            let message = format!("must be at most {MAX_WORKER_LOG_FILES}, got {}", files.get());
+            return Err(invalid("worker_log_files", message));
+        }
         if let Some(timeout) = self.request_timeout
             && timeout.get() < MIN_REQUEST_TIMEOUT
         {
@@ -352,6 +423,19 @@ impl Config {
                 grace.get().as_secs_f64()
             );
             return Err(invalid("redis_grace", message));
+        }
+        let tls = self.redis_url.as_ref().is_some_and(RedisUrl::is_tls);
+        for (key, set) in [
+            ("redis_tls_ca", self.redis_tls_ca.is_some()),
+            ("redis_tls_cert", self.redis_tls_cert.is_some()),
+            ("redis_tls_key", self.redis_tls_key.is_some()),
+        ] {
+            if set && !tls {
+                return Err(invalid(key, "is only used with a rediss:// redis_url"));
+            }
+        }
+        if self.redis_tls_cert.is_some() != self.redis_tls_key.is_some() {
+            return Err(invalid("redis_tls_key", "and redis_tls_cert go together: a certificate and its key"));
         }
         match (self.store, &self.redis_url) {
             (StoreKind::Redis, None) => Err(invalid("redis_url", "is required with store: redis")),
@@ -381,9 +465,9 @@ pub enum ConfigError {
         /// What the OS said.
         error: io::Error,
     },
-    /// The text is not YAML at all (or gives a key twice).
+    /// The text is not YAML at all (or gives a key twice); the message has the line.
     #[error("config is not valid YAML: {0}")]
-    Yaml(serde_yaml::Error),
+    Yaml(String),
     /// One key is unknown, missing or has a bad value; the first one found is reported.
     #[error("{key}: {message}")]
     Invalid {
@@ -395,10 +479,28 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// An error from reading YAML, keyed by the path serde_path_to_error saw, if any. The
+    /// message, without the parser's snippet of the file, ends with the line and column.
+    fn from_yaml(path: Option<String>, error: &serde_saphyr::Error) -> ConfigError {
+        let error = error.without_snippet();
+        let message = error.to_string();
+        // The parser's own errors (bad syntax, a key given twice) are about the text, wherever
+        // the deserializer happened to be.
+        let syntax = matches!(error, serde_saphyr::Error::ExternalMessage { .. }) || message.starts_with("duplicate");
+        match path {
+            Some(key) if !syntax && key != "?" => ConfigError::from_key(key, message),
+            _ => ConfigError::Yaml(message),
+        }
+    }
+
     /// An error from deserializing, keyed by where it happened.
     fn from_serde<E: std::fmt::Display>(error: serde_path_to_error::Error<E>) -> ConfigError {
         let key = error.path().to_string();
-        let message = error.into_inner().to_string();
+        ConfigError::from_key(key, error.into_inner().to_string())
+    }
+
+    /// An error at `key`, with the deserializer's `message`.
+    fn from_key(key: String, message: String) -> ConfigError {
         // An unknown key is reported at the mapping that holds it; the key itself is the one
         // to name.
         let unknown = message.strip_prefix("unknown field `").and_then(|rest| rest.split_once('`'));
@@ -428,6 +530,9 @@ worker_logs: logs/
 worker_persist: 5
 config_check: 5
 ";
+
+    /// What a bad duration's message says is expected.
+    const DURATION_EXPECTED: &str = "a duration from 1ms to 24h, like 500ms, 5s or 2m (a plain number is seconds)";
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_yaml_str(text, Path::new("/srv/countapp"))
@@ -569,13 +674,16 @@ config_check: 5
             for bad in ["-1", "0", "0.0", "abc", "\"5\"", ".inf", ".nan", "[5]", "1e-12", "true", "", "86401", "1e19"] {
                 let (got, message) = invalid_key(&format!("workers: [http://localhost:5001]\n{key}: {bad}"));
                 assert_eq!(got, key, "{bad}");
-                assert!(message.ends_with("expected a number of seconds from 0.001 to 86400"), "{message}");
+                // The parser refuses the non-finite floats itself, in words of its own.
+                if ![".inf", ".nan"].contains(&bad) {
+                    assert!(message.contains(DURATION_EXPECTED), "{bad}: {message}");
+                }
             }
         }
         let err = parse("workers: [http://localhost:5001]\nworker_persist: -1").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "worker_persist: invalid value: integer `-1`, expected a number of seconds from 0.001 to 86400"
+            format!("worker_persist: invalid value: integer `-1`, expected {DURATION_EXPECTED} at line 2, column 1")
         );
         let config = parse("workers: [http://localhost:5001]\nworker_persist: 86400\nconfig_check: 0.001").unwrap();
         assert_eq!(
@@ -589,7 +697,7 @@ config_check: 5
         let cases = [
             ("database: ''", "database"),
             ("database: [a]", "database"),
-            ("worker_logs: 5", "worker_logs"),
+            ("worker_logs: [a]", "worker_logs"),
             ("listen: 5000", "listen"),
             ("listen: example.com:5000", "listen"),
             ("listen: 127.0.0.1", "listen"),
@@ -599,9 +707,14 @@ config_check: 5
             ("max_body_bytes: 0", "max_body_bytes"),
             ("max_body_bytes: -5", "max_body_bytes"),
             ("max_body_bytes: 1.5", "max_body_bytes"),
-            ("max_body_bytes: 16 MiB", "max_body_bytes"),
+            ("max_body_bytes: 16MB", "max_body_bytes"),
+            ("max_body_bytes: 0KiB", "max_body_bytes"),
             ("max_key_bytes: 0", "max_key_bytes"),
             ("max_key_bytes: '256'", "max_key_bytes"),
+            ("worker_log_max_bytes: 1023", "worker_log_max_bytes"),
+            ("worker_log_files: 0", "worker_log_files"),
+            ("worker_log_files: 1001", "worker_log_files"),
+            ("log_format: yaml", "log_format"),
         ];
         for (line, key) in cases {
             let (got, _) = invalid_key(&format!("workers: [http://localhost:5001]\n{line}"));
@@ -610,7 +723,7 @@ config_check: 5
         let err = parse("workers: [http://localhost:5001]\nfsync: sometimes").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "fsync: unknown variant `sometimes`, expected one of `always`, `everysec`, `never`"
+            "fsync: unknown variant `sometimes`, expected one of always, everysec, never at line 2, column 8"
         );
         let err = parse("workers: [http://localhost:5001]\nmax_key_bytes: 65537").unwrap_err();
         assert_eq!(err.to_string(), "max_key_bytes: must be at most 65536 bytes, got 65537");
@@ -632,15 +745,19 @@ config_check: 5
 
     #[test]
     fn not_yaml_or_not_a_mapping() {
-        assert!(matches!(parse("workers: [unclosed"), Err(ConfigError::Yaml(_))));
+        let err = parse("workers: [http://localhost:5001]\nfsync: \"never\n").unwrap_err();
+        assert!(matches!(err, ConfigError::Yaml(_)), "{err:?}");
+        assert!(err.to_string().contains("line 2"), "{err}");
         let (key, message) = invalid_key("- a\n- b");
         assert_eq!(key, ".");
-        assert!(message.contains("expected a mapping of keys to values"), "{message}");
-        // A key given twice is caught by the YAML parser.
-        assert!(matches!(
-            parse("workers: [http://localhost:5001]\nfsync: never\nfsync: always"),
-            Err(ConfigError::Yaml(_))
-        ));
+        assert!(message.contains("expected mapping") && message.ends_with("at line 1, column 1"), "{message}");
+        // A key given twice is caught by the YAML parser, at the second.
+        let err = parse("workers: [http://localhost:5001]\nfsync: never\nfsync: always").unwrap_err();
+        assert!(matches!(err, ConfigError::Yaml(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("duplicate mapping key: fsync") && err.to_string().contains("line 3"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -668,7 +785,10 @@ config_check: 5
         }
         let (key, message) = invalid_key("workers: [http://localhost:5001, 5002]");
         assert_eq!(key, "workers[1]");
-        assert!(message.contains("expected a worker URL string"), "{message}");
+        assert!(message.contains("write it like http://localhost:5001 at line 1, column 34"), "{message}");
+        let (key, message) = invalid_key("workers: [http://localhost:5001, [5002]]");
+        assert_eq!(key, "workers[1]");
+        assert!(message.contains("expected string"), "{message}");
     }
 
     #[test]
@@ -694,12 +814,22 @@ config_check: 5
         assert_eq!(redis.store, StoreKind::Redis);
         assert_eq!(redis.redis_url.as_ref().map(RedisUrl::as_str), Some("redis://127.0.0.1:6379"));
         assert!(redis.redis_cluster);
+        let tls = "store: redis\nredis_url: rediss://redis.example:6380\nredis_tls_ca: ca.pem\n";
+        let tls = Config::from_yaml_str(
+            &format!("{base}{tls}redis_tls_cert: c.pem\nredis_tls_key: k.pem\n"),
+            Path::new("/etc/countapp"),
+        )
+        .unwrap();
+        assert_eq!(tls.redis_tls_ca.as_deref(), Some(Path::new("/etc/countapp/ca.pem")));
+        assert_eq!(tls.redis_tls_key.as_deref(), Some(Path::new("/etc/countapp/k.pem")));
         for (extra, key) in [
             ("store: redis\n", "redis_url"),
             ("redis_url: redis://x:1\n", "redis_url"),
             ("store: mongo\n", "store"),
             ("store: redis\nredis_url: http://x:1\n", "redis_url"),
             ("redis_cluster: true\n", "redis_cluster"),
+            ("store: redis\nredis_url: redis://x:1\nredis_tls_ca: ca.pem\n", "redis_tls_ca"),
+            ("store: redis\nredis_url: rediss://x:1\nredis_tls_cert: c.pem\n", "redis_tls_key"),
             ("max_pending_items: 0\n", "max_pending_items"),
             ("redis_grace: 5\n", "redis_grace"),
             ("redis_wait_replicas: 1\n", "redis_wait_replicas"),
@@ -781,5 +911,91 @@ config_check: 5
         let fixed =
             parse(&format!("{ORIGINAL}listen: 127.0.0.1:6000\nstore: redis\nredis_url: redis://x:1\n")).unwrap();
         assert_eq!(base.fixed_changes(&fixed), ["listen", "store", "redis_url"]);
+    }
+
+    #[test]
+    fn durations_take_units_and_plain_numbers_keep_meaning_seconds() {
+        let cases = [
+            ("5", Duration::from_secs(5)),
+            ("0.5", Duration::from_millis(500)),
+            ("5s", Duration::from_secs(5)),
+            ("500ms", Duration::from_millis(500)),
+            ("2m", Duration::from_secs(120)),
+            ("1h", Duration::from_secs(3600)),
+            ("1m 30s", Duration::from_secs(90)),
+            ("24h", Duration::from_secs(86400)),
+            ("1ms", Duration::from_millis(1)),
+        ];
+        for (text, expected) in cases {
+            let config = parse(&format!("workers: [http://localhost:5001]\nworker_persist: {text}")).unwrap();
+            assert_eq!(config.worker_persist(), expected, "{text}");
+        }
+        for bad in ["5 parsecs", "25h", "0s", "1us", "'5'", "-5s", "s"] {
+            let (key, message) = invalid_key(&format!("workers: [http://localhost:5001]\nrequest_timeout: {bad}"));
+            assert_eq!(key, "request_timeout", "{bad}");
+            assert!(message.contains(DURATION_EXPECTED), "{bad}: {message}");
+        }
+    }
+
+    #[test]
+    fn sizes_take_binary_units_and_plain_numbers_of_bytes() {
+        let cases = [
+            ("1048576", 1 << 20),
+            ("16MiB", 16 << 20),
+            ("16 MiB", 16 << 20),
+            ("512KiB", 512 << 10),
+            ("1GiB", 1 << 30),
+            ("1.5KiB", 1536),
+            ("300B", 300),
+        ];
+        for (text, expected) in cases {
+            let config = parse(&format!("workers: [http://localhost:5001]\nmax_body_bytes: {text}")).unwrap();
+            assert_eq!(config.max_body_bytes.get(), expected, "{text}");
+        }
+        for bad in ["16MB", "16mib", "1.1B", "MiB", "0MiB", "-1KiB", "16 MiB extra", "99999999TiB"] {
+            let (key, message) = invalid_key(&format!("workers: [http://localhost:5001]\ndamaged_max_bytes: {bad}"));
+            assert_eq!(key, "damaged_max_bytes", "{bad}");
+            assert!(message.contains("a size like 512KiB, 16MiB or 1GiB"), "{bad}: {message}");
+        }
+        // Bounds are checked on the bytes, whatever the unit.
+        let err = parse("workers: [http://localhost:5001]\nmax_body_bytes: 2GiB").unwrap_err();
+        assert_eq!(err.to_string(), "max_body_bytes: must be at most 1073741824 bytes, got 2147483648");
+    }
+
+    #[test]
+    fn every_fixture_loads_the_same_with_units_as_with_plain_numbers() {
+        // The repository's config.yaml, the original's file, and every key in numbers, against
+        // the same keys with units: equal configs, and so the same version a worker reports.
+        let plain = "workers: [http://localhost:5001]\nworker_persist: 0.5\nconfig_check: 120\n\
+                     request_timeout: 10\nmax_body_bytes: 16777216\nmax_key_bytes: 1024\n\
+                     max_body_bytes_in_flight: 67108864\ndamaged_max_bytes: 1073741824\n\
+                     worker_log_max_bytes: 524288\nworker_log_files: 3\n";
+        let units = "workers: [http://localhost:5001]\nworker_persist: 500ms\nconfig_check: 2m\n\
+                     request_timeout: 10s\nmax_body_bytes: 16MiB\nmax_key_bytes: 1KiB\n\
+                     max_body_bytes_in_flight: 64MiB\ndamaged_max_bytes: 1GiB\n\
+                     worker_log_max_bytes: 512KiB\nworker_log_files: 3\n";
+        let (plain, units) = (parse(plain).unwrap(), parse(units).unwrap());
+        assert_eq!(plain, units);
+        assert_eq!(plain.version(), units.version());
+        assert_eq!((plain.worker_log_max_bytes(), plain.worker_log_files()), (512 << 10, 3));
+        // The config handed to workers keeps plain numbers, as before units existed.
+        assert!(plain.to_json().contains("\"worker_persist\":0.5"), "{}", plain.to_json());
+        let original = parse(ORIGINAL).unwrap();
+        assert_eq!(original.log_format, LogFormat::Text);
+        assert_eq!((original.worker_log_max_bytes(), original.worker_log_files()), (16 << 20, 5));
+        // Unset, the new keys leave the handed-over config, and its version, as they were.
+        let json = original.to_json();
+        assert!(!json.contains("log_format") && !json.contains("worker_log_"), "{json}");
+        let repo = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.yaml")).unwrap();
+        assert_eq!(Config::from_json(&repo.to_json()).unwrap(), repo);
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        let config = parse("workers: [http://localhost:5001]\nlog_format: json").unwrap();
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(Config::from_json(&config.to_json()).unwrap().log_format, LogFormat::Json);
+        let err = parse("workers: [http://localhost:5001]\nlog_format: yaml").unwrap_err().to_string();
+        assert!(err.starts_with("log_format: unknown variant `yaml`"), "{err}");
     }
 }

@@ -25,7 +25,7 @@ use actix_web::HttpRequest;
 use actix_web::dev::Extensions;
 use actix_web::rt::net::TcpStream;
 
-use crate::api::ErrorBody;
+use countapp_shared::api::ErrorBody;
 
 /// The `request_timeout` in force, read at every look, so that an edit applies at once.
 pub type Timeout = Arc<dyn Fn() -> Duration + Send + Sync>;

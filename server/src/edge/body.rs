@@ -12,8 +12,8 @@ use actix_web::web::{self, Bytes};
 use futures_util::StreamExt;
 
 use super::budget::{BodyBudget, Held};
-use crate::config::Config;
 use crate::http::ApiError;
+use countapp_shared::config::Config;
 
 /// What a request body is held to: the config in force when its request arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

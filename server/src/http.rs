@@ -18,8 +18,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::api::ErrorBody;
 use crate::edge::stalled::RequestSeen;
+use countapp_shared::api::ErrorBody;
 
 /// Every error either server answers, and the one place that picks its status: handlers return
 /// `Result<_, ApiError>`, and actix turns the error into `{"error": message}` with that status.
