@@ -5,8 +5,6 @@
 //! screenshot of the end is saved as `target/dashboard.png`. The JSON behind the page is checked
 //! on its own, and so is that many readers cost the workers no more than one.
 
-mod harness;
-
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
@@ -14,8 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::browser::Browser;
-use harness::{Cluster, batch, client, count, error_message, eventually, free_port, get_json, metric, post, sigkill};
+use countapp_testcluster::browser::Browser;
+use countapp_testcluster::{
+    Cluster, batch, client, count, error_message, eventually, free_port, get_json, metric, post, sigkill,
+};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -225,7 +225,7 @@ fn dashboard_json_is_one_shared_snapshot_and_the_page_is_self_contained() {
         .map(|_| {
             let url = url.clone();
             thread::spawn(move || {
-                let client = harness::client();
+                let client = countapp_testcluster::client();
                 let started = Instant::now();
                 let mut reads = 0;
                 while started.elapsed() < polls {
