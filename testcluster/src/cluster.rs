@@ -25,9 +25,9 @@ pub const STARTUP: Duration = Duration::from_secs(20);
 
 /// The environment variable naming the directory of the `coordinator` and `worker` binaries,
 /// where they are not beside the running program.
-pub const BIN_DIR_ENV: &str = "COUNTAPP_BIN_DIR";
+const BIN_DIR_ENV: &str = "COUNTAPP_BIN_DIR";
 
-/// The path of the binary `name` (`coordinator` or `worker`): in [`BIN_DIR_ENV`] if set, else
+/// The path of the binary `name` (`coordinator`, `worker`, `countapp-load`): in `COUNTAPP_BIN_DIR` if set, else
 /// beside the running program, as cargo lays out a target directory: a test runs from
 /// `target/<profile>/deps/` and the binaries it tests are in `target/<profile>/`, where the
 /// benchmarks' driver runs too.

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 
 /// Pids of every running process whose command line contains `needle`.
-pub fn processes_with(needle: &[u8]) -> Vec<u32> {
+pub(crate) fn processes_with(needle: &[u8]) -> Vec<u32> {
     processes_where(|proc_dir| cmdline_has(proc_dir, needle))
 }
 

@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -120,11 +120,6 @@ impl RedisServer {
         format!("redis://{}:{}", self.host(), self.port)
     }
 
-    /// The server's directory: its append-only file, `nodes.conf` and `redis.log`.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// SIGKILLs the server and reaps it: no shutdown, no final write of its files.
     pub fn kill(&mut self) {
         self.process = None;
@@ -151,12 +146,6 @@ impl RedisServer {
     /// Like [`RedisServer::cli`], but `None` on failure, as when the server is not up yet.
     fn try_cli(&self, args: &[&str]) -> Option<String> {
         cli(self.host(), self.port, args).ok()
-    }
-
-    /// `SCARD key`: the members of the set `key`, 0 if there is none.
-    pub fn scard(&self, key: &str) -> u64 {
-        let out = self.cli(&["scard", key]);
-        out.trim().parse().unwrap_or_else(|_| panic!("SCARD {key} on {}: {out:?}", self.port))
     }
 
     /// Every key the server holds, sorted (`--scan`, so that a large store does not block it).
