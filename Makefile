@@ -11,26 +11,25 @@ build: toolchain
 
 # The coordinator in the foreground with ./config.yaml; it spawns the workers beside it in
 # target/release. Ctrl-C stops it and every worker cleanly. First it says where to look: the
-# dashboard on the config's listen address (127.0.0.1:5000 unless config.yaml says otherwise).
+# dashboard on the config's listen address, as the coordinator reads the file.
 run: build
-	@listen=$$(sed -n 's/^listen:[[:space:]]*//p' config.yaml | sed 's/[[:space:]]*#.*//' | tr -d "\"'"); \
-	listen=$${listen:-127.0.0.1:5000}; \
-	echo "Dashboard: http://$$listen/   (its data for scripts: http://$$listen/dashboard.json)"; \
-	echo "Try:       curl -s -X POST http://$$listen/items -d '[{\"id\":\"1\",\"tenant\":\"demo\"}]'   then look up tenant demo on the dashboard"
+	./target/release/xtask dashboard --config config.yaml
 	./target/release/coordinator --config config.yaml
 
 tests: toolchain
 	./scripts/tests.sh
 
-# The load tool against a freshly started cluster, with Redis in the same run.
-bench: toolchain
-	./scripts/bench.sh
+# The load tool against freshly started clusters, with Redis and HAProxy in the same run; see
+# xtask/src/bench.rs for what it measures, and its knobs (BENCH_ROUNDS, BENCH_DURATION).
+bench: build
+	./scripts/ensure-packages.sh redis-server:redis-server redis-cli:redis-server haproxy:haproxy
+	./target/release/xtask bench
 
 # Scale: the workers' memory per stored id, sustained load for up to 3 minutes, and 100k and 1M
-# tenants, each against a fresh cluster; see scripts/bench-scale.sh for the knobs (SCENARIOS,
+# tenants, each against a fresh cluster; see xtask/src/scale.rs for the knobs (SCENARIOS,
 # WORKER_PERSIST, ...).
-bench-scale: toolchain
-	./scripts/bench-scale.sh
+bench-scale: build
+	./target/release/xtask bench-scale
 
 # The store's criterion benchmarks: ingest and flush, flush against tenant size, open.
 bench-store: toolchain

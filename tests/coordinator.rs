@@ -2,8 +2,6 @@
 //! processes from a `config.yaml` in a temporary directory, killed, edited and restarted under
 //! load, with every acknowledged item counted at the end.
 
-mod harness;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -11,10 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::fake::{self, FakeWorker};
-use harness::{
-    Cluster, Immutable, Load, PUSHED_BACK, Stopped, batch, client, count, count_reply, error_message, eventually,
-    free_port, get_json, is_running, metric, post, raw_get, sigkill,
+use countapp_testcluster::fake::{self, FakeWorker};
+use countapp_testcluster::{
+    Cluster, Immutable, Load, PUSHED_BACK, Signal, Stopped, batch, client, count, count_reply, error_message,
+    eventually, free_port, get_json, is_running, metric, post, raw_get, sigkill,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -159,7 +157,7 @@ fn sigterm_stops_every_worker_and_exits_0() {
     let client = client();
     assert_eq!(post(&client, &coordinator.url(), batch(&[("term", "1"), ("term", "2")])).status(), StatusCode::OK);
     assert_eq!(cluster.processes().len(), 4);
-    coordinator.signal("TERM");
+    coordinator.signal(Signal::SIGTERM);
     let status = coordinator.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "the coordinator exited with {status}");
     assert!(cluster.processes().is_empty(), "processes left behind: {:?}", cluster.processes());
@@ -190,7 +188,7 @@ fn a_new_coordinator_adopts_the_workers_of_one_killed_with_sigkill() {
     assert_eq!(post(&client, &second.url(), batch(&[("adopted", "1")])).status(), StatusCode::OK);
     eventually(SETTLE, "served by adopted workers", || count(&client, &second.url(), "adopted") == 1);
 
-    second.signal("TERM");
+    second.signal(Signal::SIGTERM);
     assert!(second.wait_exit(Duration::from_secs(20)).success());
     for pid in pids {
         wait_gone(pid, Duration::from_secs(5));
@@ -236,7 +234,7 @@ fn a_worker_on_another_host_is_routed_to_but_never_spawned_or_stopped() {
     coordinator.wait_live(1);
     thread::sleep(Duration::from_millis(500));
     assert!(remote.is_running());
-    coordinator.signal("TERM");
+    coordinator.signal(Signal::SIGTERM);
     assert!(coordinator.wait_exit(Duration::from_secs(20)).success());
     assert!(remote.is_running(), "the coordinator stopped a worker it does not own");
 }

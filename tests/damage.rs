@@ -4,16 +4,14 @@
 //! its shard (its record rebuilt); every other tenant is served on, and every acknowledged id
 //! is counted once the damage is repaired. Real processes, real files.
 
-mod harness;
-
 use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use countapp_store::{DEFAULT_SHARDS, shard_of};
-use harness::{
-    Cluster, Immutable, client, count, count_reply, eventually, eventually_owner, post_range, running, stats,
-    tenant_file, worker_url,
+use countapp_testcluster::{
+    Cluster, Immutable, Stopped, batch, client, count, count_reply, eventually, eventually_owner, free_port, get_json,
+    metric, post, post_range, running, sigkill, stats, worker_url,
 };
 use reqwest::StatusCode;
 
@@ -38,7 +36,7 @@ fn a_tenant_whose_file_is_junk_is_quarantined_without_delaying_others_and_its_ne
     eventually(SETTLED, "both counted", || count(&client, &url, "bad") == 40 && count(&client, &url, "good") == 40);
 
     // The bad tenant's file is overwritten with junk; items keep coming for both tenants.
-    let bad = tenant_file(&cluster, "bad");
+    let bad = cluster.tenant_file("bad");
     fs::write(&bad, "this is not JSON").unwrap();
     post_range(&url, "bad", 40, 70);
     post_range(&url, "good", 40, 70);
@@ -46,7 +44,7 @@ fn a_tenant_whose_file_is_junk_is_quarantined_without_delaying_others_and_its_ne
 
     // The bad tenant answers an error naming its file, on every worker; the owner shows it.
     for &port in &ports {
-        let reply = harness::count_reply(&client, &worker_url(port), "bad");
+        let reply = count_reply(&client, &worker_url(port), "bad");
         assert!(reply.status().is_server_error(), "{}", reply.status());
         let text = reply.text().unwrap();
         assert!(text.contains(&bad.file_name().unwrap().to_string_lossy().into_owned()), "{text}");
@@ -59,11 +57,11 @@ fn a_tenant_whose_file_is_junk_is_quarantined_without_delaying_others_and_its_ne
         "{quarantined}"
     );
     let metrics = client.get(format!("{}/metrics", worker_url(owner))).send().unwrap().text().unwrap();
-    assert_eq!(harness::metric(&metrics, "countapp_worker_quarantined_tenants", &[]), Some(1.0), "{metrics}");
+    assert_eq!(metric(&metrics, "countapp_worker_quarantined_tenants", &[]), Some(1.0), "{metrics}");
     // The dashboard shows it on the owner's row.
     let owner_url = worker_url(owner);
     eventually(SETTLED, "the dashboard shows the quarantine", || {
-        let body = harness::get_json(&client, &format!("{url}/dashboard.json"));
+        let body = get_json(&client, &format!("{url}/dashboard.json"));
         body["workers"]
             .as_array()
             .unwrap()
@@ -75,7 +73,7 @@ fn a_tenant_whose_file_is_junk_is_quarantined_without_delaying_others_and_its_ne
     // file held are gone), and leaves quarantine.
     fs::remove_file(&bad).unwrap();
     eventually(SETTLED, "the repaired tenant counts its kept ids", || {
-        harness::count_reply(&client, &url, "bad").status() == StatusCode::OK && count(&client, &url, "bad") == 30
+        count_reply(&client, &url, "bad").status() == StatusCode::OK && count(&client, &url, "bad") == 30
     });
     eventually(SETTLED, "out of quarantine", || stats(&worker_url(owner))["quarantined"] == serde_json::json!([]));
     post_range(&url, "bad", 70, 80);
@@ -90,14 +88,14 @@ fn a_junk_manifest_is_rebuilt_from_its_segments_and_a_junk_segment_quarantines_u
     // Past a small file: the tenant keeps its ids in segments, listed by a manifest.
     post_range(&url, "big", 0, 2000);
     eventually(SETTLED, "counted", || count(&client, &url, "big") == 2000);
-    let manifest = tenant_file(&cluster, "big");
+    let manifest = cluster.tenant_file("big");
     let segments = manifest.with_extension("");
     assert!(segments.is_dir(), "{} holds segments", segments.display());
 
     fs::write(&manifest, "{ junk").unwrap();
     post_range(&url, "big", 2000, 2100);
     eventually(SETTLED, "the manifest is rebuilt and the new ids merged", || {
-        harness::count_reply(&client, &url, "big").status() == StatusCode::OK && count(&client, &url, "big") == 2100
+        count_reply(&client, &url, "big").status() == StatusCode::OK && count(&client, &url, "big") == 2100
     });
 
     // A segment holds ids nothing else does: junk there quarantines the tenant.
@@ -105,14 +103,14 @@ fn a_junk_manifest_is_rebuilt_from_its_segments_and_a_junk_segment_quarantines_u
     let saved = fs::read(&segment).unwrap();
     fs::write(&segment, "[\"unterminated").unwrap();
     post_range(&url, "big", 2100, 2200);
-    eventually(SETTLED, "quarantined", || harness::count_reply(&client, &url, "big").status().is_server_error());
-    let reply = harness::count_reply(&client, &url, "big").text().unwrap();
+    eventually(SETTLED, "quarantined", || count_reply(&client, &url, "big").status().is_server_error());
+    let reply = count_reply(&client, &url, "big").text().unwrap();
     assert!(reply.contains("quarantined"), "{reply}");
 
     // Restored from a backup: every id is back, the kept ones too.
     fs::write(&segment, saved).unwrap();
     eventually(SETTLED, "restored", || {
-        harness::count_reply(&client, &url, "big").status() == StatusCode::OK && count(&client, &url, "big") == 2200
+        count_reply(&client, &url, "big").status() == StatusCode::OK && count(&client, &url, "big") == 2200
     });
 }
 
@@ -121,7 +119,7 @@ fn a_junk_manifest_is_rebuilt_from_its_segments_and_a_junk_segment_quarantines_u
 fn post_at_once(url: &str, tenant: &str, from: usize, to: usize) {
     let ids: Vec<String> = (from..to).map(|i| format!("{tenant}-{i}")).collect();
     let items: Vec<(&str, &str)> = ids.iter().map(|id| (tenant, id.as_str())).collect();
-    assert_eq!(harness::post(&client(), url, harness::batch(&items)).status(), StatusCode::OK);
+    assert_eq!(post(&client(), url, batch(&items)).status(), StatusCode::OK);
 }
 
 /// A tenant grown into segments: posts of 1,100, 1,200 and 100 ids leave a segment of 2,300
@@ -139,7 +137,7 @@ fn a_merge_that_meets_a_damaged_segment_deletes_nothing_and_every_id_counts_once
             post_at_once(&url, "big", from, to);
             counted(&url, "big", to as u64);
         }
-        let segments = tenant_file(&cluster, "big").with_extension("");
+        let segments = cluster.tenant_file("big").with_extension("");
         let mut files: Vec<_> = fs::read_dir(&segments).unwrap().flatten().map(|e| e.path()).collect();
         files.sort();
         assert_eq!(files.len(), 2, "a segment of 2,300 ids and one of 100: {files:?}");
@@ -157,7 +155,7 @@ fn a_merge_that_meets_a_damaged_segment_deletes_nothing_and_every_id_counts_once
         counted(&url, "big", 4700);
         eventually(SETTLED, "out of quarantine", || stats(&worker_url(owner))["quarantined"] == serde_json::json!([]));
         // The worker loads the tenant afresh from its files: they hold every id.
-        harness::sigkill(coordinator.pid_of(ports[0]));
+        sigkill(coordinator.pid_of(ports[0]));
         eventually(SETTLED, "the worker is respawned", || {
             client().get(format!("{}/ready", worker_url(ports[0]))).send().is_ok_and(|r| r.status().is_success())
         });
@@ -184,14 +182,14 @@ fn a_damaged_shard_record_is_rebuilt_and_stops_no_worker() {
         counted(&url, tenant, 10);
     }
 
-    let record = tenant_file(&cluster, "t0").with_file_name("SHARD.json");
+    let record = cluster.tenant_file("t0").with_file_name("SHARD.json");
     post_range(&url, "t0", 10, 20);
     let pids: Vec<u32> = ports.iter().map(|&port| coordinator.pid_of(port)).collect();
     // The coordinator waits while the workers die and the record is damaged, so that only the
     // workers it respawns ever read the damage.
-    let paused = harness::Stopped::new(coordinator.pid());
+    let paused = Stopped::new(coordinator.pid());
     for pid in pids {
-        harness::sigkill(pid);
+        sigkill(pid);
     }
     fs::write(&record, "{").unwrap();
     let killed = Instant::now();
@@ -212,7 +210,7 @@ fn a_damaged_shard_record_is_rebuilt_and_stops_no_worker() {
             .iter()
             .map(|&port| {
                 let metrics = client().get(format!("{}/metrics", worker_url(port))).send().unwrap().text().unwrap();
-                harness::metric(&metrics, "countapp_worker_rebuilt_shard_records_total", &[]).unwrap_or(0.0)
+                metric(&metrics, "countapp_worker_rebuilt_shard_records_total", &[]).unwrap_or(0.0)
             })
             .sum()
     };
@@ -230,7 +228,7 @@ fn a_damaged_shard_record_is_rebuilt_and_stops_no_worker() {
 fn quarantine_bad(cluster: &Cluster, ports: &[u16], url: &str) -> (PathBuf, PathBuf, u16) {
     post_range(url, "bad", 0, 40);
     counted(url, "bad", 40);
-    let file = tenant_file(cluster, "bad");
+    let file = cluster.tenant_file("bad");
     fs::write(&file, "this is not JSON").unwrap();
     post_range(url, "bad", 40, 70);
     let owner = eventually_owner(ports, "bad", SETTLED);
@@ -267,7 +265,7 @@ fn a_quarantine_file_left_behind_by_a_repair_is_ignored_and_removed() {
     for _ in 0..20 {
         assert_eq!(count(&client(), &url, "bad"), 30, "a quarantine file the record does not list is stale");
     }
-    harness::sigkill(coordinator.pid_of(ports[0]));
+    sigkill(coordinator.pid_of(ports[0]));
     post_range(&url, "bad", 70, 80);
     counted(&url, "bad", 40);
     assert!(!quarantine.exists(), "the worker that took the shard removed the stale file");
@@ -282,7 +280,7 @@ fn a_damaged_quarantine_file_stops_nothing_else_and_says_what_was_lost() {
     let url = coordinator.url();
     let (file, quarantine, _) = quarantine_bad(&cluster, &ports, &url);
     fs::write(&quarantine, "{\"tenant\":\"ba\ngarbage\n\"bad-4\n").unwrap();
-    harness::sigkill(coordinator.pid_of(ports[0]));
+    sigkill(coordinator.pid_of(ports[0]));
     let peer = shard_peer("bad");
     post_range(&url, &peer, 0, 10);
     post_range(&url, "other", 0, 10);
@@ -325,7 +323,7 @@ fn a_tenant_that_could_not_be_written_recovers_by_itself() {
     let url = coordinator.url();
     post_at_once(&url, "big", 0, 1100);
     counted(&url, "big", 1100);
-    let segments = tenant_file(&cluster, "big").with_extension("");
+    let segments = cluster.tenant_file("big").with_extension("");
     {
         let _frozen = Immutable::new(&segments);
         post_at_once(&url, "big", 1100, 1200);
@@ -345,7 +343,7 @@ fn an_unwritable_shard_delays_no_other_shard() {
     let url = coordinator.url();
     post_range(&url, "stuck", 0, 10);
     counted(&url, "stuck", 10);
-    let shard = tenant_file(&cluster, "stuck").parent().unwrap().to_path_buf();
+    let shard = cluster.tenant_file("stuck").parent().unwrap().to_path_buf();
     {
         let _frozen = Immutable::new(&shard);
         post_range(&url, "stuck", 10, 20);
@@ -361,7 +359,7 @@ fn an_unwritable_shard_delays_no_other_shard() {
 /// and, after a restart, not taken for merged and deleted unread.
 #[test]
 fn a_log_file_whose_closing_rename_fails_is_merged_all_the_same() {
-    let port = harness::free_port();
+    let port = free_port();
     let cluster = Cluster::new(&[port], "worker_persist: 0.2\n");
     let failing = [("FAILPOINTS", "store-io-close-log=1*return(EIO)")];
     let mut worker = cluster.worker_with_env("127.0.0.1", port, &failing);
@@ -369,7 +367,7 @@ fn a_log_file_whose_closing_rename_fails_is_merged_all_the_same() {
     let url = worker.url();
     let post = |ids: &[&str]| {
         let items: Vec<(&str, &str)> = ids.iter().map(|id| ("closing", *id)).collect();
-        assert_eq!(harness::post(&client(), &url, harness::batch(&items)).status(), StatusCode::OK);
+        assert_eq!(post(&client(), &url, batch(&items)).status(), StatusCode::OK);
     };
     post(&["a1", "a2"]);
     eventually(SETTLED, "the first closing fails its rename", || worker.log().contains("keeps its .open name"));

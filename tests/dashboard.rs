@@ -8,8 +8,6 @@
 //! JSON behind the page is checked on its own, and so is that many readers cost the workers no
 //! more than one.
 
-mod harness;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::TcpListener;
@@ -20,8 +18,10 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use countapp_shared::wire::Dashboard;
-use harness::browser::Browser;
-use harness::{Cluster, batch, client, count, error_message, eventually, free_port, get_json, metric, post, sigkill};
+use countapp_testcluster::browser::Browser;
+use countapp_testcluster::{
+    Cluster, batch, client, count, error_message, eventually, free_port, get_json, metric, post, sigkill,
+};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -321,7 +321,7 @@ fn dashboard_json_is_one_shared_snapshot_and_the_page_is_self_contained() {
         .map(|_| {
             let url = url.clone();
             thread::spawn(move || {
-                let client = harness::client();
+                let client = countapp_testcluster::client();
                 let started = Instant::now();
                 let mut reads = 0;
                 while started.elapsed() < polls {

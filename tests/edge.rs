@@ -4,14 +4,12 @@
 //! given back once they are gone; connections past the cap wait, and the process keeps room
 //! for its own files.
 
-mod harness;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::{Cluster, Proc, batch, client, eventually, free_port, get_json, post};
+use countapp_testcluster::{Cluster, Node, batch, client, eventually, free_port, get_json, post};
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use serde_json::Value;
@@ -111,7 +109,7 @@ fn memory_kb(pid: u32, field: &str) -> u64 {
 
 /// A coordinator with one worker, with `more` in its config: the cluster, the worker's port and
 /// the coordinator.
-fn cluster(more: &str) -> (Cluster, u16, Proc) {
+fn cluster(more: &str) -> (Cluster, u16, Node) {
     let (port, listen) = (free_port(), free_port());
     let cluster = Cluster::new(&[port], &format!("listen: 127.0.0.1:{listen}\nworker_persist: 0.2\n{more}"));
     let mut coordinator = cluster.coordinator(listen);

@@ -2,8 +2,6 @@
 //! the environment, a page of another site in the operator's browser or a careless client may
 //! throw at the coordinator and the workers.
 
-mod harness;
-
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,10 +9,10 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::fake::{self, FakeWorker};
-use harness::{
-    Cluster, Proc, batch, client, count, error_message, eventually, extra, free_port, get_json, lone_worker, metric,
-    post, raw, running,
+use countapp_testcluster::fake::{self, FakeWorker};
+use countapp_testcluster::{
+    Cluster, Node, Process, Signal, batch, client, count, error_message, eventually, extra, free_port, get_json,
+    lone_worker, metric, post, raw, running,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -26,13 +24,13 @@ const STARTUP: Duration = Duration::from_secs(20);
 const MORE: &str = "worker_persist: 0.2\n";
 
 /// The coordinator's `/stats` entry of the worker on `port`, if it lists one.
-fn entry(coordinator: &Proc, port: u16) -> Option<Value> {
+fn entry(coordinator: &Node, port: u16) -> Option<Value> {
     let workers = get_json(&client(), &format!("{}/stats", coordinator.url()))["workers"].as_array()?.clone();
     workers.into_iter().find(|w| w["url"].as_str().is_some_and(|url| url.ends_with(&format!(":{port}"))))
 }
 
 /// Waits until the coordinator reports the worker on `port` blocked; returns its entry.
-fn wait_blocked(coordinator: &Proc, port: u16) -> Value {
+fn wait_blocked(coordinator: &Node, port: u16) -> Value {
     let mut blocked = None;
     eventually(STARTUP, "the worker shows as blocked", || {
         blocked = client()
@@ -52,7 +50,7 @@ fn a_program_on_a_workers_port_naming_another_pid_is_reported_and_nothing_is_sig
     let cluster = Cluster::new(&[], "");
     let mut sleep = Command::new("sleep");
     sleep.arg("600");
-    let mut sleeper = Proc::other_program(sleep, cluster.path().join("sleep.log"));
+    let mut sleeper = Process::spawn_logged(sleep, "sleep", &cluster.path().join("sleep.log"));
     let victim = sleeper.pid();
     // It answers like a worker: its `/stats` names the sleep's pid, and it runs another config,
     // which is what made a coordinator stop a worker it took for its own.
@@ -133,7 +131,7 @@ fn proxy_variables_in_the_environment_are_ignored_and_the_token_never_leaves_for
         stats["config"]["version"] != before
             && stats["workers"].as_array().unwrap().iter().all(|w| w["config_version"] == stats["config"]["version"])
     });
-    coordinator.signal("TERM");
+    coordinator.signal(Signal::SIGTERM);
     assert!(coordinator.wait_exit(STARTUP).success(), "{}", coordinator.log());
     assert!(cluster.processes().is_empty(), "workers left running");
 

@@ -6,14 +6,12 @@
 //! The tool is the `countapp-load` binary of the workspace, built beside these tests by
 //! `cargo test --workspace` (as `make tests` runs it).
 
-mod harness;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
-use harness::{Stopped, lone_worker, running};
+use countapp_testcluster::{Stopped, lone_worker, running};
 use serde_json::Value;
 
 /// The `countapp-load` binary in the target directory of these tests.

@@ -6,13 +6,13 @@
 //! workers by every state, 503s by cause, the config reload's outcome, a worker's merge lag and
 //! backlog, build info and the `process_*` series.
 
-mod harness;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::time::Duration;
 
-use harness::{Cluster, batch, client, count, eventually, extra, free_port, get_json, metric, post, sigkill};
+use countapp_testcluster::{
+    Cluster, batch, client, count, eventually, extra, free_port, get_json, metric, post, sigkill,
+};
 use reqwest::StatusCode;
 
 /// How long a change gets to show: a health check, a respawn, a reload.

@@ -12,14 +12,12 @@
 //! fate is read exactly at the end: every acknowledged batch must be counted, and every tenant
 //! must count exactly the ids of the batches counted.
 
-mod harness;
-
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::netns::Network;
-use harness::redis::RedisServer;
-use harness::{Cluster, Load, Proc, client, count_reply, error_message, eventually, free_port, get_json};
+use countapp_testcluster::netns::Network;
+use countapp_testcluster::redis::RedisServer;
+use countapp_testcluster::{Cluster, Load, Node, client, count_reply, error_message, eventually, free_port, get_json};
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use serde_json::Value;
@@ -32,17 +30,17 @@ const OUTAGE: Duration = Duration::from_secs(5);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The coordinator's `/stats`.
-fn stats(client: &Client, coordinator: &Proc) -> Value {
+fn stats(client: &Client, coordinator: &Node) -> Value {
     get_json(client, &format!("{}/stats", coordinator.url()))
 }
 
 /// The coordinator's live workers.
-fn live_workers(client: &Client, coordinator: &Proc) -> u64 {
+fn live_workers(client: &Client, coordinator: &Node) -> u64 {
     stats(client, coordinator)["cluster"]["live_workers"].as_u64().unwrap()
 }
 
 /// Items the coordinator routed to the workers whose URL starts with `prefix`, and acknowledged.
-fn items_routed(client: &Client, coordinator: &Proc, prefix: &str) -> u64 {
+fn items_routed(client: &Client, coordinator: &Node, prefix: &str) -> u64 {
     let stats = stats(client, coordinator);
     let workers = stats["workers"].as_array().unwrap();
     workers
@@ -69,7 +67,7 @@ fn hosts_cut_off_and_healed_under_load_lose_nothing_acknowledged() {
     // Host B: its owner starts its workers by hand, bound to B's address.
     let b_urls: Vec<String> = (0..2).map(|_| format!("http://{}:{}", b.addr, free_port())).collect();
     let host_b = Cluster::with_urls(&b_urls, &common);
-    let mut b_workers: Vec<Proc> =
+    let mut b_workers: Vec<Node> =
         b_urls.iter().map(|url| host_b.worker_on(&b, url.rsplit(':').next().unwrap().parse().unwrap())).collect();
     for worker in &mut b_workers {
         worker.wait_ready();
@@ -137,6 +135,6 @@ fn hosts_cut_off_and_healed_under_load_lose_nothing_acknowledged() {
         converging.elapsed(),
         started.elapsed()
     );
-    assert!(b_workers.iter_mut().all(Proc::is_running), "a worker of B died");
+    assert!(b_workers.iter_mut().all(Node::is_running), "a worker of B died");
     assert!(coordinator.is_running());
 }

@@ -3,16 +3,14 @@
 //! removing and re-adding a worker while it is slow to stop, a port taken by another program,
 //! and a coordinator restarted after a crash. Real processes, real files.
 
-mod harness;
-
 use std::fs;
 use std::net::TcpListener;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::{
-    Cluster, batch, client, count, eventually, extra, free_port, is_running, lone_worker, metric, post, running,
-    send_signal, sigkill, stats, worker_url,
+use countapp_testcluster::{
+    Cluster, Signal, batch, client, count, eventually, extra, free_port, is_running, lone_worker, metric, post,
+    running, send_signal, sigkill, stats, worker_url,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -127,12 +125,12 @@ fn a_worker_added_again_while_it_is_slow_to_stop_is_started_again_and_routed_to(
     let paused = coordinator.pid_of(ports[1]);
 
     // Paused, the worker cannot answer its shutdown request: its stop runs long.
-    send_signal(paused, "STOP");
+    send_signal(paused, Signal::SIGSTOP);
     cluster.write_config(&ports[..1], &extra(listen, more));
     thread::sleep(Duration::from_secs(1));
     cluster.write_config(&ports, &extra(listen, more));
     thread::sleep(Duration::from_secs(1));
-    send_signal(paused, "CONT");
+    send_signal(paused, Signal::SIGCONT);
 
     eventually(RESPAWN, "the re-added worker runs again, in a new process", || {
         !is_running(paused) && entry(&url, ports[1]).is_some_and(|w| w["state"] == "ready" && w["pid"] != paused)
@@ -253,7 +251,7 @@ fn sighup_applies_an_edit_the_watch_cannot_see_at_once_and_the_coordinator_runs_
     cluster.write_config(&ports, &format!("listen: 127.0.0.1:{listen}\n{slow}max_key_bytes: 8\n"));
     thread::sleep(Duration::from_millis(1500));
     assert_eq!(version(), before, "the edit was seen without SIGHUP: this test proves nothing");
-    coordinator.signal("HUP");
+    coordinator.signal(Signal::SIGHUP);
     let took = eventually(EDIT_APPLIED, "SIGHUP applies the edit", || version() != before);
     println!("applied {took:?} after SIGHUP");
     let edited = version();
@@ -262,13 +260,13 @@ fn sighup_applies_an_edit_the_watch_cannot_see_at_once_and_the_coordinator_runs_
 
     // An invalid file is refused on SIGHUP as on an edit, and shown; the coordinator runs on.
     fs::write(cluster.config_path(), "workers: [\n").unwrap();
-    coordinator.signal("HUP");
+    coordinator.signal(Signal::SIGHUP);
     eventually(EDIT_APPLIED, "/stats shows the refusal", || stats(&url)["config"]["valid"] == false);
     assert!(coordinator.is_running());
     assert_eq!(version(), edited);
 
     // SIGTERM still stops it gracefully.
-    coordinator.signal("TERM");
+    coordinator.signal(Signal::SIGTERM);
     assert!(coordinator.wait_exit(RESPAWN).success(), "{}", coordinator.log());
 }
 
@@ -302,7 +300,7 @@ fn a_hung_worker_is_killed_and_replaced() {
     let url = coordinator.url();
     let hung = coordinator.pid_of(ports[0]);
     // Alive but answering nothing: only its health checks can tell.
-    send_signal(hung, "STOP");
+    send_signal(hung, Signal::SIGSTOP);
     let took = eventually(RESPAWN, "the hung worker is replaced by a new process", || {
         !is_running(hung) && entry(&url, ports[0]).is_some_and(|w| w["state"] == "ready" && w["pid"] != hung)
     });

@@ -2,14 +2,12 @@
 //! that read as a chain rather than a backtrace, JSON logs, the rotation of a worker's log file,
 //! and `coordinator --reset`.
 
-mod harness;
-
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use harness::{Cluster, client, extra, free_port, post, running};
+use countapp_testcluster::{Cluster, Signal, client, extra, free_port, post, running};
 use serde_json::Value;
 
 /// The coordinator binary with `args`, run to its end with RUST_BACKTRACE=1 (so that a
@@ -96,7 +94,7 @@ fn json_logs_are_one_object_a_line_and_a_workers_carry_its_port() {
     let (cluster, ports, _listen, mut coordinator) = running(1, "log_format: json\n");
     let response = post(&client(), &coordinator.url(), r#"[{"id":"1","tenant":"t"}]"#);
     assert!(response.status().is_success());
-    coordinator.signal("TERM");
+    coordinator.signal(Signal::SIGTERM);
     assert!(coordinator.wait_exit(Duration::from_secs(20)).success());
 
     let worker = json_lines(&cluster.path().join(format!("logs/{}.log", ports[0])));
@@ -148,7 +146,7 @@ fn a_workers_log_rotates_at_its_size_keeping_at_most_the_files_asked_for() {
     // And the worker still writes to the file at the path.
     let before = fs::read_to_string(log("")).unwrap();
     assert!(client.get(format!("{worker}/items/t/count")).send().unwrap().status().is_success());
-    harness::eventually(Duration::from_secs(5), "the worker's next line in the new file", || {
+    countapp_testcluster::eventually(Duration::from_secs(5), "the worker's next line in the new file", || {
         fs::read_to_string(log("")).is_ok_and(|now| now != before)
     });
 }
@@ -169,7 +167,7 @@ fn reset_refuses_while_any_of_the_cluster_runs_then_removes_the_database_and_the
     assert!(stderr.contains("is in use") && stderr.contains("stop the cluster first"), "{stderr}");
     assert!(database.join("STORE.json").is_file(), "nothing is removed while the cluster runs");
 
-    coordinator.signal("TERM");
+    coordinator.signal(Signal::SIGTERM);
     assert!(coordinator.wait_exit(Duration::from_secs(20)).success());
     // A worker run by hand on the config's port is a running cluster too.
     let mut worker = cluster.worker(ports[0]);
@@ -177,7 +175,7 @@ fn reset_refuses_while_any_of_the_cluster_runs_then_removes_the_database_and_the
     let output = coordinator_reset(config);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output.stdout));
     assert!(text(&output.stderr).contains(&format!("127.0.0.1:{}", ports[0])), "{}", text(&output.stderr));
-    worker.signal("TERM");
+    worker.signal(Signal::SIGTERM);
     worker.wait_exit(Duration::from_secs(20));
 
     let output = coordinator_reset(config);

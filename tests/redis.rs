@@ -4,15 +4,13 @@
 //! under load and restarted, and every acknowledged item must be counted at the end: the
 //! worker's local write-ahead log, not Redis, is what makes an acknowledgement durable.
 
-mod harness;
-
 use std::collections::{BTreeMap, HashSet};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::redis::{RedisCluster, RedisServer};
-use harness::{
-    Cluster, Load, Proc, batch, client, count_reply, error_message, eventually, free_port, get_json, post, sigkill,
+use countapp_testcluster::redis::{RedisCluster, RedisServer};
+use countapp_testcluster::{
+    Cluster, Load, Node, batch, client, count_reply, error_message, eventually, free_port, get_json, post, sigkill,
     try_count,
 };
 use reqwest::StatusCode;
@@ -186,8 +184,11 @@ fn with_redis_down_ingest_is_acknowledged_up_to_max_pending_items_then_refused_u
 
 /// A worker on a free port by itself, storing into `redis` with the `extra` config lines,
 /// closing its log file every 0.2 s; ready.
-fn lone_worker(redis: &RedisServer, extra: &str) -> (Cluster, Proc) {
-    harness::lone_worker(&format!("store: redis\nredis_url: {}\nworker_persist: 0.2\n{extra}", redis.url()))
+fn lone_worker(redis: &RedisServer, extra: &str) -> (Cluster, Node) {
+    countapp_testcluster::lone_worker(&format!(
+        "store: redis\nredis_url: {}\nworker_persist: 0.2\n{extra}",
+        redis.url()
+    ))
 }
 
 /// Posts `n` ids to `tenant` at `url`, in batches of 100, asserting each is acknowledged, then
@@ -202,7 +203,7 @@ fn post_ids_until_counted(client: &Client, url: &str, tenant: &str, n: usize) {
 }
 
 /// The worker's `pending_items` in its `/stats`.
-fn pending_items(client: &Client, worker: &Proc) -> u64 {
+fn pending_items(client: &Client, worker: &Node) -> u64 {
     get_json(client, &format!("{}/stats", worker.url()))["pending_items"].as_u64().unwrap()
 }
 

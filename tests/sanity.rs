@@ -4,13 +4,11 @@
 //! right, printing how long consistency took; then the same under a live config edit and under
 //! a worker killed with SIGKILL mid-load, after which every acknowledged batch is accounted for. `make tests` runs it last, with its output shown.
 
-mod harness;
-
 use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::{Cluster, Load, Proc, batch, client, count, eventually, free_port, get_json, post, sigkill};
+use countapp_testcluster::{Cluster, Load, Node, batch, client, count, eventually, free_port, get_json, post, sigkill};
 use reqwest::StatusCode;
 
 /// The original's sample batch.
@@ -21,7 +19,7 @@ const CONSISTENCY: Duration = Duration::from_secs(15);
 const UNDER_LOAD: Duration = Duration::from_millis(700);
 
 /// The original's four workers behind a coordinator, all on free ports, flushing every second.
-fn system() -> (Cluster, Vec<u16>, Proc) {
+fn system() -> (Cluster, Vec<u16>, Node) {
     let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
     let listen = free_port();
     let cluster = Cluster::new(&ports, &format!("listen: 127.0.0.1:{listen}\nworker_persist: 1\nconfig_check: 1\n"));
@@ -32,7 +30,7 @@ fn system() -> (Cluster, Vec<u16>, Proc) {
 
 /// Posts the sample batch with its tenants renamed by `prefix`, and polls (through the
 /// coordinator, so any worker may answer) until t1 counts 2 and t2 and t3 count 1.
-fn post_sample_and_wait(coordinator: &Proc, prefix: &str, situation: &str) {
+fn post_sample_and_wait(coordinator: &Node, prefix: &str, situation: &str) {
     let client = client();
     let tenants: Vec<String> = SAMPLE.iter().map(|(t, _)| format!("{prefix}{t}")).collect();
     let items: Vec<(&str, &str)> = tenants.iter().zip(SAMPLE).map(|(t, (_, id))| (t.as_str(), id)).collect();

@@ -1,5 +1,6 @@
 //! System tests of the `worker` binary, run as a real process on a loopback port with its own
-//! config and database (see `harness`). They prove what the README promises of one worker:
+//! config and database (see the `countapp-testcluster` crate). They prove what the README
+//! promises of one worker:
 //!
 //! - every bad request gets its 4xx with a JSON `{"error": ...}` body (the README's status
 //!   table), and nothing of a rejected batch is ever counted; tenants are percent-decoded path
@@ -15,17 +16,15 @@
 //! - a worker whose merging falls behind refuses ingest with a 503 and `Retry-After` until it
 //!   catches up.
 
-mod harness;
-
 use std::fs::{self, File};
 use std::io::Cursor;
 use std::panic::{self, AssertUnwindSafe};
 use std::thread;
 use std::time::Duration;
 
-use harness::{
-    Cluster, Immutable, Load, Proc, Sent, Tally, batch, client, count, error_message, eventually, free_port, get_json,
-    lone_worker, metric, post,
+use countapp_testcluster::{
+    Cluster, Immutable, Load, Node, STARTUP, Sent, Signal, TOKEN, Tally, batch, client, count, error_message,
+    eventually, free_port, get_json, lone_worker, metric, post,
 };
 use reqwest::StatusCode;
 use reqwest::blocking::{Body, Client};
@@ -342,11 +341,11 @@ fn workers_sharing_a_database_answer_the_same_counts_and_one_that_joins_later_at
     const TENANTS: usize = 3;
     let ports = [free_port(), free_port()];
     let cluster = Cluster::new(&ports, QUICK_FLUSH);
-    let mut workers: Vec<Proc> = ports.iter().map(|&port| cluster.worker(port)).collect();
+    let mut workers: Vec<Node> = ports.iter().map(|&port| cluster.worker(port)).collect();
     for worker in &mut workers {
         worker.wait_ready();
     }
-    let urls: Vec<String> = workers.iter().map(Proc::url).collect();
+    let urls: Vec<String> = workers.iter().map(Node::url).collect();
 
     // Worker 0 gets ids 0..800 of every tenant and worker 1 ids 400..1200, at the same time, in
     // batches of 50 ids per tenant; then both get one more batch of ids they have already seen.
@@ -415,7 +414,7 @@ fn workers_sharing_a_database_answer_the_same_counts_and_one_that_joins_later_at
 /// `stop` while clients keep posting, and checks that it exits 0 having flushed its whole log into
 /// the tenant files, so that a worker started on another port over the same database counts every
 /// item it acknowledged, including those of requests in flight at the stop.
-fn graceful_stop_flushes_everything(stop: impl FnOnce(&mut Proc, &Client)) {
+fn graceful_stop_flushes_everything(stop: impl FnOnce(&mut Node, &Client)) {
     let port = free_port();
     let cluster = Cluster::new(&[port], "worker_persist: 60\n");
     let mut worker = cluster.worker(port);
@@ -472,14 +471,14 @@ fn shutdown_needs_the_token_then_drains_flushes_and_exits_0() {
             }
             request.send().unwrap()
         };
-        let wrong_token = format!("{}x", harness::TOKEN);
+        let wrong_token = format!("{}x", TOKEN);
         let refused = [
             None,
             Some("Bearer wrong".to_owned()),
             Some(format!("Bearer {wrong_token}")),
-            Some(format!("Bearer {}", &harness::TOKEN[1..])),
-            Some(harness::TOKEN.to_owned()),
-            Some(format!("Basic {}", harness::TOKEN)),
+            Some(format!("Bearer {}", &TOKEN[1..])),
+            Some(TOKEN.to_owned()),
+            Some(format!("Basic {}", TOKEN)),
             Some("Bearer ".to_owned()),
         ];
         for authorization in refused {
@@ -491,7 +490,7 @@ fn shutdown_needs_the_token_then_drains_flushes_and_exits_0() {
         assert_eq!(ready.status(), StatusCode::OK);
         post_ok(client, &url, batch(&[("stop-a", "id-0"), ("stop-a", "id-99")]), 2);
 
-        let accepted = shutdown(Some(&format!("Bearer {}", harness::TOKEN)));
+        let accepted = shutdown(Some(&format!("Bearer {}", TOKEN)));
         assert_eq!(accepted.status(), StatusCode::ACCEPTED);
         let _: Value = accepted.json().expect("a JSON body");
     });
@@ -499,7 +498,7 @@ fn shutdown_needs_the_token_then_drains_flushes_and_exits_0() {
 
 #[test]
 fn sigterm_and_sigint_stop_gracefully() {
-    for signal in ["TERM", "INT"] {
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
         graceful_stop_flushes_everything(|worker, _| worker.signal(signal));
     }
 }
@@ -521,7 +520,7 @@ fn a_worker_answers_health_before_ready_and_stats_and_metrics() {
     let mut worker = cluster.worker(port);
     let url = worker.url();
     let client = client();
-    eventually(harness::STARTUP, "the worker answers /health", || client.get(format!("{url}/health")).send().is_ok());
+    eventually(STARTUP, "the worker answers /health", || client.get(format!("{url}/health")).send().is_ok());
     let health = get_json(&client, &format!("{url}/health"));
     assert!(health.is_object(), "{health}");
     error_message(client.get(format!("{url}/ready")).send().unwrap(), StatusCode::SERVICE_UNAVAILABLE);

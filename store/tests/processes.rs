@@ -16,21 +16,22 @@
 //! does. In a normal run the variable is absent and the test `child` passes at once. Children
 //! speak one line per event on stdout (see [`Role`]), each line written and flushed only after
 //! the event happened, so the parent knows a batch was acknowledged exactly when it has read its
-//! `ACK` line. Every child is owned by a [`ChildProcess`], which kills and reaps it when dropped,
-//! even when an assertion fails; every wait has a deadline, and every child ends itself after
-//! [`CHILD_LIFETIME`] whatever happens to its parent.
+//! `ACK` line. Every child is a `countapp_testcluster::Process`, which kills and reaps it when
+//! dropped, even when an assertion fails; every wait has a deadline, and every child ends itself
+//! after [`CHILD_LIFETIME`] whatever happens to its parent.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use countapp_shared::config::FsyncPolicy;
 use countapp_store::{Item, MergeReport, Settings, Store, StoreError, StoreOptions};
+use countapp_testcluster::{Pipes, Process};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 
@@ -167,15 +168,15 @@ fn say(line: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The parent side: one small harness for spawning, reading and reaping children.
+// The parent side: children spawned, read and reaped through the harness's `Process`.
 // ---------------------------------------------------------------------------------------------
 
-/// A running child process. Dropping it kills (SIGKILL) and reaps the child, so that a failing
-/// assertion never leaves a process behind holding a lock or writing to the database.
+/// A running child and what it said. Its [`Process`] kills (SIGKILL) and reaps it when dropped,
+/// so that a failing assertion never leaves a process behind holding a lock or writing to the
+/// database.
 struct ChildProcess {
-    name: String,
-    process: std::process::Child,
-    stdin: Option<ChildStdin>,
+    process: Process,
+    stdin: ChildStdin,
     /// Whole lines of the child's stdout, from a reader thread; disconnected at the child's EOF.
     lines: mpsc::Receiver<String>,
     /// Every line received so far, in order.
@@ -187,17 +188,13 @@ struct ChildProcess {
 impl ChildProcess {
     /// Starts this test binary again as a child playing `role` as worker `worker` on `db`.
     fn spawn(db: &Path, worker: &str, fsync: FsyncPolicy, role: Role) -> ChildProcess {
-        let name = format!("{worker} ({role:?}, {fsync:?})");
+        let name = format!("child {worker} ({role:?}, {fsync:?})");
         let spec = ChildSpec { db: db.to_path_buf(), worker: worker.to_owned(), fsync, role };
-        let mut process = Command::new(std::env::current_exe().expect("the test binary's path"))
+        let mut command = Command::new(std::env::current_exe().expect("the test binary's path"));
+        command
             .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, serde_json::to_string(&spec).expect("serialise the spec"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn a child");
-        let stdout = process.stdout.take().expect("piped stdout");
+            .env(CHILD_ENV, serde_json::to_string(&spec).expect("serialise the spec"));
+        let (process, Pipes { stdin, stdout, mut stderr }) = Process::spawn_piped(command, &name);
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
@@ -216,20 +213,17 @@ impl ChildProcess {
                 }
             }
         });
-        let mut stderr = process.stderr.take().expect("piped stderr");
         let stderr = thread::spawn(move || {
             let mut text = String::new();
             let _ = stderr.read_to_string(&mut text);
             text
         });
-        let stdin = process.stdin.take();
-        ChildProcess { name, process, stdin, lines, seen: Vec::new(), stderr: Some(stderr) }
+        ChildProcess { process, stdin, lines, seen: Vec::new(), stderr: Some(stderr) }
     }
 
     /// Writes one line to the child's stdin.
     fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("the child's stdin");
-        if let Err(e) = writeln!(stdin, "{line}").and_then(|()| stdin.flush()) {
+        if let Err(e) = writeln!(self.stdin, "{line}").and_then(|()| self.stdin.flush()) {
             self.fail(&format!("cannot write {line:?} to it: {e}"));
         }
     }
@@ -256,30 +250,21 @@ impl ChildProcess {
     /// wrote before dying is still in the pipe and read to the end. A child that is already dead
     /// died of an error of its own (a failed append or flush), which fails the test.
     fn kill(&mut self) -> &[String] {
-        if let Some(status) = self.process.try_wait().expect("poll the child") {
+        if let Some(status) = self.process.try_exit() {
             self.drain();
             self.fail(&format!("died before it was killed ({status})"));
         }
-        self.process.kill().expect("SIGKILL the child");
-        self.process.wait().expect("reap the child");
+        self.process.kill();
         self.drain();
         &self.seen
     }
 
     /// Waits for the child to exit by itself, checks that it succeeded, and returns its lines.
     fn wait_success(&mut self, timeout: Duration) -> &[String] {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.process.try_wait().expect("poll the child") {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                self.fail(&format!("still running after {timeout:?}"));
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
-        if !status.success() {
-            self.fail(&format!("exited with {status}"));
+        match self.process.wait_for_exit(timeout) {
+            None => self.fail(&format!("still running after {timeout:?}")),
+            Some(status) if !status.success() => self.fail(&format!("exited with {status}")),
+            Some(_) => {}
         }
         self.drain();
         &self.seen
@@ -292,7 +277,9 @@ impl ChildProcess {
             match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) => self.receive(line),
                 Err(RecvTimeoutError::Disconnected) => return,
-                Err(RecvTimeoutError::Timeout) => panic!("child {}: stdout still open 10 s after it exited", self.name),
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("{}: stdout still open 10 s after it exited", self.process.name())
+                }
             }
         }
     }
@@ -308,18 +295,10 @@ impl ChildProcess {
 
     /// Kills the child and fails the test, showing what the child said on both streams.
     fn fail(&mut self, why: &str) -> ! {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
+        self.process.kill();
         let stderr = self.stderr.take().map(|t| t.join().unwrap_or_default()).unwrap_or_default();
         let tail = &self.seen[self.seen.len().saturating_sub(10)..];
-        panic!("child {}: {why}\nlast stdout lines: {tail:?}\nstderr:\n{stderr}", self.name);
-    }
-}
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
+        panic!("{}: {why}\nlast stdout lines: {tail:?}\nstderr:\n{stderr}", self.process.name());
     }
 }
 

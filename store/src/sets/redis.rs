@@ -65,9 +65,9 @@ const RATE_WEIGHT: f64 = 0.3;
 /// round trip takes well under a millisecond on a LAN.
 const COUNT_TIMEOUT: Duration = REDIS_COUNT_TIMEOUT;
 
-/// How to reach Redis.
+/// How to reach Redis: made once per store, so the client's size does not matter.
 enum Target {
-    Server(redis::Client),
+    Server(Box<redis::Client>),
     Cluster(Box<redis::cluster::ClusterClient>),
 }
 
@@ -210,9 +210,9 @@ impl RedisTenants {
             }
             Target::Cluster(Box::new(builder.build().map_err(bad)?))
         } else if let Some(certificates) = certificates {
-            Target::Server(redis::Client::build_with_tls(url, certificates).map_err(bad)?)
+            Target::Server(Box::new(redis::Client::build_with_tls(url, certificates).map_err(bad)?))
         } else {
-            Target::Server(redis::Client::open(url).map_err(bad)?)
+            Target::Server(Box::new(redis::Client::open(url).map_err(bad)?))
         };
         Ok(RedisTenants {
             root: root.to_path_buf(),
@@ -268,7 +268,7 @@ impl RedisTenants {
                             .set_connection_timeout(Some(COUNT_TIMEOUT))
                             .set_response_timeout(Some(COUNT_TIMEOUT))
                             .set_number_of_retries(0);
-                        Counter::Server(ConnectionManager::new_lazy_with_config(client.clone(), config)?)
+                        Counter::Server(ConnectionManager::new_lazy_with_config((**client).clone(), config)?)
                     }
                     Target::Cluster(client) => Counter::Cluster(client.get_async_connection().await?),
                 })

@@ -14,7 +14,13 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
 
-use super::{Proc, STARTUP, client, free_port, processes_with};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::client::client;
+use crate::cluster::{STARTUP, free_port};
+use crate::node::Node;
+use crate::procs::processes_with;
 
 /// Chromium's flags: headless as root, and no traffic of its own (updates, sync, safe browsing,
 /// crash reports) beyond the pages the test opens.
@@ -40,7 +46,7 @@ pub struct Browser {
     runtime: tokio::runtime::Runtime,
     session: Option<Client>,
     profile: tempfile::TempDir,
-    driver: Proc,
+    driver: Node,
 }
 
 /// The path of `program` on `PATH`, if it is there.
@@ -61,7 +67,7 @@ impl Browser {
         let port = free_port();
         let mut command = Command::new(chromedriver);
         command.arg(format!("--port={port}"));
-        let driver = Proc::spawn(command, "127.0.0.1", port, profile.path().join("chromedriver.log"));
+        let driver = Node::spawn(command, "127.0.0.1", port, &profile.path().join("chromedriver.log"));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let mut browser = Browser { runtime, session: None, profile, driver };
         browser.wait_driver_ready();
@@ -191,7 +197,8 @@ impl Drop for Browser {
         // Whatever the session left behind: every Chromium process runs with the profile's path.
         let needle = self.profile.path().as_os_str().as_encoded_bytes();
         for pid in processes_with(needle) {
-            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            // It may have exited since it was listed.
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
         self.driver.kill();
     }

@@ -6,23 +6,24 @@
 
 use std::fs;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::netns::Host;
-use super::{STARTUP, free_port};
+use crate::cluster::{STARTUP, free_port};
+use crate::netns::Host;
+use crate::process::Process;
 
 /// How long one `redis-cli` call may take before the test fails.
 const CLI_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// One `redis-server` on 127.0.0.1 (or on a host of a [`super::netns::Network`]), with an
+/// One `redis-server` on 127.0.0.1 (or on a host of a [`crate::netns::Network`]), with an
 /// append-only file in its own directory so that a
 /// restart after SIGKILL replays what it had acknowledged (`appendfsync everysec` loses only
 /// what the OS had not written when the machine, not the process, died).
 pub struct RedisServer {
-    child: Option<Child>,
+    process: Option<Process>,
     port: u16,
     dir: tempfile::TempDir,
     /// Arguments beyond the harness's own, such as those of a cluster node; kept for restarts.
@@ -62,7 +63,7 @@ impl RedisServer {
 
     fn start_with_on(extra: &[&str], on: Option<Host>) -> RedisServer {
         let mut server = RedisServer {
-            child: None,
+            process: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|&a| a.to_owned()).collect(),
@@ -75,8 +76,7 @@ impl RedisServer {
 
     /// Starts `redis-server` on this server's port and directory, and waits for its `PONG`.
     fn spawn(&mut self) {
-        assert!(self.child.is_none(), "redis-server on {} is already running", self.port);
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        assert!(self.process.is_none(), "redis-server on {} is already running", self.port);
         let port = self.port.to_string();
         let mut command = match &self.on {
             Some(host) => host.command("redis-server"),
@@ -87,19 +87,17 @@ impl RedisServer {
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""])
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        self.child = Some(command.spawn().expect("cannot run redis-server; is it installed?"));
+            .args(&self.extra);
+        let name = format!("redis-server on {}", self.port);
+        self.process = Some(Process::spawn_logged(command, &name, &self.log_path()));
         let deadline = Instant::now() + STARTUP;
         loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
+            if let Some(status) = self.process.as_mut().and_then(Process::try_exit) {
+                self.process = None;
                 panic!("redis-server on {} exited ({status}) before answering:\n{}", self.port, self.log());
             }
             // A server still loading its append-only file answers LOADING, not PONG.
-            if self.try_cli(&["ping"]).is_some_and(|out| out.trim() == "PONG") {
+            if cli(self.host(), self.port, &["ping"]).is_ok_and(|out| out.trim() == "PONG") {
                 return;
             }
             assert!(Instant::now() < deadline, "redis-server on {} silent for {STARTUP:?}:\n{}", self.port, self.log());
@@ -122,17 +120,9 @@ impl RedisServer {
         format!("redis://{}:{}", self.host(), self.port)
     }
 
-    /// The server's directory: its append-only file, `nodes.conf` and `redis.log`.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// SIGKILLs the server and reaps it: no shutdown, no final write of its files.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process = None;
     }
 
     /// Kills the server if it runs, and starts it again on the same port and directory, so
@@ -144,7 +134,7 @@ impl RedisServer {
 
     /// Whether the server process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|child| child.try_wait().unwrap().is_none())
+        self.process.as_mut().is_some_and(Process::is_running)
     }
 
     /// `redis-cli -p <port> args...`: its standard output, asserting it succeeded in time.
@@ -156,12 +146,6 @@ impl RedisServer {
     /// Like [`RedisServer::cli`], but `None` on failure, as when the server is not up yet.
     fn try_cli(&self, args: &[&str]) -> Option<String> {
         cli(self.host(), self.port, args).ok()
-    }
-
-    /// `SCARD key`: the members of the set `key`, 0 if there is none.
-    pub fn scard(&self, key: &str) -> u64 {
-        let out = self.cli(&["scard", key]);
-        out.trim().parse().unwrap_or_else(|_| panic!("SCARD {key} on {}: {out:?}", self.port))
     }
 
     /// Every key the server holds, sorted (`--scan`, so that a large store does not block it).
@@ -188,12 +172,6 @@ impl RedisServer {
             let _ = file.read_to_string(&mut text);
         }
         text
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -258,16 +236,11 @@ impl RedisCluster {
 /// Runs `redis-cli -h <host> -p <port> args...` and returns its standard output, or why it
 /// failed: it exited with an error, or did not exit within [`CLI_TIMEOUT`] (then it is killed).
 fn cli(host: &str, port: u16, args: &[&str]) -> Result<String, String> {
-    let mut child = Command::new("redis-cli")
-        .args(["-h", host])
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run redis-cli: {e}"))?;
+    let mut command = Command::new("redis-cli");
+    command.args(["-h", host]).arg("-p").arg(port.to_string()).args(args);
+    let (mut process, pipes) = Process::spawn_piped(command, "redis-cli");
+    // No input: redis-cli reads none with its command in its arguments.
+    drop(pipes.stdin);
     // Read both pipes on threads, so that a full pipe cannot stall the child while we wait.
     let read = |mut pipe: Box<dyn Read + Send>| {
         thread::spawn(move || {
@@ -276,19 +249,11 @@ fn cli(host: &str, port: u16, args: &[&str]) -> Result<String, String> {
             text
         })
     };
-    let stdout = read(Box::new(child.stdout.take().unwrap()));
-    let stderr = read(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + CLI_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("no answer in {CLI_TIMEOUT:?}"));
-        }
-        thread::sleep(Duration::from_millis(10));
+    let stdout = read(Box::new(pipes.stdout));
+    let stderr = read(Box::new(pipes.stderr));
+    // Past the deadline, dropping the process kills it, which closes the pipes.
+    let Some(status) = process.wait_for_exit(CLI_TIMEOUT) else {
+        return Err(format!("no answer in {CLI_TIMEOUT:?}"));
     };
     let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
     // redis-cli exits 0 even on a server error reply when its output is not a terminal; such

@@ -17,9 +17,13 @@ const POLL: Duration = Duration::from_millis(20);
 /// its body.
 #[derive(Debug, Clone)]
 pub struct Request {
+    /// Its method, such as `GET`.
     pub method: String,
+    /// Its target as sent, path and query.
     pub target: String,
+    /// Its headers, names in lower case, in the order sent.
     pub headers: Vec<(String, String)>,
+    /// Its body, as long as its `Content-Length` said.
     pub body: Vec<u8>,
 }
 

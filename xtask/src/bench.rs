@@ -1,0 +1,432 @@
+//! `make bench`: the load tool against freshly started systems, with Redis measured in the same
+//! run. Starts redis-server (AOF, appendfsync everysec), then, `--rounds` times, a fresh
+//! coordinator with four workers (fsync everysec) in a temporary directory on free loopback
+//! ports, and measures in each round:
+//!   1. POST through the coordinator, and the same stream as pipelined SADD into Redis;
+//!   2. POST straight to one worker, with the whole machine's busy CPU per request: what a POST
+//!      costs the load tool, the worker and the merging together, which a hop's CPU adds to;
+//!   3. GET counts through the coordinator, and straight to one worker;
+//!   4. POST and GET counts through HAProxy in front of the same four workers: the reference for
+//!      what a hop costs on this machine (an HTTP proxy in C, keep-alive to the workers), with
+//!      its CPU per request measured as the coordinator's is.
+//!
+//! Then, once:
+//!   5. redis-benchmark -t sadd -P 100 -c 16, the reference SPEC.md names;
+//!   6. POST and GET through a coordinator whose workers keep the tenants in that Redis
+//!      (store: redis), against the store: json figures above; and GET counts straight to one
+//!      worker, store: redis against store: json (step 3), with their ratio.
+//!
+//! Each run through the coordinator also reports the coordinator's CPU time per forwarded
+//! request: utime+stime from /proc/<pid>/stat over the run, over the run's delta of /stats
+//! cluster.requests_forwarded, and stime alone: the kernel's share, which no change to the
+//! coordinator's own code removes (in target/bench/coordinator-cpu.json). A summary of the
+//! ratios the SPEC's targets name ends the output: each round's, and their medians, since one run
+//! on this machine varies by 10-20%. Figures go to target/bench/ (round N's in round-N/).
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use countapp_testcluster::Process;
+use countapp_testcluster::redis::RedisServer;
+use serde_json::{Map, Value, json};
+
+use crate::is_interrupted;
+use crate::measure::{machine_busy_ticks, process_ticks, round2, ticks_per_second};
+use crate::stand::{BenchCluster, HaProxy, load};
+
+/// Where the figures go.
+const OUT: &str = "target/bench";
+
+/// How long an AOF rewrite of Redis may take before the bench gives up.
+const REWRITE: Duration = Duration::from_secs(300);
+
+/// The knobs of `make bench`.
+#[derive(clap::Args)]
+pub struct Options {
+    /// How long each load run sends.
+    #[arg(long, env = "BENCH_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Rounds, each on a fresh cluster and an empty Redis; the summary gives their medians.
+    #[arg(long, env = "BENCH_ROUNDS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+}
+
+/// The coordinator's CPU over one load run through it.
+struct CpuFigure {
+    run: String,
+    cpu_us_per_request: Option<f64>,
+    system_us_per_request: Option<f64>,
+    json: Value,
+}
+
+/// One `make bench`, state and all.
+struct Bench<'a> {
+    options: &'a Options,
+    redis: RedisServer,
+    cpu: Vec<CpuFigure>,
+}
+
+/// Runs `make bench`; true when every load run's check passed.
+pub fn run(options: &Options) -> anyhow::Result<bool> {
+    let out = Path::new(OUT);
+    if out.exists() {
+        fs::remove_dir_all(out).with_context(|| format!("emptying {OUT}"))?;
+    }
+    fs::create_dir_all(out)?;
+    let mut bench = Bench { options, redis: RedisServer::start(), cpu: Vec::new() };
+    for round in 1..=options.rounds {
+        bench.round(round)?;
+    }
+    bench.fresh_redis()?;
+    println!("=== redis-benchmark -t sadd -P 100 -c 16 -r 100000000 -n 2000000 ===");
+    println!("{}", redis_benchmark(bench.redis.port())?);
+
+    bench.fresh_redis()?;
+    let mut cluster = BenchCluster::start(&format!("store: redis\nredis_url: {}\n", bench.redis.url()));
+    println!("=== store: redis: POST through the coordinator ===");
+    let post = bench.post_args(&cluster.url(), &out.join("redis-store-post.json"));
+    bench.through_coordinator(&cluster, "redis-store-post", &post)?;
+    println!("=== store: redis: GET counts through the coordinator ===");
+    let count = bench.count_args(&cluster.url(), &out.join("redis-store-count.json"));
+    bench.through_coordinator(&cluster, "redis-store-count", &count)?;
+    println!("=== store: redis: GET counts straight to one worker ===");
+    let worker = format!("http://127.0.0.1:{}", cluster.workers[0]);
+    bench.load(&bench.count_args(&worker, &out.join("redis-store-worker-count.json")))?;
+    let redis_rate = rate(&read_json(&out.join("redis-store-worker-count.json"))?)?;
+    let json_rates = (1..=options.rounds)
+        .map(|r| rate(&read_json(&round_dir(r).join("worker-count.json"))?))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    let json_rate = median(&json_rates);
+    println!(
+        "GET counts straight to one worker: store: redis {}/s, store: json {}/s (median of the rounds), ratio \
+         {:.2}x (target at least 0.6x)",
+        thousands(redis_rate),
+        thousands(json_rate),
+        redis_rate / json_rate
+    );
+    cluster.stop();
+    let figures: Vec<Value> = bench.cpu.iter().map(|c| c.json.clone()).collect();
+    fs::write(out.join("coordinator-cpu.json"), serde_json::to_string_pretty(&figures)?)?;
+
+    println!("=== summary (targets from SPEC.md, Performance) ===");
+    bench.summary()?;
+    Ok(true)
+}
+
+/// Round `round`'s directory of figures.
+fn round_dir(round: u32) -> PathBuf {
+    Path::new(OUT).join(format!("round-{round}"))
+}
+
+impl Bench<'_> {
+    /// One round on a fresh cluster and an empty Redis.
+    fn round(&mut self, round: u32) -> anyhow::Result<()> {
+        let (r, rounds) = (round_dir(round), self.options.rounds);
+        fs::create_dir_all(&r)?;
+        self.fresh_redis()?;
+        let mut cluster = BenchCluster::start("store: json\n");
+        let (url, worker) = (cluster.url(), format!("http://127.0.0.1:{}", cluster.workers[0]));
+        println!(
+            "=== round {round} of {rounds}: POST through the coordinator (4 workers), and Redis SADD in the same run ==="
+        );
+        let mut post = self.post_args(&url, &r.join("coordinator-post.json"));
+        post.extend(["--redis".into(), self.redis.url(), "--plot".into(), path_arg(&r.join("coordinator-post.svg"))]);
+        self.through_coordinator(&cluster, &format!("post, round {round}"), &post)?;
+        println!("=== round {round} of {rounds}: POST straight to one worker ===");
+        self.measured(&r.join("worker-post.json"), None, &self.post_args(&worker, &r.join("worker-post.json")))?;
+        println!("=== round {round} of {rounds}: GET counts through the coordinator ===");
+        let count = self.count_args(&url, &r.join("coordinator-count.json"));
+        self.through_coordinator(&cluster, &format!("count, round {round}"), &count)?;
+        println!("=== round {round} of {rounds}: GET counts straight to one worker ===");
+        self.load(&self.count_args(&worker, &r.join("worker-count.json")))?;
+        let haproxy = HaProxy::start(cluster.path(), &cluster.workers)?;
+        println!("=== round {round} of {rounds}: POST through HAProxy (the same 4 workers) ===");
+        let json = r.join("haproxy-post.json");
+        self.measured(&json, Some(haproxy.pid()), &self.post_args(&haproxy.url(), &json))?;
+        println!("=== round {round} of {rounds}: GET counts through HAProxy ===");
+        let json = r.join("haproxy-count.json");
+        self.measured(&json, Some(haproxy.pid()), &self.count_args(&haproxy.url(), &json))?;
+        haproxy.stop();
+        cluster.stop();
+        Ok(())
+    }
+
+    /// The load tool's arguments for POSTs to `url`, batches of 100 over 10 tenants, its report
+    /// in `json`.
+    fn post_args(&self, url: &str, json: &Path) -> Vec<String> {
+        let mut args = self.common_args(url, json);
+        args.extend(["--batch", "100", "--tenants", "10"].map(String::from));
+        args
+    }
+
+    /// The load tool's arguments for GET counts at `url` over 10 tenants, its report in `json`.
+    fn count_args(&self, url: &str, json: &Path) -> Vec<String> {
+        let mut args = self.common_args(url, json);
+        args.extend(["--count", "--tenants", "10"].map(String::from));
+        args
+    }
+
+    fn common_args(&self, url: &str, json: &Path) -> Vec<String> {
+        let duration = humantime::format_duration(self.options.duration).to_string();
+        let mut args: Vec<String> =
+            ["--url", url, "--duration", &duration, "--connections", "16", "--quiet"].map(String::from).into();
+        args.extend(["--json".to_owned(), path_arg(json)]);
+        args
+    }
+
+    /// Runs the load tool, failing the bench if its check failed.
+    fn load(&self, args: &[String]) -> anyhow::Result<()> {
+        // The load, its convergence wait (30 s at most) and a Redis reference run, with room.
+        let within = self.options.duration * 4 + Duration::from_secs(180);
+        let status = load(args, within)?;
+        if !status.success() {
+            bail!("countapp-load {}: {status}", args.join(" "));
+        }
+        Ok(())
+    }
+
+    /// Runs the load tool through the coordinator of `cluster`, then records the coordinator's
+    /// CPU per forwarded request over that run under the name `name`.
+    fn through_coordinator(&mut self, cluster: &BenchCluster, name: &str, args: &[String]) -> anyhow::Result<()> {
+        let pid = cluster.coordinator_pid();
+        let (ticks0, forwarded0) = (process_ticks(pid)?, cluster.forwarded());
+        self.load(args)?;
+        let (ticks1, forwarded1) = (process_ticks(pid)?, cluster.forwarded());
+        let hz = ticks_per_second();
+        let user = (ticks1.user - ticks0.user) as f64 / hz;
+        let system = (ticks1.system - ticks0.system) as f64 / hz;
+        let forwarded = forwarded1 - forwarded0;
+        let per_request = |seconds: f64| (forwarded > 0).then(|| round2(seconds * 1e6 / forwarded as f64));
+        let figure = CpuFigure {
+            run: name.to_owned(),
+            cpu_us_per_request: per_request(user + system),
+            system_us_per_request: per_request(system),
+            json: json!({
+                "run": name,
+                "cpu_seconds": user + system,
+                "requests_forwarded": forwarded,
+                "cpu_us_per_request": per_request(user + system),
+                "system_us_per_request": per_request(system),
+            }),
+        };
+        println!("coordinator CPU: {}", figure.json);
+        self.cpu.push(figure);
+        Ok(())
+    }
+
+    /// Runs the load tool with its report in `json`, then adds to that report the machine's busy
+    /// CPU per request over the run, and the process `pid`'s (HAProxy's) if given.
+    fn measured(&self, json: &Path, pid: Option<u32>, args: &[String]) -> anyhow::Result<()> {
+        let process0 = pid.map(process_ticks).transpose()?;
+        let machine0 = machine_busy_ticks()?;
+        self.load(args)?;
+        let machine1 = machine_busy_ticks()?;
+        let process1 = pid.map(process_ticks).transpose()?;
+        let mut report = read_json(json)?;
+        let requests =
+            report["run"]["requests"].as_u64().ok_or_else(|| anyhow!("{}: no run.requests", json.display()))?;
+        let hz = ticks_per_second();
+        let per_request = |ticks: u64| (requests > 0).then(|| round2(ticks as f64 / hz * 1e6 / requests as f64));
+        let machine = per_request(machine1 - machine0);
+        let object = report.as_object_mut().ok_or_else(|| anyhow!("{}: not an object", json.display()))?;
+        object.insert("machine_cpu_us_per_request".into(), json!(machine));
+        let mut line = format!("the machine's CPU: {} us per request", show(machine));
+        if let (Some(p0), Some(p1)) = (process0, process1) {
+            let process = per_request(p1.user - p0.user + p1.system - p0.system);
+            object.insert("process_cpu_us_per_request".into(), json!(process));
+            line.push_str(&format!(", haproxy's: {} us", show(process)));
+        }
+        fs::write(json, serde_json::to_string_pretty(&report)?)?;
+        println!("{line}");
+        Ok(())
+    }
+
+    /// Empties Redis and rewrites its AOF, so that each measurement starts from the same Redis:
+    /// one left with a round's 20M ids rewrites its AOF (a fork and a full copy) during the next.
+    fn fresh_redis(&self) -> anyhow::Result<()> {
+        self.redis.cli(&["flushall"]);
+        self.redis.cli(&["bgrewriteaof"]);
+        let deadline = Instant::now() + REWRITE;
+        loop {
+            let info = self.redis.cli(&["info", "persistence"]);
+            let idle = ["aof_rewrite_in_progress:0", "aof_rewrite_scheduled:0"];
+            if idle.iter().all(|want| info.lines().any(|l| l.trim() == *want)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("Redis still rewriting its AOF after {REWRITE:?}");
+            }
+            if is_interrupted() {
+                bail!("interrupted");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Prints the summary of every round and their medians, and writes it to summary.json.
+    fn summary(&self) -> anyhow::Result<()> {
+        let cpu = |run: &str| self.cpu.iter().find(|c| c.run == run);
+        let mut rounds: Vec<Vec<(&str, Option<f64>)>> = Vec::new();
+        for r in 1..=self.options.rounds {
+            let dir = round_dir(r);
+            let report = |name: &str| read_json(&dir.join(format!("{name}.json")));
+            let (cpost, wpost, ccount, wcount, hpost, hcount) = (
+                report("coordinator-post")?,
+                report("worker-post")?,
+                report("coordinator-count")?,
+                report("worker-count")?,
+                report("haproxy-post")?,
+                report("haproxy-count")?,
+            );
+            let items = |r: &Value| r["run"]["items_per_s"].as_f64();
+            let requests = |r: &Value| r["run"]["requests_per_s"].as_f64();
+            let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+            let redis = cpost["redis"]["items_per_s"].as_f64();
+            let (post, count) = (cpu(&format!("post, round {r}")), cpu(&format!("count, round {r}")));
+            rounds.push(vec![
+                ("POST items/s through the coordinator", items(&cpost)),
+                ("POST items/s straight to one worker", items(&wpost)),
+                ("Redis SADD items/s", redis),
+                ("POST coordinator/worker (target >= 0.9)", ratio(items(&cpost), items(&wpost))),
+                ("POST coordinator/Redis (target >= 2)", ratio(items(&cpost), redis)),
+                ("GET counts/s through the coordinator", requests(&ccount)),
+                ("GET counts/s straight to one worker", requests(&wcount)),
+                ("GET coordinator/worker (target >= 0.5)", ratio(requests(&ccount), requests(&wcount))),
+                ("p99 ms POST through the coordinator (target <= 10)", cpost["run"]["latency_ms"]["p99"].as_f64()),
+                ("p99 ms GET through the coordinator (target <= 5)", ccount["run"]["latency_ms"]["p99"].as_f64()),
+                ("coordinator CPU us per POST (target <= 15)", post.and_then(|c| c.cpu_us_per_request)),
+                ("coordinator CPU us per GET (target <= 15)", count.and_then(|c| c.cpu_us_per_request)),
+                ("  of which in the kernel, per POST", post.and_then(|c| c.system_us_per_request)),
+                ("  of which in the kernel, per GET", count.and_then(|c| c.system_us_per_request)),
+                ("machine CPU us per POST straight to one worker", wpost["machine_cpu_us_per_request"].as_f64()),
+                ("POST HAProxy/worker (reference)", ratio(items(&hpost), items(&wpost))),
+                ("GET HAProxy/worker (reference)", ratio(requests(&hcount), requests(&wcount))),
+                ("HAProxy CPU us per POST (reference)", hpost["process_cpu_us_per_request"].as_f64()),
+                ("HAProxy CPU us per GET (reference)", hcount["process_cpu_us_per_request"].as_f64()),
+            ]);
+        }
+        let width = rounds[0].iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+        let mut header = format!("{:width$}  ", "");
+        for r in 1..=self.options.rounds {
+            header.push_str(&format!("{:>10}  ", format!("round {r}")));
+        }
+        println!("{header}{:>10}", "median");
+        let mut medians = Map::new();
+        for (i, (name, _)) in rounds[0].iter().enumerate() {
+            let values: Vec<Option<f64>> = rounds.iter().map(|round| round[i].1).collect();
+            let known: Vec<f64> = values.iter().flatten().copied().collect();
+            let middle = (!known.is_empty()).then(|| median(&known));
+            let mut line = format!("{name:width$}  ");
+            for value in &values {
+                line.push_str(&format!("{:>10}  ", show_figure(*value)));
+            }
+            println!("{line}{:>10}", show_figure(middle));
+            medians.insert((*name).to_owned(), json!(middle));
+        }
+        let rounds: Vec<Value> = rounds
+            .iter()
+            .map(|round| Value::Object(round.iter().map(|(name, value)| ((*name).to_owned(), json!(value))).collect()))
+            .collect();
+        let summary = json!({ "rounds": rounds, "median": medians });
+        fs::write(Path::new(OUT).join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+        let redis: Vec<String> = self
+            .cpu
+            .iter()
+            .filter(|c| c.run.starts_with("redis"))
+            .map(|c| format!("{} {}", c.run, show(c.cpu_us_per_request)))
+            .collect();
+        println!("store: redis, coordinator CPU us per forwarded request: {}", redis.join(", "));
+        Ok(())
+    }
+}
+
+/// `redis-benchmark -t sadd -P 100 -c 16 -r 100000000 -n 2000000` against the Redis on `port`:
+/// its last line of requests per second.
+fn redis_benchmark(port: u16) -> anyhow::Result<String> {
+    let mut command = Command::new("redis-benchmark");
+    command.arg("-p").arg(port.to_string()).args([
+        "-t",
+        "sadd",
+        "-P",
+        "100",
+        "-c",
+        "16",
+        "-r",
+        "100000000",
+        "-n",
+        "2000000",
+        "-q",
+    ]);
+    let (mut process, mut pipes) = Process::spawn_piped(command, "redis-benchmark");
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipes.stdout.read_to_string(&mut text);
+        text
+    });
+    let status = process
+        .wait_for_exit(Duration::from_secs(600))
+        .ok_or_else(|| anyhow!("redis-benchmark still running after 10 minutes"))?;
+    let text = reader.join().map_err(|_| anyhow!("reading redis-benchmark's output"))?;
+    if !status.success() {
+        bail!("redis-benchmark: {status}");
+    }
+    // It redraws its progress with carriage returns: the figure is the last line that has one.
+    let line = text.split(['\r', '\n']).rfind(|l| l.contains("requests per second"));
+    Ok(line.unwrap_or_default().trim().to_owned())
+}
+
+/// The report of a load run.
+fn read_json(path: &Path) -> anyhow::Result<Value> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// A count run's requests per second.
+fn rate(report: &Value) -> anyhow::Result<f64> {
+    report["run"]["requests_per_s"].as_f64().ok_or_else(|| anyhow!("a report without run.requests_per_s"))
+}
+
+/// The median of `values` (the mean of the two middle ones for an even number), none empty.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
+}
+
+/// `value` with no decimals and commas between thousands, as 1,780,000.
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.abs());
+    let mut grouped = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    if value < 0.0 { format!("-{grouped}") } else { grouped }
+}
+
+/// A figure of the summary: a rate in thousands, a ratio or a time with two decimals.
+fn show_figure(value: Option<f64>) -> String {
+    match value {
+        Some(v) if v >= 1000.0 => thousands(v),
+        Some(v) => format!("{v:.2}"),
+        None => "n/a".to_owned(),
+    }
+}
+
+/// A CPU figure as the reports give it, `n/a` where there was no request.
+fn show(value: Option<f64>) -> String {
+    value.map_or_else(|| "n/a".to_owned(), |v| v.to_string())
+}
+
+/// A path as the load tool's argument.
+fn path_arg(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
