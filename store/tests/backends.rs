@@ -9,14 +9,13 @@
 //! The scripts go through the store's public API only: what a worker sees, whatever keeps the
 //! sets.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use countapp_shared::config::{RedisHandoff, StoreKind};
 use countapp_store::{Item, RedisTls, Settings, Store, StoreOptions};
+use countapp_testcluster::redis::{Certificates, RedisServer};
 
 /// A backend under test: a database directory, and for Redis the server its sets live in.
 struct Backend {
@@ -24,38 +23,34 @@ struct Backend {
     kind: StoreKind,
     redis: Option<RedisServer>,
     tls: RedisTls,
-    /// The files `tls` names, kept while the backend lives.
-    certificates: Option<Certificates>,
 }
 
 impl Backend {
     fn json() -> Backend {
         let dir = tempfile::tempdir().unwrap();
-        Backend { dir, kind: StoreKind::Json, redis: None, tls: RedisTls::default(), certificates: None }
+        Backend { dir, kind: StoreKind::Json, redis: None, tls: RedisTls::default() }
     }
 
     fn redis() -> Backend {
-        Backend::redis_on(RedisServer::start("redis-server", false, None))
+        Backend::redis_on(RedisServer::start_binary("redis-server", false))
     }
 
     fn valkey_with_aof() -> Backend {
-        Backend::redis_on(RedisServer::start(&valkey_server(), true, None))
+        Backend::redis_on(RedisServer::start_binary(&valkey_server(), true))
     }
 
     /// Redis on its TLS port only, asking for a client certificate; the client trusts the test's
     /// authority alone and shows its own certificate.
     fn redis_over_tls() -> Backend {
-        let certificates = Certificates::make();
-        let server = RedisServer::start("redis-server", false, Some(&certificates));
+        let server = RedisServer::start_tls(Certificates::make());
         let mut backend = Backend::redis_on(server);
-        backend.tls = certificates.client();
-        backend.certificates = Some(certificates);
+        backend.tls = client_tls(backend.redis.as_ref().and_then(RedisServer::certificates).unwrap());
         backend
     }
 
     fn redis_on(server: RedisServer) -> Backend {
         let dir = tempfile::tempdir().unwrap();
-        Backend { dir, kind: StoreKind::Redis, redis: Some(server), tls: RedisTls::default(), certificates: None }
+        Backend { dir, kind: StoreKind::Redis, redis: Some(server), tls: RedisTls::default() }
     }
 
     fn db(&self) -> PathBuf {
@@ -249,7 +244,7 @@ fn with_waitaof_a_merged_log_file_is_deleted_at_once() {
 /// consumed (`.done`), no longer pending, and kept for the grace.
 #[test]
 fn without_an_append_only_file_a_merged_log_file_waits_out_the_grace() {
-    let backend = Backend::redis_on(RedisServer::start(&valkey_server(), false, None));
+    let backend = Backend::redis_on(RedisServer::start_binary(&valkey_server(), false));
     let store = backend.open_with_grace("w1", Duration::from_secs(600));
     append(&store, "t", ids(0..100));
     store.flush().unwrap();
@@ -263,9 +258,9 @@ fn without_an_append_only_file_a_merged_log_file_waits_out_the_grace() {
 /// refused: nothing is merged into it, and a count says why.
 #[test]
 fn a_server_vouched_for_by_a_foreign_authority_is_refused() {
-    let (ours, theirs) = (Certificates::make(), Certificates::make());
-    let mut backend = Backend::redis_on(RedisServer::start("redis-server", false, Some(&theirs)));
-    backend.tls = ours.client();
+    let ours = Certificates::make();
+    let mut backend = Backend::redis_on(RedisServer::start_tls(Certificates::make()));
+    backend.tls = client_tls(&ours);
     let store = backend.open("w1");
     append(&store, "t", ids(0..10));
     let refused = store.flush().expect_err("a merge into a server the client does not trust");
@@ -274,80 +269,12 @@ fn a_server_vouched_for_by_a_foreign_authority_is_refused() {
     assert_eq!(store.pending_items(), 10, "nothing merged, nothing lost");
 }
 
-/// A certificate authority, a server certificate for 127.0.0.1 and a client certificate, made
-/// with `openssl` in a temporary directory.
-struct Certificates {
-    dir: tempfile::TempDir,
-}
-
-impl Certificates {
-    fn make() -> Certificates {
-        let dir = tempfile::tempdir().unwrap();
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).current_dir(dir.path()).output().expect("run openssl");
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=test CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-        ]);
-        for (name, san) in [("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")] {
-            openssl(&[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                &format!("/CN={name}"),
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-            ]);
-            std::fs::write(dir.path().join(format!("{name}.ext")), san).unwrap();
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "1",
-                "-extfile",
-                &format!("{name}.ext"),
-                "-out",
-                &format!("{name}.crt"),
-            ]);
-        }
-        Certificates { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).to_str().unwrap().to_owned()
-    }
-
-    /// What the client presents and trusts.
-    fn client(&self) -> RedisTls {
-        RedisTls {
-            ca_file: Some(self.path("ca.crt").into()),
-            cert_file: Some(self.path("client.crt").into()),
-            key_file: Some(self.path("client.key").into()),
-        }
+/// What a client of a server `certificates` made shows and trusts.
+fn client_tls(certificates: &Certificates) -> RedisTls {
+    RedisTls {
+        ca_file: Some(certificates.file("ca.crt")),
+        cert_file: Some(certificates.file("client.crt")),
+        key_file: Some(certificates.file("client.key")),
     }
 }
 
@@ -370,61 +297,4 @@ fn log_files(dir: &Path) -> Vec<PathBuf> {
         }
     }
     files
-}
-
-/// A Redis server (`redis-server`, or `valkey-server`) on a free loopback port, with or without
-/// its append-only file, on plain TCP or TLS only, killed and reaped when dropped.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    tls: bool,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    fn start(binary: &str, aof: bool, tls: Option<&Certificates>) -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = tempfile::tempdir().unwrap();
-        let appendonly = if aof { "yes" } else { "no" };
-        let listen = match tls {
-            None => vec!["--port".to_owned(), port.to_string()],
-            Some(certificates) => ["--port", "0", "--tls-port", &port.to_string(), "--tls-auth-clients", "yes"]
-                .into_iter()
-                .map(str::to_owned)
-                .chain(
-                    ["--tls-cert-file", "server.crt", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt"]
-                        .chunks(2)
-                        .flat_map(|pair| [pair[0].to_owned(), certificates.path(pair[1])]),
-                )
-                .collect(),
-        };
-        let child = Command::new(binary)
-            .args(&listen)
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", appendonly])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {binary} ({e}): make tests installs it"));
-        let server = RedisServer { child, port, tls: tls.is_some(), _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "{binary} on {port} did not listen within 10 s");
-            thread::sleep(Duration::from_millis(10));
-        }
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("{}://127.0.0.1:{}", if self.tls { "rediss" } else { "redis" }, self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -1,5 +1,5 @@
-//! Real Redis for the system tests of `store: redis`: a `redis-server` (or a Redis Cluster of
-//! them) on free loopback ports, each in its own temporary directory, killed and reaped when
+//! Real Redis for the tests of `store: redis`: a `redis-server` (or a Redis Cluster of them, or
+//! a `valkey-server`, or a server on its TLS port only) on free loopback ports, each in its own temporary directory, killed and reaped when
 //! dropped, so that no server outlives a test, even a failed one. Every wait and every
 //! `redis-cli` call is bounded in time, so that a Redis that never answers fails the test
 //! instead of hanging it.
@@ -30,12 +30,45 @@ pub struct RedisServer {
     extra: Vec<String>,
     /// The network namespace it runs on, if not the test's own.
     on: Option<Host>,
+    /// The server binary: `redis-server`, or another that speaks its protocol.
+    binary: String,
+    /// Whether it keeps an append-only file.
+    aof: bool,
+    /// The certificates of its TLS port, if it listens on that port alone.
+    tls: Option<Certificates>,
 }
 
 impl RedisServer {
     /// A standalone server on a free port, answering `PING`.
     pub fn start() -> RedisServer {
         RedisServer::start_with(&[])
+    }
+
+    /// A standalone server of `binary` (such as `valkey-server`) on a free port, with or without
+    /// its append-only file.
+    pub fn start_binary(binary: &str, aof: bool) -> RedisServer {
+        RedisServer::launch(binary, aof, None)
+    }
+
+    /// A standalone `redis-server` listening on its TLS port alone, with `certificates`' server
+    /// certificate, and asking every client for a certificate its authority signed.
+    pub fn start_tls(certificates: Certificates) -> RedisServer {
+        RedisServer::launch("redis-server", true, Some(certificates))
+    }
+
+    fn launch(binary: &str, aof: bool, tls: Option<Certificates>) -> RedisServer {
+        let mut server = RedisServer {
+            process: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            extra: Vec::new(),
+            on: None,
+            binary: binary.to_owned(),
+            aof,
+            tls,
+        };
+        server.spawn();
+        server
     }
 
     /// A replica of `primary` on a free port, once `primary` counts it among its connected
@@ -68,6 +101,9 @@ impl RedisServer {
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|&a| a.to_owned()).collect(),
             on,
+            binary: "redis-server".to_owned(),
+            aof: true,
+            tls: None,
         };
         // Spawned into `server` first, so that a server that never answers is killed by Drop.
         server.spawn();
@@ -76,19 +112,30 @@ impl RedisServer {
 
     /// Starts `redis-server` on this server's port and directory, and waits for its `PONG`.
     fn spawn(&mut self) {
-        assert!(self.process.is_none(), "redis-server on {} is already running", self.port);
+        assert!(self.process.is_none(), "{} on {} is already running", self.binary, self.port);
         let port = self.port.to_string();
         let mut command = match &self.on {
-            Some(host) => host.command("redis-server"),
-            None => Command::new("redis-server"),
+            Some(host) => host.command(&self.binary),
+            None => Command::new(&self.binary),
+        };
+        match &self.tls {
+            None => command.args(["--port", &port]),
+            Some(tls) => command
+                .args(["--port", "0", "--tls-port", &port, "--tls-auth-clients", "yes"])
+                .arg("--tls-cert-file")
+                .arg(tls.file("server.crt"))
+                .arg("--tls-key-file")
+                .arg(tls.file("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(tls.file("ca.crt")),
         };
         command
-            .args(["--port", &port, "--bind", self.host(), "--protected-mode", "no"])
+            .args(["--bind", self.host(), "--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
-            .args(["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""])
+            .args(["--appendonly", if self.aof { "yes" } else { "no" }, "--appendfsync", "everysec", "--save", ""])
             .args(&self.extra);
-        let name = format!("redis-server on {}", self.port);
+        let name = format!("{} on {}", self.binary, self.port);
         self.process = Some(Process::spawn_logged(command, &name, &self.log_path()));
         let deadline = Instant::now() + STARTUP;
         loop {
@@ -97,7 +144,7 @@ impl RedisServer {
                 panic!("redis-server on {} exited ({status}) before answering:\n{}", self.port, self.log());
             }
             // A server still loading its append-only file answers LOADING, not PONG.
-            if cli(self.host(), self.port, &["ping"]).is_ok_and(|out| out.trim() == "PONG") {
+            if self.try_cli(&["ping"]).is_some_and(|out| out.trim() == "PONG") {
                 return;
             }
             assert!(Instant::now() < deadline, "redis-server on {} silent for {STARTUP:?}:\n{}", self.port, self.log());
@@ -115,9 +162,10 @@ impl RedisServer {
         self.on.as_ref().map_or("127.0.0.1", |host| host.addr.as_str())
     }
 
-    /// The URL a worker's `redis_url` takes.
+    /// The URL a worker's `redis_url` takes: `rediss://` on a TLS port.
     pub fn url(&self) -> String {
-        format!("redis://{}:{}", self.host(), self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://{}:{}", self.host(), self.port)
     }
 
     /// SIGKILLs the server and reaps it: no shutdown, no final write of its files.
@@ -132,6 +180,11 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// The certificates of its TLS port, if it listens on one.
+    pub fn certificates(&self) -> Option<&Certificates> {
+        self.tls.as_ref()
+    }
+
     /// Whether the server process is still running.
     pub fn is_running(&mut self) -> bool {
         self.process.as_mut().is_some_and(Process::is_running)
@@ -139,13 +192,13 @@ impl RedisServer {
 
     /// `redis-cli -p <port> args...`: its standard output, asserting it succeeded in time.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = cli(self.host(), self.port, args);
+        let out = cli(self.host(), self.port, self.tls.as_ref(), args);
         out.unwrap_or_else(|e| panic!("redis-cli -p {} {args:?}: {e}\n{}", self.port, self.log()))
     }
 
     /// Like [`RedisServer::cli`], but `None` on failure, as when the server is not up yet.
     fn try_cli(&self, args: &[&str]) -> Option<String> {
-        cli(self.host(), self.port, args).ok()
+        cli(self.host(), self.port, self.tls.as_ref(), args).ok()
     }
 
     /// Every key the server holds, sorted (`--scan`, so that a large store does not block it).
@@ -235,9 +288,17 @@ impl RedisCluster {
 
 /// Runs `redis-cli -h <host> -p <port> args...` and returns its standard output, or why it
 /// failed: it exited with an error, or did not exit within [`CLI_TIMEOUT`] (then it is killed).
-fn cli(host: &str, port: u16, args: &[&str]) -> Result<String, String> {
+fn cli(host: &str, port: u16, tls: Option<&Certificates>, args: &[&str]) -> Result<String, String> {
     let mut command = Command::new("redis-cli");
-    command.args(["-h", host]).arg("-p").arg(port.to_string()).args(args);
+    command.args(["-h", host]).arg("-p").arg(port.to_string());
+    if let Some(tls) = tls {
+        let client = ["--cacert", "ca.crt", "--cert", "client.crt", "--key", "client.key"];
+        command.arg("--tls");
+        for pair in client.chunks(2) {
+            command.arg(pair[0]).arg(tls.file(pair[1]));
+        }
+    }
+    command.args(args);
     let (mut process, pipes) = Process::spawn_piped(command, "redis-cli");
     // No input: redis-cli reads none with its command in its arguments.
     drop(pipes.stdin);
@@ -263,5 +324,63 @@ fn cli(host: &str, port: u16, args: &[&str]) -> Result<String, String> {
         Ok(stdout)
     } else {
         Err(format!("{status}: {stdout}{stderr}"))
+    }
+}
+
+/// A certificate authority, a server certificate for 127.0.0.1 and a client certificate, each
+/// with its key, made by `openssl` in a temporary directory that lives as long as the value.
+pub struct Certificates {
+    dir: tempfile::TempDir,
+}
+
+impl Certificates {
+    /// Makes them: RSA keys, valid for a day.
+    pub fn make() -> Certificates {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(dir.path()).output().expect("run openssl");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let key = ["-newkey", "rsa:2048", "-nodes"];
+        openssl(
+            &[
+                &["req", "-x509"],
+                &key[..],
+                &["-days", "1", "-subj", "/CN=test CA", "-keyout", "ca.key", "-out", "ca.crt"],
+            ]
+            .concat(),
+        );
+        for (name, extension) in [("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")]
+        {
+            let (csr, crt, ext) = (format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
+            let subject = format!("/CN={name}");
+            openssl(
+                &[&["req"], &key[..], &["-subj", &subject, "-keyout", &format!("{name}.key"), "-out", &csr]].concat(),
+            );
+            fs::write(dir.path().join(&ext), extension).unwrap();
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+                "-out",
+                &crt,
+            ]);
+        }
+        Certificates { dir }
+    }
+
+    /// The file `name`: `ca.crt`, `server.crt`, `server.key`, `client.crt` or `client.key`.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 }
