@@ -320,6 +320,14 @@ pub(crate) fn remove(path: &Path) -> Result<()> {
     run(Op::Remove, path, || fs::remove_file(path))
 }
 
+/// Removes the directory at `dir` and every file in it (it holds no directory).
+pub(crate) fn remove_dir(dir: &Path) -> Result<()> {
+    for entry in entries(dir)? {
+        remove(&entry.path())?;
+    }
+    run(Op::Remove, dir, || fs::remove_dir(dir))
+}
+
 /// Removes the file at `path` if it is there; whether it was.
 pub(crate) fn remove_if_present(path: &Path) -> Result<bool> {
     match remove(path) {

@@ -26,7 +26,7 @@ mod partition;
 mod report;
 mod sets;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -63,6 +63,10 @@ pub struct StoreOptions {
     pub lock_wait: Duration,
     /// The shards of the database, if this open creates it; an existing database keeps its own.
     pub shards: u16,
+    /// How long a dead worker's log directory must stay without a log file before it is
+    /// removed (see [`Store::merge`]): long enough that every live worker has long forgotten
+    /// its files.
+    pub forget_gone_after: Duration,
     /// What a running store can change ([`Store::apply`]).
     pub settings: Settings,
 }
@@ -94,6 +98,7 @@ impl Default for StoreOptions {
             redis_tls: RedisTls::default(),
             lock_wait: Duration::from_secs(10),
             shards: DEFAULT_SHARDS,
+            forget_gone_after: Duration::from_secs(60),
             settings: Settings::default(),
         }
     }
@@ -163,6 +168,9 @@ pub struct Store {
     last_merge: Mutex<Option<(SystemTime, Duration, MergeReport)>>,
     /// The most bytes `damaged/` keeps, and when this worker last pruned it.
     damaged: Mutex<(u64, Option<Instant>)>,
+    /// Dead workers' log directories found without a log file, with when each was first found
+    /// so; and how long one must stay so before it is removed.
+    empty_logs: Mutex<(HashMap<String, Instant>, Duration)>,
 }
 
 /// A closed log file of this worker's that the sets have not taken yet.
@@ -223,6 +231,7 @@ impl Store {
             closed: Mutex::new(closed),
             last_merge: Mutex::new(None),
             damaged: Mutex::new((options.settings.damaged_max_bytes, None)),
+            empty_logs: Mutex::new((HashMap::new(), options.forget_gone_after)),
         })
     }
 
@@ -313,6 +322,7 @@ impl Store {
         // A shard left busy is retried at the next poll, changed or not.
         state.seen = (report.busy_shards == 0 && report.failed_shards == 0).then_some(seen);
         self.forget_deleted();
+        self.forget_gone_workers(&wal_root, &logs);
         self.prune_damaged();
         if report.log_files > 0 {
             release_free_memory();
@@ -321,6 +331,40 @@ impl Store {
             *self.last_merge.lock() = Some((SystemTime::now(), started.elapsed(), report.clone()));
         }
         Ok(report)
+    }
+
+    /// Removes the log directories of dead workers gone for good: without a log file for
+    /// `forget_gone_after` and recorded nowhere (see [`log::forget`]). A removed worker's
+    /// directory would otherwise stay forever.
+    fn forget_gone_workers(&self, wal_root: &Path, logs: &[log::WorkerLog]) {
+        let mut empty = self.empty_logs.lock();
+        let (since, after) = &mut *empty;
+        let gone = logs.iter().filter(|l| !l.live && l.inputs.is_empty() && l.worker != self.worker_id);
+        since.retain(|worker, _| logs.iter().any(|l| l.worker == *worker && !l.live && l.inputs.is_empty()));
+        for log in gone {
+            let found = *since.entry(log.worker.clone()).or_insert_with(Instant::now);
+            if found.elapsed() < *after {
+                continue;
+            }
+            // Still recorded (a shard not rewritten since): looked at again after as long.
+            if self.sets.highest_merged(&log.worker) > 0 {
+                since.insert(log.worker.clone(), Instant::now());
+                continue;
+            }
+            match log::forget(wal_root, log) {
+                Ok(true) => {
+                    tracing::info!(worker = log.worker, "a gone worker's empty log directory removed");
+                    since.remove(&log.worker);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(worker = log.worker, error = %e, "cannot remove a gone worker's log directory")
+                }
+            }
+        }
+        if let Err(e) = log::remove_forgotten(wal_root) {
+            tracing::warn!(error = %e, "cannot remove what is left of a gone worker's log directory");
+        }
     }
 
     /// Keeps `damaged/` within its bytes, looking at most once a minute.

@@ -11,7 +11,7 @@
 //!      its CPU per request measured as the coordinator's is.
 //!
 //! Then, once:
-//!   5. redis-benchmark -t sadd -P 100 -c 16, the reference SPEC.md names;
+//!   5. redis-benchmark -t sadd -P 100 -c 16: what Redis itself takes, the reference for ingest;
 //!   6. POST and GET through a coordinator whose workers keep the tenants in that Redis
 //!      (store: redis), against the store: json figures above; and GET counts straight to one
 //!      worker, store: redis against store: json (step 3), with their ratio.
@@ -20,7 +20,7 @@
 //! request: utime+stime from /proc/<pid>/stat over the run, over the run's delta of /stats
 //! cluster.requests_forwarded, and stime alone: the kernel's share, which no change to the
 //! coordinator's own code removes (in target/bench/coordinator-cpu.json). A summary of the
-//! ratios the SPEC's targets name ends the output: each round's, and their medians, since one run
+//! ratios the README's performance targets name (see its Benchmarks) ends the output: each round's, and their medians, since one run
 //! on this machine varies by 10-20%. Figures go to target/bench/ (round N's in round-N/).
 
 use std::fs;
@@ -113,7 +113,7 @@ pub fn run(options: &Options) -> anyhow::Result<bool> {
     let figures: Vec<Value> = bench.cpu.iter().map(|c| c.json.clone()).collect();
     fs::write(out.join("coordinator-cpu.json"), serde_json::to_string_pretty(&figures)?)?;
 
-    println!("=== summary (targets from SPEC.md, Performance) ===");
+    println!("=== summary (targets from the README's Benchmarks) ===");
     bench.summary()?;
     Ok(true)
 }

@@ -48,6 +48,9 @@ const RESERVE: u64 = 1 << 16;
 const OPEN_SUFFIX: &str = "open";
 const CLOSED_SUFFIX: &str = "log";
 const CONSUMED_SUFFIX: &str = "done";
+/// What a forgotten worker's log directory is renamed to end with, before it is removed: `~` is
+/// in no worker id, so that no listing takes it for a worker's.
+const GONE_SUFFIX: &str = "~gone";
 
 /// One worker's log directory, locked by this process for as long as the value lives.
 pub(crate) struct LogDir {
@@ -174,6 +177,39 @@ pub(crate) fn settle_consumed(dir: &Path, seq: u64, held: bool) -> disk::Result<
     }
 }
 
+/// Removes the log directory of `log`'s worker, dead and gone for good: it holds no log file
+/// (checked again under its lock), and nothing records any of its files (the caller checks), so
+/// that its `RESERVED` numbers guard nothing any more; a worker that comes back under its id
+/// starts afresh. Renamed away first under its lock, so that a worker starting meanwhile finds
+/// no directory of the old one. True if removed.
+pub(crate) fn forget(wal_root: &Path, log: &WorkerLog) -> disk::Result<bool> {
+    let Some(held) = LogDir::lock(&log.dir, Duration::ZERO)? else { return Ok(false) };
+    if !files(&log.dir)?.is_empty() {
+        return Ok(false);
+    }
+    let gone = wal_root.join(format!("{}.{:08x}{GONE_SUFFIX}", log.worker, rand::random::<u32>()));
+    disk::rename(&log.dir, &gone)?;
+    disk::sync_dir(wal_root)?;
+    drop(held);
+    disk::remove_dir(&gone)?;
+    Ok(true)
+}
+
+/// Removes what a crash left of a forgotten worker's log directory under `wal_root`.
+pub(crate) fn remove_forgotten(wal_root: &Path) -> disk::Result<()> {
+    let entries = match disk::entries(wal_root) {
+        Ok(entries) => entries,
+        Err(e) if e.not_found() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        if entry.file_name().to_str().is_some_and(|name| name.ends_with(GONE_SUFFIX)) {
+            disk::remove_dir(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// The path of the log file with sequence number `seq` in the log directory `dir`.
 pub(crate) fn file_path(dir: &Path, seq: u64, closed: bool) -> PathBuf {
     dir.join(format!("{seq:016}.{}", if closed { CLOSED_SUFFIX } else { OPEN_SUFFIX }))
@@ -259,6 +295,9 @@ pub(crate) fn scan(wal_root: &Path) -> disk::Result<Vec<WorkerLog>> {
             continue;
         }
         let Ok(worker) = entry.file_name().into_string() else { continue };
+        if worker.ends_with(GONE_SUFFIX) {
+            continue;
+        }
         let dir = entry.path();
         let listed = match files(&dir) {
             Ok(listed) => listed,
