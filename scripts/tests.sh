@@ -30,7 +30,8 @@ echo "=== unit, property and integration tests ==="
 run cargo test --workspace "${features[@]}" --no-fail-fast -- --skip sanity_
 echo
 echo "=== eventual-consistency sanity suite ==="
-run cargo test "${features[@]}" --test sanity -- --nocapture --test-threads=1
+# --workspace, as above, so that features unify the same way and nothing is built again.
+run cargo test --workspace "${features[@]}" --test sanity -- --nocapture --test-threads=1
 
 # A line looks like: "test result: ok. 18 passed; 0 failed; 0 ignored; 0 measured; ...".
 read -r passed failed < <(awk '
