@@ -15,14 +15,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::web;
 use countapp_server::http::RequestCounter;
-use countapp_shared::wire::{Dashboard, DashboardCluster, DashboardWorker, Sample, WorkerSample, WorkerStats};
+use countapp_shared::wire::{Dashboard, DashboardCluster, DashboardWorker, Sample, WorkerSample, WorkerStats, unix_ms};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 use crate::control;
 use crate::pool::WorkerState;
-use crate::stats::{ConfigStatus, coordinator_stats, unix_ms};
+use crate::stats::{ConfigStatus, coordinator_stats};
 use crate::supervisor::Context;
 
 /// The shortest time between two refreshes.

@@ -3,10 +3,10 @@
 //! ring: the dashboard shows the latest of them whether or not anyone was watching then.
 
 use std::collections::VecDeque;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use countapp_shared::config::WorkerUrl;
-use countapp_shared::wire::Event;
+use countapp_shared::wire::{Event, unix_ms};
 use parking_lot::Mutex;
 
 /// Events kept: the last few hundred, a few minutes of a worker crashing in a loop.
@@ -36,7 +36,7 @@ impl Events {
         if ring.events.len() == KEPT {
             ring.events.pop_front();
         }
-        let at_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let at_unix_ms = unix_ms(SystemTime::now());
         ring.events.push_back(Event { seq, at_unix_ms, worker: worker.map(|w| w.to_string()), message });
     }
 

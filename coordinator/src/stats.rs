@@ -4,10 +4,10 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use countapp_server::http::RequestCounter;
-use countapp_shared::wire::{ClusterTotals, ConfigState, CoordinatorStats, WorkerEntry};
+use countapp_shared::wire::{ClusterTotals, ConfigState, CoordinatorStats, WorkerEntry, unix_ms};
 
 use crate::pool::{Member, Pool};
 
@@ -69,9 +69,4 @@ fn entry(member: &Member) -> WorkerEntry {
         restarted_at_unix_ms: status.restarted_at.map(unix_ms),
         config_version: status.config_version,
     }
-}
-
-/// `at` in milliseconds since the unix epoch.
-pub(crate) fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

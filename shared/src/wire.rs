@@ -9,7 +9,7 @@
 //! field takes its default (the conservative one where it matters, such as not pipelining).
 //! Nothing here depends on actix: the load tool and the tests may read these types too.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +28,11 @@ pub const HOP_TIMEOUT_PER_MIB: Duration = Duration::from_millis(250);
 /// the reason reaches the coordinator before the coordinator takes the worker for hung (and
 /// stops routing ingest to it, which goes on into the logs while Redis is away).
 pub const REDIS_COUNT_TIMEOUT: Duration = Duration::from_millis(HOP_TIMEOUT.as_millis() as u64 / 2);
+
+/// `at` in milliseconds since the unix epoch: the unit of every `*_unix_ms` field here.
+pub fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
 
 /// Which requests a worker answers at once, on its own HTTP thread, without waiting on anything
 /// else: only those may share a pipelined connection (a request queued behind one that waits

@@ -1,7 +1,7 @@
 //! The worker's HTTP API (the README's "Using it"): ingest, counts, health, stats, metrics, and the
 //! coordinator's graceful shutdown and config edits. Every error is an [`ApiError`].
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::items::parse_batch;
 use actix_web::http::header::{AUTHORIZATION, ContentType};
@@ -12,7 +12,9 @@ use countapp_server::http::{ApiError, RequestCounter, count_route, no_such_route
 use countapp_shared::api::{Accepted, Count};
 use countapp_shared::config::{Config, FsyncPolicy, StoreKind};
 use countapp_shared::token;
-use countapp_shared::wire::{AnswersAtOnce, ConfigApplied, ConfigPush, MergeRound, Quarantined, Ready, WorkerStats};
+use countapp_shared::wire::{
+    AnswersAtOnce, ConfigApplied, ConfigPush, MergeRound, Quarantined, Ready, WorkerStats, unix_ms,
+};
 use countapp_store::Item;
 use percent_encoding::percent_decode_str;
 use serde_json::json;
@@ -201,10 +203,6 @@ async fn stats(state: web::Data<AppState>, requests: web::Data<RequestCounter>) 
             .collect();
     }
     HttpResponse::Ok().json(stats)
-}
-
-fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `GET /metrics`: Prometheus text.
