@@ -4,7 +4,9 @@
 use std::fs;
 use std::path::Path;
 
-/// Pids of every running process whose command line contains `needle`.
+/// Pids of every running process whose command line contains `needle`: the browser test's
+/// chromedriver and Chromium.
+#[cfg(feature = "browser")]
 pub(crate) fn processes_with(needle: &[u8]) -> Vec<u32> {
     processes_where(|proc_dir| cmdline_has(proc_dir, needle))
 }
