@@ -409,7 +409,10 @@ impl Store {
     /// `None` while merging keeps up, and while the backend cannot be reached (the log then
     /// takes the ingest, up to the worker's `max_pending_items`).
     pub fn outrun(&self, bound: Duration) -> Option<Duration> {
-        self.sets.outrun(bound)
+        if self.sets.failing() {
+            return None;
+        }
+        Some(self.sets.merge_lag()).filter(|lag| *lag > bound)
     }
 
     /// Items this worker acknowledged that are still in its log files, not yet taken by the

@@ -51,11 +51,10 @@ pub(crate) trait TenantSets: Send + Sync {
     /// last written: zero when it keeps up.
     fn merge_lag(&self) -> Duration;
 
-    /// How far behind merging is, if past `bound`: ingest is then pushed back, so that counts
-    /// converge within about `worker_persist` and `bound` of the last acknowledgement, however
-    /// long the load. A backend may refuse to be outrun for a cause other than load.
-    fn outrun(&self, bound: Duration) -> Option<Duration> {
-        Some(self.merge_lag()).filter(|lag| *lag > bound)
+    /// Whether merging fails for a cause other than load (the backend unreachable, or unable to
+    /// confirm its writes): the lag it causes is then no reason to push ingest back.
+    fn failing(&self) -> bool {
+        false
     }
 
     /// Ids this worker holds in memory for the sets it merges, and their bytes, about.

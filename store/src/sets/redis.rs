@@ -604,11 +604,8 @@ impl TenantSets for RedisTenants {
         waited.max(to_merge)
     }
 
-    fn outrun(&self, bound: Duration) -> Option<Duration> {
-        if self.failing.load(Ordering::Relaxed) {
-            return None;
-        }
-        Some(self.merge_lag()).filter(|lag| *lag > bound)
+    fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
 
     fn ids_in_memory(&self) -> (u64, u64) {
