@@ -166,7 +166,7 @@ pub struct Store {
     closed: Mutex<BTreeMap<u64, Pending>>,
     /// When the latest round that did something finished, what it took, and what it did.
     last_merge: Mutex<Option<(SystemTime, Duration, MergeReport)>>,
-    /// The most bytes `damaged/` keeps, and when this worker last pruned it.
+    /// The most bytes `damaged/` keeps, and when this worker last kept house (see `housekeep`).
     damaged: Mutex<(u64, Option<Instant>)>,
     /// Dead workers' log directories found without a log file, with when each was first found
     /// so; and how long one must stay so before it is removed.
@@ -323,7 +323,7 @@ impl Store {
         state.seen = (report.busy_shards == 0 && report.failed_shards == 0).then_some(seen);
         self.forget_deleted();
         self.forget_gone_workers(&wal_root, &logs);
-        self.prune_damaged();
+        self.housekeep(&wal_root);
         if report.log_files > 0 {
             release_free_memory();
         }
@@ -362,20 +362,22 @@ impl Store {
                 }
             }
         }
-        if let Err(e) = log::remove_forgotten(wal_root) {
-            tracing::warn!(error = %e, "cannot remove what is left of a gone worker's log directory");
-        }
     }
 
-    /// Keeps `damaged/` within its bytes, looking at most once a minute.
-    fn prune_damaged(&self) {
+    /// At most once a minute: keeps `damaged/` within its bytes, and removes what a crash (or a
+    /// failed removal) left of a forgotten worker's log directory, rare enough that a round
+    /// need not list for it.
+    fn housekeep(&self, wal_root: &Path) {
         let mut damaged = self.damaged.lock();
-        if damaged.1.is_some_and(|last| last.elapsed() < DAMAGED_PRUNE_EVERY) {
+        if damaged.1.is_some_and(|last| last.elapsed() < HOUSEKEEP_EVERY) {
             return;
         }
         damaged.1 = Some(Instant::now());
         if let Err(e) = damaged::prune(&self.root, damaged.0) {
             tracing::warn!(error = %e, "cannot prune the damaged files kept aside");
+        }
+        if let Err(e) = log::remove_forgotten(wal_root) {
+            tracing::warn!(error = %e, "cannot remove what is left of a gone worker's log directory");
         }
     }
 
@@ -484,8 +486,9 @@ impl Store {
     }
 }
 
-/// How often a worker looks whether `damaged/` holds more than it may.
-const DAMAGED_PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often a worker looks whether `damaged/` holds more than it may, and for what is left of
+/// forgotten workers' log directories.
+const HOUSEKEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// How often [`Store::drain`] looks whether its log files are merged.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
