@@ -57,7 +57,9 @@ fn the_rate_mode_keeps_its_rate_through_a_coordinator() {
 
 /// The median and p99 latency, in ms, of a 3 s run against a worker stopped from 0.5 s to 2.5 s.
 fn latency_with_a_stall(args: &[&str]) -> (f64, f64) {
-    let (cluster, worker) = lone_worker("");
+    // No log file closes during the 3 s run: one closed just before the stall would wait out
+    // the stall unmerged, and the worker would rightly push back for a moment once it resumes.
+    let (cluster, worker) = lone_worker("worker_persist: 60\n");
     let json = cluster.path().join("stall.json");
     let mut all = vec!["-b", "10", "-c", "4", "-d", "3s", "--timeout", "10s"];
     all.extend_from_slice(args);
