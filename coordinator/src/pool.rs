@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use actix_web::http::Method;
 use countapp_shared::config::WorkerUrl;
 use countapp_shared::wire::{AnswersAtOnce, Ready};
 use parking_lot::{Mutex, RwLock};
@@ -16,6 +15,7 @@ use rand::RngExt;
 use tokio::sync::Notify;
 
 use crate::events::Events;
+use crate::upstream::Kind;
 
 pub use countapp_shared::wire::WorkerState;
 
@@ -98,10 +98,14 @@ impl Member {
         self.check_now.notified().await;
     }
 
-    /// Whether it answers a request of `method` at once, so that the request may share a
-    /// pipelined connection: a `POST` is a batch, anything else a count.
-    pub fn answers_at_once(&self, method: &Method) -> bool {
-        let bit = if *method == Method::POST { BATCHES } else { COUNTS };
+    /// Whether it answers a request of `kind` at once, so that the request may share a
+    /// pipelined connection; never one that waits for a barrier.
+    pub(crate) fn answers_at_once(&self, kind: Kind) -> bool {
+        let bit = match kind {
+            Kind::Batch => BATCHES,
+            Kind::Read => COUNTS,
+            Kind::Barrier => return false,
+        };
         self.answers_at_once.load(Ordering::Relaxed) & bit != 0
     }
 }

@@ -17,16 +17,16 @@
 
 use std::time::{Duration, Instant};
 
+use actix_web::http::StatusCode;
 use actix_web::http::header::{ContentType, RETRY_AFTER};
-use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use countapp_server::http::ApiError;
-use countapp_shared::wire::{HOP_TIMEOUT, HOP_TIMEOUT_PER_MIB};
+use countapp_shared::wire::{BARRIER_HOP_TIMEOUT, HOP_TIMEOUT, HOP_TIMEOUT_PER_MIB};
 
 use crate::metrics::Cause;
 use crate::pool::Tried;
 use crate::state::AppState;
-use crate::upstream::{Forward, HopError, Reply, Upstream};
+use crate::upstream::{Forward, HopError, Kind, Reply, Upstream};
 
 /// How long a request waits for a live worker before it gets a 503.
 const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
@@ -35,7 +35,7 @@ const WAIT_FOR_WORKER: Duration = Duration::from_secs(3);
 pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forward) -> Result<HttpResponse, ApiError> {
     let pool = &state.ctx.pool;
     let deadline = Instant::now() + WAIT_FOR_WORKER;
-    let timeout = hop_timeout(request.body.len());
+    let timeout = hop_timeout(&request);
     let mut tried = Tried::default();
     let mut last_error: Option<HopError> = None;
     // The last worker reply that was a 5xx: if every attempt ends so, the client gets the
@@ -50,7 +50,7 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         // that worker answers this request at once; otherwise, and for a retry, any live worker
         // at random.
         let joining = if tried.is_empty() {
-            upstream.filling(|url| pool.live(url)).filter(|m| m.answers_at_once(&request.method))
+            upstream.filling(|url| pool.live(url)).filter(|m| m.answers_at_once(request.kind))
         } else {
             None
         };
@@ -73,17 +73,14 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
             state.metrics.retries.inc();
         }
         tried.push(member.clone());
-        let pipeline = member.answers_at_once(&request.method);
+        let pipeline = member.answers_at_once(request.kind);
         let sent = Instant::now();
         let replied = upstream.send(&member.url, &request, pipeline, timeout).await;
         state.metrics.hop_took(member.url.as_str(), sent.elapsed());
         match replied {
             Ok(reply) if !reply.status.is_server_error() => {
-                let items = if reply.status == StatusCode::OK && request.method == Method::POST {
-                    accepted(&reply.body)
-                } else {
-                    0
-                };
+                let ingest = request.target.as_ref() == b"/items" || request.target.starts_with(b"/items?");
+                let items = if reply.status == StatusCode::OK && ingest { accepted(&reply.body) } else { 0 };
                 member.record(items);
                 return Ok(HttpResponse::build(reply.status).insert_header(ContentType::json()).body(reply.body));
             }
@@ -129,9 +126,11 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
     Err(error)
 }
 
-/// The hop timeout of a request with a body of `len` bytes.
-fn hop_timeout(len: usize) -> Duration {
-    HOP_TIMEOUT + HOP_TIMEOUT_PER_MIB.mul_f64(len as f64 / f64::from(1 << 20))
+/// The hop timeout of `request`: longer for a larger body, and for one that waits for a
+/// barrier.
+fn hop_timeout(request: &Forward) -> Duration {
+    let base = if request.kind == Kind::Barrier { BARRIER_HOP_TIMEOUT } else { HOP_TIMEOUT };
+    base + HOP_TIMEOUT_PER_MIB.mul_f64(request.body.len() as f64 / f64::from(1 << 20))
 }
 
 /// The `accepted` count of a worker's `200` reply to `POST /items`.
@@ -144,9 +143,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_hop_timeout_grows_with_the_body() {
-        assert_eq!(hop_timeout(0), HOP_TIMEOUT);
-        assert!(hop_timeout(10 << 10) < HOP_TIMEOUT + Duration::from_millis(5));
-        assert_eq!(hop_timeout(16 << 20), HOP_TIMEOUT + HOP_TIMEOUT_PER_MIB * 16);
+    fn the_hop_timeout_grows_with_the_body_and_for_a_barrier() {
+        use actix_web::http::Method;
+        let request = |len: usize, kind| Forward {
+            method: Method::POST,
+            target: actix_web::web::Bytes::from_static(b"/items"),
+            body: vec![b'x'; len].into(),
+            kind,
+        };
+        assert_eq!(hop_timeout(&request(0, Kind::Batch)), HOP_TIMEOUT);
+        assert!(hop_timeout(&request(10 << 10, Kind::Batch)) < HOP_TIMEOUT + Duration::from_millis(5));
+        assert_eq!(hop_timeout(&request(16 << 20, Kind::Batch)), HOP_TIMEOUT + HOP_TIMEOUT_PER_MIB * 16);
+        assert_eq!(hop_timeout(&request(0, Kind::Barrier)), BARRIER_HOP_TIMEOUT);
     }
 }

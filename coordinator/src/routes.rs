@@ -1,12 +1,13 @@
 //! The coordinator's HTTP API: the workers' API forwarded, plus its own health, readiness,
-//! stats and metrics, and the dashboard.
+//! stats and metrics, and the dashboard. The workers' internal routes (config, shutdown,
+//! barriers) are not forwarded.
 
 use actix_web::http::Method;
 use actix_web::http::header::ContentType;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
 use countapp_server::edge::body::{BodyLimits, read_body};
-use countapp_server::http::{ApiError, RequestCounter, count_route, no_such_route, resource};
+use countapp_server::http::{ApiError, RequestCounter, TenantRoute, no_such_route, resource, tenant_route};
 use countapp_shared::wire::CoordinatorReady;
 use serde_json::json;
 
@@ -14,7 +15,7 @@ use crate::dashboard;
 use crate::proxy::forward;
 use crate::state::AppState;
 use crate::stats::coordinator_stats;
-use crate::upstream::{Forward, Upstream, valid_target};
+use crate::upstream::{Forward, Kind, Upstream, valid_target};
 
 /// Registers every route of the coordinator.
 pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
@@ -23,6 +24,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .service(resource("").route(web::post().to(post_items)))
             .default_service(web::to(items_subpath)),
     )
+    .service(resource("/counts").route(web::post().to(post_counts)))
     .service(resource("/health").route(web::get().to(health)))
     .service(resource("/ready").route(web::get().to(ready)))
     .service(resource("/stats").route(web::get().to(stats)))
@@ -38,22 +40,64 @@ async fn post_items(
     state: web::Data<AppState>,
     upstream: web::Data<Upstream>,
 ) -> Result<HttpResponse, ApiError> {
-    let limits = BodyLimits::of(&state.ctx.config.borrow());
-    let body = read_body(&req, payload, limits, &state.bodies).await?;
-    let target = raw_target(&req)?;
-    forward(&state, &upstream, Forward { method: Method::POST, target, body: body.bytes().clone() }).await
+    let kind = if asks(&req, "wait", "counted") { Kind::Barrier } else { Kind::Batch };
+    forward_post(req, payload, &state, &upstream, kind).await
 }
 
-/// Under `/items`: the count route (see [`count_route`]), forwarded with the path exactly as the
-/// client encoded it.
-async fn items_subpath(
+/// `POST /counts`: forwarded with its body.
+async fn post_counts(
     req: HttpRequest,
+    payload: web::Payload,
     state: web::Data<AppState>,
     upstream: web::Data<Upstream>,
 ) -> Result<HttpResponse, ApiError> {
-    count_route(&req)?;
+    let kind = read_kind(&req);
+    forward_post(req, payload, &state, &upstream, kind).await
+}
+
+/// Under `/items`: the routes of one tenant (see [`tenant_route`]), forwarded with the path
+/// exactly as the client encoded it.
+async fn items_subpath(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    upstream: web::Data<Upstream>,
+) -> Result<HttpResponse, ApiError> {
+    let kind = read_kind(&req);
+    match tenant_route(&req)?.0 {
+        TenantRoute::Count => {
+            let target = raw_target(&req)?;
+            forward(&state, &upstream, Forward { method: Method::GET, target, body: Bytes::new(), kind }).await
+        }
+        TenantRoute::Contains => forward_post(req, payload, &state, &upstream, kind).await,
+    }
+}
+
+/// Forwards a `POST`, its body bounded here: a 413 costs no hop.
+async fn forward_post(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+    upstream: &Upstream,
+    kind: Kind,
+) -> Result<HttpResponse, ApiError> {
+    let limits = BodyLimits::of(&state.ctx.config.borrow());
+    let body = read_body(&req, payload, limits, &state.bodies).await?;
     let target = raw_target(&req)?;
-    forward(&state, &upstream, Forward { method: Method::GET, target, body: Bytes::new() }).await
+    forward(state, upstream, Forward { method: Method::POST, target, body: body.bytes().clone(), kind }).await
+}
+
+/// What a read asks of a worker: a barrier, if it is a strong one.
+fn read_kind(req: &HttpRequest) -> Kind {
+    if asks(req, "consistency", "strong") { Kind::Barrier } else { Kind::Read }
+}
+
+/// Whether the request's query sets `key` to `value`, percent-decoded as the worker reads it.
+/// The worker validates the query; this only picks how the request is forwarded.
+fn asks(req: &HttpRequest, key: &str, value: &str) -> bool {
+    !req.query_string().is_empty()
+        && web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+            .is_ok_and(|query| query.iter().any(|(k, v)| k == key && v == value))
 }
 
 /// The request's path and query exactly as the client sent them, for the worker: nothing

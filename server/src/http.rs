@@ -102,25 +102,46 @@ pub async fn no_such_route() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound)
 }
 
-/// The metrics name of the count route.
-const COUNT_ROUTE: &str = "/items/{tenant}/count";
+/// A route under `/items/{tenant}/`, which both servers match by hand (see [`tenant_route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantRoute {
+    /// `GET /items/{tenant}/count`.
+    Count,
+    /// `POST /items/{tenant}/contains`.
+    Contains,
+}
 
-/// Matches `GET /items/{tenant}/count` under the `/items` scope: returns the tenant segment,
-/// still percent-encoded, or the JSON 404 or 405 to answer instead.
+impl TenantRoute {
+    /// The route's last segment, its method, and its name in metrics.
+    fn parts(self) -> (&'static str, actix_web::http::Method, &'static str) {
+        match self {
+            TenantRoute::Count => ("/count", actix_web::http::Method::GET, "/items/{tenant}/count"),
+            TenantRoute::Contains => ("/contains", actix_web::http::Method::POST, "/items/{tenant}/contains"),
+        }
+    }
+}
+
+/// Matches `GET /items/{tenant}/count` and `POST /items/{tenant}/contains` under the `/items`
+/// scope: returns the route and the tenant segment, still percent-encoded, or the JSON 404 or
+/// 405 to answer instead.
 ///
-/// Both servers match this route by hand, under a static `/items` scope: actix matches a
+/// Both servers match these routes by hand, under a static `/items` scope: actix matches a
 /// dynamic segment with a regular expression on every request, and again to name the route for
 /// metrics, which cost a worker serving counts a tenth of its time.
-pub fn count_route(req: &HttpRequest) -> Result<&str, ApiError> {
-    let raw = req.path().strip_prefix("/items/").and_then(|p| p.strip_suffix("/count"));
-    let Some(raw) = raw.filter(|raw| !raw.is_empty() && !raw.contains('/')) else {
-        return Err(ApiError::NotFound);
-    };
-    if req.method() != actix_web::http::Method::GET {
-        return Err(ApiError::MethodNotAllowed);
+pub fn tenant_route(req: &HttpRequest) -> Result<(TenantRoute, &str), ApiError> {
+    let rest = req.path().strip_prefix("/items/").ok_or(ApiError::NotFound)?;
+    for route in [TenantRoute::Count, TenantRoute::Contains] {
+        let (suffix, method, label) = route.parts();
+        let Some(raw) = rest.strip_suffix(suffix).filter(|raw| !raw.is_empty() && !raw.contains('/')) else {
+            continue;
+        };
+        if req.method() != method {
+            return Err(ApiError::MethodNotAllowed);
+        }
+        req.extensions_mut().insert(RouteLabel(label));
+        return Ok((route, raw));
     }
-    req.extensions_mut().insert(RouteLabel(COUNT_ROUTE));
-    Ok(raw)
+    Err(ApiError::NotFound)
 }
 
 /// A route name given to a request matched by hand, for metrics.

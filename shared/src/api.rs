@@ -17,6 +17,51 @@ pub struct Count {
     pub count: u64,
 }
 
+/// The reply to `POST /items/{tenant}/contains`: `{"contains": [true, false, ...]}`, one answer
+/// per id asked, in their order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contains {
+    /// Whether each id asked is in the tenant's set.
+    pub contains: Vec<bool>,
+}
+
+/// The reply to `POST /counts`: `{"counts": {"t1": N, ...}}`, every tenant asked, 0 for one
+/// never posted to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Each tenant's count.
+    pub counts: std::collections::BTreeMap<String, u64>,
+}
+
+/// Tenants one `POST /counts` may ask for, at most.
+pub const MAX_COUNTS_TENANTS: usize = 10_000;
+
+/// Ids one `POST /items/{tenant}/contains` may ask about, at most.
+pub const MAX_CONTAINS_IDS: usize = 100_000;
+
+/// How fresh a read is, the `consistency` query parameter of every read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// As of the latest merge round by any worker: an id is counted about `worker_persist`
+    /// after its acknowledgement.
+    #[default]
+    Eventual,
+    /// Every id whose batch was acknowledged before the read arrived, on any worker, is seen.
+    Strong,
+}
+
+/// What a `POST /items` waits for before its `200`, the `wait` query parameter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Wait {
+    /// Until the batch is durable in the worker's log.
+    #[default]
+    Durable,
+    /// Until every item of the batch is visible to eventual reads, on every worker.
+    Counted,
+}
+
 /// The body of every error reply (400, 413, 503, ...): `{"error": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

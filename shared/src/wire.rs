@@ -29,6 +29,40 @@ pub const HOP_TIMEOUT_PER_MIB: Duration = Duration::from_millis(250);
 /// stops routing ingest to it, which goes on into the logs while Redis is away).
 pub const REDIS_COUNT_TIMEOUT: Duration = Duration::from_millis(HOP_TIMEOUT.as_millis() as u64 / 2);
 
+/// How long a worker gives a barrier (a strong read's, or a batch's `wait=counted`) to pass
+/// before it answers 503: every worker closes its log, then the owners of the shards asked for
+/// merge them, which under load may wait for a merge round in progress.
+pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// How long the coordinator gives a worker to answer a request that waits on a barrier: past
+/// [`BARRIER_TIMEOUT`], so that the worker's 503 with the reason comes first.
+pub const BARRIER_HOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The internal route by which a barrier's leader has a worker close its log.
+pub const BARRIER_CLOSE_ROUTE: &str = "/barrier/close";
+
+/// The internal route by which a barrier's leader has a worker merge and say what it vouches
+/// for, with a [`SettleRequest`] body and a [`Settled`] reply.
+pub const BARRIER_SETTLE_ROUTE: &str = "/barrier/settle";
+
+/// The body of a `POST` to [`BARRIER_SETTLE_ROUTE`]: the shards the barrier is for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleRequest {
+    /// The shards, each below the database's shard count.
+    pub shards: Vec<u16>,
+}
+
+/// A worker's `200` reply to a barrier's close or settle.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settled {
+    /// The worker's id.
+    pub worker: String,
+    /// After a settle, the shards asked for that it vouches for; empty after a close.
+    pub shards: Vec<u16>,
+}
+
 /// `at` in milliseconds since the unix epoch: the unit of every `*_unix_ms` field here.
 pub fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)

@@ -59,6 +59,9 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// A read met files changing under it more often than it retries; asking again succeeds.
+    #[error("busy: {0}")]
+    Busy(String),
     /// The tenants' store (Redis) cannot be reached or refused the request; the log keeps
     /// whatever could not be merged, and a later merge round retries.
     #[error("the tenant store is unavailable: {0}")]

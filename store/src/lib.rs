@@ -43,8 +43,8 @@ use log::record;
 use log::writer::{Ticket, Writer};
 pub use partition::{DEFAULT_SHARDS, owner_of, shard_of};
 pub use report::{MergeReport, QuarantinedTenant, StoreStats};
-pub use sets::Count;
 use sets::TenantSets;
+pub use sets::{Answer, Count};
 
 /// How a store is opened: which backend keeps the tenants' id sets, and where; the rest is
 /// [`Settings`], which a running store can change.
@@ -306,9 +306,19 @@ impl Store {
     }
 
     fn round(&self, state: &mut RoundState, always: bool) -> Result<MergeReport, StoreError> {
-        let started = Instant::now();
         let wal_root = self.root.join("wal");
-        let logs = log::scan(&wal_root)?;
+        self.round_over(state, &wal_root, log::scan(&wal_root)?, always)
+    }
+
+    /// A merge round over `logs`, as just listed from `wal_root` (see [`Store::merge`]).
+    fn round_over(
+        &self,
+        state: &mut RoundState,
+        wal_root: &Path,
+        logs: Vec<log::WorkerLog>,
+        always: bool,
+    ) -> Result<MergeReport, StoreError> {
+        let started = Instant::now();
         let seen: Vec<(String, bool, Vec<u64>)> =
             logs.iter().map(|l| (l.worker.clone(), l.live, l.inputs.iter().map(|f| f.seq).collect())).collect();
         // A round runs, changed or not, when the sets ask for one: a quarantined tenant whose
@@ -322,8 +332,8 @@ impl Store {
         // A shard left busy is retried at the next poll, changed or not.
         state.seen = (report.busy_shards == 0 && report.failed_shards == 0).then_some(seen);
         self.forget_deleted();
-        self.forget_gone_workers(&wal_root, &logs);
-        self.housekeep(&wal_root);
+        self.forget_gone_workers(wal_root, &logs);
+        self.housekeep(wal_root);
         if report.log_files > 0 {
             release_free_memory();
         }
@@ -331,6 +341,37 @@ impl Store {
             *self.last_merge.lock() = Some((SystemTime::now(), started.elapsed(), report.clone()));
         }
         Ok(report)
+    }
+
+    /// This worker's part of a barrier, once every worker closed its log: a merge round if
+    /// anything changed since the last one, then which of `shards` this worker vouches for (see
+    /// [`Store::covered`]). Costs one listing of the logs when there is nothing to merge.
+    pub fn settle(&self, shards: &[u16]) -> Result<Vec<u16>, StoreError> {
+        let mut rounds = self.rounds.lock();
+        let wal_root = self.root.join("wal");
+        let logs = log::scan(&wal_root)?;
+        let listed: Vec<log::WorkerLog> = logs.clone();
+        self.round_over(&mut rounds, &wal_root, logs, false)?;
+        Ok(self.sets.settled(&listed, shards))
+    }
+
+    /// Whether `shards` are settled, from what each worker answered to [`Store::settle`]: every
+    /// item in the final log files of every worker, as they were when the workers settled, is
+    /// then in the tenants' sets, visible to counts. With shards merged by their owner, one
+    /// worker's word for a shard is enough; with each worker merging its own log, every one's.
+    pub fn covered(&self, shards: &[u16], vouched: &[Vec<u16>]) -> bool {
+        if self.sets.vouches_for_every_writer() {
+            shards.iter().all(|shard| vouched.iter().any(|v| v.contains(shard)))
+        } else {
+            shards.iter().all(|shard| vouched.iter().all(|v| v.contains(shard)))
+        }
+    }
+
+    /// The ids of the workers running on this database now (holding their log's lock), this
+    /// one included.
+    pub fn live_workers(&self) -> Result<Vec<String>, StoreError> {
+        let logs = log::scan(&self.root.join("wal"))?;
+        Ok(logs.into_iter().filter(|l| l.live).map(|l| l.worker).collect())
     }
 
     /// Removes the log directories of dead workers gone for good: without a log file for
@@ -393,6 +434,17 @@ impl Store {
     /// awaited in a tokio runtime).
     pub fn count(&self, tenant: &str) -> Count<'_> {
         self.sets.count(tenant)
+    }
+
+    /// The counts of `tenants`, in their order, as [`Store::count`] reads each.
+    pub fn counts<'a>(&'a self, tenants: &'a [String]) -> Answer<'a, Vec<u64>> {
+        self.sets.counts(tenants)
+    }
+
+    /// Whether each of `ids` is in `tenant`'s set, in their order, as of the latest merge by
+    /// any worker.
+    pub fn contains<'a>(&'a self, tenant: &'a str, ids: &'a [String]) -> Answer<'a, Vec<bool>> {
+        self.sets.contains(tenant, ids)
     }
 
     /// [`Store::count`] for callers outside an async runtime.

@@ -104,6 +104,8 @@ every_backend!(
     nothing_is_pending_once_drained,
     tenant_names_of_any_shape_keep_their_own_ids,
     live_settings_change_nothing_acknowledged,
+    many_counts_and_memberships_answer_in_the_order_asked,
+    a_barrier_makes_every_workers_items_visible,
 );
 
 fn append(store: &Store, tenant: &str, ids: impl IntoIterator<Item = String>) {
@@ -181,6 +183,56 @@ fn a_crashed_workers_log_is_merged_by_a_live_one(backend: &Backend) {
         thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(back.count_blocking("t").unwrap(), 450);
+}
+
+/// Runs `read` to its answer in `runtime`: one for every read, as a worker's HTTP thread, since
+/// the store's connection to Redis lives in the runtime that made it.
+fn answered<T>(runtime: &tokio::runtime::Runtime, read: countapp_store::Answer<'_, T>) -> T {
+    runtime.block_on(read.get()).unwrap()
+}
+
+fn many_counts_and_memberships_answer_in_the_order_asked(backend: &Backend) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = backend.open("w1");
+    append(&store, "a", ids(0..10));
+    append(&store, "b", ids(0..3));
+    // Past the ids a tenant keeps in its own file, over two rounds: in segments.
+    append(&store, "big", ids(0..2000));
+    store.flush().unwrap();
+    append(&store, "big", ids(1500..3000));
+    drained(&store);
+    let tenants: Vec<String> = ["a", "never", "b", "big", "a"].map(String::from).to_vec();
+    assert_eq!(answered(&runtime, store.counts(&tenants)), [10, 0, 3, 3000, 10]);
+    let asked: Vec<String> = ["id-00005", "nope", "id-02999", "id-00005", "id-03000"].map(String::from).to_vec();
+    assert_eq!(answered(&runtime, store.contains("big", &asked)), [true, false, true, true, false]);
+    assert_eq!(answered(&runtime, store.contains("a", &asked)), [true, false, false, true, false]);
+    assert_eq!(answered(&runtime, store.contains("never", &asked)), [false; 5]);
+    assert!(answered(&runtime, store.contains("a", &[])).is_empty());
+}
+
+fn a_barrier_makes_every_workers_items_visible(backend: &Backend) {
+    let (w1, w2) = (backend.open("w1"), backend.open("w2"));
+    let tenants: Vec<String> = (0..20).map(|t| format!("tenant-{t}")).collect();
+    for (i, tenant) in tenants.iter().enumerate() {
+        append(if i % 2 == 0 { &w1 } else { &w2 }, tenant, ids(0..(i as u32 + 1)));
+    }
+    let shards: Vec<u16> = tenants.iter().map(|t| countapp_store::shard_of(t, w1.shards())).collect();
+    // Step 1, every worker closes its log; step 2, each merges and vouches, until covered.
+    w1.close_log().unwrap();
+    w2.close_log().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !w1.covered(&shards, &[w1.settle(&shards).unwrap(), w2.settle(&shards).unwrap()]) {
+        assert!(Instant::now() < deadline, "the workers never vouched for every shard");
+        thread::sleep(Duration::from_millis(20));
+    }
+    for (i, tenant) in tenants.iter().enumerate() {
+        assert_eq!(w1.count_blocking(tenant).unwrap(), i as u64 + 1, "{tenant} at w1");
+        assert_eq!(w2.count_blocking(tenant).unwrap(), i as u64 + 1, "{tenant} at w2");
+    }
+    // Where each worker merges its own log, one worker's word is not every worker's.
+    if backend.kind == StoreKind::Redis {
+        assert!(!w1.covered(&shards, &[w1.settle(&shards).unwrap(), Vec::new()]));
+    }
 }
 
 /// A tenant name of its own for each call, to touch shards in turn.

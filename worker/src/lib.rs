@@ -8,11 +8,15 @@
 //! - `live_config`: the config in force, and how edits reach a running worker.
 //! - `merger`: the background thread that closes the log and merges; `routes`: the HTTP API;
 //!   `state`: what its handlers share; `metrics`: Prometheus counters.
+//! - `barrier`: what strong reads and `wait=counted` batches wait for, across the workers that
+//!   `peers` finds.
 
+mod barrier;
 mod items;
 pub mod live_config;
 mod merger;
 mod metrics;
+mod peers;
 mod routes;
 pub mod startup;
 mod state;

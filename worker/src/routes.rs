@@ -1,5 +1,6 @@
-//! The worker's HTTP API (the README's "Using it"): ingest, counts, health, stats, metrics, and the
-//! coordinator's graceful shutdown and config edits. Every error is an [`ApiError`].
+//! The worker's HTTP API (the README's "Using it"): ingest, counts, membership, health, stats,
+//! metrics; the coordinator's graceful shutdown and config edits; and the steps of the other
+//! workers' barriers (see `barrier`). Every error is an [`ApiError`].
 
 use std::time::Duration;
 
@@ -8,16 +9,21 @@ use actix_web::http::header::{AUTHORIZATION, ContentType};
 use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
 use countapp_server::edge::body::{BodyLimits, read_body};
-use countapp_server::http::{ApiError, RequestCounter, count_route, no_such_route, resource};
-use countapp_shared::api::{Accepted, Count};
+use countapp_server::http::{ApiError, RequestCounter, TenantRoute, no_such_route, resource, tenant_route};
+use countapp_shared::api::{
+    Accepted, Consistency, Contains, Count, Counts, MAX_CONTAINS_IDS, MAX_COUNTS_TENANTS, Wait,
+};
 use countapp_shared::config::{Config, FsyncPolicy, StoreKind};
 use countapp_shared::token;
 use countapp_shared::wire::{
-    AnswersAtOnce, ConfigApplied, ConfigPush, MergeRound, Quarantined, Ready, WorkerStats, unix_ms,
+    AnswersAtOnce, BARRIER_CLOSE_ROUTE, BARRIER_SETTLE_ROUTE, ConfigApplied, ConfigPush, MergeRound, Quarantined,
+    Ready, SettleRequest, Settled, WorkerStats, unix_ms,
 };
-use countapp_store::Item;
+use countapp_store::{Item, Store, shard_of};
 use percent_encoding::percent_decode_str;
+use serde::de::DeserializeOwned;
 use serde_json::json;
+use std::collections::BTreeSet;
 
 use crate::live_config::ApplyError;
 use crate::state::AppState;
@@ -30,6 +36,9 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .service(resource("").route(web::post().to(post_items)))
             .default_service(web::to(items_subpath)),
     )
+    .service(resource("/counts").route(web::post().to(post_counts)))
+    .service(resource(BARRIER_CLOSE_ROUTE).route(web::post().to(barrier_close)))
+    .service(resource(BARRIER_SETTLE_ROUTE).route(web::post().to(barrier_settle)))
     .service(resource("/health").route(web::get().to(health)))
     .service(resource("/ready").route(web::get().to(ready)))
     .service(resource("/stats").route(web::get().to(stats)))
@@ -54,13 +63,15 @@ fn not_ready() -> ApiError {
     ApiError::Unavailable("the worker is recovering its log and not ready yet".to_owned())
 }
 
-/// `POST /items`: validates the whole batch, appends it to the log, and answers once durable.
+/// `POST /items`: validates the whole batch, appends it to the log, and answers once durable;
+/// with `?wait=counted`, once a barrier has made its items visible to every worker's counts.
 async fn post_items(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let store = state.store().ok_or_else(not_ready)?;
+    let IngestQuery { wait } = query(&req)?;
     let config = state.config.get();
     let pending = store.pending_items();
     if pending >= config.max_pending_items.get() {
@@ -76,21 +87,72 @@ async fn post_items(
     }
     let body = read_body(&req, payload, BodyLimits::of(&config), &state.bodies).await?;
     let max_key = config.max_key_bytes.as_usize();
-    let accepted = if body.len() < PARSE_ELSEWHERE_FROM {
+    let shards_of = move |items: &[Item<'_>], store: &Store| match wait {
+        Wait::Durable => BTreeSet::new(),
+        Wait::Counted => items.iter().map(|item| shard_of(&item.tenant, store.shards())).collect(),
+    };
+    let (accepted, shards) = if body.len() < PARSE_ELSEWHERE_FROM {
         let items = parse(&body, max_key)?;
         store.append(&items).await.map_err(not_stored)?;
-        items.len()
+        (items.len(), shards_of(&items, store))
     } else {
         let (store, body) = (store.clone(), body.bytes().clone());
         let stored = web::block(move || {
             let items = parse(&body, max_key)?;
             store.append_blocking(&items).map_err(not_stored)?;
-            Ok::<_, ApiError>(items.len())
+            Ok::<_, ApiError>((items.len(), shards_of(&items, &store)))
         });
         stored.await.map_err(|e| ApiError::Internal(format!("the batch could not be parsed: {e}")))??
     };
     state.metrics.accepted(accepted as u64);
+    if wait == Wait::Counted && !shards.is_empty() {
+        state.barriers.pass(&state, shards).await.map_err(|e| {
+            ApiError::Unavailable(format!(
+                "the batch is stored, but not yet counted everywhere ({e}); posting it again is safe"
+            ))
+        })?;
+    }
     Ok(HttpResponse::Ok().json(Accepted { accepted }))
+}
+
+/// The query of `POST /items`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IngestQuery {
+    #[serde(default)]
+    wait: Wait,
+}
+
+/// The query of every read: how fresh it must be.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadQuery {
+    #[serde(default)]
+    consistency: Consistency,
+}
+
+/// A query the routes take, and the parameters it has, for the 400 of a bad one.
+trait Query: DeserializeOwned + Default {
+    const TAKES: &'static str;
+}
+
+impl Query for IngestQuery {
+    const TAKES: &'static str = "wait=durable (the default) or wait=counted";
+}
+
+impl Query for ReadQuery {
+    const TAKES: &'static str = "consistency=eventual (the default) or consistency=strong";
+}
+
+/// The request's query as `T`; a 400 for an unknown parameter or value. A request without a
+/// query, nearly every one, parses nothing.
+fn query<T: Query>(req: &HttpRequest) -> Result<T, ApiError> {
+    if req.query_string().is_empty() {
+        return Ok(T::default());
+    }
+    web::Query::<T>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .map_err(|e| ApiError::BadRequest(format!("bad query: {e}; this route takes {}", T::TAKES)))
 }
 
 /// The items of the batch in `body`, every one of them validated.
@@ -104,15 +166,86 @@ fn not_stored(e: StoreError) -> ApiError {
     ApiError::Unavailable(format!("the batch was not stored: {e}"))
 }
 
-/// Under `/items`: the count route (see [`count_route`]).
-async fn items_subpath(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    get_count(count_route(&req)?, &state).await
+/// Under `/items`: the routes of one tenant (see [`tenant_route`]).
+async fn items_subpath(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    match tenant_route(&req)? {
+        (TenantRoute::Count, raw) => get_count(&req, raw, &state).await,
+        (TenantRoute::Contains, raw) => post_contains(&req, payload, raw, &state).await,
+    }
 }
 
-/// `GET /items/{tenant}/count`: the tenant's count as of the latest merge round by any worker.
-async fn get_count(raw: &str, state: &AppState) -> Result<HttpResponse, ApiError> {
+/// `GET /items/{tenant}/count`: the tenant's count as of the latest merge round by any worker;
+/// with `?consistency=strong`, once a barrier has passed for its shard.
+async fn get_count(req: &HttpRequest, raw: &str, state: &web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let store = state.store().cloned().ok_or_else(not_ready)?;
-    // Decoded here, once, from the raw path: every string is a tenant, `/` and `%` included.
+    let ReadQuery { consistency } = query(req)?;
+    let tenant = tenant_of(raw, state)?;
+    if consistency == Consistency::Strong {
+        strong(state, &store, [tenant.as_str()]).await?;
+    }
+    match store.count(&tenant).get().await {
+        Ok(count) => Ok(HttpResponse::Ok().json(Count { count })),
+        Err(e) => Err(not_read(e, &tenant)),
+    }
+}
+
+/// `POST /items/{tenant}/contains` with a JSON array of ids: whether each is in the tenant's
+/// set, in their order; `?consistency=strong` as for counts.
+async fn post_contains(
+    req: &HttpRequest,
+    payload: web::Payload,
+    raw: &str,
+    state: &web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let store = state.store().cloned().ok_or_else(not_ready)?;
+    let ReadQuery { consistency } = query(req)?;
+    let tenant = tenant_of(raw, state)?;
+    let ids = read_names(req, payload, state, "ids", MAX_CONTAINS_IDS).await?;
+    if consistency == Consistency::Strong {
+        strong(state, &store, [tenant.as_str()]).await?;
+    }
+    match store.contains(&tenant, &ids).get().await {
+        Ok(contains) => Ok(HttpResponse::Ok().json(Contains { contains })),
+        Err(e) => Err(not_read(e, &tenant)),
+    }
+}
+
+/// `POST /counts` with a JSON array of tenants: each one's count, 0 for a tenant never posted
+/// to; `?consistency=strong` as for one count.
+async fn post_counts(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let store = state.store().cloned().ok_or_else(not_ready)?;
+    let ReadQuery { consistency } = query(&req)?;
+    let tenants = read_names(&req, payload, &state, "tenants", MAX_COUNTS_TENANTS).await?;
+    if consistency == Consistency::Strong {
+        strong(&state, &store, tenants.iter().map(String::as_str)).await?;
+    }
+    match store.counts(&tenants).get().await {
+        Ok(counts) => Ok(HttpResponse::Ok().json(Counts { counts: tenants.into_iter().zip(counts).collect() })),
+        Err(e) => Err(not_read(e, "one of the tenants")),
+    }
+}
+
+/// Waits for a barrier over the shards of `tenants` (see `barrier`).
+async fn strong<'a>(
+    state: &web::Data<AppState>,
+    store: &Store,
+    tenants: impl IntoIterator<Item = &'a str>,
+) -> Result<(), ApiError> {
+    let shards = tenants.into_iter().map(|tenant| shard_of(tenant, store.shards())).collect();
+    state.barriers.pass(state, shards).await
+}
+
+/// The tenant of a route, percent-decoded here, once, from the raw path: every string is a
+/// tenant, `/` and `%` included.
+fn tenant_of(raw: &str, state: &AppState) -> Result<String, ApiError> {
     let tenant = percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| ApiError::BadRequest("the tenant is not valid UTF-8 once percent-decoded".to_owned()))?
@@ -121,17 +254,80 @@ async fn get_count(raw: &str, state: &AppState) -> Result<HttpResponse, ApiError
     if tenant.len() > max {
         return Err(ApiError::BadRequest(format!("the tenant is longer than max_key_bytes ({max} bytes)")));
     }
-    match store.count(&tenant).get().await {
-        Ok(count) => Ok(HttpResponse::Ok().json(Count { count })),
-        Err(e) => {
-            tracing::error!(tenant, error = %e, "count failed");
-            let message = format!("the count could not be read: {e}");
-            Err(match e {
-                StoreError::Backend(_) => ApiError::Unavailable(message),
-                _ => ApiError::Internal(message),
-            })
-        }
+    Ok(tenant)
+}
+
+/// The body of a read that names tenants or ids: a JSON array of at most `max` strings, each
+/// non-empty and within `max_key_bytes`; a 400 saying what is wrong otherwise.
+async fn read_names(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+    what: &str,
+    max: usize,
+) -> Result<Vec<String>, ApiError> {
+    let config = state.config.get();
+    let body = read_body(req, payload, BodyLimits::of(&config), &state.bodies).await?;
+    let names: Vec<String> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("the body must be a JSON array of {what} (strings): {e}")))?;
+    if names.len() > max {
+        return Err(ApiError::BadRequest(format!("{} {what} asked; at most {max} per request", names.len())));
     }
+    let max_key = config.max_key_bytes.as_usize();
+    if let Some((at, name)) = names.iter().enumerate().find(|(_, name)| name.is_empty() || name.len() > max_key) {
+        let why = if name.is_empty() {
+            "is empty".to_owned()
+        } else {
+            format!("is longer than max_key_bytes ({max_key} bytes)")
+        };
+        return Err(ApiError::BadRequest(format!("{what}[{at}] {why}")));
+    }
+    Ok(names)
+}
+
+/// The reply to a read the store could not answer.
+fn not_read(e: StoreError, tenant: &str) -> ApiError {
+    tracing::error!(tenant, error = %e, "read failed");
+    let message = format!("the sets could not be read: {e}");
+    match e {
+        StoreError::Backend(_) | StoreError::Busy(_) => ApiError::Unavailable(message),
+        _ => ApiError::Internal(message),
+    }
+}
+
+/// `POST /barrier/close`: another worker's barrier has this one close its log.
+async fn barrier_close(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let store = state.store().cloned().ok_or_else(not_ready)?;
+    web::block(move || store.close_log())
+        .await
+        .map_err(|e| ApiError::Internal(format!("the log close did not finish: {e}")))?
+        .map_err(|e| ApiError::Unavailable(format!("the log could not be closed: {e}")))?;
+    Ok(HttpResponse::Ok().json(Settled { worker: state.worker_id.clone(), shards: Vec::new() }))
+}
+
+/// The largest barrier settle body: a list of shard numbers.
+const MAX_SETTLE_BYTES: usize = 1 << 20;
+
+/// `POST /barrier/settle`: another worker's barrier has this one merge what changed, and say
+/// which of the shards asked it vouches for.
+async fn barrier_settle(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let store = state.store().cloned().ok_or_else(not_ready)?;
+    let limits = BodyLimits { max: MAX_SETTLE_BYTES, ..BodyLimits::of(&state.config.get()) };
+    let body = read_body(&req, payload, limits, &state.bodies).await?;
+    let SettleRequest { shards } =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("not a settle request: {e}")))?;
+    if let Some(shard) = shards.iter().find(|&&shard| shard >= store.shards()) {
+        return Err(ApiError::BadRequest(format!("shard {shard} is not below the {} shards", store.shards())));
+    }
+    let shards = web::block(move || store.settle(&shards))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the merge round did not finish: {e}")))?
+        .map_err(|e| ApiError::Unavailable(format!("the merge round failed: {e}")))?;
+    Ok(HttpResponse::Ok().json(Settled { worker: state.worker_id.clone(), shards }))
 }
 
 /// `GET /health`: the process is alive and serving HTTP.

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::live_config::{ApplyError, ConfigSource, LiveConfig};
 use crate::merger::Merger;
 use crate::metrics::Metrics;
+use crate::peers::worker_id;
 use crate::routes;
 use crate::state::AppState;
 use countapp_shared::shutdown::{WORKER_DRAIN, WORKER_MERGE_WAIT, terminate_signal};
@@ -84,7 +85,7 @@ impl Worker {
         let metrics = Arc::new(metrics);
         let state = web::Data::new(AppState::new(
             worker_id(addr),
-            addr.port(),
+            addr,
             Arc::new(LiveConfig::new(settings.config.clone())),
             CancellationToken::new(),
             settings.shutdown_token.clone(),
@@ -186,12 +187,6 @@ impl Worker {
         .instrument(span)
         .await
     }
-}
-
-/// The id a worker's log is kept under: its address, so that two workers on one port but on
-/// different local hosts keep apart.
-fn worker_id(addr: SocketAddr) -> String {
-    format!("{}-{}", addr.ip(), addr.port()).replace(':', "_")
 }
 
 async fn open_store(config: &Config, worker_id: &str) -> Result<Arc<Store>, WorkerError> {

@@ -1,10 +1,12 @@
 //! What every request handler of a worker shares.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use countapp_server::edge::budget::BodyBudget;
 use countapp_shared::token;
 
+use crate::barrier::Barriers;
 use crate::live_config::LiveConfig;
 use crate::metrics::Metrics;
 use countapp_store::Store;
@@ -14,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 pub(crate) struct AppState {
     /// The id the worker's log is kept under, `<ip>-<port>`.
     pub(crate) worker_id: String,
-    /// The port it listens on.
-    port: u16,
+    /// The address it listens on.
+    pub(crate) addr: SocketAddr,
     /// Set once the store is open and its log recovered: until then the worker is alive but
     /// not ready, and refuses ingest with a 503 that the coordinator retries elsewhere.
     store: OnceLock<Arc<Store>>,
@@ -27,12 +29,14 @@ pub(crate) struct AppState {
     shutdown_token: Option<String>,
     /// The bytes of request bodies held now, over every connection.
     pub(crate) bodies: BodyBudget,
+    /// The barriers that strong reads and `wait=counted` batches wait for.
+    pub(crate) barriers: Barriers,
 }
 
 impl AppState {
     pub(crate) fn new(
         worker_id: String,
-        port: u16,
+        addr: SocketAddr,
         config: Arc<LiveConfig>,
         shutdown: CancellationToken,
         shutdown_token: Option<String>,
@@ -40,7 +44,8 @@ impl AppState {
     ) -> AppState {
         AppState {
             worker_id,
-            port,
+            addr,
+            barriers: Barriers::default(),
             store: OnceLock::new(),
             config,
             metrics,
@@ -71,7 +76,7 @@ impl AppState {
     /// a worker started without one.
     pub(crate) fn identity(&self, challenge: &str) -> Option<token::Identity> {
         let pid = std::process::id();
-        let proof = token::proof(self.shutdown_token.as_deref()?, challenge, self.port, pid);
+        let proof = token::proof(self.shutdown_token.as_deref()?, challenge, self.addr.port(), pid);
         Some(token::Identity { pid, proof })
     }
 }

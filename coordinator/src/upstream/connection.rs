@@ -194,12 +194,13 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::upstream::Kind;
 
     const HOST: &[u8] = b"worker";
 
     fn get(tenant: &str) -> Forward {
         let target = Bytes::from(format!("/items/{tenant}/count"));
-        Forward { method: Method::GET, target, body: Bytes::new() }
+        Forward { method: Method::GET, target, body: Bytes::new(), kind: Kind::Read }
     }
 
     /// A connection to a scripted worker, which answers the n-th request, as soon as its head
@@ -278,8 +279,12 @@ mod tests {
     #[actix_web::test]
     async fn a_big_body_does_not_leave_its_room_behind_in_the_write_buffers() {
         let (connection, _) = scripted(vec![reply(1), reply(2)]).await;
-        let big =
-            Forward { method: Method::POST, target: Bytes::from_static(b"/items"), body: vec![b'x'; 4 << 20].into() };
+        let big = Forward {
+            method: Method::POST,
+            target: Bytes::from_static(b"/items"),
+            body: vec![b'x'; 4 << 20].into(),
+            kind: Kind::Batch,
+        };
         connection.send(&big, HOST).await.unwrap().unwrap();
         connection.send(&get("a"), HOST).await.unwrap().unwrap();
         // The two buffers trade places at every write: the big one is `out` now, unless it

@@ -28,7 +28,7 @@ use countapp_shared::config::WorkerUrl;
 use tokio::net::TcpStream;
 
 use self::connection::{Connection, Failure};
-pub(crate) use self::wire::{Forward, Reply, valid_target};
+pub(crate) use self::wire::{Forward, Kind, Reply, valid_target};
 use crate::metrics::HopCounters;
 
 /// How long ago the oldest unanswered request on a connection may have been sent for another
@@ -223,7 +223,7 @@ mod tests {
 
     fn get(tenant: &str) -> Forward {
         let target = Bytes::from(format!("/items/{tenant}/count"));
-        Forward { method: Method::GET, target, body: Bytes::new() }
+        Forward { method: Method::GET, target, body: Bytes::new(), kind: Kind::Read }
     }
 
     /// A scripted worker: each connection it accepts goes to `serve`, with its number.

@@ -20,8 +20,22 @@ const MAX_HEADERS: usize = 32;
 /// The longest reply head accepted, status line and headers: a worker's are under 200 bytes.
 pub(crate) const MAX_REPLY_HEAD: usize = 8 << 10;
 /// The largest reply body accepted: a worker answers a count, an acknowledgement or an error
-/// message, none near a kilobyte.
-pub(crate) const MAX_REPLY_BODY: usize = 1 << 20;
+/// message, none near a kilobyte; the largest, the counts of `MAX_COUNTS_TENANTS` tenants of
+/// `max_key_bytes` each, a few MiB.
+pub(crate) const MAX_REPLY_BODY: usize = 32 << 20;
+
+/// What a forwarded request asks of a worker: whether the worker answers it at once (see
+/// `pool::Member::answers_at_once`), and how long it may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `POST /items`, answered once the batch is durable.
+    Batch,
+    /// A read of the sets: counts, membership.
+    Read,
+    /// A request that waits for a barrier across the workers: a strong read, or a batch posted
+    /// with `wait=counted`.
+    Barrier,
+}
 
 /// A request to forward, as the client sent it.
 pub(crate) struct Forward {
@@ -31,6 +45,8 @@ pub(crate) struct Forward {
     pub(crate) target: Bytes,
     /// The body, shared with the client's request rather than copied; empty for a `GET`.
     pub(crate) body: Bytes,
+    /// What it asks of the worker.
+    pub(crate) kind: Kind,
 }
 
 /// A worker's reply, read whole.
@@ -217,6 +233,7 @@ mod tests {
             method,
             target: Bytes::copy_from_slice(target.as_bytes()),
             body: Bytes::copy_from_slice(body.as_bytes()),
+            kind: Kind::Read,
         };
         write_request(&mut out, &request, b"127.0.0.1:7001");
         String::from_utf8(out).unwrap()
@@ -307,7 +324,7 @@ HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nconnection: close\r\n\r\
             format!("{chunked}ffffffffffffffff\r\n"),
             // Refused once the bytes in exceed what a reply may hold.
             format!("HTTP/1.1 200 OK\r\nx: {}", "y".repeat(MAX_REPLY_HEAD)),
-            format!("{chunked}{}", chunk.repeat(17)),
+            format!("{chunked}{}", chunk.repeat(MAX_REPLY_BODY / (64 << 10) + 1)),
             format!("{chunked}1;{}", "e".repeat(MAX_REPLY_BODY + MAX_REPLY_HEAD)),
         ] {
             let mut buf = BytesMut::from(bad.as_bytes());

@@ -47,6 +47,23 @@ pub(crate) trait TenantSets: Send + Sync {
     /// [`TenantSets::count`] for callers outside an async runtime.
     fn count_blocking(&self, tenant: &str) -> Result<u64, StoreError>;
 
+    /// The counts of `tenants`, in their order, as of the latest merge by any worker.
+    fn counts<'a>(&'a self, tenants: &'a [String]) -> Answer<'a, Vec<u64>>;
+
+    /// Whether each of `ids` is in `tenant`'s set, in their order, as of the latest merge by
+    /// any worker.
+    fn contains<'a>(&'a self, tenant: &'a str, ids: &'a [String]) -> Answer<'a, Vec<bool>>;
+
+    /// Which of `shards` this worker vouches for after a round over `logs` (the listing the
+    /// round merged): those whose runs in the listed final files, as far as this worker merges
+    /// them, are all merged. See [`TenantSets::vouches_for_every_writer`] for what that covers.
+    fn settled(&self, logs: &[WorkerLog], shards: &[u16]) -> Vec<u16>;
+
+    /// Whether a shard that one worker vouches for is merged from every worker's files (the
+    /// JSON shards, merged by their owner), or only from that worker's own (Redis, where each
+    /// worker merges its own log): then every worker must vouch for it.
+    fn vouches_for_every_writer(&self) -> bool;
+
     /// How long the oldest item that this worker is to merge has waited since its log file was
     /// last written: zero when it keeps up.
     fn merge_lag(&self) -> Duration;
@@ -67,21 +84,24 @@ pub(crate) trait TenantSets: Send + Sync {
     fn apply(&self, settings: &Settings);
 }
 
-/// A count: at once (read from a file held open), or later (a round trip to a server). A count
-/// answered at once costs no allocation on the request path.
-pub enum Count<'a> {
-    /// The count is known.
-    Now(Result<u64, StoreError>),
-    /// The count is on its way.
-    Later(Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send + 'a>>),
+/// An answer read from the sets: at once (from files), or later (a round trip to a server). An
+/// answer at once costs no allocation on the request path.
+pub enum Answer<'a, T> {
+    /// The answer is known.
+    Now(Result<T, StoreError>),
+    /// The answer is on its way.
+    Later(Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>),
 }
 
-impl Count<'_> {
-    /// The count, however it comes.
-    pub async fn get(self) -> Result<u64, StoreError> {
+/// A tenant's count, as [`TenantSets::count`] answers it.
+pub type Count<'a> = Answer<'a, u64>;
+
+impl<T> Answer<'_, T> {
+    /// The answer, however it comes.
+    pub async fn get(self) -> Result<T, StoreError> {
         match self {
-            Count::Now(count) => count,
-            Count::Later(count) => count.await,
+            Answer::Now(answer) => answer,
+            Answer::Later(answer) => answer.await,
         }
     }
 }

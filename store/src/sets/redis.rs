@@ -29,6 +29,7 @@
 //! Merges run on the merger's thread over synchronous connections of their own; counts run on
 //! the request path over one multiplexed async connection, with a deadline.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -40,7 +41,7 @@ use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, ServerErrorKind, Value};
 
-use super::{Count, TenantSets};
+use super::{Answer, Count, TenantSets};
 use crate::log::{self, Contents, LogDir, LogFile, WorkerLog};
 use crate::{MergeReport, QuarantinedTenant, RedisTls, Settings, StoreError, StoreOptions, disk};
 
@@ -275,6 +276,31 @@ impl RedisTenants {
             })
             .await?;
         Ok(counter.clone())
+    }
+}
+
+impl RedisTenants {
+    /// Runs `op` on the counts' connection, answered or failed within [`COUNT_TIMEOUT`],
+    /// connecting included.
+    async fn read<T, F>(&self, op: impl FnOnce(Counter) -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        let read = tokio::time::timeout(COUNT_TIMEOUT, async { op(self.counter().await?).await }).await;
+        match read {
+            Ok(read) => read.map_err(unavailable),
+            Err(_) => Err(StoreError::Backend(format!("redis: no answer within {COUNT_TIMEOUT:?}"))),
+        }
+    }
+}
+
+impl Counter {
+    /// Sends `cmd` on the multiplexed connection.
+    async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self {
+            Counter::Server(connection) => cmd.query_async(connection).await,
+            Counter::Cluster(connection) => cmd.query_async(connection).await,
+        }
     }
 }
 
@@ -567,19 +593,33 @@ impl TenantSets for RedisTenants {
     /// failed within [`COUNT_TIMEOUT`].
     fn count(&self, tenant: &str) -> Count<'_> {
         let scard = redis::cmd("SCARD").arg(tenant_key(tenant)).to_owned();
-        Count::Later(Box::pin(async move {
-            let counted = tokio::time::timeout(COUNT_TIMEOUT, async {
-                match self.counter().await? {
-                    Counter::Server(mut connection) => scard.query_async(&mut connection).await,
-                    Counter::Cluster(mut connection) => scard.query_async(&mut connection).await,
-                }
-            })
-            .await;
-            match counted {
-                Ok(counted) => counted.map_err(unavailable),
-                Err(_) => Err(StoreError::Backend(format!("redis: no answer within {COUNT_TIMEOUT:?}"))),
-            }
-        }))
+        Answer::Later(Box::pin(self.read(move |mut counter| async move { counter.query(&scard).await })))
+    }
+
+    /// The tenants' counts: one `SCARD` each, sent together on the multiplexed connection (which
+    /// pipelines them, and routes each to its node in a cluster).
+    fn counts<'a>(&'a self, tenants: &'a [String]) -> Answer<'a, Vec<u64>> {
+        Answer::Later(Box::pin(self.read(move |counter| {
+            let scards = tenants.iter().map(move |tenant| {
+                let (mut counter, scard) = (counter.clone(), redis::cmd("SCARD").arg(tenant_key(tenant)).to_owned());
+                async move { counter.query::<u64>(&scard).await }
+            });
+            futures_util::future::try_join_all(scards)
+        })))
+    }
+
+    /// Membership: `SMISMEMBER`, in chunks of [`SADD_CHUNK`] ids sent together.
+    fn contains<'a>(&'a self, tenant: &'a str, ids: &'a [String]) -> Answer<'a, Vec<bool>> {
+        Answer::Later(Box::pin(self.read(move |counter| async move {
+            let key = tenant_key(tenant);
+            let chunks = ids.chunks(SADD_CHUNK).map(|chunk| {
+                let (mut counter, smismember) =
+                    (counter.clone(), redis::cmd("SMISMEMBER").arg(&key).arg(chunk).to_owned());
+                async move { counter.query::<Vec<bool>>(&smismember).await }
+            });
+            let answers = futures_util::future::try_join_all(chunks).await?;
+            Ok(answers.concat())
+        })))
     }
 
     /// The tenant's distinct count, for callers outside an async runtime: `SCARD` on a merge
@@ -606,6 +646,17 @@ impl TenantSets for RedisTenants {
 
     fn failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Every shard, once the last round left nothing of this worker's log to merge, nor of a
+    /// dead worker's on this machine: this worker's part is then in Redis; none otherwise.
+    fn settled(&self, _logs: &[WorkerLog], shards: &[u16]) -> Vec<u16> {
+        if self.waiting.lock().0.is_none() { shards.to_vec() } else { Vec::new() }
+    }
+
+    /// Each worker merges its own log: a shard is settled once every worker vouches for it.
+    fn vouches_for_every_writer(&self) -> bool {
+        false
     }
 
     fn ids_in_memory(&self) -> (u64, u64) {

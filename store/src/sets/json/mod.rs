@@ -44,7 +44,7 @@ use hashbrown::{HashMap, HashSet};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::{Count, TenantSets};
+use super::{Answer, Count, TenantSets};
 use crate::backoff::Backoff;
 use crate::layout::shard_dir;
 use crate::log::record::Run;
@@ -55,7 +55,7 @@ use crate::{damaged, disk};
 use commit::{Commit, Step, is_temporary};
 use naming::tenant_file_stem;
 use quarantine::Quarantine;
-use tenant::{Tenant, read_all, read_count};
+use tenant::{Tenant, contains_in, read_all, read_count};
 
 const SHARD_FILE: &str = "SHARD.json";
 const LOCK_FILE: &str = "LOCK";
@@ -226,22 +226,8 @@ impl Shards {
         {
             return Ok(*count);
         }
-        let shard = shard_of(tenant, self.shards);
-        let path = shard_dir(&self.root, shard).join(tenant_file_name(tenant));
-        // A quarantine file counts only while the shard's record lists it: one left behind by
-        // a crash after a repair's commit is stale, and its tenant's file is whole again. Nor
-        // is a count cached while there is one, since the record lists a new quarantine only
-        // after its tenant's file was replaced to make the cached counts go stale.
-        let quarantine = Quarantine::read_head(tenant, &path)?;
-        if let Some((file, reason)) = &quarantine
-            && self.read_record(shard)?.quarantined.contains_key(tenant)
-        {
-            return Err(StoreError::Quarantined {
-                tenant: tenant.to_owned(),
-                file: file.clone(),
-                reason: reason.clone(),
-            });
-        }
+        let (shard, path) = self.tenant_path(tenant);
+        let quarantine = self.refuse_quarantined(tenant, shard, &path)?;
         let mut file = match disk::open(&path) {
             Ok(file) => file,
             Err(e) if e.not_found() => return Ok(0),
@@ -249,7 +235,7 @@ impl Shards {
         };
         let unchanged = file.metadata().map(|m| Unchanged::of(&m));
         let count = read_count(&path, &read_all(&mut file, &path)?, tenant)?;
-        if quarantine.is_some() {
+        if quarantine {
             return Ok(count);
         }
         let mut counts = self.counts.lock();
@@ -260,6 +246,41 @@ impl Shards {
             counts.insert(tenant.to_owned(), (file, unchanged, count));
         }
         Ok(count)
+    }
+
+    /// Whether each of `ids` is in `tenant`'s set as its files hold it; an error for a tenant in
+    /// quarantine, as for its count.
+    fn contains_in_files(&self, tenant: &str, ids: &[String]) -> Result<Vec<bool>, StoreError> {
+        let (shard, path) = self.tenant_path(tenant);
+        self.refuse_quarantined(tenant, shard, &path)?;
+        contains_in(&path, tenant, ids)
+    }
+
+    /// `tenant`'s shard, and its file there.
+    fn tenant_path(&self, tenant: &str) -> (u16, PathBuf) {
+        let shard = shard_of(tenant, self.shards);
+        (shard, shard_dir(&self.root, shard).join(tenant_file_name(tenant)))
+    }
+
+    /// The error a read of a tenant in quarantine gets; whether a quarantine file lies beside
+    /// the tenant's file at `path` all the same.
+    ///
+    /// A quarantine file counts only while the shard's record lists it: one left behind by a
+    /// crash after a repair's commit is stale, and its tenant's file is whole again. Nor is a
+    /// count cached while there is one, since the record lists a new quarantine only after its
+    /// tenant's file was replaced to make the cached counts go stale.
+    fn refuse_quarantined(&self, tenant: &str, shard: u16, path: &Path) -> Result<bool, StoreError> {
+        let quarantine = Quarantine::read_head(tenant, path)?;
+        if let Some((file, reason)) = &quarantine
+            && self.read_record(shard)?.quarantined.contains_key(tenant)
+        {
+            return Err(StoreError::Quarantined {
+                tenant: tenant.to_owned(),
+                file: file.clone(),
+                reason: reason.clone(),
+            });
+        }
+        Ok(quarantine.is_some())
     }
 
     /// Reads the final log files that may hold runs of owned shards not merged yet (see
@@ -792,6 +813,37 @@ impl TenantSets for Shards {
 
     fn count_blocking(&self, tenant: &str) -> Result<u64, StoreError> {
         self.count_file(tenant)
+    }
+
+    fn counts<'a>(&'a self, tenants: &'a [String]) -> Answer<'a, Vec<u64>> {
+        Answer::Now(tenants.iter().map(|tenant| self.count_file(tenant)).collect())
+    }
+
+    fn contains<'a>(&'a self, tenant: &'a str, ids: &'a [String]) -> Answer<'a, Vec<bool>> {
+        Answer::Now(self.contains_in_files(tenant, ids))
+    }
+
+    /// The shards among `shards` that this worker owns and whose runs in every listed final
+    /// file its record shows merged: a file this process has not read yet may hold some.
+    fn settled(&self, logs: &[WorkerLog], shards: &[u16]) -> Vec<u16> {
+        let state = self.state.lock();
+        let merged = |shard: u16, owned: &OwnedShard| {
+            logs.iter().all(|log| {
+                log.inputs.iter().all(|file| match state.indexed.get(&(log.worker.clone(), file.seq)) {
+                    Some(index) => !index.shards.contains(shard) || file.seq <= owned.record.merged(&log.worker),
+                    None => false,
+                })
+            })
+        };
+        let settled = |&shard: &u16| {
+            !state.failing.contains_key(&shard) && state.owned.get(&shard).is_some_and(|owned| merged(shard, owned))
+        };
+        shards.iter().copied().filter(settled).collect()
+    }
+
+    /// The owner of a shard merges every worker's runs of it.
+    fn vouches_for_every_writer(&self) -> bool {
+        true
     }
 
     /// How long this worker's merging is behind: since the oldest log file with runs it has

@@ -100,6 +100,50 @@ pub(crate) fn read_count(path: &Path, bytes: &[u8], tenant: &str) -> Result<u64,
     Ok(head.count)
 }
 
+/// How many times [`contains_in`] reads a tenant's manifest afresh when a segment it lists is
+/// gone: each time means that a merge replaced the tenant's segments meanwhile, which happens
+/// at most once per round of its owner.
+const CONTAINS_TRIES: usize = 4;
+
+/// Whether each of `ids` is in `tenant`'s set, read from its file at `path` (and its segments)
+/// without its shard's lock: the owner may be merging into the tenant meanwhile, and never
+/// changes a file in place, so a segment that went missing means a newer manifest, read again.
+/// Reads the tenant's ids once, keeping only those asked for.
+pub(crate) fn contains_in(path: &Path, tenant: &str, ids: &[String]) -> Result<Vec<bool>, StoreError> {
+    let wanted: HashSet<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
+    let answer = |found: &HashSet<&[u8]>| ids.iter().map(|id| found.contains(id.as_bytes())).collect();
+    'fresh: for _ in 0..CONTAINS_TRIES {
+        let bytes = match disk::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.not_found() => return Ok(vec![false; ids.len()]),
+            Err(e) => return Err(e.into()),
+        };
+        let file: TenantFile = serde_json::from_slice(&bytes).map_err(|e| StoreError::corrupt(path, e))?;
+        check_owner(&file.tenant, tenant)?;
+        if let Some(small) = &file.ids {
+            return Ok(answer(&small.iter().filter_map(|id| wanted.get(id.as_bytes()).copied()).collect()));
+        }
+        let segments_dir = path.with_extension("");
+        let mut found = HashSet::new();
+        for segment in file.segments.as_deref().unwrap_or_default() {
+            let segment_path = segments_dir.join(segment.file_name());
+            let bytes = match disk::read(&segment_path) {
+                Ok(bytes) => bytes,
+                Err(e) if e.not_found() => continue 'fresh,
+                Err(e) => return Err(e.into()),
+            };
+            segment.check(&segment_path, &bytes)?;
+            parse_segment(&segment_path, &bytes, |id| {
+                if let Some(&asked) = wanted.get(id.as_bytes()) {
+                    found.insert(asked);
+                }
+            })?;
+        }
+        return Ok(answer(&found));
+    }
+    Err(StoreError::Busy(format!("tenant {tenant:?}: its segments changed under {CONTAINS_TRIES} reads in a row")))
+}
+
 fn check_owner(owner: &str, tenant: &str) -> Result<(), StoreError> {
     if owner == tenant {
         Ok(())

@@ -1,0 +1,180 @@
+//! System tests of the reads beyond one eventual count, with real processes: strong counts
+//! (read-your-writes across workers), batches posted with `wait=counted`, membership, and many
+//! counts in one request, through the coordinator and at each worker, with the JSON files and
+//! with Redis; and the 400s of their bad input.
+//!
+//! The workers close their logs once an hour here, so that an eventual read would not see the
+//! batches these tests post: only a barrier makes them visible within the test.
+
+use std::collections::BTreeSet;
+use std::thread;
+
+use countapp_testcluster::redis::RedisServer;
+use countapp_testcluster::{Load, batch, client, count, error_message, post, running, worker_url};
+use reqwest::StatusCode;
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+
+/// Logs closed once an hour: only a barrier makes a batch visible within a test.
+const SLOW_CLOSE: &str = "worker_persist: 3600\n";
+
+/// `GET {url}/items/{tenant}/count?consistency=strong`.
+fn strong_count(client: &Client, url: &str, tenant: &str) -> u64 {
+    let reply = client.get(format!("{url}/items/{tenant}/count?consistency=strong")).send().unwrap();
+    assert_eq!(reply.status(), StatusCode::OK, "strong count of {tenant} at {url}");
+    reply.json::<Value>().unwrap()["count"].as_u64().unwrap()
+}
+
+/// `POST {url}{path}` with the JSON `body`: the status and the reply's JSON.
+fn post_json(client: &Client, url: &str, path: &str, body: &Value) -> (StatusCode, Value) {
+    let reply = client.post(format!("{url}{path}")).json(body).send().unwrap();
+    (reply.status(), reply.json().unwrap())
+}
+
+/// Posts `ids` of `tenant` to `url` in one batch, acknowledged.
+fn post_ids(client: &Client, url: &str, tenant: &str, ids: &[String]) {
+    let items: Vec<(&str, &str)> = ids.iter().map(|id| (tenant, id.as_str())).collect();
+    assert_eq!(post(client, url, batch(&items)).status(), StatusCode::OK);
+}
+
+fn ids(tenant: &str, range: std::ops::Range<u32>) -> Vec<String> {
+    range.map(|i| format!("{tenant}-{i}")).collect()
+}
+
+#[test]
+fn a_strong_read_sees_every_acknowledged_batch_at_once_on_every_worker() {
+    let (_cluster, ports, _, coordinator) = running(3, SLOW_CLOSE);
+    let (client, url) = (client(), coordinator.url());
+    // Batches spread over the workers by the coordinator, and one straight to each worker.
+    for (i, tenant) in ["alpha", "beta", "gamma"].iter().enumerate() {
+        for chunk in ids(tenant, 0..(100 * (i as u32 + 1))).chunks(25) {
+            post_ids(&client, &url, tenant, chunk);
+        }
+    }
+    for &port in &ports {
+        post_ids(&client, &worker_url(port), "alpha", &ids("alpha", 90..110));
+    }
+    let expected = [("alpha", 110), ("beta", 200), ("gamma", 300), ("never", 0)];
+    for at in std::iter::once(url.clone()).chain(ports.iter().map(|&p| worker_url(p))) {
+        for (tenant, n) in expected {
+            assert_eq!(strong_count(&client, &at, tenant), n, "{tenant} at {at}");
+        }
+        let asked = json!(["alpha-0", "alpha-109", "alpha-110", "beta-0", "alpha-0"]);
+        let (status, reply) = post_json(&client, &at, "/items/alpha/contains?consistency=strong", &asked);
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(reply, json!({"contains": [true, true, false, false, true]}));
+        let (status, reply) =
+            post_json(&client, &at, "/counts?consistency=strong", &json!(["gamma", "never", "alpha", "beta"]));
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(reply, json!({"counts": {"alpha": 110, "beta": 200, "gamma": 300, "never": 0}}));
+    }
+    // What a barrier made visible, eventual reads see too, on every worker.
+    for &port in &ports {
+        assert_eq!(count(&client, &worker_url(port), "gamma"), 300);
+        let (status, reply) = post_json(&client, &worker_url(port), "/counts", &json!(["beta"]));
+        assert_eq!((status, reply), (StatusCode::OK, json!({"counts": {"beta": 200}})));
+    }
+}
+
+#[test]
+fn a_batch_posted_with_wait_counted_is_counted_everywhere_once_acknowledged() {
+    let (_cluster, ports, _, coordinator) = running(3, SLOW_CLOSE);
+    let (client, url) = (client(), coordinator.url());
+    let mut expected = BTreeSet::new();
+    for round in 0..5u32 {
+        let batch_ids = ids("waited", round * 40..round * 40 + 50);
+        expected.extend(batch_ids.iter().cloned());
+        let items: Vec<(&str, &str)> = batch_ids.iter().map(|id| ("waited", id.as_str())).collect();
+        let reply = client.post(format!("{url}/items?wait=counted")).body(batch(&items)).send().unwrap();
+        assert_eq!(reply.status(), StatusCode::OK);
+        assert_eq!(reply.json::<Value>().unwrap(), json!({"accepted": 50}));
+        // Plain counts, straight after the acknowledgement, at every worker.
+        for &port in &ports {
+            assert_eq!(count(&client, &worker_url(port), "waited"), expected.len() as u64, "round {round}");
+        }
+    }
+}
+
+#[test]
+fn strong_counts_are_exact_under_load_from_several_clients() {
+    let (_cluster, _ports, _, coordinator) = running(3, "worker_persist: 0.5\n");
+    let url = coordinator.url();
+    // Other tenants' ingest meanwhile, so that barriers close logs holding others' items.
+    let load = Load::start(&url, 2, "background", false);
+    let readers: Vec<_> = (0..4)
+        .map(|reader| {
+            let url = url.clone();
+            thread::spawn(move || {
+                let (client, tenant) = (client(), format!("reader-{reader}"));
+                let mut acknowledged = BTreeSet::new();
+                let mut wrong = Vec::new();
+                for round in 0..25u32 {
+                    // Overlapping ranges: some ids repeat across batches.
+                    let batch_ids = ids(&tenant, round * 7..round * 7 + 10);
+                    post_ids(&client, &url, &tenant, &batch_ids);
+                    acknowledged.extend(batch_ids);
+                    let counted = strong_count(&client, &url, &tenant);
+                    if counted != acknowledged.len() as u64 {
+                        wrong.push((round, counted, acknowledged.len()));
+                    }
+                }
+                (tenant, wrong)
+            })
+        })
+        .collect();
+    let results: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    let tally = load.stop();
+    assert!(tally.batches.iter().any(|sent| sent.acked), "the background load acknowledged nothing");
+    for (tenant, wrong) in results {
+        assert!(wrong.is_empty(), "{tenant}: strong counts (round, counted, acknowledged) that missed: {wrong:?}");
+    }
+}
+
+#[test]
+fn strong_reads_and_waited_batches_work_with_redis_too() {
+    let redis = RedisServer::start();
+    let (_cluster, ports, _, coordinator) =
+        running(2, &format!("{SLOW_CLOSE}store: redis\nredis_url: {}\n", redis.url()));
+    let (client, url) = (client(), coordinator.url());
+    for chunk in ids("r", 0..120).chunks(30) {
+        post_ids(&client, &url, "r", chunk);
+    }
+    post_ids(&client, &worker_url(ports[1]), "r", &ids("r", 100..130));
+    assert_eq!(strong_count(&client, &url, "r"), 130);
+    assert_eq!(strong_count(&client, &worker_url(ports[0]), "r"), 130);
+    let (status, reply) = post_json(&client, &url, "/items/r/contains?consistency=strong", &json!(["r-129", "r-130"]));
+    assert_eq!((status, reply), (StatusCode::OK, json!({"contains": [true, false]})));
+    let reply = client.post(format!("{url}/items?wait=counted")).body(batch(&[("s", "1"), ("s", "2")])).send().unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let (status, reply) = post_json(&client, &worker_url(ports[0]), "/counts", &json!(["s", "r", "nobody"]));
+    assert_eq!((status, reply), (StatusCode::OK, json!({"counts": {"s": 2, "r": 130, "nobody": 0}})));
+}
+
+#[test]
+fn bad_reads_get_a_400_saying_why_and_change_nothing() {
+    let (_cluster, ports, _, coordinator) = running(2, SLOW_CLOSE);
+    let client = client();
+    for url in [coordinator.url(), worker_url(ports[0])] {
+        let refused = |reply: reqwest::blocking::Response| error_message(reply, StatusCode::BAD_REQUEST);
+        let get = |path: &str| client.get(format!("{url}{path}")).send().unwrap();
+        let post_raw =
+            |path: &str, body: &str| client.post(format!("{url}{path}")).body(body.to_owned()).send().unwrap();
+        assert!(refused(get("/items/t/count?consistency=linearizable")).contains("consistency"));
+        assert!(refused(get("/items/t/count?consistancy=strong")).contains("consistancy"));
+        assert!(refused(post_raw("/items/t/contains", r#"{"id": "x"}"#)).contains("JSON array of ids"));
+        assert!(refused(post_raw("/items/t/contains", r#"["x", ""]"#)).contains("ids[1] is empty"));
+        assert!(refused(post_raw("/counts", r#"["t", 7]"#)).contains("JSON array of tenants"));
+        let long = "x".repeat(257);
+        assert!(refused(post_raw("/counts", &format!(r#"["{long}"]"#))).contains("max_key_bytes"));
+        let many = serde_json::to_string(&(0..10_001).map(|t| t.to_string()).collect::<Vec<_>>()).unwrap();
+        assert!(refused(post_raw("/counts", &many)).contains("at most 10000"));
+        // A batch with a bad `wait` is refused whole, before anything is stored.
+        assert!(refused(post_raw("/items?wait=forever", &batch(&[("bad-wait", "1")]))).contains("wait"));
+        assert_eq!(strong_count(&client, &url, "bad-wait"), 0);
+        let wrong_method = client.get(format!("{url}/items/t/contains")).send().unwrap();
+        error_message(wrong_method, StatusCode::METHOD_NOT_ALLOWED);
+    }
+    // The barrier's steps are the workers' own: the coordinator does not forward them.
+    let reply = client.post(format!("{}/barrier/close", coordinator.url())).send().unwrap();
+    error_message(reply, StatusCode::NOT_FOUND);
+}
