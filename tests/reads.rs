@@ -1,16 +1,19 @@
-//! System tests of the reads beyond one eventual count, with real processes: strong counts
-//! (read-your-writes across workers), batches posted with `wait=counted`, membership, and many
-//! counts in one request, through the coordinator and at each worker, with the JSON files and
-//! with Redis; and the 400s of their bad input.
+//! System tests of a set's API beyond ingest and one eventual count, with real processes: strong
+//! counts (read-your-writes across workers), batches posted with `wait=counted`, membership,
+//! many counts in one request, and deleting a tenant, through the coordinator and at each
+//! worker, with the JSON files and with Redis; and the 400s of their bad input.
 //!
 //! The workers close their logs once an hour here, so that an eventual read would not see the
 //! batches these tests post: only a barrier makes them visible within the test.
 
 use std::collections::BTreeSet;
 use std::thread;
+use std::time::Duration;
 
 use countapp_testcluster::redis::RedisServer;
-use countapp_testcluster::{Load, batch, client, count, error_message, post, running, worker_url};
+use countapp_testcluster::{
+    Load, batch, client, count, error_message, eventually, post, running, sigkill, tenant_files, worker_url,
+};
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
@@ -148,6 +151,80 @@ fn strong_reads_and_waited_batches_work_with_redis_too() {
     assert_eq!(reply.status(), StatusCode::OK);
     let (status, reply) = post_json(&client, &worker_url(ports[0]), "/counts", &json!(["s", "r", "nobody"]));
     assert_eq!((status, reply), (StatusCode::OK, json!({"counts": {"s": 2, "r": 130, "nobody": 0}})));
+}
+
+/// `DELETE {url}/items/{tenant}`, answered `{"deleted": true}`.
+fn delete(client: &Client, url: &str, tenant: &str) {
+    let reply = client.delete(format!("{url}/items/{tenant}")).send().unwrap();
+    assert_eq!(reply.status(), StatusCode::OK, "delete of {tenant} at {url}");
+    assert_eq!(reply.json::<Value>().unwrap(), json!({"deleted": true}));
+}
+
+#[test]
+fn a_deleted_tenant_stays_gone_across_sigkill_of_every_worker_and_counts_afresh() {
+    let (cluster, ports, _, coordinator) = running(
+        3,
+        "worker_persist: 0.5
+",
+    );
+    let (client, url) = (client(), coordinator.url());
+    // Ids of the tenant in every worker's log, some merged (past 1,024: in segments), some not.
+    for chunk in ids("doomed", 0..2000).chunks(100) {
+        post_ids(&client, &url, "doomed", chunk);
+    }
+    eventually(Duration::from_secs(10), "the first ids merged", || count(&client, &url, "doomed") > 0);
+    for &port in &ports {
+        post_ids(&client, &worker_url(port), "doomed", &ids("doomed", 1990..2010));
+    }
+    post_ids(&client, &url, "bystander", &ids("b", 0..30));
+    delete(&client, &url, "doomed");
+    let left = tenant_files(&cluster.database(), "doomed");
+    assert!(left.is_empty(), "the deleted tenant's files stay: {left:?}");
+    for &port in &ports {
+        assert_eq!(strong_count(&client, &worker_url(port), "doomed"), 0);
+    }
+    let pids: Vec<u32> = ports.iter().map(|&port| coordinator.pid_of(port)).collect();
+    for &pid in &pids {
+        sigkill(pid);
+    }
+    eventually(Duration::from_secs(20), "every worker respawned", || {
+        let now = coordinator.workers();
+        now.iter().all(|w| w["state"] == "ready" && w["restarts"].as_u64() >= Some(1))
+    });
+    // Whatever the dead workers' logs held, merged again, brings no deleted id back.
+    assert_eq!(strong_count(&client, &url, "doomed"), 0);
+    assert_eq!(strong_count(&client, &url, "bystander"), 30);
+    post_ids(&client, &url, "doomed", &ids("doomed", 5..12));
+    assert_eq!(strong_count(&client, &url, "doomed"), 7);
+    let (status, reply) = post_json(&client, &url, "/items/doomed/contains", &json!(["doomed-5", "doomed-0"]));
+    assert_eq!((status, reply), (StatusCode::OK, json!({"contains": [true, false]})));
+}
+
+#[test]
+fn a_deleted_tenant_is_gone_from_redis_and_counts_afresh() {
+    let redis = RedisServer::start();
+    let (_cluster, ports, _, coordinator) = running(
+        2,
+        &format!(
+            "worker_persist: 0.5
+store: redis
+redis_url: {}
+",
+            redis.url()
+        ),
+    );
+    let (client, url) = (client(), coordinator.url());
+    for chunk in ids("doomed", 0..300).chunks(50) {
+        post_ids(&client, &url, "doomed", chunk);
+    }
+    post_ids(&client, &url, "bystander", &ids("b", 0..3));
+    assert_eq!(strong_count(&client, &url, "doomed"), 300);
+    delete(&client, &worker_url(ports[0]), "doomed");
+    assert!(redis.keys().iter().all(|key| !key.contains("doomed")), "keys left: {:?}", redis.keys());
+    assert_eq!(strong_count(&client, &url, "doomed"), 0);
+    assert_eq!(strong_count(&client, &url, "bystander"), 3);
+    post_ids(&client, &url, "doomed", &ids("doomed", 0..4));
+    assert_eq!(strong_count(&client, &worker_url(ports[1]), "doomed"), 4);
 }
 
 #[test]

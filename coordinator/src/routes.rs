@@ -70,6 +70,11 @@ async fn items_subpath(
             forward(&state, &upstream, Forward { method: Method::GET, target, body: Bytes::new(), kind }).await
         }
         TenantRoute::Contains => forward_post(req, payload, &state, &upstream, kind).await,
+        TenantRoute::Tenant => {
+            let target = raw_target(&req)?;
+            let delete = Forward { method: Method::DELETE, target, body: Bytes::new(), kind: Kind::Barrier };
+            forward(&state, &upstream, delete).await
+        }
     }
 }
 

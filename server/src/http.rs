@@ -109,6 +109,8 @@ pub enum TenantRoute {
     Count,
     /// `POST /items/{tenant}/contains`.
     Contains,
+    /// `DELETE /items/{tenant}`.
+    Tenant,
 }
 
 impl TenantRoute {
@@ -117,20 +119,21 @@ impl TenantRoute {
         match self {
             TenantRoute::Count => ("/count", actix_web::http::Method::GET, "/items/{tenant}/count"),
             TenantRoute::Contains => ("/contains", actix_web::http::Method::POST, "/items/{tenant}/contains"),
+            TenantRoute::Tenant => ("", actix_web::http::Method::DELETE, "/items/{tenant}"),
         }
     }
 }
 
-/// Matches `GET /items/{tenant}/count` and `POST /items/{tenant}/contains` under the `/items`
-/// scope: returns the route and the tenant segment, still percent-encoded, or the JSON 404 or
-/// 405 to answer instead.
+/// Matches `GET /items/{tenant}/count`, `POST /items/{tenant}/contains` and `DELETE
+/// /items/{tenant}` under the `/items` scope: returns the route and the tenant segment, still
+/// percent-encoded, or the JSON 404 or 405 to answer instead.
 ///
 /// Both servers match these routes by hand, under a static `/items` scope: actix matches a
 /// dynamic segment with a regular expression on every request, and again to name the route for
 /// metrics, which cost a worker serving counts a tenth of its time.
 pub fn tenant_route(req: &HttpRequest) -> Result<(TenantRoute, &str), ApiError> {
     let rest = req.path().strip_prefix("/items/").ok_or(ApiError::NotFound)?;
-    for route in [TenantRoute::Count, TenantRoute::Contains] {
+    for route in [TenantRoute::Count, TenantRoute::Contains, TenantRoute::Tenant] {
         let (suffix, method, label) = route.parts();
         let Some(raw) = rest.strip_suffix(suffix).filter(|raw| !raw.is_empty() && !raw.contains('/')) else {
             continue;

@@ -33,6 +33,14 @@ pub struct Counts {
     pub counts: std::collections::BTreeMap<String, u64>,
 }
 
+/// The reply to `DELETE /items/{tenant}`: `{"deleted": true}`, once every id acknowledged before
+/// the request is gone for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    /// Always `true` in a `200`.
+    pub deleted: bool,
+}
+
 /// Tenants one `POST /counts` may ask for, at most.
 pub const MAX_COUNTS_TENANTS: usize = 10_000;
 

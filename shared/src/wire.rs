@@ -51,6 +51,9 @@ pub const BARRIER_SETTLE_ROUTE: &str = "/barrier/settle";
 pub struct SettleRequest {
     /// The shards, each below the database's shard count.
     pub shards: Vec<u16>,
+    /// Tenants of those shards to delete (see `Store::settle`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delete: Vec<String>,
 }
 
 /// A worker's `200` reply to a barrier's close or settle.

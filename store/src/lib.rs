@@ -346,13 +346,26 @@ impl Store {
     /// This worker's part of a barrier, once every worker closed its log: a merge round if
     /// anything changed since the last one, then which of `shards` this worker vouches for (see
     /// [`Store::covered`]). Costs one listing of the logs when there is nothing to merge.
-    pub fn settle(&self, shards: &[u16]) -> Result<Vec<u16>, StoreError> {
+    ///
+    /// With `deletes`, tenants in `shards` that a barrier has settled already: the round also
+    /// deletes them where this worker is to, and a shard holding one is vouched for only once it
+    /// is deleted. Every id acknowledged before the barrier is then gone for good; those
+    /// acknowledged since count afresh, or were acknowledged concurrently with the deletion.
+    pub fn settle(&self, shards: &[u16], deletes: &[String]) -> Result<Vec<u16>, StoreError> {
         let mut rounds = self.rounds.lock();
+        self.sets.delete_in_round(deletes);
         let wal_root = self.root.join("wal");
         let logs = log::scan(&wal_root)?;
         let listed: Vec<log::WorkerLog> = logs.clone();
-        self.round_over(&mut rounds, &wal_root, logs, false)?;
-        Ok(self.sets.settled(&listed, shards))
+        self.round_over(&mut rounds, &wal_root, logs, !deletes.is_empty())?;
+        let mut vouched = self.sets.settled(&listed, shards);
+        if !deletes.is_empty() {
+            let deleted = self.sets.deleted(deletes)?;
+            let pending =
+                |shard: &u16| deletes.iter().any(|t| shard_of(t, self.shards) == *shard && !deleted.contains(t));
+            vouched.retain(|shard| !pending(shard));
+        }
+        Ok(vouched)
     }
 
     /// Whether `shards` are settled, from what each worker answered to [`Store::settle`]: every

@@ -27,6 +27,8 @@ pub struct MergeReport {
     pub deleted_files: u64,
     /// Bytes of tenant files written.
     pub written_bytes: u64,
+    /// Tenants deleted, as a barrier asked.
+    pub deleted_tenants: u64,
     /// Shards left for a later round, their lock held by another worker.
     pub busy_shards: u64,
     /// Shards left out of the round by an I/O error on their lock, record or directory, tried

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use countapp_shared::config::{RedisHandoff, StoreKind};
 use countapp_store::{Item, RedisTls, Settings, Store, StoreOptions};
 use countapp_testcluster::redis::{Certificates, RedisServer};
+use countapp_testcluster::tenant_files;
 
 /// A backend under test: a database directory, and for Redis the server its sets live in.
 struct Backend {
@@ -106,6 +107,7 @@ every_backend!(
     live_settings_change_nothing_acknowledged,
     many_counts_and_memberships_answer_in_the_order_asked,
     a_barrier_makes_every_workers_items_visible,
+    a_deleted_tenant_is_gone_for_good_and_counts_afresh,
 );
 
 fn append(store: &Store, tenant: &str, ids: impl IntoIterator<Item = String>) {
@@ -221,7 +223,7 @@ fn a_barrier_makes_every_workers_items_visible(backend: &Backend) {
     w1.close_log().unwrap();
     w2.close_log().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !w1.covered(&shards, &[w1.settle(&shards).unwrap(), w2.settle(&shards).unwrap()]) {
+    while !w1.covered(&shards, &[w1.settle(&shards, &[]).unwrap(), w2.settle(&shards, &[]).unwrap()]) {
         assert!(Instant::now() < deadline, "the workers never vouched for every shard");
         thread::sleep(Duration::from_millis(20));
     }
@@ -231,8 +233,54 @@ fn a_barrier_makes_every_workers_items_visible(backend: &Backend) {
     }
     // Where each worker merges its own log, one worker's word is not every worker's.
     if backend.kind == StoreKind::Redis {
-        assert!(!w1.covered(&shards, &[w1.settle(&shards).unwrap(), Vec::new()]));
+        assert!(!w1.covered(&shards, &[w1.settle(&shards, &[]).unwrap(), Vec::new()]));
     }
+}
+
+fn a_deleted_tenant_is_gone_for_good_and_counts_afresh(backend: &Backend) {
+    let (w1, w2) = (backend.open("w1"), backend.open("w2"));
+    // A small tenant and one in segments, their ids in both workers' logs, merged or not.
+    for tenant in ["small", "big"] {
+        let n = if tenant == "big" { 3000 } else { 100 };
+        append(&w1, tenant, ids(0..n));
+        w1.flush().unwrap();
+        append(&w2, tenant, ids(n / 2..n + 50));
+    }
+    append(&w1, "kept", ids(0..7));
+    let delete = |tenant: &str| {
+        let (shards, deletes) = (vec![countapp_store::shard_of(tenant, w1.shards())], vec![tenant.to_owned()]);
+        w1.close_log().unwrap();
+        w2.close_log().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let vouched = [w1.settle(&shards, &deletes).unwrap(), w2.settle(&shards, &deletes).unwrap()];
+            if w1.covered(&shards, &vouched) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{tenant} was never deleted");
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    delete("small");
+    delete("big");
+    for store in [&w1, &w2] {
+        assert_eq!(store.count_blocking("small").unwrap(), 0);
+        assert_eq!(store.count_blocking("big").unwrap(), 0);
+        assert_eq!(store.count_blocking("kept").unwrap(), 7);
+    }
+    if backend.kind == StoreKind::Json {
+        assert_eq!(tenant_files(&backend.db(), "big"), Vec::<PathBuf>::new(), "the deleted tenant's files stay");
+    }
+    // Gone for good: nothing a crash leaves behind, merged again, brings an id back.
+    drop((w1, w2));
+    let w1 = backend.open("w1");
+    drained(&w1);
+    assert_eq!(w1.count_blocking("big").unwrap(), 0);
+    // Ids acknowledged after the deletion count afresh.
+    append(&w1, "big", ids(10..15));
+    drained(&w1);
+    assert_eq!(w1.count_blocking("big").unwrap(), 5);
+    assert_eq!(w1.count_blocking("kept").unwrap(), 7);
 }
 
 /// A tenant name of its own for each call, to touch shards in turn.

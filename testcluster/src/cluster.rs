@@ -85,6 +85,20 @@ pub fn lone_worker(more: &str) -> (Cluster, Node) {
     (cluster, worker)
 }
 
+/// What the JSON database at `database` keeps of `tenant`, found by the readable prefix of its
+/// name: its file, its directory of segments, its quarantine file.
+pub fn tenant_files(database: &Path, tenant: &str) -> Vec<PathBuf> {
+    let shards = fs::read_dir(database.join("shards")).unwrap();
+    let entries = shards.flatten().flat_map(|shard| fs::read_dir(shard.path()).unwrap().flatten());
+    let prefix = format!("{tenant}.");
+    let mut found: Vec<PathBuf> = entries
+        .filter(|entry| entry.file_name().to_str().is_some_and(|name| name.starts_with(&prefix)))
+        .map(|entry| entry.path())
+        .collect();
+    found.sort();
+    found
+}
+
 /// A cluster's directory: `config.yaml`, `db/` and the processes' log files. Dropped, it kills
 /// every process still running with its config, such as the workers of a coordinator that a
 /// test killed with SIGKILL, so that none outlives its test.
@@ -171,13 +185,10 @@ impl Cluster {
     /// The tenant file of `tenant` (`db/shards/NNN/<name>.<hash>.json`), found by the readable
     /// prefix of its name.
     pub fn tenant_file(&self, tenant: &str) -> PathBuf {
-        let shards = fs::read_dir(self.database().join("shards")).unwrap();
-        let mut found =
-            shards.flatten().flat_map(|shard| fs::read_dir(shard.path()).unwrap().flatten()).filter(|entry| {
-                let name = entry.file_name().into_string().unwrap();
-                name.starts_with(&format!("{tenant}.")) && name.ends_with(".json")
-            });
-        found.next().unwrap_or_else(|| panic!("no tenant file for {tenant}")).path()
+        let mut files = tenant_files(&self.database(), tenant).into_iter();
+        files
+            .find(|path| path.extension().is_some_and(|e| e == "json"))
+            .unwrap_or_else(|| panic!("no tenant file for {tenant}"))
     }
 
     /// Starts a worker on 127.0.0.1:`port` with this cluster's config.

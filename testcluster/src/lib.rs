@@ -26,7 +26,7 @@ pub use client::{
     batch, client, count, count_reply, error_message, eventually, eventually_owner, get_json, metric, post, post_range,
     raw, raw_get, stats, try_count, worker_url,
 };
-pub use cluster::{Cluster, STARTUP, TOKEN, binary, extra, free_port, lone_worker, running};
+pub use cluster::{Cluster, STARTUP, TOKEN, binary, extra, free_port, lone_worker, running, tenant_files};
 pub use load::{Accounting, Load, PUSHED_BACK, Sent, Tally};
 /// The signals [`Node::signal`], [`Process::signal`] and [`send_signal`] send.
 pub use nix::sys::signal::Signal;

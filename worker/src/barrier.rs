@@ -14,6 +14,9 @@
 //! log is final already: merged by the others. Unless it still holds its log's lock here
 //! (starting, or stopping before it closed its log): the barrier then starts over.
 //!
+//! A barrier may also delete tenants: each worker's step 2 then deletes those it is to (see
+//! `Store::settle`), and vouches for their shards only once they are gone.
+//!
 //! Concurrent requests share barriers, as appends share an fsync: a request joins the next
 //! barrier to start, which covers the shards of every request that joined it, and a worker
 //! runs one barrier at a time. A strong read on an idle cluster costs a round trip to each
@@ -72,18 +75,30 @@ struct Queue {
 /// The requests waiting for one barrier.
 struct Group {
     shards: BTreeSet<u16>,
+    /// Tenants to delete, each in one of `shards`.
+    deletes: BTreeSet<String>,
     passed: watch::Sender<Option<Result<(), String>>>,
 }
 
 impl Barriers {
-    /// Waits until a barrier that started after this call has passed for `shards`; a 503 with
-    /// the reason if it could not within [`BARRIER_TIMEOUT`].
-    pub(crate) async fn pass(&self, state: &web::Data<AppState>, shards: BTreeSet<u16>) -> Result<(), ApiError> {
+    /// Waits until a barrier that started after this call has passed for `shards`, and has
+    /// deleted `deletes` (tenants of those shards); a 503 with the reason if it could not within
+    /// [`BARRIER_TIMEOUT`].
+    pub(crate) async fn pass(
+        &self,
+        state: &web::Data<AppState>,
+        shards: BTreeSet<u16>,
+        deletes: Option<String>,
+    ) -> Result<(), ApiError> {
         let mut passed = {
             let mut queue = self.queue.lock();
-            let group =
-                queue.next.get_or_insert_with(|| Group { shards: BTreeSet::new(), passed: watch::channel(None).0 });
+            let group = queue.next.get_or_insert_with(|| Group {
+                shards: BTreeSet::new(),
+                deletes: BTreeSet::new(),
+                passed: watch::channel(None).0,
+            });
             group.shards.extend(shards);
+            group.deletes.extend(deletes);
             let passed = group.passed.subscribe();
             if !queue.running {
                 queue.running = true;
@@ -114,7 +129,8 @@ async fn run(state: web::Data<AppState>) {
             }
         };
         let shards: Vec<u16> = group.shards.into_iter().collect();
-        let outcome = barrier(&state, &shards).await;
+        let deletes: Vec<String> = group.deletes.into_iter().collect();
+        let outcome = barrier(&state, &shards, &deletes).await;
         if let Err(why) = &outcome {
             tracing::warn!(shards = shards.len(), error = why.as_str(), "a barrier did not pass");
         }
@@ -122,8 +138,8 @@ async fn run(state: web::Data<AppState>) {
     }
 }
 
-/// One barrier for `shards` (see the module documentation).
-async fn barrier(state: &AppState, shards: &[u16]) -> Result<(), String> {
+/// One barrier for `shards`, deleting `deletes` (see the module documentation).
+async fn barrier(state: &AppState, shards: &[u16], deletes: &[String]) -> Result<(), String> {
     let store = state.store().cloned().ok_or("the worker is recovering its log and not ready yet")?;
     let deadline = Instant::now() + BARRIER_TIMEOUT;
     let late = || format!("the workers did not all settle within {BARRIER_TIMEOUT:?}; retry");
@@ -152,14 +168,15 @@ async fn barrier(state: &AppState, shards: &[u16]) -> Result<(), String> {
             }
         }
         // 2. Every worker merges and vouches, until they cover the shards.
-        let body = serde_json::to_vec(&SettleRequest { shards: shards.to_vec() }).expect("serializes");
+        let request = SettleRequest { shards: shards.to_vec(), delete: deletes.to_vec() };
+        let body = serde_json::to_vec(&request).expect("serializes");
         loop {
-            let asked = shards.to_vec();
+            let (asked, deleting) = (shards.to_vec(), deletes.to_vec());
             let settle = reached
                 .iter()
                 .map(|peer| ask(&state.barriers.http, peer, BARRIER_SETTLE_ROUTE, Some(body.clone()), deadline));
             let (mine, theirs) = tokio::join!(
-                blocking(&store, move |store| store.settle(&asked)),
+                blocking(&store, move |store| store.settle(&asked, &deleting)),
                 futures_util::future::join_all(settle)
             );
             let mut vouched = vec![mine?];

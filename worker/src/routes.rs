@@ -11,7 +11,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use countapp_server::edge::body::{BodyLimits, read_body};
 use countapp_server::http::{ApiError, RequestCounter, TenantRoute, no_such_route, resource, tenant_route};
 use countapp_shared::api::{
-    Accepted, Consistency, Contains, Count, Counts, MAX_CONTAINS_IDS, MAX_COUNTS_TENANTS, Wait,
+    Accepted, Consistency, Contains, Count, Counts, Deleted, MAX_CONTAINS_IDS, MAX_COUNTS_TENANTS, Wait,
 };
 use countapp_shared::config::{Config, FsyncPolicy, StoreKind};
 use countapp_shared::token;
@@ -106,7 +106,7 @@ async fn post_items(
     };
     state.metrics.accepted(accepted as u64);
     if wait == Wait::Counted && !shards.is_empty() {
-        state.barriers.pass(&state, shards).await.map_err(|e| {
+        state.barriers.pass(&state, shards, None).await.map_err(|e| {
             ApiError::Unavailable(format!(
                 "the batch is stored, but not yet counted everywhere ({e}); posting it again is safe"
             ))
@@ -175,7 +175,22 @@ async fn items_subpath(
     match tenant_route(&req)? {
         (TenantRoute::Count, raw) => get_count(&req, raw, &state).await,
         (TenantRoute::Contains, raw) => post_contains(&req, payload, raw, &state).await,
+        (TenantRoute::Tenant, raw) => delete_tenant(raw, &state).await,
     }
+}
+
+/// `DELETE /items/{tenant}`: once a barrier has deleted the tenant everywhere, every id
+/// acknowledged before the request is gone for good; ids acknowledged after count afresh.
+async fn delete_tenant(raw: &str, state: &web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let store = state.store().cloned().ok_or_else(not_ready)?;
+    let tenant = tenant_of(raw, state)?;
+    if tenant.is_empty() {
+        return Err(ApiError::BadRequest("the tenant is empty".to_owned()));
+    }
+    let shard = shard_of(&tenant, store.shards());
+    state.barriers.pass(state, BTreeSet::from([shard]), Some(tenant.clone())).await?;
+    tracing::info!(tenant, "tenant deleted");
+    Ok(HttpResponse::Ok().json(Deleted { deleted: true }))
 }
 
 /// `GET /items/{tenant}/count`: the tenant's count as of the latest merge round by any worker;
@@ -240,7 +255,7 @@ async fn strong<'a>(
     tenants: impl IntoIterator<Item = &'a str>,
 ) -> Result<(), ApiError> {
     let shards = tenants.into_iter().map(|tenant| shard_of(tenant, store.shards())).collect();
-    state.barriers.pass(state, shards).await
+    state.barriers.pass(state, shards, None).await
 }
 
 /// The tenant of a route, percent-decoded here, once, from the raw path: every string is a
@@ -318,12 +333,15 @@ async fn barrier_settle(
     let store = state.store().cloned().ok_or_else(not_ready)?;
     let limits = BodyLimits { max: MAX_SETTLE_BYTES, ..BodyLimits::of(&state.config.get()) };
     let body = read_body(&req, payload, limits, &state.bodies).await?;
-    let SettleRequest { shards } =
+    let SettleRequest { shards, delete } =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("not a settle request: {e}")))?;
     if let Some(shard) = shards.iter().find(|&&shard| shard >= store.shards()) {
         return Err(ApiError::BadRequest(format!("shard {shard} is not below the {} shards", store.shards())));
     }
-    let shards = web::block(move || store.settle(&shards))
+    if let Some(tenant) = delete.iter().find(|t| !shards.contains(&shard_of(t, store.shards()))) {
+        return Err(ApiError::BadRequest(format!("tenant {tenant:?} to delete is in none of the shards asked")));
+    }
+    let shards = web::block(move || store.settle(&shards, &delete))
         .await
         .map_err(|e| ApiError::Internal(format!("the merge round did not finish: {e}")))?
         .map_err(|e| ApiError::Unavailable(format!("the merge round failed: {e}")))?;

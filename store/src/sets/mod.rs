@@ -59,6 +59,16 @@ pub(crate) trait TenantSets: Send + Sync {
     /// them, are all merged. See [`TenantSets::vouches_for_every_writer`] for what that covers.
     fn settled(&self, logs: &[WorkerLog], shards: &[u16]) -> Vec<u16>;
 
+    /// Asks the next round to delete `tenants`, where deleting belongs in a round (the JSON
+    /// shards, deleted by their owner under the shard's lock once merged completely); nothing
+    /// where it does not.
+    fn delete_in_round(&self, _tenants: &[String]) {}
+
+    /// After the round that followed [`TenantSets::delete_in_round`]: deletes `tenants` where
+    /// that is not a round's work (Redis), and returns those of them whose deletion this
+    /// worker vouches for, durable as the backend makes writes.
+    fn deleted(&self, tenants: &[String]) -> Result<Vec<String>, StoreError>;
+
     /// Whether a shard that one worker vouches for is merged from every worker's files (the
     /// JSON shards, merged by their owner), or only from that worker's own (Redis, where each
     /// worker merges its own log): then every worker must vouch for it.

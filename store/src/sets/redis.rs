@@ -186,6 +186,8 @@ pub(crate) struct RedisTenants {
     /// backlog then grows for want of Redis, not because ingest outruns it, and the log takes
     /// the ingest meanwhile, up to `max_pending_items`.
     failing: AtomicBool,
+    /// The tenants a barrier last asked to delete, and since when.
+    delete_asked: Mutex<Option<(Vec<String>, Instant)>>,
     /// How fast this worker's merges go, in log bytes per second of merging: an average over
     /// the recent rounds, to tell how long what waits will take.
     merge_rate: Mutex<Option<f64>>,
@@ -227,6 +229,7 @@ impl RedisTenants {
             told_grace: AtomicBool::new(false),
             waiting: Mutex::new((None, 0)),
             failing: AtomicBool::new(false),
+            delete_asked: Mutex::new(None),
             merge_rate: Mutex::new(None),
         })
     }
@@ -646,6 +649,39 @@ impl TenantSets for RedisTenants {
 
     fn failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Notes when a deletion of `tenants` was first asked: consumed log files from before then
+    /// must be gone before their sets may go.
+    fn delete_in_round(&self, tenants: &[String]) {
+        let mut asked = self.delete_asked.lock();
+        if asked.as_ref().is_none_or(|(asked, _)| asked.as_slice() != tenants) {
+            *asked = (!tenants.is_empty()).then(|| (tenants.to_vec(), Instant::now()));
+        }
+    }
+
+    /// Deletes the sets of `tenants` (`UNLINK`, confirmed like a merge), once no log file that
+    /// this worker consumed before the deletion was asked waits out its grace any more: such a
+    /// file is merged again should Redis lose it, which would bring deleted ids back. Every
+    /// worker does so, after its own round: the last one removes whatever the others' rounds
+    /// added meanwhile, all of it acknowledged concurrently with the deletion.
+    fn deleted(&self, tenants: &[String]) -> Result<Vec<String>, StoreError> {
+        let since = match self.delete_asked.lock().as_ref() {
+            Some((asked, since)) if asked.as_slice() == tenants => *since,
+            _ => Instant::now(),
+        };
+        if self.consumed.lock().iter().any(|consumed| consumed.at <= since) {
+            return Ok(Vec::new());
+        }
+        let handoff = *self.handoff.lock();
+        self.with(|connection| {
+            for tenant in tenants {
+                connection.query::<u64>(redis::cmd("UNLINK").arg(tenant_key(tenant))).map_err(unavailable)?;
+            }
+            self.confirm(connection, handoff)
+        })?;
+        *self.delete_asked.lock() = None;
+        Ok(tenants.to_vec())
     }
 
     /// Every shard, once the last round left nothing of this worker's log to merge, nor of a

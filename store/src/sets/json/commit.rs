@@ -9,7 +9,8 @@
 //! 3. renames the tenant files and segments into place, and makes the renames durable;
 //! 4. renames the shards' records of which log files they merged into place, and makes those
 //!    durable; only then may the merged log files be deleted;
-//! 5. removes the files made obsolete (segments merged into a larger one).
+//! 5. removes the files made obsolete (segments merged into a larger one, a deleted tenant's
+//!    files), in the order they were staged.
 //!
 //! A round of a few files fsyncs each of them, in parallel, and each directory it renamed into
 //! once; a larger round (many small tenants) makes all of it durable with one `syncfs` per step,
@@ -50,7 +51,8 @@ pub(crate) struct Commit {
     staged: Vec<(Step, PathBuf, PathBuf)>,
     /// Files appended to in place (quarantine files), made durable with the temporaries.
     appended: Vec<PathBuf>,
-    obsolete: Vec<PathBuf>,
+    /// What to remove once durable, in order: files, and directories of files (`true`).
+    obsolete: Vec<(PathBuf, bool)>,
     written_bytes: u64,
 }
 
@@ -84,7 +86,13 @@ impl Commit {
 
     /// Removes `path` once the commit is durable.
     pub(crate) fn remove_after(&mut self, path: PathBuf) {
-        self.obsolete.push(path);
+        self.obsolete.push((path, false));
+    }
+
+    /// Removes the directory `dir` and the files in it once the commit is durable, including
+    /// those the commit itself renamed into it.
+    pub(crate) fn remove_dir_after(&mut self, dir: PathBuf) {
+        self.obsolete.push((dir, true));
     }
 
     /// An empty commit of the same kind, to stage one tenant's files in: [`Commit::absorb`]
@@ -135,8 +143,14 @@ impl Commit {
             }
             self.make_durable(&dirs.into_iter().collect::<Vec<_>>(), fs_of)?;
         }
-        for path in &self.obsolete {
-            disk::remove_if_present(path)?;
+        for (path, dir) in &self.obsolete {
+            match dir {
+                false => drop(disk::remove_if_present(path)?),
+                true => match disk::remove_dir(path) {
+                    Err(e) if e.not_found() => {}
+                    done => done?,
+                },
+            }
         }
         Ok(())
     }

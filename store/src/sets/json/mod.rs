@@ -55,7 +55,7 @@ use crate::{damaged, disk};
 use commit::{Commit, Step, is_temporary};
 use naming::tenant_file_stem;
 use quarantine::Quarantine;
-use tenant::{Tenant, contains_in, read_all, read_count};
+use tenant::{Tenant, contains_in, read_all, read_count, stage_delete};
 
 const SHARD_FILE: &str = "SHARD.json";
 const LOCK_FILE: &str = "LOCK";
@@ -152,6 +152,11 @@ struct MergeState {
     /// unusable), each with when to try again and the wait after that: every other shard
     /// merges on meanwhile.
     failing: HashMap<u16, Backoff>,
+    /// Tenants to delete, as a barrier asked (see [`TenantSets::delete_in_round`]): each is
+    /// dropped by the round that merges its shard completely.
+    deleting: HashSet<String>,
+    /// Those of `deleting` that a committed round dropped.
+    dropped: HashSet<String>,
 }
 
 /// What a round merges from: every worker's log as listed, the files it read, and the shards
@@ -160,6 +165,8 @@ struct Sources<'a> {
     logs: &'a [WorkerLog],
     inputs: &'a [Input<'a>],
     indexed: &'a Index,
+    /// The tenants to delete once their shard has merged every listed file.
+    deleting: &'a HashSet<String>,
 }
 
 /// What a process read of a log file: the shards it holds runs of, and the file its worker
@@ -335,7 +342,7 @@ impl Shards {
         owned: &mut HashMap<u16, OwnedShard>,
         failing: &mut HashMap<u16, Backoff>,
         report: &mut MergeReport,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         let mut runs = self.runs_of(with_runs, sources, owned, report);
         let mut commit = Commit::new(self.sync.load(Ordering::Relaxed));
         let mut merged = Vec::new();
@@ -345,16 +352,17 @@ impl Shards {
             let done = self.lock_shard(shard, state, &mut staged, report).and_then(|record| match record {
                 Some(mut record) => {
                     let tenants = runs.remove(&shard).unwrap_or_default();
-                    self.merge_shard(shard, &mut record, state, &tenants, sources, &mut staged, report)?;
-                    Ok(Some(record))
+                    let dropped =
+                        self.merge_shard(shard, &mut record, state, &tenants, sources, &mut staged, report)?;
+                    Ok(Some((record, dropped)))
                 }
                 None => Ok(None),
             });
             match done {
-                Ok(Some(record)) => {
+                Ok(Some((record, dropped))) => {
                     failing.remove(&shard);
                     commit.absorb(staged);
-                    merged.push((shard, record));
+                    merged.push((shard, record, dropped));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -367,7 +375,8 @@ impl Shards {
         }
         report.written_bytes += commit.written_bytes();
         let committed = commit.finish(&self.root);
-        for (shard, record) in merged {
+        let mut gone = Vec::new();
+        for (shard, record, dropped) in merged {
             let state = owned.get_mut(&shard).expect("merged shards are owned");
             if let Some(lock) = &state.lock {
                 let _ = lock.unlock();
@@ -375,9 +384,19 @@ impl Shards {
             if committed.is_ok() {
                 state.record = record;
                 state.tenants.retain(|_, tenant| !tenant.is_small());
+                for tenant in &dropped {
+                    state.tenants.remove(tenant);
+                    state.quarantined.remove(tenant);
+                    if let Some(files) = &mut state.files {
+                        files.remove(&tenant_file_name(tenant));
+                    }
+                }
+                report.deleted_tenants += dropped.len() as u64;
+                gone.extend(dropped);
             }
         }
-        Ok(committed?)
+        committed?;
+        Ok(gone)
     }
 
     /// The runs of the shards `with_runs` in `inputs` that their records have not merged, by
@@ -462,7 +481,7 @@ impl Shards {
         sources: &Sources,
         commit: &mut Commit,
         report: &mut MergeReport,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         let dir = shard_dir(&self.root, shard);
         self.retry_quarantined(shard, record, state, commit, report)?;
         for (name, runs) in tenants {
@@ -544,7 +563,21 @@ impl Shards {
             });
             !gone
         });
-        self.stage_record(commit, Step::Progress, shard, record)
+        // A tenant to delete goes once every acknowledged item of it that a listed file holds
+        // is merged: a file left for the next round would bring some of its ids back.
+        let mut dropped = Vec::new();
+        if merged_every_listed(shard, record, sources.logs, sources.indexed) {
+            for tenant in sources.deleting.iter().filter(|t| shard_of(t, self.shards) == shard) {
+                let path = dir.join(tenant_file_name(tenant));
+                stage_delete(commit, &path, tenant)?;
+                if record.quarantined.remove(tenant).is_some() {
+                    commit.remove_after(Quarantine::path_of(&path));
+                }
+                dropped.push(tenant.clone());
+            }
+        }
+        self.stage_record(commit, Step::Progress, shard, record)?;
+        Ok(dropped)
     }
 
     /// Tries again each quarantined tenant of a locked shard that is due (see
@@ -730,7 +763,7 @@ impl TenantSets for Shards {
     fn merge(&self, logs: &[WorkerLog], report: &mut MergeReport) -> Result<(), StoreError> {
         let live: Vec<&str> = logs.iter().filter(|l| l.live).map(|l| l.worker.as_str()).collect();
         let mut state = self.state.lock();
-        let MergeState { owned, indexed, written, listed_before, failing } = &mut *state;
+        let MergeState { owned, indexed, written, listed_before, failing, deleting, dropped } = &mut *state;
         owned.retain(|shard, _| owner_of(*shard, live.iter().copied()) == Some(&self.worker));
         failing.retain(|shard, _| owner_of(*shard, live.iter().copied()) == Some(&self.worker));
         for shard in (0..self.shards).filter(|&s| owner_of(s, live.iter().copied()) == Some(&self.worker)) {
@@ -790,10 +823,13 @@ impl TenantSets for Shards {
                 with_runs.insert(shard);
             }
         }
+        with_runs.extend(
+            deleting.iter().map(|tenant| shard_of(tenant, self.shards)).filter(|shard| owned.contains_key(shard)),
+        );
         with_runs.retain(|shard| failing.get(shard).is_none_or(Backoff::due));
         if !with_runs.is_empty() {
-            let sources = Sources { logs, inputs: &inputs, indexed };
-            let result = self.merge(&with_runs, &sources, owned, failing, report);
+            let sources = Sources { logs, inputs: &inputs, indexed, deleting };
+            let result = self.merge(&with_runs, &sources, owned, failing, report).map(|gone| dropped.extend(gone));
             if result.is_err() {
                 // Whatever failed, the sets may now disagree with the files: reload them next time.
                 for shard in &with_runs {
@@ -827,18 +863,30 @@ impl TenantSets for Shards {
     /// file its record shows merged: a file this process has not read yet may hold some.
     fn settled(&self, logs: &[WorkerLog], shards: &[u16]) -> Vec<u16> {
         let state = self.state.lock();
-        let merged = |shard: u16, owned: &OwnedShard| {
-            logs.iter().all(|log| {
-                log.inputs.iter().all(|file| match state.indexed.get(&(log.worker.clone(), file.seq)) {
-                    Some(index) => !index.shards.contains(shard) || file.seq <= owned.record.merged(&log.worker),
-                    None => false,
-                })
-            })
-        };
         let settled = |&shard: &u16| {
-            !state.failing.contains_key(&shard) && state.owned.get(&shard).is_some_and(|owned| merged(shard, owned))
+            !state.failing.contains_key(&shard)
+                && state
+                    .owned
+                    .get(&shard)
+                    .is_some_and(|owned| merged_every_listed(shard, &owned.record, logs, &state.indexed))
         };
         shards.iter().copied().filter(settled).collect()
+    }
+
+    /// Asks the next round to delete `tenants` in the shards this worker owns.
+    fn delete_in_round(&self, tenants: &[String]) {
+        let mut state = self.state.lock();
+        state.deleting = tenants.iter().cloned().collect();
+        state.dropped.clear();
+    }
+
+    /// Those of `tenants` whose deletion this worker's round committed; the rest it does not
+    /// own, or could not merge completely yet.
+    fn deleted(&self, tenants: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut state = self.state.lock();
+        let done = tenants.iter().filter(|t| state.dropped.contains(*t)).cloned().collect();
+        state.deleting.clear();
+        Ok(done)
     }
 
     /// The owner of a shard merges every worker's runs of it.
@@ -869,6 +917,17 @@ impl TenantSets for Shards {
         // Under `fsync: never`, merges are not made durable before log files are deleted either.
         self.sync.store(settings.fsync != FsyncPolicy::Never, Ordering::Relaxed);
     }
+}
+
+/// Whether `record` shows every listed final file that holds runs of `shard` merged; a file this
+/// process has not read yet may hold some.
+fn merged_every_listed(shard: u16, record: &ShardRecord, logs: &[WorkerLog], indexed: &Index) -> bool {
+    logs.iter().all(|log| {
+        log.inputs.iter().all(|file| match indexed.get(&(log.worker.clone(), file.seq)) {
+            Some(index) => !index.shards.contains(shard) || file.seq <= record.merged(&log.worker),
+            None => false,
+        })
+    })
 }
 
 /// Whether the log file `file` of `worker` may hold runs of owned shards not merged yet: this

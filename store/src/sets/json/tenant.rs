@@ -372,6 +372,19 @@ impl Tenant {
     }
 }
 
+/// Stages the deletion of tenant `name`, whose file is `path`: an empty tenant file is made
+/// durable first, then its segments and the file itself are removed. A crash at any point leaves
+/// either the tenant whole (before the commit) or empty: a segment left behind is a stray, which
+/// the next load removes, never a reason to rebuild the tenant from its segments.
+pub(crate) fn stage_delete(commit: &mut Commit, path: &Path, name: &str) -> Result<(), StoreError> {
+    let mut empty = head(name, 0);
+    empty.extend_from_slice(b",\"ids\":[]}\n");
+    stage(commit, path, empty)?;
+    commit.remove_dir_after(path.with_extension(""));
+    commit.remove_after(path.to_path_buf());
+    Ok(())
+}
+
 /// Stages `bytes` as the new contents of `path`, checked to be UTF-8 first: ids were UTF-8 when
 /// they were posted, and a file that is not could not be read back.
 fn stage(commit: &mut Commit, path: &Path, bytes: Vec<u8>) -> Result<(), StoreError> {
