@@ -5,13 +5,15 @@
 //! worker's local write-ahead log, not Redis, is what makes an acknowledgement durable.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use countapp_testcluster::redis::{RedisCluster, RedisServer};
+use countapp_testcluster::redis::{RedisCluster, RedisServer, Role};
 use countapp_testcluster::{
-    Cluster, Load, Node, batch, client, count_reply, error_message, eventually, free_port, get_json, post, sigkill,
-    try_count,
+    Cluster, Load, Node, PUSHED_BACK, batch, client, count_reply, error_message, eventually, free_port, get_json, post,
+    sigkill, try_count,
 };
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
@@ -23,13 +25,13 @@ const AFTER_OUTAGE: Duration = Duration::from_secs(30);
 
 /// A cluster of `workers` local workers behind a coordinator on a free port, storing into the
 /// Redis at `redis_url` (a cluster's seed node with `redis_cluster`), flushing every 0.2 s and
-/// checking health every 0.5 s.
-fn cluster(workers: usize, redis_url: &str, redis_cluster: bool) -> (Cluster, Vec<u16>, u16) {
+/// checking health every 0.5 s, with the config lines `more`.
+fn cluster(workers: usize, redis_url: &str, redis_cluster: bool, more: &str) -> (Cluster, Vec<u16>, u16) {
     let ports: Vec<u16> = (0..workers).map(|_| free_port()).collect();
     let listen = free_port();
     let extra = format!(
         "listen: 127.0.0.1:{listen}\nworker_persist: 0.2\nconfig_check: 0.5\n\
-         store: redis\nredis_url: {redis_url}\nredis_cluster: {redis_cluster}\n"
+         store: redis\nredis_url: {redis_url}\nredis_cluster: {redis_cluster}\n{more}"
     );
     (Cluster::new(&ports, &extra), ports, listen)
 }
@@ -43,7 +45,7 @@ fn worker_url(port: u16) -> String {
 #[test]
 fn sigkill_of_workers_under_load_with_a_redis_store_loses_nothing() {
     let redis = RedisServer::start();
-    let (cluster, ports, listen) = cluster(3, &redis.url(), false);
+    let (cluster, ports, listen) = cluster(3, &redis.url(), false, "");
     let mut coordinator = cluster.coordinator(listen);
     coordinator.wait_live(3);
     let load = Load::start(&coordinator.url(), 4, "rkills", false);
@@ -63,7 +65,7 @@ fn sigkill_of_workers_under_load_with_a_redis_store_loses_nothing() {
 #[test]
 fn redis_restarted_mid_load_loses_nothing_acknowledged() {
     let mut redis = RedisServer::start();
-    let (cluster, ports, listen) = cluster(3, &redis.url(), false);
+    let (cluster, ports, listen) = cluster(3, &redis.url(), false, "");
     let mut coordinator = cluster.coordinator(listen);
     coordinator.wait_live(3);
     let client = client();
@@ -111,7 +113,7 @@ fn redis_restarted_mid_load_loses_nothing_acknowledged() {
 #[test]
 fn a_three_master_cluster_counts_exactly_over_many_tenants() {
     let redis = RedisCluster::start(3);
-    let (cluster, ports, listen) = cluster(2, &redis.url(), true);
+    let (cluster, ports, listen) = cluster(2, &redis.url(), true, "");
     let mut coordinator = cluster.coordinator(listen);
     coordinator.wait_live(2);
     let client = client();
@@ -152,6 +154,153 @@ fn a_three_master_cluster_counts_exactly_over_many_tenants() {
     let sizes: Vec<u64> = redis.nodes().iter().map(|node| node.dbsize()).collect();
     assert!(sizes.iter().all(|&n| n > 0), "keys per master {:?}: {sizes:?}", redis.ports());
     assert!(sizes.iter().sum::<u64>() >= tenants.len() as u64, "keys per master: {sizes:?}");
+}
+
+/// A master of a cluster whose masters each have a replica dies (SIGKILL, no goodbye) under
+/// load, with `redis_wait_replicas: 1`: its replica is promoted once the others find it
+/// unreachable. Ingest does not wait for Redis, so clients see only acknowledgements, and at
+/// worst push-back (503) while merges into its slots fail; every acknowledged id is counted
+/// afterwards. The master killed is the seed node of `redis_url`, so that the workers must find
+/// the cluster through the others. Until it comes back, as a replica of the promoted one, the
+/// promoted master has no replica to confirm `WAIT 1`: the workers keep their log files, and
+/// consume them once it is back.
+#[test]
+fn a_master_killed_under_load_fails_over_to_its_replica_and_loses_nothing() {
+    let mut redis = RedisCluster::start_with_replicas(3, 1, Duration::from_millis(1000));
+    let seed = 0;
+    let replica = *redis.replicas_of(seed).first().expect("the seed node is a master with a replica");
+    let (cluster, ports, listen) = cluster(3, &redis.url(), true, "redis_wait_replicas: 1\n");
+    let mut coordinator = cluster.coordinator(listen);
+    coordinator.wait_live(3);
+    let client = client();
+    let url = coordinator.url();
+    // A tenant whose set is on the master to be killed, to read its count across the failover:
+    // one id in each of 40 tenants puts one there but for a chance of (2/3)^40.
+    let probes: Vec<String> = (0..40).map(|p| format!("probe-{p}")).collect();
+    let items: Vec<(&str, &str)> = probes.iter().map(|p| (p.as_str(), "1")).collect();
+    assert_eq!(post(&client, &url, batch(&items)).status(), StatusCode::OK);
+    eventually(SETTLE, "the probes are counted", || probes.iter().all(|p| try_count(&client, &url, p) == Some(1)));
+    let on_seed = redis.nodes()[seed].keys();
+    let probe = probes.iter().find(|p| on_seed.iter().any(|key| key.ends_with(&format!(":{p}")))).unwrap();
+    let reads = Reads::start(&url, probe);
+    let load = Load::start(&url, 4, "failover", false);
+    thread::sleep(Duration::from_secs(2));
+
+    redis.kill(seed);
+    let killed = Instant::now();
+    let promoted = redis.wait_promoted(replica, Duration::from_secs(15));
+    println!("the replica on {} was promoted {promoted:?} after its master was killed", redis.ports()[replica]);
+    thread::sleep(Duration::from_secs(3));
+    let tally = load.stop();
+    let reads = reads.stop();
+    println!("counts of {probe} read across the failover: {reads}");
+    assert!(reads.failures.is_empty(), "{} count reads failed, first: {:?}", reads.failures.len(), reads.failures[0]);
+    assert!(
+        reads.statuses.keys().all(|&status| status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE),
+        "{reads}"
+    );
+    assert_eq!(reads.last, Some(1), "the count of {probe} once the replica was promoted: {reads}");
+    let unexpected: Vec<&String> =
+        tally.errors.iter().filter(|e| !e.starts_with("503") && !e.starts_with(PUSHED_BACK)).collect();
+    assert!(
+        unexpected.is_empty(),
+        "clients saw {} failures other than 503, first: {:?}",
+        unexpected.len(),
+        unexpected[0]
+    );
+    println!(
+        "{} batches sent, {} acknowledged; {} replies were 503 with Retry-After, {} batches never acknowledged",
+        tally.batches.len(),
+        tally.acked_batches(),
+        tally.pushbacks,
+        tally.errors.len()
+    );
+    assert!(tally.acked_batches() > 0);
+    let accounting = tally.check_counted(&client, &url, SETTLE);
+    println!("{accounting}, {:?} after the kill", killed.elapsed());
+
+    // Redis took every id, but the promoted master has no replica to confirm them: the log
+    // files stay pending rather than be trusted to one copy.
+    let pending = |port: u16| get_json(&client, &format!("{}/stats", worker_url(port)))["pending_items"].as_u64();
+    let waiting: Vec<Option<u64>> = ports.iter().map(|&port| pending(port)).collect();
+    println!("items pending at the workers while the promoted master has no replica: {waiting:?}");
+    assert!(waiting.iter().any(|&n| n > Some(0)), "{waiting:?}");
+
+    // The killed master comes back, and rejoins as a replica of the one promoted in its place:
+    // WAIT 1 is met again everywhere, and every worker's log drains.
+    redis.restart(seed);
+    for &port in &ports {
+        eventually(SETTLE, &format!("the worker on {port} consumes its log"), || pending(port) == Some(0));
+    }
+    assert!(matches!(redis.role(seed), Some(Role::Replica(port, _)) if port == redis.ports()[replica]));
+    println!("every log consumed {:?} after the kill", killed.elapsed());
+}
+
+/// Counts of one tenant read through the coordinator over and over, on a thread of their own,
+/// until stopped: what a reader sees while the tenant's set is unreachable.
+struct Reads {
+    stop: Arc<AtomicBool>,
+    reader: thread::JoinHandle<Read>,
+}
+
+/// What a [`Reads`] saw: the statuses answered, with how many of each, the requests that got no
+/// reply, the last count answered, and the longest time between two counts answered.
+#[derive(Debug, Default)]
+struct Read {
+    statuses: BTreeMap<StatusCode, usize>,
+    failures: Vec<String>,
+    last: Option<u64>,
+    longest_gap: Duration,
+}
+
+impl Reads {
+    /// Reads `tenant`'s count at `url` every 20 ms or so.
+    fn start(url: &str, tenant: &str) -> Reads {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (url, tenant, stopped) = (url.to_owned(), tenant.to_owned(), stop.clone());
+        let reader = thread::spawn(move || {
+            let client = client();
+            let mut read = Read::default();
+            let mut answered = Instant::now();
+            while !stopped.load(Ordering::Relaxed) {
+                match client.get(format!("{url}/items/{tenant}/count")).send() {
+                    Ok(reply) => {
+                        *read.statuses.entry(reply.status()).or_default() += 1;
+                        if reply.status() == StatusCode::OK {
+                            read.last = reply.json::<serde_json::Value>().ok().and_then(|body| body["count"].as_u64());
+                            read.longest_gap = read.longest_gap.max(answered.elapsed());
+                            answered = Instant::now();
+                        }
+                    }
+                    Err(e) => read.failures.push(e.to_string()),
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            read
+        });
+        Reads { stop, reader }
+    }
+
+    /// Stops reading, and says what was read.
+    fn stop(self) -> Read {
+        self.stop.store(true, Ordering::Relaxed);
+        self.reader.join().unwrap()
+    }
+}
+
+impl std::fmt::Display for Read {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let statuses: Vec<String> =
+            self.statuses.iter().map(|(status, n)| format!("{n} x {}", status.as_u16())).collect();
+        write!(
+            f,
+            "{}; {} without a reply; last count {:?}; at most {:?} between two counts",
+            statuses.join(", "),
+            self.failures.len(),
+            self.last,
+            self.longest_gap
+        )
+    }
 }
 
 #[test]

@@ -63,6 +63,9 @@ pub struct Tally {
     pub batches: Vec<Sent>,
     /// Every failed request, as text.
     pub errors: Vec<String>,
+    /// Every 503 with Retry-After the server answered, including those of batches acknowledged
+    /// when sent again: how much it pushed back.
+    pub pushbacks: usize,
 }
 
 /// How the clients of a [`Load`] post.
@@ -160,7 +163,7 @@ impl Load {
             }
             let items: Vec<(&str, &str)> = items.iter().map(|(t, id)| (t.as_str(), id.as_str())).collect();
             let body = batch(&items);
-            let failure = post_retrying(&client, url, &body).err();
+            let failure = post_retrying(&client, url, &body, &mut tally.pushbacks).err();
             tally.batches.push(Sent { acked: failure.is_none(), ..sent });
             if let Some(failure) = failure {
                 tally.errors.push(failure);
@@ -180,6 +183,7 @@ impl Load {
             let tally = client.join().unwrap();
             total.batches.extend(tally.batches);
             total.errors.extend(tally.errors);
+            total.pushbacks += tally.pushbacks;
         }
         total
     }
@@ -189,8 +193,8 @@ impl Load {
 /// under load (503 with Retry-After) is asked again when it says, up to a few times (the
 /// refused batch was stored nowhere, and sending it again is idempotent anyway). `Err` is why
 /// it was not acknowledged: a batch still pushed back after those tries starts with
-/// [`PUSHED_BACK`].
-fn post_retrying(client: &Client, url: &str, body: &str) -> Result<(), String> {
+/// [`PUSHED_BACK`]. Each push-back adds one to `pushbacks`.
+fn post_retrying(client: &Client, url: &str, body: &str, pushbacks: &mut usize) -> Result<(), String> {
     let mut failure = String::new();
     for _ in 0..PUSHBACK_RETRIES {
         let reply =
@@ -198,6 +202,7 @@ fn post_retrying(client: &Client, url: &str, body: &str) -> Result<(), String> {
         match reply {
             Ok(r) if r.status() == StatusCode::OK => return Ok(()),
             Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE && r.headers().contains_key("retry-after") => {
+                *pushbacks += 1;
                 let after = r.headers()["retry-after"].to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(1);
                 failure = format!("{}: {}", r.status(), r.text().unwrap_or_default());
                 thread::sleep(Duration::from_secs(after).min(Duration::from_secs(1)));

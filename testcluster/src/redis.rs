@@ -228,45 +228,74 @@ impl RedisServer {
     }
 }
 
-/// A Redis Cluster of masters without replicas, each a [`RedisServer`] in cluster mode.
+/// A Redis Cluster: masters sharing the 16384 slots, each with its replicas, each node a
+/// [`RedisServer`] in cluster mode. Nodes keep their index for the cluster's life, whatever
+/// role a failover gives them.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
 }
 
+/// A node's `cluster-node-timeout` unless a test asks for another: how long a master may be
+/// unreachable before it is failed over.
+const NODE_TIMEOUT: Duration = Duration::from_millis(2000);
+
+/// What `ROLE` says a node is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// A master, with the ports of the replicas it has.
+    Master(Vec<u16>),
+    /// A replica of the master on this port, and whether its link to it is up.
+    Replica(u16, bool),
+}
+
 impl RedisCluster {
     /// `masters` (at least 3, as `redis-cli --cluster create` requires) nodes sharing the 16384
-    /// slots, once every node reports `cluster_state:ok`.
+    /// slots, without replicas, once every node reports `cluster_state:ok`.
     pub fn start(masters: usize) -> RedisCluster {
+        RedisCluster::start_with_replicas(masters, 0, NODE_TIMEOUT)
+    }
+
+    /// `masters` nodes sharing the slots, each with `replicas_per_master` replicas, failed over
+    /// once unreachable for `node_timeout`; returned once every node reports
+    /// `cluster_state:ok` and every replica's link to its master is up, so that `WAIT` can be
+    /// met from the start.
+    pub fn start_with_replicas(masters: usize, replicas_per_master: usize, node_timeout: Duration) -> RedisCluster {
         assert!(masters >= 3, "a Redis Cluster needs at least 3 masters, not {masters}");
-        let node_args =
-            ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"];
+        let timeout = node_timeout.as_millis().to_string();
+        let node_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout"];
+        let node_args: Vec<&str> = node_args.into_iter().chain([timeout.as_str()]).collect();
         // Each node joins `cluster.nodes` as soon as it runs, so that a failure later kills it.
         let mut cluster = RedisCluster { nodes: Vec::new() };
-        for _ in 0..masters {
+        for _ in 0..masters * (1 + replicas_per_master) {
             cluster.nodes.push(RedisServer::start_with(&node_args));
         }
         let addresses: Vec<String> = cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let replicas = replicas_per_master.to_string();
         let mut args = vec!["--cluster", "create"];
         args.extend(addresses.iter().map(String::as_str));
-        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        args.extend(["--cluster-replicas", &replicas, "--cluster-yes"]);
         cluster.nodes[0].cli(&args);
         let deadline = Instant::now() + STARTUP;
-        for node in &cluster.nodes {
+        for node in 0..cluster.nodes.len() {
             loop {
-                if node
-                    .try_cli(&["cluster", "info"])
-                    .is_some_and(|info| info.lines().any(|l| l.trim() == "cluster_state:ok"))
-                {
+                let linked = match cluster.role(node) {
+                    Some(Role::Master(_)) => true,
+                    Some(Role::Replica(_, up)) => up,
+                    None => false,
+                };
+                if linked && cluster.state_ok(node) {
                     break;
                 }
                 assert!(
                     Instant::now() < deadline,
                     "the cluster on {addresses:?} not ok in {STARTUP:?}:\n{}",
-                    node.log()
+                    cluster.nodes[node].log()
                 );
                 thread::sleep(Duration::from_millis(50));
             }
         }
+        let masters_now = cluster.masters().len();
+        assert_eq!(masters_now, masters, "redis-cli made {masters_now} masters of {addresses:?}");
         cluster
     }
 
@@ -275,7 +304,7 @@ impl RedisCluster {
         self.nodes[0].url()
     }
 
-    /// The nodes, all masters.
+    /// The nodes, masters and replicas, in the order they were started.
     pub fn nodes(&self) -> &[RedisServer] {
         &self.nodes
     }
@@ -283,6 +312,71 @@ impl RedisCluster {
     /// The nodes' ports.
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(RedisServer::port).collect()
+    }
+
+    /// What `ROLE` says node `node` is; `None` if it does not answer (killed, say).
+    pub fn role(&self, node: usize) -> Option<Role> {
+        let out = self.nodes[node].try_cli(&["role"])?;
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        match lines.as_slice() {
+            ["master", _offset, replicas @ ..] => {
+                // Each replica is listed as its address, port and offset.
+                Some(Role::Master(replicas.chunks(3).filter_map(|r| r.get(1)?.parse().ok()).collect()))
+            }
+            ["slave", _host, port, state, ..] => Some(Role::Replica(port.parse().ok()?, *state == "connected")),
+            _ => None,
+        }
+    }
+
+    /// The indexes of the nodes that answer as masters, those whose data is primary now.
+    pub fn masters(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|&n| matches!(self.role(n), Some(Role::Master(_)))).collect()
+    }
+
+    /// The indexes of the replicas that node `master` says it has; none if it is no master.
+    pub fn replicas_of(&self, master: usize) -> Vec<usize> {
+        let Some(Role::Master(replicas)) = self.role(master) else { return Vec::new() };
+        replicas.iter().filter_map(|&port| self.nodes.iter().position(|node| node.port == port)).collect()
+    }
+
+    /// SIGKILLs node `node` and reaps it: no shutdown, no goodbye to the other nodes, which
+    /// find out when it stops answering their pings.
+    pub fn kill(&mut self, node: usize) {
+        self.nodes[node].kill();
+    }
+
+    /// Starts node `node` again, with its cluster config and append-only file; returns once it
+    /// answers `PING`. A master that was failed over rejoins as a replica of the one promoted
+    /// in its place.
+    pub fn restart(&mut self, node: usize) {
+        self.nodes[node].restart();
+    }
+
+    /// Waits, for at most `within`, until node `replica` answers as a master and every node
+    /// still running reports `cluster_state:ok` (all the slots served again), and returns how
+    /// long that took.
+    pub fn wait_promoted(&mut self, replica: usize, within: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let running: Vec<usize> = (0..self.nodes.len()).filter(|&n| self.nodes[n].is_running()).collect();
+            if matches!(self.role(replica), Some(Role::Master(_))) && running.iter().all(|&n| self.state_ok(n)) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < within,
+                "the replica on {} not promoted within {within:?}:\n{}",
+                self.nodes[replica].port,
+                self.nodes[replica].log()
+            );
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Whether node `node` reports `cluster_state:ok`.
+    fn state_ok(&self, node: usize) -> bool {
+        self.nodes[node]
+            .try_cli(&["cluster", "info"])
+            .is_some_and(|info| info.lines().any(|l| l.trim() == "cluster_state:ok"))
     }
 }
 

@@ -69,7 +69,106 @@ const COUNT_TIMEOUT: Duration = REDIS_COUNT_TIMEOUT;
 /// How to reach Redis: made once per store, so the client's size does not matter.
 enum Target {
     Server(Box<redis::Client>),
-    Cluster(Box<redis::cluster::ClusterClient>),
+    Cluster(Box<Seeds>),
+}
+
+/// Where a new connection to a Redis Cluster starts: the nodes the cluster last listed, then the
+/// configured node. `redis_url` names one node, and a client connects through the first of its
+/// seeds that answers; with that node alone, a worker could not reconnect while it was down,
+/// though its replica had been promoted and the cluster served every slot again (a cluster
+/// connection does not drop a dead node from its slot map by itself, so a merge connection
+/// that failed is replaced by a new one).
+struct Seeds {
+    /// The configured node: its address, and the credentials and TLS of every node.
+    configured: redis::ConnectionInfo,
+    certificates: Option<redis::TlsCertificates>,
+    /// The nodes last learned, sorted, and the client that starts from them.
+    client: Mutex<(Vec<(String, u16)>, redis::cluster::ClusterClient)>,
+}
+
+impl Seeds {
+    fn new(url: &str, certificates: Option<redis::TlsCertificates>) -> redis::RedisResult<Seeds> {
+        let configured = redis::IntoConnectionInfo::into_connection_info(url)?;
+        let client = Seeds::client_over(&configured, &certificates, &[])?;
+        Ok(Seeds { configured, certificates, client: Mutex::new((Vec::new(), client)) })
+    }
+
+    /// A client whose seeds are `nodes`, then `configured`, each with `configured`'s
+    /// credentials and TLS.
+    fn client_over(
+        configured: &redis::ConnectionInfo,
+        certificates: &Option<redis::TlsCertificates>,
+        nodes: &[(String, u16)],
+    ) -> redis::RedisResult<redis::cluster::ClusterClient> {
+        let mut seeds: Vec<redis::ConnectionInfo> = nodes
+            .iter()
+            .filter_map(|(host, port)| {
+                let mut addr = configured.addr().clone();
+                match &mut addr {
+                    redis::ConnectionAddr::Tcp(h, p) | redis::ConnectionAddr::TcpTls { host: h, port: p, .. } => {
+                        (*h, *p) = (host.clone(), *port);
+                    }
+                    _ => return None,
+                }
+                Some(configured.clone().set_addr(addr))
+            })
+            .collect();
+        seeds.push(configured.clone());
+        let mut builder =
+            redis::cluster::ClusterClient::builder(seeds).connection_timeout(TIMEOUT).response_timeout(TIMEOUT);
+        if let Some(certificates) = certificates {
+            builder = builder.certs(certificates.clone());
+        }
+        builder.build()
+    }
+
+    /// The client to connect with.
+    fn client(&self) -> redis::cluster::ClusterClient {
+        self.client.lock().1.clone()
+    }
+
+    /// Learns the cluster's nodes over `connection` (`CLUSTER NODES`), for the connections to
+    /// come. A failure only leaves the seeds as they were.
+    fn learn(&self, connection: &mut redis::cluster::ClusterConnection) {
+        let nodes = match redis::cmd("CLUSTER").arg("NODES").query::<String>(connection) {
+            Ok(listing) => cluster_nodes(&listing),
+            Err(e) => {
+                tracing::debug!("redis: CLUSTER NODES: {e}; the cluster's seeds stay as they were");
+                return;
+            }
+        };
+        let mut client = self.client.lock();
+        if nodes.is_empty() || client.0 == nodes {
+            return;
+        }
+        match Seeds::client_over(&self.configured, &self.certificates, &nodes) {
+            Ok(new) => *client = (nodes, new),
+            Err(e) => tracing::warn!("redis: a client over the cluster's nodes {nodes:?}: {e}"),
+        }
+    }
+}
+
+/// The addresses of the nodes a `CLUSTER NODES` listing names, sorted, but for those known to
+/// have failed or whose address is not known yet.
+fn cluster_nodes(listing: &str) -> Vec<(String, u16)> {
+    let mut nodes: Vec<(String, u16)> = listing
+        .lines()
+        .filter_map(|line| {
+            // <id> <ip:port@cport[,hostname]> <flags> ...
+            let mut fields = line.split_whitespace().skip(1);
+            let (address, flags) = (fields.next()?, fields.next()?);
+            if flags.split(',').any(|flag| matches!(flag, "fail" | "noaddr" | "handshake")) {
+                return None;
+            }
+            let address = address.split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            let port: u16 = port.parse().ok()?;
+            (!host.is_empty() && port != 0).then(|| (host.to_owned(), port))
+        })
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    nodes
 }
 
 /// A connection to the server, or to the cluster (which routes each command to its node).
@@ -206,12 +305,7 @@ impl RedisTenants {
         let bad = |e: redis::RedisError| StoreError::Backend(format!("redis_url {url}: {e}"));
         let certificates = tls_certificates(url, &options.redis_tls)?;
         let target = if options.redis_cluster {
-            let mut builder =
-                redis::cluster::ClusterClient::builder([url]).connection_timeout(TIMEOUT).response_timeout(TIMEOUT);
-            if let Some(certificates) = certificates {
-                builder = builder.certs(certificates);
-            }
-            Target::Cluster(Box::new(builder.build().map_err(bad)?))
+            Target::Cluster(Box::new(Seeds::new(url, certificates).map_err(bad)?))
         } else if let Some(certificates) = certificates {
             Target::Server(Box::new(redis::Client::build_with_tls(url, certificates).map_err(bad)?))
         } else {
@@ -242,7 +336,11 @@ impl RedisTenants {
                 connection.set_write_timeout(Some(TIMEOUT))?;
                 Connection::Server(connection)
             }
-            Target::Cluster(client) => Connection::Cluster(Box::new(client.get_connection()?)),
+            Target::Cluster(seeds) => {
+                let mut connection = seeds.client().get_connection()?;
+                seeds.learn(&mut connection);
+                Connection::Cluster(Box::new(connection))
+            }
         };
         Ok(Pooled { connection, waitaof: None })
     }
@@ -274,7 +372,7 @@ impl RedisTenants {
                             .set_number_of_retries(0);
                         Counter::Server(ConnectionManager::new_lazy_with_config((**client).clone(), config)?)
                     }
-                    Target::Cluster(client) => Counter::Cluster(client.get_async_connection().await?),
+                    Target::Cluster(seeds) => Counter::Cluster(seeds.client().get_async_connection().await?),
                 })
             })
             .await?;
@@ -822,6 +920,20 @@ mod tests {
         let mut found = Vec::new();
         collect_lineages(&cluster, &mut found);
         assert_eq!(found, [lineage("bbb", 5, "000", -1)]);
+    }
+
+    #[test]
+    fn the_seeds_of_a_cluster_are_its_nodes_but_those_failed_or_without_an_address() {
+        let listing = "\
+            a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460\n\
+            b2 127.0.0.1:7002@17002,node-b master,fail - 1 1 2 disconnected\n\
+            c3 127.0.0.1:7003@17003 slave b2 0 2 3 connected\n\
+            d4 :0@0 master,noaddr - 0 0 0 disconnected\n\
+            e5 10.0.0.5:7005@17005 master,fail? - 0 0 4 connected 5461-10922\n\
+            f6 ::1:7006@17006 handshake - 0 0 0 connected\n";
+        let nodes = cluster_nodes(listing);
+        let expected = [("10.0.0.5", 7005), ("127.0.0.1", 7001), ("127.0.0.1", 7003)];
+        assert_eq!(nodes, expected.map(|(host, port)| (host.to_owned(), port)));
     }
 
     #[test]
