@@ -24,8 +24,10 @@ const SLOW_CLOSE: &str = "worker_persist: 3600\n";
 /// `GET {url}/items/{tenant}/count?consistency=strong`.
 fn strong_count(client: &Client, url: &str, tenant: &str) -> u64 {
     let reply = client.get(format!("{url}/items/{tenant}/count?consistency=strong")).send().unwrap();
-    assert_eq!(reply.status(), StatusCode::OK, "strong count of {tenant} at {url}");
-    reply.json::<Value>().unwrap()["count"].as_u64().unwrap()
+    let status = reply.status();
+    let body: Value = reply.json().unwrap();
+    assert_eq!(status, StatusCode::OK, "strong count of {tenant} at {url}: {body}");
+    body["count"].as_u64().unwrap()
 }
 
 /// `POST {url}{path}` with the JSON `body`: the status and the reply's JSON.
@@ -89,8 +91,8 @@ fn a_batch_posted_with_wait_counted_is_counted_everywhere_once_acknowledged() {
         expected.extend(batch_ids.iter().cloned());
         let items: Vec<(&str, &str)> = batch_ids.iter().map(|id| ("waited", id.as_str())).collect();
         let reply = client.post(format!("{url}/items?wait=counted")).body(batch(&items)).send().unwrap();
-        assert_eq!(reply.status(), StatusCode::OK);
-        assert_eq!(reply.json::<Value>().unwrap(), json!({"accepted": 50}));
+        let status = reply.status();
+        assert_eq!((status, reply.json::<Value>().unwrap()), (StatusCode::OK, json!({"accepted": 50})));
         // Plain counts, straight after the acknowledgement, at every worker.
         for &port in &ports {
             assert_eq!(count(&client, &worker_url(port), "waited"), expected.len() as u64, "round {round}");
@@ -103,7 +105,7 @@ fn strong_counts_are_exact_under_load_from_several_clients() {
     let (_cluster, _ports, _, coordinator) = running(3, "worker_persist: 0.5\n");
     let url = coordinator.url();
     // Other tenants' ingest meanwhile, so that barriers close logs holding others' items.
-    let load = Load::start(&url, 2, "background", false);
+    let load = Load::start_paced(&url, 2, "background", Duration::from_millis(2), Duration::from_secs(10));
     let readers: Vec<_> = (0..4)
         .map(|reader| {
             let url = url.clone();
@@ -228,6 +230,61 @@ redis_url: {}
 }
 
 #[test]
+fn tenants_list_in_byte_order_a_page_at_a_time_with_their_counts() {
+    let (_cluster, ports, _, coordinator) = running(2, SLOW_CLOSE);
+    let (client, url) = (client(), coordinator.url());
+    let names = ["b", "a/b", "a", "é", "a b", "ab", "B", "gone"];
+    for (i, name) in names.iter().enumerate() {
+        let items: Vec<String> = (0..=i).map(|n| n.to_string()).collect();
+        let items: Vec<(&str, &str)> = items.iter().map(|id| (*name, id.as_str())).collect();
+        let reply = client.post(format!("{url}/items?wait=counted")).body(batch(&items)).send().unwrap();
+        assert_eq!(reply.status(), StatusCode::OK);
+    }
+    delete(&client, &url, "gone");
+    let page = |query: &str| {
+        let reply = client.get(format!("{url}/tenants{query}")).send().unwrap();
+        assert_eq!(reply.status(), StatusCode::OK, "{query}");
+        reply.json::<Value>().unwrap()
+    };
+    let entry = |name: &str| {
+        let count = names.iter().position(|n| n == &name).unwrap() + 1;
+        json!({"tenant": name, "count": count})
+    };
+    let mut sorted: Vec<&str> = names.iter().copied().filter(|n| *n != "gone").collect();
+    sorted.sort();
+    let everyone: Vec<Value> = sorted.iter().map(|name| entry(name)).collect();
+    assert_eq!(page(""), json!({"tenants": everyone, "next": null}));
+    // A page at a time, at the coordinator and at a worker alike.
+    for at in [url.clone(), worker_url(ports[1])] {
+        let (mut listed, mut after) = (Vec::new(), None::<String>);
+        loop {
+            let query = match &after {
+                Some(after) => format!("/tenants?limit=3&after={}", urlencode(after)),
+                None => "/tenants?limit=3".to_owned(),
+            };
+            let reply: Value = client.get(format!("{at}{query}")).send().unwrap().json().unwrap();
+            listed.extend(reply["tenants"].as_array().unwrap().iter().cloned());
+            match reply["next"].as_str() {
+                Some(next) => after = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(listed, everyone, "paged at {at}");
+    }
+    let a: Vec<Value> = ["a", "a b", "a/b", "ab"].iter().map(|name| entry(name)).collect();
+    assert_eq!(page("?prefix=a"), json!({"tenants": a, "next": null}));
+    assert_eq!(page("?prefix=a&after=a%20b&limit=1"), json!({"tenants": [entry("a/b")], "next": "a/b"}));
+    assert_eq!(page("?prefix=zz"), json!({"tenants": [], "next": null}));
+}
+
+/// `text` percent-encoded for a query.
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+#[test]
 fn bad_reads_get_a_400_saying_why_and_change_nothing() {
     let (_cluster, ports, _, coordinator) = running(2, SLOW_CLOSE);
     let client = client();
@@ -248,6 +305,9 @@ fn bad_reads_get_a_400_saying_why_and_change_nothing() {
         // A batch with a bad `wait` is refused whole, before anything is stored.
         assert!(refused(post_raw("/items?wait=forever", &batch(&[("bad-wait", "1")]))).contains("wait"));
         assert_eq!(strong_count(&client, &url, "bad-wait"), 0);
+        assert!(refused(get("/tenants?limit=0")).contains("limit must be 1 to 10000"));
+        assert!(refused(get("/tenants?limit=10001")).contains("limit must be 1 to 10000"));
+        assert!(refused(get("/tenants?start=a")).contains("prefix, after and limit"));
         let wrong_method = client.get(format!("{url}/items/t/contains")).send().unwrap();
         error_message(wrong_method, StatusCode::METHOD_NOT_ALLOWED);
     }

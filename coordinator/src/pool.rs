@@ -104,7 +104,7 @@ impl Member {
         let bit = match kind {
             Kind::Batch => BATCHES,
             Kind::Read => COUNTS,
-            Kind::Barrier => return false,
+            Kind::Waits => return false,
         };
         self.answers_at_once.load(Ordering::Relaxed) & bit != 0
     }

@@ -25,6 +25,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(items_subpath)),
     )
     .service(resource("/counts").route(web::post().to(post_counts)))
+    .service(resource("/tenants").route(web::get().to(get_tenants)))
     .service(resource("/health").route(web::get().to(health)))
     .service(resource("/ready").route(web::get().to(ready)))
     .service(resource("/stats").route(web::get().to(stats)))
@@ -40,7 +41,7 @@ async fn post_items(
     state: web::Data<AppState>,
     upstream: web::Data<Upstream>,
 ) -> Result<HttpResponse, ApiError> {
-    let kind = if asks(&req, "wait", "counted") { Kind::Barrier } else { Kind::Batch };
+    let kind = if asks(&req, "wait", "counted") { Kind::Waits } else { Kind::Batch };
     forward_post(req, payload, &state, &upstream, kind).await
 }
 
@@ -53,6 +54,17 @@ async fn post_counts(
 ) -> Result<HttpResponse, ApiError> {
     let kind = read_kind(&req);
     forward_post(req, payload, &state, &upstream, kind).await
+}
+
+/// `GET /tenants`: forwarded with its query.
+async fn get_tenants(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    upstream: web::Data<Upstream>,
+) -> Result<HttpResponse, ApiError> {
+    let target = raw_target(&req)?;
+    // A page reads a thousand counts: never on a pipelined connection.
+    forward(&state, &upstream, Forward { method: Method::GET, target, body: Bytes::new(), kind: Kind::Waits }).await
 }
 
 /// Under `/items`: the routes of one tenant (see [`tenant_route`]), forwarded with the path
@@ -72,7 +84,7 @@ async fn items_subpath(
         TenantRoute::Contains => forward_post(req, payload, &state, &upstream, kind).await,
         TenantRoute::Tenant => {
             let target = raw_target(&req)?;
-            let delete = Forward { method: Method::DELETE, target, body: Bytes::new(), kind: Kind::Barrier };
+            let delete = Forward { method: Method::DELETE, target, body: Bytes::new(), kind: Kind::Waits };
             forward(&state, &upstream, delete).await
         }
     }
@@ -94,7 +106,7 @@ async fn forward_post(
 
 /// What a read asks of a worker: a barrier, if it is a strong one.
 fn read_kind(req: &HttpRequest) -> Kind {
-    if asks(req, "consistency", "strong") { Kind::Barrier } else { Kind::Read }
+    if asks(req, "consistency", "strong") { Kind::Waits } else { Kind::Read }
 }
 
 /// Whether the request's query sets `key` to `value`, percent-decoded as the worker reads it.

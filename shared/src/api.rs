@@ -41,6 +41,32 @@ pub struct Deleted {
     pub deleted: bool,
 }
 
+/// The reply to `GET /tenants`: a page of tenants in byte order of their names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenants {
+    /// The page's tenants, each with its count.
+    pub tenants: Vec<ListedTenant>,
+    /// The last tenant of the page, to pass as `after` for the next one; `null` on the last.
+    pub next: Option<String>,
+}
+
+/// One tenant of a [`Tenants`] page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedTenant {
+    /// Its name.
+    pub tenant: String,
+    /// Its distinct count, as an eventual count reads it; 0 where `error` says why not.
+    pub count: u64,
+    /// Why its count cannot be read, for a tenant in quarantine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Tenants one `GET /tenants` page holds by default, and at most.
+pub const TENANTS_PAGE: usize = 1_000;
+/// Tenants one `GET /tenants` page may hold at most (`limit`).
+pub const MAX_TENANTS_PAGE: usize = 10_000;
+
 /// Tenants one `POST /counts` may ask for, at most.
 pub const MAX_COUNTS_TENANTS: usize = 10_000;
 

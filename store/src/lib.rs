@@ -44,7 +44,7 @@ use log::writer::{Ticket, Writer};
 pub use partition::{DEFAULT_SHARDS, owner_of, shard_of};
 pub use report::{MergeReport, QuarantinedTenant, StoreStats};
 use sets::TenantSets;
-pub use sets::{Answer, Count};
+pub use sets::{Answer, Count, TenantPage};
 
 /// How a store is opened: which backend keeps the tenants' id sets, and where; the rest is
 /// [`Settings`], which a running store can change.
@@ -458,6 +458,12 @@ impl Store {
     /// any worker.
     pub fn contains<'a>(&'a self, tenant: &'a str, ids: &'a [String]) -> Answer<'a, Vec<bool>> {
         self.sets.contains(tenant, ids)
+    }
+
+    /// Up to `limit` tenants whose names start with `prefix` and come after `after`, in byte
+    /// order of their names, each with its count as of the latest merge by any worker.
+    pub fn list<'a>(&'a self, prefix: &'a str, after: &'a str, limit: usize) -> Answer<'a, TenantPage> {
+        self.sets.list(prefix, after, limit)
     }
 
     /// [`Store::count`] for callers outside an async runtime.

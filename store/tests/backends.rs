@@ -210,6 +210,20 @@ fn many_counts_and_memberships_answer_in_the_order_asked(backend: &Backend) {
     assert_eq!(answered(&runtime, store.contains("a", &asked)), [true, false, false, true, false]);
     assert_eq!(answered(&runtime, store.contains("never", &asked)), [false; 5]);
     assert!(answered(&runtime, store.contains("a", &[])).is_empty());
+    // Listed in byte order of their names, with their counts, a page at a time.
+    let listed = |prefix, after, limit| {
+        let page = answered(&runtime, store.list(prefix, after, limit));
+        let tenants: Vec<(String, u64)> = page.tenants.into_iter().map(|(t, n)| (t, n.unwrap())).collect();
+        (tenants, page.next)
+    };
+    let all = vec![("a".to_owned(), 10), ("b".to_owned(), 3), ("big".to_owned(), 3000)];
+    assert_eq!(listed("", "", 10), (all.clone(), None));
+    assert_eq!(listed("", "", 2), (all[..2].to_vec(), Some("b".to_owned())));
+    assert_eq!(listed("", "b", 2), (all[2..].to_vec(), None));
+    assert_eq!(listed("b", "", 10), (all[1..].to_vec(), None));
+    assert_eq!(listed("b", "b", 10), (all[2..].to_vec(), None));
+    assert_eq!(listed("c", "", 10), (Vec::new(), None));
+    assert_eq!(listed("", "big", 10), (Vec::new(), None));
 }
 
 fn a_barrier_makes_every_workers_items_visible(backend: &Backend) {
@@ -263,11 +277,15 @@ fn a_deleted_tenant_is_gone_for_good_and_counts_afresh(backend: &Backend) {
     };
     delete("small");
     delete("big");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for store in [&w1, &w2] {
         assert_eq!(store.count_blocking("small").unwrap(), 0);
         assert_eq!(store.count_blocking("big").unwrap(), 0);
         assert_eq!(store.count_blocking("kept").unwrap(), 7);
+        let page = answered(&runtime, store.list("", "", 10));
+        assert_eq!(page.tenants, [("kept".to_owned(), Ok(7))], "the deleted tenants are still listed");
     }
+    drop(runtime);
     if backend.kind == StoreKind::Json {
         assert_eq!(tenant_files(&backend.db(), "big"), Vec::<PathBuf>::new(), "the deleted tenant's files stay");
     }

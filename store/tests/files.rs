@@ -118,6 +118,27 @@ fn a_database_of_the_previous_release_opens_and_counts_every_id() {
     for (tenant, count) in &expected {
         assert_eq!(store.count_blocking(tenant).unwrap(), *count, "{tenant}");
     }
+    // Its tenants list in byte order, a page of 3 at a time: the shards' lists of names, which
+    // that release did not keep, are written from its tenant files.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (mut listed, mut after) = (Vec::new(), String::new());
+    loop {
+        let page = runtime.block_on(store.list("", &after, 3).get()).unwrap();
+        listed.extend(page.tenants.into_iter().map(|(tenant, count)| (tenant, count.unwrap())));
+        match page.next {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    let counted: Vec<(String, u64)> = expected.iter().filter(|(_, n)| **n > 0).map(|(t, n)| (t.clone(), *n)).collect();
+    assert_eq!(listed, counted);
+    for shard in fs::read_dir(db.join("shards")).unwrap() {
+        let shard = shard.unwrap().path();
+        let names: Vec<String> =
+            fs::read_dir(&shard).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let has_tenants = names.iter().any(|name| name.ends_with(".json") && name != "SHARD.json");
+        assert!(!has_tenants || names.contains(&"TENANTS".to_owned()), "{} has tenants, no list", shard.display());
+    }
     append(&store, "big", 0, 10);
     store.flush().unwrap();
     assert_eq!(store.count_blocking("big").unwrap(), expected["big"] + 10);

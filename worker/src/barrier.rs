@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::web;
+use countapp_server::edge;
 use countapp_server::http::ApiError;
 use countapp_shared::wire::{BARRIER_CLOSE_ROUTE, BARRIER_SETTLE_ROUTE, BARRIER_TIMEOUT, SettleRequest, Settled};
 use countapp_store::Store;
@@ -55,9 +56,12 @@ impl Default for Barriers {
     fn default() -> Self {
         // Straight to the workers, as the coordinator talks to them: a proxy from the
         // environment could not reach them, and no redirect leads anywhere a barrier should go.
+        // An idle connection is dropped well before a worker closes it, so that a barrier
+        // seldom sends on one that is closing (see `ask` for when it does).
         let http = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(edge::KEEP_ALIVE / 2)
             .build()
             .expect("an HTTP client without TLS builds");
         Barriers { queue: Mutex::new(Queue::default()), http }
@@ -211,7 +215,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Posts a barrier step to `peer`: its reply, or `None` if it refused the connection (it is
-/// not running). Any other failure fails the barrier: the peer may hold acknowledged items.
+/// not running). Any other failure fails the barrier, since the peer may hold acknowledged
+/// items; but one on a kept-alive connection that the peer was closing meanwhile is tried once
+/// more on a new one: both steps may be taken twice.
 async fn ask(
     http: &reqwest::Client,
     peer: &Peer,
@@ -220,19 +226,26 @@ async fn ask(
     deadline: Instant,
 ) -> Result<Option<Settled>, String> {
     let failed = |why: String| format!("worker {} did not take the barrier: {why}", peer.url);
-    let mut request =
-        http.post(format!("{}{route}", peer.url)).timeout(deadline.saturating_duration_since(Instant::now()));
-    if let Some(body) = body {
-        request = request.header("content-type", "application/json").body(body);
-    }
-    let mut response = match request.send().await {
+    let send = || {
+        let mut request =
+            http.post(format!("{}{route}", peer.url)).timeout(deadline.saturating_duration_since(Instant::now()));
+        if let Some(body) = &body {
+            request = request.header("content-type", "application/json").body(body.clone());
+        }
+        request.send()
+    };
+    let sent = match send().await {
+        Err(e) if e.is_request() && !e.is_timeout() && !e.is_connect() => send().await,
+        sent => sent,
+    };
+    let mut response = match sent {
         Ok(response) => response,
         Err(e) if e.is_connect() && !e.is_timeout() => return Ok(None),
-        Err(e) => return Err(failed(e.to_string())),
+        Err(e) => return Err(failed(error_chain(&e))),
     };
     let status = response.status();
     let mut bytes = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| failed(e.to_string()))? {
+    while let Some(chunk) = response.chunk().await.map_err(|e| failed(error_chain(&e)))? {
         if bytes.len() + chunk.len() > MAX_REPLY_BYTES {
             return Err(failed(format!("a reply over {MAX_REPLY_BYTES} bytes")));
         }
@@ -243,4 +256,15 @@ async fn ask(
         return Err(failed(format!("{status}: {why}")));
     }
     serde_json::from_slice(&bytes).map(Some).map_err(|e| failed(format!("a reply that is no barrier's: {e}")))
+}
+
+/// An error with its causes, which say what `reqwest`'s own message does not.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }

@@ -11,7 +11,8 @@ use actix_web::{HttpRequest, HttpResponse};
 use countapp_server::edge::body::{BodyLimits, read_body};
 use countapp_server::http::{ApiError, RequestCounter, TenantRoute, no_such_route, resource, tenant_route};
 use countapp_shared::api::{
-    Accepted, Consistency, Contains, Count, Counts, Deleted, MAX_CONTAINS_IDS, MAX_COUNTS_TENANTS, Wait,
+    Accepted, Consistency, Contains, Count, Counts, Deleted, ListedTenant, MAX_CONTAINS_IDS, MAX_COUNTS_TENANTS,
+    MAX_TENANTS_PAGE, TENANTS_PAGE, Tenants, Wait,
 };
 use countapp_shared::config::{Config, FsyncPolicy, StoreKind};
 use countapp_shared::token;
@@ -37,6 +38,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(items_subpath)),
     )
     .service(resource("/counts").route(web::post().to(post_counts)))
+    .service(resource("/tenants").route(web::get().to(get_tenants)))
     .service(resource(BARRIER_CLOSE_ROUTE).route(web::post().to(barrier_close)))
     .service(resource(BARRIER_SETTLE_ROUTE).route(web::post().to(barrier_settle)))
     .service(resource("/health").route(web::get().to(health)))
@@ -140,8 +142,23 @@ impl Query for IngestQuery {
     const TAKES: &'static str = "wait=durable (the default) or wait=counted";
 }
 
+impl Query for ListQuery {
+    const TAKES: &'static str = "prefix, after and limit (1 to 10000)";
+}
+
 impl Query for ReadQuery {
     const TAKES: &'static str = "consistency=eventual (the default) or consistency=strong";
+}
+
+/// The query of `GET /tenants`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+    #[serde(default)]
+    after: String,
+    limit: Option<usize>,
 }
 
 /// The request's query as `T`; a 400 for an unknown parameter or value. A request without a
@@ -246,6 +263,31 @@ async fn post_counts(
         Ok(counts) => Ok(HttpResponse::Ok().json(Counts { counts: tenants.into_iter().zip(counts).collect() })),
         Err(e) => Err(not_read(e, "one of the tenants")),
     }
+}
+
+/// `GET /tenants?prefix=&after=&limit=`: a page of the tenants whose names start with `prefix`
+/// and come after `after`, in byte order of their names, each with its eventual count.
+async fn get_tenants(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let store = state.store().cloned().ok_or_else(not_ready)?;
+    let ListQuery { prefix, after, limit } = query(&req)?;
+    let limit = limit.unwrap_or(TENANTS_PAGE);
+    if !(1..=MAX_TENANTS_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!("limit must be 1 to {MAX_TENANTS_PAGE}, not {limit}")));
+    }
+    let max = state.config.get().max_key_bytes.as_usize();
+    if prefix.len() > max || after.len() > max {
+        return Err(ApiError::BadRequest(format!("prefix and after are at most max_key_bytes ({max} bytes)")));
+    }
+    let page = store.list(&prefix, &after, limit).get().await.map_err(|e| not_read(e, "the listing"))?;
+    let tenants = page
+        .tenants
+        .into_iter()
+        .map(|(tenant, count)| match count {
+            Ok(count) => ListedTenant { tenant, count, error: None },
+            Err(why) => ListedTenant { tenant, count: 0, error: Some(why) },
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(Tenants { tenants, next: page.next }))
 }
 
 /// Waits for a barrier over the shards of `tenants` (see `barrier`).

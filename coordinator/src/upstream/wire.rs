@@ -32,9 +32,9 @@ pub(crate) enum Kind {
     Batch,
     /// A read of the sets: counts, membership.
     Read,
-    /// A request that waits for a barrier across the workers: a strong read, or a batch posted
-    /// with `wait=counted`.
-    Barrier,
+    /// A request the worker takes its time over: one that waits for a barrier across the
+    /// workers (a strong read, a batch posted with `wait=counted`, a delete), or a listing.
+    Waits,
 }
 
 /// A request to forward, as the client sent it.

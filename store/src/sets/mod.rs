@@ -54,6 +54,10 @@ pub(crate) trait TenantSets: Send + Sync {
     /// any worker.
     fn contains<'a>(&'a self, tenant: &'a str, ids: &'a [String]) -> Answer<'a, Vec<bool>>;
 
+    /// Up to `limit` tenants whose names start with `prefix` and come after `after`, in byte
+    /// order of their names, each with its count; tenants that count nothing are left out.
+    fn list<'a>(&'a self, prefix: &'a str, after: &'a str, limit: usize) -> Answer<'a, TenantPage>;
+
     /// Which of `shards` this worker vouches for after a round over `logs` (the listing the
     /// round merged): those whose runs in the listed final files, as far as this worker merges
     /// them, are all merged. See [`TenantSets::vouches_for_every_writer`] for what that covers.
@@ -101,6 +105,15 @@ pub enum Answer<'a, T> {
     Now(Result<T, StoreError>),
     /// The answer is on its way.
     Later(Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>),
+}
+
+/// A page of tenants in the order of their names, as [`TenantSets::list`] answers it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantPage {
+    /// Each tenant with its count, or why its count cannot be read (a tenant in quarantine).
+    pub tenants: Vec<(String, Result<u64, String>)>,
+    /// The page's last tenant, to ask for the next page after, while there may be more.
+    pub next: Option<String>,
 }
 
 /// A tenant's count, as [`TenantSets::count`] answers it.

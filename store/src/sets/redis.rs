@@ -41,7 +41,7 @@ use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, ServerErrorKind, Value};
 
-use super::{Answer, Count, TenantSets};
+use super::{Answer, Count, TenantPage, TenantSets};
 use crate::log::{self, Contents, LogDir, LogFile, WorkerLog};
 use crate::{MergeReport, QuarantinedTenant, RedisTls, Settings, StoreError, StoreOptions, disk};
 
@@ -405,6 +405,15 @@ impl Counter {
     }
 }
 
+/// A bound of a `ZRANGEBYLEX`: `bound` (`(` exclusive, `[` inclusive), `name`, then `more`.
+fn lex(bound: u8, name: &str, more: &[u8]) -> Vec<u8> {
+    let mut arg = Vec::with_capacity(1 + name.len() + more.len());
+    arg.push(bound);
+    arg.extend_from_slice(name.as_bytes());
+    arg.extend_from_slice(more);
+    arg
+}
+
 /// The certificates of a TLS connection to `url`, read from the files `tls` names, if `url` is a
 /// `rediss://` one; the system's roots where no CA file is given.
 fn tls_certificates(url: &str, tls: &RedisTls) -> Result<Option<redis::TlsCertificates>, StoreError> {
@@ -424,6 +433,10 @@ fn tls_certificates(url: &str, tls: &RedisTls) -> Result<Option<redis::TlsCertif
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Backend(format!("redis: {e}"))
 }
+
+/// The key of the sorted set that names every tenant with a set, each with score 0, so that
+/// `ZRANGEBYLEX` lists them in byte order.
+const NAMES_KEY: &str = "countapp:tenants";
 
 /// The key of a tenant's set. The name is kept readable, but `{` and `}` (which would make
 /// part of it a Redis Cluster hash tag, piling tenants onto one slot) and `%` are
@@ -460,6 +473,17 @@ impl RedisTenants {
         report.add_damage(damage);
         for (tenant, ids) in &by_tenant {
             report.new_ids += sadd(connection, tenant, ids).map_err(unavailable)?;
+        }
+        // Named in the list of tenants once their ids are in: a crash between leaves a set
+        // unlisted only until the file is merged again, as it will be.
+        let tenants: Vec<&str> = by_tenant.keys().copied().collect();
+        for chunk in tenants.chunks(SADD_CHUNK) {
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(NAMES_KEY);
+            for tenant in chunk {
+                zadd.arg(0).arg(*tenant);
+            }
+            connection.query::<u64>(&zadd).map_err(unavailable)?;
         }
         report.tenants += by_tenant.len() as u64;
         report.log_files += 1;
@@ -749,6 +773,39 @@ impl TenantSets for RedisTenants {
         self.failing.load(Ordering::Relaxed)
     }
 
+    /// The list of tenants' names (`ZRANGEBYLEX`), a batch at a time, each name with its
+    /// `SCARD`: a name whose set is gone (deleted since) is left out.
+    fn list<'a>(&'a self, prefix: &'a str, after: &'a str, limit: usize) -> Answer<'a, TenantPage> {
+        Answer::Later(Box::pin(self.read(move |mut counter| async move {
+            let mut page = TenantPage::default();
+            let mut min = if after >= prefix { lex(b'(', after, b"") } else { lex(b'[', prefix, b"") };
+            // No UTF-8 string holds the byte 0xff: every name that starts with `prefix` is below.
+            let max = if prefix.is_empty() { b"+".to_vec() } else { lex(b'(', prefix, &[0xff]) };
+            loop {
+                let want = limit - page.tenants.len() + 1;
+                let mut range = redis::cmd("ZRANGEBYLEX");
+                range.arg(NAMES_KEY).arg(&min).arg(&max).arg("LIMIT").arg(0).arg(want);
+                let names: Vec<String> = counter.query(&range).await?;
+                let scards = names.iter().map(|name| {
+                    let (mut counter, scard) = (counter.clone(), redis::cmd("SCARD").arg(tenant_key(name)).to_owned());
+                    async move { counter.query::<u64>(&scard).await }
+                });
+                let counts = futures_util::future::try_join_all(scards).await?;
+                for (name, count) in names.iter().zip(counts).filter(|(_, count)| *count > 0) {
+                    if page.tenants.len() == limit {
+                        page.next = page.tenants.last().map(|(tenant, _)| tenant.clone());
+                        return Ok(page);
+                    }
+                    page.tenants.push((name.clone(), Ok(count)));
+                }
+                match names.last() {
+                    Some(last) if names.len() == want => min = lex(b'(', last, b""),
+                    _ => return Ok(page),
+                }
+            }
+        })))
+    }
+
     /// Notes when a deletion of `tenants` was first asked: consumed log files from before then
     /// must be gone before their sets may go.
     fn delete_in_round(&self, tenants: &[String]) {
@@ -775,6 +832,7 @@ impl TenantSets for RedisTenants {
         self.with(|connection| {
             for tenant in tenants {
                 connection.query::<u64>(redis::cmd("UNLINK").arg(tenant_key(tenant))).map_err(unavailable)?;
+                connection.query::<u64>(redis::cmd("ZREM").arg(NAMES_KEY).arg(tenant)).map_err(unavailable)?;
             }
             self.confirm(connection, handoff)
         })?;

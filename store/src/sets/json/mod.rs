@@ -27,14 +27,17 @@
 
 mod commit;
 mod idset;
+mod names;
 mod naming;
 mod quarantine;
 mod tenant;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,7 +47,7 @@ use hashbrown::{HashMap, HashSet};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::{Answer, Count, TenantSets};
+use super::{Answer, Count, TenantPage, TenantSets};
 use crate::backoff::Backoff;
 use crate::layout::shard_dir;
 use crate::log::record::Run;
@@ -106,6 +109,9 @@ struct OwnedShard {
     files: Option<HashSet<String>>,
     /// The tenants of `record.quarantined`, read from their quarantine files.
     quarantined: HashMap<String, Quarantine>,
+    /// Whether the shard has no list of its tenants' names yet (one written by an earlier
+    /// release): the next round writes it (see `names`).
+    unnamed: bool,
 }
 
 /// The shards a log file holds runs of, one bit each.
@@ -208,6 +214,8 @@ pub(crate) struct Shards {
     /// unlinks the old file: while the open file still has a link and is unchanged (nobody
     /// wrote into it by hand), the count read from it is current, and a count costs one `fstat`.
     counts: Mutex<HashMap<String, (File, Unchanged, u64)>>,
+    /// Each shard's names, sorted, as its list was when read; a list that changes is read again.
+    names: Mutex<HashMap<u16, ShardNames>>,
 }
 
 impl Shards {
@@ -222,12 +230,19 @@ impl Shards {
             state: Mutex::new(MergeState::default()),
             behind_since: Mutex::new(None),
             counts: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
         }
     }
 
     /// The tenant's distinct count as of the latest merge by any worker, read from its file (or
     /// the file held open since).
     fn count_file(&self, tenant: &str) -> Result<u64, StoreError> {
+        self.read_count_of(tenant, true)
+    }
+
+    /// [`Shards::count_file`]; keeping the file open for the next count only with `keep` (a
+    /// listing reads a thousand counts once each, and would only evict those read often).
+    fn read_count_of(&self, tenant: &str, keep: bool) -> Result<u64, StoreError> {
         if let Some((file, unchanged, count)) = self.counts.lock().get(tenant)
             && file.metadata().is_ok_and(|m| m.nlink() > 0 && Unchanged::of(&m) == *unchanged)
         {
@@ -242,7 +257,7 @@ impl Shards {
         };
         let unchanged = file.metadata().map(|m| Unchanged::of(&m));
         let count = read_count(&path, &read_all(&mut file, &path)?, tenant)?;
-        if quarantine {
+        if quarantine || !keep {
             return Ok(count);
         }
         let mut counts = self.counts.lock();
@@ -253,6 +268,57 @@ impl Shards {
             counts.insert(tenant.to_owned(), (file, unchanged, count));
         }
         Ok(count)
+    }
+
+    /// The names of `shard`'s tenants, sorted: from its list, read again when it changed.
+    fn shard_names(&self, shard: u16) -> Result<Arc<Vec<String>>, StoreError> {
+        let dir = shard_dir(&self.root, shard);
+        let version = match fs::metadata(dir.join(names::NAMES_FILE)) {
+            Ok(metadata) => Some((metadata.ino(), Unchanged::of(&metadata))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StoreError::io(format!("cannot look at the names of shard {shard}"), e)),
+        };
+        if let Some((known, names)) = self.names.lock().get(&shard)
+            && version.is_some()
+            && *known == version
+        {
+            return Ok(names.clone());
+        }
+        let names: Arc<Vec<String>> = Arc::new(names::read(&dir)?.0.into_iter().collect());
+        self.names.lock().insert(shard, (version, names.clone()));
+        Ok(names)
+    }
+
+    /// A page of the tenants (see [`TenantSets::list`]): the shards' sorted lists merged, from
+    /// the first name past `after` that `prefix` allows.
+    fn list_names(&self, prefix: &str, after: &str, limit: usize) -> Result<TenantPage, StoreError> {
+        let lists = (0..self.shards).map(|shard| self.shard_names(shard)).collect::<Result<Vec<_>, _>>()?;
+        let mut heap = BinaryHeap::new();
+        for (list, names) in lists.iter().enumerate() {
+            let at = names.partition_point(|name| name.as_str() <= after || name.as_str() < prefix);
+            if let Some(name) = names.get(at) {
+                heap.push(Reverse((name.as_str(), list, at)));
+            }
+        }
+        let mut page = TenantPage::default();
+        while let Some(Reverse((name, list, at))) = heap.pop() {
+            if !name.starts_with(prefix) {
+                break;
+            }
+            if page.tenants.len() == limit {
+                page.next = page.tenants.last().map(|(tenant, _)| tenant.clone());
+                break;
+            }
+            if let Some(next) = lists[list].get(at + 1) {
+                heap.push(Reverse((next.as_str(), list, at + 1)));
+            }
+            match self.read_count_of(name, false) {
+                // Listed, but without a file: deleted, or named by a round that failed.
+                Ok(0) => {}
+                counted => page.tenants.push((name.to_owned(), counted.map_err(|e| e.to_string()))),
+            }
+        }
+        Ok(page)
     }
 
     /// Whether each of `ids` is in `tenant`'s set as its files hold it; an error for a tenant in
@@ -483,6 +549,10 @@ impl Shards {
         report: &mut MergeReport,
     ) -> Result<Vec<String>, StoreError> {
         let dir = shard_dir(&self.root, shard);
+        // The shard's list of names, where this round writes it whole: a shard that has none
+        // yet, or one losing a tenant. Otherwise a new tenant's name is appended.
+        let mut rewrite = if state.unnamed { Some(names::read(&dir)?.0) } else { None };
+        state.unnamed = false;
         self.retry_quarantined(shard, record, state, commit, report)?;
         for (name, runs) in tenants {
             let file_name = tenant_file_name(name);
@@ -509,8 +579,14 @@ impl Shards {
                     commit.absorb(staged);
                     report.new_ids += new;
                     report.tenants += 1;
-                    if let Some(files) = &mut state.files {
-                        files.insert(file_name);
+                    if let Some(files) = &mut state.files
+                        && files.insert(file_name)
+                    {
+                        // Its first file: named in the shard's list before the file is in place.
+                        match &mut rewrite {
+                            Some(listed) => drop(listed.insert((*name).to_owned())),
+                            None => commit.append(&dir.join(names::NAMES_FILE), &names::line(name))?,
+                        }
                     }
                 }
                 Err(e) => {
@@ -575,6 +651,13 @@ impl Shards {
                 }
                 dropped.push(tenant.clone());
             }
+        }
+        if !dropped.is_empty() && rewrite.is_none() {
+            rewrite = Some(names::read(&dir)?.0);
+        }
+        if let Some(mut listed) = rewrite {
+            listed.retain(|name| !dropped.contains(name));
+            names::stage(commit, &dir, &listed)?;
         }
         self.stage_record(commit, Step::Progress, shard, record)?;
         Ok(dropped)
@@ -778,6 +861,7 @@ impl TenantSets for Shards {
                         continue;
                     }
                 };
+                let unnamed = names::missing(&shard_dir(&self.root, shard));
                 owned.insert(
                     shard,
                     OwnedShard {
@@ -786,6 +870,7 @@ impl TenantSets for Shards {
                         tenants: HashMap::new(),
                         files: None,
                         quarantined: HashMap::new(),
+                        unnamed,
                     },
                 );
             }
@@ -819,7 +904,7 @@ impl TenantSets for Shards {
             }
         }
         for (&shard, state) in owned.iter_mut() {
-            if state.record.rebuilt || quarantine_due(shard, state, &self.root)? {
+            if state.record.rebuilt || state.unnamed || quarantine_due(shard, state, &self.root)? {
                 with_runs.insert(shard);
             }
         }
@@ -857,6 +942,10 @@ impl TenantSets for Shards {
 
     fn contains<'a>(&'a self, tenant: &'a str, ids: &'a [String]) -> Answer<'a, Vec<bool>> {
         Answer::Now(self.contains_in_files(tenant, ids))
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str, after: &'a str, limit: usize) -> Answer<'a, TenantPage> {
+        Answer::Now(self.list_names(prefix, after, limit))
     }
 
     /// The shards among `shards` that this worker owns and whose runs in every listed final
@@ -969,7 +1058,7 @@ fn tenant_file_name(tenant: &str) -> String {
 
 /// The names of the tenant files in the shard directory `dir`, with those of tenants that have
 /// a directory of segments but lost their file, whose manifest is to be rebuilt.
-fn list_tenant_files(dir: &Path) -> Result<HashSet<String>, StoreError> {
+pub(super) fn list_tenant_files(dir: &Path) -> Result<HashSet<String>, StoreError> {
     let mut files = HashSet::new();
     for entry in disk::entries(dir)? {
         let Ok(name) = entry.file_name().into_string() else { continue };
@@ -981,6 +1070,10 @@ fn list_tenant_files(dir: &Path) -> Result<HashSet<String>, StoreError> {
     }
     Ok(files)
 }
+
+/// A shard's names, sorted, with the version of its list they were read from: its inode and
+/// [`Unchanged`], or none for a shard without a list, whose names are read every time.
+type ShardNames = (Option<(u64, Unchanged)>, Arc<Vec<String>>);
 
 /// A file's length and modification time, which change if anything writes into it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
