@@ -395,6 +395,46 @@ fn without_an_append_only_file_a_merged_log_file_waits_out_the_grace() {
 
 /// A server whose certificate an authority other than the one the client trusts signed is
 /// refused: nothing is merged into it, and a count says why.
+/// Sets written by the release before tenants were listed, which named them nowhere, are listed
+/// once a worker of this release has run a round, on a server and on a cluster alike.
+#[test]
+fn the_sets_of_the_release_before_listing_are_listed() {
+    let earlier = [("a", 3), ("{tagged}", 2), ("50%", 1)];
+    let write = |cli: &dyn Fn(&[&str]) -> String| {
+        for (tenant, ids) in earlier {
+            let key = format!("countapp:tenant:{}", tenant.replace('%', "%25").replace('{', "%7B").replace('}', "%7D"));
+            let ids: Vec<String> = (0..ids).map(|i| i.to_string()).collect();
+            let mut args = vec!["SADD", key.as_str()];
+            args.extend(ids.iter().map(String::as_str));
+            cli(&args);
+        }
+    };
+    let expected: Vec<(String, Result<u64, String>)> =
+        [("50%", 1), ("a", 3), ("{tagged}", 2)].iter().map(|(t, n)| (t.to_string(), Ok(*n))).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+
+    let server = Backend::redis();
+    let redis = server.redis.as_ref().unwrap();
+    write(&|args| redis.cli(args));
+    let store = server.open("w1");
+    store.flush().unwrap();
+    assert_eq!(runtime.block_on(store.list("", "", 10).get()).unwrap().tenants, expected);
+
+    let cluster = countapp_testcluster::redis::RedisCluster::start(3);
+    write(&|args| cluster.nodes()[0].cli(&[&["-c"][..], args].concat()));
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        store: StoreKind::Redis,
+        redis_url: Some(cluster.url()),
+        redis_cluster: true,
+        shards: 8,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&dir.path().join("db"), "w1", options).unwrap();
+    store.flush().unwrap();
+    assert_eq!(runtime.block_on(store.list("", "", 10).get()).unwrap().tenants, expected);
+}
+
 #[test]
 fn a_server_vouched_for_by_a_foreign_authority_is_refused() {
     let ours = Certificates::make();

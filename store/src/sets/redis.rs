@@ -39,6 +39,7 @@ use countapp_shared::wire::REDIS_COUNT_TIMEOUT;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{ErrorKind, ServerErrorKind, Value};
 
 use super::{Answer, Count, TenantPage, TenantSets};
@@ -191,6 +192,46 @@ impl Pooled {
             Connection::Cluster(connection) => cmd.query(connection.as_mut()),
         }
     }
+
+    /// The keys of every tenant set: `SCAN` over the server, or over each node of a cluster.
+    fn tenant_keys(&mut self) -> redis::RedisResult<Vec<String>> {
+        let scan = |cursor: u64| {
+            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(TENANT_KEYS).arg("COUNT").arg(1000).to_owned()
+        };
+        let mut keys = Vec::new();
+        match &mut self.connection {
+            Connection::Server(connection) => {
+                let mut cursor = 0;
+                loop {
+                    let (next, batch): (u64, Vec<String>) = scan(cursor).query(connection)?;
+                    keys.extend(batch);
+                    if next == 0 {
+                        return Ok(keys);
+                    }
+                    cursor = next;
+                }
+            }
+            Connection::Cluster(connection) => {
+                let listing: String = redis::cmd("CLUSTER").arg("NODES").query(connection.as_mut())?;
+                for (host, port) in cluster_nodes(&listing) {
+                    let node = SingleNodeRoutingInfo::ByAddress { host, port };
+                    let mut cursor = 0;
+                    loop {
+                        let reply = connection.route_command(&scan(cursor), RoutingInfo::SingleNode(node.clone()))?;
+                        let (next, batch): (u64, Vec<String>) = redis::from_redis_value(reply)?;
+                        keys.extend(batch);
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                }
+                keys.sort_unstable();
+                keys.dedup();
+                Ok(keys)
+            }
+        }
+    }
 }
 
 /// The async connection of counts: multiplexed, so that every request shares it.
@@ -285,6 +326,8 @@ pub(crate) struct RedisTenants {
     /// backlog then grows for want of Redis, not because ingest outruns it, and the log takes
     /// the ingest meanwhile, up to `max_pending_items`.
     failing: AtomicBool,
+    /// Whether the sets of an earlier release are named for listing (see `name_earlier_sets`).
+    named_earlier: AtomicBool,
     /// The tenants a barrier last asked to delete, and since when.
     delete_asked: Mutex<Option<(Vec<String>, Instant)>>,
     /// How fast this worker's merges go, in log bytes per second of merging: an average over
@@ -323,6 +366,7 @@ impl RedisTenants {
             told_grace: AtomicBool::new(false),
             waiting: Mutex::new((None, 0)),
             failing: AtomicBool::new(false),
+            named_earlier: AtomicBool::new(false),
             delete_asked: Mutex::new(None),
             merge_rate: Mutex::new(None),
         })
@@ -438,6 +482,19 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 /// `ZRANGEBYLEX` lists them in byte order.
 const NAMES_KEY: &str = "countapp:tenants";
 
+/// The key whose presence says that every tenant set is named in [`NAMES_KEY`]: set once the
+/// sets of an earlier release, which kept no list, are named.
+const NAMES_COMPLETE_KEY: &str = "countapp:tenants:complete";
+
+/// The pattern of every tenant set's key.
+const TENANT_KEYS: &str = "countapp:tenant:*";
+
+/// The tenant whose set has the key `key`, as [`tenant_key`] made it.
+fn tenant_of_key(key: &str) -> Option<String> {
+    let name = key.strip_prefix("countapp:tenant:")?;
+    Some(name.replace("%7B", "{").replace("%7D", "}").replace("%25", "%"))
+}
+
 /// The key of a tenant's set. The name is kept readable, but `{` and `}` (which would make
 /// part of it a Redis Cluster hash tag, piling tenants onto one slot) and `%` are
 /// percent-encoded, so distinct tenants keep distinct keys.
@@ -490,8 +547,44 @@ impl RedisTenants {
         Ok(true)
     }
 
+    /// Names in [`NAMES_KEY`] the tenant sets of an earlier release, which kept no list, once:
+    /// the first round of a run asks whether [`NAMES_COMPLETE_KEY`] says that was done, and if
+    /// not, scans the keys. A failure is told, and the next round tries again.
+    fn name_earlier_sets(&self) {
+        if self.named_earlier.load(Ordering::Relaxed) {
+            return;
+        }
+        let named = self.with(|connection| {
+            if connection.query::<bool>(redis::cmd("EXISTS").arg(NAMES_COMPLETE_KEY)).map_err(unavailable)? {
+                return Ok(None);
+            }
+            let tenants: Vec<String> =
+                connection.tenant_keys().map_err(unavailable)?.iter().filter_map(|key| tenant_of_key(key)).collect();
+            for chunk in tenants.chunks(SADD_CHUNK) {
+                let mut zadd = redis::cmd("ZADD");
+                zadd.arg(NAMES_KEY);
+                for tenant in chunk {
+                    zadd.arg(0).arg(tenant);
+                }
+                connection.query::<u64>(&zadd).map_err(unavailable)?;
+            }
+            connection.query::<()>(redis::cmd("SET").arg(NAMES_COMPLETE_KEY).arg(1)).map_err(unavailable)?;
+            Ok(Some(tenants.len()))
+        });
+        match named {
+            Ok(named) => {
+                if let Some(tenants) = named {
+                    tracing::info!(tenants, "the tenant sets of an earlier release are named for listing");
+                }
+                self.named_earlier.store(true, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot name the tenant sets of an earlier release yet"),
+        }
+    }
+
     /// The round [`TenantSets::merge`] runs; see there.
     fn merge_logs(&self, logs: &[WorkerLog], report: &mut MergeReport) -> Result<(), StoreError> {
+        self.name_earlier_sets();
         let worker = self.worker.as_str();
         // What this worker is to merge: its own final files, and those of dead workers; the
         // files it consumed only wait out their grace. Until merged, they are its lag.
@@ -949,6 +1042,9 @@ mod tests {
         let keys: std::collections::HashSet<String> = tenants.iter().map(|t| tenant_key(t)).collect();
         assert_eq!(keys.len(), tenants.len());
         assert!(keys.iter().all(|k| !k.contains('{') && !k.contains('}')));
+        for tenant in tenants {
+            assert_eq!(tenant_of_key(&tenant_key(tenant)).as_deref(), Some(tenant));
+        }
     }
 
     fn info(role: &str, replid: &str, offset: u64, replid2: &str, offset2: i64) -> Value {
