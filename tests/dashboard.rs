@@ -86,6 +86,14 @@ fn the_dashboard_shows_workers_a_restart_a_tenant_count_and_a_bad_config_live() 
         t.contains("distinct ids") && t.contains("“other”")
     });
     assert!(shown.starts_with("2 distinct ids"), "{shown}");
+    // Membership, strong: a batch acknowledged just now is found at once.
+    assert_eq!(post(&client, &url, batch(&[("other", "just-now")])).status(), StatusCode::OK);
+    browser.fill("#membership-ids", "a, zzz just-now");
+    browser.click("#membership-button");
+    let shown = browser.wait_text("#membership-result", WAIT, "the membership", |t| t.contains(" of 3 in"));
+    assert!(shown.starts_with("2 of 3 in “other”"), "{shown}");
+    let contains = browser.script("return document.querySelector('#membership-result').dataset.contains");
+    assert_eq!(contains, json!("[true,false,true]"));
 
     // A worker killed with SIGKILL: the page shows it restarting (or its restart, if that took
     // less than a refresh), then ready again with a new pid, all without a reload.

@@ -401,41 +401,79 @@
     $("legend").replaceChildren(total, ...items);
   }
 
-  // Tenant lookup, through the coordinator like any client.
+  // Tenant lookup, through the coordinator like any client: strong reads, which count every id
+  // acknowledged before the question.
 
-  async function lookup(event) {
-    event.preventDefault();
+  // The tenant typed in, as a path segment; null (with why, in `result`) if there is none to ask.
+  function tenantPath(result) {
     const tenant = $("lookup-tenant").value;
-    const result = $("lookup-result");
     result.className = "lookup-result";
     if (tenant === "") {
       result.textContent = "Type a tenant name first.";
-      return;
+      return null;
     }
     // A browser resolves "." and ".." path segments (even percent-encoded) before sending.
     if (tenant === "." || tenant === "..") {
       result.className = "lookup-result failed";
       result.textContent = "A browser cannot ask for the tenant “" + tenant + "”: it rewrites that URL. Use curl --path-as-is.";
-      return;
+      return null;
     }
-    result.textContent = "Counting “" + tenant + "”…";
+    return "/items/" + encodeURIComponent(tenant);
+  }
+
+  // Asks `path` (with `init`), and hands a 200's JSON body to `shown`; a failure goes in `result`.
+  async function ask(result, path, init, shown) {
     try {
-      const reply = await fetch("/items/" + encodeURIComponent(tenant) + "/count", { cache: "no-store" });
+      const reply = await fetch(path, { cache: "no-store", ...init });
       const body = await reply.json().catch(() => null);
-      if (reply.ok && body && typeof body.count === "number") {
-        const count = el("span", { className: "count", textContent: integer.format(body.count) });
-        result.replaceChildren(count, " distinct ids for tenant “" + tenant + "” (asked at " + clock(Date.now()) + ")");
-        result.dataset.count = String(body.count);
-      } else {
-        result.className = "lookup-result failed";
-        result.textContent = "✕ " + ((body && body.error) || "HTTP " + reply.status);
-        delete result.dataset.count;
+      if (reply.ok && body) {
+        shown(body);
+        return;
       }
+      result.className = "lookup-result failed";
+      result.textContent = "✕ " + ((body && body.error) || "HTTP " + reply.status);
     } catch (e) {
       result.className = "lookup-result failed";
       result.textContent = "✕ The coordinator did not answer: " + e.message;
-      delete result.dataset.count;
     }
+  }
+
+  async function lookup(event) {
+    event.preventDefault();
+    const result = $("lookup-result");
+    delete result.dataset.count;
+    const path = tenantPath(result);
+    if (path === null) return;
+    const tenant = $("lookup-tenant").value;
+    result.textContent = "Counting “" + tenant + "”…";
+    await ask(result, path + "/count?consistency=strong", {}, (body) => {
+      const count = el("span", { className: "count", textContent: integer.format(body.count) });
+      const asked = " (every id acknowledged before " + clock(Date.now()) + ")";
+      result.replaceChildren(count, " distinct ids for tenant “" + tenant + "”" + asked);
+      result.dataset.count = String(body.count);
+    });
+  }
+
+  async function membership(event) {
+    event.preventDefault();
+    const result = $("membership-result");
+    delete result.dataset.contains;
+    const path = tenantPath(result);
+    if (path === null) return;
+    const ids = $("membership-ids").value.split(/[\s,]+/).filter((id) => id !== "");
+    if (ids.length === 0) {
+      result.textContent = "Type ids, separated by commas or spaces.";
+      return;
+    }
+    const tenant = $("lookup-tenant").value;
+    result.textContent = "Looking for " + ids.length + " ids in “" + tenant + "”…";
+    const init = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(ids) };
+    await ask(result, path + "/contains?consistency=strong", init, (body) => {
+      const found = body.contains.filter(Boolean).length;
+      const each = ids.map((id, i) => el("li", { className: body.contains[i] ? "in" : "out", textContent: (body.contains[i] ? "✓ " : "✕ ") + id }));
+      result.replaceChildren(found + " of " + ids.length + " in “" + tenant + "”", el("ul", { className: "ids" }, each));
+      result.dataset.contains = JSON.stringify(body.contains);
+    });
   }
 
   document.addEventListener("visibilitychange", () => {
@@ -443,5 +481,6 @@
   });
   window.addEventListener("resize", drawCharts);
   $("lookup").addEventListener("submit", lookup);
+  $("membership").addEventListener("submit", membership);
   poll();
 })();

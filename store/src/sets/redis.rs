@@ -48,6 +48,9 @@ use crate::{MergeReport, QuarantinedTenant, RedisTls, Settings, StoreError, Stor
 
 /// Ids per `SADD`: large enough to amortize the round trip, small enough not to stall Redis.
 const SADD_CHUNK: usize = 10_000;
+/// Bytes of ids per pipeline of `SADD`s, about: one round trip for many small tenants, and a
+/// bounded buffer for a large log file.
+const PIPELINE_BYTES: usize = 4 << 20;
 /// How long connecting, and every command of a merge, may take before Redis counts as
 /// unreachable.
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -528,20 +531,7 @@ impl RedisTenants {
             by_tenant.entry(run.tenant).or_default().extend(run.ids());
         });
         report.add_damage(damage);
-        for (tenant, ids) in &by_tenant {
-            report.new_ids += sadd(connection, tenant, ids).map_err(unavailable)?;
-        }
-        // Named in the list of tenants once their ids are in: a crash between leaves a set
-        // unlisted only until the file is merged again, as it will be.
-        let tenants: Vec<&str> = by_tenant.keys().copied().collect();
-        for chunk in tenants.chunks(SADD_CHUNK) {
-            let mut zadd = redis::cmd("ZADD");
-            zadd.arg(NAMES_KEY);
-            for tenant in chunk {
-                zadd.arg(0).arg(*tenant);
-            }
-            connection.query::<u64>(&zadd).map_err(unavailable)?;
-        }
+        report.new_ids += sadd(connection, &by_tenant).map_err(unavailable)?;
         report.tenants += by_tenant.len() as u64;
         report.log_files += 1;
         Ok(true)
@@ -959,21 +949,65 @@ impl TenantSets for RedisTenants {
     }
 }
 
-/// Adds `ids` to `tenant`'s set in one round trip; returns how many of them were new to it.
-fn sadd(connection: &mut Pooled, tenant: &str, ids: &[&[u8]]) -> redis::RedisResult<u64> {
-    let key = tenant_key(tenant);
+/// Adds each tenant's ids in `by_tenant` to its set, and names the tenants in [`NAMES_KEY`] (once
+/// their ids are in: a crash between leaves a set unlisted only until its log file is merged
+/// again, as it will be); returns how many ids were new. One round trip per pipeline of about
+/// [`PIPELINE_BYTES`] of ids, however many tenants: a round trip per tenant would cost a file
+/// of many small tenants a round trip per id or two.
+fn sadd(connection: &mut Pooled, by_tenant: &HashMap<&str, Vec<&[u8]>>) -> redis::RedisResult<u64> {
+    let mut new = 0;
+    let mut commands: Vec<redis::Cmd> = Vec::new();
+    let mut bytes = 0;
+    for (tenant, ids) in by_tenant {
+        let key = tenant_key(tenant);
+        for chunk in ids.chunks(SADD_CHUNK) {
+            commands.push(redis::cmd("SADD").arg(&key).arg(chunk).to_owned());
+            bytes += chunk.iter().map(|id| id.len()).sum::<usize>();
+            if bytes >= PIPELINE_BYTES {
+                new += send_sadds(connection, std::mem::take(&mut commands), &[])?;
+                bytes = 0;
+            }
+        }
+    }
+    let tenants: Vec<&str> = by_tenant.keys().copied().collect();
+    let names: Vec<redis::Cmd> = tenants
+        .chunks(SADD_CHUNK)
+        .map(|chunk| {
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(NAMES_KEY);
+            for tenant in chunk {
+                zadd.arg(0).arg(*tenant);
+            }
+            zadd
+        })
+        .collect();
+    Ok(new + send_sadds(connection, commands, &names)?)
+}
+
+/// Sends `sadds`, then `then` (whose replies are ignored), in one pipeline; returns the sum of
+/// the `SADD` replies.
+fn send_sadds(connection: &mut Pooled, sadds: Vec<redis::Cmd>, then: &[redis::Cmd]) -> redis::RedisResult<u64> {
+    if sadds.is_empty() && then.is_empty() {
+        return Ok(0);
+    }
     let replies: Vec<u64> = match &mut connection.connection {
         Connection::Server(connection) => {
             let mut pipeline = redis::pipe();
-            for chunk in ids.chunks(SADD_CHUNK) {
-                pipeline.cmd("SADD").arg(&key).arg(chunk);
+            for sadd in sadds {
+                pipeline.add_command(sadd);
+            }
+            for cmd in then {
+                pipeline.add_command(cmd.clone()).ignore();
             }
             pipeline.query(connection)?
         }
         Connection::Cluster(connection) => {
             let mut pipeline = redis::cluster::cluster_pipe();
-            for chunk in ids.chunks(SADD_CHUNK) {
-                pipeline.cmd("SADD").arg(&key).arg(chunk);
+            for sadd in sadds {
+                pipeline.add_command(sadd);
+            }
+            for cmd in then {
+                pipeline.add_command(cmd.clone()).ignore();
             }
             pipeline.query(connection.as_mut())?
         }
