@@ -6,6 +6,9 @@
 //!   `size` ids. It should not depend on `size`: a flush writes only the new ids.
 //! - `flush_new_small_tenants/10000`: one flush of 10k tenants of one id each, each a new file;
 //!   almost all of it is the kernel creating and renaming the files.
+//! - `flush_into_redis/<shape>`: one flush of 100k new ids into a local redis-server (AOF off),
+//!   over 10k tenants of 10 ids or 10 tenants of 10k ids, and `sadd_into_redis/<shape>`, the
+//!   same ids sent by the redis crate alone, pipelined: what the store adds to Redis's own cost.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -134,5 +137,78 @@ fn flush_new_small_tenants(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append_then_flush, flush_into_large_tenant, flush_new_small_tenants);
+/// The two shapes of 100k ids the Redis benchmarks merge: (name, tenants, ids per tenant).
+const REDIS_SHAPES: [(&str, usize, usize); 2] =
+    [("10k_tenants_x_10_ids", 10_000, 10), ("10_tenants_x_10k_ids", 10, 10_000)];
+
+/// `tenants` × `ids` fresh `(tenant, id)` pairs, tenants named after `round`.
+fn redis_items(round: usize, tenants: usize, ids: usize) -> Vec<(String, String)> {
+    (0..tenants * ids)
+        .map(|i| (format!("r{round}-t{}", i % tenants), format!("{:016x}", NEXT_ID.fetch_add(1, Ordering::Relaxed))))
+        .collect()
+}
+
+fn flush_into_redis(c: &mut Criterion) {
+    let redis = countapp_testcluster::redis::RedisServer::start_binary("redis-server", false);
+    let mut group = c.benchmark_group("flush_into_redis");
+    group.sample_size(10);
+    let mut round = 0;
+    for (shape, tenants, ids) in REDIS_SHAPES {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            store: countapp_shared::config::StoreKind::Redis,
+            redis_url: Some(redis.url()),
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), "bench", options).unwrap();
+        group.throughput(Throughput::Elements((tenants * ids) as u64));
+        group.bench_function(shape, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    round += 1;
+                    for batch in redis_items(round, tenants, ids).chunks(1000) {
+                        store.append_blocking(&as_items(batch)).unwrap();
+                    }
+                    let started = Instant::now();
+                    store.flush().unwrap();
+                    total += started.elapsed();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("sadd_into_redis");
+    group.sample_size(10);
+    let mut connection = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    for (shape, tenants, ids) in REDIS_SHAPES {
+        group.throughput(Throughput::Elements((tenants * ids) as u64));
+        group.bench_function(shape, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    round += 1;
+                    let items = redis_items(round, tenants, ids);
+                    let started = Instant::now();
+                    let mut by_tenant: std::collections::HashMap<&str, Vec<&str>> = std::collections::HashMap::new();
+                    for (tenant, id) in &items {
+                        by_tenant.entry(tenant).or_default().push(id);
+                    }
+                    let mut pipeline = redis::pipe();
+                    for (tenant, ids) in &by_tenant {
+                        pipeline.cmd("SADD").arg(format!("countapp:tenant:{tenant}")).arg(ids).ignore();
+                    }
+                    let () = pipeline.query(&mut connection).unwrap();
+                    total += started.elapsed();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, append_then_flush, flush_into_large_tenant, flush_new_small_tenants, flush_into_redis);
 criterion_main!(benches);

@@ -110,11 +110,15 @@ impl Barriers {
             }
             passed
         };
-        let outcome = passed.wait_for(Option::is_some).await.map(|outcome| outcome.clone());
-        match outcome {
-            Ok(Some(Ok(()))) => Ok(()),
-            Ok(Some(Err(why))) => Err(ApiError::Unavailable(why)),
-            Ok(None) | Err(_) => Err(ApiError::Unavailable("the barrier was dropped; retry".to_owned())),
+        // The barrier running now may take its time before the one joined starts: the request
+        // waits no longer than one barrier may take, so that its 503 reaches the coordinator
+        // before the coordinator gives up on this worker.
+        let waited = tokio::time::timeout(BARRIER_TIMEOUT, passed.wait_for(Option::is_some)).await;
+        match waited.map(|outcome| outcome.map(|outcome| outcome.clone())) {
+            Ok(Ok(Some(Ok(())))) => Ok(()),
+            Ok(Ok(Some(Err(why)))) => Err(ApiError::Unavailable(why)),
+            Ok(Ok(None) | Err(_)) => Err(ApiError::Unavailable("the barrier was dropped; retry".to_owned())),
+            Err(_) => Err(ApiError::Unavailable(format!("no barrier passed within {BARRIER_TIMEOUT:?}; retry"))),
         }
     }
 }

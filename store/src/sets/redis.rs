@@ -252,6 +252,16 @@ enum Durable {
     AfterGrace,
 }
 
+/// A deletion a barrier asks of this worker, and the log files it must outlast.
+struct DeleteAsked {
+    /// The tenants to delete.
+    tenants: Vec<String>,
+    /// Per log directory this worker merges, the highest number of a file that was there when
+    /// the deletion was first asked: it may hold ids acknowledged before the deletion, which
+    /// must not be merged again once the sets are gone. Noted by the round that follows.
+    cut: Option<HashMap<PathBuf, u64>>,
+}
+
 /// A consumed log file, waiting out the grace period.
 struct Consumed {
     /// Its directory, and its sequence number there.
@@ -332,7 +342,7 @@ pub(crate) struct RedisTenants {
     /// Whether the sets of an earlier release are named for listing (see `name_earlier_sets`).
     named_earlier: AtomicBool,
     /// The tenants a barrier last asked to delete, and since when.
-    delete_asked: Mutex<Option<(Vec<String>, Instant)>>,
+    delete_asked: Mutex<Option<DeleteAsked>>,
     /// How fast this worker's merges go, in log bytes per second of merging: an average over
     /// the recent rounds, to tell how long what waits will take.
     merge_rate: Mutex<Option<f64>>,
@@ -412,12 +422,20 @@ impl RedisTenants {
                 Ok::<_, redis::RedisError>(match &self.target {
                     Target::Server(client) => {
                         // One attempt per count: the manager reconnects on the next one, and
-                        // a count must not wait out a retry schedule.
+                        // a count must not wait out a retry schedule. Connecting may take
+                        // longer than a count may (a TLS handshake on a busy machine): it runs
+                        // on a task of its own, which a count that gives up does not cancel,
+                        // or every count on such a machine would start it over, and fail.
                         let config = ConnectionManagerConfig::new()
-                            .set_connection_timeout(Some(COUNT_TIMEOUT))
+                            .set_connection_timeout(Some(TIMEOUT))
                             .set_response_timeout(Some(COUNT_TIMEOUT))
                             .set_number_of_retries(0);
-                        Counter::Server(ConnectionManager::new_lazy_with_config((**client).clone(), config)?)
+                        let manager = ConnectionManager::new_lazy_with_config((**client).clone(), config)?;
+                        let mut connecting = manager.clone();
+                        tokio::spawn(async move {
+                            let _: redis::RedisResult<()> = redis::cmd("PING").query_async(&mut connecting).await;
+                        });
+                        Counter::Server(manager)
                     }
                     Target::Cluster(seeds) => Counter::Cluster(seeds.client().get_async_connection().await?),
                 })
@@ -537,6 +555,26 @@ impl RedisTenants {
         Ok(true)
     }
 
+    /// Notes, for a deletion just asked, the highest file number of each log this worker
+    /// merges (its own and dead workers'), among the final files in `logs` and those it
+    /// consumed (see [`DeleteAsked::cut`]).
+    fn note_delete_cut(&self, logs: &[WorkerLog]) {
+        let mut asked = self.delete_asked.lock();
+        let Some(asked) = asked.as_mut().filter(|asked| asked.cut.is_none()) else { return };
+        let mut cut: HashMap<PathBuf, u64> = HashMap::new();
+        for log in logs.iter().filter(|log| log.worker == self.worker || !log.live) {
+            for file in &log.inputs {
+                let highest = cut.entry(log.dir.clone()).or_default();
+                *highest = (*highest).max(file.seq);
+            }
+        }
+        for consumed in self.consumed.lock().iter() {
+            let highest = cut.entry(consumed.dir.clone()).or_default();
+            *highest = (*highest).max(consumed.seq);
+        }
+        asked.cut = Some(cut);
+    }
+
     /// Names in [`NAMES_KEY`] the tenant sets of an earlier release, which kept no list, once:
     /// the first round of a run asks whether [`NAMES_COMPLETE_KEY`] says that was done, and if
     /// not, scans the keys. A failure is told, and the next round tries again.
@@ -575,6 +613,7 @@ impl RedisTenants {
     /// The round [`TenantSets::merge`] runs; see there.
     fn merge_logs(&self, logs: &[WorkerLog], report: &mut MergeReport) -> Result<(), StoreError> {
         self.name_earlier_sets();
+        self.note_delete_cut(logs);
         let worker = self.worker.as_str();
         // What this worker is to merge: its own final files, and those of dead workers; the
         // files it consumed only wait out their grace. Until merged, they are its lag.
@@ -889,26 +928,29 @@ impl TenantSets for RedisTenants {
         })))
     }
 
-    /// Notes when a deletion of `tenants` was first asked: consumed log files from before then
-    /// must be gone before their sets may go.
+    /// Notes that the deletion of `tenants` is asked; the round that follows notes which log
+    /// files it must outlast (see [`DeleteAsked::cut`]).
     fn delete_in_round(&self, tenants: &[String]) {
         let mut asked = self.delete_asked.lock();
-        if asked.as_ref().is_none_or(|(asked, _)| asked.as_slice() != tenants) {
-            *asked = (!tenants.is_empty()).then(|| (tenants.to_vec(), Instant::now()));
+        if asked.as_ref().is_none_or(|asked| asked.tenants != tenants) {
+            *asked = (!tenants.is_empty()).then(|| DeleteAsked { tenants: tenants.to_vec(), cut: None });
         }
     }
 
-    /// Deletes the sets of `tenants` (`UNLINK`, confirmed like a merge), once no log file that
-    /// this worker consumed before the deletion was asked waits out its grace any more: such a
-    /// file is merged again should Redis lose it, which would bring deleted ids back. Every
-    /// worker does so, after its own round: the last one removes whatever the others' rounds
-    /// added meanwhile, all of it acknowledged concurrently with the deletion.
+    /// Deletes the sets of `tenants` (`UNLINK`, confirmed like a merge), once no log file from
+    /// before the deletion was asked is left to merge, or waits out its grace as a consumed
+    /// file: such a file is merged again should Redis lose it or this worker die, which would
+    /// bring deleted ids back. Every worker does so, after its own round: the last one removes
+    /// whatever the others' rounds added meanwhile, all of it acknowledged concurrently with
+    /// the deletion.
     fn deleted(&self, tenants: &[String]) -> Result<Vec<String>, StoreError> {
-        let since = match self.delete_asked.lock().as_ref() {
-            Some((asked, since)) if asked.as_slice() == tenants => *since,
-            _ => Instant::now(),
+        let cut = match self.delete_asked.lock().as_ref() {
+            Some(DeleteAsked { tenants: asked, cut: Some(cut) }) if asked.as_slice() == tenants => cut.clone(),
+            _ => return Ok(Vec::new()),
         };
-        if self.consumed.lock().iter().any(|consumed| consumed.at <= since) {
+        let before = |dir: &Path, seq: u64| cut.get(dir).is_some_and(|&highest| seq <= highest);
+        let waiting = self.waiting.lock().0.is_some();
+        if waiting || self.consumed.lock().iter().any(|consumed| before(&consumed.dir, consumed.seq)) {
             return Ok(Vec::new());
         }
         let handoff = *self.handoff.lock();
