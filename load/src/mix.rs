@@ -115,11 +115,10 @@ impl FromStr for Mix {
 
 impl fmt::Display for Mix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let batches = 1.0 - self.strong - self.contains - self.counts - self.delete;
         write!(
             f,
             "{:.1}% batches, {:.1}% strong counts, {:.1}% contains, {:.1}% POST /counts, {:.2}% deletes",
-            batches * 100.0,
+            self.share("batch") * 100.0,
             self.strong * 100.0,
             self.contains * 100.0,
             self.counts * 100.0,
@@ -129,6 +128,17 @@ impl fmt::Display for Mix {
 }
 
 impl Mix {
+    /// The share of the requests of kind `name` (one of [`KINDS`]).
+    pub fn share(&self, name: &str) -> f64 {
+        match name {
+            "strong" => self.strong,
+            "contains" => self.contains,
+            "counts" => self.counts,
+            "delete" => self.delete,
+            _ => 1.0 - self.strong - self.contains - self.counts - self.delete,
+        }
+    }
+
     /// The kind of request a uniform draw from 0 to 1 makes.
     fn pick(&self, draw: f64) -> Kind {
         let mut edge = 0.0;
@@ -521,6 +531,8 @@ mod tests {
         assert_eq!(mix.pick(0.1205), Kind::Delete);
         assert_eq!(mix.pick(0.122), Kind::Batch);
         assert_eq!("delete=1".parse::<Mix>().unwrap().pick(0.999), Kind::Delete);
+        assert!((mix.share("batch") - 0.879).abs() < 1e-9);
+        assert_eq!(mix.share("counts"), 0.02);
         for bad in ["", "strong", "strong=2", "reads=0.1", "strong=0.1,strong=0.2", "strong=0.6,counts=0.6"] {
             assert!(bad.parse::<Mix>().is_err(), "{bad:?}");
         }

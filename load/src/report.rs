@@ -271,7 +271,7 @@ fn mix_lines(mix: &MixFindings, out: &mut String) {
         ),
     };
     let _ = writeln!(out, "mix: {wrong}");
-    if let Some(m) = &mix.membership {
+    if let Some(m) = mix.membership.as_ref().filter(|m| m.tenants > 0) {
         let _ = writeln!(
             out,
             "deletes: {} tenants deleted; of the ids around their last delete, {} of {} acknowledged before are still \
