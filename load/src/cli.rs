@@ -94,29 +94,30 @@ pub struct Args {
     #[arg(long)]
     pub count: bool,
 
-    /// Mix other requests into the batches, each kind a share of the requests (0 to 1), the
-    /// rest batches: "strong" (GET /items/<tenant>/count?consistency=strong), "contains" (POST
-    /// /items/<tenant>/contains?consistency=strong of 16 ids the connection had acknowledged for
-    /// the tenant and 4 it never sent), "counts" (POST /counts?consistency=strong of 16
-    /// tenants) and "delete" (DELETE /items/<tenant>); e.g.
-    /// "strong=0.05,contains=0.05,counts=0.02,delete=0.001". The report gives each kind's rate,
-    /// latency and errors.
+    /// Mix strong reads and deletes into the batches, each kind a share of the requests (0 to
+    /// 1), the rest batches: e.g. "strong=0.05,contains=0.05,counts=0.02,delete=0.001". Every
+    /// answer is checked, and the report gives each kind its rate, latency and errors.
     ///
-    /// Every answer is checked as it comes: a strong count must reach the distinct ids
-    /// acknowledged for the tenant since its last delete before the request was sent (a lower
-    /// bound: batches of other connections are in flight meanwhile), and a membership check must
-    /// find every acknowledged id asked and none of those never sent; a wrong answer fails the
-    /// run. To keep this exact, the tool never lets a tenant's batches and its delete overlap:
-    /// a delete waits for the batches and reads of its tenant in flight, and holds back new ones
-    /// until it is answered (that wait is the tool's, not the server's: it is not measured,
-    /// except as lateness with --rate). The set check then owes each tenant the ids acknowledged
-    /// since its last delete, forbids those acknowledged before its last acknowledged delete
-    /// (repeats draw only on ids of the tenant's current life), and asks, strongly, about up to
-    /// 1000 ids per connection on either side of each deleted tenant's last delete. A delete
-    /// that failed may or may not have been applied: the ids before it are no longer owed, nor
-    /// yet forbidden. A failed delete is taken as over when its request ends, so keep --timeout
-    /// above the server's 4 s for a delete. Every request takes a batch's positions, so --items
-    /// counts them all.
+    /// The kinds: "strong", GET /items/<tenant>/count?consistency=strong; "contains", POST
+    /// /items/<tenant>/contains?consistency=strong of 16 ids the connection had acknowledged for
+    /// the tenant and 4 it never sent; "counts", POST /counts?consistency=strong of 16 tenants;
+    /// "delete", DELETE /items/<tenant>. Not with --count, --redis or --exact.
+    ///
+    /// A strong count must reach the distinct ids acknowledged for the tenant since its last
+    /// delete before the request was sent (a lower bound: batches of other connections are in
+    /// flight meanwhile), and a membership check must find every acknowledged id asked and none
+    /// of those never sent; a wrong answer fails the run. To keep this exact, the tool never
+    /// lets a tenant's batches and its delete overlap: a delete waits for the batches and reads
+    /// of its tenant in flight, and holds back new ones until it is answered (that wait is the
+    /// tool's, not the server's: it is not measured, except as lateness with --rate).
+    ///
+    /// The set check then owes each tenant the ids acknowledged since its last delete, forbids
+    /// those acknowledged before its last acknowledged delete (repeats draw only on ids of the
+    /// tenant's current life), and asks, strongly, about up to 1000 ids per connection on
+    /// either side of each deleted tenant's last delete. A delete that failed may or may not
+    /// have been applied: the ids before it are no longer owed, nor yet forbidden. A failed
+    /// delete is taken as over when its request ends, so keep --timeout above the server's 4 s
+    /// for a delete. Every request takes a batch's positions, so --items counts them all.
     #[arg(long, value_name = "KIND=SHARE,...", conflicts_with_all = ["count", "redis", "exact"])]
     pub mix: Option<Mix>,
 

@@ -30,7 +30,7 @@ use crate::check::Ledger;
 use crate::drive::Op;
 use crate::http::{Connection, PostOp};
 use crate::stats::Failure;
-use crate::workload::Deletes;
+use crate::workload::{Deletes, Generator};
 
 /// The kinds of request of the mixed workload, as the report names them, in [`Kind`] order.
 pub const KINDS: &[&str] = &["batch", "strong", "contains", "counts", "delete"];
@@ -249,9 +249,9 @@ impl MixOp {
         }
     }
 
-    /// The batch poster, whose generator holds what the run sent.
-    pub fn post_mut(&mut self) -> &mut PostOp {
-        &mut self.post
+    /// The stream of batches, which holds what the run sent.
+    pub fn generator(&self) -> &Generator {
+        self.post.generator()
     }
 
     /// Takes the gates of the request's tenants: shared, or alone for a delete. In ascending
@@ -519,7 +519,7 @@ pub async fn check_membership(
 mod tests {
     use super::*;
     use crate::check::{Tally, Verdict};
-    use crate::workload::{Generator, Shape};
+    use crate::workload::Shape;
 
     #[test]
     fn shares_parse_and_pick_in_order() {
