@@ -20,7 +20,9 @@ use serde::Serialize;
 // Tokio's clock, so that the tests can run the wait on paused time.
 use tokio::time::Instant;
 
-/// What the load knows about one tenant's distinct ids.
+/// What the load knows about one tenant's distinct ids. With deletes (`--mix`), only those of
+/// the tenant's life since its last delete are owed, and those acknowledged before its last
+/// acknowledged delete are no longer allowed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Tally {
     /// Distinct ids in batches the server acknowledged (200): the count must reach this.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use hyper::Uri;
 
+use crate::mix::Mix;
 use crate::workload::MIN_ID_BYTES;
 
 /// Load for a CountApp cluster, and a check that it lost nothing.
@@ -27,6 +28,8 @@ Examples:
   countapp-load                                  10 s against the coordinator on :5000
   countapp-load --url http://127.0.0.1:5001 --repeat 0.2 --redis redis://127.0.0.1/
   countapp-load --count --json counts.json       GET counts instead of posting batches
+  countapp-load --mix strong=0.05,contains=0.05,counts=0.02,delete=0.001
+                                                 strong reads and deletes among the batches, checked
   countapp-load --items 1000000 --plot run.svg   a million items, plotted over time
   countapp-load --exact --duration 30s           while workers are killed: every batch's fate read
   countapp-load -R 200000 -d 30s                 200k items/s on a fixed schedule: latency at that rate
@@ -90,6 +93,33 @@ pub struct Args {
     /// One batch is posted to each tenant first, so that the counts read are of real tenants.
     #[arg(long)]
     pub count: bool,
+
+    /// Mix strong reads and deletes into the batches, each kind a share of the requests (0 to
+    /// 1), the rest batches: e.g. "strong=0.05,contains=0.05,counts=0.02,delete=0.001". Every
+    /// answer is checked, and the report gives each kind its rate, latency and errors.
+    ///
+    /// The kinds: "strong", GET /items/<tenant>/count?consistency=strong; "contains", POST
+    /// /items/<tenant>/contains?consistency=strong of 16 ids the connection had acknowledged for
+    /// the tenant and 4 it never sent; "counts", POST /counts?consistency=strong of 16 tenants;
+    /// "delete", DELETE /items/<tenant>. Not with --count, --redis or --exact.
+    ///
+    /// A strong count must reach the distinct ids acknowledged for the tenant since its last
+    /// delete before the request was sent (a lower bound: batches of other connections are in
+    /// flight meanwhile), and a membership check must find every acknowledged id asked and none
+    /// of those never sent; a wrong answer fails the run. To keep this exact, the tool never
+    /// lets a tenant's batches and its delete overlap: a delete waits for the batches and reads
+    /// of its tenant in flight, and holds back new ones until it is answered (that wait is the
+    /// tool's, not the server's: it is not measured, except as lateness with --rate).
+    ///
+    /// The set check then owes each tenant the ids acknowledged since its last delete, forbids
+    /// those acknowledged before its last acknowledged delete (repeats draw only on ids of the
+    /// tenant's current life), and asks, strongly, about up to 1000 ids per connection on
+    /// either side of each deleted tenant's last delete. A delete that failed may or may not
+    /// have been applied: the ids before it are no longer owed, nor yet forbidden. A failed
+    /// delete is taken as over when its request ends, so keep --timeout above the server's 4 s
+    /// for a delete. Every request takes a batch's positions, so --items counts them all.
+    #[arg(long, value_name = "KIND=SHARE,...", conflicts_with_all = ["count", "redis", "exact"])]
+    pub mix: Option<Mix>,
 
     /// Write the figures (and the per-second series) as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -236,6 +266,12 @@ mod tests {
     }
 
     #[test]
+    fn the_mix_takes_shares_by_name() {
+        let args = Args::try_parse_from(["countapp-load", "--mix", "strong=0.05,delete=0.001"]).unwrap();
+        assert_eq!(args.mix, Some(Mix { strong: 0.05, delete: 0.001, ..Mix::default() }));
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for args in [
             &["--repeat", "1.5"][..],
@@ -248,6 +284,11 @@ mod tests {
             &["--rate", "0"],
             &["-R", "-5"],
             &["-R", "fast"],
+            &["--mix", "strong=1.5"],
+            &["--mix", "reads=0.1"],
+            &["--mix", "delete=0.1", "--exact"],
+            &["--mix", "delete=0.1", "--count"],
+            &["--mix", "delete=0.1", "--redis", "redis://x"],
         ] {
             assert!(Args::try_parse_from([&["countapp-load"], args].concat()).is_err(), "{args:?}");
         }

@@ -19,15 +19,25 @@ use crate::stats::{Failure, Live, Recorder, RunStats, Series, Totals};
 
 /// What one connection sends, request after request.
 pub trait Op: Send + 'static {
+    /// The names of the kinds of request an op sends when it sends more than one (the mixed
+    /// workload), so that the run is also measured kind by kind; empty for an op of one kind.
+    const KINDS: &'static [&'static str] = &[];
+
     /// Builds the next request, of `units` items (or one count) that take the run's positions
-    /// `start..start + units`: outside the timed part, so that making the body never shows as
-    /// server latency. Positions are handed out in order across all connections, so an op that
-    /// maps position `p` to tenant `p % tenants` spreads the run evenly over every tenant.
-    fn prepare(&mut self, start: u64, units: u64) -> anyhow::Result<()>;
+    /// `start..start + units`: outside the timed part, so that making the body (or waiting for
+    /// the tool's own turn at a tenant, in the mixed workload) never shows as server latency.
+    /// Positions are handed out in order across all connections, so an op that maps position
+    /// `p` to tenant `p % tenants` spreads the run evenly over every tenant.
+    fn prepare(&mut self, start: u64, units: u64) -> impl Future<Output = anyhow::Result<()>> + Send;
 
     /// Sends the prepared request and waits for its answer: the timed part. Returns the items
     /// acknowledged, or why none were.
     fn send(&mut self) -> impl Future<Output = Result<u64, Failure>> + Send;
+
+    /// The kind of the request last prepared: an index into [`Op::KINDS`].
+    fn kind(&self) -> usize {
+        0
+    }
 }
 
 /// When a run stops, and how big its requests are.
@@ -85,30 +95,47 @@ pub async fn drive<O: Op>(ops: Vec<O>, plan: Plan, shared: Arc<Shared>) -> anyho
     let start = Instant::now();
     let started_at = SystemTime::now();
     let series = Series::default();
+    // Each kind of request has a series of its own; only the whole run's feeds the progress bar.
+    let kind_series: Vec<Series> = O::KINDS.iter().map(|_| Series::default()).collect();
     let tasks: Vec<_> = ops
         .into_iter()
         .map(|op| {
             let recorder = Recorder::new(start, series.clone(), shared.live.clone());
-            tokio::spawn(connection(op, recorder, plan, start, shared.clone()))
+            let by_kind =
+                kind_series.iter().map(|series| Recorder::new(start, series.clone(), Arc::default())).collect();
+            tokio::spawn(connection(op, recorder, by_kind, plan, start, shared.clone()))
         })
         .collect();
     let mut ops = Vec::with_capacity(tasks.len());
     let mut totals = Vec::with_capacity(tasks.len());
+    let mut kind_totals: Vec<Vec<Totals>> = O::KINDS.iter().map(|_| Vec::new()).collect();
     for task in tasks {
-        let (op, connection_totals) = task.await.context("a connection task panicked")??;
+        let (op, connection_totals, by_kind) = task.await.context("a connection task panicked")??;
         ops.push(op);
         totals.push(connection_totals);
+        for (kind, totals) in kind_totals.iter_mut().zip(by_kind) {
+            kind.push(totals);
+        }
     }
-    Ok((ops, RunStats::merge(start, started_at, start.elapsed(), totals, &series)))
+    let elapsed = start.elapsed();
+    let mut stats = RunStats::merge(start, started_at, elapsed, totals, &series);
+    stats.operations = O::KINDS
+        .iter()
+        .zip(kind_totals)
+        .zip(&kind_series)
+        .map(|((&name, totals), series)| (name, RunStats::merge(start, started_at, elapsed, totals, series)))
+        .collect();
+    Ok((ops, stats))
 }
 
 async fn connection<O: Op>(
     mut op: O,
     mut recorder: Recorder,
+    mut by_kind: Vec<Recorder>,
     plan: Plan,
     start: Instant,
     shared: Arc<Shared>,
-) -> anyhow::Result<(O, Totals)> {
+) -> anyhow::Result<(O, Totals, Vec<Totals>)> {
     let deadline = plan.duration.map(|d| start + d);
     loop {
         // The request's intended start: its slot's time on a schedule, else now.
@@ -123,7 +150,7 @@ async fn connection<O: Op>(
         if units == 0 {
             break;
         }
-        op.prepare(first, units)?;
+        op.prepare(first, units).await?;
         // A closed loop sends at once: even a sleep until now would wait for the timer's next
         // tick, a millisecond, and cap every connection near a thousand requests a second.
         let sent = match plan.rate {
@@ -135,12 +162,15 @@ async fn connection<O: Op>(
         };
         let outcome = op.send().await;
         let answered = Instant::now();
-        match outcome {
-            Ok(items) => recorder.acknowledged(answered, answered - sent, items),
-            Err(failure) => recorder.failed(answered, failure),
+        // The whole run's recorder, then the kind's, if the op has kinds.
+        for recorder in std::iter::once(&mut recorder).chain(by_kind.get_mut(op.kind())) {
+            match outcome {
+                Ok(items) => recorder.acknowledged(answered, answered - sent, items),
+                Err(failure) => recorder.failed(answered, failure),
+            }
         }
     }
-    Ok((op, recorder.finish()))
+    Ok((op, recorder.finish(), by_kind.into_iter().map(Recorder::finish).collect()))
 }
 
 /// When the `slot`-th request of a run at `rate` requests a second is due, from the start.

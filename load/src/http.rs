@@ -44,7 +44,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Target {
     addr: SocketAddr,
     host: HeaderValue,
+    /// The path prefix of `--url`, without a trailing slash.
+    prefix: String,
     items: Uri,
+    /// The tenants' names, in tenant order.
+    names: Packed,
     /// Per tenant, in tenant order, the path of its count (validated as a URI).
     count_paths: Packed,
     /// Per tenant, the end of an item's JSON after its id: `","tenant":"<name>"}`.
@@ -128,6 +132,8 @@ impl Target {
         Ok(Target {
             addr,
             host: HeaderValue::from_str(authority.as_str()).context("--url has an invalid host")?,
+            prefix: prefix.to_owned(),
+            names: Packed::new(tenants),
             items: format!("{prefix}/items").parse().context("--url has an invalid path")?,
             longest_item_end: item_ends.longest(),
             count_paths,
@@ -145,7 +151,27 @@ impl Target {
         Uri::from_maybe_shared(self.count_paths.shared(tenant)).expect("validated when the target was made")
     }
 
-    fn request(&self, method: Method, uri: Uri, body: Bytes) -> Request<Full<Bytes>> {
+    /// The name of tenant `tenant`.
+    pub fn name(&self, tenant: usize) -> &str {
+        std::str::from_utf8(self.names.get(tenant)).expect("made from a String")
+    }
+
+    /// The URI `/items/<tenant>` followed by `tail` (such as "/contains?consistency=strong"),
+    /// from the tenant's count path, whose segment is escaped already.
+    pub fn tenant_uri(&self, tenant: usize, tail: &str) -> Uri {
+        let path = self.count_paths.get(tenant);
+        let mut uri = path[..path.len() - "/count".len()].to_vec();
+        uri.extend_from_slice(tail.as_bytes());
+        Uri::from_maybe_shared(uri).expect("a validated path with a plain tail")
+    }
+
+    /// The URI of `path` under `--url`'s prefix (such as "/counts?consistency=strong").
+    pub fn uri(&self, path: &str) -> Uri {
+        format!("{}{path}", self.prefix).parse().expect("a validated prefix with a plain path")
+    }
+
+    /// A request to this server: its Host header, and a JSON content type for a body.
+    pub fn request(&self, method: Method, uri: Uri, body: Bytes) -> Request<Full<Bytes>> {
         let mut request = Request::builder().method(method).uri(uri).header(HOST, self.host.clone());
         if !body.is_empty() {
             request = request.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -167,9 +193,14 @@ impl Connection {
         Connection { target, timeout, sender: None }
     }
 
+    /// The server this connection is to.
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
+
     /// Sends `request` and reads the whole answer. A failed or timed-out exchange drops the
     /// connection, since what is left on it is unknown.
-    async fn exchange(&mut self, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), Failure> {
+    pub async fn exchange(&mut self, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), Failure> {
         let outcome =
             tokio::time::timeout(self.timeout, self.exchange_untimed(request)).await.unwrap_or(Err(Failure::Timeout));
         if outcome.is_err() {
@@ -355,10 +386,20 @@ impl PostOp {
     pub fn generator(&self) -> &Generator {
         &self.generator
     }
+
+    /// The stream, to draw ids to ask about from what it acknowledged (the mixed workload).
+    pub fn generator_mut(&mut self) -> &mut Generator {
+        &mut self.generator
+    }
+
+    /// The connection, for the other requests of the mixed workload.
+    pub fn connection(&mut self) -> &mut Connection {
+        &mut self.connection
+    }
 }
 
 impl Op for PostOp {
-    fn prepare(&mut self, start: u64, units: u64) -> anyhow::Result<()> {
+    async fn prepare(&mut self, start: u64, units: u64) -> anyhow::Result<()> {
         let batch = self.generator.next_batch(start, units as usize)?;
         let target = &self.connection.target;
         // Once the previous body is dropped, this reclaims its allocation rather than making one.
@@ -416,7 +457,7 @@ impl CountOp {
 
 impl Op for CountOp {
     /// The read at the run's position `start` is of tenant `start % tenants`.
-    fn prepare(&mut self, start: u64, _units: u64) -> anyhow::Result<()> {
+    async fn prepare(&mut self, start: u64, _units: u64) -> anyhow::Result<()> {
         self.tenant = (start % self.connection.target.tenants() as u64) as usize;
         Ok(())
     }
@@ -445,7 +486,7 @@ mod tests {
         let mut op = PostOp::new(Connection::new(target, Duration::from_secs(1)), Generator::new(&shape, 0), None);
         let mut first_body = None;
         for b in 0..3 {
-            op.prepare(b * 5, 5).unwrap();
+            op.prepare(b * 5, 5).await.unwrap();
             // Each body is written where the one before it was, once that one is gone.
             assert_eq!(*first_body.get_or_insert(op.body.as_ptr()), op.body.as_ptr());
             let items: Vec<serde_json::Value> = serde_json::from_slice(&op.body).unwrap();
@@ -462,7 +503,7 @@ mod tests {
         let prefix = shape.marker_prefix("a \"quoted\" ");
         let mut op = PostOp::new(connection, Generator::new(&shape, 0), Some(prefix.clone()));
         for b in 0..2 {
-            op.prepare(b * 5, 5).unwrap();
+            op.prepare(b * 5, 5).await.unwrap();
             let items: Vec<serde_json::Value> = serde_json::from_slice(&op.body).unwrap();
             assert_eq!((items.len(), op.items), (6, 5));
             assert_eq!(items[5], serde_json::json!({ "id": "m", "tenant": format!("{prefix}0-{b}") }));

@@ -1,14 +1,16 @@
 //! `countapp-load`: load for a CountApp cluster, and a check that it lost nothing.
 //!
-//! A run posts generated batches (or, with `--count`, reads counts) over keep-alive
-//! connections, measures throughput and latency, waits for the counts to converge and reports
-//! lost and unexpected items; with `--redis` it then sends the same stream to Redis for a
-//! reference figure. `--help` lists every flag; the exit status says whether the check passed.
+//! A run posts generated batches (or, with `--count`, reads counts; with `--mix`, mixes strong
+//! reads and deletes into the batches) over keep-alive connections, measures throughput and
+//! latency, waits for the counts to converge and reports lost and unexpected items; with
+//! `--redis` it then sends the same stream to Redis for a reference figure. `--help` lists
+//! every flag; the exit status says whether the check passed.
 
 mod check;
 mod cli;
 mod drive;
 mod http;
+mod mix;
 mod plot;
 mod progress;
 mod redis;
@@ -27,6 +29,7 @@ use crate::check::{Convergence, Ledger, Tally};
 use crate::cli::Args;
 use crate::drive::{Op, Plan, Shared, drive};
 use crate::http::{Connection, CountOp, CountReader, OnFailure, PostOp, Target};
+use crate::mix::{Board, Mix, MixFindings, MixOp};
 use crate::progress::Progress;
 use crate::redis::{RedisOp, RedisTarget};
 use crate::report::{Figures, Mode, Report};
@@ -60,7 +63,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let prefix = args.tenant_prefix.clone().unwrap_or_else(|| format!("load-{:08x}-", rand::random::<u32>()));
     let tenants = workload::tenant_names(&prefix, args.tenants as usize);
     let target = Arc::new(Target::resolve(&args.url, &tenants).await?);
-    let mode = if args.count { Mode::Count } else { Mode::Post };
+    let mode = match (args.count, args.mix) {
+        (true, _) => Mode::Count,
+        (false, Some(_)) => Mode::Mix,
+        (false, None) => Mode::Post,
+    };
     let per_request = if args.count { 1 } else { u64::from(args.batch) };
     // --rate counts items (requests with --count); the schedule is of requests.
     let rate = args.rate.map(|rate| rate / per_request as f64);
@@ -68,6 +75,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let measured = match mode {
         Mode::Post => post(&args, &target, &prefix, &tenants, plan).await?,
         Mode::Count => count(&args, &target, plan).await?,
+        Mode::Mix => mixed(&args, &target, &tenants, plan, args.mix.expect("the mode says so")).await?,
     };
     let report = Report {
         mode,
@@ -83,6 +91,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         run: measured.run,
         redis: measured.redis,
         check: measured.check,
+        mix: measured.mix,
     };
 
     print!("{}", report.table());
@@ -96,7 +105,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     if report.run.items == 0 {
         bail!("nothing was acknowledged: {} of {} requests failed", report.run.errors, report.run.requests);
     }
-    Ok(report.check.as_ref().is_none_or(|check| {
+    let checked = report.check.as_ref().is_none_or(|check| {
         let v = &check.verdict;
         if let Some(lost) = v.batches_lost.filter(|&lost| lost > 0) {
             eprintln!("LOST {lost} acknowledged batches: {}", report::lost_batches(v));
@@ -116,7 +125,20 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             );
         }
         v.passed()
-    }))
+    });
+    let mixed_passed = report.mix.as_ref().is_none_or(|mix| {
+        if mix.wrong_answers > 0 {
+            eprintln!("WRONG: {} answers broke the API's promise: {}", mix.wrong_answers, mix.wrong.join("; "));
+        }
+        if let Some(m) = mix.membership.as_ref().filter(|m| !m.passed()) {
+            eprintln!(
+                "DELETES: {} ids acknowledged before a delete are still there, {} acknowledged since are missing",
+                m.gone_found, m.kept_missing
+            );
+        }
+        mix.passed()
+    });
+    Ok(checked && mixed_passed)
 }
 
 /// What the modes measured, for the report.
@@ -124,6 +146,7 @@ struct Measured {
     run: Figures,
     redis: Option<Figures>,
     check: Option<Convergence>,
+    mix: Option<MixFindings>,
 }
 
 /// The default mode: post batches, check the counts, then the Redis reference run.
@@ -185,7 +208,56 @@ async fn post(
         redis.remove_keys().await?;
         redis_figures = Some(Figures::of(&redis_stats));
     }
-    Ok(Measured { run: Figures::of(&stats), redis: redis_figures, check })
+    Ok(Measured { run: Figures::of(&stats), redis: redis_figures, check, mix: None })
+}
+
+/// `--mix`: batches with strong reads and deletes among them, each answer checked as it comes,
+/// then the set check across the deletes and a membership check of the ids around them.
+async fn mixed(
+    args: &Args,
+    target: &Arc<Target>,
+    tenants: &[String],
+    plan: Plan,
+    mix: Mix,
+) -> anyhow::Result<Measured> {
+    let mut reader = CountReader::new(target.clone(), args.timeout, args.check_connections as usize);
+    // The counts before the load are where the strong reads' floors start, check or not.
+    let mut baselines = reader.all().await.context("reading the counts before the load")?;
+    let board = Arc::new(Board::new(&baselines, mix.delete > 0.0));
+    let connections = args.connections as usize;
+    let shape = Shape::new(args.id_bytes.into(), connections, tenants.len(), args.repeat);
+    let ops = (0..connections)
+        .map(|c| {
+            let generator = Generator::new(&shape, c).with_deletes(board.deletes().clone());
+            let post = PostOp::new(Connection::new(target.clone(), args.timeout), generator, None);
+            MixOp::new(post, board.clone(), mix)
+        })
+        .collect();
+    let (mut ops, stats) = measured("countapp", "items", ops, plan, args.quiet).await?;
+    let (wrong_answers, wrong) = board.wrong_answers();
+    let mut findings = MixFindings { shares: mix, wrong_answers, wrong, membership: None };
+
+    let mut check = None;
+    if let (false, Some(load_end)) = (args.no_check, stats.totals.last_ack) {
+        let mut ledger = Ledger { tallies: vec![Tally::default(); tenants.len()], ..Ledger::default() };
+        for op in &ops {
+            op.generator().add_to(&mut ledger, false);
+        }
+        mix::settle(&mut baselines, &mut ledger, board.deletes());
+        let load_end = tokio::time::Instant::from_std(load_end);
+        let mut convergence = converge(args, &mut reader, &baselines, &ledger, load_end).await?;
+        // A delete that failed may or may not have taken its tenant's ids: counts only bound them.
+        let delete_failed = stats.operations.iter().any(|(name, s)| *name == "delete" && s.totals.error_count() > 0);
+        convergence.verdict.exact &= !delete_failed;
+        check = Some(convergence);
+        let connection = Connection::new(target.clone(), args.timeout);
+        let membership = mix::check_membership(connection, &mut ops, board.deletes()).await;
+        findings.membership = Some(membership.context("asking about the ids around the deletes")?);
+    }
+    let mut run = Figures::of(&stats);
+    // The kinds left out of the mix would only show as rows of zeros.
+    run.operations.retain(|name, _| mix.share(name) > 0.0);
+    Ok(Measured { run, redis: None, check, mix: Some(findings) })
 }
 
 /// Waits for the counts to include every acknowledged item, and judges them.
@@ -223,12 +295,12 @@ async fn count(args: &Args, target: &Arc<Target>, plan: Plan) -> anyhow::Result<
     // Items go round-robin over the tenants, so as many batches as tenants give each one batch.
     let batch = u64::from(args.batch);
     for b in 0..target.tenants() as u64 {
-        seeder.prepare(b * batch, batch)?;
+        seeder.prepare(b * batch, batch).await?;
         seeder.send().await.map_err(|failure| anyhow!("seeding the tenants: POST /items: {failure}"))?;
     }
     let ops = (0..args.connections).map(|_| CountOp::new(Connection::new(target.clone(), args.timeout))).collect();
     let (_, stats) = measured("counts", "requests", ops, plan, args.quiet).await?;
-    Ok(Measured { run: Figures::of(&stats), redis: None, check: None })
+    Ok(Measured { run: Figures::of(&stats), redis: None, check: None, mix: None })
 }
 
 /// Drives `ops` through `plan` under a progress bar.

@@ -11,7 +11,7 @@ use crate::stats::Interval;
 /// Draws `report`'s per-second series into the SVG file at `path`.
 pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
     let unit = match report.mode {
-        Mode::Post => "items/s",
+        Mode::Post | Mode::Mix => "items/s",
         Mode::Count => "requests/s",
     };
     let runs: Vec<(&str, &Figures, RGBColor, RGBColor)> = [

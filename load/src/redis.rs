@@ -71,7 +71,7 @@ impl RedisOp {
 }
 
 impl Op for RedisOp {
-    fn prepare(&mut self, start: u64, units: u64) -> anyhow::Result<()> {
+    async fn prepare(&mut self, start: u64, units: u64) -> anyhow::Result<()> {
         let batch = self.generator.next_batch(start, units as usize)?;
         // One SADD per tenant of the batch, with all of that tenant's ids: what a client of
         // Redis would send for such a batch.

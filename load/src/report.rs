@@ -7,6 +7,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::check::{Convergence, Verdict};
+use crate::mix::MixFindings;
 use crate::stats::{Interval, RunStats};
 
 /// What a run sends.
@@ -17,6 +18,8 @@ pub enum Mode {
     Post,
     /// Count reads (`GET /items/{tenant}/count`).
     Count,
+    /// Batches mixed with strong reads and deletes (`--mix`).
+    Mix,
 }
 
 /// Everything a run reports.
@@ -41,6 +44,8 @@ pub struct Report {
     pub ratio: Option<f64>,
     /// The loss check, unless `--no-check` (or `--count`).
     pub check: Option<Convergence>,
+    /// With `--mix`: the shares, the wrong answers and the membership check around deletes.
+    pub mix: Option<MixFindings>,
 }
 
 /// The figures of one run.
@@ -61,6 +66,10 @@ pub struct Figures {
     pub last_ack_unix_ms: Option<u64>,
     /// The run second by second.
     pub per_second: Vec<Interval>,
+    /// With `--mix`, the figures of each kind of request, by name ("batch", "strong",
+    /// "contains", "counts", "delete").
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub operations: BTreeMap<String, Figures>,
 }
 
 /// Latency percentiles, in milliseconds.
@@ -91,6 +100,7 @@ impl Figures {
             errors_by_kind: stats.totals.errors.iter().map(|(failure, &n)| (failure.to_string(), n)).collect(),
             last_ack_unix_ms: stats.last_ack_unix_ms(),
             per_second: stats.per_second(),
+            operations: stats.operations.iter().map(|(name, stats)| (name.to_string(), Figures::of(stats))).collect(),
         }
     }
 }
@@ -112,6 +122,13 @@ impl Report {
         let mut out = String::new();
         let what = match self.mode {
             Mode::Count => format!("GET counts of {} tenants", self.tenants),
+            Mode::Mix => format!(
+                "POST batches of {} over {} tenants, {:.0}% repeated ids, mixed: {}",
+                self.batch,
+                self.tenants,
+                self.repeat * 100.0,
+                self.mix.as_ref().map_or_else(String::new, |mix| mix.shares.to_string())
+            ),
             Mode::Post => format!(
                 "POST batches of {} over {} tenants, {:.0}% repeated ids",
                 self.batch,
@@ -137,8 +154,9 @@ impl Report {
             "{:<10}{:>10}{:>12}{:>12}{:>9}{:>9}{:>9}{:>9}{:>8}",
             "", "requests", "requests/s", "items/s", "p50 ms", "p99 ms", "p999 ms", "max ms", "errors"
         );
-        let mut row = |name: &str, f: &Figures| {
-            let items_per_s = if self.mode == Mode::Count { "-".to_owned() } else { format!("{:.0}", f.items_per_s) };
+        // Only batches have items; reads and deletes have none.
+        let mut row = |name: &str, f: &Figures, items: bool| {
+            let items_per_s = if items { format!("{:.0}", f.items_per_s) } else { "-".to_owned() };
             let _ = writeln!(
                 out,
                 "{name:<10}{:>10}{:>12.0}{items_per_s:>12}{:>9.2}{:>9.2}{:>9.2}{:>9.2}{:>8}",
@@ -151,14 +169,19 @@ impl Report {
                 f.errors
             );
         };
-        row("countapp", &self.run);
+        row("countapp", &self.run, self.mode != Mode::Count);
+        for (name, figures) in &self.run.operations {
+            row(&format!("  {name}"), figures, name == "batch");
+        }
         if let Some(redis) = &self.redis {
-            row("redis", redis);
+            row("redis", redis, true);
         }
         if let Some(ratio) = self.ratio {
             let _ = writeln!(out, "\ncountapp/redis: {ratio:.2}x items/s");
         }
-        for (name, figures) in [("countapp", Some(&self.run)), ("redis", self.redis.as_ref())] {
+        let operations = self.run.operations.iter().map(|(name, f)| (name.as_str(), Some(f)));
+        let all = [("countapp", Some(&self.run)), ("redis", self.redis.as_ref())].into_iter().chain(operations);
+        for (name, figures) in all {
             if let Some(f) = figures.filter(|f| f.errors > 0) {
                 let kinds: Vec<String> = f.errors_by_kind.iter().map(|(kind, n)| format!("{n} × {kind}")).collect();
                 let _ = writeln!(out, "\n{name} errors: {}", kinds.join(", "));
@@ -200,6 +223,9 @@ impl Report {
             );
             self.batch_lines(v, &mut out);
         }
+        if let Some(mix) = &self.mix {
+            mix_lines(mix, &mut out);
+        }
         out
     }
 
@@ -235,6 +261,31 @@ impl Report {
     }
 }
 
+/// The mixed workload's findings: wrong answers, and the ids asked about around the deletes.
+fn mix_lines(mix: &MixFindings, out: &mut String) {
+    let wrong = match mix.wrong_answers {
+        0 => "every strong read and membership check answered as owed".to_owned(),
+        n => format!(
+            "{n} wrong answers -- FAILED: {}",
+            mix.wrong.iter().take(SHOWN).cloned().collect::<Vec<_>>().join("; ")
+        ),
+    };
+    let _ = writeln!(out, "mix: {wrong}");
+    if let Some(m) = mix.membership.as_ref().filter(|m| m.tenants > 0) {
+        let _ = writeln!(
+            out,
+            "deletes: {} tenants deleted; of the ids around their last delete, {} of {} acknowledged before are still \
+             there, {} of {} acknowledged since are missing{}",
+            m.tenants,
+            m.gone_found,
+            m.gone_asked,
+            m.kept_missing,
+            m.kept_asked,
+            if m.passed() { "" } else { " -- FAILED" }
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -254,6 +305,7 @@ mod tests {
             errors_by_kind: BTreeMap::from([("HTTP 503".to_owned(), 2)]),
             last_ack_unix_ms: Some(1_700_000_000_000),
             per_second: Vec::new(),
+            operations: BTreeMap::new(),
         }
     }
 
@@ -298,6 +350,7 @@ mod tests {
                 unconverged: 1,
                 unconverged_markers: 2,
             }),
+            mix: None,
         };
         let table = report.table();
         for needle in [
@@ -324,5 +377,58 @@ mod tests {
         assert_eq!(json["check"]["sweeps"], 12);
         assert_eq!(json["run"]["last_ack_unix_ms"], 1_700_000_000_000u64);
         assert_eq!(json["redis"]["items_per_s"], 500.0);
+    }
+
+    #[test]
+    fn a_mixed_run_shows_each_kind_of_request_and_its_findings() {
+        let mut run = figures(1000.0);
+        run.operations.insert("batch".into(), figures(1000.0));
+        let mut strong = figures(0.0);
+        strong.errors_by_kind = BTreeMap::from([("wrong answer".to_owned(), 1), ("HTTP 503".to_owned(), 1)]);
+        run.operations.insert("strong".into(), strong);
+        let report = Report {
+            mode: Mode::Mix,
+            url: "http://127.0.0.1:5000".into(),
+            connections: 2,
+            batch: 100,
+            tenants: 3,
+            tenant_prefix: "load-x-".into(),
+            repeat: 0.0,
+            id_bytes: 16,
+            rate: None,
+            run,
+            redis: None,
+            ratio: None,
+            check: None,
+            mix: Some(MixFindings {
+                shares: "strong=0.05,delete=0.01".parse().unwrap(),
+                wrong_answers: 1,
+                wrong: vec!["strong count of load-x-1 was 3, below the 5 ids acknowledged before it".into()],
+                membership: Some(crate::mix::Membership {
+                    tenants: 2,
+                    gone_asked: 40,
+                    gone_found: 1,
+                    kept_asked: 30,
+                    kept_missing: 0,
+                }),
+            }),
+        };
+        let table = report.table();
+        for needle in [
+            "mixed: 94.0% batches, 5.0% strong counts, 0.0% contains, 0.0% POST /counts, 1.00% deletes",
+            "\n  batch           20          10        1000",
+            "\n  strong          20          10           -",
+            "strong errors: 1 × HTTP 503, 1 × wrong answer",
+            "mix: 1 wrong answers -- FAILED: strong count of load-x-1 was 3",
+            "2 tenants deleted; of the ids around their last delete, 1 of 40 acknowledged before are still there, 0 of \
+             30 acknowledged since are missing -- FAILED",
+        ] {
+            assert!(table.contains(needle), "{needle:?} missing from\n{table}");
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["mode"], "mix");
+        assert_eq!(json["run"]["operations"]["strong"]["errors_by_kind"]["wrong answer"], 1);
+        assert_eq!(json["mix"]["membership"]["gone_found"], 1);
+        assert_eq!(json["mix"]["shares"]["delete"], 0.01);
     }
 }

@@ -28,6 +28,10 @@ pub enum Failure {
     Connection,
     /// An answer that made no sense (a count that is not `{"count": N}`, a Redis error reply).
     BadReply,
+    /// A well-formed answer that breaks the API's promise: in the mixed workload, a strong count
+    /// below the ids acknowledged before it was sent, or a membership check that misses one of
+    /// them (or finds an id never sent).
+    Wrong,
 }
 
 impl fmt::Display for Failure {
@@ -38,6 +42,7 @@ impl fmt::Display for Failure {
             Failure::Timeout => f.write_str("timeout"),
             Failure::Connection => f.write_str("connection"),
             Failure::BadReply => f.write_str("bad reply"),
+            Failure::Wrong => f.write_str("wrong answer"),
         }
     }
 }
@@ -225,6 +230,8 @@ pub struct RunStats {
     pub totals: Totals,
     /// Second by second; a second without any answer is empty.
     pub seconds: Vec<Second>,
+    /// With several kinds of request (the mixed workload), each kind's own figures, by name.
+    pub operations: Vec<(&'static str, RunStats)>,
 }
 
 impl RunStats {
@@ -243,7 +250,7 @@ impl RunStats {
             totals.add(&other);
         }
         let seconds = std::mem::take(&mut *series.lock().expect("no recorder panics holding the series"));
-        RunStats { start, started_at, elapsed, totals, seconds }
+        RunStats { start, started_at, elapsed, totals, seconds, operations: Vec::new() }
     }
 
     /// The wall-clock time of the last acknowledgement, in milliseconds since the Unix epoch:

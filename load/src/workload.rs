@@ -16,8 +16,16 @@
 //! with their fresh ids per tenant: with `--exact`, a batch also carries a marker item in a
 //! tenant named after it (see [`Shape::marker_prefix`]), and the check reads from the markers
 //! which of those the server applied all the same.
+//!
+//! In the mixed workload, tenants are also deleted (see [`Deletes`]). A connection then tells
+//! its ids for a tenant apart by the tenant's life they were acknowledged in: those from before
+//! the last acknowledged delete are gone for good, and repeats draw only on ids acknowledged
+//! since the last delete, so that no id from a life before is ever posted again. The tallies
+//! stay plain numbers.
 
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::bail;
 use rand::RngExt;
@@ -106,8 +114,43 @@ impl Batch {
     }
 }
 
-/// One tenant's fresh ids as seen by one connection.
+/// Per tenant, the deletes of a mixed run so far, shared by its connections. The mixed workload
+/// changes them only while no batch to the tenant is in flight (see `mix.rs`), so a batch is
+/// always wholly of one life of its tenant.
 #[derive(Debug)]
+pub struct Deletes {
+    /// Delete requests that ended, acknowledged or not: each may have removed the ids
+    /// acknowledged before it.
+    ended: Vec<AtomicU64>,
+    /// The value of `ended` just after the last acknowledged delete (0 before any): the ids
+    /// acknowledged before that one are gone for good.
+    acknowledged: Vec<AtomicU64>,
+}
+
+impl Deletes {
+    /// No deletes yet, for `tenants` tenants.
+    pub fn new(tenants: usize) -> Self {
+        let zeros = || (0..tenants).map(|_| AtomicU64::new(0)).collect();
+        Deletes { ended: zeros(), acknowledged: zeros() }
+    }
+
+    /// Records a delete of `tenant` that ended, acknowledged or not.
+    pub fn ended(&self, tenant: usize, acknowledged: bool) {
+        let ended = self.ended[tenant].fetch_add(1, Ordering::Relaxed) + 1;
+        if acknowledged {
+            self.acknowledged[tenant].store(ended, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `tenant` was deleted at all (a delete request ended), and whether a delete of it
+    /// was ever acknowledged.
+    pub fn history(&self, tenant: usize) -> (bool, bool) {
+        (self.ended[tenant].load(Ordering::Relaxed) > 0, self.acknowledged[tenant].load(Ordering::Relaxed) > 0)
+    }
+}
+
+/// One tenant's fresh ids as seen by one connection.
+#[derive(Debug, Clone)]
 struct TenantIds {
     /// The tenant's index.
     tenant: u32,
@@ -116,6 +159,14 @@ struct TenantIds {
     /// The sequence numbers of acknowledged fresh ids, as ascending runs. A failed batch leaves
     /// a gap, so there are as many runs as failures plus one: few.
     acked: Vec<AckedRun>,
+    /// The tenant's deletes ended when last looked at ([`Deletes`]).
+    deletes_seen: u64,
+    /// How many of the acknowledged ids (the first, by rank) are from before the tenant's last
+    /// delete: neither repeated nor owed to its count any more.
+    acked_before: u64,
+    /// How many are from before its last acknowledged delete: gone for good, so that they may
+    /// not count either.
+    gone: u64,
 }
 
 /// A run of acknowledged sequence numbers, with how many acknowledged ones come before it (to
@@ -150,6 +201,27 @@ impl TenantIds {
         let run = &self.acked[self.acked.partition_point(|run| run.before + (run.seqs.end - run.seqs.start) <= r)];
         run.seqs.start + (r - run.before)
     }
+
+    /// Takes in the tenant's deletes since last looked at: the ids acknowledged so far are of
+    /// an earlier life, and gone for good if one of the deletes was acknowledged.
+    fn observe(&mut self, deletes: &Deletes) {
+        let t = self.tenant as usize;
+        let ended = deletes.ended[t].load(Ordering::Relaxed);
+        if ended != self.deletes_seen {
+            let acked = self.acked_count();
+            self.acked_before = acked;
+            if deletes.acknowledged[t].load(Ordering::Relaxed) > self.deletes_seen {
+                self.gone = acked;
+            }
+            self.deletes_seen = ended;
+        }
+    }
+
+    /// The distinct ids owed to the tenant's count (acknowledged since its last delete) and
+    /// those it may hold (every id sent but those gone for good).
+    fn tally(&self) -> Tally {
+        Tally { acked: self.acked_count() - self.acked_before, sent: self.next - self.gone }
+    }
 }
 
 /// Marks a tenant this connection has sent nothing to.
@@ -181,6 +253,8 @@ pub struct Generator {
     batches: u64,
     /// Whether the batch last made was acknowledged.
     last_acked: bool,
+    /// In a mixed run that deletes tenants, its deletes so far.
+    deletes: Option<Arc<Deletes>>,
     /// The batches made before the last one and never acknowledged, in order.
     unacked: Vec<Unacked>,
     rng: SmallRng,
@@ -199,10 +273,17 @@ impl Generator {
             batch: Batch { id_bytes: shape.id_bytes, ..Batch::default() },
             batches: 0,
             last_acked: false,
+            deletes: None,
             unacked: Vec::new(),
             rng: rand::make_rng(),
             shape: shape.clone(),
         }
+    }
+
+    /// The same stream, in a run whose tenants are deleted as `deletes` records.
+    pub fn with_deletes(mut self, deletes: Arc<Deletes>) -> Self {
+        self.deletes = Some(deletes);
+        self
     }
 
     /// Makes the next batch: the `size` items at the run's positions `start..start + size`,
@@ -230,7 +311,14 @@ impl Generator {
             let slot = match self.slots[t] {
                 NO_SLOT => {
                     self.slots[t] = self.touched.len() as u32;
-                    self.touched.push(TenantIds { tenant: t as u32, next: 0, acked: Vec::new() });
+                    self.touched.push(TenantIds {
+                        tenant: t as u32,
+                        next: 0,
+                        acked: Vec::new(),
+                        deletes_seen: 0,
+                        acked_before: 0,
+                        gone: 0,
+                    });
                     self.touched.len() as u32 - 1
                 }
                 slot => slot,
@@ -240,12 +328,17 @@ impl Generator {
             // a different tenant's first item in it.
             if i < tenants {
                 batch.touched.push((slot, ids.next));
+                if let Some(deletes) = &self.deletes {
+                    ids.observe(deletes);
+                }
             }
             self.repeat_credit += self.shape.repeat;
-            let acked = ids.acked_count();
-            let seq = if self.repeat_credit >= 1.0 && acked > 0 {
+            // Only ids of the tenant's current life repeat: one from before a delete would
+            // bring back an id that must stay gone.
+            let (from, acked) = (ids.acked_before, ids.acked_count());
+            let seq = if self.repeat_credit >= 1.0 && acked > from {
                 self.repeat_credit -= 1.0;
-                ids.acked_seq(self.rng.random_range(0..acked))
+                ids.acked_seq(self.rng.random_range(from..acked))
             } else {
                 self.repeat_credit = self.repeat_credit.min(1.0);
                 if ids.next == self.fresh_limit {
@@ -255,12 +348,54 @@ impl Generator {
                 ids.next - 1
             };
             batch.tenants.push(t as u32);
-            let start = batch.ids.len();
-            batch.ids.extend_from_slice(&self.shape.tag);
-            batch.ids.resize(start + self.shape.id_bytes, 0);
-            write_base62(seq * self.shape.connections + self.connection, &mut batch.ids[start + TAG_BYTES..]);
+            write_id(&self.shape, self.connection, seq, &mut batch.ids);
         }
         Ok(&self.batch)
+    }
+
+    /// Ids to ask `tenant` about, with the answer owed: `known` picked among the ids this
+    /// connection had acknowledged in the tenant's current life (true), then `unknown` it never
+    /// sent (false), the next fresh ones, which no other connection makes. Fewer when there are
+    /// not as many. The caller sees to it that the tenant is not deleted meanwhile.
+    pub fn probe(&mut self, tenant: usize, known: usize, unknown: usize) -> Vec<(Vec<u8>, bool)> {
+        let mut seqs = Vec::with_capacity(known + unknown);
+        let mut next = 0;
+        if let Some(ids) = self.touched.get_mut(self.slots[tenant] as usize) {
+            if let Some(deletes) = &self.deletes {
+                ids.observe(deletes);
+            }
+            let (from, to) = (ids.acked_before, ids.acked_count());
+            if to > from {
+                seqs.extend((0..known).map(|_| (ids.acked_seq(self.rng.random_range(from..to)), true)));
+            }
+            next = ids.next;
+        }
+        seqs.extend((next..(next + unknown as u64).min(self.fresh_limit)).map(|seq| (seq, false)));
+        seqs.into_iter().map(|(seq, owed)| (id_of(&self.shape, self.connection, seq), owed)).collect()
+    }
+
+    /// For the final check of a deleted tenant, up to `each` ids this connection had
+    /// acknowledged on either side of its last delete: the last ones gone for good (before its
+    /// last acknowledged delete), then the first ones owed to its count (since its last delete),
+    /// as (ids gone, ids kept). Those nearest the delete are the likeliest to be on the wrong side
+    /// of it.
+    pub fn around_last_delete(&mut self, tenant: usize, each: u64) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let Some(ids) = self.touched.get_mut(self.slots[tenant] as usize) else { return (Vec::new(), Vec::new()) };
+        if let Some(deletes) = &self.deletes {
+            ids.observe(deletes);
+        }
+        let id = |rank| id_of(&self.shape, self.connection, ids.acked_seq(rank));
+        let gone = (ids.gone.saturating_sub(each)..ids.gone).map(id).collect();
+        let kept = (ids.acked_before..ids.acked_count().min(ids.acked_before + each)).map(id).collect();
+        (gone, kept)
+    }
+
+    /// The fresh ids of the batch last made, per tenant (index, ids).
+    pub fn last_batch_fresh(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.batch.touched.iter().map(|&(slot, first)| {
+            let ids = &self.touched[slot as usize];
+            (ids.tenant as usize, ids.next - first)
+        })
     }
 
     /// The batch last made, named as its marker is.
@@ -280,18 +415,24 @@ impl Generator {
 
     /// The batch last made, as never acknowledged: its fresh ids per tenant.
     fn last_batch_unacked(&self) -> Unacked {
-        let fresh = self.batch.touched.iter().map(|&(slot, first)| {
-            let ids = &self.touched[slot as usize];
-            (ids.tenant as usize, ids.next - first)
-        });
-        Unacked { batch: self.batch_id(), fresh: fresh.filter(|&(_, n)| n > 0).collect() }
+        Unacked { batch: self.batch_id(), fresh: self.last_batch_fresh().filter(|&(_, n)| n > 0).collect() }
     }
 
     /// Adds what this connection sent to `ledger`: per tenant, the distinct fresh ids sent and
-    /// acknowledged; the batches never acknowledged; and, with `markers`, every batch's marker.
+    /// acknowledged (with deletes, those owed to its count and those it may hold); the batches
+    /// never acknowledged; and, with `markers`, every batch's marker.
     pub fn add_to(&self, ledger: &mut Ledger, markers: bool) {
         for ids in &self.touched {
-            ledger.tallies[ids.tenant as usize] += Tally { acked: ids.acked_count(), sent: ids.next };
+            let tally = match &self.deletes {
+                // Deletes since this connection last sent to the tenant count too.
+                Some(deletes) => {
+                    let mut ids = ids.clone();
+                    ids.observe(deletes);
+                    ids.tally()
+                }
+                None => ids.tally(),
+            };
+            ledger.tallies[ids.tenant as usize] += tally;
         }
         ledger.batches += self.batches;
         let first_unacked = ledger.unacked.len();
@@ -309,6 +450,21 @@ impl Generator {
             }
         }
     }
+}
+
+/// Appends connection `connection`'s id of sequence number `seq` to `out`.
+fn write_id(shape: &Shape, connection: u64, seq: u64, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&shape.tag);
+    out.resize(start + shape.id_bytes, 0);
+    write_base62(seq * shape.connections + connection, &mut out[start + TAG_BYTES..]);
+}
+
+/// Connection `connection`'s id of sequence number `seq`.
+fn id_of(shape: &Shape, connection: u64, seq: u64) -> Vec<u8> {
+    let mut id = Vec::with_capacity(shape.id_bytes);
+    write_id(shape, connection, seq, &mut id);
+    id
 }
 
 /// Writes `n` in base 62 into all of `out`, most significant digit first, padded with zeros.

@@ -2,7 +2,8 @@
 //! which counts exactly what it took, and deliberately broken ones, which the loss check must
 //! catch. Each server keeps its own tally of what it did wrong, so the tool's report can be held
 //! to the exact number. The runs use `--exact` (a marker tenant per batch, whose name tells
-//! the server's tally which batch it was), but for one that shows what counts alone miss.
+//! the server's tally which batch it was), but for one that shows what counts alone miss. The
+//! servers also answer the reads and deletes of the mixed workload (`--mix`).
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -37,6 +38,10 @@ enum Behaviour {
     /// 200: as many acknowledged batches lost as unacknowledged ones applied, so that the counts
     /// balance.
     Swapping,
+    /// Answers a delete 200 but deletes nothing.
+    Undeleting,
+    /// Answers every strong read from before the load: counts 0, contains nothing.
+    Lagging,
 }
 
 /// Whether a tenant is one of the load tool's batch markers rather than one of its tenants.
@@ -56,6 +61,8 @@ struct Server {
     /// The marker tenants of the batches that Forgetful dropped the marker of, or that Swapping
     /// dropped whole.
     lost_markers: Mutex<Vec<String>>,
+    /// Deletes answered.
+    deletes: AtomicU64,
 }
 
 #[derive(Deserialize)]
@@ -74,6 +81,7 @@ impl Server {
             posts: AtomicU64::new(0),
             misdeeds: AtomicU64::new(0),
             lost_markers: Mutex::default(),
+            deletes: AtomicU64::new(0),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -103,6 +111,8 @@ impl Server {
             *response.status_mut() = status;
             Ok(response)
         };
+        // A strong read of the lagging server sees nothing of the load.
+        let lagging = self.behaviour == Behaviour::Lagging && request.uri().query() == Some("consistency=strong");
         match (request.method(), path.split('/').collect::<Vec<_>>().as_slice()) {
             (&Method::POST, ["", "items"]) => {
                 let body = request.into_body().collect().await.unwrap().to_bytes();
@@ -145,8 +155,35 @@ impl Server {
                 reply(StatusCode::OK, format!(r#"{{"accepted":{}}}"#, items.len()))
             }
             (&Method::GET, ["", "items", tenant, "count"]) => {
-                let count = self.sets.lock().unwrap().get(*tenant).map_or(0, HashSet::len);
+                let count = if lagging { 0 } else { self.sets.lock().unwrap().get(*tenant).map_or(0, HashSet::len) };
                 reply(StatusCode::OK, format!(r#"{{"count":{count}}}"#))
+            }
+            (&Method::POST, ["", "items", tenant, "contains"]) => {
+                let tenant = tenant.to_string();
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let ids: Vec<String> = serde_json::from_slice(&body).unwrap();
+                let sets = self.sets.lock().unwrap();
+                let set = sets.get(&tenant);
+                let contains: Vec<bool> =
+                    ids.iter().map(|id| !lagging && set.is_some_and(|set| set.contains(id))).collect();
+                reply(StatusCode::OK, serde_json::json!({ "contains": contains }).to_string())
+            }
+            (&Method::POST, ["", "counts"]) => {
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let tenants: Vec<String> = serde_json::from_slice(&body).unwrap();
+                let sets = self.sets.lock().unwrap();
+                let counts: HashMap<&String, usize> = tenants
+                    .iter()
+                    .map(|t| (t, if lagging { 0 } else { sets.get(t).map_or(0, HashSet::len) }))
+                    .collect();
+                reply(StatusCode::OK, serde_json::json!({ "counts": counts }).to_string())
+            }
+            (&Method::DELETE, ["", "items", tenant]) => {
+                self.deletes.fetch_add(1, Ordering::Relaxed);
+                if self.behaviour != Behaviour::Undeleting {
+                    self.sets.lock().unwrap().remove(*tenant);
+                }
+                reply(StatusCode::OK, r#"{"deleted":true}"#.into())
             }
             _ => reply(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#.into()),
         }
@@ -342,4 +379,78 @@ fn an_unreachable_server_is_an_error_at_once() {
     let output = load(addr, &dir.path().join("report.json"), &[]);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8(output.stderr).unwrap().contains("reading the counts before the load"));
+}
+
+/// The mixed workload with shares high enough that a second holds every kind, deletes included.
+const MIX: &[&str] = &["--mix", "strong=0.1,contains=0.1,counts=0.05,delete=0.05", "--repeat", "0.3"];
+
+#[test]
+fn the_mixed_workload_passes_against_an_honest_store() {
+    let (server, addr) = Server::start(Behaviour::Honest);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = load(addr, &json, MIX);
+    assert_eq!(output.status.code(), Some(0));
+
+    let report = report(&json);
+    assert_eq!(report["mode"], "mix");
+    for kind in ["batch", "strong", "contains", "counts", "delete"] {
+        assert!(report["run"]["operations"][kind]["requests"].as_u64().unwrap() > 0, "{kind}");
+    }
+    assert_eq!(report["run"]["operations"]["delete"]["requests"], server.deletes.load(Ordering::Relaxed));
+    // What the store counts is what the check owed it: the ids acknowledged since each delete.
+    let check = &report["check"];
+    assert_eq!((check["lost"].as_u64(), check["unexpected"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(check["counted"], counted(&server));
+    assert_eq!(check["acked"], counted(&server));
+    let mix = &report["mix"];
+    assert_eq!(mix["wrong_answers"], 0);
+    assert!(mix["membership"]["gone_asked"].as_u64().unwrap() > 0);
+    assert!(mix["membership"]["kept_asked"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn a_store_that_acknowledges_deletes_but_keeps_the_ids_fails_the_mixed_check() {
+    let (server, addr) = Server::start(Behaviour::Undeleting);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = load(addr, &json, MIX);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(server.deletes.load(Ordering::Relaxed) > 0);
+
+    let report = report(&json);
+    // The ids acknowledged before the deletes still count: more than the check allows.
+    let check = &report["check"];
+    assert_eq!(check["lost"], 0);
+    assert!(check["unexpected"].as_u64().unwrap() > 0);
+    assert_eq!(check["counted"], counted(&server));
+    // Each one asked about is found, though it had to be gone.
+    let membership = &report["mix"]["membership"];
+    assert!(membership["gone_asked"].as_u64().unwrap() > 0);
+    assert_eq!(membership["gone_found"], membership["gone_asked"]);
+    assert_eq!(membership["kept_missing"], 0);
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("acknowledged before a delete are still there"), "{stderr}");
+}
+
+#[test]
+fn a_store_whose_strong_reads_lag_gives_wrong_answers() {
+    let (_server, addr) = Server::start(Behaviour::Lagging);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = load(addr, &json, &["--mix", "strong=0.1,contains=0.1,counts=0.05"]);
+    assert_eq!(output.status.code(), Some(1));
+
+    let report = report(&json);
+    let wrong = report["mix"]["wrong_answers"].as_u64().unwrap();
+    assert!(wrong > 0);
+    // Each kind of read was caught, as an error of its own kind.
+    let by_kind =
+        |kind: &str| report["run"]["operations"][kind]["errors_by_kind"]["wrong answer"].as_u64().unwrap_or(0);
+    assert!(by_kind("strong") > 0 && by_kind("contains") > 0 && by_kind("counts") > 0, "{report}");
+    assert_eq!(by_kind("strong") + by_kind("contains") + by_kind("counts"), wrong);
+    // The set check reads eventual counts, which are right: only the strong reads were wrong.
+    assert_eq!(report["check"]["lost"], 0);
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("WRONG:") && stderr.contains("below the"), "{stderr}");
 }
