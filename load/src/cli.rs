@@ -22,7 +22,7 @@ use crate::workload::MIN_ID_BYTES;
     version,
     after_help = "\
 Exit status: 0 when the check passed (or was skipped); 1 when items were lost or unexpected;
-2 on any other failure, including a run in which nothing was acknowledged.
+2 on any other failure, including a run that posted batches and had none acknowledged.
 
 Examples:
   countapp-load                                  10 s against the coordinator on :5000
