@@ -43,8 +43,8 @@ use log::record;
 use log::writer::{Ticket, Writer};
 pub use partition::{DEFAULT_SHARDS, owner_of, shard_of};
 pub use report::{MergeReport, QuarantinedTenant, StoreStats};
-use sets::TenantSets;
 pub use sets::{Answer, Count, TenantPage};
+use sets::{Scope, TenantSets};
 
 /// How a store is opened: which backend keeps the tenants' id sets, and where; the rest is
 /// [`Settings`], which a running store can change.
@@ -307,16 +307,18 @@ impl Store {
 
     fn round(&self, state: &mut RoundState, always: bool) -> Result<MergeReport, StoreError> {
         let wal_root = self.root.join("wal");
-        self.round_over(state, &wal_root, log::scan(&wal_root)?, always)
+        self.round_over(state, &wal_root, log::scan(&wal_root)?, always, Scope::All)
     }
 
-    /// A merge round over `logs`, as just listed from `wal_root` (see [`Store::merge`]).
+    /// A merge round over `logs`, as just listed from `wal_root`, of what `scope` asks (see
+    /// [`Store::merge`]).
     fn round_over(
         &self,
         state: &mut RoundState,
         wal_root: &Path,
         logs: Vec<log::WorkerLog>,
         always: bool,
+        scope: Scope<'_>,
     ) -> Result<MergeReport, StoreError> {
         let started = Instant::now();
         let seen: Vec<(String, bool, Vec<u64>)> =
@@ -328,9 +330,11 @@ impl Store {
         }
         state.seen = None;
         let mut report = MergeReport::default();
-        self.sets.merge(&logs, &mut report)?;
-        // A shard left busy is retried at the next poll, changed or not.
-        state.seen = (report.busy_shards == 0 && report.failed_shards == 0).then_some(seen);
+        self.sets.merge(&logs, scope, &mut report)?;
+        // A shard left busy is retried at the next poll, changed or not; so is everything a
+        // round of some shards alone left.
+        let complete = report.busy_shards == 0 && report.failed_shards == 0 && scope == Scope::All;
+        state.seen = complete.then_some(seen);
         self.forget_deleted();
         self.forget_gone_workers(wal_root, &logs);
         self.housekeep(wal_root);
@@ -343,9 +347,10 @@ impl Store {
         Ok(report)
     }
 
-    /// This worker's part of a barrier, once every worker closed its log: a merge round if
-    /// anything changed since the last one, then which of `shards` this worker vouches for (see
-    /// [`Store::covered`]). Costs one listing of the logs when there is nothing to merge.
+    /// This worker's part of a barrier, once every worker closed its log: a merge round of
+    /// `shards` alone (where merging goes by shard) if anything changed since the last round,
+    /// then which of `shards` this worker vouches for (see [`Store::covered`]). Costs one
+    /// listing of the logs when there is nothing to merge.
     ///
     /// With `deletes`, tenants in `shards` that a barrier has settled already: the round also
     /// deletes them where this worker is to, and a shard holding one is vouched for only once it
@@ -357,7 +362,7 @@ impl Store {
         let wal_root = self.root.join("wal");
         let logs = log::scan(&wal_root)?;
         let listed: Vec<log::WorkerLog> = logs.clone();
-        self.round_over(&mut rounds, &wal_root, logs, !deletes.is_empty())?;
+        self.round_over(&mut rounds, &wal_root, logs, !deletes.is_empty(), Scope::Shards(shards))?;
         let mut vouched = self.sets.settled(&listed, shards);
         if !deletes.is_empty() {
             let deleted = self.sets.deleted(deletes)?;

@@ -38,8 +38,9 @@ pub(crate) trait TenantSets: Send + Sync {
     fn round_due(&self) -> bool;
 
     /// One merge round: takes the items of the final log files in `logs` that this worker is to
-    /// merge, deletes the files it has durably taken, and adds what it did to `report`.
-    fn merge(&self, logs: &[WorkerLog], report: &mut MergeReport) -> Result<(), StoreError>;
+    /// merge, as far as `scope` asks where merging goes by shard, deletes the files it has
+    /// durably taken, and adds what it did to `report`.
+    fn merge(&self, logs: &[WorkerLog], scope: Scope<'_>, report: &mut MergeReport) -> Result<(), StoreError>;
 
     /// The tenant's distinct count as of the latest merge by any worker.
     fn count(&self, tenant: &str) -> Count<'_>;
@@ -105,6 +106,26 @@ pub enum Answer<'a, T> {
     Now(Result<T, StoreError>),
     /// The answer is on its way.
     Later(Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>),
+}
+
+/// What a merge round merges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope<'a> {
+    /// Everything this worker is to merge: the merger's rounds.
+    All,
+    /// The runs of these shards, where merging goes by shard (the JSON files): a barrier's
+    /// round, which a strong read of one tenant waits for, merges that tenant's shard alone.
+    Shards(&'a [u16]),
+}
+
+impl Scope<'_> {
+    /// Whether the round merges `shard`.
+    pub(crate) fn covers(&self, shard: u16) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Shards(shards) => shards.contains(&shard),
+        }
+    }
 }
 
 /// A page of tenants in the order of their names, as [`TenantSets::list`] answers it.

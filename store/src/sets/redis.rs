@@ -42,7 +42,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{ErrorKind, ServerErrorKind, Value};
 
-use super::{Answer, Count, TenantPage, TenantSets};
+use super::{Answer, Count, Scope, TenantPage, TenantSets};
 use crate::log::{self, Contents, LogDir, LogFile, WorkerLog};
 use crate::{MergeReport, QuarantinedTenant, RedisTls, Settings, StoreError, StoreOptions, disk};
 
@@ -827,10 +827,10 @@ impl TenantSets for RedisTenants {
     }
 
     /// Merges this worker's closed log files, and those of dead workers, into
-    /// Redis, and hands each log's files over (see the module documentation). First settles
+    /// Redis (whole files, whatever the scope: Redis takes a file's ids in one go), and hands each log's files over (see the module documentation). First settles
     /// the consumed files: merged again if another Redis answers now, deleted once their grace
     /// is over. Asks Redis nothing when there is nothing to do.
-    fn merge(&self, logs: &[WorkerLog], report: &mut MergeReport) -> Result<(), StoreError> {
+    fn merge(&self, logs: &[WorkerLog], _scope: Scope<'_>, report: &mut MergeReport) -> Result<(), StoreError> {
         let merged = self.merge_logs(logs, report);
         self.failing.store(merged.is_err(), Ordering::Relaxed);
         merged

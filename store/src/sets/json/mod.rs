@@ -47,7 +47,7 @@ use hashbrown::{HashMap, HashSet};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::{Answer, Count, TenantPage, TenantSets};
+use super::{Answer, Count, Scope, TenantPage, TenantSets};
 use crate::backoff::Backoff;
 use crate::layout::shard_dir;
 use crate::log::record::Run;
@@ -363,13 +363,14 @@ impl Shards {
         logs: &'a [WorkerLog],
         owned: &HashMap<u16, OwnedShard>,
         indexed: &mut Index,
+        scope: Scope<'_>,
         report: &mut MergeReport,
     ) -> Result<Vec<Input<'a>>, StoreError> {
         let mut budget = MAX_ROUND_INPUT_BYTES;
         let mut inputs = Vec::new();
         'workers: for log in logs {
             for file in &log.inputs {
-                if !wanted(&log.worker, file, owned, indexed) {
+                if !wanted(&log.worker, file, owned, indexed, scope) {
                     continue;
                 }
                 let key = (log.worker.clone(), file.seq);
@@ -552,6 +553,8 @@ impl Shards {
         // The shard's list of names, where this round writes it whole: a shard that has none
         // yet, or one losing a tenant. Otherwise a new tenant's name is appended.
         let mut rewrite = if state.unnamed { Some(names::read(&dir)?.0) } else { None };
+        // The lines of the tenants new to the shard, appended to its list in one write.
+        let mut named = Vec::new();
         state.unnamed = false;
         self.retry_quarantined(shard, record, state, commit, report)?;
         for (name, runs) in tenants {
@@ -585,7 +588,7 @@ impl Shards {
                         // Its first file: named in the shard's list before the file is in place.
                         match &mut rewrite {
                             Some(listed) => drop(listed.insert((*name).to_owned())),
-                            None => commit.append(&dir.join(names::NAMES_FILE), &names::line(name))?,
+                            None => named.extend_from_slice(&names::line(name)),
                         }
                     }
                 }
@@ -601,6 +604,9 @@ impl Shards {
                     record.quarantined.insert((*name).to_owned(), None);
                 }
             }
+        }
+        if !named.is_empty() {
+            commit.append(&dir.join(names::NAMES_FILE), &named)?;
         }
         for (name, kept) in record.quarantined.iter_mut() {
             *kept = state.quarantined.get(name).map(Quarantine::kept_count);
@@ -843,7 +849,7 @@ impl TenantSets for Shards {
     }
 
     /// One merge round over the logs `logs` (see the module documentation).
-    fn merge(&self, logs: &[WorkerLog], report: &mut MergeReport) -> Result<(), StoreError> {
+    fn merge(&self, logs: &[WorkerLog], scope: Scope<'_>, report: &mut MergeReport) -> Result<(), StoreError> {
         let live: Vec<&str> = logs.iter().filter(|l| l.live).map(|l| l.worker.as_str()).collect();
         let mut state = self.state.lock();
         let MergeState { owned, indexed, written, listed_before, failing, deleting, dropped } = &mut *state;
@@ -894,7 +900,7 @@ impl TenantSets for Shards {
         *listed_before = true;
 
         *self.behind_since.lock() = oldest_wanted(logs, owned, indexed, written, failing);
-        let inputs = self.read_inputs(logs, owned, indexed, report)?;
+        let inputs = self.read_inputs(logs, owned, indexed, scope, report)?;
         let mut with_runs = BTreeSet::new();
         for input in &inputs {
             for shard in indexed[&(input.worker.to_owned(), input.file.seq)].shards.iter() {
@@ -911,7 +917,7 @@ impl TenantSets for Shards {
         with_runs.extend(
             deleting.iter().map(|tenant| shard_of(tenant, self.shards)).filter(|shard| owned.contains_key(shard)),
         );
-        with_runs.retain(|shard| failing.get(shard).is_none_or(Backoff::due));
+        with_runs.retain(|shard| scope.covers(*shard) && failing.get(shard).is_none_or(Backoff::due));
         if !with_runs.is_empty() {
             let sources = Sources { logs, inputs: &inputs, indexed, deleting };
             let result = self.merge(&with_runs, &sources, owned, failing, report).map(|gone| dropped.extend(gone));
@@ -1021,9 +1027,12 @@ fn merged_every_listed(shard: u16, record: &ShardRecord, logs: &[WorkerLog], ind
 
 /// Whether the log file `file` of `worker` may hold runs of owned shards not merged yet: this
 /// process never read it, or it holds runs of an owned shard whose record is behind it.
-fn wanted(worker: &str, file: &LogFile, owned: &HashMap<u16, OwnedShard>, indexed: &Index) -> bool {
+fn wanted(worker: &str, file: &LogFile, owned: &HashMap<u16, OwnedShard>, indexed: &Index, scope: Scope<'_>) -> bool {
     indexed.get(&(worker.to_owned(), file.seq)).is_none_or(|index| {
-        index.shards.iter().any(|s| owned.get(&s).is_some_and(|o| file.seq > o.record.merged(worker)))
+        index
+            .shards
+            .iter()
+            .any(|s| scope.covers(s) && owned.get(&s).is_some_and(|o| file.seq > o.record.merged(worker)))
     })
 }
 
@@ -1045,7 +1054,7 @@ fn oldest_wanted(
         let worker = l.worker.as_str();
         l.inputs
             .iter()
-            .filter(move |f| wanted(worker, f, owned, indexed) || stuck(worker, f))
+            .filter(move |f| wanted(worker, f, owned, indexed, Scope::All) || stuck(worker, f))
             .map(move |f| (worker, f.seq))
     });
     wanted.filter_map(|(worker, seq)| written.get(&(worker.to_owned(), seq)).copied()).min()
