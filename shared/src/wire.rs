@@ -78,7 +78,8 @@ pub fn unix_ms(at: SystemTime) -> u64 {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AnswersAtOnce {
-    /// `GET /items/{tenant}/count`: yes from the JSON files, no from Redis.
+    /// Eventual reads (`GET /items/{tenant}/count`, membership, `POST /counts`): yes from the
+    /// JSON files, no from Redis.
     pub counts: bool,
     /// `POST /items`: yes unless every batch waits for an fsync (`fsync: always`).
     pub batches: bool,
