@@ -307,7 +307,7 @@ impl Store {
 
     fn round(&self, state: &mut RoundState, always: bool) -> Result<MergeReport, StoreError> {
         let wal_root = self.root.join("wal");
-        self.round_over(state, &wal_root, log::scan(&wal_root)?, always, Scope::All)
+        self.round_over(state, &wal_root, &log::scan(&wal_root)?, always, Scope::All)
     }
 
     /// A merge round over `logs`, as just listed from `wal_root`, of what `scope` asks (see
@@ -316,7 +316,7 @@ impl Store {
         &self,
         state: &mut RoundState,
         wal_root: &Path,
-        logs: Vec<log::WorkerLog>,
+        logs: &[log::WorkerLog],
         always: bool,
         scope: Scope<'_>,
     ) -> Result<MergeReport, StoreError> {
@@ -330,13 +330,13 @@ impl Store {
         }
         state.seen = None;
         let mut report = MergeReport::default();
-        self.sets.merge(&logs, scope, &mut report)?;
+        self.sets.merge(logs, scope, &mut report)?;
         // A shard left busy is retried at the next poll, changed or not; so is everything a
         // round of some shards alone left.
         let complete = report.busy_shards == 0 && report.failed_shards == 0 && scope == Scope::All;
         state.seen = complete.then_some(seen);
         self.forget_deleted();
-        self.forget_gone_workers(wal_root, &logs);
+        self.forget_gone_workers(wal_root, logs);
         self.housekeep(wal_root);
         if report.log_files > 0 {
             release_free_memory();
@@ -361,9 +361,8 @@ impl Store {
         self.sets.delete_in_round(deletes);
         let wal_root = self.root.join("wal");
         let logs = log::scan(&wal_root)?;
-        let listed: Vec<log::WorkerLog> = logs.clone();
-        self.round_over(&mut rounds, &wal_root, logs, !deletes.is_empty(), Scope::Shards(shards))?;
-        let mut vouched = self.sets.settled(&listed, shards);
+        self.round_over(&mut rounds, &wal_root, &logs, !deletes.is_empty(), Scope::Shards(shards))?;
+        let mut vouched = self.sets.settled(&logs, shards);
         if !deletes.is_empty() {
             let deleted = self.sets.deleted(deletes)?;
             let pending =
