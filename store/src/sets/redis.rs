@@ -461,6 +461,16 @@ impl RedisTenants {
 }
 
 impl Counter {
+    /// The counts of `tenants`, in their order: one `SCARD` each, sent together on the
+    /// multiplexed connection (which pipelines them, and routes each to its node in a cluster).
+    async fn scards(&self, tenants: &[String]) -> redis::RedisResult<Vec<u64>> {
+        let scards = tenants.iter().map(|tenant| {
+            let (mut counter, scard) = (self.clone(), redis::cmd("SCARD").arg(tenant_key(tenant)).to_owned());
+            async move { counter.query::<u64>(&scard).await }
+        });
+        futures_util::future::try_join_all(scards).await
+    }
+
     /// Sends `cmd` on the multiplexed connection.
     async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         match self {
@@ -843,16 +853,9 @@ impl TenantSets for RedisTenants {
         Answer::Later(Box::pin(self.read(move |mut counter| async move { counter.query(&scard).await })))
     }
 
-    /// The tenants' counts: one `SCARD` each, sent together on the multiplexed connection (which
-    /// pipelines them, and routes each to its node in a cluster).
+    /// The tenants' counts (see [`Counter::scards`]).
     fn counts<'a>(&'a self, tenants: &'a [String]) -> Answer<'a, Vec<u64>> {
-        Answer::Later(Box::pin(self.read(move |counter| {
-            let scards = tenants.iter().map(move |tenant| {
-                let (mut counter, scard) = (counter.clone(), redis::cmd("SCARD").arg(tenant_key(tenant)).to_owned());
-                async move { counter.query::<u64>(&scard).await }
-            });
-            futures_util::future::try_join_all(scards)
-        })))
+        Answer::Later(Box::pin(self.read(move |counter| async move { counter.scards(tenants).await })))
     }
 
     /// Membership: `SMISMEMBER`, in chunks of [`SADD_CHUNK`] ids sent together.
@@ -908,11 +911,7 @@ impl TenantSets for RedisTenants {
                 let mut range = redis::cmd("ZRANGEBYLEX");
                 range.arg(NAMES_KEY).arg(&min).arg(&max).arg("LIMIT").arg(0).arg(want);
                 let names: Vec<String> = counter.query(&range).await?;
-                let scards = names.iter().map(|name| {
-                    let (mut counter, scard) = (counter.clone(), redis::cmd("SCARD").arg(tenant_key(name)).to_owned());
-                    async move { counter.query::<u64>(&scard).await }
-                });
-                let counts = futures_util::future::try_join_all(scards).await?;
+                let counts = counter.scards(&names).await?;
                 for (name, count) in names.iter().zip(counts).filter(|(_, count)| *count > 0) {
                     if page.tenants.len() == limit {
                         page.next = page.tenants.last().map(|(tenant, _)| tenant.clone());
