@@ -205,17 +205,28 @@ async fn barrier(state: &AppState, shards: &[u16], deletes: &[String]) -> Result
     }
 }
 
-/// Runs a store call on a blocking thread: closes and merge rounds touch the disk.
+/// Runs a barrier step of this worker's store (a close, a settle round) on a blocking thread,
+/// since it touches the disk: for the barrier this worker leads, and for the routes by which
+/// other workers' barriers ask it. A store that fails the step answers 503; a step that did not
+/// finish, 500.
+pub(crate) async fn step<T: Send + 'static>(
+    store: &Arc<Store>,
+    call: impl FnOnce(&Store) -> Result<T, countapp_store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = store.clone();
+    match web::block(move || call(&store)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(ApiError::Unavailable(format!("this worker's store failed a barrier step: {e}"))),
+        Err(e) => Err(ApiError::Internal(format!("this worker's barrier step did not finish: {e}"))),
+    }
+}
+
+/// [`step`], its error as the barrier tells it.
 async fn blocking<T: Send + 'static>(
     store: &Arc<Store>,
     call: impl FnOnce(&Store) -> Result<T, countapp_store::StoreError> + Send + 'static,
 ) -> Result<T, String> {
-    let store = store.clone();
-    match web::block(move || call(&store)).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(format!("this worker's store failed the barrier: {e}")),
-        Err(e) => Err(format!("this worker's barrier step did not finish: {e}")),
-    }
+    step(store, call).await.map_err(|e| e.to_string())
 }
 
 /// Posts a barrier step to `peer`: its reply, or `None` if it refused the connection (it is

@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::collections::BTreeSet;
 
+use crate::barrier;
 use crate::live_config::ApplyError;
 use crate::state::AppState;
 use countapp_store::StoreError;
@@ -355,10 +356,7 @@ fn not_read(e: StoreError, tenant: &str) -> ApiError {
 /// `POST /barrier/close`: another worker's barrier has this one close its log.
 async fn barrier_close(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let store = state.store().cloned().ok_or_else(not_ready)?;
-    web::block(move || store.close_log())
-        .await
-        .map_err(|e| ApiError::Internal(format!("the log close did not finish: {e}")))?
-        .map_err(|e| ApiError::Unavailable(format!("the log could not be closed: {e}")))?;
+    barrier::step(&store, |store| store.close_log()).await?;
     Ok(HttpResponse::Ok().json(Settled { worker: state.worker_id.clone(), shards: Vec::new() }))
 }
 
@@ -383,10 +381,7 @@ async fn barrier_settle(
     if let Some(tenant) = delete.iter().find(|t| !shards.contains(&shard_of(t, store.shards()))) {
         return Err(ApiError::BadRequest(format!("tenant {tenant:?} to delete is in none of the shards asked")));
     }
-    let shards = web::block(move || store.settle(&shards, &delete))
-        .await
-        .map_err(|e| ApiError::Internal(format!("the merge round did not finish: {e}")))?
-        .map_err(|e| ApiError::Unavailable(format!("the merge round failed: {e}")))?;
+    let shards = barrier::step(&store, move |store| store.settle(&shards, &delete)).await?;
     Ok(HttpResponse::Ok().json(Settled { worker: state.worker_id.clone(), shards }))
 }
 
