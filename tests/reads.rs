@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use countapp_testcluster::redis::RedisServer;
 use countapp_testcluster::{
-    Load, batch, client, count, error_message, eventually, post, running, sigkill, tenant_files, worker_url,
+    Load, batch, client, count, error_message, eventually, percent_encoded, post, running, sigkill, tenant_files,
+    worker_url,
 };
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
@@ -259,7 +260,7 @@ fn tenants_list_in_byte_order_a_page_at_a_time_with_their_counts() {
         let (mut listed, mut after) = (Vec::new(), None::<String>);
         loop {
             let query = match &after {
-                Some(after) => format!("/tenants?limit=3&after={}", urlencode(after)),
+                Some(after) => format!("/tenants?limit=3&after={}", percent_encoded(after)),
                 None => "/tenants?limit=3".to_owned(),
             };
             let reply: Value = client.get(format!("{at}{query}")).send().unwrap().json().unwrap();
@@ -275,13 +276,6 @@ fn tenants_list_in_byte_order_a_page_at_a_time_with_their_counts() {
     assert_eq!(page("?prefix=a"), json!({"tenants": a, "next": null}));
     assert_eq!(page("?prefix=a&after=a%20b&limit=1"), json!({"tenants": [entry("a/b")], "next": "a/b"}));
     assert_eq!(page("?prefix=zz"), json!({"tenants": [], "next": null}));
-}
-
-/// `text` percent-encoded for a query.
-fn urlencode(text: &str) -> String {
-    text.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
-        .collect()
 }
 
 #[test]

@@ -46,13 +46,17 @@ pub fn post_range(url: &str, tenant: &str, from: usize, to: usize) {
     }
 }
 
+/// `text` with every byte but ASCII letters and digits percent-encoded: a path segment, or a
+/// query value, that stands for exactly `text`.
+pub fn percent_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
 /// `{url}/items/{tenant}/count`, percent-encoding the tenant.
 fn count_url(url: &str, tenant: &str) -> String {
-    let tenant: String = tenant
-        .bytes()
-        .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
-        .collect();
-    format!("{url}/items/{tenant}/count")
+    format!("{url}/items/{}/count", percent_encoded(tenant))
 }
 
 /// `GET {url}/items/{tenant}/count`, percent-encoding the tenant: the reply, whatever its status.

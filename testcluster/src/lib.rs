@@ -23,8 +23,8 @@ pub mod redis;
 
 pub use attrs::Immutable;
 pub use client::{
-    batch, client, count, count_reply, error_message, eventually, eventually_owner, get_json, metric, post, post_range,
-    raw, raw_get, stats, try_count, worker_url,
+    batch, client, count, count_reply, error_message, eventually, eventually_owner, get_json, metric, percent_encoded,
+    post, post_range, raw, raw_get, stats, try_count, worker_url,
 };
 pub use cluster::{Cluster, STARTUP, TOKEN, binary, extra, free_port, lone_worker, running, tenant_files};
 pub use load::{Accounting, Load, PUSHED_BACK, Sent, Tally};
