@@ -45,6 +45,11 @@ pub const BARRIER_CLOSE_ROUTE: &str = "/barrier/close";
 /// for, with a [`SettleRequest`] body and a [`Settled`] reply.
 pub const BARRIER_SETTLE_ROUTE: &str = "/barrier/settle";
 
+/// The internal route by which a barrier's leader, once the barrier covered its shards, has a
+/// worker forget the counts it keeps from earlier reads (where its store keeps any), so that
+/// none read before the barrier passed answers after it.
+pub const BARRIER_PASSED_ROUTE: &str = "/barrier/passed";
+
 /// The body of a `POST` to [`BARRIER_SETTLE_ROUTE`]: the shards the barrier is for.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,13 +61,13 @@ pub struct SettleRequest {
     pub delete: Vec<String>,
 }
 
-/// A worker's `200` reply to a barrier's close or settle.
+/// A worker's `200` reply to a barrier's step.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Settled {
     /// The worker's id.
     pub worker: String,
-    /// After a settle, the shards asked for that it vouches for; empty after a close.
+    /// After a settle, the shards asked for that it vouches for; empty after another step.
     pub shards: Vec<u16>,
 }
 

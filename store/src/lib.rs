@@ -372,6 +372,18 @@ impl Store {
         Ok(vouched)
     }
 
+    /// Whether this worker answers counts from reads kept for a moment (see
+    /// [`Store::forget_reads`]).
+    pub fn keeps_reads(&self) -> bool {
+        self.sets.keeps_reads()
+    }
+
+    /// The last step of a barrier, once it covered its shards: forgets the counts kept from
+    /// earlier reads, so that no count read before the barrier passed answers after it.
+    pub fn forget_reads(&self) {
+        self.sets.forget_reads();
+    }
+
     /// Whether `shards` are settled, from what each worker answered to [`Store::settle`]: every
     /// item in the final log files of every worker, as they were when the workers settled, is
     /// then in the tenants' sets, visible to counts. With shards merged by their owner, one

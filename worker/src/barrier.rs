@@ -8,7 +8,10 @@
 //! 2. then every worker runs a merge round, if anything changed since its last, and says which
 //!    of the shards it vouches for ([`BARRIER_SETTLE_ROUTE`]); the store tells whether that
 //!    covers them ([`Store::covered`]), and step 2 is asked again until it does, or until
-//!    [`BARRIER_TIMEOUT`] has passed (a 503).
+//!    [`BARRIER_TIMEOUT`] has passed (a 503);
+//! 3. where the store keeps counts from earlier reads for a moment (Redis), every worker forgets
+//!    them ([`BARRIER_PASSED_ROUTE`]): a count read while another worker was still merging
+//!    must not answer after the barrier passed.
 //!
 //! The workers are those of [`peers`]. One that refuses the connection is not running, and its
 //! log is final already: merged by the others. Unless it still holds its log's lock here
@@ -30,7 +33,9 @@ use std::time::{Duration, Instant};
 use actix_web::web;
 use countapp_server::edge;
 use countapp_server::http::ApiError;
-use countapp_shared::wire::{BARRIER_CLOSE_ROUTE, BARRIER_SETTLE_ROUTE, BARRIER_TIMEOUT, SettleRequest, Settled};
+use countapp_shared::wire::{
+    BARRIER_CLOSE_ROUTE, BARRIER_PASSED_ROUTE, BARRIER_SETTLE_ROUTE, BARRIER_TIMEOUT, SettleRequest, Settled,
+};
 use countapp_store::Store;
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -195,7 +200,7 @@ async fn barrier(state: &AppState, shards: &[u16], deletes: &[String]) -> Result
                 }
             }
             if store.covered(shards, &vouched) {
-                return Ok(());
+                return forget_reads(state, &store, &reached, deadline).await;
             }
             if Instant::now() + RETRY >= deadline {
                 return Err(late());
@@ -203,6 +208,21 @@ async fn barrier(state: &AppState, shards: &[u16], deletes: &[String]) -> Result
             tokio::time::sleep(RETRY).await;
         }
     }
+}
+
+/// Step 3: every worker `reached` forgets the counts it keeps from earlier reads, where the store
+/// keeps any; this one too.
+async fn forget_reads(state: &AppState, store: &Store, reached: &[&Peer], deadline: Instant) -> Result<(), String> {
+    if !store.keeps_reads() {
+        return Ok(());
+    }
+    store.forget_reads();
+    let passed = reached.iter().map(|peer| ask(&state.barriers.http, peer, BARRIER_PASSED_ROUTE, None, deadline));
+    for answer in futures_util::future::join_all(passed).await {
+        // A worker that stopped since answers no count.
+        answer?;
+    }
+    Ok(())
 }
 
 /// Runs a barrier step of this worker's store (a close, a settle round) on a blocking thread,

@@ -17,8 +17,8 @@ use countapp_shared::api::{
 use countapp_shared::config::{Config, FsyncPolicy, StoreKind};
 use countapp_shared::token;
 use countapp_shared::wire::{
-    AnswersAtOnce, BARRIER_CLOSE_ROUTE, BARRIER_SETTLE_ROUTE, ConfigApplied, ConfigPush, MergeRound, Quarantined,
-    Ready, SettleRequest, Settled, WorkerStats, unix_ms,
+    AnswersAtOnce, BARRIER_CLOSE_ROUTE, BARRIER_PASSED_ROUTE, BARRIER_SETTLE_ROUTE, ConfigApplied, ConfigPush,
+    MergeRound, Quarantined, Ready, SettleRequest, Settled, WorkerStats, unix_ms,
 };
 use countapp_store::{Item, Store, shard_of};
 use percent_encoding::percent_decode_str;
@@ -42,6 +42,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     .service(resource("/tenants").route(web::get().to(get_tenants)))
     .service(resource(BARRIER_CLOSE_ROUTE).route(web::post().to(barrier_close)))
     .service(resource(BARRIER_SETTLE_ROUTE).route(web::post().to(barrier_settle)))
+    .service(resource(BARRIER_PASSED_ROUTE).route(web::post().to(barrier_passed)))
     .service(resource("/health").route(web::get().to(health)))
     .service(resource("/ready").route(web::get().to(ready)))
     .service(resource("/stats").route(web::get().to(stats)))
@@ -383,6 +384,14 @@ async fn barrier_settle(
     }
     let shards = barrier::step(&store, move |store| store.settle(&shards, &delete)).await?;
     Ok(HttpResponse::Ok().json(Settled { worker: state.worker_id.clone(), shards }))
+}
+
+/// `POST /barrier/passed`: another worker's barrier passed, and this one forgets the counts it
+/// keeps from earlier reads.
+async fn barrier_passed(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let store = state.store().cloned().ok_or_else(not_ready)?;
+    store.forget_reads();
+    Ok(HttpResponse::Ok().json(Settled { worker: state.worker_id.clone(), shards: Vec::new() }))
 }
 
 /// `GET /health`: the process is alive and serving HTTP.

@@ -12,6 +12,7 @@
 //! variant of the config's `store` key, and one arm in [`open`].
 
 mod json;
+mod recent;
 mod redis;
 
 use std::future::Future;
@@ -58,6 +59,17 @@ pub(crate) trait TenantSets: Send + Sync {
     /// Up to `limit` tenants whose names start with `prefix` and come after `after`, in byte
     /// order of their names, each with its count; tenants that count nothing are left out.
     fn list<'a>(&'a self, prefix: &'a str, after: &'a str, limit: usize) -> Answer<'a, TenantPage>;
+
+    /// Whether counts read from the backend answer the same tenants' counts for a moment (see
+    /// `recent`): a barrier that passed then has every worker forget them
+    /// ([`TenantSets::forget_reads`]) before its requests are answered.
+    fn keeps_reads(&self) -> bool {
+        false
+    }
+
+    /// Forgets the counts kept from earlier reads, and those on their way: every read from now
+    /// on sees at least what the backend holds now.
+    fn forget_reads(&self) {}
 
     /// Which of `shards` this worker vouches for after a round over `logs` (the listing the
     /// round merged): those whose runs in the listed final files, as far as this worker merges

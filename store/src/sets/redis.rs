@@ -42,6 +42,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{ErrorKind, ServerErrorKind, Value};
 
+use super::recent::Recent;
 use super::{Answer, Count, Scope, TenantPage, TenantSets};
 use crate::log::{self, Contents, LogDir, LogFile, WorkerLog};
 use crate::{MergeReport, QuarantinedTenant, RedisTls, Settings, StoreError, StoreOptions, disk};
@@ -323,6 +324,8 @@ pub(crate) struct RedisTenants {
     /// The counts' connection, made on the first count (it needs the async runtime); a cluster
     /// connection that could not be made is tried again on the next count.
     counter: tokio::sync::OnceCell<Counter>,
+    /// Counts read lately, which answer the same tenants' counts for a moment.
+    recent: Recent,
     /// The config's hand-off settings, as of the last edit.
     handoff: Mutex<RedisHandoff>,
     /// Consumed log files, each with when Redis took its ids and what it held then: deleted
@@ -373,6 +376,7 @@ impl RedisTenants {
             target,
             idle: Mutex::new(Vec::new()),
             counter: tokio::sync::OnceCell::new(),
+            recent: Recent::default(),
             handoff: Mutex::new(settings.redis_handoff),
             consumed: Mutex::new(Vec::new()),
             checked: Mutex::new(None),
@@ -841,21 +845,48 @@ impl TenantSets for RedisTenants {
     /// the consumed files: merged again if another Redis answers now, deleted once their grace
     /// is over. Asks Redis nothing when there is nothing to do.
     fn merge(&self, logs: &[WorkerLog], _scope: Scope<'_>, report: &mut MergeReport) -> Result<(), StoreError> {
+        let files = report.log_files;
         let merged = self.merge_logs(logs, report);
         self.failing.store(merged.is_err(), Ordering::Relaxed);
+        // This worker's counts show its own merges at once.
+        if report.log_files > files {
+            self.recent.forget();
+        }
         merged
     }
 
     /// The tenant's distinct count: `SCARD` on the counts' multiplexed connection, answered or
-    /// failed within [`COUNT_TIMEOUT`].
+    /// failed within [`COUNT_TIMEOUT`]; or a count read less than a moment ago (see `recent`).
     fn count(&self, tenant: &str) -> Count<'_> {
-        let scard = redis::cmd("SCARD").arg(tenant_key(tenant)).to_owned();
-        Answer::Later(Box::pin(self.read(move |mut counter| async move { counter.query(&scard).await })))
+        if let Some(count) = self.recent.count(tenant) {
+            return Answer::Now(Ok(count));
+        }
+        let (sent, tenant) = (self.recent.sent(), tenant.to_owned());
+        let scard = redis::cmd("SCARD").arg(tenant_key(&tenant)).to_owned();
+        Answer::Later(Box::pin(async move {
+            let count = self.read(move |mut counter| async move { counter.query(&scard).await }).await?;
+            self.recent.keep(sent, [(tenant.as_str(), count)]);
+            Ok(count)
+        }))
     }
 
-    /// The tenants' counts (see [`Counter::scards`]).
+    /// The tenants' counts (see [`Counter::scards`]): those read less than a moment ago as
+    /// [`TenantSets::count`] keeps them, the others from Redis.
     fn counts<'a>(&'a self, tenants: &'a [String]) -> Answer<'a, Vec<u64>> {
-        Answer::Later(Box::pin(self.read(move |counter| async move { counter.scards(tenants).await })))
+        let kept: Vec<Option<u64>> = tenants.iter().map(|tenant| self.recent.count(tenant)).collect();
+        if kept.iter().all(Option::is_some) {
+            return Answer::Now(Ok(kept.into_iter().flatten().collect()));
+        }
+        let missing: Vec<String> =
+            tenants.iter().zip(&kept).filter(|(_, k)| k.is_none()).map(|(t, _)| t.clone()).collect();
+        let sent = self.recent.sent();
+        Answer::Later(Box::pin(async move {
+            let asked = &missing;
+            let read = self.read(move |counter| async move { counter.scards(asked).await }).await?;
+            self.recent.keep(sent, missing.iter().map(String::as_str).zip(read.iter().copied()));
+            let mut read = read.into_iter();
+            Ok(kept.into_iter().map(|kept| kept.or_else(|| read.next()).unwrap_or_default()).collect())
+        }))
     }
 
     /// Membership: `SMISMEMBER`, in chunks of [`SADD_CHUNK`] ids sent together.
@@ -973,6 +1004,14 @@ impl TenantSets for RedisTenants {
     /// Each worker merges its own log: a shard is settled once every worker vouches for it.
     fn vouches_for_every_writer(&self) -> bool {
         false
+    }
+
+    fn keeps_reads(&self) -> bool {
+        true
+    }
+
+    fn forget_reads(&self) {
+        self.recent.forget();
     }
 
     fn ids_in_memory(&self) -> (u64, u64) {
