@@ -7,8 +7,10 @@
 //! - `flush_new_small_tenants/10000`: one flush of 10k tenants of one id each, each a new file;
 //!   almost all of it is the kernel creating and renaming the files.
 //! - `flush_into_redis/<shape>`: one flush of 100k new ids into a local redis-server (AOF off),
-//!   over 10k tenants of 10 ids or 10 tenants of 10k ids, and `sadd_into_redis/<shape>`, the
-//!   same ids sent by the redis crate alone, pipelined: what the store adds to Redis's own cost.
+//!   over 10k tenants of 10 ids or 10 tenants of 10k ids, and 100k items of 25k ids posted 4
+//!   times each (a repeat is sent to Redis once); and `sadd_into_redis/<shape>`, the same items
+//!   sent by the redis crate alone, pipelined, repeats and all: what the store adds to (or
+//!   saves of) Redis's own cost.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -137,15 +139,21 @@ fn flush_new_small_tenants(c: &mut Criterion) {
     group.finish();
 }
 
-/// The two shapes of 100k ids the Redis benchmarks merge: (name, tenants, ids per tenant).
-const REDIS_SHAPES: [(&str, usize, usize); 2] =
-    [("10k_tenants_x_10_ids", 10_000, 10), ("10_tenants_x_10k_ids", 10, 10_000)];
+/// The shapes of 100k items the Redis benchmarks merge: (name, tenants, ids per tenant, times
+/// each id is posted).
+const REDIS_SHAPES: [(&str, usize, usize, usize); 3] = [
+    ("10k_tenants_x_10_ids", 10_000, 10, 1),
+    ("10_tenants_x_10k_ids", 10, 10_000, 1),
+    ("10_tenants_x_2500_ids_x_4", 10, 2_500, 4),
+];
 
-/// `tenants` × `ids` fresh `(tenant, id)` pairs, tenants named after `round`.
-fn redis_items(round: usize, tenants: usize, ids: usize) -> Vec<(String, String)> {
-    (0..tenants * ids)
+/// `tenants` × `ids` fresh `(tenant, id)` pairs, tenants named after `round`, the whole of them
+/// `repeats` times over.
+fn redis_items(round: usize, tenants: usize, ids: usize, repeats: usize) -> Vec<(String, String)> {
+    let pairs: Vec<(String, String)> = (0..tenants * ids)
         .map(|i| (format!("r{round}-t{}", i % tenants), format!("{:016x}", NEXT_ID.fetch_add(1, Ordering::Relaxed))))
-        .collect()
+        .collect();
+    pairs.iter().cycle().take(pairs.len() * repeats).cloned().collect()
 }
 
 fn flush_into_redis(c: &mut Criterion) {
@@ -153,7 +161,7 @@ fn flush_into_redis(c: &mut Criterion) {
     let mut group = c.benchmark_group("flush_into_redis");
     group.sample_size(10);
     let mut round = 0;
-    for (shape, tenants, ids) in REDIS_SHAPES {
+    for (shape, tenants, ids, repeats) in REDIS_SHAPES {
         let dir = tempfile::tempdir().unwrap();
         let options = StoreOptions {
             store: countapp_shared::config::StoreKind::Redis,
@@ -161,13 +169,13 @@ fn flush_into_redis(c: &mut Criterion) {
             ..StoreOptions::default()
         };
         let store = Store::open(dir.path(), "bench", options).unwrap();
-        group.throughput(Throughput::Elements((tenants * ids) as u64));
+        group.throughput(Throughput::Elements((tenants * ids * repeats) as u64));
         group.bench_function(shape, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     round += 1;
-                    for batch in redis_items(round, tenants, ids).chunks(1000) {
+                    for batch in redis_items(round, tenants, ids, repeats).chunks(1000) {
                         store.append_blocking(&as_items(batch)).unwrap();
                     }
                     let started = Instant::now();
@@ -183,14 +191,14 @@ fn flush_into_redis(c: &mut Criterion) {
     let mut group = c.benchmark_group("sadd_into_redis");
     group.sample_size(10);
     let mut connection = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
-    for (shape, tenants, ids) in REDIS_SHAPES {
-        group.throughput(Throughput::Elements((tenants * ids) as u64));
+    for (shape, tenants, ids, repeats) in REDIS_SHAPES {
+        group.throughput(Throughput::Elements((tenants * ids * repeats) as u64));
         group.bench_function(shape, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     round += 1;
-                    let items = redis_items(round, tenants, ids);
+                    let items = redis_items(round, tenants, ids, repeats);
                     let started = Instant::now();
                     let mut by_tenant: std::collections::HashMap<&str, Vec<&str>> = std::collections::HashMap::new();
                     for (tenant, id) in &items {

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use countapp_shared::config::RedisHandoff;
 use countapp_shared::wire::REDIS_COUNT_TIMEOUT;
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
@@ -52,6 +52,9 @@ const SADD_CHUNK: usize = 10_000;
 /// Bytes of ids per pipeline of `SADD`s, about: one round trip for many small tenants, and a
 /// bounded buffer for a large log file.
 const PIPELINE_BYTES: usize = 4 << 20;
+/// Bytes of log files merged together at most (one file at least), their ids deduplicated
+/// across them: the memory a merge holds, about twice this.
+const GROUP_BYTES: u64 = 64 << 20;
 /// How long connecting, and every command of a merge, may take before Redis counts as
 /// unreachable.
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -548,25 +551,36 @@ pub(crate) fn tenant_key(tenant: &str) -> String {
 }
 
 impl RedisTenants {
-    /// Adds the ids of the log file `file` to their tenants' sets over `connection`; false if
-    /// the file is gone (its restarted worker renamed it, or another merged it).
-    fn merge_file(
+    /// Adds the ids of the log files `files`, in their order, to their tenants' sets over
+    /// `connection`, each id once however often the files repeat it (`SADD` of a repeat still
+    /// costs Redis a command's parsing and a lookup); returns the files merged, which stop at
+    /// the first that is gone (its restarted worker renamed it, or another merged it).
+    fn merge_files<'f>(
         &self,
         connection: &mut Pooled,
-        file: &LogFile,
+        files: &[&'f LogFile],
         report: &mut MergeReport,
-    ) -> Result<bool, StoreError> {
-        let Some(data) = Contents::read(&file.path)? else { return Ok(false) };
-        let mut by_tenant: HashMap<&str, Vec<&[u8]>> = HashMap::new();
-        let damage = data.scan(&self.root, &file.path, |run| {
-            report.items += run.count_ids();
-            by_tenant.entry(run.tenant).or_default().extend(run.ids());
-        });
-        report.add_damage(damage);
+    ) -> Result<Vec<&'f LogFile>, StoreError> {
+        let mut read = Vec::new();
+        for &file in files {
+            match Contents::read(&file.path)? {
+                Some(data) => read.push((file, data)),
+                None => break,
+            }
+        }
+        let mut by_tenant: HashMap<&str, HashSet<&[u8]>> = HashMap::new();
+        for (file, data) in &read {
+            let damage = data.scan(&self.root, &file.path, |run| {
+                report.items += run.count_ids();
+                by_tenant.entry(run.tenant).or_default().extend(run.ids());
+            });
+            report.add_damage(damage);
+        }
         report.new_ids += sadd(connection, &by_tenant).map_err(unavailable)?;
         report.tenants += by_tenant.len() as u64;
-        report.log_files += 1;
-        Ok(true)
+        report.log_files += read.len() as u64;
+        drop(by_tenant);
+        Ok(read.into_iter().map(|(file, _)| file).collect())
     }
 
     /// Notes, for a deletion just asked, the highest file number of each log this worker
@@ -663,14 +677,17 @@ impl RedisTenants {
             };
             let started = Instant::now();
             let (merged, durable, redis) = self.with(|connection| {
-                let mut merged = Vec::new();
                 // A dead worker's consumed files are its inputs; once this worker consumed
                 // them too, they only wait out its grace.
-                for file in log.inputs.iter().filter(|file| !consumed_here(log, file)) {
-                    if !self.merge_file(connection, file, report)? {
+                let inputs: Vec<&LogFile> = log.inputs.iter().filter(|file| !consumed_here(log, file)).collect();
+                let mut merged = Vec::new();
+                for files in in_groups(&inputs) {
+                    let taken = self.merge_files(connection, files, report)?;
+                    let gone = taken.len() < files.len();
+                    merged.extend(taken);
+                    if gone {
                         break;
                     }
-                    merged.push(file);
                 }
                 if merged.is_empty() {
                     return Ok((merged, Durable::Now, Identity::default()));
@@ -1029,20 +1046,44 @@ impl TenantSets for RedisTenants {
     }
 }
 
+/// Consecutive runs of `files` of about [`GROUP_BYTES`] each (one file at least), merged together
+/// so that an id repeated across them is sent once, in memory bounded whatever the backlog.
+fn in_groups<'a, 'f>(files: &'a [&'f LogFile]) -> impl Iterator<Item = &'a [&'f LogFile]> {
+    let mut rest = files;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let end = rest
+            .iter()
+            .position(|file| {
+                bytes += file.len;
+                bytes > GROUP_BYTES
+            })
+            .map_or(rest.len(), |at| at.max(1));
+        let (group, left) = rest.split_at(end);
+        rest = left;
+        Some(group)
+    })
+}
+
 /// Adds each tenant's ids in `by_tenant` to its set, and names the tenants in [`NAMES_KEY`] (once
 /// their ids are in: a crash between leaves a set unlisted only until its log file is merged
 /// again, as it will be); returns how many ids were new. One round trip per pipeline of about
 /// [`PIPELINE_BYTES`] of ids, however many tenants: a round trip per tenant would cost a file
 /// of many small tenants a round trip per id or two.
-fn sadd(connection: &mut Pooled, by_tenant: &HashMap<&str, Vec<&[u8]>>) -> redis::RedisResult<u64> {
+fn sadd(connection: &mut Pooled, by_tenant: &HashMap<&str, HashSet<&[u8]>>) -> redis::RedisResult<u64> {
     let mut new = 0;
     let mut commands: Vec<redis::Cmd> = Vec::new();
     let mut bytes = 0;
     for (tenant, ids) in by_tenant {
         let key = tenant_key(tenant);
-        for chunk in ids.chunks(SADD_CHUNK) {
-            commands.push(redis::cmd("SADD").arg(&key).arg(chunk).to_owned());
+        let mut ids = ids.iter().peekable();
+        while ids.peek().is_some() {
+            let chunk: Vec<&[u8]> = ids.by_ref().take(SADD_CHUNK).copied().collect();
             bytes += chunk.iter().map(|id| id.len()).sum::<usize>();
+            commands.push(redis::cmd("SADD").arg(&key).arg(chunk).to_owned());
             if bytes >= PIPELINE_BYTES {
                 new += send_sadds(connection, std::mem::take(&mut commands), &[])?;
                 bytes = 0;
@@ -1149,6 +1190,24 @@ fn lowest(pairs: impl Iterator<Item = Option<(i64, i64)>>) -> Option<(i64, i64)>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_files_are_merged_in_groups_of_bounded_bytes_in_their_order() {
+        let file = |seq: u64, len: u64| LogFile {
+            seq,
+            path: PathBuf::from(format!("{seq}.log")),
+            closed: true,
+            consumed: false,
+            modified: SystemTime::UNIX_EPOCH,
+            len,
+        };
+        let files = [file(1, 10), file(2, GROUP_BYTES - 10), file(3, 1), file(4, 3 * GROUP_BYTES), file(5, 5)];
+        let refs: Vec<&LogFile> = files.iter().collect();
+        let groups: Vec<Vec<u64>> = in_groups(&refs).map(|g| g.iter().map(|f| f.seq).collect()).collect();
+        // A file larger than a group is a group of its own.
+        assert_eq!(groups, [vec![1, 2], vec![3], vec![4], vec![5]]);
+        assert_eq!(in_groups(&[]).count(), 0);
+    }
 
     #[test]
     fn keys_are_distinct_and_free_of_hash_tags() {
