@@ -19,11 +19,11 @@ run: build
 tests: toolchain
 	./scripts/tests.sh
 
-# The load tool against freshly started clusters, with Redis and HAProxy in the same run; see
+# The load tool against freshly started clusters, with Redis, Valkey and HAProxy in the same run; see
 # xtask/src/bench.rs for what it measures, and its knobs (BENCH_ROUNDS, BENCH_DURATION).
 bench: build
 	./scripts/ensure-packages.sh redis-server:redis-server redis-cli:redis-server haproxy:haproxy
-	./target/release/xtask bench
+	VALKEY_SERVER=$$(./scripts/ensure-valkey.sh) ./target/release/xtask bench
 
 # Scale: the workers' memory per stored id, sustained load for up to 3 minutes, and 100k and 1M
 # tenants, each against a fresh cluster; see xtask/src/scale.rs for the knobs (SCENARIOS,

@@ -10,11 +10,14 @@
 //!      what a hop costs on this machine (an HTTP proxy in C, keep-alive to the workers), with
 //!      its CPU per request measured as the coordinator's is.
 //!
-//! Then, once:
-//!   5. redis-benchmark -t sadd -P 100 -c 16: what Redis itself takes, the reference for ingest;
-//!   6. POST and GET through a coordinator whose workers keep the tenants in that Redis
-//!      (store: redis), against the store: json figures above; and GET counts straight to one
-//!      worker, store: redis against store: json (step 3), with their ratio.
+//! Then, once against Redis and once against Valkey (`VALKEY_SERVER`, which `make bench` sets):
+//!   5. redis-benchmark -t sadd -P 100 -c 16: what the server itself takes, the reference for
+//!      ingest;
+//!   6. POST through a coordinator whose workers keep the tenants in that server (store: redis),
+//!      until every count converged: the ingest it settles at is what it acknowledged over the
+//!      load and the convergence together, against redis-benchmark's rate;
+//!   7. GET counts through that coordinator, and straight to one of its workers, against the
+//!      store: json figures of step 3.
 //!
 //! Each run through the coordinator also reports the coordinator's CPU time per forwarded
 //! request: utime+stime from /proc/<pid>/stat over the run, over the run's delta of /stats
@@ -23,6 +26,7 @@
 //! ratios the README's performance targets name (see its Benchmarks) ends the output: each round's, and their medians, since one run
 //! on this machine varies by 10-20%. Figures go to target/bench/ (round N's in round-N/).
 
+use std::cell::RefCell;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -54,6 +58,24 @@ pub struct Options {
     /// Rounds, each on a fresh cluster and an empty Redis; the summary gives their medians.
     #[arg(long, env = "BENCH_ROUNDS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+    /// A `valkey-server` for the round of `store: redis` against Valkey beside Redis; none, no
+    /// such round.
+    #[arg(long, env = "VALKEY_SERVER")]
+    valkey: Option<String>,
+}
+
+/// The `store: json` figures the store rounds compare with: GET counts per second through the
+/// coordinator and straight to one worker, medians of the rounds.
+struct JsonReference {
+    coordinator: f64,
+    worker: f64,
+}
+
+/// The figures of a round of `store: redis` against one server, as the summary shows them.
+struct StoreFigures {
+    /// The server: "redis" or "valkey".
+    name: String,
+    rows: Vec<(&'static str, Option<f64>)>,
 }
 
 /// The coordinator's CPU over one load run through it.
@@ -68,7 +90,8 @@ struct CpuFigure {
 struct Bench<'a> {
     options: &'a Options,
     redis: RedisServer,
-    cpu: Vec<CpuFigure>,
+    /// The coordinator's CPU of each run through it, in the order of the runs.
+    cpu: RefCell<Vec<CpuFigure>>,
 }
 
 /// Runs `make bench`; true when every load run's check passed.
@@ -78,43 +101,30 @@ pub fn run(options: &Options) -> anyhow::Result<bool> {
         fs::remove_dir_all(out).with_context(|| format!("emptying {OUT}"))?;
     }
     fs::create_dir_all(out)?;
-    let mut bench = Bench { options, redis: RedisServer::start(), cpu: Vec::new() };
+    let bench = Bench { options, redis: RedisServer::start(), cpu: RefCell::default() };
     for round in 1..=options.rounds {
         bench.round(round)?;
     }
-    bench.fresh_redis()?;
-    println!("=== redis-benchmark -t sadd -P 100 -c 16 -r 100000000 -n 2000000 ===");
-    println!("{}", redis_benchmark(bench.redis.port())?);
-
-    bench.fresh_redis()?;
-    let mut cluster = BenchCluster::start(&format!("store: redis\nredis_url: {}\n", bench.redis.url()));
-    println!("=== store: redis: POST through the coordinator ===");
-    let post = bench.post_args(&cluster.url(), &out.join("redis-store-post.json"));
-    bench.through_coordinator(&cluster, "redis-store-post", &post)?;
-    println!("=== store: redis: GET counts through the coordinator ===");
-    let count = bench.count_args(&cluster.url(), &out.join("redis-store-count.json"));
-    bench.through_coordinator(&cluster, "redis-store-count", &count)?;
-    println!("=== store: redis: GET counts straight to one worker ===");
-    let worker = format!("http://127.0.0.1:{}", cluster.workers[0]);
-    bench.load(&bench.count_args(&worker, &out.join("redis-store-worker-count.json")))?;
-    let redis_rate = rate(&read_json(&out.join("redis-store-worker-count.json"))?)?;
-    let json_rates = (1..=options.rounds)
-        .map(|r| rate(&read_json(&round_dir(r).join("worker-count.json"))?))
-        .collect::<anyhow::Result<Vec<f64>>>()?;
-    let json_rate = median(&json_rates);
-    println!(
-        "GET counts straight to one worker: store: redis {}/s, store: json {}/s (median of the rounds), ratio \
-         {:.2}x (target at least 0.6x)",
-        thousands(redis_rate),
-        thousands(json_rate),
-        redis_rate / json_rate
-    );
-    cluster.stop();
-    let figures: Vec<Value> = bench.cpu.iter().map(|c| c.json.clone()).collect();
+    let json_get = |name: &str| -> anyhow::Result<f64> {
+        let rates = (1..=options.rounds)
+            .map(|r| rate(&read_json(&round_dir(r).join(format!("{name}.json")))?))
+            .collect::<anyhow::Result<Vec<f64>>>()?;
+        Ok(median(&rates))
+    };
+    let reference = JsonReference { coordinator: json_get("coordinator-count")?, worker: json_get("worker-count")? };
+    let mut stores = vec![bench.store_round("redis", &bench.redis, &reference)?];
+    match &options.valkey {
+        Some(binary) => {
+            let valkey = RedisServer::start_binary(binary, true);
+            stores.push(bench.store_round("valkey", &valkey, &reference)?);
+        }
+        None => println!("=== no Valkey round: VALKEY_SERVER is not set (make bench sets it) ==="),
+    }
+    let figures: Vec<Value> = bench.cpu.borrow().iter().map(|c| c.json.clone()).collect();
     fs::write(out.join("coordinator-cpu.json"), serde_json::to_string_pretty(&figures)?)?;
 
     println!("=== summary (targets from the README's Benchmarks) ===");
-    bench.summary()?;
+    bench.summary(&stores)?;
     Ok(true)
 }
 
@@ -125,10 +135,10 @@ fn round_dir(round: u32) -> PathBuf {
 
 impl Bench<'_> {
     /// One round on a fresh cluster and an empty Redis.
-    fn round(&mut self, round: u32) -> anyhow::Result<()> {
+    fn round(&self, round: u32) -> anyhow::Result<()> {
         let (r, rounds) = (round_dir(round), self.options.rounds);
         fs::create_dir_all(&r)?;
-        self.fresh_redis()?;
+        fresh(&self.redis)?;
         let mut cluster = BenchCluster::start("store: json\n");
         let (url, worker) = (cluster.url(), format!("http://127.0.0.1:{}", cluster.workers[0]));
         println!(
@@ -192,7 +202,7 @@ impl Bench<'_> {
 
     /// Runs the load tool through the coordinator of `cluster`, then records the coordinator's
     /// CPU per forwarded request over that run under the name `name`.
-    fn through_coordinator(&mut self, cluster: &BenchCluster, name: &str, args: &[String]) -> anyhow::Result<()> {
+    fn through_coordinator(&self, cluster: &BenchCluster, name: &str, args: &[String]) -> anyhow::Result<()> {
         let pid = cluster.coordinator_pid();
         let (ticks0, forwarded0) = (process_ticks(pid)?, cluster.forwarded());
         self.load(args)?;
@@ -215,7 +225,7 @@ impl Bench<'_> {
             }),
         };
         println!("coordinator CPU: {}", figure.json);
-        self.cpu.push(figure);
+        self.cpu.borrow_mut().push(figure);
         Ok(())
     }
 
@@ -246,31 +256,70 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// Empties Redis and rewrites its AOF, so that each measurement starts from the same Redis:
-    /// one left with a round's 20M ids rewrites its AOF (a fork and a full copy) during the next.
-    fn fresh_redis(&self) -> anyhow::Result<()> {
-        self.redis.cli(&["flushall"]);
-        self.redis.cli(&["bgrewriteaof"]);
-        let deadline = Instant::now() + REWRITE;
-        loop {
-            let info = self.redis.cli(&["info", "persistence"]);
-            let idle = ["aof_rewrite_in_progress:0", "aof_rewrite_scheduled:0"];
-            if idle.iter().all(|want| info.lines().any(|l| l.trim() == *want)) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!("Redis still rewriting its AOF after {REWRITE:?}");
-            }
-            if is_interrupted() {
-                bail!("interrupted");
-            }
-            thread::sleep(Duration::from_millis(100));
+    /// `store: redis` against `server` (Redis, or Valkey, by `name`): what `redis-benchmark`'s
+    /// pipelined `SADD` takes from it, then POST through a coordinator whose workers keep the
+    /// tenants there (the load tool waits for every count to converge), and GET counts through
+    /// the coordinator and straight to one worker, each on an empty server. Its figures, with
+    /// their ratios to the references.
+    fn store_round(&self, name: &str, server: &RedisServer, json: &JsonReference) -> anyhow::Result<StoreFigures> {
+        let out = Path::new(OUT);
+        fresh(server)?;
+        println!("=== {name}: redis-benchmark -t sadd -P 100 -c 16 -r 100000000 -n 2000000 ===");
+        let line = redis_benchmark(server.port())?;
+        println!("{line}");
+        let sadd = line
+            .split_whitespace()
+            .find_map(|word| word.parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("no rate in redis-benchmark's {line:?}"))?;
+        fresh(server)?;
+        let mut cluster = BenchCluster::start(&format!("store: redis\nredis_url: {}\n", server.url()));
+        println!("=== {name}: store: redis: POST through the coordinator ===");
+        let post_json = out.join(format!("{name}-store-post.json"));
+        self.through_coordinator(&cluster, &format!("{name}-store-post"), &self.post_args(&cluster.url(), &post_json))?;
+        println!("=== {name}: store: redis: GET counts through the coordinator ===");
+        let count_json = out.join(format!("{name}-store-count.json"));
+        self.through_coordinator(
+            &cluster,
+            &format!("{name}-store-count"),
+            &self.count_args(&cluster.url(), &count_json),
+        )?;
+        println!("=== {name}: store: redis: GET counts straight to one worker ===");
+        let worker_json = out.join(format!("{name}-store-worker-count.json"));
+        let worker = format!("http://127.0.0.1:{}", cluster.workers[0]);
+        self.load(&self.count_args(&worker, &worker_json))?;
+        cluster.stop();
+        let post = read_json(&post_json)?;
+        let (items, seconds) = (post["run"]["items"].as_f64(), post["run"]["seconds"].as_f64());
+        let converged = post["check"]["waited"].as_f64();
+        let settled = match (items, seconds, converged) {
+            (Some(items), Some(seconds), Some(converged)) => Some(items / (seconds + converged)),
+            _ => None,
+        };
+        let (get, get_worker) = (rate(&read_json(&count_json)?)?, rate(&read_json(&worker_json)?)?);
+        let figures = StoreFigures {
+            name: name.to_owned(),
+            rows: vec![
+                ("redis-benchmark SADD/s (pipelined, 16 connections)", Some(sadd)),
+                ("POST items/s acknowledged through the coordinator", post["run"]["items_per_s"].as_f64()),
+                ("counts converged, s after the last ack (target <= 7)", converged),
+                ("ingest settled, items/s: acknowledged / (load + convergence)", settled),
+                ("ingest settled / redis-benchmark (target >= 0.9)", settled.map(|settled| settled / sadd)),
+                ("GET counts/s through the coordinator", Some(get)),
+                ("GET through the coordinator / store: json (target >= 0.8)", Some(get / json.coordinator)),
+                ("GET counts/s straight to one worker", Some(get_worker)),
+                ("GET straight to one worker / store: json", Some(get_worker / json.worker)),
+            ],
+        };
+        for (row, value) in &figures.rows {
+            println!("{name}: {row}: {}", show_figure(*value));
         }
+        Ok(figures)
     }
 
     /// Prints the summary of every round and their medians, and writes it to summary.json.
-    fn summary(&self) -> anyhow::Result<()> {
-        let cpu = |run: &str| self.cpu.iter().find(|c| c.run == run);
+    fn summary(&self, stores: &[StoreFigures]) -> anyhow::Result<()> {
+        let figures = self.cpu.borrow();
+        let cpu = |run: &str| figures.iter().find(|c| c.run == run);
         let mut rounds: Vec<Vec<(&str, Option<f64>)>> = Vec::new();
         for r in 1..=self.options.rounds {
             let dir = round_dir(r);
@@ -332,16 +381,46 @@ impl Bench<'_> {
             .iter()
             .map(|round| Value::Object(round.iter().map(|(name, value)| ((*name).to_owned(), json!(value))).collect()))
             .collect();
-        let summary = json!({ "rounds": rounds, "median": medians });
+        let mut by_store = Map::new();
+        for store in stores {
+            println!("store: redis against {}", store.name);
+            for (row, value) in &store.rows {
+                println!("  {row:width$}{:>10}", show_figure(*value), width = width - 2);
+            }
+            let rows = store.rows.iter().map(|(row, value)| ((*row).to_owned(), json!(value))).collect();
+            by_store.insert(store.name.clone(), Value::Object(rows));
+        }
+        let summary = json!({ "rounds": rounds, "median": medians, "store_redis": by_store });
         fs::write(Path::new(OUT).join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-        let redis: Vec<String> = self
-            .cpu
+        let redis: Vec<String> = figures
             .iter()
-            .filter(|c| c.run.starts_with("redis"))
+            .filter(|c| c.run.contains("-store-"))
             .map(|c| format!("{} {}", c.run, show(c.cpu_us_per_request)))
             .collect();
         println!("store: redis, coordinator CPU us per forwarded request: {}", redis.join(", "));
         Ok(())
+    }
+}
+
+/// Empties `server` and rewrites its AOF, so that each measurement starts from the same Redis:
+/// one left with a round's 20M ids rewrites its AOF (a fork and a full copy) during the next.
+fn fresh(server: &RedisServer) -> anyhow::Result<()> {
+    server.cli(&["flushall"]);
+    server.cli(&["bgrewriteaof"]);
+    let deadline = Instant::now() + REWRITE;
+    loop {
+        let info = server.cli(&["info", "persistence"]);
+        let idle = ["aof_rewrite_in_progress:0", "aof_rewrite_scheduled:0"];
+        if idle.iter().all(|want| info.lines().any(|l| l.trim() == *want)) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{} still rewriting its AOF after {REWRITE:?}", server.url());
+        }
+        if is_interrupted() {
+            bail!("interrupted");
+        }
+        thread::sleep(Duration::from_millis(100));
     }
 }
 
