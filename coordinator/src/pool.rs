@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use countapp_shared::config::WorkerUrl;
@@ -33,9 +33,9 @@ pub struct Member {
     pub items: AtomicU64,
     /// Times it became ready: a request that tried it before may try it again once this moved.
     readied: AtomicU64,
-    /// Which requests it answers at once, as it last said ([`AnswersAtOnce`], as bits): read
-    /// on every request, so kept out of the status's lock.
-    answers_at_once: AtomicU8,
+    /// Whether it answers batches at once, as it last said ([`AnswersAtOnce`]): read on every
+    /// request, so kept out of the status's lock.
+    batches_at_once: AtomicBool,
     /// Wakes its supervisor to check its health now, rather than at the next interval.
     check_now: Notify,
 }
@@ -98,21 +98,16 @@ impl Member {
         self.check_now.notified().await;
     }
 
-    /// Whether it answers a request of `kind` at once, so that the request may share a
-    /// pipelined connection; never one that waits for a barrier.
+    /// Whether it answers a request of `kind` at once (see [`AnswersAtOnce`]), so that the
+    /// request may share a pipelined connection; never one that waits for a barrier.
     pub(crate) fn answers_at_once(&self, kind: Kind) -> bool {
-        let bit = match kind {
-            Kind::Batch => BATCHES,
-            Kind::Read => COUNTS,
-            Kind::Waits => return false,
-        };
-        self.answers_at_once.load(Ordering::Relaxed) & bit != 0
+        match kind {
+            Kind::Batch => self.batches_at_once.load(Ordering::Relaxed),
+            Kind::Read => true,
+            Kind::Waits => false,
+        }
     }
 }
-
-/// The bits of [`Member::answers_at_once`].
-const COUNTS: u8 = 1;
-const BATCHES: u8 = 2;
 
 /// The members one request has tried, each as it was then: one that has failed since and become
 /// ready again (respawned, or passing its health check) is not the same try, and may be tried
@@ -162,7 +157,7 @@ impl Pool {
                     requests: AtomicU64::new(0),
                     items: AtomicU64::new(0),
                     readied: AtomicU64::new(0),
-                    answers_at_once: AtomicU8::new(0),
+                    batches_at_once: AtomicBool::new(false),
                     check_now: Notify::new(),
                 })
             })
@@ -183,9 +178,8 @@ impl Pool {
     /// Marks a member ready, with what its `/ready` said: routed to from now on. Its last
     /// error becomes history.
     pub fn ready(&self, member: &Member, ready: &Ready) {
-        let AnswersAtOnce { counts, batches } = ready.answers_at_once;
-        let bits = if counts { COUNTS } else { 0 } | if batches { BATCHES } else { 0 };
-        member.answers_at_once.store(bits, Ordering::Relaxed);
+        let AnswersAtOnce { batches } = ready.answers_at_once;
+        member.batches_at_once.store(batches, Ordering::Relaxed);
         let was = {
             let mut status = member.status.lock();
             status.config_version = ready.config_version.clone();

@@ -50,7 +50,7 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         // that worker answers this request at once; otherwise, and for a retry, any live worker
         // at random.
         let joining = if tried.is_empty() {
-            upstream.filling(|url| pool.live(url)).filter(|m| m.answers_at_once(request.kind))
+            upstream.filling(request.kind, |url| pool.live(url)).filter(|m| m.answers_at_once(request.kind))
         } else {
             None
         };

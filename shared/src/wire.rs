@@ -76,16 +76,16 @@ pub fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Which requests a worker answers at once, on its own HTTP thread, without waiting on anything
-/// else: only those may share a pipelined connection (a request queued behind one that waits
-/// for Redis or the disk would wait too). The worker knows its store and its `fsync`; the
-/// coordinator learns them here rather than from a config the worker may not share.
+/// Which requests a worker answers at once, on its own HTTP thread, without waiting on the disk:
+/// only those may share a pipelined connection, each behind requests of its own kind alone. An
+/// eventual read always may: from the JSON files it is answered at once, and from Redis within
+/// a round trip (most counts from those a worker keeps for a moment), which delays only the
+/// reads queued behind it, never a batch. A batch may unless it waits for an fsync. The worker
+/// knows its `fsync`; the coordinator learns it here rather than from a config the worker may
+/// not share.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AnswersAtOnce {
-    /// Eventual reads (`GET /items/{tenant}/count`, membership, `POST /counts`): yes from the
-    /// JSON files, no from Redis.
-    pub counts: bool,
     /// `POST /items`: yes unless every batch waits for an fsync (`fsync: always`).
     pub batches: bool,
 }
@@ -443,8 +443,8 @@ mod tests {
     fn a_reply_from_another_version_is_read_with_defaults_and_unknown_fields_ignored() {
         let ready: Ready = serde_json::from_str(r#"{"ready":true,"config_version":"abc","shiny":1}"#).unwrap();
         assert_eq!(ready.config_version.as_deref(), Some("abc"));
-        // A worker that does not say what it answers at once is not pipelined.
-        assert_eq!(ready.answers_at_once, AnswersAtOnce { counts: false, batches: false });
+        // A worker that does not say that it answers batches at once gets none pipelined.
+        assert_eq!(ready.answers_at_once, AnswersAtOnce { batches: false });
         let stats: WorkerStats = serde_json::from_str(r#"{"pending_items":3,"last_merge":null,"new":[]}"#).unwrap();
         assert_eq!((stats.pending_items, stats.merge_lag_s, stats.last_merge), (3, 0.0, None));
         assert!(serde_json::from_str::<WorkerStats>(r#"{"pending_items":"many"}"#).is_err());

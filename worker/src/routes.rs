@@ -14,7 +14,7 @@ use countapp_shared::api::{
     Accepted, Consistency, Contains, Count, Counts, Deleted, ListedTenant, MAX_CONTAINS_IDS, MAX_COUNTS_TENANTS,
     MAX_TENANTS_PAGE, TENANTS_PAGE, Tenants, Wait,
 };
-use countapp_shared::config::{Config, FsyncPolicy, StoreKind};
+use countapp_shared::config::{Config, FsyncPolicy};
 use countapp_shared::token;
 use countapp_shared::wire::{
     AnswersAtOnce, BARRIER_CLOSE_ROUTE, BARRIER_PASSED_ROUTE, BARRIER_SETTLE_ROUTE, ConfigApplied, ConfigPush,
@@ -417,10 +417,10 @@ async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     }
 }
 
-/// Which requests this worker answers at once under `config`: a count from Redis waits for
-/// Redis, and a batch under `fsync: always` for the disk.
+/// Which requests this worker answers at once under `config`: a batch under `fsync: always`
+/// waits for the disk.
 fn answers_at_once(config: &Config) -> AnswersAtOnce {
-    AnswersAtOnce { counts: config.store == StoreKind::Json, batches: config.fsync != FsyncPolicy::Always }
+    AnswersAtOnce { batches: config.fsync != FsyncPolicy::Always }
 }
 
 /// `GET /stats`: what the worker has done, as JSON.
@@ -547,14 +547,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_worker_says_it_answers_at_once_only_what_waits_on_nothing_else() {
+    fn a_worker_says_it_answers_batches_at_once_unless_each_waits_for_an_fsync() {
         let config = |yaml: &str| {
             Config::from_yaml_str(&format!("workers: [http://127.0.0.1:5001]\n{yaml}"), std::path::Path::new("/"))
                 .unwrap()
         };
-        assert_eq!(answers_at_once(&config("")), AnswersAtOnce { counts: true, batches: true });
+        assert_eq!(answers_at_once(&config("")), AnswersAtOnce { batches: true });
         let redis = config("store: redis\nredis_url: redis://127.0.0.1:6379");
-        assert_eq!(answers_at_once(&redis), AnswersAtOnce { counts: false, batches: true });
-        assert_eq!(answers_at_once(&config("fsync: always")), AnswersAtOnce { counts: true, batches: false });
+        assert_eq!(answers_at_once(&redis), AnswersAtOnce { batches: true });
+        assert_eq!(answers_at_once(&config("fsync: always")), AnswersAtOnce { batches: false });
     }
 }

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, oneshot};
 
-use super::wire::{Forward, Reply, read_reply, write_request};
+use super::wire::{Forward, Kind, Reply, read_reply, write_request};
 
 /// What a read asks room for: a batch of replies to `GET` counts fits many times over.
 const READ_BUFFER: usize = 64 * 1024;
@@ -56,6 +56,7 @@ pub(crate) struct Connection {
 struct Waiting {
     reply: oneshot::Sender<Result<Reply, Failure>>,
     queued: Instant,
+    kind: Kind,
 }
 
 impl Connection {
@@ -82,7 +83,7 @@ impl Connection {
             return receiver;
         }
         write_request(&mut self.out.borrow_mut(), request, host);
-        self.waiting.borrow_mut().push_back(Waiting { reply, queued: Instant::now() });
+        self.waiting.borrow_mut().push_back(Waiting { reply, queued: Instant::now(), kind: request.kind });
         self.wake_writer.notify_one();
         receiver
     }
@@ -101,6 +102,12 @@ impl Connection {
     /// When the oldest request not answered yet was queued.
     pub(crate) fn oldest(&self) -> Option<Instant> {
         self.waiting.borrow().front().map(|waiting| waiting.queued)
+    }
+
+    /// The kind of the oldest request not answered yet: that of every request pipelined behind
+    /// it (see `upstream`).
+    pub(crate) fn kind(&self) -> Option<Kind> {
+        self.waiting.borrow().front().map(|waiting| waiting.kind)
     }
 
     /// Whether the connection has ended.

@@ -5,11 +5,13 @@
 //! Pipelining is what makes the hop cheap: a write and a read to a worker cost the coordinator
 //! (and the worker) about as much kernel time for one request as for twenty. Its price is that
 //! a worker answers the requests of one connection in order, so a request queued behind a slow
-//! one waits for it. Hence only requests the worker answers at once, without waiting on Redis
-//! or on the disk, are pipelined (the caller says which), and only on a connection whose every
-//! request was sent within [`PIPELINE_WINDOW`], at most [`MAX_DEPTH`] deep: a worker that has
-//! become slow gets new connections rather than a queue. Any other request takes an idle
-//! connection or opens one, as without pipelining.
+//! one waits for it. Hence only requests the worker answers at once, or within a round trip to
+//! Redis, are pipelined (the caller says which; never one that waits on the disk or on a
+//! barrier), each only behind requests of its own kind (a batch never waits for a count that
+//! waits on Redis), and only on a connection whose every request was sent within
+//! [`PIPELINE_WINDOW`], at most [`MAX_DEPTH`] deep: a worker that has become slow gets new
+//! connections rather than a queue. Any other request takes an idle connection or opens one,
+//! as without pipelining.
 //!
 //! The request target is the client's path and query as received (nothing parses or
 //! normalizes it, so `/items/%2E%2E/count` reaches the worker as sent), and the worker's
@@ -78,9 +80,9 @@ impl Upstream {
     /// together then cost the worker and this thread one write and one read, not one each.
     /// Its URL is handed to `find` (which looks up whether it still takes requests) rather than
     /// copied out, since this is asked for every request.
-    pub(crate) fn filling<T>(&self, find: impl FnOnce(&WorkerUrl) -> Option<T>) -> Option<T> {
+    pub(crate) fn filling<T>(&self, kind: Kind, find: impl FnOnce(&WorkerUrl) -> Option<T>) -> Option<T> {
         let now = Instant::now();
-        self.latest.borrow().as_ref().filter(|worker| worker.filling(now)).and_then(|worker| find(&worker.url))
+        self.latest.borrow().as_ref().filter(|worker| worker.filling(now, kind)).and_then(|worker| find(&worker.url))
     }
 
     /// Sends `request` to the worker at `url` and reads its reply, within `timeout` for the
@@ -140,7 +142,7 @@ impl Worker {
     /// says nothing about the worker now, so a failure there gets one more try on a new
     /// connection.
     async fn exchange(&self, request: &Forward, pipeline: bool) -> Result<Reply, HopError> {
-        if let Some(connection) = self.open_connection(pipeline) {
+        if let Some(connection) = self.open_connection(pipeline, request.kind) {
             match exchange_on(&connection, request, &self.host).await {
                 Err(HopError::Connection(e)) => {
                     tracing::debug!(worker = %self.url, error = %e, "a kept-alive connection failed; opening another")
@@ -152,21 +154,22 @@ impl Worker {
         exchange_on(&connection, request, &self.host).await
     }
 
-    /// Whether a request queued now would go out with others, in a write not made yet.
-    fn filling(&self, now: Instant) -> bool {
-        self.connections.borrow().iter().any(|c| c.has_unwritten() && joinable(c, now))
+    /// Whether a request of `kind` queued now would go out with others, in a write not made yet.
+    fn filling(&self, now: Instant, kind: Kind) -> bool {
+        self.connections.borrow().iter().any(|c| c.has_unwritten() && joinable(c, now, kind))
     }
 
     /// The connection for a request now, if one of those open will do. A request that may be
     /// pipelined joins one with requests not written yet, else the one with the fewest in
     /// flight; any other request takes an idle one. Past [`MAX_CONNECTIONS`], the least busy.
-    fn open_connection(&self, pipeline: bool) -> Option<Rc<Connection>> {
+    fn open_connection(&self, pipeline: bool, kind: Kind) -> Option<Rc<Connection>> {
         let mut connections = self.connections.borrow_mut();
         connections.retain(|c| !c.is_closed());
         let now = Instant::now();
         let joined = pipeline
             .then(|| {
-                connections.iter().filter(|c| joinable(c, now)).min_by_key(|c| (!c.has_unwritten(), c.in_flight()))
+                let joinable = connections.iter().filter(|c| joinable(c, now, kind));
+                joinable.min_by_key(|c| (!c.has_unwritten(), c.in_flight()))
             })
             .flatten();
         let idle = || connections.iter().find(|c| c.in_flight() == 0);
@@ -190,12 +193,13 @@ impl Worker {
     }
 }
 
-/// Whether a request may be pipelined on `connection` now: it has requests in flight, not too
-/// many, all sent within [`PIPELINE_WINDOW`].
-fn joinable(connection: &Connection, now: Instant) -> bool {
+/// Whether a request of `kind` may be pipelined on `connection` now: it has requests of that
+/// kind in flight, not too many, all sent within [`PIPELINE_WINDOW`].
+fn joinable(connection: &Connection, now: Instant, kind: Kind) -> bool {
     let in_flight = connection.in_flight();
     in_flight > 0
         && in_flight < MAX_DEPTH
+        && connection.kind() == Some(kind)
         && connection.oldest().is_some_and(|oldest| now.duration_since(oldest) <= PIPELINE_WINDOW)
 }
 
@@ -333,7 +337,37 @@ mod tests {
         assert_eq!(send_together(&upstream, &url, &["a", "b", "c"], false).await, ["a", "b", "c"]);
         // The idle connection takes one; the other two open one each.
         assert_eq!((counters.connections.get(), counters.writes.get()), (3, 4));
-        assert!(upstream.filling(|_| Some(())).is_none());
+        assert!(upstream.filling(Kind::Read, |_| Some(())).is_none());
+    }
+
+    #[actix_web::test]
+    async fn a_request_is_pipelined_only_behind_requests_of_its_own_kind() {
+        // The read is answered only once the batch is: queued behind the read, the batch
+        // would wait for ever.
+        let (answered_batch, batch_done) = mpsc::unbounded_channel::<()>();
+        let batch_done = Rc::new(RefCell::new(Some(batch_done)));
+        let (upstream, url, counters) = worker(move |_, mut stream| {
+            let (answered_batch, batch_done) = (answered_batch.clone(), batch_done.clone());
+            async move {
+                while let Some(tenant) = request(&mut stream).await {
+                    if tenant == "read" {
+                        let mut waiting = batch_done.borrow_mut().take().unwrap();
+                        waiting.recv().await;
+                    }
+                    answer(&mut stream, &tenant).await;
+                    if tenant == "batch" {
+                        answered_batch.send(()).unwrap();
+                    }
+                }
+            }
+        })
+        .await;
+        assert_eq!(tenant_of(upstream.send(&url, &get("first"), true, TIMEOUT).await), "first");
+        let (read, batch) = (get("read"), Forward { kind: Kind::Batch, ..get("batch") });
+        let (read, batch) =
+            tokio::join!(upstream.send(&url, &read, true, TIMEOUT), upstream.send(&url, &batch, true, TIMEOUT));
+        assert_eq!((tenant_of(read), tenant_of(batch)), ("read".to_owned(), "batch".to_owned()));
+        assert_eq!(counters.connections.get(), 2);
     }
 
     #[actix_web::test]
