@@ -1,6 +1,7 @@
 //! The tenants' id sets in Redis: one set per tenant, so that workers on any machine share them.
-//! A merge is one pipeline of `SADD`s per tenant (each reply says how many of its ids were new),
-//! a count `SCARD`.
+//! A merge sends the ids of a group of log files, each id once, as pipelines of `SADD`s (each
+//! reply says how many of its ids were new); a count is `SCARD`, or a count read less than a
+//! moment ago (see `recent`).
 //!
 //! The write-ahead log stays local: an acknowledgement never waits for Redis. Workers on other
 //! machines cannot read this one's log, so each worker merges its own closed log files, and
@@ -579,6 +580,7 @@ impl RedisTenants {
         report.new_ids += sadd(connection, &by_tenant).map_err(unavailable)?;
         report.tenants += by_tenant.len() as u64;
         report.log_files += read.len() as u64;
+        // Its ids borrow from the files read.
         drop(by_tenant);
         Ok(read.into_iter().map(|(file, _)| file).collect())
     }
