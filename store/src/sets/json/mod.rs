@@ -65,8 +65,13 @@ const LOCK_FILE: &str = "LOCK";
 /// Bytes of log a round reads at most; the rest waits for the next round, so that a long
 /// backlog (a worker down for hours) is merged in bounded memory.
 const MAX_ROUND_INPUT_BYTES: u64 = 512 << 20;
-/// Tenants whose files stay open for counts, at most; the cache starts afresh past this.
-const OPEN_TENANT_FILES: usize = 512;
+/// Tenants whose files stay open for counts, at most, whatever the process may open: a
+/// `POST /counts` of thousands of tenants over a cache smaller than that would open, read and
+/// close every one of their files each time. Past it, the cache starts afresh.
+const MOST_OPEN_TENANT_FILES: usize = 16_384;
+/// The fewest, however few descriptors the process has: as many as a limit of 1,024 leaves
+/// besides its connections.
+const FEWEST_OPEN_TENANT_FILES: usize = 512;
 
 /// `SHARD.json`: which log files a shard has merged, and who changed it last.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +219,8 @@ pub(crate) struct Shards {
     /// unlinks the old file: while the open file still has a link and is unchanged (nobody
     /// wrote into it by hand), the count read from it is current, and a count costs one `fstat`.
     counts: Mutex<HashMap<String, (File, Unchanged, u64)>>,
+    /// How many tenant files `counts` keeps open, at most (see [`open_tenant_files`]).
+    open_tenant_files: usize,
     /// Each shard's names, sorted, as its list was when read; a list that changes is read again.
     names: Mutex<HashMap<u16, ShardNames>>,
 }
@@ -230,6 +237,7 @@ impl Shards {
             state: Mutex::new(MergeState::default()),
             behind_since: Mutex::new(None),
             counts: Mutex::new(HashMap::new()),
+            open_tenant_files: open_tenant_files(),
             names: Mutex::new(HashMap::new()),
         }
     }
@@ -261,7 +269,7 @@ impl Shards {
             return Ok(count);
         }
         let mut counts = self.counts.lock();
-        if counts.len() >= OPEN_TENANT_FILES {
+        if counts.len() >= self.open_tenant_files {
             counts.clear();
         }
         if let Ok(unchanged) = unchanged {
@@ -1083,6 +1091,16 @@ pub(super) fn list_tenant_files(dir: &Path) -> Result<HashSet<String>, StoreErro
 /// A shard's names, sorted, with the version of its list they were read from: its inode and
 /// [`Unchanged`], or none for a shard without a list, whose names are read every time.
 type ShardNames = (Option<(u64, Unchanged)>, Arc<Vec<String>>);
+
+/// How many tenant files counts keep open, at most: a quarter of the descriptors the process
+/// may open (the server takes half of them for connections), within
+/// [`FEWEST_OPEN_TENANT_FILES`] and [`MOST_OPEN_TENANT_FILES`].
+fn open_tenant_files() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only into the struct it is given.
+    let open_files = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur } else { 0 };
+    usize::try_from(open_files / 4).unwrap_or(usize::MAX).clamp(FEWEST_OPEN_TENANT_FILES, MOST_OPEN_TENANT_FILES)
+}
 
 /// A file's length and modification time, which change if anything writes into it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
