@@ -69,9 +69,6 @@ const MAX_ROUND_INPUT_BYTES: u64 = 512 << 20;
 /// `POST /counts` of thousands of tenants over a cache smaller than that would open, read and
 /// close every one of their files each time. Past it, the cache starts afresh.
 const MOST_OPEN_TENANT_FILES: usize = 16_384;
-/// The fewest, however few descriptors the process has: as many as a limit of 1,024 leaves
-/// besides its connections.
-const FEWEST_OPEN_TENANT_FILES: usize = 512;
 
 /// `SHARD.json`: which log files a shard has merged, and who changed it last.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -1093,13 +1090,13 @@ pub(super) fn list_tenant_files(dir: &Path) -> Result<HashSet<String>, StoreErro
 type ShardNames = (Option<(u64, Unchanged)>, Arc<Vec<String>>);
 
 /// How many tenant files counts keep open, at most: a quarter of the descriptors the process
-/// may open (the server takes half of them for connections), within
-/// [`FEWEST_OPEN_TENANT_FILES`] and [`MOST_OPEN_TENANT_FILES`].
+/// may open (the server takes up to half of them for connections, and the log, the shards and
+/// the connections to other workers need the rest), up to [`MOST_OPEN_TENANT_FILES`].
 fn open_tenant_files() -> usize {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes only into the struct it is given.
-    let open_files = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur } else { 0 };
-    usize::try_from(open_files / 4).unwrap_or(usize::MAX).clamp(FEWEST_OPEN_TENANT_FILES, MOST_OPEN_TENANT_FILES)
+    let mut limit = libc::rlimit { rlim_cur: 1024, rlim_max: 1024 };
+    // SAFETY: getrlimit writes only into the struct it is given; on failure, it stays as set.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    usize::try_from(limit.rlim_cur / 4).unwrap_or(usize::MAX).clamp(1, MOST_OPEN_TENANT_FILES)
 }
 
 /// A file's length and modification time, which change if anything writes into it.
