@@ -14,7 +14,10 @@
 //!   5. redis-benchmark -t sadd -P 100 -c 16: what Redis itself takes, the reference for ingest;
 //!   6. POST and GET through a coordinator whose workers keep the tenants in that Redis
 //!      (store: redis), against the store: json figures above; and GET counts straight to one
-//!      worker, store: redis against store: json (step 3), with their ratio.
+//!      worker, store: redis against store: json (step 3), with their ratio;
+//!   7. the reads, on a fresh cluster (store: json): strong counts idle and under a fixed 1M
+//!      items/s of ingest, `POST /counts` of 1,000 tenants, membership checks of 1,000 ids, and
+//!      the listing of a million tenants (see `reads.rs`; `--reads-only` runs them alone).
 //!
 //! Each run through the coordinator also reports the coordinator's CPU time per forwarded
 //! request: utime+stime from /proc/<pid>/stat over the run, over the run's delta of /stats
@@ -26,7 +29,7 @@
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -38,6 +41,8 @@ use serde_json::{Map, Value, json};
 use crate::is_interrupted;
 use crate::measure::{machine_busy_ticks, process_ticks, round2, ticks_per_second};
 use crate::stand::{BenchCluster, HaProxy, load};
+
+mod reads;
 
 /// Where the figures go.
 const OUT: &str = "target/bench";
@@ -54,6 +59,13 @@ pub struct Options {
     /// Rounds, each on a fresh cluster and an empty Redis; the summary gives their medians.
     #[arg(long, env = "BENCH_ROUNDS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+    /// Tenants of one id each that the reads make, then list page by page; 0 leaves the
+    /// listing out. A million take about two minutes to make and count.
+    #[arg(long, env = "BENCH_LISTING_TENANTS", default_value_t = 1_000_000)]
+    listing_tenants: u64,
+    /// Only the reads, on their own fresh cluster: no rounds, and no run through Redis or HAProxy.
+    #[arg(long, env = "BENCH_READS_ONLY", value_parser = clap::builder::FalseyValueParser::new())]
+    reads_only: bool,
 }
 
 /// The coordinator's CPU over one load run through it.
@@ -79,6 +91,13 @@ pub fn run(options: &Options) -> anyhow::Result<bool> {
     }
     fs::create_dir_all(out)?;
     let mut bench = Bench { options, redis: RedisServer::start(), cpu: Vec::new() };
+    if options.reads_only {
+        let reads = bench.reads()?;
+        println!("=== summary of the reads (targets from the read API's issue) ===");
+        let summary = json!({ "reads": show_reads(&reads) });
+        fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+        return Ok(true);
+    }
     for round in 1..=options.rounds {
         bench.round(round)?;
     }
@@ -112,10 +131,23 @@ pub fn run(options: &Options) -> anyhow::Result<bool> {
     cluster.stop();
     let figures: Vec<Value> = bench.cpu.iter().map(|c| c.json.clone()).collect();
     fs::write(out.join("coordinator-cpu.json"), serde_json::to_string_pretty(&figures)?)?;
+    let reads = bench.reads()?;
 
     println!("=== summary (targets from the README's Benchmarks) ===");
-    bench.summary()?;
+    let mut summary = bench.summary()?;
+    println!("=== summary of the reads, one run (targets from the read API's issue) ===");
+    summary.insert("reads".into(), show_reads(&reads));
+    fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     Ok(true)
+}
+
+/// Prints the reads' figures, a table of one column; the same as JSON, for summary.json.
+fn show_reads(reads: &[reads::Figure]) -> Value {
+    let width = reads.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    for (name, value) in reads {
+        println!("{name:width$}  {:>10}", show_figure(*value));
+    }
+    Value::Object(reads.iter().map(|(name, value)| (name.clone(), json!(value))).collect())
 }
 
 /// Round `round`'s directory of figures.
@@ -172,22 +204,20 @@ impl Bench<'_> {
     }
 
     fn common_args(&self, url: &str, json: &Path) -> Vec<String> {
-        let duration = humantime::format_duration(self.options.duration).to_string();
-        let mut args: Vec<String> =
-            ["--url", url, "--duration", &duration, "--connections", "16", "--quiet"].map(String::from).into();
-        args.extend(["--json".to_owned(), path_arg(json)]);
+        let mut args = load_args(url, json, "16");
+        args.extend(["--duration".to_owned(), self.duration()]);
         args
+    }
+
+    /// `--duration`, as the load tool takes it.
+    fn duration(&self) -> String {
+        humantime::format_duration(self.options.duration).to_string()
     }
 
     /// Runs the load tool, failing the bench if its check failed.
     fn load(&self, args: &[String]) -> anyhow::Result<()> {
         // The load, its convergence wait (30 s at most) and a Redis reference run, with room.
-        let within = self.options.duration * 4 + Duration::from_secs(180);
-        let status = load(args, within)?;
-        if !status.success() {
-            bail!("countapp-load {}: {status}", args.join(" "));
-        }
-        Ok(())
+        passed(args, load(args, self.options.duration * 4 + Duration::from_secs(180))?)
     }
 
     /// Runs the load tool through the coordinator of `cluster`, then records the coordinator's
@@ -268,8 +298,8 @@ impl Bench<'_> {
         }
     }
 
-    /// Prints the summary of every round and their medians, and writes it to summary.json.
-    fn summary(&self) -> anyhow::Result<()> {
+    /// Prints the summary of every round and their medians; the same as JSON, for summary.json.
+    fn summary(&self) -> anyhow::Result<Map<String, Value>> {
         let cpu = |run: &str| self.cpu.iter().find(|c| c.run == run);
         let mut rounds: Vec<Vec<(&str, Option<f64>)>> = Vec::new();
         for r in 1..=self.options.rounds {
@@ -332,8 +362,8 @@ impl Bench<'_> {
             .iter()
             .map(|round| Value::Object(round.iter().map(|(name, value)| ((*name).to_owned(), json!(value))).collect()))
             .collect();
-        let summary = json!({ "rounds": rounds, "median": medians });
-        fs::write(Path::new(OUT).join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+        let summary =
+            Map::from_iter([("rounds".to_owned(), Value::Array(rounds)), ("median".to_owned(), medians.into())]);
         let redis: Vec<String> = self
             .cpu
             .iter()
@@ -341,7 +371,7 @@ impl Bench<'_> {
             .map(|c| format!("{} {}", c.run, show(c.cpu_us_per_request)))
             .collect();
         println!("store: redis, coordinator CPU us per forwarded request: {}", redis.join(", "));
-        Ok(())
+        Ok(summary)
     }
 }
 
@@ -378,6 +408,14 @@ fn redis_benchmark(port: u16) -> anyhow::Result<String> {
     // It redraws its progress with carriage returns: the figure is the last line that has one.
     let line = text.split(['\r', '\n']).rfind(|l| l.contains("requests per second"));
     Ok(line.unwrap_or_default().trim().to_owned())
+}
+
+/// Fails the bench unless the load tool run with `args` ended with `status` 0: its check passed.
+fn passed(args: &[String], status: ExitStatus) -> anyhow::Result<()> {
+    if !status.success() {
+        bail!("countapp-load {}: {status}", args.join(" "));
+    }
+    Ok(())
 }
 
 /// The report of a load run.
@@ -424,6 +462,14 @@ fn show_figure(value: Option<f64>) -> String {
 /// A CPU figure as the reports give it, `n/a` where there was no request.
 fn show(value: Option<f64>) -> String {
     value.map_or_else(|| "n/a".to_owned(), |v| v.to_string())
+}
+
+/// The load tool's arguments for a quiet run at `url` over `connections` connections, its report
+/// in `json`.
+fn load_args(url: &str, json: &Path, connections: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["--url", url, "--connections", connections, "--quiet"].map(String::from).into();
+    args.extend(["--json".to_owned(), path_arg(json)]);
+    args
 }
 
 /// A path as the load tool's argument.
