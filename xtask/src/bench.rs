@@ -60,7 +60,8 @@ pub struct Options {
     #[arg(long, env = "BENCH_ROUNDS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Tenants of one id each that the reads make, then list page by page; 0 leaves the
-    /// listing out. A million take about two minutes to make and count.
+    /// listing out. A million took 9 minutes to make and count on this project's 2-core machine
+    /// (shared with a build), and 8 more to remove with their cluster.
     #[arg(long, env = "BENCH_LISTING_TENANTS", default_value_t = 1_000_000)]
     listing_tenants: u64,
     /// Only the reads, on their own fresh cluster: no rounds, and no run through Redis or HAProxy.
