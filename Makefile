@@ -20,7 +20,8 @@ tests: toolchain
 	./scripts/tests.sh
 
 # The load tool against freshly started clusters, with Redis, Valkey and HAProxy in the same run; see
-# xtask/src/bench.rs for what it measures, and its knobs (BENCH_ROUNDS, BENCH_DURATION).
+# xtask/src/bench.rs for what it measures, and its knobs (BENCH_ROUNDS, BENCH_DURATION,
+# BENCH_LISTING_TENANTS, BENCH_READS_ONLY).
 bench: build
 	./scripts/ensure-packages.sh redis-server:redis-server redis-cli:redis-server haproxy:haproxy
 	VALKEY_SERVER=$$(./scripts/ensure-valkey.sh) ./target/release/xtask bench

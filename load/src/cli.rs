@@ -6,7 +6,9 @@ use std::time::Duration;
 use clap::Parser;
 use hyper::Uri;
 
-use crate::mix::Mix;
+use countapp_shared::api::Consistency;
+
+use crate::mix::{CONTAINS_IDS, COUNTS_TENANTS, Mix, Reads};
 use crate::workload::MIN_ID_BYTES;
 
 /// Load for a CountApp cluster, and a check that it lost nothing.
@@ -30,6 +32,8 @@ Examples:
   countapp-load --count --json counts.json       GET counts instead of posting batches
   countapp-load --mix strong=0.05,contains=0.05,counts=0.02,delete=0.001
                                                  strong reads and deletes among the batches, checked
+  countapp-load --mix counts=1 --counts-tenants 1000 --tenants 1000 --consistency eventual
+                                                 eventual POST /counts of 1000 tenants, nothing posted
   countapp-load --items 1000000 --plot run.svg   a million items, plotted over time
   countapp-load --exact --duration 30s           while workers are killed: every batch's fate read
   countapp-load -R 200000 -d 30s                 200k items/s on a fixed schedule: latency at that rate
@@ -100,13 +104,16 @@ pub struct Args {
     ///
     /// The kinds: "strong", GET /items/<tenant>/count?consistency=strong; "contains", POST
     /// /items/<tenant>/contains?consistency=strong of 16 ids the connection had acknowledged for
-    /// the tenant and 4 it never sent; "counts", POST /counts?consistency=strong of 16 tenants;
-    /// "delete", DELETE /items/<tenant>. Not with --count, --redis or --exact.
+    /// the tenant and 4 it never sent (--contains-ids); "counts", POST /counts?consistency=strong
+    /// of 16 tenants (--counts-tenants); "delete", DELETE /items/<tenant>. The reads are strong
+    /// unless --consistency says otherwise. Not with --count, --redis or --exact.
     ///
     /// A strong count must reach the distinct ids acknowledged for the tenant since its last
     /// delete before the request was sent (a lower bound: batches of other connections are in
     /// flight meanwhile), and a membership check must find every acknowledged id asked and none
-    /// of those never sent; a wrong answer fails the run. To keep this exact, the tool never
+    /// of those never sent. Any count, strong or eventual, may not exceed the tenant's count
+    /// before the load plus the distinct ids sent to it since, acknowledged or not. A wrong
+    /// answer fails the run. To keep this exact, the tool never
     /// lets a tenant's batches and its delete overlap: a delete waits for the batches and reads
     /// of its tenant in flight, and holds back new ones until it is answered (that wait is the
     /// tool's, not the server's: it is not measured, except as lateness with --rate).
@@ -120,6 +127,27 @@ pub struct Args {
     /// for a delete. Every request takes a batch's positions, so --items counts them all.
     #[arg(long, value_name = "KIND=SHARE,...", conflicts_with_all = ["count", "redis", "exact"])]
     pub mix: Option<Mix>,
+
+    /// The consistency of the mix's reads (its "strong", "contains" and "counts" kinds, whatever
+    /// their names): "strong", or "eventual", which reads as of the latest merge round. An
+    /// eventual answer is checked less: a count only to be at most the tenant's count before the
+    /// load plus the distinct ids sent to it since (it may be from before any of them), and a
+    /// membership check only to find none of the ids never sent.
+    #[arg(long, default_value = "strong", value_parser = parse_consistency, requires = "mix")]
+    pub consistency: Consistency,
+
+    /// Tenants one "counts" request of the mix asks for (consecutive ones, as many as --tenants
+    /// at most).
+    #[arg(long, default_value_t = COUNTS_TENANTS, requires = "mix",
+          value_parser = clap::value_parser!(u32).range(1..=countapp_shared::api::MAX_COUNTS_TENANTS as i64))]
+    pub counts_tenants: u32,
+
+    /// Ids one "contains" request of the mix asks about: four in five (rounded down) picked
+    /// among those the connection had acknowledged for the tenant, the rest ids never sent (all
+    /// of them, while it has acknowledged none for the tenant).
+    #[arg(long, default_value_t = CONTAINS_IDS, requires = "mix",
+          value_parser = clap::value_parser!(u32).range(1..=countapp_shared::api::MAX_CONTAINS_IDS as i64))]
+    pub contains_ids: u32,
 
     /// Write the figures (and the per-second series) as JSON to this file.
     #[arg(long, value_name = "FILE")]
@@ -180,6 +208,15 @@ pub struct Args {
 const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
 impl Args {
+    /// How the mix asks its reads: --consistency, --counts-tenants and --contains-ids.
+    pub fn reads(&self) -> Reads {
+        Reads {
+            consistency: self.consistency,
+            counts_tenants: self.counts_tenants as usize,
+            contains_ids: self.contains_ids as usize,
+        }
+    }
+
     /// How long to send: --duration, else 10 s unless --items bounds the run.
     pub fn send_for(&self) -> Option<Duration> {
         match (self.duration, self.items) {
@@ -206,6 +243,14 @@ fn parse_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
         _ => Err("must be a number of items (or requests) per second above zero".into()),
+    }
+}
+
+fn parse_consistency(text: &str) -> Result<Consistency, String> {
+    match text {
+        "strong" => Ok(Consistency::Strong),
+        "eventual" => Ok(Consistency::Eventual),
+        _ => Err("must be strong or eventual".into()),
     }
 }
 
@@ -272,6 +317,23 @@ mod tests {
     }
 
     #[test]
+    fn the_mix_reads_take_a_consistency_and_sizes() {
+        let parse = |args: &[&str]| Args::try_parse_from([&["countapp-load", "--mix", "counts=1"], args].concat());
+        assert_eq!(parse(&[]).unwrap().reads(), Reads::default());
+        assert_eq!(Reads::default(), Reads { consistency: Consistency::Strong, counts_tenants: 16, contains_ids: 20 });
+        let args = parse(&["--consistency", "eventual", "--counts-tenants", "1000", "--contains-ids", "1000"]).unwrap();
+        assert_eq!(
+            args.reads(),
+            Reads { consistency: Consistency::Eventual, counts_tenants: 1000, contains_ids: 1000 }
+        );
+        assert_eq!(parse(&["--consistency", "strong"]).unwrap().reads().consistency, Consistency::Strong);
+        assert_eq!(
+            parse(&["--counts-tenants", "10000", "--contains-ids", "100000"]).unwrap().reads().contains_ids,
+            100_000
+        );
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for args in [
             &["--repeat", "1.5"][..],
@@ -289,6 +351,18 @@ mod tests {
             &["--mix", "delete=0.1", "--exact"],
             &["--mix", "delete=0.1", "--count"],
             &["--mix", "delete=0.1", "--redis", "redis://x"],
+            &["--mix", "strong=1", "--consistency", "weak"],
+            &["--mix", "strong=1", "--consistency", "Strong"],
+            &["--mix", "strong=1", "--consistency", ""],
+            &["--mix", "counts=1", "--counts-tenants", "0"],
+            &["--mix", "counts=1", "--counts-tenants", "10001"],
+            &["--mix", "counts=1", "--counts-tenants", "many"],
+            &["--mix", "contains=1", "--contains-ids", "0"],
+            &["--mix", "contains=1", "--contains-ids", "100001"],
+            &["--mix", "contains=1", "--contains-ids", "-1"],
+            &["--consistency", "eventual"],
+            &["--counts-tenants", "100"],
+            &["--contains-ids", "100"],
         ] {
             assert!(Args::try_parse_from([&["countapp-load"], args].concat()).is_err(), "{args:?}");
         }

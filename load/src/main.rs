@@ -1,10 +1,10 @@
 //! `countapp-load`: load for a CountApp cluster, and a check that it lost nothing.
 //!
-//! A run posts generated batches (or, with `--count`, reads counts; with `--mix`, mixes strong
-//! reads and deletes into the batches) over keep-alive connections, measures throughput and
-//! latency, waits for the counts to converge and reports lost and unexpected items; with
-//! `--redis` it then sends the same stream to Redis for a reference figure. `--help` lists
-//! every flag; the exit status says whether the check passed.
+//! A run posts generated batches (or, with `--count`, reads counts; with `--mix`, mixes reads,
+//! strong unless `--consistency` says otherwise, and deletes into the batches) over keep-alive
+//! connections, measures throughput and latency, waits for the counts to converge and reports
+//! lost and unexpected items; with `--redis` it then sends the same stream to Redis for a
+//! reference figure. `--help` lists every flag; the exit status says whether the check passed.
 
 mod check;
 mod cli;
@@ -213,8 +213,9 @@ async fn post(
     Ok(Measured { run: Figures::of(&stats), redis: redis_figures, check, mix: None })
 }
 
-/// `--mix`: batches with strong reads and deletes among them, each answer checked as it comes,
-/// then the set check across the deletes and a membership check of the ids around them.
+/// `--mix`: batches with reads (strong unless `--consistency` says otherwise) and deletes among
+/// them, each answer checked as it comes, then the set check across the deletes and a membership
+/// check of the ids around them.
 async fn mixed(
     args: &Args,
     target: &Arc<Target>,
@@ -223,7 +224,7 @@ async fn mixed(
     mix: Mix,
 ) -> anyhow::Result<Measured> {
     let mut reader = CountReader::new(target.clone(), args.timeout, args.check_connections as usize);
-    // The counts before the load are where the strong reads' floors start, check or not.
+    // The counts before the load are where the reads' floors and ceilings start, check or not.
     let mut baselines = reader.all().await.context("reading the counts before the load")?;
     let board = Arc::new(Board::new(&baselines, mix.delete > 0.0));
     let connections = args.connections as usize;
@@ -232,12 +233,12 @@ async fn mixed(
         .map(|c| {
             let generator = Generator::new(&shape, c).with_deletes(board.deletes().clone());
             let post = PostOp::new(Connection::new(target.clone(), args.timeout), generator, None);
-            MixOp::new(post, board.clone(), mix)
+            MixOp::new(post, board.clone(), mix, args.reads())
         })
         .collect();
     let (mut ops, stats) = measured("countapp", "items", ops, plan, args.quiet).await?;
     let (wrong_answers, wrong) = board.wrong_answers();
-    let mut findings = MixFindings { shares: mix, wrong_answers, wrong, membership: None };
+    let mut findings = MixFindings { shares: mix, reads: args.reads(), wrong_answers, wrong, membership: None };
 
     let mut check = None;
     if let (false, Some(load_end)) = (args.no_check, stats.totals.last_ack) {

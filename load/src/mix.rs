@@ -1,6 +1,7 @@
-//! The mixed workload (`--mix`): among the batches, a share of strong counts, membership
-//! checks, `POST /counts` and deletes, each answer checked against what the run had
-//! acknowledged before the request was sent, and the final set check carried across deletes.
+//! The mixed workload (`--mix`): among the batches, a share of counts, membership checks,
+//! `POST /counts` and deletes, each answer checked against what the run had acknowledged before
+//! the request was sent and what it had sent by the time the answer came, and the final set
+//! check carried across deletes.
 //!
 //! What keeps the accounting exact is that the tool never lets a batch and a delete of the same
 //! tenant overlap: each tenant has a gate, which batches and reads hold shared and a delete
@@ -11,7 +12,12 @@
 //!
 //! A strong read must reach, per tenant, the distinct ids acknowledged since its last delete
 //! (before any: its count before the load) by the time the request is sent: a lower bound only,
-//! since batches of other connections are in flight while it runs.
+//! since batches of other connections are in flight while it runs. Every read, strong or
+//! eventual (`--consistency`), may count no more than the tenant's count before the load and
+//! every distinct id sent to it since, acknowledged or not, by the time the answer came (an upper
+//! bound that deletes never lower, since an eventual read may be from before one), and a
+//! membership check must never find an id that was never sent. An eventual read owes nothing
+//! more: it may be from before any of the run's batches.
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use countapp_shared::api::{Contains, Count, Counts};
+use countapp_shared::api::{Consistency, Contains, Count, Counts};
 use hyper::{Method, StatusCode};
 use rand::RngExt;
 use rand::rngs::SmallRng;
@@ -35,13 +41,11 @@ use crate::workload::{Deletes, Generator};
 /// The kinds of request of the mixed workload, as the report names them, in [`Kind`] order.
 pub const KINDS: &[&str] = &["batch", "strong", "contains", "counts", "delete"];
 
-/// Ids a membership check asks about that the connection had acknowledged (true is owed), and
-/// ids it never sent (false is owed).
-const PROBE_KNOWN: usize = 16;
-const PROBE_UNKNOWN: usize = 4;
+/// Tenants one `POST /counts` asks for unless `--counts-tenants` says otherwise.
+pub const COUNTS_TENANTS: u32 = 16;
 
-/// Tenants one `POST /counts` asks for: consecutive ones from the request's position.
-const COUNTS_TENANTS: usize = 16;
+/// Ids one membership check asks about unless `--contains-ids` says otherwise.
+pub const CONTAINS_IDS: u32 = 20;
 
 /// Wrong answers described in the report; the figure counts them all.
 const LISTED: usize = 10;
@@ -53,6 +57,70 @@ const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 /// check asks about.
 pub const AROUND_DELETE: u64 = 1000;
 
+/// How the mixed workload asks its reads: with which consistency, and how big a `POST /counts`
+/// and a membership check are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Reads {
+    /// The `consistency` of every read of the mix: its counts, membership checks and `POST
+    /// /counts` (the kinds "strong", "contains" and "counts", whichever it is).
+    pub consistency: Consistency,
+    /// Tenants one `POST /counts` asks for: consecutive ones from the request's position, as
+    /// many as there are at most.
+    pub counts_tenants: usize,
+    /// Ids one membership check asks about: four in five (rounded down) picked among those the
+    /// connection had acknowledged for the tenant, true owed to a strong check, and the rest ids
+    /// it never sent, false owed to any check; all of them ids never sent while it has
+    /// acknowledged none for the tenant.
+    pub contains_ids: usize,
+}
+
+impl Default for Reads {
+    fn default() -> Self {
+        Reads {
+            consistency: Consistency::Strong,
+            counts_tenants: COUNTS_TENANTS as usize,
+            contains_ids: CONTAINS_IDS as usize,
+        }
+    }
+}
+
+impl fmt::Display for Reads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} reads, POST /counts of {} tenants, contains of {} ids",
+            self.name(),
+            self.counts_tenants,
+            self.contains_ids
+        )
+    }
+}
+
+impl Reads {
+    /// The query of every read: `consistency=strong` or `consistency=eventual`.
+    fn query(&self) -> &'static str {
+        match self.consistency {
+            Consistency::Strong => "consistency=strong",
+            Consistency::Eventual => "consistency=eventual",
+        }
+    }
+
+    /// The consistency as the report and the wrong answers name it.
+    fn name(&self) -> &'static str {
+        match self.consistency {
+            Consistency::Strong => "strong",
+            Consistency::Eventual => "eventual",
+        }
+    }
+
+    /// Of the ids of a membership check, how many are picked among those acknowledged, and how
+    /// many are ids never sent.
+    fn probe(&self) -> (usize, usize) {
+        let known = self.contains_ids * 4 / 5;
+        (known, self.contains_ids - known)
+    }
+}
+
 /// One kind of request of the mixed workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -63,7 +131,8 @@ enum Kind {
     Delete,
 }
 
-/// The shares of the requests that are not batches, from `--mix`; the rest are batches.
+/// The shares of the requests that are not batches, from `--mix`; the rest are batches. The
+/// reads are strong unless [`Reads`] says otherwise.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Mix {
     /// `GET /items/<tenant>/count?consistency=strong`.
@@ -164,6 +233,9 @@ pub struct Board {
     /// Per tenant, the distinct ids acknowledged since its last delete (before any, its count
     /// before the load): what a strong read of it sent now must reach.
     floors: Vec<AtomicU64>,
+    /// Per tenant, its count before the load and the distinct ids sent to it since, acknowledged
+    /// or not, deletes notwithstanding: what no read of it answered now may exceed.
+    ceilings: Vec<AtomicU64>,
     /// The tenants' deletes, which the generators read too.
     deletes: Arc<Deletes>,
     /// With deletes in the mix, one gate per tenant (see the module's comment).
@@ -180,6 +252,7 @@ impl Board {
         let tenants = baselines.len();
         Board {
             floors: baselines.iter().map(|&count| AtomicU64::new(count)).collect(),
+            ceilings: baselines.iter().map(|&count| AtomicU64::new(count)).collect(),
             deletes: Arc::new(Deletes::new(tenants)),
             gates: gates.then(|| (0..tenants).map(|_| Arc::new(RwLock::new(()))).collect()),
             wrong: AtomicU64::new(0),
@@ -194,6 +267,10 @@ impl Board {
 
     fn floor(&self, tenant: usize) -> u64 {
         self.floors[tenant].load(Ordering::Relaxed)
+    }
+
+    fn ceiling(&self, tenant: usize) -> u64 {
+        self.ceilings[tenant].load(Ordering::Relaxed)
     }
 
     fn wrong(&self, what: String) -> Failure {
@@ -212,11 +289,12 @@ impl Board {
 }
 
 /// One connection of the mixed workload: a batch poster whose requests are, by the shares of
-/// its [`Mix`], reads and deletes instead.
+/// its [`Mix`], reads (as its [`Reads`] say) and deletes instead.
 pub struct MixOp {
     post: PostOp,
     board: Arc<Board>,
     mix: Mix,
+    reads: Reads,
     rng: SmallRng,
     kind: Kind,
     /// The tenants of the request prepared, ascending.
@@ -232,12 +310,14 @@ pub struct MixOp {
 }
 
 impl MixOp {
-    /// Mixes `mix` into `post`'s batches; `post`'s generator must record the board's deletes.
-    pub fn new(post: PostOp, board: Arc<Board>, mix: Mix) -> Self {
+    /// Mixes `mix` into `post`'s batches, its reads asked as `reads` say; `post`'s generator
+    /// must record the board's deletes.
+    pub fn new(post: PostOp, board: Arc<Board>, mix: Mix, reads: Reads) -> Self {
         MixOp {
             post,
             board,
             mix,
+            reads,
             rng: rand::make_rng(),
             kind: Kind::Batch,
             tenants: Vec::new(),
@@ -276,6 +356,26 @@ impl MixOp {
         }
     }
 
+    /// Checks `count`, the answer for tenant `t`, named `name`, to a read described as `what`
+    /// ("count of"): at least `floor` when strong, and, strong or eventual, at most what the
+    /// tenant may hold now that the answer is in.
+    fn check_count(&self, what: &str, (t, name): (usize, &str), floor: u64, count: u64) -> Result<(), Failure> {
+        let consistency = self.reads.name();
+        if self.reads.consistency == Consistency::Strong && count < floor {
+            return Err(self.board.wrong(format!(
+                "{consistency} {what} {name} was {count}, below the {floor} ids acknowledged before it"
+            )));
+        }
+        let ceiling = self.board.ceiling(t);
+        if count > ceiling {
+            return Err(self.board.wrong(format!(
+                "{consistency} {what} {name} was {count}, above the {ceiling} ids it held before the load or \
+                 was sent since"
+            )));
+        }
+        Ok(())
+    }
+
     async fn send_unguarded(&mut self) -> Result<u64, Failure> {
         let target = self.post.connection().target().clone();
         match self.kind {
@@ -289,47 +389,42 @@ impl MixOp {
             }
             Kind::Strong => {
                 let t = self.tenants[0];
-                let body = self.exchange(Method::GET, target.tenant_uri(t, "/count?consistency=strong")).await?;
+                let uri = target.tenant_uri(t, &format!("/count?{}", self.reads.query()));
+                let body = self.exchange(Method::GET, uri).await?;
                 let count = serde_json::from_slice::<Count>(&body).map_err(|_| Failure::BadReply)?.count;
-                if count < self.floors[0] {
-                    let floor = self.floors[0];
-                    return Err(self.board.wrong(format!(
-                        "strong count of {} was {count}, below the {floor} ids acknowledged before it",
-                        target.name(t)
-                    )));
-                }
+                self.check_count("count of", (t, target.name(t)), self.floors[0], count)?;
                 Ok(0)
             }
             Kind::Contains => {
                 let t = self.tenants[0];
-                let uri = target.tenant_uri(t, "/contains?consistency=strong");
+                let uri = target.tenant_uri(t, &format!("/contains?{}", self.reads.query()));
                 let body = self.exchange(Method::POST, uri).await?;
                 let answers = serde_json::from_slice::<Contains>(&body).map_err(|_| Failure::BadReply)?.contains;
                 if answers.len() != self.owed.len() {
                     return Err(Failure::BadReply);
                 }
-                let missed = self.owed.iter().zip(&answers).filter(|&(&owed, &answer)| owed && !answer).count();
+                // An eventual check may be from before the ids acknowledged: only those never
+                // sent are owed.
+                let strong = self.reads.consistency == Consistency::Strong;
+                let missed =
+                    self.owed.iter().zip(&answers).filter(|&(&owed, &answer)| strong && owed && !answer).count();
                 let invented = self.owed.iter().zip(&answers).filter(|&(&owed, &answer)| !owed && answer).count();
                 if missed + invented > 0 {
                     return Err(self.board.wrong(format!(
-                        "strong contains of {}: {missed} ids acknowledged before it answered false, {invented} ids \
+                        "{} contains of {}: {missed} ids acknowledged before it answered false, {invented} ids \
                          never sent answered true",
+                        self.reads.name(),
                         target.name(t)
                     )));
                 }
                 Ok(0)
             }
             Kind::Counts => {
-                let body = self.exchange(Method::POST, target.uri("/counts?consistency=strong")).await?;
+                let body = self.exchange(Method::POST, target.uri(&format!("/counts?{}", self.reads.query()))).await?;
                 let counts = serde_json::from_slice::<Counts>(&body).map_err(|_| Failure::BadReply)?.counts;
                 for (&t, &floor) in self.tenants.iter().zip(&self.floors) {
                     let count = *counts.get(target.name(t)).ok_or(Failure::BadReply)?;
-                    if count < floor {
-                        return Err(self.board.wrong(format!(
-                            "POST /counts gave {} {count}, below the {floor} ids acknowledged before it",
-                            target.name(t)
-                        )));
-                    }
+                    self.check_count("POST /counts of", (t, target.name(t)), floor, count)?;
                 }
                 Ok(0)
             }
@@ -355,7 +450,7 @@ impl Op for MixOp {
         let first = (start % tenants as u64) as usize;
         let span = match self.kind {
             Kind::Batch => units as usize,
-            Kind::Counts => COUNTS_TENANTS,
+            Kind::Counts => self.reads.counts_tenants,
             Kind::Strong | Kind::Contains | Kind::Delete => 1,
         };
         self.tenants.clear();
@@ -367,9 +462,25 @@ impl Op for MixOp {
         self.floors.extend(self.tenants.iter().map(|&t| self.board.floor(t)));
         let mut body = BytesMut::new();
         match self.kind {
-            Kind::Batch => return self.post.prepare(start, units).await,
+            Kind::Batch => {
+                self.post.prepare(start, units).await?;
+                // Before the batch is sent: from then on the server may count its ids.
+                for (t, fresh) in self.post.generator().last_batch_fresh() {
+                    self.board.ceilings[t].fetch_add(fresh, Ordering::Relaxed);
+                }
+                return Ok(());
+            }
             Kind::Contains => {
-                let probe = self.post.generator_mut().probe(first, PROBE_KNOWN, PROBE_UNKNOWN);
+                let (known, unknown) = self.reads.probe();
+                let generator = self.post.generator_mut();
+                // With no id acknowledged for the tenant yet, all of them are ids never sent, so
+                // that every membership check asks about as many.
+                let probe = match generator.probe(first, known, unknown) {
+                    probe if probe.len() < self.reads.contains_ids => {
+                        generator.probe(first, 0, self.reads.contains_ids)
+                    }
+                    probe => probe,
+                };
                 self.owed = probe.iter().map(|&(_, owed)| owed).collect();
                 let ids: Vec<&str> =
                     probe.iter().map(|(id, _)| std::str::from_utf8(id).expect("ids are alphanumeric")).collect();
@@ -448,8 +559,11 @@ impl Membership {
 pub struct MixFindings {
     /// The shares asked for.
     pub shares: Mix,
+    /// How the reads were asked.
+    pub reads: Reads,
     /// Answers that broke the API's promise (a strong read below what was acknowledged before
-    /// it, a membership check wrong either way), and the first ones described.
+    /// it, any read above what was sent, a membership check wrong either way), and the first
+    /// ones described.
     pub wrong_answers: u64,
     pub wrong: Vec<String>,
     /// The final membership check of the deleted tenants, unless the check was skipped.
@@ -536,6 +650,14 @@ mod tests {
         for bad in ["", "strong", "strong=2", "reads=0.1", "strong=0.1,strong=0.2", "strong=0.6,counts=0.6"] {
             assert!(bad.parse::<Mix>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_membership_check_asks_four_in_five_known_ids() {
+        let probe = |contains_ids| Reads { contains_ids, ..Reads::default() }.probe();
+        assert_eq!((probe(20), probe(1000), probe(1), probe(7)), ((16, 4), (800, 200), (0, 1), (5, 2)));
+        let eventual = Reads { consistency: Consistency::Eventual, ..Reads::default() };
+        assert_eq!((eventual.query(), Reads::default().query()), ("consistency=eventual", "consistency=strong"));
     }
 
     /// One connection, one tenant, batches of 10 fresh ids: the ids of `acked` batches are

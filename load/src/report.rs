@@ -44,7 +44,8 @@ pub struct Report {
     pub ratio: Option<f64>,
     /// The loss check, unless `--no-check` (or `--count`).
     pub check: Option<Convergence>,
-    /// With `--mix`: the shares, the wrong answers and the membership check around deletes.
+    /// With `--mix`: the shares, how the reads were asked, the wrong answers and the membership
+    /// check around deletes.
     pub mix: Option<MixFindings>,
 }
 
@@ -127,7 +128,7 @@ impl Report {
                 self.batch,
                 self.tenants,
                 self.repeat * 100.0,
-                self.mix.as_ref().map_or_else(String::new, |mix| mix.shares.to_string())
+                self.mix.as_ref().map_or_else(String::new, |mix| format!("{}; {}", mix.shares, mix.reads))
             ),
             Mode::Post => format!(
                 "POST batches of {} over {} tenants, {:.0}% repeated ids",
@@ -402,6 +403,7 @@ mod tests {
             check: None,
             mix: Some(MixFindings {
                 shares: "strong=0.05,delete=0.01".parse().unwrap(),
+                reads: crate::mix::Reads::default(),
                 wrong_answers: 1,
                 wrong: vec!["strong count of load-x-1 was 3, below the 5 ids acknowledged before it".into()],
                 membership: Some(crate::mix::Membership {
@@ -415,7 +417,8 @@ mod tests {
         };
         let table = report.table();
         for needle in [
-            "mixed: 94.0% batches, 5.0% strong counts, 0.0% contains, 0.0% POST /counts, 1.00% deletes",
+            "mixed: 94.0% batches, 5.0% strong counts, 0.0% contains, 0.0% POST /counts, 1.00% deletes; strong \
+             reads, POST /counts of 16 tenants, contains of 20 ids",
             "\n  batch           20          10        1000",
             "\n  strong          20          10           -",
             "strong errors: 1 × HTTP 503, 1 × wrong answer",
@@ -430,5 +433,6 @@ mod tests {
         assert_eq!(json["run"]["operations"]["strong"]["errors_by_kind"]["wrong answer"], 1);
         assert_eq!(json["mix"]["membership"]["gone_found"], 1);
         assert_eq!(json["mix"]["shares"]["delete"], 0.01);
+        assert_eq!(json["mix"]["reads"]["consistency"], "strong");
     }
 }

@@ -40,7 +40,8 @@ enum Behaviour {
     Swapping,
     /// Answers a delete 200 but deletes nothing.
     Undeleting,
-    /// Answers every strong read from before the load: counts 0, contains nothing.
+    /// Answers every read that names its consistency (the mixed workload's, strong or eventual)
+    /// from before the load: counts 0, contains nothing.
     Lagging,
 }
 
@@ -111,8 +112,9 @@ impl Server {
             *response.status_mut() = status;
             Ok(response)
         };
-        // A strong read of the lagging server sees nothing of the load.
-        let lagging = self.behaviour == Behaviour::Lagging && request.uri().query() == Some("consistency=strong");
+        // A read of the lagging server that names its consistency sees nothing of the load.
+        let lagging = self.behaviour == Behaviour::Lagging
+            && request.uri().query().is_some_and(|query| query.starts_with("consistency="));
         match (request.method(), path.split('/').collect::<Vec<_>>().as_slice()) {
             (&Method::POST, ["", "items"]) => {
                 let body = request.into_body().collect().await.unwrap().to_bytes();
@@ -453,4 +455,39 @@ fn a_store_whose_strong_reads_lag_gives_wrong_answers() {
     assert_eq!(report["check"]["lost"], 0);
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("WRONG:") && stderr.contains("below the"), "{stderr}");
+}
+
+#[test]
+fn eventual_reads_may_lag_but_may_not_count_what_was_never_sent() {
+    let reads = ["--mix", "strong=0.1,contains=0.1,counts=0.05", "--consistency", "eventual"];
+    let sizes = ["--counts-tenants", "2", "--contains-ids", "30"];
+    let (_server, addr) = Server::start(Behaviour::Lagging);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = load(addr, &json, &[&reads[..], &sizes].concat());
+    assert_eq!(output.status.code(), Some(0));
+    let lagging = report(&json);
+    assert_eq!(lagging["mix"]["wrong_answers"], 0);
+    assert_eq!(
+        lagging["mix"]["reads"],
+        serde_json::json!({"consistency": "eventual", "counts_tenants": 2, "contains_ids": 30})
+    );
+    for kind in ["strong", "contains", "counts"] {
+        assert!(lagging["run"]["operations"][kind]["requests"].as_u64().unwrap() > 0, "{kind}");
+    }
+
+    // A store that counts ids nobody sent is caught by eventual counts too.
+    let (_server, addr) = Server::start(Behaviour::Inventive);
+    let output = load(addr, &json, &reads);
+    assert_eq!(output.status.code(), Some(1));
+    let report = report(&json);
+    let by_kind =
+        |kind: &str| report["run"]["operations"][kind]["errors_by_kind"]["wrong answer"].as_u64().unwrap_or(0);
+    assert!(by_kind("strong") > 0 && by_kind("counts") > 0, "{report}");
+    assert_eq!(by_kind("contains"), 0);
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("WRONG:") && stderr.contains("eventual count of") && stderr.contains("above the"),
+        "{stderr}"
+    );
 }

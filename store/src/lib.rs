@@ -357,11 +357,21 @@ impl Store {
     /// is deleted. Every id acknowledged before the barrier is then gone for good; those
     /// acknowledged since count afresh, or were acknowledged concurrently with the deletion.
     pub fn settle(&self, shards: &[u16], deletes: &[String]) -> Result<Vec<u16>, StoreError> {
+        let asked = Instant::now();
         let mut rounds = self.rounds.lock();
+        // What a strong read under load waits for: the merger's round in progress, then this one.
+        let waited = asked.elapsed();
         self.sets.delete_in_round(deletes);
         let wal_root = self.root.join("wal");
         let logs = log::scan(&wal_root)?;
-        self.round_over(&mut rounds, &wal_root, &logs, !deletes.is_empty(), Scope::Shards(shards))?;
+        let report = self.round_over(&mut rounds, &wal_root, &logs, !deletes.is_empty(), Scope::Shards(shards))?;
+        tracing::debug!(
+            shards = shards.len(),
+            waited_ms = waited.as_secs_f64() * 1e3,
+            round_ms = (asked.elapsed() - waited).as_secs_f64() * 1e3,
+            log_files = report.log_files,
+            "a barrier's settle round"
+        );
         let mut vouched = self.sets.settled(&logs, shards);
         if !deletes.is_empty() {
             let deleted = self.sets.deleted(deletes)?;

@@ -19,6 +19,10 @@
 //!   7. GET counts through that coordinator, and straight to one of its workers, against the
 //!      store: json figures of step 3.
 //!
+//! Then, once, the reads, on a fresh cluster (store: json): strong counts idle and under a fixed
+//! 1M items/s of ingest, `POST /counts` of 1,000 tenants, membership checks of 1,000 ids, and the
+//! listing of a million tenants (see `reads.rs`; `--reads-only` runs them alone).
+//!
 //! Each run through the coordinator also reports the coordinator's CPU time per forwarded
 //! request: utime+stime from /proc/<pid>/stat over the run, over the run's delta of /stats
 //! cluster.requests_forwarded, and stime alone: the kernel's share, which no change to the
@@ -30,7 +34,7 @@ use std::cell::RefCell;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -42,6 +46,8 @@ use serde_json::{Map, Value, json};
 use crate::is_interrupted;
 use crate::measure::{machine_busy_ticks, process_ticks, round2, ticks_per_second};
 use crate::stand::{BenchCluster, HaProxy, load};
+
+mod reads;
 
 /// Where the figures go.
 const OUT: &str = "target/bench";
@@ -62,6 +68,14 @@ pub struct Options {
     /// such round.
     #[arg(long, env = "VALKEY_SERVER")]
     valkey: Option<String>,
+    /// Tenants of one id each that the reads make, then list page by page; 0 leaves the
+    /// listing out. A million took 9 minutes to make and count on this project's 2-core machine
+    /// (shared with a build), and 8 more to remove with their cluster.
+    #[arg(long, env = "BENCH_LISTING_TENANTS", default_value_t = 1_000_000)]
+    listing_tenants: u64,
+    /// Only the reads, on their own fresh cluster: no rounds, and no run through Redis or HAProxy.
+    #[arg(long, env = "BENCH_READS_ONLY", value_parser = clap::builder::FalseyValueParser::new())]
+    reads_only: bool,
 }
 
 /// The `store: json` figures the store rounds compare with: GET counts per second through the
@@ -102,6 +116,13 @@ pub fn run(options: &Options) -> anyhow::Result<bool> {
     }
     fs::create_dir_all(out)?;
     let bench = Bench { options, redis: RedisServer::start(), cpu: RefCell::default() };
+    if options.reads_only {
+        let reads = bench.reads()?;
+        println!("=== summary of the reads (targets from the read API's issue) ===");
+        let summary = json!({ "reads": show_reads(&reads) });
+        fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+        return Ok(true);
+    }
     for round in 1..=options.rounds {
         bench.round(round)?;
     }
@@ -122,10 +143,23 @@ pub fn run(options: &Options) -> anyhow::Result<bool> {
     }
     let figures: Vec<Value> = bench.cpu.borrow().iter().map(|c| c.json.clone()).collect();
     fs::write(out.join("coordinator-cpu.json"), serde_json::to_string_pretty(&figures)?)?;
+    let reads = bench.reads()?;
 
     println!("=== summary (targets from the README's Benchmarks) ===");
-    bench.summary(&stores)?;
+    let mut summary = bench.summary(&stores)?;
+    println!("=== summary of the reads, one run (targets from the read API's issue) ===");
+    summary.insert("reads".into(), show_reads(&reads));
+    fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     Ok(true)
+}
+
+/// Prints the reads' figures, a table of one column; the same as JSON, for summary.json.
+fn show_reads(reads: &[reads::Figure]) -> Value {
+    let width = reads.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    for (name, value) in reads {
+        println!("{name:width$}  {:>10}", show_figure(*value));
+    }
+    Value::Object(reads.iter().map(|(name, value)| (name.clone(), json!(value))).collect())
 }
 
 /// Round `round`'s directory of figures.
@@ -182,22 +216,20 @@ impl Bench<'_> {
     }
 
     fn common_args(&self, url: &str, json: &Path) -> Vec<String> {
-        let duration = humantime::format_duration(self.options.duration).to_string();
-        let mut args: Vec<String> =
-            ["--url", url, "--duration", &duration, "--connections", "16", "--quiet"].map(String::from).into();
-        args.extend(["--json".to_owned(), path_arg(json)]);
+        let mut args = load_args(url, json, "16");
+        args.extend(["--duration".to_owned(), self.duration()]);
         args
+    }
+
+    /// `--duration`, as the load tool takes it.
+    fn duration(&self) -> String {
+        humantime::format_duration(self.options.duration).to_string()
     }
 
     /// Runs the load tool, failing the bench if its check failed.
     fn load(&self, args: &[String]) -> anyhow::Result<()> {
         // The load, its convergence wait (30 s at most) and a Redis reference run, with room.
-        let within = self.options.duration * 4 + Duration::from_secs(180);
-        let status = load(args, within)?;
-        if !status.success() {
-            bail!("countapp-load {}: {status}", args.join(" "));
-        }
-        Ok(())
+        passed(args, load(args, self.options.duration * 4 + Duration::from_secs(180))?)
     }
 
     /// Runs the load tool through the coordinator of `cluster`, then records the coordinator's
@@ -316,8 +348,9 @@ impl Bench<'_> {
         Ok(figures)
     }
 
-    /// Prints the summary of every round and their medians, and writes it to summary.json.
-    fn summary(&self, stores: &[StoreFigures]) -> anyhow::Result<()> {
+    /// Prints the summary of every round and their medians, and of the rounds of `store: redis`;
+    /// the same as JSON, for summary.json.
+    fn summary(&self, stores: &[StoreFigures]) -> anyhow::Result<Map<String, Value>> {
         let figures = self.cpu.borrow();
         let cpu = |run: &str| figures.iter().find(|c| c.run == run);
         let mut rounds: Vec<Vec<(&str, Option<f64>)>> = Vec::new();
@@ -390,15 +423,18 @@ impl Bench<'_> {
             let rows = store.rows.iter().map(|(row, value)| ((*row).to_owned(), json!(value))).collect();
             by_store.insert(store.name.clone(), Value::Object(rows));
         }
-        let summary = json!({ "rounds": rounds, "median": medians, "store_redis": by_store });
-        fs::write(Path::new(OUT).join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+        let summary = Map::from_iter([
+            ("rounds".to_owned(), Value::Array(rounds)),
+            ("median".to_owned(), medians.into()),
+            ("store_redis".to_owned(), by_store.into()),
+        ]);
         let redis: Vec<String> = figures
             .iter()
             .filter(|c| c.run.contains("-store-"))
             .map(|c| format!("{} {}", c.run, show(c.cpu_us_per_request)))
             .collect();
         println!("store: redis, coordinator CPU us per forwarded request: {}", redis.join(", "));
-        Ok(())
+        Ok(summary)
     }
 }
 
@@ -459,6 +495,14 @@ fn redis_benchmark(port: u16) -> anyhow::Result<String> {
     Ok(line.unwrap_or_default().trim().to_owned())
 }
 
+/// Fails the bench unless the load tool run with `args` ended with `status` 0: its check passed.
+fn passed(args: &[String], status: ExitStatus) -> anyhow::Result<()> {
+    if !status.success() {
+        bail!("countapp-load {}: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
 /// The report of a load run.
 fn read_json(path: &Path) -> anyhow::Result<Value> {
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -503,6 +547,14 @@ fn show_figure(value: Option<f64>) -> String {
 /// A CPU figure as the reports give it, `n/a` where there was no request.
 fn show(value: Option<f64>) -> String {
     value.map_or_else(|| "n/a".to_owned(), |v| v.to_string())
+}
+
+/// The load tool's arguments for a quiet run at `url` over `connections` connections, its report
+/// in `json`.
+fn load_args(url: &str, json: &Path, connections: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["--url", url, "--connections", connections, "--quiet"].map(String::from).into();
+    args.extend(["--json".to_owned(), path_arg(json)]);
+    args
 }
 
 /// A path as the load tool's argument.

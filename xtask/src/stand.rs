@@ -158,9 +158,20 @@ impl HaProxy {
 /// Runs the load tool with `args`, its progress on this terminal, for at most `within`; its exit
 /// status (0: the check passed, 1: it failed, 2: the run failed).
 pub fn load(args: &[String], within: Duration) -> anyhow::Result<ExitStatus> {
+    finish_load(start_load(args), within)
+}
+
+/// Starts the load tool with `args`, its progress on this terminal, for a run beside another:
+/// [`finish_load`] waits for it.
+pub fn start_load(args: &[String]) -> Process {
     let mut command = Command::new(binary("countapp-load"));
     command.args(args);
-    let mut process = Process::spawn_inherited(command, "countapp-load");
+    Process::spawn_inherited(command, "countapp-load")
+}
+
+/// Waits for the load tool started as `process` to exit, for at most `within` (counted from
+/// now); its exit status, as [`load`]'s.
+pub fn finish_load(mut process: Process, within: Duration) -> anyhow::Result<ExitStatus> {
     let deadline = Instant::now() + within;
     loop {
         let exited = process.wait_for_exit(Duration::from_millis(200));
