@@ -52,8 +52,10 @@ async fn post_counts(
     state: web::Data<AppState>,
     upstream: web::Data<Upstream>,
 ) -> Result<HttpResponse, ApiError> {
-    let kind = read_kind(&req);
-    forward_post(req, payload, &state, &upstream, kind).await
+    // Up to 10,000 counts, even eventual ones, take their time: never on a pipelined
+    // connection, where the requests queued behind would wait for them, and with the longer hop
+    // timeout.
+    forward_post(req, payload, &state, &upstream, Kind::Waits).await
 }
 
 /// `GET /tenants`: forwarded with its query.

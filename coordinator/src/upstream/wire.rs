@@ -33,7 +33,8 @@ pub(crate) enum Kind {
     /// A read of the sets: counts, membership.
     Read,
     /// A request the worker takes its time over: one that waits for a barrier across the
-    /// workers (a strong read, a batch posted with `wait=counted`, a delete), or a listing.
+    /// workers (a strong read, a batch posted with `wait=counted`, a delete), a listing, or the
+    /// counts of many tenants.
     Waits,
 }
 
