@@ -13,11 +13,11 @@
 //!   saves of) Redis's own cost.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use countapp_shared::config::FsyncPolicy;
 use countapp_store::{Item, Settings, Store, StoreOptions};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 const BATCH: usize = 100;
 const TENANTS: usize = 10;
@@ -56,11 +56,10 @@ fn append_then_flush(c: &mut Criterion) {
     let mut group = c.benchmark_group("append_then_flush");
     group.throughput(Throughput::Elements(ITEMS as u64)).sample_size(10);
     group.bench_function("1M_items_16_appenders_everysec", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let batches = fresh_batches(ITEMS / BATCH, |i| format!("tenant-{}", i % TENANTS));
-                let started = Instant::now();
+        // Each batch is made untimed; the appends and the flush are timed.
+        b.iter_batched(
+            || fresh_batches(ITEMS / BATCH, |i| format!("tenant-{}", i % TENANTS)),
+            |batches| {
                 std::thread::scope(|s| {
                     for share in batches.chunks(batches.len().div_ceil(APPENDERS)) {
                         let store = &store;
@@ -72,10 +71,11 @@ fn append_then_flush(c: &mut Criterion) {
                     }
                 });
                 store.flush().unwrap();
-                total += started.elapsed();
-            }
-            total
-        })
+                // Dropped untimed.
+                batches
+            },
+            BatchSize::PerIteration,
+        )
     });
     group.finish();
 }
@@ -95,18 +95,15 @@ fn flush_into_large_tenant(c: &mut Criterion) {
         store.flush().unwrap();
         assert_eq!(store.count_blocking("big").unwrap(), size as u64);
         group.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, _| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
+            b.iter_batched(
+                || {
                     for batch in fresh_batches(NEW / BATCH, |_| "big".to_owned()) {
                         store.append_blocking(&as_items(&batch)).unwrap();
                     }
-                    let started = Instant::now();
-                    store.flush().unwrap();
-                    total += started.elapsed();
-                }
-                total
-            })
+                },
+                |()| store.flush().unwrap(),
+                BatchSize::PerIteration,
+            )
         });
     }
     group.finish();
@@ -120,21 +117,18 @@ fn flush_new_small_tenants(c: &mut Criterion) {
     group.throughput(Throughput::Elements(TENANTS as u64)).sample_size(10);
     let mut round = 0;
     group.bench_with_input(BenchmarkId::from_parameter(TENANTS), &TENANTS, |b, _| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
+        b.iter_batched(
+            || {
                 round += 1;
                 let names: Vec<String> = (0..TENANTS).map(|t| format!("tenant-{round}-{t}")).collect();
                 for chunk in names.chunks(1000) {
                     let batch: Vec<Item> = chunk.iter().map(|t| Item::new(t, "0123456789abcdef")).collect();
                     store.append_blocking(&batch).unwrap();
                 }
-                let started = Instant::now();
-                store.flush().unwrap();
-                total += started.elapsed();
-            }
-            total
-        })
+            },
+            |()| store.flush().unwrap(),
+            BatchSize::PerIteration,
+        )
     });
     group.finish();
 }
@@ -171,19 +165,16 @@ fn flush_into_redis(c: &mut Criterion) {
         let store = Store::open(dir.path(), "bench", options).unwrap();
         group.throughput(Throughput::Elements((tenants * ids * repeats) as u64));
         group.bench_function(shape, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
+            b.iter_batched(
+                || {
                     round += 1;
                     for batch in redis_items(round, tenants, ids, repeats).chunks(1000) {
                         store.append_blocking(&as_items(batch)).unwrap();
                     }
-                    let started = Instant::now();
-                    store.flush().unwrap();
-                    total += started.elapsed();
-                }
-                total
-            })
+                },
+                |()| store.flush().unwrap(),
+                BatchSize::PerIteration,
+            )
         });
     }
     group.finish();
@@ -194,12 +185,12 @@ fn flush_into_redis(c: &mut Criterion) {
     for (shape, tenants, ids, repeats) in REDIS_SHAPES {
         group.throughput(Throughput::Elements((tenants * ids * repeats) as u64));
         group.bench_function(shape, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
+            b.iter_batched(
+                || {
                     round += 1;
-                    let items = redis_items(round, tenants, ids, repeats);
-                    let started = Instant::now();
+                    redis_items(round, tenants, ids, repeats)
+                },
+                |items| {
                     let mut by_tenant: std::collections::HashMap<&str, Vec<&str>> = std::collections::HashMap::new();
                     for (tenant, id) in &items {
                         by_tenant.entry(tenant).or_default().push(id);
@@ -209,10 +200,12 @@ fn flush_into_redis(c: &mut Criterion) {
                         pipeline.cmd("SADD").arg(format!("countapp:tenant:{tenant}")).arg(ids).ignore();
                     }
                     let () = pipeline.query(&mut connection).unwrap();
-                    total += started.elapsed();
-                }
-                total
-            })
+                    drop(by_tenant);
+                    // The items are dropped untimed.
+                    items
+                },
+                BatchSize::PerIteration,
+            )
         });
     }
     group.finish();
