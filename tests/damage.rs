@@ -42,12 +42,20 @@ fn a_tenant_whose_file_is_junk_is_quarantined_without_delaying_others_and_its_ne
     post_range(&url, "good", 40, 70);
     eventually(SETTLED, "the good tenant is not held up", || count(&client, &url, "good") == 70);
 
-    // The bad tenant answers an error naming its file, on every worker; the owner shows it.
+    // The bad tenant answers an error naming its file, on every worker, in counts as in
+    // listings; the owner shows it.
+    let bad_name = bad.file_name().unwrap().to_string_lossy().into_owned();
     for &port in &ports {
         let reply = count_reply(&client, &worker_url(port), "bad");
         assert!(reply.status().is_server_error(), "{}", reply.status());
         let text = reply.text().unwrap();
-        assert!(text.contains(&bad.file_name().unwrap().to_string_lossy().into_owned()), "{text}");
+        assert!(text.contains(&bad_name), "{text}");
+        let listed = listing(&worker_url(port));
+        assert!(
+            listed[0]["tenant"] == "bad" && listed[0]["error"].as_str().is_some_and(|e| e.contains(&bad_name)),
+            "{listed}"
+        );
+        assert_eq!(listed[1], serde_json::json!({"tenant": "good", "count": 70}), "{listed}");
     }
     let owner = eventually_owner(&ports, "bad", SETTLED);
     let quarantined = stats(&worker_url(owner))["quarantined"][0].clone();
@@ -78,6 +86,14 @@ fn a_tenant_whose_file_is_junk_is_quarantined_without_delaying_others_and_its_ne
     eventually(SETTLED, "out of quarantine", || stats(&worker_url(owner))["quarantined"] == serde_json::json!([]));
     post_range(&url, "bad", 70, 80);
     eventually(SETTLED, "ingest goes on", || count(&client, &url, "bad") == 40);
+    assert_eq!(listing(&url), serde_json::json!([{"tenant": "bad", "count": 40}, {"tenant": "good", "count": 70}]));
+}
+
+/// The tenants that `GET /tenants` at `url` lists, in one page.
+fn listing(url: &str) -> serde_json::Value {
+    let page = get_json(&client(), &format!("{url}/tenants"));
+    assert_eq!(page["next"], serde_json::Value::Null, "{page}");
+    page["tenants"].clone()
 }
 
 #[test]
@@ -109,6 +125,9 @@ fn a_junk_manifest_is_rebuilt_from_its_segments_and_a_junk_segment_quarantines_u
     eventually(SETTLED, "quarantined", || count_reply(&client, &url, "big").status().is_server_error());
     let reply = count_reply(&client, &url, "big").text().unwrap();
     assert!(reply.contains("quarantined"), "{reply}");
+    // Its manifest still reads: only the quarantine tells, in a listing as in a count.
+    let listed = listing(&url);
+    assert!(listed[0]["error"].as_str().is_some_and(|e| e.contains("quarantined")), "{listed}");
 
     // Restored from a backup: every id is back, the kept ones too.
     fs::write(&segment, saved).unwrap();
@@ -268,6 +287,7 @@ fn a_quarantine_file_left_behind_by_a_repair_is_ignored_and_removed() {
     fs::write(&quarantine, &left_behind).unwrap();
     for _ in 0..20 {
         assert_eq!(count(&client(), &url, "bad"), 30, "a quarantine file the record does not list is stale");
+        assert_eq!(listing(&url)[0], serde_json::json!({"tenant": "bad", "count": 30}), "listed as it counts");
     }
     sigkill(coordinator.pid_of(ports[0]));
     post_range(&url, "bad", 70, 80);

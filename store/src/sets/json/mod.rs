@@ -37,8 +37,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use countapp_shared::config::FsyncPolicy;
@@ -69,6 +69,8 @@ const MAX_ROUND_INPUT_BYTES: u64 = 512 << 20;
 /// `POST /counts` of thousands of tenants over a cache smaller than that would open, read and
 /// close every one of their files each time. Past it, the cache starts afresh.
 const MOST_OPEN_TENANT_FILES: usize = 16_384;
+/// The fewest shards, or tenants, worth a thread of their own when a listing reads them.
+const FEWEST_PER_THREAD: usize = 64;
 
 /// `SHARD.json`: which log files a shard has merged, and who changed it last.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,6 +222,12 @@ pub(crate) struct Shards {
     open_tenant_files: usize,
     /// Each shard's names, sorted, as its list was when read; a list that changes is read again.
     names: Mutex<HashMap<u16, ShardNames>>,
+    /// Per shard, the version of its record when last read, and whether that record listed any
+    /// tenant in quarantine: a listing looks for quarantine files only in shards that have some.
+    quarantines: Mutex<HashMap<u16, (Option<FileVersion>, bool)>>,
+    /// Each shard's directory, held open once it exists (shard directories are never removed),
+    /// so that a count opens its tenant's file by name in it.
+    dirs: Box<[OnceLock<File>]>,
 }
 
 impl Shards {
@@ -236,53 +244,67 @@ impl Shards {
             counts: Mutex::new(HashMap::new()),
             open_tenant_files: open_tenant_files(),
             names: Mutex::new(HashMap::new()),
+            quarantines: Mutex::new(HashMap::new()),
+            dirs: (0..shards).map(|_| OnceLock::new()).collect(),
         }
+    }
+
+    /// `shard`'s directory, held open; `None` while it does not exist.
+    fn opened_dir(&self, shard: u16) -> Result<Option<&File>, StoreError> {
+        let cell = &self.dirs[usize::from(shard)];
+        if cell.get().is_none() {
+            match disk::open(&shard_dir(&self.root, shard)) {
+                // Another thread may have opened it meanwhile: either handle will do.
+                Ok(dir) => drop(cell.set(dir)),
+                Err(e) if e.not_found() => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(cell.get())
     }
 
     /// The tenant's distinct count as of the latest merge by any worker, read from its file (or
     /// the file held open since).
     fn count_file(&self, tenant: &str) -> Result<u64, StoreError> {
-        self.read_count_of(tenant, true)
+        self.read_count_of(tenant, CountRead::Kept)
     }
 
-    /// [`Shards::count_file`]; keeping the file open for the next count only with `keep` (a
-    /// listing reads a thousand counts once each, and would only evict those read often).
-    fn read_count_of(&self, tenant: &str, keep: bool) -> Result<u64, StoreError> {
+    /// [`Shards::count_file`], read as `how` says.
+    fn read_count_of(&self, tenant: &str, how: CountRead<'_>) -> Result<u64, StoreError> {
         if let Some((file, unchanged, count)) = self.counts.lock().get(tenant)
             && file.metadata().is_ok_and(|m| m.nlink() > 0 && Unchanged::of(&m) == *unchanged)
         {
             return Ok(*count);
         }
         let (shard, path) = self.tenant_path(tenant);
-        let quarantine = self.refuse_quarantined(tenant, shard, &path)?;
-        let mut file = match disk::open(&path) {
+        let Some(dir) = self.opened_dir(shard)? else { return Ok(0) };
+        let quarantine = match how {
+            CountRead::Listed(quarantines) if !quarantines[usize::from(shard)] => false,
+            _ => self.refuse_quarantined(tenant, shard, dir, &path)?,
+        };
+        let mut file = match disk::open_in(dir, &path) {
             Ok(file) => file,
             Err(e) if e.not_found() => return Ok(0),
             Err(e) => return Err(e.into()),
         };
-        let unchanged = file.metadata().map(|m| Unchanged::of(&m));
-        let count = read_count(&path, &read_all(&mut file, &path)?, tenant)?;
-        if quarantine || !keep {
+        let (bytes, metadata) = read_all(&mut file, &path)?;
+        let count = read_count(&path, &bytes, tenant)?;
+        if quarantine || matches!(how, CountRead::Listed(_)) {
             return Ok(count);
         }
         let mut counts = self.counts.lock();
         if counts.len() >= self.open_tenant_files {
             counts.clear();
         }
-        if let Ok(unchanged) = unchanged {
-            counts.insert(tenant.to_owned(), (file, unchanged, count));
-        }
+        counts.insert(tenant.to_owned(), (file, Unchanged::of(&metadata), count));
         Ok(count)
     }
 
     /// The names of `shard`'s tenants, sorted: from its list, read again when it changed.
     fn shard_names(&self, shard: u16) -> Result<Arc<Vec<String>>, StoreError> {
+        let Some(opened) = self.opened_dir(shard)? else { return Ok(Arc::default()) };
         let dir = shard_dir(&self.root, shard);
-        let version = match fs::metadata(dir.join(names::NAMES_FILE)) {
-            Ok(metadata) => Some((metadata.ino(), Unchanged::of(&metadata))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(StoreError::io(format!("cannot look at the names of shard {shard}"), e)),
-        };
+        let version = version_in(opened, &dir.join(names::NAMES_FILE))?;
         if let Some((known, names)) = self.names.lock().get(&shard)
             && version.is_some()
             && *known == version
@@ -294,10 +316,33 @@ impl Shards {
         Ok(names)
     }
 
+    /// Whether `shard`'s record lists any tenant in quarantine: read again only when it changed.
+    fn lists_quarantines(&self, shard: u16) -> Result<bool, StoreError> {
+        let Some(dir) = self.opened_dir(shard)? else { return Ok(false) };
+        let version = version_in(dir, &shard_dir(&self.root, shard).join(SHARD_FILE))?;
+        if let Some((known, lists)) = self.quarantines.lock().get(&shard)
+            && version.is_some()
+            && *known == version
+        {
+            return Ok(*lists);
+        }
+        let lists = !self.read_record(shard)?.quarantined.is_empty();
+        self.quarantines.lock().insert(shard, (version, lists));
+        Ok(lists)
+    }
+
     /// A page of the tenants (see [`TenantSets::list`]): the shards' sorted lists merged, from
     /// the first name past `after` that `prefix` allows.
     fn list_names(&self, prefix: &str, after: &str, limit: usize) -> Result<TenantPage, StoreError> {
-        let lists = (0..self.shards).map(|shard| self.shard_names(shard)).collect::<Result<Vec<_>, _>>()?;
+        // Each shard's names, and whether its record lists any tenant in quarantine (where it
+        // cannot be read, each of its tenants looks for a quarantine file of its own).
+        let shards: Vec<u16> = (0..self.shards).collect();
+        let read = in_parallel(&shards, FEWEST_PER_THREAD, |&shard| {
+            Ok::<_, StoreError>((self.shard_names(shard)?, self.lists_quarantines(shard).unwrap_or(true)))
+        });
+        let (lists, quarantines): (Vec<_>, Vec<bool>) =
+            read.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
+        let how = CountRead::Listed(&quarantines);
         let mut heap = BinaryHeap::new();
         for (list, names) in lists.iter().enumerate() {
             let at = names.partition_point(|name| name.as_str() <= after || name.as_str() < prefix);
@@ -306,22 +351,37 @@ impl Shards {
             }
         }
         let mut page = TenantPage::default();
-        while let Some(Reverse((name, list, at))) = heap.pop() {
-            if !name.starts_with(prefix) {
+        // Names are taken a page's worth at a time and counted together, in parallel; a name
+        // that counts nothing (deleted, or named by a round that failed) leaves room for more.
+        while page.tenants.len() < limit {
+            let mut names = Vec::with_capacity(limit - page.tenants.len());
+            while names.len() < limit - page.tenants.len()
+                && let Some(Reverse((name, list, at))) = heap.pop()
+            {
+                if !name.starts_with(prefix) {
+                    heap.clear();
+                    break;
+                }
+                if let Some(next) = lists[list].get(at + 1) {
+                    heap.push(Reverse((next.as_str(), list, at + 1)));
+                }
+                names.push(name);
+            }
+            if names.is_empty() {
                 break;
             }
-            if page.tenants.len() == limit {
-                page.next = page.tenants.last().map(|(tenant, _)| tenant.clone());
-                break;
-            }
-            if let Some(next) = lists[list].get(at + 1) {
-                heap.push(Reverse((next.as_str(), list, at + 1)));
-            }
-            match self.read_count_of(name, false) {
-                // Listed, but without a file: deleted, or named by a round that failed.
-                Ok(0) => {}
-                counted => page.tenants.push((name.to_owned(), counted.map_err(|e| e.to_string()))),
-            }
+            // A thousand files to open: most of a page's time.
+            let counted = in_parallel(&names, FEWEST_PER_THREAD, |tenant| self.read_count_of(tenant, how));
+            page.tenants.extend(
+                names
+                    .into_iter()
+                    .zip(counted)
+                    .filter(|(_, count)| !matches!(count, Ok(0)))
+                    .map(|(name, count)| (name.to_owned(), count.map_err(|e| e.to_string()))),
+            );
+        }
+        if heap.peek().is_some_and(|Reverse((name, ..))| name.starts_with(prefix)) {
+            page.next = page.tenants.last().map(|(tenant, _)| tenant.clone());
         }
         Ok(page)
     }
@@ -330,7 +390,8 @@ impl Shards {
     /// quarantine, as for its count.
     fn contains_in_files(&self, tenant: &str, ids: &[String]) -> Result<Vec<bool>, StoreError> {
         let (shard, path) = self.tenant_path(tenant);
-        self.refuse_quarantined(tenant, shard, &path)?;
+        let Some(dir) = self.opened_dir(shard)? else { return Ok(vec![false; ids.len()]) };
+        self.refuse_quarantined(tenant, shard, dir, &path)?;
         contains_in(&path, tenant, ids)
     }
 
@@ -347,8 +408,8 @@ impl Shards {
     /// crash after a repair's commit is stale, and its tenant's file is whole again. Nor is a
     /// count cached while there is one, since the record lists a new quarantine only after its
     /// tenant's file was replaced to make the cached counts go stale.
-    fn refuse_quarantined(&self, tenant: &str, shard: u16, path: &Path) -> Result<bool, StoreError> {
-        let quarantine = Quarantine::read_head(tenant, path)?;
+    fn refuse_quarantined(&self, tenant: &str, shard: u16, dir: &File, path: &Path) -> Result<bool, StoreError> {
+        let quarantine = Quarantine::read_head(tenant, dir, path)?;
         if let Some((file, reason)) = &quarantine
             && self.read_record(shard)?.quarantined.contains_key(tenant)
         {
@@ -1087,7 +1148,7 @@ pub(super) fn list_tenant_files(dir: &Path) -> Result<HashSet<String>, StoreErro
 
 /// A shard's names, sorted, with the version of its list they were read from: its inode and
 /// [`Unchanged`], or none for a shard without a list, whose names are read every time.
-type ShardNames = (Option<(u64, Unchanged)>, Arc<Vec<String>>);
+type ShardNames = (Option<FileVersion>, Arc<Vec<String>>);
 
 /// How many tenant files counts keep open, at most: a quarter of the descriptors the process
 /// may open (the server takes up to half of them for connections, and the log, the shards and
@@ -1097,6 +1158,53 @@ fn open_tenant_files() -> usize {
     // SAFETY: getrlimit writes only into the struct it is given; on failure, it stays as set.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
     usize::try_from(limit.rlim_cur / 4).unwrap_or(usize::MAX).clamp(1, MOST_OPEN_TENANT_FILES)
+}
+
+/// `f` of each of `items`, in order, computed on as many threads as there are cores (each given
+/// at least `fewest` items): a listing page reads hundreds of shards' lists and a thousand
+/// files, and a client paging through waits for each page.
+fn in_parallel<T: Sync, R: Send>(items: &[T], fewest: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut chunks = items.chunks(items.len().div_ceil(threads).max(fewest).max(1));
+    let Some(first) = chunks.next() else { return Vec::new() };
+    let f = &f;
+    std::thread::scope(|scope| {
+        let others: Vec<_> = chunks.map(|chunk| scope.spawn(move || chunk.iter().map(f).collect::<Vec<_>>())).collect();
+        let mut all: Vec<R> = first.iter().map(f).collect();
+        for other in others {
+            all.extend(other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+        }
+        all
+    })
+}
+
+/// How [`Shards::read_count_of`] reads a count.
+#[derive(Clone, Copy)]
+enum CountRead<'a> {
+    /// For counts: the tenant's file stays open for its next count.
+    Kept,
+    /// For a listing, which reads each count once and would only evict those read often:
+    /// nothing stays open, and a quarantine file is looked for only in the shards whose record
+    /// lists any, as this says by shard (every tenant would otherwise look for one in vain).
+    Listed(&'a [bool]),
+}
+
+/// A file's inode, length and modification time: a file replaced by a rename, or written, is
+/// another version.
+type FileVersion = (u64, Unchanged);
+
+/// The version of the file at `path` in the directory `dir`, held open (only its name is looked
+/// up); `None` if there is none.
+fn version_in(dir: &File, path: &Path) -> Result<Option<FileVersion>, StoreError> {
+    let name = path.file_name().unwrap_or_default();
+    match nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::empty()) {
+        Ok(stat) => Ok(Some((
+            stat.st_ino,
+            Unchanged(u64::try_from(stat.st_size).unwrap_or_default(), stat.st_mtime, stat.st_mtime_nsec),
+        ))),
+        Err(nix::errno::Errno::ENOENT) => Ok(None),
+        Err(e) => Err(StoreError::io(format!("cannot look at {}", path.display()), e.into())),
+    }
 }
 
 /// A file's length and modification time, which change if anything writes into it.

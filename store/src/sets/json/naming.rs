@@ -25,8 +25,10 @@ pub(crate) fn tenant_file_stem(tenant: &str) -> String {
         .collect();
     name.push('.');
     let digest = Sha256::digest(tenant.as_bytes());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     for byte in &digest[..16] {
-        name.push_str(&format!("{byte:02x}"));
+        name.push(char::from(HEX[usize::from(byte >> 4)]));
+        name.push(char::from(HEX[usize::from(byte & 0xf)]));
     }
     name
 }

@@ -23,7 +23,7 @@
 //! the ids only it held. A tenant that loads again takes the kept ids, and the quarantine ends.
 
 use std::collections::BTreeSet;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -200,9 +200,14 @@ impl Quarantine {
     /// Whether `tenant` has a quarantine file beside its file `tenant_path`, and if so the file
     /// that failed and why, as its head says: what the tenant's counts answer while the shard's
     /// record lists it in quarantine.
-    pub(crate) fn read_head(tenant: &str, tenant_path: &Path) -> Result<Option<(PathBuf, String)>, StoreError> {
+    /// `dir` is the tenant's shard directory, held open.
+    pub(crate) fn read_head(
+        tenant: &str,
+        dir: &File,
+        tenant_path: &Path,
+    ) -> Result<Option<(PathBuf, String)>, StoreError> {
         let path = Quarantine::path_of(tenant_path);
-        Ok(head_of(&path)?.map(|head| match head {
+        Ok(head_of(disk::open_in(dir, &path), &path)?.map(|head| match head {
             Some(head) if head.tenant == tenant => (head.file, head.reason),
             _ => (path, "the head of its quarantine file is damaged".to_owned()),
         }))
@@ -215,7 +220,7 @@ impl Quarantine {
         for entry in disk::entries(dir)? {
             let path = entry.path();
             if Quarantine::is_quarantine_file(&path) {
-                match head_of(&path)? {
+                match head_of(disk::open(&path), &path)? {
                     Some(Some(head)) => {
                         tenants.insert(head.tenant);
                     }
@@ -296,10 +301,10 @@ impl Quarantine {
     }
 }
 
-/// The head of the quarantine file `path`: `None` if there is no such file, `Some(None)` if its
-/// first line is no head.
-fn head_of(path: &Path) -> Result<Option<Option<Head>>, StoreError> {
-    let file = match disk::open(path) {
+/// The head of the quarantine file `path`, `opened` to read it: `None` if there is no such file,
+/// `Some(None)` if its first line is no head.
+fn head_of(opened: disk::Result<File>, path: &Path) -> Result<Option<Option<Head>>, StoreError> {
+    let file = match opened {
         Ok(file) => file,
         Err(e) if e.not_found() => return Ok(None),
         Err(e) => return Err(e.into()),

@@ -541,9 +541,9 @@ fn remove_strays(dir: &Path, live: &[Segment]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Reads a whole file through an open handle.
-pub(crate) fn read_all(file: &mut File, path: &Path) -> Result<Vec<u8>, StoreError> {
+/// Reads a whole file through an open handle; its metadata as it was before.
+pub(crate) fn read_all(file: &mut File, path: &Path) -> Result<(Vec<u8>, std::fs::Metadata), StoreError> {
     let mut bytes = Vec::new();
-    disk::read_to_end(file, path, &mut bytes)?;
-    Ok(bytes)
+    let metadata = disk::read_to_end(file, path, &mut bytes)?;
+    Ok((bytes, metadata))
 }
