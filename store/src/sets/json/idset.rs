@@ -79,6 +79,12 @@ impl IdSet {
         Ok(added)
     }
 
+    /// Whether the set holds `id`.
+    pub(crate) fn contains(&self, id: &[u8]) -> bool {
+        let arena = &self.arena;
+        self.table.find(self.hasher.hash_one(id), |&at| entry(arena, at) == id).is_some()
+    }
+
     /// Every id, in the order inserted.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &[u8]> {
         let mut rest = &self.arena[..];

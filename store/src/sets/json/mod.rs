@@ -30,6 +30,7 @@ mod idset;
 mod names;
 mod naming;
 mod quarantine;
+mod segment_cache;
 mod tenant;
 
 use std::cmp::Reverse;
@@ -58,6 +59,7 @@ use crate::{damaged, disk};
 use commit::{Commit, Step, is_temporary};
 use naming::tenant_file_stem;
 use quarantine::Quarantine;
+use segment_cache::SegmentCache;
 use tenant::{Tenant, contains_in, read_all, read_count, stage_delete};
 
 const SHARD_FILE: &str = "SHARD.json";
@@ -225,6 +227,8 @@ pub(crate) struct Shards {
     /// Per shard, the version of its record when last read, and whether that record listed any
     /// tenant in quarantine: a listing looks for quarantine files only in shards that have some.
     quarantines: Mutex<HashMap<u16, (Option<FileVersion>, bool)>>,
+    /// The segments membership checks read, kept.
+    segments: SegmentCache,
     /// Each shard's directory, held open once it exists (shard directories are never removed),
     /// so that a count opens its tenant's file by name in it.
     dirs: Box<[OnceLock<File>]>,
@@ -245,6 +249,7 @@ impl Shards {
             open_tenant_files: open_tenant_files(),
             names: Mutex::new(HashMap::new()),
             quarantines: Mutex::new(HashMap::new()),
+            segments: SegmentCache::default(),
             dirs: (0..shards).map(|_| OnceLock::new()).collect(),
         }
     }
@@ -392,7 +397,7 @@ impl Shards {
         let (shard, path) = self.tenant_path(tenant);
         let Some(dir) = self.opened_dir(shard)? else { return Ok(vec![false; ids.len()]) };
         self.refuse_quarantined(tenant, shard, dir, &path)?;
-        contains_in(&path, tenant, ids)
+        contains_in(&path, tenant, ids, &self.segments)
     }
 
     /// `tenant`'s shard, and its file there.
@@ -1018,6 +1023,10 @@ impl TenantSets for Shards {
 
     fn list<'a>(&'a self, prefix: &'a str, after: &'a str, limit: usize) -> Answer<'a, TenantPage> {
         Answer::Now(self.list_names(prefix, after, limit))
+    }
+
+    fn reads_files(&self) -> bool {
+        true
     }
 
     /// The shards among `shards` that this worker owns and whose runs in every listed final

@@ -19,6 +19,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use hashbrown::HashSet;
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
@@ -26,6 +27,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::commit::{Commit, Step, is_temporary};
 use super::idset::IdSet;
+use super::segment_cache::SegmentCache;
 use crate::StoreError;
 use crate::disk;
 
@@ -105,11 +107,16 @@ pub(crate) fn read_count(path: &Path, bytes: &[u8], tenant: &str) -> Result<u64,
 /// at most once per round of its owner.
 const CONTAINS_TRIES: usize = 4;
 
-/// Whether each of `ids` is in `tenant`'s set, read from its file at `path` (and its segments)
-/// without its shard's lock: the owner may be merging into the tenant meanwhile, and never
-/// changes a file in place, so a segment that went missing means a newer manifest, read again.
-/// Reads the tenant's ids once, keeping only those asked for.
-pub(crate) fn contains_in(path: &Path, tenant: &str, ids: &[String]) -> Result<Vec<bool>, StoreError> {
+/// Whether each of `ids` is in `tenant`'s set, read from its file at `path` (and its segments,
+/// from `cache` where it keeps them) without its shard's lock: the owner may be merging into
+/// the tenant meanwhile, and never changes a file in place, so a segment that went missing
+/// means a newer manifest, read again.
+pub(crate) fn contains_in(
+    path: &Path,
+    tenant: &str,
+    ids: &[String],
+    cache: &SegmentCache,
+) -> Result<Vec<bool>, StoreError> {
     let wanted: HashSet<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
     let answer = |found: &HashSet<&[u8]>| ids.iter().map(|id| found.contains(id.as_bytes())).collect();
     'fresh: for _ in 0..CONTAINS_TRIES {
@@ -127,12 +134,29 @@ pub(crate) fn contains_in(path: &Path, tenant: &str, ids: &[String]) -> Result<V
         let mut found = HashSet::new();
         for segment in file.segments.as_deref().unwrap_or_default() {
             let segment_path = segments_dir.join(segment.file_name());
+            if let Some(set) = segment.crc32.and_then(|crc32| cache.get(&segment_path, crc32)) {
+                found.extend(wanted.iter().filter(|id| set.contains(id)));
+                continue;
+            }
             let bytes = match disk::read(&segment_path) {
                 Ok(bytes) => bytes,
                 Err(e) if e.not_found() => continue 'fresh,
                 Err(e) => return Err(e.into()),
             };
-            segment.check(&segment_path, &bytes)?;
+            let crc32 = segment.check(&segment_path, &bytes)?;
+            // A segment of a manifest that records no checksum (an earlier release's) is read
+            // each time: nothing would tell it from a later segment of the same name.
+            if segment.crc32.is_some() && SegmentCache::keeps(segment.ids) {
+                let mut set = IdSet::default();
+                set.reserve(usize::try_from(segment.ids).unwrap_or(0));
+                let mut read = Vec::new();
+                parse_segment(&segment_path, &bytes, |id| read.push(id))?;
+                set.insert_new(read.iter().map(|id| id.as_bytes()), |_| {})
+                    .map_err(|e| StoreError::corrupt(&segment_path, e))?;
+                found.extend(wanted.iter().filter(|id| set.contains(id)));
+                cache.insert(&segment_path, crc32, Arc::new(set));
+                continue;
+            }
             parse_segment(&segment_path, &bytes, |id| {
                 if let Some(&asked) = wanted.get(id.as_bytes()) {
                     found.insert(asked);
