@@ -492,6 +492,13 @@ impl Store {
         self.sets.list(prefix, after, limit)
     }
 
+    /// Whether reads are answered on the calling thread, from files (`store: json`): a caller on
+    /// an event loop hands a large one (a membership check, many counts, a listing) to a thread
+    /// that may block. Otherwise their answers come over the network, to be awaited.
+    pub fn reads_files(&self) -> bool {
+        self.sets.reads_files()
+    }
+
     /// [`Store::count`] for callers outside an async runtime.
     pub fn count_blocking(&self, tenant: &str) -> Result<u64, StoreError> {
         self.sets.count_blocking(tenant)

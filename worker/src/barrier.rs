@@ -202,6 +202,11 @@ async fn barrier(state: &AppState, shards: &[u16], deletes: &[String]) -> Result
             if store.covered(shards, &vouched) {
                 return forget_reads(state, &store, &reached, deadline).await;
             }
+            tracing::debug!(
+                shards = shards.len(),
+                ?vouched,
+                "the workers' settle rounds did not cover the barrier's shards yet"
+            );
             if Instant::now() + RETRY >= deadline {
                 return Err(late());
             }

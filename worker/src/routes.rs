@@ -2,6 +2,7 @@
 //! metrics; the coordinator's graceful shutdown and config edits; and the steps of the other
 //! workers' barriers (see `barrier`). Every error is an [`ApiError`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::items::parse_batch;
@@ -20,7 +21,7 @@ use countapp_shared::wire::{
     AnswersAtOnce, BARRIER_CLOSE_ROUTE, BARRIER_PASSED_ROUTE, BARRIER_SETTLE_ROUTE, ConfigApplied, ConfigPush,
     MergeRound, Quarantined, Ready, SettleRequest, Settled, WorkerStats, unix_ms,
 };
-use countapp_store::{Item, Store, shard_of};
+use countapp_store::{Answer, Item, Store, shard_of};
 use percent_encoding::percent_decode_str;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -242,7 +243,7 @@ async fn post_contains(
     if consistency == Consistency::Strong {
         strong(state, &store, [tenant.as_str()]).await?;
     }
-    match store.contains(&tenant, &ids).get().await {
+    match read(&store, (tenant.clone(), ids), |store, (tenant, ids)| store.contains(tenant, ids)).await {
         Ok(contains) => Ok(HttpResponse::Ok().json(Contains { contains })),
         Err(e) => Err(not_read(e, &tenant)),
     }
@@ -261,8 +262,9 @@ async fn post_counts(
     if consistency == Consistency::Strong {
         strong(&state, &store, tenants.iter().map(String::as_str)).await?;
     }
-    match store.counts(&tenants).get().await {
-        Ok(counts) => Ok(HttpResponse::Ok().json(Counts { counts: tenants.into_iter().zip(counts).collect() })),
+    let tenants = Arc::new(tenants);
+    match read(&store, tenants.clone(), |store, tenants| store.counts(tenants)).await {
+        Ok(counts) => Ok(HttpResponse::Ok().json(Counts { counts: tenants.iter().cloned().zip(counts).collect() })),
         Err(e) => Err(not_read(e, "one of the tenants")),
     }
 }
@@ -280,7 +282,8 @@ async fn get_tenants(req: HttpRequest, state: web::Data<AppState>) -> Result<Htt
     if prefix.len() > max || after.len() > max {
         return Err(ApiError::BadRequest(format!("prefix and after are at most max_key_bytes ({max} bytes)")));
     }
-    let page = store.list(&prefix, &after, limit).get().await.map_err(|e| not_read(e, "the listing"))?;
+    let page = read(&store, (prefix, after), move |store, (prefix, after)| store.list(prefix, after, limit));
+    let page = page.await.map_err(|e| not_read(e, "the listing"))?;
     let tenants = page
         .tenants
         .into_iter()
@@ -290,6 +293,27 @@ async fn get_tenants(req: HttpRequest, state: web::Data<AppState>) -> Result<Htt
         })
         .collect();
     Ok(HttpResponse::Ok().json(Tenants { tenants, next: page.next }))
+}
+
+/// The answer of the store to `ask` with `args`. Where the store reads files on the calling
+/// thread, on a thread that may block: a membership check, many counts or a listing take
+/// milliseconds, which the worker's one HTTP thread would spend answering no one, other
+/// workers' barrier steps included. Where answers come over the network, awaited here.
+async fn read<A: Send + 'static, T: Send + 'static>(
+    store: &Arc<Store>,
+    args: A,
+    ask: impl for<'a> FnOnce(&'a Store, &'a A) -> Answer<'a, T> + Send + 'static,
+) -> Result<T, StoreError> {
+    if !store.reads_files() {
+        return ask(store, &args).get().await;
+    }
+    let store = store.clone();
+    let answered = web::block(move || match ask(&store, &args) {
+        Answer::Now(answer) => answer,
+        // A thread of the blocking pool may wait on the runtime that the HTTP thread drives.
+        Answer::Later(answer) => tokio::runtime::Handle::current().block_on(answer),
+    });
+    answered.await.unwrap_or_else(|e| Err(StoreError::Busy(format!("the read did not finish: {e}"))))
 }
 
 /// Waits for a barrier over the shards of `tenants` (see `barrier`).

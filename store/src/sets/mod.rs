@@ -60,6 +60,12 @@ pub(crate) trait TenantSets: Send + Sync {
     /// order of their names, each with its count; tenants that count nothing are left out.
     fn list<'a>(&'a self, prefix: &'a str, after: &'a str, limit: usize) -> Answer<'a, TenantPage>;
 
+    /// Whether reads are answered on the calling thread, from files, taking as long as their
+    /// reading ([`Answer::Now`]); otherwise they come over the network, to be awaited.
+    fn reads_files(&self) -> bool {
+        false
+    }
+
     /// Whether counts read from the backend answer the same tenants' counts for a moment (see
     /// `recent`): a barrier that passed then has every worker forget them
     /// ([`TenantSets::forget_reads`]) before its requests are answered.
