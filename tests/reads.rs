@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use countapp_testcluster::redis::RedisServer;
 use countapp_testcluster::{
-    Load, batch, client, count, error_message, eventually, percent_encoded, post, running, sigkill, tenant_files,
-    worker_url,
+    Load, batch, client, count, error_message, eventually, metric, percent_encoded, post, running, sigkill,
+    tenant_files, worker_url,
 };
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
@@ -159,6 +159,49 @@ fn strong_counts_are_exact_under_load_from_several_clients() {
     for (tenant, wrong) in results {
         assert!(wrong.is_empty(), "{tenant}: strong counts (round, counted, acknowledged) that missed: {wrong:?}");
     }
+}
+
+/// Barriers that each worker of `ports` led so far, as its `/metrics` says.
+fn barriers_led(ports: &[u16]) -> Vec<f64> {
+    let client = client();
+    let led = |port: u16| {
+        let metrics = client.get(format!("{}/metrics", worker_url(port))).send().unwrap().text().unwrap();
+        metric(&metrics, "countapp_worker_barriers_total", &[])
+            .unwrap_or_else(|| panic!("no barriers metric: {metrics}"))
+    };
+    ports.iter().map(|&port| led(port)).collect()
+}
+
+/// Requests that wait for a barrier go through the coordinator to one worker, the live one of
+/// the lowest address, so that concurrent ones share its barriers rather than each worker
+/// leading its own; while that worker is down, they go to another.
+#[test]
+fn requests_that_wait_for_a_barrier_share_the_barriers_of_one_worker() {
+    let (_cluster, mut ports, _, coordinator) = running(3, SLOW_CLOSE);
+    ports.sort_unstable();
+    let url = coordinator.url();
+    let before = barriers_led(&ports);
+    let readers: Vec<_> = (0..4)
+        .map(|reader| {
+            let url = url.clone();
+            thread::spawn(move || {
+                let (client, tenant) = (client(), format!("shared-{reader}"));
+                for round in 0..10u32 {
+                    post_ids(&client, &url, &tenant, &ids(&tenant, round * 5..round * 5 + 5));
+                    assert_eq!(strong_count(&client, &url, &tenant), u64::from(round + 1) * 5, "{tenant}");
+                }
+            })
+        })
+        .collect();
+    readers.into_iter().for_each(|reader| reader.join().unwrap());
+    let led: Vec<f64> = barriers_led(&ports).iter().zip(&before).map(|(after, before)| after - before).collect();
+    assert!(led[0] >= 1.0 && led[1..].iter().all(|&n| n == 0.0), "barriers led by each worker: {led:?}");
+
+    // Its worker killed, a strong read is answered all the same, exactly.
+    sigkill(coordinator.pid_of(ports[0]));
+    let client = client();
+    post_ids(&client, &url, "after-kill", &ids("after-kill", 0..3));
+    assert_eq!(strong_count(&client, &url, "after-kill"), 3);
 }
 
 #[test]

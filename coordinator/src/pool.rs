@@ -266,6 +266,12 @@ impl Pool {
         live.iter().filter(|m| !tried.holds(m)).nth(rand::rng().random_range(0..untried)).cloned()
     }
 
+    /// The live member of the lowest address (host, then port): the same one for every caller,
+    /// for as long as it is live.
+    pub fn first_live(&self) -> Option<Arc<Member>> {
+        self.live.read().iter().min_by_key(|m| (m.url.host().to_owned(), m.url.port())).cloned()
+    }
+
     /// The member for `url`, if it is live.
     pub fn live(&self, url: &WorkerUrl) -> Option<Arc<Member>> {
         self.live.read().iter().find(|m| &m.url == url).cloned()

@@ -1,4 +1,6 @@
-//! Forwards a request to a random live worker, and to another one when that fails.
+//! Forwards a request to a random live worker, and to another one when that fails. Requests
+//! that wait for a barrier (strong reads, batches posted with `wait=counted`, deletes) go first
+//! to one worker, the live one of the lowest address, so that they share its barriers.
 //!
 //! A connection failure, a timeout or a 5xx is retried on another live worker: ingest is
 //! idempotent (a set ignores an id it holds), so a batch that reached a worker before the
@@ -46,13 +48,16 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         if !tried.is_empty() && Instant::now() >= deadline {
             break;
         }
-        // A first try joins the requests about to be written to a worker, if there are any and
-        // that worker answers this request at once; otherwise, and for a retry, any live worker
-        // at random.
-        let joining = if tried.is_empty() {
-            upstream.filling(request.kind, |url| pool.live(url)).filter(|m| m.answers_at_once(request.kind))
-        } else {
-            None
+        // A first try of a request that waits for a barrier goes to the worker every such
+        // request goes to, so that concurrent ones share its barriers (each costs a log close
+        // and a round on every worker, which each worker leading its own would multiply). Any
+        // other first try joins the requests about to be written to a worker, if there are any
+        // and that worker answers this request at once. Otherwise, and for a retry, any live
+        // worker at random.
+        let joining = match tried.is_empty() {
+            true if request.kind == Kind::Waits => pool.first_live(),
+            true => upstream.filling(request.kind, |url| pool.live(url)).filter(|m| m.answers_at_once(request.kind)),
+            false => None,
         };
         let Some(member) = joining.or_else(|| pool.pick(&tried)) else {
             // Every live worker has answered: waiting would only get the same answers again.

@@ -26,7 +26,7 @@ mod partition;
 mod report;
 mod sets;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -404,6 +404,19 @@ impl Store {
         } else {
             shards.iter().all(|shard| vouched.iter().all(|v| v.contains(shard)))
         }
+    }
+
+    /// The workers whose word settles `shards` (see [`Store::covered`]) where each shard is
+    /// merged by its owner: the owners, among `live` (the ids of the live workers as this worker
+    /// sees them). `None` where every worker's word is needed.
+    pub fn owners_of(&self, shards: &[u16], live: &[String]) -> Option<BTreeSet<String>> {
+        self.sets.vouches_for_every_writer().then(|| {
+            shards
+                .iter()
+                .filter_map(|&shard| owner_of(shard, live.iter().map(String::as_str)))
+                .map(str::to_owned)
+                .collect()
+        })
     }
 
     /// The ids of the workers running on this database now (holding their log's lock), this

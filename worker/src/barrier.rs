@@ -144,6 +144,7 @@ async fn run(state: web::Data<AppState>) {
         let shards: Vec<u16> = group.shards.into_iter().collect();
         let deletes: Vec<String> = group.deletes.into_iter().collect();
         let outcome = barrier(&state, &shards, &deletes).await;
+        state.metrics.led_barrier();
         if let Err(why) = &outcome {
             tracing::warn!(shards = shards.len(), error = why.as_str(), "a barrier did not pass");
         }
@@ -180,16 +181,31 @@ async fn barrier(state: &AppState, shards: &[u16], deletes: &[String]) -> Result
                 None => {}
             }
         }
-        // 2. Every worker merges and vouches, until they cover the shards.
+        // 2. Every worker merges and vouches, until they cover the shards. Where each shard is
+        // merged by its owner, the owners alone are asked first (a strong read of one tenant
+        // then costs one worker's round, not every worker's); should they not cover the shards
+        // (ownership moving as workers come and go), every worker is asked.
         let request = SettleRequest { shards: shards.to_vec(), delete: deletes.to_vec() };
         let body = serde_json::to_vec(&request).expect("serializes");
+        let mut owners = store.owners_of(shards, &live).filter(|owners| {
+            owners.iter().all(|id| *id == state.worker_id || reached.iter().any(|p| p.local_id.as_ref() == Some(id)))
+        });
         loop {
             let (asked, deleting) = (shards.to_vec(), deletes.to_vec());
+            let asks =
+                |id: Option<&String>| owners.as_ref().is_none_or(|owners| id.is_some_and(|id| owners.contains(id)));
             let settle = reached
                 .iter()
+                .filter(|peer| asks(peer.local_id.as_ref()))
                 .map(|peer| ask(&state.barriers.http, peer, BARRIER_SETTLE_ROUTE, Some(body.clone()), deadline));
+            let settle_mine = asks(Some(&state.worker_id));
             let (mine, theirs) = tokio::join!(
-                blocking(&store, move |store| store.settle(&asked, &deleting)),
+                async {
+                    match settle_mine {
+                        true => blocking(&store, move |store| store.settle(&asked, &deleting)).await,
+                        false => Ok(Vec::new()),
+                    }
+                },
                 futures_util::future::join_all(settle)
             );
             let mut vouched = vec![mine?];
@@ -207,6 +223,7 @@ async fn barrier(state: &AppState, shards: &[u16], deletes: &[String]) -> Result
                 ?vouched,
                 "the workers' settle rounds did not cover the barrier's shards yet"
             );
+            owners = None;
             if Instant::now() + RETRY >= deadline {
                 return Err(late());
             }

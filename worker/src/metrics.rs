@@ -29,6 +29,7 @@ pub(crate) struct Metrics {
     failed_shards: Counter,
     rebuilt_shard_records: Counter,
     log_bytes: Counter,
+    barriers: Counter,
 }
 
 impl Metrics {
@@ -99,6 +100,12 @@ impl Metrics {
         );
         let log_bytes = Counter::default();
         registry.register("log_bytes", "Bytes appended to the write-ahead log", log_bytes.clone());
+        let barriers = Counter::default();
+        registry.register(
+            "barriers",
+            "Barriers this worker led: each closed every worker's log and settled the shards of the strong reads, waited batches and deletes that joined it",
+            barriers.clone(),
+        );
         let metrics = Metrics {
             registry,
             items_accepted,
@@ -115,6 +122,7 @@ impl Metrics {
             failed_shards,
             rebuilt_shard_records,
             log_bytes,
+            barriers,
         };
         (metrics, requests)
     }
@@ -136,6 +144,11 @@ impl Metrics {
         self.torn_log_tail_bytes.inc_by(report.torn_tail_bytes);
         self.failed_shards.inc_by(report.failed_shards);
         self.rebuilt_shard_records.inc_by(report.rebuilt_records);
+    }
+
+    /// Counts a barrier this worker led, passed or not.
+    pub(crate) fn led_barrier(&self) {
+        self.barriers.inc();
     }
 
     /// Items acknowledged so far.
