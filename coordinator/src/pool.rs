@@ -104,7 +104,7 @@ impl Member {
         match kind {
             Kind::Batch => self.batches_at_once.load(Ordering::Relaxed),
             Kind::Read => true,
-            Kind::Waits => false,
+            Kind::Waits | Kind::Barrier => false,
         }
     }
 }

@@ -55,7 +55,7 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
         // and that worker answers this request at once. Otherwise, and for a retry, any live
         // worker at random.
         let joining = match tried.is_empty() {
-            true if request.kind == Kind::Waits => pool.first_live(),
+            true if request.kind == Kind::Barrier => pool.first_live(),
             true => upstream.filling(request.kind, |url| pool.live(url)).filter(|m| m.answers_at_once(request.kind)),
             false => None,
         };
@@ -134,7 +134,7 @@ pub(crate) async fn forward(state: &AppState, upstream: &Upstream, request: Forw
 /// The hop timeout of `request`: longer for a larger body, and for one that waits for a
 /// barrier.
 fn hop_timeout(request: &Forward) -> Duration {
-    let base = if request.kind == Kind::Waits { BARRIER_HOP_TIMEOUT } else { HOP_TIMEOUT };
+    let base = if request.kind.takes_time() { BARRIER_HOP_TIMEOUT } else { HOP_TIMEOUT };
     base + HOP_TIMEOUT_PER_MIB.mul_f64(request.body.len() as f64 / f64::from(1 << 20))
 }
 
@@ -160,5 +160,6 @@ mod tests {
         assert!(hop_timeout(&request(10 << 10, Kind::Batch)) < HOP_TIMEOUT + Duration::from_millis(5));
         assert_eq!(hop_timeout(&request(16 << 20, Kind::Batch)), HOP_TIMEOUT + HOP_TIMEOUT_PER_MIB * 16);
         assert_eq!(hop_timeout(&request(0, Kind::Waits)), BARRIER_HOP_TIMEOUT);
+        assert_eq!(hop_timeout(&request(0, Kind::Barrier)), BARRIER_HOP_TIMEOUT);
     }
 }

@@ -41,7 +41,7 @@ async fn post_items(
     state: web::Data<AppState>,
     upstream: web::Data<Upstream>,
 ) -> Result<HttpResponse, ApiError> {
-    let kind = if asks(&req, "wait", "counted") { Kind::Waits } else { Kind::Batch };
+    let kind = if asks(&req, "wait", "counted") { Kind::Barrier } else { Kind::Batch };
     forward_post(req, payload, &state, &upstream, kind).await
 }
 
@@ -55,7 +55,8 @@ async fn post_counts(
     // Up to 10,000 counts, even eventual ones, take their time: never on a pipelined
     // connection, where the requests queued behind would wait for them, and with the longer hop
     // timeout.
-    forward_post(req, payload, &state, &upstream, Kind::Waits).await
+    let kind = if asks(&req, "consistency", "strong") { Kind::Barrier } else { Kind::Waits };
+    forward_post(req, payload, &state, &upstream, kind).await
 }
 
 /// `GET /tenants`: forwarded with its query.
@@ -86,7 +87,7 @@ async fn items_subpath(
         TenantRoute::Contains => forward_post(req, payload, &state, &upstream, kind).await,
         TenantRoute::Tenant => {
             let target = raw_target(&req)?;
-            let delete = Forward { method: Method::DELETE, target, body: Bytes::new(), kind: Kind::Waits };
+            let delete = Forward { method: Method::DELETE, target, body: Bytes::new(), kind: Kind::Barrier };
             forward(&state, &upstream, delete).await
         }
     }
@@ -108,7 +109,7 @@ async fn forward_post(
 
 /// What a read asks of a worker: a barrier, if it is a strong one.
 fn read_kind(req: &HttpRequest) -> Kind {
-    if asks(req, "consistency", "strong") { Kind::Waits } else { Kind::Read }
+    if asks(req, "consistency", "strong") { Kind::Barrier } else { Kind::Read }
 }
 
 /// Whether the request's query sets `key` to `value`, percent-decoded as the worker reads it.

@@ -32,10 +32,20 @@ pub(crate) enum Kind {
     Batch,
     /// A read of the sets: counts, membership.
     Read,
-    /// A request the worker takes its time over: one that waits for a barrier across the
-    /// workers (a strong read, a batch posted with `wait=counted`, a delete), a listing, or the
-    /// counts of many tenants.
+    /// A request the worker takes its time over: a listing, or the counts of many tenants.
     Waits,
+    /// A request that waits for a barrier across the workers (a strong read, a batch posted
+    /// with `wait=counted`, a delete): it takes its time too, and shares a barrier with those
+    /// sent to the same worker.
+    Barrier,
+}
+
+impl Kind {
+    /// Whether the worker takes its time over the request: it then goes on a connection of its
+    /// own, with the longer hop timeout.
+    pub(crate) fn takes_time(self) -> bool {
+        matches!(self, Kind::Waits | Kind::Barrier)
+    }
 }
 
 /// A request to forward, as the client sent it.
