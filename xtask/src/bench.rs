@@ -10,7 +10,8 @@
 //!      what a hop costs on this machine (an HTTP proxy in C, keep-alive to the workers), with
 //!      its CPU per request measured as the coordinator's is.
 //!
-//! Then, once against Redis and once against Valkey (`VALKEY_SERVER`, which `make bench` sets):
+//! Then against Redis and against Valkey (`VALKEY_SERVER`, which `make bench` sets), as many runs
+//! as rounds, each on an empty server, their medians in the summary:
 //!   5. redis-benchmark -t sadd -P 100 -c 16: what the server itself takes, the reference for
 //!      ingest;
 //!   6. POST through a coordinator whose workers keep the tenants in that server (store: redis),
@@ -89,7 +90,10 @@ struct JsonReference {
 struct StoreFigures {
     /// The server: "redis" or "valkey".
     name: String,
+    /// Each figure, the median of the runs.
     rows: Vec<(&'static str, Option<f64>)>,
+    /// Each run's figures, in the order of `rows`.
+    runs: Vec<Vec<Option<f64>>>,
 }
 
 /// The coordinator's CPU over one load run through it.
@@ -288,15 +292,40 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// `store: redis` against `server` (Redis, or Valkey, by `name`): what `redis-benchmark`'s
-    /// pipelined `SADD` takes from it, then POST through a coordinator whose workers keep the
-    /// tenants there (the load tool waits for every count to converge), and GET counts through
-    /// the coordinator and straight to one worker, each on an empty server. Its figures, with
-    /// their ratios to the references.
+    /// `store: redis` against `server` (Redis, or Valkey, by `name`), as many runs as the rounds
+    /// (see [`Bench::store_run`]): each figure's median, and every run's.
     fn store_round(&self, name: &str, server: &RedisServer, json: &JsonReference) -> anyhow::Result<StoreFigures> {
-        let out = Path::new(OUT);
+        let runs = (1..=self.options.rounds)
+            .map(|run| self.store_run(name, run, server, json))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let rows = runs[0]
+            .iter()
+            .enumerate()
+            .map(|(i, (row, _))| {
+                let known: Vec<f64> = runs.iter().filter_map(|run| run[i].1).collect();
+                (*row, (!known.is_empty()).then(|| median(&known)))
+            })
+            .collect();
+        let runs = runs.into_iter().map(|run| run.into_iter().map(|(_, value)| value).collect()).collect();
+        Ok(StoreFigures { name: name.to_owned(), rows, runs })
+    }
+
+    /// Run `run` of `store: redis` against `server`: what `redis-benchmark`'s pipelined `SADD`
+    /// takes from it, then POST through a coordinator whose workers keep the tenants there (the
+    /// load tool waits for every count to converge), and GET counts through the coordinator and
+    /// straight to one worker, each on an empty server. Its figures, with their ratios to the
+    /// references.
+    fn store_run(
+        &self,
+        name: &str,
+        run: u32,
+        server: &RedisServer,
+        json: &JsonReference,
+    ) -> anyhow::Result<Vec<(&'static str, Option<f64>)>> {
+        let (out, rounds) = (Path::new(OUT), self.options.rounds);
+        let name_run = format!("{name}-{run}");
         fresh(server)?;
-        println!("=== {name}: redis-benchmark -t sadd -P 100 -c 16 -r 100000000 -n 2000000 ===");
+        println!("=== {name}, run {run} of {rounds}: redis-benchmark -t sadd -P 100 -c 16 -r 100000000 -n 2000000 ===");
         let line = redis_benchmark(server.port())?;
         println!("{line}");
         let sadd = line
@@ -305,18 +334,16 @@ impl Bench<'_> {
             .ok_or_else(|| anyhow!("no rate in redis-benchmark's {line:?}"))?;
         fresh(server)?;
         let mut cluster = BenchCluster::start(&format!("store: redis\nredis_url: {}\n", server.url()));
-        println!("=== {name}: store: redis: POST through the coordinator ===");
-        let post_json = out.join(format!("{name}-store-post.json"));
-        self.through_coordinator(&cluster, &format!("{name}-store-post"), &self.post_args(&cluster.url(), &post_json))?;
-        println!("=== {name}: store: redis: GET counts through the coordinator ===");
-        let count_json = out.join(format!("{name}-store-count.json"));
-        self.through_coordinator(
-            &cluster,
-            &format!("{name}-store-count"),
-            &self.count_args(&cluster.url(), &count_json),
-        )?;
-        println!("=== {name}: store: redis: GET counts straight to one worker ===");
-        let worker_json = out.join(format!("{name}-store-worker-count.json"));
+        println!("=== {name}, run {run} of {rounds}: store: redis: POST through the coordinator ===");
+        let post_json = out.join(format!("{name_run}-store-post.json"));
+        let post_args = self.post_args(&cluster.url(), &post_json);
+        self.through_coordinator(&cluster, &format!("{name_run}-store-post"), &post_args)?;
+        println!("=== {name}, run {run} of {rounds}: store: redis: GET counts through the coordinator ===");
+        let count_json = out.join(format!("{name_run}-store-count.json"));
+        let count_args = self.count_args(&cluster.url(), &count_json);
+        self.through_coordinator(&cluster, &format!("{name_run}-store-count"), &count_args)?;
+        println!("=== {name}, run {run} of {rounds}: store: redis: GET counts straight to one worker ===");
+        let worker_json = out.join(format!("{name_run}-store-worker-count.json"));
         let worker = format!("http://127.0.0.1:{}", cluster.workers[0]);
         self.load(&self.count_args(&worker, &worker_json))?;
         cluster.stop();
@@ -328,22 +355,19 @@ impl Bench<'_> {
             _ => None,
         };
         let (get, get_worker) = (rate(&read_json(&count_json)?)?, rate(&read_json(&worker_json)?)?);
-        let figures = StoreFigures {
-            name: name.to_owned(),
-            rows: vec![
-                ("redis-benchmark SADD/s (pipelined, 16 connections)", Some(sadd)),
-                ("POST items/s acknowledged through the coordinator", post["run"]["items_per_s"].as_f64()),
-                ("counts converged, s after the last ack (target <= 7)", converged),
-                ("ingest settled, items/s: acknowledged / (load + convergence)", settled),
-                ("ingest settled / redis-benchmark (target >= 0.9)", settled.map(|settled| settled / sadd)),
-                ("GET counts/s through the coordinator", Some(get)),
-                ("GET through the coordinator / store: json (target >= 0.8)", Some(get / json.coordinator)),
-                ("GET counts/s straight to one worker", Some(get_worker)),
-                ("GET straight to one worker / store: json", Some(get_worker / json.worker)),
-            ],
-        };
-        for (row, value) in &figures.rows {
-            println!("{name}: {row}: {}", show_figure(*value));
+        let figures = vec![
+            ("redis-benchmark SADD/s (pipelined, 16 connections)", Some(sadd)),
+            ("POST items/s acknowledged through the coordinator", post["run"]["items_per_s"].as_f64()),
+            ("counts converged, s after the last ack (target <= 7)", converged),
+            ("ingest settled, items/s: acknowledged / (load + convergence)", settled),
+            ("ingest settled / redis-benchmark (target >= 0.9)", settled.map(|settled| settled / sadd)),
+            ("GET counts/s through the coordinator", Some(get)),
+            ("GET through the coordinator / store: json (target >= 0.8)", Some(get / json.coordinator)),
+            ("GET counts/s straight to one worker", Some(get_worker)),
+            ("GET straight to one worker / store: json", Some(get_worker / json.worker)),
+        ];
+        for (row, value) in &figures {
+            println!("{name}, run {run}: {row}: {}", show_figure(*value));
         }
         Ok(figures)
     }
@@ -414,19 +438,31 @@ impl Bench<'_> {
             .iter()
             .map(|round| Value::Object(round.iter().map(|(name, value)| ((*name).to_owned(), json!(value))).collect()))
             .collect();
-        let mut by_store = Map::new();
+        let (mut by_store, mut runs_by_store) = (Map::new(), Map::new());
         for store in stores {
-            println!("store: redis against {}", store.name);
-            for (row, value) in &store.rows {
-                println!("  {row:width$}{:>10}", show_figure(*value), width = width - 2);
+            println!("store: redis against {}: each run, and their median", store.name);
+            for (i, (row, value)) in store.rows.iter().enumerate() {
+                let runs: String = store.runs.iter().map(|run| format!("{:>10}  ", show_figure(run[i]))).collect();
+                println!("  {row:width$}{runs}{:>10}", show_figure(*value), width = width - 2);
             }
             let rows = store.rows.iter().map(|(row, value)| ((*row).to_owned(), json!(value))).collect();
             by_store.insert(store.name.clone(), Value::Object(rows));
+            let runs = store
+                .runs
+                .iter()
+                .map(|run| {
+                    Value::Object(
+                        store.rows.iter().zip(run).map(|((row, _), v)| ((*row).to_owned(), json!(v))).collect(),
+                    )
+                })
+                .collect();
+            runs_by_store.insert(store.name.clone(), Value::Array(runs));
         }
         let summary = Map::from_iter([
             ("rounds".to_owned(), Value::Array(rounds)),
             ("median".to_owned(), medians.into()),
             ("store_redis".to_owned(), by_store.into()),
+            ("store_redis_runs".to_owned(), runs_by_store.into()),
         ]);
         let redis: Vec<String> = figures
             .iter()

@@ -339,22 +339,26 @@ impl Shards {
     /// A page of the tenants (see [`TenantSets::list`]): the shards' sorted lists merged, from
     /// the first name past `after` that `prefix` allows.
     fn list_names(&self, prefix: &str, after: &str, limit: usize) -> Result<TenantPage, StoreError> {
-        // Each shard's names, and whether its record lists any tenant in quarantine (where it
-        // cannot be read, each of its tenants looks for a quarantine file of its own).
+        // Each shard's names, where the page starts in them (a binary search of thousands of
+        // names, a cache miss at each step), and whether its record lists any tenant in
+        // quarantine (where it cannot be read, each of its tenants looks for a quarantine file of
+        // its own).
         let shards: Vec<u16> = (0..self.shards).collect();
         let read = in_parallel(&shards, FEWEST_PER_THREAD, |&shard| {
-            Ok::<_, StoreError>((self.shard_names(shard)?, self.lists_quarantines(shard).unwrap_or(true)))
+            let names = self.shard_names(shard)?;
+            let at = names.partition_point(|name| name.as_str() <= after || name.as_str() < prefix);
+            Ok::<_, StoreError>(((names, at), self.lists_quarantines(shard).unwrap_or(true)))
         });
         let (lists, quarantines): (Vec<_>, Vec<bool>) =
             read.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
         let how = CountRead::Listed(&quarantines);
         let mut heap = BinaryHeap::new();
-        for (list, names) in lists.iter().enumerate() {
-            let at = names.partition_point(|name| name.as_str() <= after || name.as_str() < prefix);
-            if let Some(name) = names.get(at) {
-                heap.push(Reverse((name.as_str(), list, at)));
+        for (list, (names, at)) in lists.iter().enumerate() {
+            if let Some(name) = names.get(*at) {
+                heap.push(Reverse((name.as_str(), list, *at)));
             }
         }
+        let lists: Vec<&Arc<Vec<String>>> = lists.iter().map(|(names, _)| names).collect();
         let mut page = TenantPage::default();
         // Names are taken a page's worth at a time and counted together, in parallel; a name
         // that counts nothing (deleted, or named by a round that failed) leaves room for more.
