@@ -161,15 +161,15 @@ fn strong_counts_are_exact_under_load_from_several_clients() {
     }
 }
 
+/// The counter `name` of the `/metrics` of the server at `url`.
+fn counter(url: &str, name: &str) -> f64 {
+    let metrics = client().get(format!("{url}/metrics")).send().unwrap().text().unwrap();
+    metric(&metrics, name, &[]).unwrap_or_else(|| panic!("no {name} at {url}: {metrics}"))
+}
+
 /// Barriers that each worker of `ports` led so far, as its `/metrics` says.
 fn barriers_led(ports: &[u16]) -> Vec<f64> {
-    let client = client();
-    let led = |port: u16| {
-        let metrics = client.get(format!("{}/metrics", worker_url(port))).send().unwrap().text().unwrap();
-        metric(&metrics, "countapp_worker_barriers_total", &[])
-            .unwrap_or_else(|| panic!("no barriers metric: {metrics}"))
-    };
-    ports.iter().map(|&port| led(port)).collect()
+    ports.iter().map(|&port| counter(&worker_url(port), "countapp_worker_barriers_total")).collect()
 }
 
 /// Requests that wait for a barrier go through the coordinator to one worker, the live one of
@@ -180,7 +180,8 @@ fn requests_that_wait_for_a_barrier_share_the_barriers_of_one_worker() {
     let (_cluster, mut ports, _, coordinator) = running(3, SLOW_CLOSE);
     ports.sort_unstable();
     let url = coordinator.url();
-    let before = barriers_led(&ports);
+    let retries = || counter(&url, "countapp_coordinator_retries_total");
+    let (before, retried_before) = (barriers_led(&ports), retries());
     let readers: Vec<_> = (0..4)
         .map(|reader| {
             let url = url.clone();
@@ -195,7 +196,10 @@ fn requests_that_wait_for_a_barrier_share_the_barriers_of_one_worker() {
         .collect();
     readers.into_iter().for_each(|reader| reader.join().unwrap());
     let led: Vec<f64> = barriers_led(&ports).iter().zip(&before).map(|(after, before)| after - before).collect();
-    assert!(led[0] >= 1.0 && led[1..].iter().all(|&n| n == 0.0), "barriers led by each worker: {led:?}");
+    // A request retried elsewhere (its first worker late on a busy machine) leads a barrier there.
+    let retried = retries() - retried_before;
+    let elsewhere: f64 = led[1..].iter().sum();
+    assert!(led[0] >= 1.0 && elsewhere <= retried, "barriers led by each worker: {led:?}, {retried} retries");
 
     // Its worker killed, a strong read is answered all the same, exactly.
     sigkill(coordinator.pid_of(ports[0]));
