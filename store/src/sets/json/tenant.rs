@@ -134,34 +134,33 @@ pub(crate) fn contains_in(
         let mut found = HashSet::new();
         for segment in file.segments.as_deref().unwrap_or_default() {
             let segment_path = segments_dir.join(segment.file_name());
-            if let Some(set) = segment.crc32.and_then(|crc32| cache.get(&segment_path, crc32)) {
-                found.extend(wanted.iter().filter(|id| set.contains(id)));
-                continue;
-            }
-            let bytes = match disk::read(&segment_path) {
-                Ok(bytes) => bytes,
-                Err(e) if e.not_found() => continue 'fresh,
-                Err(e) => return Err(e.into()),
-            };
-            let crc32 = segment.check(&segment_path, &bytes)?;
-            // A segment of a manifest that records no checksum (an earlier release's) is read
-            // each time: nothing would tell it from a later segment of the same name.
-            if segment.crc32.is_some() && SegmentCache::keeps(segment.ids) {
-                let mut set = IdSet::default();
-                set.reserve(usize::try_from(segment.ids).unwrap_or(0));
-                let mut read = Vec::new();
-                parse_segment(&segment_path, &bytes, |id| read.push(id))?;
-                set.insert_new(read.iter().map(|id| id.as_bytes()), |_| {})
-                    .map_err(|e| StoreError::corrupt(&segment_path, e))?;
-                found.extend(wanted.iter().filter(|id| set.contains(id)));
-                cache.insert(&segment_path, crc32, Arc::new(set));
-                continue;
-            }
-            parse_segment(&segment_path, &bytes, |id| {
-                if let Some(&asked) = wanted.get(id.as_bytes()) {
-                    found.insert(asked);
+            let set = match segment.crc32.and_then(|crc32| cache.get(&segment_path, crc32)) {
+                Some(set) => set,
+                None => {
+                    let bytes = match disk::read(&segment_path) {
+                        Ok(bytes) => bytes,
+                        Err(e) if e.not_found() => continue 'fresh,
+                        Err(e) => return Err(e.into()),
+                    };
+                    let crc32 = segment.check(&segment_path, &bytes)?;
+                    // A segment of a manifest that records no checksum (an earlier release's)
+                    // is read each time: nothing would tell it from a later one of that name.
+                    if segment.crc32.is_none() || !SegmentCache::keeps(segment.ids) {
+                        parse_segment(&segment_path, &bytes, |id| {
+                            if let Some(&asked) = wanted.get(id.as_bytes()) {
+                                found.insert(asked);
+                            }
+                        })?;
+                        continue;
+                    }
+                    let mut set = IdSet::default();
+                    insert_segment(&mut set, &segment_path, &bytes, segment.ids)?;
+                    let set = Arc::new(set);
+                    cache.insert(&segment_path, crc32, set.clone());
+                    set
                 }
-            })?;
+            };
+            found.extend(wanted.iter().filter(|id| set.contains(id)));
         }
         return Ok(answer(&found));
     }
@@ -264,12 +263,8 @@ impl Tenant {
             }
             let path = dir.join(Segment { first, last, ids: 0, crc32: None }.file_name());
             let bytes = disk::read(&path)?;
-            let mut ids = Vec::new();
-            parse_segment(&path, &bytes, |id| ids.push(id))?;
-            self.ids
-                .insert_new(ids.iter().map(|id| id.as_bytes()), |_| {})
-                .map_err(|e| StoreError::corrupt(&path, e))?;
-            segments.push(Segment { first, last, ids: ids.len() as u64, crc32: Some(crc32fast::hash(&bytes)) });
+            let held = insert_segment(&mut self.ids, &path, &bytes, 0)?;
+            segments.push(Segment { first, last, ids: held, crc32: Some(crc32fast::hash(&bytes)) });
         }
         remove_strays(dir, &segments)?;
         let next_seq = segments.last().map_or(1, |s| s.last + 1);
@@ -293,11 +288,7 @@ impl Tenant {
             let path = self.segments_dir.join(segment.file_name());
             let bytes = disk::read(&path)?;
             segment.crc32 = Some(segment.check(&path, &bytes)?);
-            let mut ids = Vec::with_capacity(usize::try_from(segment.ids).unwrap_or(0));
-            parse_segment(&path, &bytes, |id| ids.push(id))?;
-            self.ids
-                .insert_new(ids.iter().map(|id| id.as_bytes()), |_| {})
-                .map_err(|e| StoreError::corrupt(&path, e))?;
+            insert_segment(&mut self.ids, &path, &bytes, segment.ids)?;
         }
         Ok(())
     }
@@ -489,6 +480,17 @@ fn append_array_body(path: &Path, segment: &Segment, body: &mut Vec<u8>) -> Resu
 
 /// Parses a segment's JSON array without building it: each id goes straight to `each`, borrowed
 /// from `bytes` unless it holds JSON escapes.
+/// Inserts into `set` the ids of the segment `bytes`, read from `path`, which its manifest says
+/// holds `expected` of them (0 if unknown); how many it holds.
+fn insert_segment(set: &mut IdSet, path: &Path, bytes: &[u8], expected: u64) -> Result<u64, StoreError> {
+    let expected = usize::try_from(expected).unwrap_or(0);
+    set.reserve(expected);
+    let mut ids = Vec::with_capacity(expected);
+    parse_segment(path, bytes, |id| ids.push(id))?;
+    set.insert_new(ids.iter().map(|id| id.as_bytes()), |_| {}).map_err(|e| StoreError::corrupt(path, e))?;
+    Ok(ids.len() as u64)
+}
+
 fn parse_segment<'b>(path: &Path, bytes: &'b [u8], each: impl FnMut(Cow<'b, str>)) -> Result<(), StoreError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     EachId(each)
