@@ -222,11 +222,12 @@ pub(crate) struct Shards {
     counts: Mutex<HashMap<String, (File, Unchanged, u64)>>,
     /// How many tenant files `counts` keeps open, at most (see [`open_tenant_files`]).
     open_tenant_files: usize,
-    /// Each shard's names, sorted, as its list was when read; a list that changes is read again.
-    names: Mutex<HashMap<u16, ShardNames>>,
-    /// Per shard, the version of its record when last read, and whether that record listed any
-    /// tenant in quarantine: a listing looks for quarantine files only in shards that have some.
-    quarantines: Mutex<HashMap<u16, (Option<FileVersion>, bool)>>,
+    /// Each shard's names, sorted, as its list was when read; a shard without a list (written by
+    /// an earlier release) has its names read every time.
+    names: ByVersion<Arc<Vec<String>>>,
+    /// Whether each shard's record, as last read, listed any tenant in quarantine: a listing
+    /// looks for quarantine files only in shards that have some.
+    quarantines: ByVersion<bool>,
     /// The segments membership checks read, kept.
     segments: SegmentCache,
     /// Each shard's directory, held open once it exists (shard directories are never removed),
@@ -247,8 +248,8 @@ impl Shards {
             behind_since: Mutex::new(None),
             counts: Mutex::new(HashMap::new()),
             open_tenant_files: open_tenant_files(),
-            names: Mutex::new(HashMap::new()),
-            quarantines: Mutex::new(HashMap::new()),
+            names: ByVersion::default(),
+            quarantines: ByVersion::default(),
             segments: SegmentCache::default(),
             dirs: (0..shards).map(|_| OnceLock::new()).collect(),
         }
@@ -309,31 +310,16 @@ impl Shards {
     fn shard_names(&self, shard: u16) -> Result<Arc<Vec<String>>, StoreError> {
         let Some(opened) = self.opened_dir(shard)? else { return Ok(Arc::default()) };
         let dir = shard_dir(&self.root, shard);
-        let version = version_in(opened, &dir.join(names::NAMES_FILE))?;
-        if let Some((known, names)) = self.names.lock().get(&shard)
-            && version.is_some()
-            && *known == version
-        {
-            return Ok(names.clone());
-        }
-        let names: Arc<Vec<String>> = Arc::new(names::read(&dir)?.0.into_iter().collect());
-        self.names.lock().insert(shard, (version, names.clone()));
-        Ok(names)
+        self.names.get(shard, opened, &dir.join(names::NAMES_FILE), || {
+            Ok(Arc::new(names::read(&dir)?.0.into_iter().collect()))
+        })
     }
 
     /// Whether `shard`'s record lists any tenant in quarantine: read again only when it changed.
     fn lists_quarantines(&self, shard: u16) -> Result<bool, StoreError> {
         let Some(dir) = self.opened_dir(shard)? else { return Ok(false) };
-        let version = version_in(dir, &shard_dir(&self.root, shard).join(SHARD_FILE))?;
-        if let Some((known, lists)) = self.quarantines.lock().get(&shard)
-            && version.is_some()
-            && *known == version
-        {
-            return Ok(*lists);
-        }
-        let lists = !self.read_record(shard)?.quarantined.is_empty();
-        self.quarantines.lock().insert(shard, (version, lists));
-        Ok(lists)
+        let record = shard_dir(&self.root, shard).join(SHARD_FILE);
+        self.quarantines.get(shard, dir, &record, || Ok(!self.read_record(shard)?.quarantined.is_empty()))
     }
 
     /// A page of the tenants (see [`TenantSets::list`]): the shards' sorted lists merged, from
@@ -1159,10 +1145,6 @@ pub(super) fn list_tenant_files(dir: &Path) -> Result<HashSet<String>, StoreErro
     Ok(files)
 }
 
-/// A shard's names, sorted, with the version of its list they were read from: its inode and
-/// [`Unchanged`], or none for a shard without a list, whose names are read every time.
-type ShardNames = (Option<FileVersion>, Arc<Vec<String>>);
-
 /// How many tenant files counts keep open, at most: a quarter of the descriptors the process
 /// may open (the server takes up to half of them for connections, and the log, the shards and
 /// the connections to other workers need the rest), up to [`MOST_OPEN_TENANT_FILES`].
@@ -1205,6 +1187,39 @@ enum CountRead<'a> {
 /// A file's inode, length and modification time: a file replaced by a rename, or written, is
 /// another version.
 type FileVersion = (u64, Unchanged);
+
+/// Per shard, what was read from one of its files, with the version of the file then: read
+/// again once the file changed, and every time while there is no such file.
+struct ByVersion<T>(Mutex<HashMap<u16, (Option<FileVersion>, T)>>);
+
+impl<T> Default for ByVersion<T> {
+    fn default() -> Self {
+        ByVersion(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<T: Clone> ByVersion<T> {
+    /// What `read` gives for `shard`, whose file at `path` is in its directory `dir`, held open:
+    /// kept from an earlier read while the file's version is the same.
+    fn get(
+        &self,
+        shard: u16,
+        dir: &File,
+        path: &Path,
+        read: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let version = version_in(dir, path)?;
+        if let Some((known, value)) = self.0.lock().get(&shard)
+            && version.is_some()
+            && *known == version
+        {
+            return Ok(value.clone());
+        }
+        let value = read()?;
+        self.0.lock().insert(shard, (version, value.clone()));
+        Ok(value)
+    }
+}
 
 /// The version of the file at `path` in the directory `dir`, held open (only its name is looked
 /// up); `None` if there is none.
