@@ -269,7 +269,8 @@ impl Pool {
     /// The live member of the lowest address (host, then port): the same one for every caller,
     /// for as long as it is live.
     pub fn first_live(&self) -> Option<Arc<Member>> {
-        self.live.read().iter().min_by_key(|m| (m.url.host().to_owned(), m.url.port())).cloned()
+        let live = self.live.read();
+        live.iter().min_by(|a, b| (a.url.host(), a.url.port()).cmp(&(b.url.host(), b.url.port()))).cloned()
     }
 
     /// The member for `url`, if it is live.
