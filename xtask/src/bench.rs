@@ -301,10 +301,7 @@ impl Bench<'_> {
         let rows = runs[0]
             .iter()
             .enumerate()
-            .map(|(i, (row, _))| {
-                let known: Vec<f64> = runs.iter().filter_map(|run| run[i].1).collect();
-                (*row, (!known.is_empty()).then(|| median(&known)))
-            })
+            .map(|(i, (row, _))| (*row, median_known(runs.iter().map(|run| run[i].1))))
             .collect();
         let runs = runs.into_iter().map(|run| run.into_iter().map(|(_, value)| value).collect()).collect();
         Ok(StoreFigures { name: name.to_owned(), rows, runs })
@@ -425,8 +422,7 @@ impl Bench<'_> {
         let mut medians = Map::new();
         for (i, (name, _)) in rounds[0].iter().enumerate() {
             let values: Vec<Option<f64>> = rounds.iter().map(|round| round[i].1).collect();
-            let known: Vec<f64> = values.iter().flatten().copied().collect();
-            let middle = (!known.is_empty()).then(|| median(&known));
+            let middle = median_known(values.iter().copied());
             let mut line = format!("{name:width$}  ");
             for value in &values {
                 line.push_str(&format!("{:>10}  ", show_figure(*value)));
@@ -548,6 +544,12 @@ fn read_json(path: &Path) -> anyhow::Result<Value> {
 /// A count run's requests per second.
 fn rate(report: &Value) -> anyhow::Result<f64> {
     report["run"]["requests_per_s"].as_f64().ok_or_else(|| anyhow!("a report without run.requests_per_s"))
+}
+
+/// The median of the `values` known; `None` if none is.
+fn median_known(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+    let known: Vec<f64> = values.into_iter().flatten().collect();
+    (!known.is_empty()).then(|| median(&known))
 }
 
 /// The median of `values` (the mean of the two middle ones for an even number), none empty.
