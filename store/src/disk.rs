@@ -247,6 +247,16 @@ pub(crate) fn read_to_end(file: &mut File, path: &Path, out: &mut Vec<u8>) -> Re
     })
 }
 
+/// The metadata of the file at `path`.
+pub(crate) fn metadata(path: &Path) -> Result<fs::Metadata> {
+    run(Op::Read, path, || fs::metadata(path))
+}
+
+/// The metadata of `file` (at `path`).
+pub(crate) fn metadata_of(file: &File, path: &Path) -> Result<fs::Metadata> {
+    run(Op::Read, path, || file.metadata())
+}
+
 /// Fills `buf` with the bytes of `file` (at `path`) from `offset` on.
 pub(crate) fn read_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
     run(Op::Read, path, || std::os::unix::fs::FileExt::read_exact_at(file, buf, offset))

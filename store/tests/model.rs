@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use countapp_shared::config::FsyncPolicy;
-use countapp_store::{Item, Settings, Store, StoreOptions, owner_of, read_count, shard_of};
+use countapp_store::{Answer, Item, Settings, Store, StoreOptions, owner_of, read_count, shard_of};
 use proptest::prelude::*;
 
 const TENANTS: [&str; 6] = ["a", "A", "../x", "t é", "b", "."];
@@ -298,6 +298,34 @@ fn check_counts(
                 count => {
                     prop_assert_eq!(count.map_err(|e| e.to_string()), Ok(model.count(t)), "tenant {} by {}", tenant, by)
                 }
+            }
+        }
+    }
+    // Listings (from the shards' indexes of counts where those are current, from the files
+    // otherwise) tell the same counts, and list every tenant that counts any id.
+    for store in stores.iter().flatten() {
+        let Answer::Now(page) = store.list("", "", 1000) else { panic!("the JSON store lists at once") };
+        let page = page.map_err(|e| TestCaseError::fail(format!("listing by {}: {e}", store.worker_id())))?;
+        for (t, tenant) in TENANTS.iter().enumerate() {
+            let listed = page.tenants.iter().find(|(name, _)| name == tenant).map(|(_, count)| count.clone());
+            match listed {
+                Some(Ok(count)) if Some(t) == damaged => {
+                    prop_assert!(
+                        count <= model.count(t),
+                        "tenant {} listed by {}: {}",
+                        tenant,
+                        store.worker_id(),
+                        count
+                    )
+                }
+                Some(Err(_)) | None if Some(t) == damaged => {}
+                listed => prop_assert_eq!(
+                    listed,
+                    (model.count(t) > 0).then_some(Ok(model.count(t))),
+                    "tenant {} listed by {}",
+                    tenant,
+                    store.worker_id()
+                ),
             }
         }
     }

@@ -11,8 +11,9 @@
 //!    its previous owner waits for the next round) and takes their runs;
 //! 4. merges each tenant's ids into its set, loaded from its file on first use, and stages the
 //!    files that change, with each shard's new record;
-//! 5. commits them together ([`Commit`]), then deletes the log files whose every shard has
-//!    merged them.
+//! 5. commits them together ([`Commit`]), appends each changed count to its shard's index of
+//!    counts (see [`count_index`]: what listings read), then deletes the log files whose every
+//!    shard has merged them.
 //!
 //! A round touches only the shards that receive items: on a file system without a journal, as
 //! here, every file rewritten costs a fresh inode, and the allocator slows down with every
@@ -26,6 +27,7 @@
 //! form sets), so a crash at any instant costs at most merging some log files again.
 
 mod commit;
+mod count_index;
 mod idset;
 mod names;
 mod naming;
@@ -57,6 +59,7 @@ use crate::partition::{owner_of, shard_of};
 use crate::{MergeReport, Settings, StoreError};
 use crate::{damaged, disk};
 use commit::{Commit, Step, is_temporary};
+use count_index::{Counts, IndexEnd, Indexes};
 use naming::tenant_file_stem;
 use quarantine::Quarantine;
 use segment_cache::SegmentCache;
@@ -87,6 +90,10 @@ struct ShardRecord {
     /// record of an earlier release, which listed only the names).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "names_or_kept")]
     quarantined: BTreeMap<String, Option<u64>>,
+    /// How many commits changed the shard (0 in a record of an earlier release): its index of
+    /// counts is current while it ends at this generation (see [`count_index`]).
+    #[serde(default)]
+    generation: u64,
     /// Rebuilt because the file did not parse (see [`Shards::read_record`]): its owner writes
     /// it again at its next round.
     #[serde(skip)]
@@ -118,6 +125,8 @@ struct OwnedShard {
     /// Whether the shard has no list of its tenants' names yet (one written by an earlier
     /// release): the next round writes it (see `names`).
     unnamed: bool,
+    /// Where this process left the shard's index of counts.
+    index_end: Option<IndexEnd>,
 }
 
 /// The shards a log file holds runs of, one bit each.
@@ -188,6 +197,15 @@ struct FileIndex {
     prev: Option<u64>,
 }
 
+/// What a round's commit changes in a shard, besides its files.
+#[derive(Default)]
+struct ShardChange {
+    /// The tenants deleted.
+    dropped: Vec<String>,
+    /// The counts of the tenants whose files it writes, `0` for those deleted.
+    counts: Vec<(String, u64)>,
+}
+
 /// The log files a process read, by `(worker, seq)`.
 type Index = HashMap<(String, u64), FileIndex>;
 
@@ -225,9 +243,11 @@ pub(crate) struct Shards {
     /// Each shard's names, sorted, as its list was when read; a shard without a list (written by
     /// an earlier release) has its names read every time.
     names: ByVersion<Arc<Vec<String>>>,
-    /// Whether each shard's record, as last read, listed any tenant in quarantine: a listing
-    /// looks for quarantine files only in shards that have some.
-    quarantines: ByVersion<bool>,
+    /// Each shard's record as last read: its generation, and whether it lists any tenant in
+    /// quarantine (a listing looks for quarantine files only in shards that have some).
+    records: ByVersion<RecordSummary>,
+    /// The shards' indexes of counts, as last read.
+    indexes: Indexes,
     /// The segments membership checks read, kept.
     segments: SegmentCache,
     /// Each shard's directory, held open once it exists (shard directories are never removed),
@@ -249,7 +269,8 @@ impl Shards {
             counts: Mutex::new(HashMap::new()),
             open_tenant_files: open_tenant_files(),
             names: ByVersion::default(),
-            quarantines: ByVersion::default(),
+            records: ByVersion::default(),
+            indexes: Indexes::new(shards),
             segments: SegmentCache::default(),
             dirs: (0..shards).map(|_| OnceLock::new()).collect(),
         }
@@ -315,39 +336,60 @@ impl Shards {
         })
     }
 
-    /// Whether `shard`'s record lists any tenant in quarantine: read again only when it changed.
-    fn lists_quarantines(&self, shard: u16) -> Result<bool, StoreError> {
-        let Some(dir) = self.opened_dir(shard)? else { return Ok(false) };
-        let record = shard_dir(&self.root, shard).join(SHARD_FILE);
-        self.quarantines.get(shard, dir, &record, || Ok(!self.read_record(shard)?.quarantined.is_empty()))
+    /// What a listing needs of `shard`'s record: read again only when it changed.
+    fn record_summary(&self, shard: u16) -> Result<RecordSummary, StoreError> {
+        let Some(dir) = self.opened_dir(shard)? else { return Ok(RecordSummary::default()) };
+        let path = shard_dir(&self.root, shard).join(SHARD_FILE);
+        self.records.get(shard, dir, &path, || {
+            let record = self.read_record(shard)?;
+            Ok(RecordSummary { generation: record.generation, quarantines: !record.quarantined.is_empty() })
+        })
+    }
+
+    /// `shard`'s tenants for a listing, and whether its record lists any in quarantine: from its
+    /// index of counts where that is whole and nobody is in quarantine (a quarantined tenant lists
+    /// its error, which only its files tell), by name otherwise. A record that cannot be read has
+    /// every tenant look for a quarantine file of its own.
+    fn shard_list(&self, shard: u16) -> Result<(ShardList, bool), StoreError> {
+        let summary = self.record_summary(shard).unwrap_or(RecordSummary { generation: 0, quarantines: true });
+        if !summary.quarantines
+            && let Some(dir) = self.opened_dir(shard)?
+        {
+            match self.indexes.whole_at(shard, dir, &shard_dir(&self.root, shard), summary.generation) {
+                Ok(Some(counts)) => return Ok((ShardList::Counted(counts), false)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(shard, error = %e, "cannot read a shard's index of counts: its tenant files are read")
+                }
+            }
+        }
+        Ok((ShardList::Named(self.shard_names(shard)?), summary.quarantines))
     }
 
     /// A page of the tenants (see [`TenantSets::list`]): the shards' sorted lists merged, from
     /// the first name past `after` that `prefix` allows.
     fn list_names(&self, prefix: &str, after: &str, limit: usize) -> Result<TenantPage, StoreError> {
-        // Each shard's names, where the page starts in them (a binary search of thousands of
-        // names, a cache miss at each step), and whether its record lists any tenant in
-        // quarantine (where it cannot be read, each of its tenants looks for a quarantine file of
-        // its own).
+        // Each shard's list, and where the page starts in it (a binary search of thousands of
+        // names, a cache miss at each step).
         let shards: Vec<u16> = (0..self.shards).collect();
         let read = in_parallel(&shards, FEWEST_PER_THREAD, |&shard| {
-            let names = self.shard_names(shard)?;
-            let at = names.partition_point(|name| name.as_str() <= after || name.as_str() < prefix);
-            Ok::<_, StoreError>(((names, at), self.lists_quarantines(shard).unwrap_or(true)))
+            let (list, quarantines) = self.shard_list(shard)?;
+            let at = list.start(prefix, after);
+            Ok::<_, StoreError>(((list, at), quarantines))
         });
         let (lists, quarantines): (Vec<_>, Vec<bool>) =
             read.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
         let how = CountRead::Listed(&quarantines);
         let mut heap = BinaryHeap::new();
         for (list, (names, at)) in lists.iter().enumerate() {
-            if let Some(name) = names.get(*at) {
-                heap.push(Reverse((name.as_str(), list, *at)));
+            if let Some(name) = names.name(*at) {
+                heap.push(Reverse((name, list, *at)));
             }
         }
-        let lists: Vec<&Arc<Vec<String>>> = lists.iter().map(|(names, _)| names).collect();
+        let lists: Vec<&ShardList> = lists.iter().map(|(list, _)| list).collect();
         let mut page = TenantPage::default();
-        // Names are taken a page's worth at a time and counted together, in parallel; a name
-        // that counts nothing (deleted, or named by a round that failed) leaves room for more.
+        // Names are taken a page's worth at a time and counted together; a name that counts
+        // nothing (deleted, or named by a round that failed) leaves room for more.
         while page.tenants.len() < limit {
             let mut names = Vec::with_capacity(limit - page.tenants.len());
             while names.len() < limit - page.tenants.len()
@@ -357,23 +399,32 @@ impl Shards {
                     heap.clear();
                     break;
                 }
-                if let Some(next) = lists[list].get(at + 1) {
-                    heap.push(Reverse((next.as_str(), list, at + 1)));
+                if let Some(next) = lists[list].name(at + 1) {
+                    heap.push(Reverse((next, list, at + 1)));
                 }
-                names.push(name);
+                names.push((name, list, at));
             }
             if names.is_empty() {
                 break;
             }
-            // A thousand files to open: most of a page's time.
-            let counted = in_parallel(&names, FEWEST_PER_THREAD, |tenant| self.read_count_of(tenant, how));
-            page.tenants.extend(
-                names
-                    .into_iter()
-                    .zip(counted)
-                    .filter(|(_, count)| !matches!(count, Ok(0)))
-                    .map(|(name, count)| (name.to_owned(), count.map_err(|e| e.to_string()))),
-            );
+            // The names of shards without an index are counted from their files, in parallel:
+            // a thousand files to open would be most of a page's time.
+            let unindexed: Vec<&str> = names
+                .iter()
+                .filter(|(_, list, _)| matches!(lists[*list], ShardList::Named(_)))
+                .map(|(name, ..)| *name)
+                .collect();
+            let mut read =
+                in_parallel(&unindexed, FEWEST_PER_THREAD, |tenant| self.read_count_of(tenant, how)).into_iter();
+            for (name, list, at) in names {
+                let count = match lists[list].count(at) {
+                    Some(count) => Ok(count),
+                    None => read.next().expect("a count read for each name without an index"),
+                };
+                if !matches!(count, Ok(0)) {
+                    page.tenants.push((name.to_owned(), count.map_err(|e| e.to_string())));
+                }
+            }
         }
         if heap.peek().is_some_and(|Reverse((name, ..))| name.starts_with(prefix)) {
             page.next = page.tenants.last().map(|(tenant, _)| tenant.clone());
@@ -480,17 +531,16 @@ impl Shards {
             let done = self.lock_shard(shard, state, &mut staged, report).and_then(|record| match record {
                 Some(mut record) => {
                     let tenants = runs.remove(&shard).unwrap_or_default();
-                    let dropped =
-                        self.merge_shard(shard, &mut record, state, &tenants, sources, &mut staged, report)?;
-                    Ok(Some((record, dropped)))
+                    let change = self.merge_shard(shard, &mut record, state, &tenants, sources, &mut staged, report)?;
+                    Ok(Some((record, change)))
                 }
                 None => Ok(None),
             });
             match done {
-                Ok(Some((record, dropped))) => {
+                Ok(Some((record, change))) => {
                     failing.remove(&shard);
                     commit.absorb(staged);
-                    merged.push((shard, record, dropped));
+                    merged.push((shard, record, change));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -504,8 +554,11 @@ impl Shards {
         report.written_bytes += commit.written_bytes();
         let committed = commit.finish(&self.root);
         let mut gone = Vec::new();
-        for (shard, record, dropped) in merged {
+        for (shard, record, ShardChange { dropped, counts }) in merged {
             let state = owned.get_mut(&shard).expect("merged shards are owned");
+            if committed.is_ok() {
+                self.update_index(shard, &record, state, counts);
+            }
             if let Some(lock) = &state.lock {
                 let _ = lock.unlock();
             }
@@ -578,6 +631,8 @@ impl Shards {
             remove_stale_quarantines(&dir, &record)?;
         }
         if record.rebuilt {
+            // Its generations start again: an index at one of them would pass for current.
+            count_index::remove(&dir)?;
             damaged::keep_aside(
                 &self.root,
                 &dir.join(SHARD_FILE),
@@ -591,6 +646,7 @@ impl Shards {
             state.tenants.clear();
             state.files = None;
             state.quarantined.clear();
+            state.index_end = None;
             let claim = ShardRecord { writer: self.writer.clone(), rebuilt: false, ..record.clone() };
             self.stage_record(commit, Step::Claim, shard, &claim)?;
         }
@@ -598,7 +654,7 @@ impl Shards {
     }
 
     /// Merges the runs `tenants` into the locked shard `shard`, whose record is `record`,
-    /// staging its files and its record in `commit`.
+    /// staging its files and its record (one generation on) in `commit`.
     #[allow(clippy::too_many_arguments)]
     fn merge_shard(
         &self,
@@ -609,7 +665,8 @@ impl Shards {
         sources: &Sources,
         commit: &mut Commit,
         report: &mut MergeReport,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<ShardChange, StoreError> {
+        let mut change = ShardChange::default();
         let dir = shard_dir(&self.root, shard);
         // The shard's list of names, where this round writes it whole: a shard that has none
         // yet, or one losing a tenant. Otherwise a new tenant's name is appended.
@@ -617,7 +674,7 @@ impl Shards {
         // The lines of the tenants new to the shard, appended to its list in one write.
         let mut named = Vec::new();
         state.unnamed = false;
-        self.retry_quarantined(shard, record, state, commit, report)?;
+        self.retry_quarantined(shard, record, state, commit, &mut change.counts, report)?;
         for (name, runs) in tenants {
             let file_name = tenant_file_name(name);
             let path = dir.join(&file_name);
@@ -638,9 +695,10 @@ impl Shards {
                 }
                 hashbrown::hash_map::EntryRef::Vacant(entry) => Ok(entry.insert(Tenant::new(path.clone()))),
             });
-            match merged.and_then(|tenant| tenant.merge(name, ids(), &mut staged)) {
-                Ok(new) => {
+            match merged.and_then(|tenant| tenant.merge(name, ids(), &mut staged).map(|new| (new, tenant.count()))) {
+                Ok((new, count)) => {
                     commit.absorb(staged);
+                    change.counts.push(((*name).to_owned(), count));
                     report.new_ids += new;
                     report.tenants += 1;
                     if let Some(files) = &mut state.files
@@ -708,7 +766,7 @@ impl Shards {
         });
         // A tenant to delete goes once every acknowledged item of it that a listed file holds
         // is merged: a file left for the next round would bring some of its ids back.
-        let mut dropped = Vec::new();
+        let dropped = &mut change.dropped;
         if merged_every_listed(shard, record, sources.logs, sources.indexed) {
             for tenant in sources.deleting.iter().filter(|t| shard_of(t, self.shards) == shard) {
                 let path = dir.join(tenant_file_name(tenant));
@@ -717,6 +775,7 @@ impl Shards {
                     commit.remove_after(Quarantine::path_of(&path));
                 }
                 dropped.push(tenant.clone());
+                change.counts.push((tenant.clone(), 0));
             }
         }
         if !dropped.is_empty() && rewrite.is_none() {
@@ -726,19 +785,21 @@ impl Shards {
             listed.retain(|name| !dropped.contains(name));
             names::stage(commit, &dir, &listed)?;
         }
+        record.generation += 1;
         self.stage_record(commit, Step::Progress, shard, record)?;
-        Ok(dropped)
+        Ok(change)
     }
 
     /// Tries again each quarantined tenant of a locked shard that is due (see
     /// [`Quarantine::due`]): one that loads now takes the ids kept for it, and leaves
-    /// quarantine.
+    /// quarantine, its count noted in `counts`.
     fn retry_quarantined(
         &self,
         shard: u16,
         record: &mut ShardRecord,
         state: &mut OwnedShard,
         commit: &mut Commit,
+        counts: &mut Vec<(String, u64)>,
         report: &mut MergeReport,
     ) -> Result<(), StoreError> {
         let dir = shard_dir(&self.root, shard);
@@ -761,6 +822,7 @@ impl Shards {
                     report.new_ids += new;
                     commit.remove_after(Quarantine::path_of(&path));
                     repaired.push(name.clone());
+                    counts.push((name.clone(), tenant.count()));
                     state.tenants.insert(name.clone(), tenant);
                     if let Some(files) = &mut state.files {
                         files.insert(tenant_file_name(name));
@@ -865,6 +927,18 @@ impl Shards {
         }
     }
 
+    /// Brings `shard`'s index of counts up to its commit at `record`, the shard still locked, with
+    /// the counts it changed (see [`count_index`]). An index that falls behind only sends
+    /// listings to the tenant files until a later commit writes it anew: logged, not failed.
+    fn update_index(&self, shard: u16, record: &ShardRecord, state: &mut OwnedShard, counts: Vec<(String, u64)>) {
+        let dir = shard_dir(&self.root, shard);
+        let update =
+            count_index::Update { dir: &dir, before: record.generation - 1, after: record.generation, changes: counts };
+        if let Err(e) = update.apply(&mut state.index_end, || recount(&dir, record)) {
+            tracing::warn!(shard, error = %e, "cannot bring a shard's index of counts up to date: listings read its tenant files meanwhile");
+        }
+    }
+
     fn stage_record(
         &self,
         commit: &mut Commit,
@@ -938,6 +1012,7 @@ impl TenantSets for Shards {
                         files: None,
                         quarantined: HashMap::new(),
                         unnamed,
+                        index_end: None,
                     },
                 );
             }
@@ -1184,6 +1259,50 @@ enum CountRead<'a> {
     Listed(&'a [bool]),
 }
 
+/// What a listing needs of a shard's record.
+#[derive(Debug, Clone, Copy, Default)]
+struct RecordSummary {
+    /// The record's generation, at which the shard's index of counts is whole.
+    generation: u64,
+    /// Whether it lists any tenant in quarantine.
+    quarantines: bool,
+}
+
+/// A shard's tenants, sorted by name, as a listing reads them.
+enum ShardList {
+    /// With their counts, from the shard's index.
+    Counted(Arc<Counts>),
+    /// By name alone, from its list of names: each counted from its file.
+    Named(Arc<Vec<String>>),
+}
+
+impl ShardList {
+    /// The name at `at`.
+    fn name(&self, at: usize) -> Option<&str> {
+        match self {
+            ShardList::Counted(counts) => counts.get(at).map(|(name, _)| name.as_str()),
+            ShardList::Named(names) => names.get(at).map(String::as_str),
+        }
+    }
+
+    /// The count of the tenant at `at`, where the index tells it.
+    fn count(&self, at: usize) -> Option<u64> {
+        match self {
+            ShardList::Counted(counts) => counts.get(at).map(|(_, count)| *count),
+            ShardList::Named(_) => None,
+        }
+    }
+
+    /// Where a page starts: at the first name past `after` that `prefix` allows.
+    fn start(&self, prefix: &str, after: &str) -> usize {
+        let before = |name: &str| name <= after || name < prefix;
+        match self {
+            ShardList::Counted(counts) => counts.partition_point(|(name, _)| before(name)),
+            ShardList::Named(names) => names.partition_point(|name| before(name)),
+        }
+    }
+}
+
 /// A file's inode, length and modification time: a file replaced by a rename, or written, is
 /// another version.
 type FileVersion = (u64, Unchanged);
@@ -1269,6 +1388,28 @@ fn quarantine_due(shard: u16, state: &mut OwnedShard, root: &Path) -> Result<boo
     }
     load_quarantined(&state.record.quarantined, &mut state.quarantined, &shard_dir(root, shard), root)?;
     Ok(state.quarantined.values().any(Quarantine::due))
+}
+
+/// The counts of the tenants of the shard in `dir` as their files hold them, but for those that
+/// `record` lists in quarantine: what the shard's index of counts is written anew from.
+fn recount(dir: &Path, record: &ShardRecord) -> Result<Counts, StoreError> {
+    let mut counts = Counts::new();
+    for tenant in names::read(dir)?.0 {
+        if record.quarantined.contains_key(&tenant) {
+            continue;
+        }
+        let path = dir.join(tenant_file_name(&tenant));
+        let bytes = match disk::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let count = read_count(&path, &bytes, &tenant)?;
+        if count > 0 {
+            counts.push((tenant, count));
+        }
+    }
+    Ok(counts)
 }
 
 /// Makes every worker read a quarantined tenant's file again, so that its counts answer the
