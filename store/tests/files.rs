@@ -1,11 +1,11 @@
 //! What the store leaves on disk, and what it reads: a worker stopped gracefully leaves no log
 //! file, a worker gone for good is forgotten (its empty files deleted, its name dropped from the
-//! shard records, its numbers still reserved), and a database written by the release before log
-//! files had headers opens and counts every id.
+//! shard records, its numbers still reserved), and databases written by earlier releases (before
+//! log files had headers, before shards kept an index of counts) open, count and list every id.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -94,24 +94,55 @@ fn a_worker_gone_for_good_is_forgotten() {
     assert_eq!(store.count_blocking("t").unwrap(), 15);
 }
 
-/// A database written by the release before log files had headers (its merged tenants,
-/// segments included, and the logs of two workers killed with SIGKILL before their files were
-/// closed): opened and merged by this release, every tenant counts what was acknowledged.
-#[test]
-fn a_database_of_the_previous_release_opens_and_counts_every_id() {
+/// The database of the fixture `name` (a tarball of its `db/`), extracted into a new temporary
+/// directory, with the count of every tenant it was written with.
+fn fixture(name: &str) -> (tempfile::TempDir, PathBuf, BTreeMap<String, u64>) {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let dir = tempfile::tempdir().unwrap();
     let status = Command::new("tar")
         .arg("-xzf")
-        .arg(fixtures.join("db-before-log-v2.tar.gz"))
+        .arg(fixtures.join(format!("{name}.tar.gz")))
         .arg("-C")
         .arg(dir.path())
         .status()
         .unwrap();
     assert!(status.success());
-    let expected: BTreeMap<String, u64> =
-        serde_json::from_slice(&fs::read(fixtures.join("db-before-log-v2.expected.json")).unwrap()).unwrap();
+    let expected = serde_json::from_slice(&fs::read(fixtures.join(format!("{name}.expected.json"))).unwrap()).unwrap();
     let db = dir.path().join("db");
+    (dir, db, expected)
+}
+
+/// Every tenant `store` lists, with its count, paged through `per_page` at a time.
+fn listing(store: &Store, per_page: usize) -> Vec<(String, u64)> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (mut listed, mut after) = (Vec::new(), String::new());
+    loop {
+        let page = runtime.block_on(store.list("", &after, per_page).get()).unwrap();
+        listed.extend(page.tenants.into_iter().map(|(tenant, count)| (tenant, count.unwrap())));
+        match page.next {
+            Some(next) => after = next,
+            None => return listed,
+        }
+    }
+}
+
+/// The tenants of `expected` that count any id, as a listing shows them.
+fn listed(expected: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
+    expected.iter().filter(|(_, n)| **n > 0).map(|(t, n)| (t.clone(), *n)).collect()
+}
+
+/// The shard directories of `db` that hold a list of tenants.
+fn shards_with_tenants(db: &Path) -> Vec<PathBuf> {
+    let shards = fs::read_dir(db.join("shards")).unwrap().map(|shard| shard.unwrap().path());
+    shards.filter(|shard| shard.join("TENANTS").exists()).collect()
+}
+
+/// A database written by the release before log files had headers (its merged tenants,
+/// segments included, and the logs of two workers killed with SIGKILL before their files were
+/// closed): opened and merged by this release, every tenant counts what was acknowledged.
+#[test]
+fn a_database_of_the_previous_release_opens_and_counts_every_id() {
+    let (_dir, db, expected) = fixture("db-before-log-v2");
     let store = open(&db, "127.0.0.1-7101");
     store.flush().unwrap();
     store.flush().unwrap();
@@ -120,18 +151,7 @@ fn a_database_of_the_previous_release_opens_and_counts_every_id() {
     }
     // Its tenants list in byte order, a page of 3 at a time: the shards' lists of names, which
     // that release did not keep, are written from its tenant files.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let (mut listed, mut after) = (Vec::new(), String::new());
-    loop {
-        let page = runtime.block_on(store.list("", &after, 3).get()).unwrap();
-        listed.extend(page.tenants.into_iter().map(|(tenant, count)| (tenant, count.unwrap())));
-        match page.next {
-            Some(next) => after = next,
-            None => break,
-        }
-    }
-    let counted: Vec<(String, u64)> = expected.iter().filter(|(_, n)| **n > 0).map(|(t, n)| (t.clone(), *n)).collect();
-    assert_eq!(listed, counted);
+    assert_eq!(listing(&store, 3), listed(&expected));
     for shard in fs::read_dir(db.join("shards")).unwrap() {
         let shard = shard.unwrap().path();
         let names: Vec<String> =
@@ -142,4 +162,37 @@ fn a_database_of_the_previous_release_opens_and_counts_every_id() {
     append(&store, "big", 0, 10);
     store.flush().unwrap();
     assert_eq!(store.count_blocking("big").unwrap(), expected["big"] + 10);
+}
+
+/// A database written by the release before shards kept an index of counts (records without a
+/// generation, no `COUNTS`; three workers killed with SIGKILL, with ids of eight shards in their
+/// logs alone; two tenants deleted, one of them written again), opened by one worker of this
+/// release: once merged, every tenant counts and lists what was acknowledged, and every shard
+/// with tenants has an index that ends at its record's generation, as listings read it.
+#[test]
+fn a_database_written_before_indexes_of_counts_counts_and_lists_every_id() {
+    let (_dir, db, expected) = fixture("db-before-counts");
+    let store = open(&db, "127.0.0.1-7601");
+    store.flush().unwrap();
+    store.flush().unwrap();
+    for (tenant, count) in &expected {
+        assert_eq!(store.count_blocking(tenant).unwrap(), *count, "{tenant}");
+    }
+    assert_eq!(listing(&store, 4), listed(&expected));
+    let shards = shards_with_tenants(&db);
+    assert!(shards.len() >= 13, "{shards:?}");
+    for shard in shards {
+        let record: serde_json::Value = serde_json::from_slice(&fs::read(shard.join("SHARD.json")).unwrap()).unwrap();
+        let index = fs::read_to_string(shard.join("COUNTS")).unwrap_or_default();
+        let last: serde_json::Value = serde_json::from_str(index.lines().last().unwrap_or("null")).unwrap();
+        assert!(record["generation"].as_u64().is_some_and(|g| g > 0), "{}: {record}", shard.display());
+        assert_eq!(last["generation"], record["generation"], "{}: its index is behind its record", shard.display());
+    }
+    append(&store, "big", 0, 10);
+    append(&store, "new", 0, 3);
+    store.flush().unwrap();
+    let mut expected = expected;
+    *expected.get_mut("big").unwrap() += 10;
+    expected.insert("new".to_owned(), 3);
+    assert_eq!(listing(&store, 1000), listed(&expected));
 }

@@ -6,16 +6,18 @@
 //! written whole: a file written anew can have the inode and the length of the one it replaced,
 //! and only this tells a reader that what it read before is gone. Then `["tenant",count]`, a
 //! tenant's count as of a commit (`0`: gone), and after each batch of those `{"generation":N}`,
-//! the generation of the shard's record that the batch brings the index up to. The shard's owner appends a batch once its round's commit is
-//! in place, record included, so every complete batch describes committed files. The index is
-//! whole, and so current, only while it ends with the generation of the shard's record: where it
-//! does not (a crash between a commit and its append, a write that failed, a shard of an earlier
-//! release, which had no index), readers count from the tenant files, and the owner writes the
-//! index anew, from those files, with its next commit of the shard. That write, like the
-//! compaction of an index grown to twice what it holds, is a new file renamed into place.
+//! the generation of the shard's record that the batch brings the index up to.
 //!
-//! The index is derived data: it is never made durable on its own, and a crash can only make it
-//! fall behind its record, never get ahead of it.
+//! The shard's owner appends a batch once its round's commit is in place, record included, so
+//! every complete batch describes committed files. The index is current only while it ends with
+//! the generation of the shard's record: where it does not (a crash between a commit and its
+//! append, a write that failed, a shard of an earlier release, which had no index), readers count
+//! from the tenant files, and the owner writes the index anew, from those files, at its next
+//! round. That write, like the compaction of an index grown to twice what it holds, is a new file
+//! renamed into place.
+//!
+//! The index is derived data, never made durable on its own: one that a crash left behind its
+//! record, or ahead of it, is not read, and is written anew.
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::os::unix::fs::MetadataExt;
@@ -193,12 +195,13 @@ pub(crate) struct Update<'a> {
 impl Update<'_> {
     /// Brings the index in `self.dir` up to the commit: appends the commit's batch where the
     /// index is whole at `before` (compacting it once it has doubled), and otherwise writes it
-    /// anew from `recount`, the counts of every tenant of the shard as its files now hold them.
-    /// `end` is where this process left the index, `None` if it does not know.
+    /// anew from `recount`, the counts of every tenant of the shard as its files now hold them
+    /// (given the commit's changes, which it need not read again). `end` is where this process
+    /// left the index, `None` if it does not know.
     pub(crate) fn apply(
         self,
         end: &mut Option<IndexEnd>,
-        recount: impl FnOnce() -> Result<Counts, StoreError>,
+        recount: impl FnOnce(&[(String, u64)]) -> Result<Counts, StoreError>,
     ) -> Result<(), StoreError> {
         let path = self.dir.join(COUNTS_FILE);
         let known = end.take().filter(|end| end.generation == self.before);
@@ -207,7 +210,7 @@ impl Update<'_> {
             _ => match self.read(&path)? {
                 Some((end, counts)) => (end, Some(counts)),
                 None => {
-                    *end = Some(write_whole(&path, &recount()?, self.after)?);
+                    *end = Some(write_whole(&path, &recount(&self.changes)?, self.after)?);
                     return Ok(());
                 }
             },
@@ -218,7 +221,7 @@ impl Update<'_> {
                 Some(counts) => counts,
                 None => match self.read(&path)? {
                     Some((_, counts)) => counts,
-                    None => recount()?,
+                    None => recount(&self.changes)?,
                 },
             };
             *end = Some(write_whole(&path, &apply(counts, self.changes), self.after)?);
@@ -268,6 +271,21 @@ fn temporary(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     path.with_file_name(name)
+}
+
+/// Whether the index in the shard directory `dir` ends with the batch of `generation`, as a
+/// whole index at it does: its last line only is read, for each shard a worker takes on.
+pub(crate) fn ends_at(dir: &Path, generation: u64) -> bool {
+    let path = dir.join(COUNTS_FILE);
+    let Ok(Some((file, metadata))) = open(|| disk::open(&path), &path) else { return false };
+    let mut tail = [0u8; 64];
+    let tail = &mut tail[..usize::try_from(metadata.len()).unwrap_or(usize::MAX).min(64)];
+    if disk::read_at(&file, &path, tail, metadata.len() - tail.len() as u64).is_err() {
+        return false;
+    }
+    let Some(line) = tail.strip_suffix(b"\n") else { return false };
+    let line = line.rsplit(|&b| b == b'\n').next().unwrap_or_default();
+    serde_json::from_slice::<Marker>(line).is_ok_and(|marker| marker.generation == generation)
 }
 
 /// Removes the index in the shard directory `dir`: for a shard whose record was rebuilt, whose
@@ -440,7 +458,7 @@ mod tests {
         let recount = |found: &[(&str, u64)]| {
             let found = counts(found);
             let recounted = &recounted;
-            move || {
+            move |_: &[(String, u64)]| {
                 recounted.set(recounted.get() + 1);
                 Ok(found)
             }
@@ -452,6 +470,7 @@ mod tests {
         update(1, &[("b", 2), ("z", 0)]).apply(&mut end, recount(&[])).unwrap();
         assert_eq!((recounted.get(), read(2)), (1, Some(counts(&[("a", 1), ("b", 2)]))), "appended");
         assert_eq!(read(1), None, "behind the record");
+        assert!(ends_at(dir.path(), 2) && !ends_at(dir.path(), 1));
 
         // Another owner, which does not know where the index ends, appends all the same.
         let mut other = None;
@@ -482,10 +501,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(COUNTS_FILE);
         let mut end = None;
-        let none = || -> Result<Counts, StoreError> { panic!("nothing to recount") };
+        let none = |_: &[(String, u64)]| -> Result<Counts, StoreError> { panic!("nothing to recount") };
         let first: Counts = (0..1000).map(|i| (format!("tenant-{i:04}"), 1)).collect();
         let update = |before, changes| Update { dir: dir.path(), before, after: before + 1, changes };
-        update(0, Vec::new()).apply(&mut end, || Ok(first.clone())).unwrap();
+        update(0, Vec::new()).apply(&mut end, |_| Ok(first.clone())).unwrap();
         let mut generation = 1;
         let mut largest = 0;
         for round in 2..200 {

@@ -125,6 +125,9 @@ struct OwnedShard {
     /// Whether the shard has no list of its tenants' names yet (one written by an earlier
     /// release): the next round writes it (see `names`).
     unnamed: bool,
+    /// Whether the shard has tenants but no index of counts current at its record (one of an
+    /// earlier release, or left behind by a crash): the next round writes it.
+    unindexed: bool,
     /// Where this process left the shard's index of counts.
     index_end: Option<IndexEnd>,
 }
@@ -674,6 +677,7 @@ impl Shards {
         // The lines of the tenants new to the shard, appended to its list in one write.
         let mut named = Vec::new();
         state.unnamed = false;
+        state.unindexed = false;
         self.retry_quarantined(shard, record, state, commit, &mut change.counts, report)?;
         for (name, runs) in tenants {
             let file_name = tenant_file_name(name);
@@ -934,7 +938,7 @@ impl Shards {
         let dir = shard_dir(&self.root, shard);
         let update =
             count_index::Update { dir: &dir, before: record.generation - 1, after: record.generation, changes: counts };
-        if let Err(e) = update.apply(&mut state.index_end, || recount(&dir, record)) {
+        if let Err(e) = update.apply(&mut state.index_end, |changed| recount(&dir, record, changed)) {
             tracing::warn!(shard, error = %e, "cannot bring a shard's index of counts up to date: listings read its tenant files meanwhile");
         }
     }
@@ -1002,7 +1006,9 @@ impl TenantSets for Shards {
                         continue;
                     }
                 };
-                let unnamed = names::missing(&shard_dir(&self.root, shard));
+                let dir = shard_dir(&self.root, shard);
+                let unnamed = names::missing(&dir);
+                let unindexed = dir.join(names::NAMES_FILE).exists() && !count_index::ends_at(&dir, record.generation);
                 owned.insert(
                     shard,
                     OwnedShard {
@@ -1012,6 +1018,7 @@ impl TenantSets for Shards {
                         files: None,
                         quarantined: HashMap::new(),
                         unnamed,
+                        unindexed,
                         index_end: None,
                     },
                 );
@@ -1046,7 +1053,7 @@ impl TenantSets for Shards {
             }
         }
         for (&shard, state) in owned.iter_mut() {
-            if state.record.rebuilt || state.unnamed || quarantine_due(shard, state, &self.root)? {
+            if state.record.rebuilt || state.unnamed || state.unindexed || quarantine_due(shard, state, &self.root)? {
                 with_runs.insert(shard);
             }
         }
@@ -1391,11 +1398,20 @@ fn quarantine_due(shard: u16, state: &mut OwnedShard, root: &Path) -> Result<boo
 }
 
 /// The counts of the tenants of the shard in `dir` as their files hold them, but for those that
-/// `record` lists in quarantine: what the shard's index of counts is written anew from.
-fn recount(dir: &Path, record: &ShardRecord) -> Result<Counts, StoreError> {
+/// `record` lists in quarantine: what the shard's index of counts is written anew from. The
+/// counts the commit just `changed` are taken as they are: a shard's first commit, which made
+/// every one of its files, reads none of them again.
+fn recount(dir: &Path, record: &ShardRecord, changed: &[(String, u64)]) -> Result<Counts, StoreError> {
+    let changed: HashMap<&str, u64> = changed.iter().map(|(tenant, count)| (tenant.as_str(), *count)).collect();
     let mut counts = Counts::new();
     for tenant in names::read(dir)?.0 {
         if record.quarantined.contains_key(&tenant) {
+            continue;
+        }
+        if let Some(&count) = changed.get(tenant.as_str()) {
+            if count > 0 {
+                counts.push((tenant, count));
+            }
             continue;
         }
         let path = dir.join(tenant_file_name(&tenant));
