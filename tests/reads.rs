@@ -273,6 +273,14 @@ fn a_deleted_tenant_stays_gone_across_sigkill_of_every_worker_and_counts_afresh(
     assert_eq!(strong_count(&client, &url, "doomed"), 7);
     let (status, reply) = post_json(&client, &url, "/items/doomed/contains", &json!(["doomed-5", "doomed-0"]));
     assert_eq!((status, reply), (StatusCode::OK, json!({"contains": [true, false]})));
+    // Listed as counted, on every worker: the shards' indexes of counts, kept by workers killed
+    // mid-way and their successors, agree with the files.
+    let everyone =
+        json!({"tenants": [{"tenant": "bystander", "count": 30}, {"tenant": "doomed", "count": 7}], "next": null});
+    for &port in &ports {
+        let listed: Value = client.get(format!("{}/tenants", worker_url(port))).send().unwrap().json().unwrap();
+        assert_eq!(listed, everyone, "listed by the worker on {port}");
+    }
 }
 
 #[test]
