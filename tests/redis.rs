@@ -483,3 +483,29 @@ fn with_redis_wait_replicas_a_log_file_is_consumed_only_once_that_many_replicas_
         pending_items(&client, &worker) == 0 && !cluster.consumed_wal_files().is_empty()
     });
 }
+
+/// With Redis setting the pace of merging, a worker closes its log file as soon as it holds more
+/// than Redis takes in under a second, not only every `worker_persist`: with `worker_persist: 60`,
+/// most of a bulk load is counted within seconds, and a strong count has every id of it.
+#[test]
+fn a_log_file_holding_more_than_a_second_of_merging_is_closed_before_worker_persist() {
+    let redis = RedisServer::start();
+    let (_cluster, worker) =
+        countapp_testcluster::lone_worker(&format!("store: redis\nredis_url: {}\nworker_persist: 60\n", redis.url()));
+    let (client, url) = (client(), worker.url());
+    let ids: Vec<String> = (0..400_000).map(|i| format!("bulk-{i:012}")).collect();
+    for chunk in ids.chunks(1000) {
+        let items: Vec<(&str, &str)> = chunk.iter().map(|id| ("bulk", id.as_str())).collect();
+        // Pushed back (nothing applied) while merging is behind, as a client retries.
+        eventually(SETTLE, "the batch acknowledged", || match post(&client, &url, batch(&items)).status() {
+            StatusCode::OK => true,
+            StatusCode::SERVICE_UNAVAILABLE => false,
+            other => panic!("{other}"),
+        });
+    }
+    eventually(Duration::from_secs(20), "most of the bulk counted long before worker_persist", || {
+        try_count(&client, &url, "bulk").is_some_and(|count| count >= 200_000)
+    });
+    let strong = get_json(&client, &format!("{url}/items/bulk/count?consistency=strong"));
+    assert_eq!(strong["count"], 400_000);
+}

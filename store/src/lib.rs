@@ -525,13 +525,23 @@ impl Store {
 
     /// How far behind merging is, if past `bound`: ingest is then to be pushed back, so that
     /// counts converge within about `worker_persist` and `bound` of the last acknowledgement.
-    /// `None` while merging keeps up, and while the backend cannot be reached (the log then
-    /// takes the ingest, up to the worker's `max_pending_items`).
+    /// Where the backend sets the pace (Redis), the active log file's merge counts too: it is
+    /// what is left to merge once its load stops. `None` while merging keeps up, and while the
+    /// backend cannot be reached (the log then takes the ingest, up to the worker's
+    /// `max_pending_items`).
     pub fn outrun(&self, bound: Duration) -> Option<Duration> {
         if self.sets.failing() {
             return None;
         }
-        Some(self.sets.merge_lag()).filter(|lag| *lag > bound)
+        let active = self.sets.merge_time(self.writer.active_bytes()).unwrap_or_default();
+        Some(self.sets.merge_lag() + active).filter(|lag| *lag > bound)
+    }
+
+    /// Whether the active log file holds more than the backend merges in `bound` at its pace
+    /// (Redis): closed at once rather than at the next `worker_persist`, it is merged in pieces
+    /// of at most that, and a load that stops leaves at most that in its active file.
+    pub fn log_outgrows(&self, bound: Duration) -> bool {
+        !self.sets.failing() && self.sets.merge_time(self.writer.active_bytes()).is_some_and(|time| time > bound)
     }
 
     /// Items this worker acknowledged that are still in its log files, not yet taken by the

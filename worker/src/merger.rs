@@ -7,7 +7,10 @@
 //! [`POLL`] for log files that other workers closed, and for workers that came or went
 //! ([`Store::merge`], which costs one listing when nothing changed), so that a dead worker's
 //! files are merged at once too. An item is counted about `worker_persist` after its
-//! acknowledgement, at most. An edit of `worker_persist` takes effect at the next look.
+//! acknowledgement, at most. Where the tenants' store sets the pace of merging (Redis), a log
+//! file that holds more than [`MOST_MERGE_PER_FILE`] of merging is closed at once: merged in such
+//! pieces, a load leaves that much at most to merge when it stops. An edit of `worker_persist`
+//! takes effect at the next look.
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -23,6 +26,10 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long after the instant every worker closes its log file a merge round starts: long
 /// enough for every worker to have closed it.
 const SETTLE: Duration = Duration::from_millis(50);
+/// The most merging an active log file may hold at the backend's pace (Redis) before it is
+/// closed, ahead of the next `worker_persist`: what a load that stops leaves to merge once its
+/// last file closes, well within the 2 s that counts may take past `worker_persist`.
+const MOST_MERGE_PER_FILE: Duration = Duration::from_millis(750);
 /// After failed rounds, the next waits longer, doubling up to this: a tenant store that is down
 /// (Redis) is retried without being hammered, and the log keeps everything meanwhile.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -80,6 +87,12 @@ fn run(store: &Store, config: &LiveConfig, metrics: &Metrics, stopped: &mpsc::Re
             next_close = close_instant(every);
             next_merge = Instant::now() + SETTLE;
             continue;
+        }
+        if store.log_outgrows(MOST_MERGE_PER_FILE) {
+            match store.close_log() {
+                Ok(()) => next_merge = next_merge.min(Instant::now()),
+                Err(e) => tracing::error!(error = %e, "cannot close the log file"),
+            }
         }
         if Instant::now() < next_merge {
             continue;

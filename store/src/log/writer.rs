@@ -255,6 +255,11 @@ impl Writer {
         Ok(())
     }
 
+    /// Bytes of the active file: its header and whole records.
+    pub(crate) fn active_bytes(&self) -> u64 {
+        self.log.active.lock().len
+    }
+
     /// Items in the active file.
     pub(crate) fn active_items(&self) -> u64 {
         self.log.active.lock().items

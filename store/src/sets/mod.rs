@@ -101,6 +101,13 @@ pub(crate) trait TenantSets: Send + Sync {
     /// last written: zero when it keeps up.
     fn merge_lag(&self) -> Duration;
 
+    /// How long merging `bytes` of log takes at the pace the backend sets, where it sets one
+    /// (Redis takes ids slower than a log takes them); `None` where merging is not paced so, or
+    /// no pace is known yet.
+    fn merge_time(&self, _bytes: u64) -> Option<Duration> {
+        None
+    }
+
     /// Whether merging fails for a cause other than load (the backend unreachable, or unable to
     /// confirm its writes): the lag it causes is then no reason to push ingest back.
     fn failing(&self) -> bool {
