@@ -559,6 +559,7 @@ impl Shards {
         let mut gone = Vec::new();
         for (shard, record, ShardChange { dropped, counts }) in merged {
             let state = owned.get_mut(&shard).expect("merged shards are owned");
+            // Before the shard's lock goes: its index has one writer at a time, as its files do.
             if committed.is_ok() {
                 self.update_index(shard, &record, state, counts);
             }
