@@ -179,6 +179,16 @@ fn scrape(url: &str) -> (String, HashMap<String, String>) {
     (text, types)
 }
 
+/// The user and system CPU seconds of process `pid`, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, in parentheses: utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / ticks
+}
+
 #[test]
 fn the_expositions_of_a_running_cluster_follow_prometheus_conventions_and_hold_what_operators_alert_on() {
     let (ports, listen) = ((0..2).map(|_| free_port()).collect::<Vec<u16>>(), free_port());
@@ -192,7 +202,10 @@ fn the_expositions_of_a_running_cluster_follow_prometheus_conventions_and_hold_w
 
     // A worker: requests timed by route, its merge lag and backlog, build info, process_*.
     let worker = format!("http://127.0.0.1:{}", ports[0]);
+    let worker_pid = coordinator.pid_of(ports[0]);
+    let cpu_before = cpu_seconds(worker_pid);
     let (text, types) = scrape(&worker);
+    let cpu_after = cpu_seconds(worker_pid);
     assert_eq!(types["countapp_worker_request_duration_seconds"], "histogram");
     assert!(metric(&text, "countapp_worker_request_duration_seconds_count", &[("route", "/ready")]) > Some(0.0));
     for gauge in ["countapp_worker_merge_lag_seconds", "countapp_worker_pending_items", "process_resident_memory_bytes"]
@@ -202,7 +215,10 @@ fn the_expositions_of_a_running_cluster_follow_prometheus_conventions_and_hold_w
     }
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(metric(&text, "countapp_worker_build_info", &[("version", version)]), Some(1.0));
-    assert!(metric(&text, "process_cpu_seconds_total", &[]) > Some(0.0));
+    // As `/proc` tells it, around the scrape: a worker that has used less than a clock tick
+    // rightly says 0.
+    let cpu = metric(&text, "process_cpu_seconds_total", &[]).unwrap();
+    assert!((cpu_before..=cpu_after).contains(&cpu), "{cpu} s, not within {cpu_before}..={cpu_after} s");
     assert!(metric(&text, "process_open_fds", &[]) > Some(0.0));
     let started = metric(&text, "process_start_time_seconds", &[]).unwrap();
     assert!(metric(&text, "process_max_fds", &[]) > Some(0.0));
