@@ -533,15 +533,19 @@ impl Store {
         if self.sets.failing() {
             return None;
         }
-        let active = self.sets.merge_time(self.writer.active_bytes()).unwrap_or_default();
-        Some(self.sets.merge_lag() + active).filter(|lag| *lag > bound)
+        Some(self.sets.merge_lag() + self.active_merge_time().unwrap_or_default()).filter(|lag| *lag > bound)
     }
 
     /// Whether the active log file holds more than the backend merges in `bound` at its pace
     /// (Redis): closed at once rather than at the next `worker_persist`, it is merged in pieces
     /// of at most that, and a load that stops leaves at most that in its active file.
     pub fn log_outgrows(&self, bound: Duration) -> bool {
-        !self.sets.failing() && self.sets.merge_time(self.writer.active_bytes()).is_some_and(|time| time > bound)
+        !self.sets.failing() && self.active_merge_time().is_some_and(|time| time > bound)
+    }
+
+    /// How long merging the active log file takes at the backend's pace, where it sets one.
+    fn active_merge_time(&self) -> Option<Duration> {
+        self.sets.merge_time(self.writer.active_bytes())
     }
 
     /// Items this worker acknowledged that are still in its log files, not yet taken by the

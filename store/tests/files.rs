@@ -131,6 +131,19 @@ fn listed(expected: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
     expected.iter().filter(|(_, n)| **n > 0).map(|(t, n)| (t.clone(), *n)).collect()
 }
 
+/// The database of the fixture `name`, opened by `worker` of this release and merged (two rounds):
+/// every tenant must count what the fixture was written with.
+fn merged_fixture(name: &str, worker: &str) -> (tempfile::TempDir, PathBuf, Store, BTreeMap<String, u64>) {
+    let (dir, db, expected) = fixture(name);
+    let store = open(&db, worker);
+    store.flush().unwrap();
+    store.flush().unwrap();
+    for (tenant, count) in &expected {
+        assert_eq!(store.count_blocking(tenant).unwrap(), *count, "{tenant}");
+    }
+    (dir, db, store, expected)
+}
+
 /// The shard directories of `db` that hold a list of tenants.
 fn shards_with_tenants(db: &Path) -> Vec<PathBuf> {
     let shards = fs::read_dir(db.join("shards")).unwrap().map(|shard| shard.unwrap().path());
@@ -142,13 +155,7 @@ fn shards_with_tenants(db: &Path) -> Vec<PathBuf> {
 /// closed): opened and merged by this release, every tenant counts what was acknowledged.
 #[test]
 fn a_database_of_the_previous_release_opens_and_counts_every_id() {
-    let (_dir, db, expected) = fixture("db-before-log-v2");
-    let store = open(&db, "127.0.0.1-7101");
-    store.flush().unwrap();
-    store.flush().unwrap();
-    for (tenant, count) in &expected {
-        assert_eq!(store.count_blocking(tenant).unwrap(), *count, "{tenant}");
-    }
+    let (_dir, db, store, expected) = merged_fixture("db-before-log-v2", "127.0.0.1-7101");
     // Its tenants list in byte order, a page of 3 at a time: the shards' lists of names, which
     // that release did not keep, are written from its tenant files.
     assert_eq!(listing(&store, 3), listed(&expected));
@@ -171,13 +178,7 @@ fn a_database_of_the_previous_release_opens_and_counts_every_id() {
 /// with tenants has an index that ends at its record's generation, as listings read it.
 #[test]
 fn a_database_written_before_indexes_of_counts_counts_and_lists_every_id() {
-    let (_dir, db, expected) = fixture("db-before-counts");
-    let store = open(&db, "127.0.0.1-7601");
-    store.flush().unwrap();
-    store.flush().unwrap();
-    for (tenant, count) in &expected {
-        assert_eq!(store.count_blocking(tenant).unwrap(), *count, "{tenant}");
-    }
+    let (_dir, db, store, mut expected) = merged_fixture("db-before-counts", "127.0.0.1-7601");
     assert_eq!(listing(&store, 4), listed(&expected));
     let shards = shards_with_tenants(&db);
     assert!(shards.len() >= 13, "{shards:?}");
@@ -191,7 +192,6 @@ fn a_database_written_before_indexes_of_counts_counts_and_lists_every_id() {
     append(&store, "big", 0, 10);
     append(&store, "new", 0, 3);
     store.flush().unwrap();
-    let mut expected = expected;
     *expected.get_mut("big").unwrap() += 10;
     expected.insert("new".to_owned(), 3);
     assert_eq!(listing(&store, 1000), listed(&expected));
