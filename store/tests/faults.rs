@@ -132,13 +132,14 @@ fn faulty_round(db: &Path, fault: Fault, n: usize) -> Vec<(Op, PathBuf)> {
     faults::take_injected()
 }
 
-/// Heals: the worker restarts on a working disk, the junk is removed, and rounds run; every
-/// tenant must then count exactly the ids acknowledged.
-fn heal_and_check(db: &Path, acked: &BTreeMap<String, BTreeSet<String>>, case: &str) {
+/// Heals: the worker restarts on a working disk, the junk file of tenant `junk` (if any) is
+/// removed, and rounds run; every tenant must then count, and list, exactly the ids acknowledged.
+fn heal_and_check(db: &Path, acked: &BTreeMap<String, BTreeSet<String>>, junk: Option<&str>, case: &str) {
     let store = open(db, WORKER).unwrap_or_else(|e| panic!("{case}: reopening: {e}"));
     store.flush().unwrap_or_else(|e| panic!("{case}: the first round after healing: {e}"));
-    let junk = tenant_file(db, "bad");
-    if fs::read(&junk).is_ok_and(|bytes| bytes == b"junk") {
+    if let Some(junk) = junk.map(|tenant| tenant_file(db, tenant))
+        && fs::read(&junk).is_ok_and(|bytes| bytes == b"junk")
+    {
         fs::remove_file(&junk).unwrap();
     }
     store.flush().unwrap_or_else(|e| panic!("{case}: the round after the repair: {e}"));
@@ -182,7 +183,7 @@ fn a_failure_at_every_io_call_of_a_round_loses_nothing_once_healed() {
             let Some((op, path)) = injected.first().cloned() else { break };
             cases += 1;
             *covered.entry(op).or_default() += 1;
-            heal_and_check(&db, &acked, &format!("{fault:?} at call {n} ({op:?} on {})", path.display()));
+            heal_and_check(&db, &acked, Some("bad"), &format!("{fault:?} at call {n} ({op:?} on {})", path.display()));
             fs::remove_dir_all(&db).unwrap();
         }
     }
@@ -205,6 +206,31 @@ fn a_failure_at_every_io_call_of_a_round_loses_nothing_once_healed() {
         Op::Lock,
     ] {
         assert!(covered.contains_key(&op), "no round made a {op:?} call fail: {covered:?}");
+    }
+    scenario.teardown();
+}
+
+/// A tenant whose first merge fails, at any call of the round (a failed listing of its shard
+/// quarantines it before it has a file), counts and lists its ids once healed: repaired, it is
+/// named in its shard's list with its new file.
+#[test]
+fn a_new_tenant_whose_first_merge_fails_at_any_call_counts_and_lists_once_healed() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap();
+    for n in 0.. {
+        let db = dir.path().join(format!("case-{n}"));
+        let mut acked = BTreeMap::new();
+        append(&open(&db, WORKER).unwrap(), &mut acked, "fresh", 0, 5);
+        let injected = faulty_round(&db, Fault::Once("EIO"), n);
+        let Some((op, path)) = injected.first() else { break };
+        let case = format!("EIO at call {n} ({op:?} on {})", path.display());
+        heal_and_check(&db, &acked, None, &case);
+        // Named in its shard's list, which listings read where the shard's index of counts is
+        // not current.
+        let shards = fs::read_dir(db.join("shards")).unwrap().flatten();
+        let names: String =
+            shards.map(|shard| fs::read_to_string(shard.path().join("TENANTS")).unwrap_or_default()).collect();
+        assert!(names.lines().any(|line| line == "\"fresh\""), "{case}: no line names fresh: {names:?}");
     }
     scenario.teardown();
 }

@@ -679,7 +679,16 @@ impl Shards {
         let mut named = Vec::new();
         state.unnamed = false;
         state.unindexed = false;
-        self.retry_quarantined(shard, record, state, commit, &mut change.counts, report)?;
+        // A repaired tenant may have had no file before (quarantined at its first merge): it is
+        // named with its file like a new one, a line too many for one that had (which readers
+        // take once).
+        for (name, count) in self.retry_quarantined(shard, record, state, commit, report)? {
+            match &mut rewrite {
+                Some(listed) => drop(listed.insert(name.clone())),
+                None => named.extend_from_slice(&names::line(&name)),
+            }
+            change.counts.push((name, count));
+        }
         for (name, runs) in tenants {
             let file_name = tenant_file_name(name);
             let path = dir.join(&file_name);
@@ -797,16 +806,15 @@ impl Shards {
 
     /// Tries again each quarantined tenant of a locked shard that is due (see
     /// [`Quarantine::due`]): one that loads now takes the ids kept for it, and leaves
-    /// quarantine, its count noted in `counts`.
+    /// quarantine. Returns those repaired, each with its count.
     fn retry_quarantined(
         &self,
         shard: u16,
         record: &mut ShardRecord,
         state: &mut OwnedShard,
         commit: &mut Commit,
-        counts: &mut Vec<(String, u64)>,
         report: &mut MergeReport,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<(String, u64)>, StoreError> {
         let dir = shard_dir(&self.root, shard);
         load_quarantined(&record.quarantined, &mut state.quarantined, &dir, &self.root)?;
         let mut repaired = Vec::new();
@@ -826,8 +834,7 @@ impl Shards {
                     );
                     report.new_ids += new;
                     commit.remove_after(Quarantine::path_of(&path));
-                    repaired.push(name.clone());
-                    counts.push((name.clone(), tenant.count()));
+                    repaired.push((name.clone(), tenant.count()));
                     state.tenants.insert(name.clone(), tenant);
                     if let Some(files) = &mut state.files {
                         files.insert(tenant_file_name(name));
@@ -841,12 +848,12 @@ impl Shards {
                 }
             }
         }
-        for name in repaired {
-            record.quarantined.remove(&name);
-            state.quarantined.remove(&name);
+        for (name, _) in &repaired {
+            record.quarantined.remove(name);
+            state.quarantined.remove(name);
         }
         state.quarantined.retain(|name, _| record.quarantined.contains_key(name));
-        Ok(())
+        Ok(repaired)
     }
 
     /// Deletes the listed log files that every shard they hold runs of has merged, and the
