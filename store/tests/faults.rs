@@ -211,8 +211,9 @@ fn a_failure_at_every_io_call_of_a_round_loses_nothing_once_healed() {
 }
 
 /// A tenant whose first merge fails, at any call of the round (a failed listing of its shard
-/// quarantines it before it has a file), counts and lists its ids once healed: repaired, it is
-/// named in its shard's list with its new file.
+/// quarantines it before it has a file; a large one's first segment may be in place before the
+/// round fails), counts and lists its ids once healed: it is named in its shard's list with its
+/// new file.
 #[test]
 fn a_new_tenant_whose_first_merge_fails_at_any_call_counts_and_lists_once_healed() {
     let scenario = fail::FailScenario::setup();
@@ -220,7 +221,10 @@ fn a_new_tenant_whose_first_merge_fails_at_any_call_counts_and_lists_once_healed
     for n in 0.. {
         let db = dir.path().join(format!("case-{n}"));
         let mut acked = BTreeMap::new();
-        append(&open(&db, WORKER).unwrap(), &mut acked, "fresh", 0, 5);
+        let store = open(&db, WORKER).unwrap();
+        append(&store, &mut acked, "fresh", 0, 5);
+        append(&store, &mut acked, "large", 0, 1100);
+        drop(store);
         let injected = faulty_round(&db, Fault::Once("EIO"), n);
         let Some((op, path)) = injected.first() else { break };
         let case = format!("EIO at call {n} ({op:?} on {})", path.display());
@@ -230,7 +234,10 @@ fn a_new_tenant_whose_first_merge_fails_at_any_call_counts_and_lists_once_healed
         let shards = fs::read_dir(db.join("shards")).unwrap().flatten();
         let names: String =
             shards.map(|shard| fs::read_to_string(shard.path().join("TENANTS")).unwrap_or_default()).collect();
-        assert!(names.lines().any(|line| line == "\"fresh\""), "{case}: no line names fresh: {names:?}");
+        for tenant in ["fresh", "large"] {
+            let line = format!("{tenant:?}");
+            assert!(names.lines().any(|named| named == line), "{case}: no line names {tenant}: {names:?}");
+        }
     }
     scenario.teardown();
 }

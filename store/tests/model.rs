@@ -378,3 +378,33 @@ fn a_worker_that_regains_a_shard_reloads_what_another_changed() {
     append(&reader, &big, 0..3500);
     assert_eq!(reader.flush().unwrap().new_ids, 0);
 }
+
+/// A tenant repaired in a round that also brings it new ids takes both in one merge: merged
+/// twice, its second merge looked for the segment its first had only staged, and failed. Here
+/// a small tenant's file is junk while 1,025 ids arrive (kept in quarantine), is restored, and
+/// 1,499 more arrive for the round that repairs it, enough for it to grow into a segment.
+#[test]
+fn a_repaired_tenant_takes_its_kept_ids_and_the_rounds_new_ids_in_one_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let store = open(&db, 0, FsyncPolicy::Always);
+    let append = |ids: std::ops::Range<u32>| {
+        let ids: Vec<String> = ids.map(|id| format!("{id:08}")).collect();
+        let batch: Vec<Item> = ids.iter().map(|id| Item::new("a", id)).collect();
+        store.append_blocking(&batch).unwrap();
+    };
+    append(0..1);
+    store.flush().unwrap();
+    let file = tenant_file(&db, "a").unwrap();
+    let saved = fs::read(&file).unwrap();
+    fs::write(&file, "junk").unwrap();
+    append(0..1025);
+    store.flush().unwrap();
+    assert!(store.count_blocking("a").is_err(), "quarantined while its file is junk");
+    fs::write(&file, saved).unwrap();
+    append(1692..3191);
+    store.flush().unwrap();
+    assert_eq!(store.count_blocking("a").unwrap(), 1025 + 1499);
+    assert_eq!(read_count(&db, "a").unwrap(), 1025 + 1499);
+    assert!(store.stats().quarantined.is_empty(), "{:?}", store.stats().quarantined);
+}

@@ -116,10 +116,10 @@ struct OwnedShard {
     /// ours. Small ones are dropped after each round: their file is read again when needed,
     /// which costs less than keeping a million of them.
     tenants: HashMap<String, Tenant>,
-    /// The names of the tenant files in the shard's directory, listed when the shard was
-    /// locked first or changed hands, and kept up to date since: a new tenant needs no look
-    /// for a file it does not have.
-    files: Option<HashSet<String>>,
+    /// The names of the tenant files in the shard's directory (see [`list_tenant_files`]),
+    /// listed when the shard was locked first or changed hands, and kept up to date since: a
+    /// new tenant needs no look for a file it does not have.
+    files: Option<TenantFiles>,
     /// The tenants of `record.quarantined`, read from their quarantine files.
     quarantined: HashMap<String, Quarantine>,
     /// Whether the shard has no list of its tenants' names yet (one written by an earlier
@@ -682,14 +682,15 @@ impl Shards {
         // A repaired tenant may have had no file before (quarantined at its first merge): it is
         // named with its file like a new one, a line too many for one that had (which readers
         // take once).
-        for (name, count) in self.retry_quarantined(shard, record, state, commit, report)? {
+        let repaired = self.retry_quarantined(shard, record, state, tenants, commit, report)?;
+        for (name, count) in &repaired {
             match &mut rewrite {
                 Some(listed) => drop(listed.insert(name.clone())),
-                None => named.extend_from_slice(&names::line(&name)),
+                None => named.extend_from_slice(&names::line(name)),
             }
-            change.counts.push((name, count));
+            change.counts.push((name.clone(), *count));
         }
-        for (name, runs) in tenants {
+        for (name, runs) in tenants.iter().filter(|(name, _)| !repaired.iter().any(|(r, _)| r == *name)) {
             let file_name = tenant_file_name(name);
             let path = dir.join(&file_name);
             let ids = || runs.iter().flat_map(Run::ids);
@@ -704,7 +705,7 @@ impl Shards {
             };
             let merged = files.and_then(|files| match state.tenants.entry_ref(*name) {
                 hashbrown::hash_map::EntryRef::Occupied(entry) => Ok(entry.into_mut()),
-                hashbrown::hash_map::EntryRef::Vacant(entry) if files.contains(&file_name) => {
+                hashbrown::hash_map::EntryRef::Vacant(entry) if files.contains_key(&file_name) => {
                     Tenant::load(path.clone(), name).map(|tenant| entry.insert(tenant))
                 }
                 hashbrown::hash_map::EntryRef::Vacant(entry) => Ok(entry.insert(Tenant::new(path.clone()))),
@@ -716,7 +717,7 @@ impl Shards {
                     report.new_ids += new;
                     report.tenants += 1;
                     if let Some(files) = &mut state.files
-                        && files.insert(file_name)
+                        && files.insert(file_name, true) != Some(true)
                     {
                         // Its first file: named in the shard's list before the file is in place.
                         match &mut rewrite {
@@ -805,13 +806,16 @@ impl Shards {
     }
 
     /// Tries again each quarantined tenant of a locked shard that is due (see
-    /// [`Quarantine::due`]): one that loads now takes the ids kept for it, and leaves
-    /// quarantine. Returns those repaired, each with its count.
+    /// [`Quarantine::due`]): one that loads now takes the ids kept for it and its runs of this
+    /// round, `tenants`, in one merge (a second merge in the same round would look for the
+    /// segments the first only staged), and leaves quarantine. Returns those repaired, each
+    /// with its count.
     fn retry_quarantined(
         &self,
         shard: u16,
         record: &mut ShardRecord,
         state: &mut OwnedShard,
+        tenants: &HashMap<&str, Vec<Run>>,
         commit: &mut Commit,
         report: &mut MergeReport,
     ) -> Result<Vec<(String, u64)>, StoreError> {
@@ -821,8 +825,10 @@ impl Shards {
         for (name, quarantine) in state.quarantined.iter_mut().filter(|(_, q)| q.due()) {
             let path = dir.join(tenant_file_name(name));
             let mut staged = commit.nested();
-            let loaded = Tenant::load(path.clone(), name)
-                .and_then(|mut tenant| tenant.merge(name, quarantine.kept(), &mut staged).map(|new| (tenant, new)));
+            let runs = tenants.get(name.as_str()).into_iter().flatten().flat_map(Run::ids);
+            let loaded = Tenant::load(path.clone(), name).and_then(|mut tenant| {
+                tenant.merge(name, quarantine.kept().chain(runs), &mut staged).map(|new| (tenant, new))
+            });
             match loaded {
                 Ok((tenant, new)) => {
                     commit.absorb(staged);
@@ -833,11 +839,12 @@ impl Shards {
                         "tenant repaired: out of quarantine"
                     );
                     report.new_ids += new;
+                    report.tenants += u64::from(tenants.contains_key(name.as_str()));
                     commit.remove_after(Quarantine::path_of(&path));
                     repaired.push((name.clone(), tenant.count()));
                     state.tenants.insert(name.clone(), tenant);
                     if let Some(files) = &mut state.files {
-                        files.insert(tenant_file_name(name));
+                        files.insert(tenant_file_name(name), true);
                     }
                 }
                 Err(e) => {
@@ -1220,16 +1227,22 @@ fn tenant_file_name(tenant: &str) -> String {
     format!("{}.json", tenant_file_stem(tenant))
 }
 
+/// The tenant files of a shard by name, each with whether the file exists (`false`: only the
+/// tenant's directory of segments does).
+pub(super) type TenantFiles = HashMap<String, bool>;
+
 /// The names of the tenant files in the shard directory `dir`, with those of tenants that have
-/// a directory of segments but lost their file, whose manifest is to be rebuilt.
-pub(super) fn list_tenant_files(dir: &Path) -> Result<HashSet<String>, StoreError> {
-    let mut files = HashSet::new();
+/// a directory of segments but no file: its manifest is to be rebuilt (it was lost), or written
+/// for the first time (the tenant's first merge failed after its first segment), and in either
+/// case the tenant is named in the shard's list with it.
+pub(super) fn list_tenant_files(dir: &Path) -> Result<TenantFiles, StoreError> {
+    let mut files = TenantFiles::new();
     for entry in disk::entries(dir)? {
         let Ok(name) = entry.file_name().into_string() else { continue };
         if name.ends_with(".json") && name != SHARD_FILE {
-            files.insert(name);
+            files.insert(name, true);
         } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            files.insert(format!("{name}.json"));
+            files.entry(format!("{name}.json")).or_insert(false);
         }
     }
     Ok(files)

@@ -72,7 +72,7 @@ fn from_heads(dir: &Path) -> Result<BTreeSet<String>, StoreError> {
         Err(e) => return Err(e),
     };
     let mut names = BTreeSet::new();
-    for file in files {
+    for file in files.into_keys() {
         match disk::read(&dir.join(&file)) {
             Ok(bytes) => names.extend(serde_json::from_slice::<Head>(&bytes).ok().map(|head| head.tenant)),
             Err(e) if e.not_found() => {}
