@@ -32,9 +32,11 @@ bench: build
 bench-scale: build
 	./target/release/xtask bench-scale
 
-# The store's criterion benchmarks: ingest and flush, flush against tenant size, open.
+# The store's criterion benchmarks: ingest and flush, flush against tenant size, flushes into
+# Redis (redis-server, valkey-server, a Redis Cluster), open.
 bench-store: toolchain
-	cargo bench -p countapp-store
+	./scripts/ensure-packages.sh redis-server:redis-server redis-cli:redis-server
+	VALKEY_SERVER=$$(./scripts/ensure-valkey.sh) cargo bench -p countapp-store
 
 # The build's output (target/). The cluster's data stays: that is `make reset`.
 clean: toolchain

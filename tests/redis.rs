@@ -163,13 +163,15 @@ fn a_three_master_cluster_counts_exactly_over_many_tenants() {
 /// afterwards. The master killed is the seed node of `redis_url`, so that the workers must find
 /// the cluster through the others. Until it comes back, as a replica of the promoted one, the
 /// promoted master has no replica to confirm `WAIT 1`: the workers keep their log files, and
-/// consume them once it is back.
+/// consume them once it is back. Each worker spreads its merges over two connections, each
+/// confirming its own writes with `WAIT`.
 #[test]
 fn a_master_killed_under_load_fails_over_to_its_replica_and_loses_nothing() {
     let mut redis = RedisCluster::start_with_replicas(3, 1, Duration::from_millis(1000));
     let seed = 0;
     let replica = *redis.replicas_of(seed).first().expect("the seed node is a master with a replica");
-    let (cluster, ports, listen) = cluster(3, &redis.url(), true, "redis_wait_replicas: 1\n");
+    let config = "redis_wait_replicas: 1\nredis_merge_connections: 2\n";
+    let (cluster, ports, listen) = cluster(3, &redis.url(), true, config);
     let mut coordinator = cluster.coordinator(listen);
     coordinator.wait_live(3);
     let client = client();

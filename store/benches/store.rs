@@ -11,6 +11,9 @@
 //!   times each (a repeat is sent to Redis once); and `sadd_into_redis/<shape>`, the same items
 //!   sent by the redis crate alone, pipelined, repeats and all: what the store adds to (or
 //!   saves of) Redis's own cost.
+//! - `spread_into_redis/<server>/<connections>`: one flush of 1M new ids over 1,000 tenants,
+//!   its pipelines spread over 1, 2 or 4 connections (`redis_merge_connections`), into
+//!   redis-server, valkey-server with two I/O threads, and a Redis Cluster of three masters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -211,5 +214,63 @@ fn flush_into_redis(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append_then_flush, flush_into_large_tenant, flush_new_small_tenants, flush_into_redis);
+/// Connections a merge is spread over in `spread_into_redis`.
+const SPREADS: [usize; 3] = [1, 2, 4];
+
+/// One flush of 1M new ids over 1,000 tenants (16 MB of ids, four pipelines) spread over 1, 2
+/// and 4 connections: into redis-server (one thread), into valkey-server with two I/O threads
+/// (where `VALKEY_SERVER` names one), and into a Redis Cluster of three masters.
+fn spread_into_redis(c: &mut Criterion) {
+    use countapp_testcluster::redis::{RedisCluster, RedisServer};
+    let mut group = c.benchmark_group("spread_into_redis");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(1_000_000));
+    let valkey = std::env::var("VALKEY_SERVER").ok();
+    // (name, URL, whether a cluster, the running servers: killed when dropped.)
+    let mut servers: Vec<(&str, String, bool, Box<dyn std::any::Any>)> = Vec::new();
+    let redis = RedisServer::start_binary("redis-server", false);
+    servers.push(("redis", redis.url(), false, Box::new(redis)));
+    if let Some(valkey) = &valkey {
+        let valkey = RedisServer::start_binary_with(valkey, false, &["--io-threads", "2"]);
+        servers.push(("valkey_io_threads_2", valkey.url(), false, Box::new(valkey)));
+    }
+    let cluster = RedisCluster::start(3);
+    servers.push(("cluster_of_3", cluster.url(), true, Box::new(cluster)));
+    let mut round = 0;
+    for (server, url, cluster, _running) in &servers {
+        for connections in SPREADS {
+            let dir = tempfile::tempdir().unwrap();
+            let options = StoreOptions {
+                store: countapp_shared::config::StoreKind::Redis,
+                redis_url: Some(url.clone()),
+                redis_cluster: *cluster,
+                settings: Settings { redis_merge_connections: connections, ..Settings::default() },
+                ..StoreOptions::default()
+            };
+            let store = Store::open(dir.path(), "bench", options).unwrap();
+            group.bench_function(BenchmarkId::new(*server, connections), |b| {
+                b.iter_batched(
+                    || {
+                        round += 1;
+                        for batch in redis_items(round, 1_000, 1_000, 1).chunks(10_000) {
+                            store.append_blocking(&as_items(batch)).unwrap();
+                        }
+                    },
+                    |()| store.flush().unwrap(),
+                    BatchSize::PerIteration,
+                )
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    append_then_flush,
+    flush_into_large_tenant,
+    flush_new_small_tenants,
+    flush_into_redis,
+    spread_into_redis
+);
 criterion_main!(benches);

@@ -124,6 +124,8 @@ pub struct Settings {
     pub fsync: FsyncPolicy,
     /// With Redis, what a log file's deletion waits for.
     pub redis_handoff: RedisHandoff,
+    /// With Redis, how many connections a merge spreads its pipelines over.
+    pub redis_merge_connections: usize,
     /// Bytes of damaged files kept under `damaged/` at most.
     pub damaged_max_bytes: u64,
 }
@@ -134,6 +136,7 @@ impl Settings {
         Settings {
             fsync: config.fsync,
             redis_handoff: config.redis_handoff(),
+            redis_merge_connections: config.redis_merge_connections(),
             damaged_max_bytes: config.damaged_max_bytes(),
         }
     }
@@ -141,7 +144,12 @@ impl Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { fsync: FsyncPolicy::EverySec, redis_handoff: RedisHandoff::default(), damaged_max_bytes: 1 << 30 }
+        Settings {
+            fsync: FsyncPolicy::EverySec,
+            redis_handoff: RedisHandoff::default(),
+            redis_merge_connections: 1,
+            damaged_max_bytes: 1 << 30,
+        }
     }
 }
 

@@ -413,6 +413,37 @@ fn with_waitaof_a_merged_log_file_is_deleted_at_once() {
     assert!(left.iter().all(|f| f.extension().is_some_and(|e| e == "open")), "{left:?}");
 }
 
+/// A merge spread over several connections (`redis_merge_connections`) counts every id once,
+/// and each connection asks Redis to confirm its own writes before the log file goes: `WAITAOF`
+/// confirms only the writes of the connection that sends it.
+#[test]
+fn a_merge_spread_over_connections_counts_every_id_and_each_connection_confirms() {
+    let backend = Backend::valkey_with_aof();
+    let store = backend.open_with_grace("w1", Duration::from_secs(600));
+    store.apply(&Settings { redis_merge_connections: 4, ..Settings::default() });
+    // 16 MB of ids over 4 tenants: four pipelines, each tenant's ids in several.
+    for tenant in ["a", "b", "c", "d"] {
+        append(&store, tenant, (0..250_000u32).map(|i| format!("{tenant}-{i:014}")));
+        append(&store, tenant, (0..1_000u32).map(|i| format!("{tenant}-{i:014}")));
+    }
+    store.flush().unwrap();
+    for tenant in ["a", "b", "c", "d"] {
+        assert_eq!(store.count_blocking(tenant).unwrap(), 250_000, "{tenant}");
+    }
+    let left = log_files(&backend.db());
+    assert!(left.iter().all(|f| f.extension().is_some_and(|e| e == "open")), "{left:?}");
+    let redis = backend.redis.as_ref().unwrap();
+    // Each connection sent a share of the ids: megabytes in.
+    let clients = redis.cli(&["client", "list"]);
+    let senders = clients.lines().filter(|client| {
+        let bytes_in = client.split(' ').find_map(|field| field.strip_prefix("tot-net-in="));
+        bytes_in.and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n > 1 << 20)
+    });
+    assert_eq!(senders.count(), 4, "{clients}");
+    let stats = redis.cli(&["info", "commandstats"]);
+    assert!(stats.lines().any(|line| line.starts_with("cmdstat_waitaof:calls=4,")), "{stats}");
+}
+
 /// Where it has `WAITAOF` but no append-only file, it refuses to confirm: a merged log file is
 /// consumed (`.done`), no longer pending, and kept for the grace.
 #[test]

@@ -47,21 +47,26 @@ impl RedisServer {
     /// A standalone server of `binary` (such as `valkey-server`) on a free port, with or without
     /// its append-only file.
     pub fn start_binary(binary: &str, aof: bool) -> RedisServer {
-        RedisServer::launch(binary, aof, None)
+        RedisServer::launch(binary, aof, None, &[])
+    }
+
+    /// A standalone server of `binary` with `extra` arguments (such as `--io-threads 2`).
+    pub fn start_binary_with(binary: &str, aof: bool, extra: &[&str]) -> RedisServer {
+        RedisServer::launch(binary, aof, None, extra)
     }
 
     /// A standalone `redis-server` listening on its TLS port alone, with `certificates`' server
     /// certificate, and asking every client for a certificate its authority signed.
     pub fn start_tls(certificates: Certificates) -> RedisServer {
-        RedisServer::launch("redis-server", true, Some(certificates))
+        RedisServer::launch("redis-server", true, Some(certificates), &[])
     }
 
-    fn launch(binary: &str, aof: bool, tls: Option<Certificates>) -> RedisServer {
+    fn launch(binary: &str, aof: bool, tls: Option<Certificates>, extra: &[&str]) -> RedisServer {
         let mut server = RedisServer {
             process: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
-            extra: Vec::new(),
+            extra: extra.iter().map(|&a| a.to_owned()).collect(),
             on: None,
             binary: binary.to_owned(),
             aof,

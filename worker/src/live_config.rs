@@ -8,8 +8,8 @@
 //!
 //! Every key applies live: the size limits and `max_pending_items` on the next request,
 //! `worker_persist` at the merger's next look (within 100 ms), `fsync` from the next append on,
-//! `redis_grace` and `redis_wait_replicas` from the next merge round, `damaged_max_bytes` at the
-//! next pruning (within a minute).
+//! `redis_grace`, `redis_wait_replicas` and `redis_merge_connections` from the next merge round,
+//! `damaged_max_bytes` at the next pruning (within a minute).
 //! The keys a running cluster cannot change ([`FIXED_KEYS`]) make an edit refused as a whole.
 
 use std::path::PathBuf;
@@ -63,7 +63,8 @@ impl LiveConfig {
     }
 
     /// Puts `new` in force, and the store's part of it (`fsync`, `redis_grace`,
-    /// `redis_wait_replicas`, `damaged_max_bytes`) if the store is open. Returns
+    /// `redis_wait_replicas`, `redis_merge_connections`, `damaged_max_bytes`) if the store is
+    /// open. Returns
     /// whether anything changed.
     pub(crate) fn apply(&self, new: Config, store: Option<&Store>) -> Result<bool, ApplyError> {
         let mut current = self.current.write();

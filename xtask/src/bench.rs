@@ -74,6 +74,10 @@ pub struct Options {
     /// (shared with a build), and 8 more to remove with their cluster.
     #[arg(long, env = "BENCH_LISTING_TENANTS", default_value_t = 1_000_000)]
     listing_tenants: u64,
+    /// Connections each worker's merge spreads its pipelines over in the runs of `store: redis`
+    /// (the config's `redis_merge_connections`).
+    #[arg(long, env = "BENCH_REDIS_MERGE_CONNECTIONS", default_value_t = 1)]
+    redis_merge_connections: u32,
     /// Only the reads, on their own fresh cluster: no rounds, and no run through Redis or HAProxy.
     #[arg(long, env = "BENCH_READS_ONLY", value_parser = clap::builder::FalseyValueParser::new())]
     reads_only: bool,
@@ -330,7 +334,9 @@ impl Bench<'_> {
             .find_map(|word| word.parse::<f64>().ok())
             .ok_or_else(|| anyhow!("no rate in redis-benchmark's {line:?}"))?;
         fresh(server)?;
-        let mut cluster = BenchCluster::start(&format!("store: redis\nredis_url: {}\n", server.url()));
+        let connections = self.options.redis_merge_connections;
+        let config = format!("store: redis\nredis_url: {}\nredis_merge_connections: {connections}\n", server.url());
+        let mut cluster = BenchCluster::start(&config);
         println!("=== {name}, run {run} of {rounds}: store: redis: POST through the coordinator ===");
         let post_json = out.join(format!("{name_run}-store-post.json"));
         let post_args = self.post_args(&cluster.url(), &post_json);

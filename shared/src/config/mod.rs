@@ -89,6 +89,10 @@ pub struct Config {
     /// where Redis has it) before the file is deleted.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub redis_wait_replicas: u32,
+    /// With `store: redis`, how many connections each worker's merge spreads its pipelines of
+    /// `SADD`s over. [`defaults::redis_merge_connections`] when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_merge_connections: Option<Positive>,
     /// Items a worker's log may hold pending (acknowledged, not yet merged) before ingest
     /// answers 503.
     #[serde(default = "defaults::max_pending_items")]
@@ -159,6 +163,10 @@ pub mod defaults {
     pub fn redis_grace() -> Seconds {
         Seconds::new(Duration::from_secs(2)).expect("within bounds")
     }
+    /// Connections a worker's merge sends over: one.
+    pub fn redis_merge_connections() -> Positive {
+        Positive::new(1).expect("positive")
+    }
     /// Items a worker's log holds pending (while its store is unreachable, say) before ingest
     /// answers 503: about a gigabyte of log.
     pub fn max_pending_items() -> Positive {
@@ -192,6 +200,8 @@ pub mod defaults {
 /// The shortest `redis_grace` accepted: Redis's `appendfsync everysec` writes its AOF to disk
 /// once a second, so a shorter grace could delete a log file whose ids Redis may still lose.
 pub const MIN_REDIS_GRACE: Duration = Duration::from_secs(1);
+/// The most connections `redis_merge_connections` opens: past it, a typo.
+pub const MAX_REDIS_MERGE_CONNECTIONS: u64 = 64;
 /// The largest `max_body_bytes` accepted: a body is held in memory whole.
 pub const MAX_BODY_BYTES_LIMIT: u64 = 1 << 30;
 /// The largest `max_key_bytes` accepted.
@@ -310,6 +320,11 @@ impl Config {
         }
     }
 
+    /// How many connections a worker's merge into Redis sends over.
+    pub fn redis_merge_connections(&self) -> usize {
+        self.redis_merge_connections.unwrap_or_else(defaults::redis_merge_connections).get() as usize
+    }
+
     /// How long a client has to send a whole request.
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout.unwrap_or_else(defaults::request_timeout).get()
@@ -407,6 +422,12 @@ impl Config {
             let message = format!("must be at most {MAX_WORKER_LOG_FILES}, got {}", files.get());
             return Err(invalid("worker_log_files", message));
         }
+        if let Some(connections) = self.redis_merge_connections
+            && connections.get() > MAX_REDIS_MERGE_CONNECTIONS
+        {
+            let message = format!("must be at most {MAX_REDIS_MERGE_CONNECTIONS}, got {}", connections.get());
+            return Err(invalid("redis_merge_connections", message));
+        }
         if let Some(timeout) = self.request_timeout
             && timeout.get() < MIN_REQUEST_TIMEOUT
         {
@@ -448,6 +469,9 @@ impl Config {
             }
             (StoreKind::Json, None) if self.redis_wait_replicas > 0 => {
                 Err(invalid("redis_wait_replicas", "is only used with store: redis"))
+            }
+            (StoreKind::Json, None) if self.redis_merge_connections.is_some() => {
+                Err(invalid("redis_merge_connections", "is only used with store: redis"))
             }
             _ => Ok(()),
         }
@@ -837,6 +861,9 @@ config_check: 5
             ("store: redis\nredis_url: redis://x:1\nredis_grace: 0\n", "redis_grace"),
             ("store: redis\nredis_url: redis://x:1\nredis_wait_replicas: -1\n", "redis_wait_replicas"),
             ("store: redis\nredis_url: redis://x:1\nredis_wait_replicas: 1.5\n", "redis_wait_replicas"),
+            ("redis_merge_connections: 2\n", "redis_merge_connections"),
+            ("store: redis\nredis_url: redis://x:1\nredis_merge_connections: 0\n", "redis_merge_connections"),
+            ("store: redis\nredis_url: redis://x:1\nredis_merge_connections: 65\n", "redis_merge_connections"),
         ] {
             let err = load(extra).unwrap_err().to_string();
             assert!(err.starts_with(&format!("{key}: ")), "{extra:?}: {err}");
@@ -844,12 +871,14 @@ config_check: 5
     }
 
     #[test]
-    fn the_redis_hand_off_defaults_to_a_two_second_grace_and_no_replicas() {
+    fn the_redis_hand_off_defaults_to_a_two_second_grace_no_replicas_and_one_merge_connection() {
         let base = "workers: [http://localhost:5001]\nstore: redis\nredis_url: redis://127.0.0.1:6379\n";
         let load = |extra: &str| Config::from_yaml_str(&format!("{base}{extra}"), Path::new("")).unwrap();
         let handoff = load("").redis_handoff();
         assert_eq!(handoff, RedisHandoff { grace: Duration::from_secs(2), wait_replicas: 0 });
         assert_eq!(handoff, RedisHandoff::default());
+        assert_eq!(load("").redis_merge_connections(), 1);
+        assert_eq!(load("redis_merge_connections: 64\n").redis_merge_connections(), 64);
         let set = load("redis_grace: 1\nredis_wait_replicas: 2\n").redis_handoff();
         assert_eq!(set, RedisHandoff { grace: Duration::from_secs(1), wait_replicas: 2 });
         let err = Config::from_yaml_str(&format!("{base}redis_grace: 0.999\n"), Path::new("")).unwrap_err();

@@ -9,7 +9,9 @@
 //!
 //! A log file is handed over to Redis, never just dropped once `SADD` returns: Redis may still
 //! lose what it acknowledged (AOF `everysec` and a power cut, a replica promoted in a failover).
-//! After the `SADD`s of a log's files, on the same connection:
+//! After the `SADD`s of a log's files, on each connection that sent them (a merge may spread its
+//! pipelines over several, `redis_merge_connections`, and Redis confirms a connection's own
+//! writes only):
 //!
 //! - where Redis has `WAITAOF` (7.2+) and its AOF is on, `WAITAOF 1 <redis_wait_replicas>` must
 //!   report the writes fsynced locally (and on that many replicas): the files are then deleted;
@@ -27,12 +29,13 @@
 //! is merged again rather than deleted. The process id (`run_id`) would not tell the last case.
 //! `SADD` is idempotent, so replaying costs nothing but the round trip.
 //!
-//! Merges run on the merger's thread over synchronous connections of their own; counts run on
-//! the request path over one multiplexed async connection, with a deadline.
+//! Merges run on the merger's thread (and, spread over several connections, on a thread per
+//! connection) over synchronous connections of their own; counts run on the request path over
+//! one multiplexed async connection, with a deadline.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use countapp_shared::config::RedisHandoff;
@@ -358,6 +361,8 @@ pub(crate) struct RedisTenants {
     /// How fast this worker's merges go, in log bytes per second of merging: an average over
     /// the recent rounds, to tell how long what waits will take.
     merge_rate: Mutex<Option<f64>>,
+    /// How many connections a merge sends its pipelines over, as of the last config edit.
+    merge_connections: AtomicUsize,
 }
 
 impl RedisTenants {
@@ -395,6 +400,7 @@ impl RedisTenants {
             named_earlier: AtomicBool::new(false),
             delete_asked: Mutex::new(None),
             merge_rate: Mutex::new(None),
+            merge_connections: AtomicUsize::new(settings.redis_merge_connections),
         })
     }
 
@@ -417,13 +423,24 @@ impl RedisTenants {
 
     /// Runs `op` on a working merge connection.
     fn with<T>(&self, op: impl FnOnce(&mut Pooled) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let taken = self.idle.lock().pop();
-        let mut connection = match taken {
-            Some(connection) => connection,
-            None => self.connect().map_err(unavailable)?,
+        self.with_many(1, |connections| op(&mut connections[0]))
+    }
+
+    /// Runs `op` on `n` working merge connections (one at least); they go back to the idle
+    /// ones only if `op` succeeds, and only as many as a merge now uses stay open.
+    fn with_many<T>(&self, n: usize, op: impl FnOnce(&mut [Pooled]) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut connections: Vec<Pooled> = {
+            let mut idle = self.idle.lock();
+            let keep = idle.len().saturating_sub(n.max(1));
+            idle.drain(keep..).collect()
         };
-        let result = op(&mut connection)?;
-        self.idle.lock().push(connection);
+        while connections.len() < n.max(1) {
+            connections.push(self.connect().map_err(unavailable)?);
+        }
+        let result = op(&mut connections)?;
+        let mut idle = self.idle.lock();
+        idle.extend(connections);
+        idle.truncate(self.merge_connections.load(Ordering::Relaxed).max(1));
         Ok(result)
     }
 
@@ -563,7 +580,7 @@ impl RedisTenants {
     /// the first that is gone (its restarted worker renamed it, or another merged it).
     fn merge_files<'f>(
         &self,
-        connection: &mut Pooled,
+        connections: &mut [Pooled],
         files: &[&'f LogFile],
         report: &mut MergeReport,
     ) -> Result<Vec<&'f LogFile>, StoreError> {
@@ -582,7 +599,7 @@ impl RedisTenants {
             });
             report.add_damage(damage);
         }
-        report.new_ids += sadd(connection, &by_tenant).map_err(unavailable)?;
+        report.new_ids += sadd(connections, &by_tenant).map_err(unavailable)?;
         report.tenants += by_tenant.len() as u64;
         report.log_files += read.len() as u64;
         // Its ids borrow from the files read.
@@ -683,13 +700,14 @@ impl RedisTenants {
                 }
             };
             let started = Instant::now();
-            let (merged, durable, redis) = self.with(|connection| {
+            let spread = self.merge_connections.load(Ordering::Relaxed);
+            let (merged, durable, redis) = self.with_many(spread, |connections| {
                 // A dead worker's consumed files are its inputs; once this worker consumed
                 // them too, they only wait out its grace.
                 let inputs: Vec<&LogFile> = log.inputs.iter().filter(|file| !consumed_here(log, file)).collect();
                 let mut merged = Vec::new();
                 for files in in_groups(&inputs) {
-                    let taken = self.merge_files(connection, files, report)?;
+                    let taken = self.merge_files(connections, files, report)?;
                     let gone = taken.len() < files.len();
                     merged.extend(taken);
                     if gone {
@@ -699,10 +717,16 @@ impl RedisTenants {
                 if merged.is_empty() {
                     return Ok((merged, Durable::Now, Identity::default()));
                 }
-                let durable = self.confirm(connection, handoff)?;
+                // Redis confirms a connection's own writes: each one that sent ids asks.
+                let mut durable = Durable::Now;
+                for connection in connections.iter_mut() {
+                    if let Durable::AfterGrace = self.confirm(connection, handoff)? {
+                        durable = Durable::AfterGrace;
+                    }
+                }
                 // Read once the writes are in: a history that later runs at least this far
                 // holds them.
-                let redis = identity(connection).map_err(unavailable)?;
+                let redis = identity(&mut connections[0]).map_err(unavailable)?;
                 Ok((merged, durable, redis))
             })?;
             self.note_rate(merged.iter().map(|file| file.len).sum(), started.elapsed());
@@ -1058,6 +1082,7 @@ impl TenantSets for RedisTenants {
 
     fn apply(&self, settings: &Settings) {
         *self.handoff.lock() = settings.redis_handoff;
+        self.merge_connections.store(settings.redis_merge_connections, Ordering::Relaxed);
     }
 }
 
@@ -1087,24 +1112,30 @@ fn in_groups<'a, 'f>(files: &'a [&'f LogFile]) -> impl Iterator<Item = &'a [&'f 
 /// their ids are in: a crash between leaves a set unlisted only until its log file is merged
 /// again, as it will be); returns how many ids were new. One round trip per pipeline of about
 /// [`PIPELINE_BYTES`] of ids, however many tenants: a round trip per tenant would cost a file
-/// of many small tenants a round trip per id or two.
-fn sadd(connection: &mut Pooled, by_tenant: &HashMap<&str, HashSet<&[u8]>>) -> redis::RedisResult<u64> {
-    let mut new = 0;
-    let mut commands: Vec<redis::Cmd> = Vec::new();
-    let mut bytes = 0;
-    for (tenant, ids) in by_tenant {
-        let key = tenant_key(tenant);
-        let mut ids = ids.iter().peekable();
-        while ids.peek().is_some() {
-            let chunk: Vec<&[u8]> = ids.by_ref().take(SADD_CHUNK).copied().collect();
-            bytes += chunk.iter().map(|id| id.len()).sum::<usize>();
-            commands.push(redis::cmd("SADD").arg(&key).arg(chunk).to_owned());
-            if bytes >= PIPELINE_BYTES {
-                new += send_sadds(connection, std::mem::take(&mut commands), &[])?;
-                bytes = 0;
-            }
+/// of many small tenants a round trip per id or two. The pipelines are shared out among
+/// `connections`, each sending the next one not yet taken from a thread of its own: `SADD` is
+/// idempotent and its order does not matter.
+fn sadd(connections: &mut [Pooled], by_tenant: &HashMap<&str, HashSet<&[u8]>>) -> redis::RedisResult<u64> {
+    let pipelines = Mutex::new(Pipelines { tenants: by_tenant.iter(), tenant: None });
+    let failed = AtomicBool::new(false);
+    let send = |connection: &mut Pooled| -> redis::RedisResult<u64> {
+        let mut new = 0;
+        while !failed.load(Ordering::Relaxed) {
+            // Built under the lock, sent outside it.
+            let Some(sadds) = pipelines.lock().next() else { break };
+            new += send_sadds(connection, sadds, &[]).inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
         }
-    }
+        Ok(new)
+    };
+    let new: u64 = match &mut *connections {
+        [connection] => send(connection)?,
+        connections => std::thread::scope(|scope| {
+            let senders: Vec<_> = connections.iter_mut().map(|connection| scope.spawn(|| send(connection))).collect();
+            let sent: Vec<redis::RedisResult<u64>> =
+                senders.into_iter().map(|sender| sender.join().expect("a sender does not panic")).collect();
+            sent.into_iter().sum::<redis::RedisResult<u64>>()
+        })?,
+    };
     let tenants: Vec<&str> = by_tenant.keys().copied().collect();
     let names: Vec<redis::Cmd> = tenants
         .chunks(SADD_CHUNK)
@@ -1117,7 +1148,42 @@ fn sadd(connection: &mut Pooled, by_tenant: &HashMap<&str, HashSet<&[u8]>>) -> r
             zadd
         })
         .collect();
-    Ok(new + send_sadds(connection, commands, &names)?)
+    send_sadds(&mut connections[0], Vec::new(), &names)?;
+    Ok(new)
+}
+
+/// The `SADD`s of a merge, as pipelines of about [`PIPELINE_BYTES`] of ids each: built one at a
+/// time, so that the ids are copied into commands a pipeline at a time.
+struct Pipelines<'m, 'a> {
+    tenants: hashbrown::hash_map::Iter<'m, &'a str, HashSet<&'a [u8]>>,
+    /// The tenant whose ids are being taken: its key, and the ids left.
+    tenant: Option<(String, hashbrown::hash_set::Iter<'m, &'a [u8]>)>,
+}
+
+impl Iterator for Pipelines<'_, '_> {
+    type Item = Vec<redis::Cmd>;
+
+    fn next(&mut self) -> Option<Vec<redis::Cmd>> {
+        let mut commands = Vec::new();
+        let mut bytes = 0;
+        while bytes < PIPELINE_BYTES {
+            if self.tenant.is_none() {
+                let Some((tenant, ids)) = self.tenants.next() else { break };
+                self.tenant = Some((tenant_key(tenant), ids.iter()));
+            }
+            let (key, ids) = self.tenant.as_mut().expect("taken above");
+            let chunk: Vec<&[u8]> = ids.by_ref().take(SADD_CHUNK).copied().collect();
+            if chunk.is_empty() {
+                self.tenant = None;
+                continue;
+            }
+            bytes += chunk.iter().map(|id| id.len()).sum::<usize>();
+            let mut sadd = redis::cmd("SADD");
+            sadd.arg(&*key).arg(chunk);
+            commands.push(sadd);
+        }
+        (!commands.is_empty()).then_some(commands)
+    }
 }
 
 /// Sends `sadds`, then `then` (whose replies are ignored), in one pipeline; returns the sum of
