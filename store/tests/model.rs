@@ -14,6 +14,9 @@
 //! what a flush would have; a shard record overwritten with junk changes no count; a tenant's
 //! file overwritten with junk costs only that tenant (an error, or its count as it was, while
 //! the others count on), and once the file is restored every count is exact again.
+//!
+//! The fail points are process-wide: every test here holds [`fail::FailScenario`], so that the
+//! faults one injects never reach another.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -340,6 +343,7 @@ fn check_counts(
 /// merges again without having run a round in between.
 #[test]
 fn a_worker_that_regains_a_shard_reloads_what_another_changed() {
+    let scenario = fail::FailScenario::setup();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let (a, b) = (WORKERS[0], WORKERS[1]);
@@ -377,6 +381,7 @@ fn a_worker_that_regains_a_shard_reloads_what_another_changed() {
     // Every id, as a worker loading the tenant afresh finds it: none is new.
     append(&reader, &big, 0..3500);
     assert_eq!(reader.flush().unwrap().new_ids, 0);
+    scenario.teardown();
 }
 
 /// A tenant repaired in a round that also brings it new ids takes both in one merge: merged
@@ -385,6 +390,7 @@ fn a_worker_that_regains_a_shard_reloads_what_another_changed() {
 /// 1,499 more arrive for the round that repairs it, enough for it to grow into a segment.
 #[test]
 fn a_repaired_tenant_takes_its_kept_ids_and_the_rounds_new_ids_in_one_merge() {
+    let scenario = fail::FailScenario::setup();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let store = open(&db, 0, FsyncPolicy::Always);
@@ -407,4 +413,5 @@ fn a_repaired_tenant_takes_its_kept_ids_and_the_rounds_new_ids_in_one_merge() {
     assert_eq!(store.count_blocking("a").unwrap(), 1025 + 1499);
     assert_eq!(read_count(&db, "a").unwrap(), 1025 + 1499);
     assert!(store.stats().quarantined.is_empty(), "{:?}", store.stats().quarantined);
+    scenario.teardown();
 }
