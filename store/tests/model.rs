@@ -162,6 +162,13 @@ fn read_count_of(path: &Path) -> Option<String> {
     value["tenant"].as_str().map(str::to_owned)
 }
 
+/// Appends the ids `ids` of `tenant`, each written in eight digits, in one batch.
+fn append_range(store: &Store, tenant: &str, ids: std::ops::Range<u32>) {
+    let ids: Vec<String> = ids.map(|id| format!("{id:08}")).collect();
+    let batch: Vec<Item> = ids.iter().map(|id| Item::new(tenant, id)).collect();
+    store.append_blocking(&batch).unwrap();
+}
+
 /// Every live worker flushes, the model following.
 fn flush_all(stores: &mut [Option<Store>], model: &mut Model) -> Result<(), TestCaseError> {
     for w in 0..WORKERS.len() {
@@ -198,10 +205,7 @@ proptest! {
                     model.append(w, items);
                 }
                 Op::AppendRange(w, t, from, len) => {
-                    let store = live(&mut stores, &db, w, fsync);
-                    let ids: Vec<String> = (from..from + len).map(|id| format!("{id:08}")).collect();
-                    let batch: Vec<Item> = ids.iter().map(|id| Item::new(TENANTS[t], id)).collect();
-                    store.append_blocking(&batch).unwrap();
+                    append_range(live(&mut stores, &db, w, fsync), TENANTS[t], from..from + len);
                     model.append(w, (from..from + len).map(|id| (t, id)));
                 }
                 Op::Flush(w) => {
@@ -353,24 +357,18 @@ fn a_worker_that_regains_a_shard_reloads_what_another_changed() {
     let big = names.find(|t| owner_of(shard_of(t, SHARDS), [a, b]) == Some(b)).unwrap();
     let shard = shard_of(&big, SHARDS);
     let small = names.find(|t| shard_of(t, SHARDS) == shard).unwrap();
-    let append = |store: &Store, tenant: &str, ids: std::ops::Range<u32>| {
-        let ids: Vec<String> = ids.map(|i| i.to_string()).collect();
-        let batch: Vec<Item> = ids.iter().map(|id| Item::new(tenant, id)).collect();
-        store.append_blocking(&batch).unwrap();
-    };
-
     let first = Store::open(&db, a, options()).unwrap();
-    append(&first, &big, 0..2000);
+    append_range(&first, &big, 0..2000);
     first.flush().unwrap();
     let second = Store::open(&db, b, options()).unwrap();
-    append(&second, &big, 2000..3000);
-    append(&second, &small, 0..10);
+    append_range(&second, &big, 2000..3000);
+    append_range(&second, &small, 0..10);
     second.flush().unwrap();
     assert_eq!(second.count_blocking(&big).unwrap(), 3000, "B merged into the shard it owns");
     second.close(Duration::ZERO).unwrap();
 
-    append(&first, &big, 3000..3500);
-    append(&first, &small, 10..15);
+    append_range(&first, &big, 3000..3500);
+    append_range(&first, &small, 10..15);
     first.flush().unwrap();
     assert_eq!(first.count_blocking(&big).unwrap(), 3500, "{big:?}");
     assert_eq!(first.count_blocking(&small).unwrap(), 15, "{small:?}");
@@ -379,7 +377,7 @@ fn a_worker_that_regains_a_shard_reloads_what_another_changed() {
     reader.flush().unwrap();
     assert_eq!(read_count(&db, &big).unwrap(), 3500);
     // Every id, as a worker loading the tenant afresh finds it: none is new.
-    append(&reader, &big, 0..3500);
+    append_range(&reader, &big, 0..3500);
     assert_eq!(reader.flush().unwrap().new_ids, 0);
     scenario.teardown();
 }
@@ -394,21 +392,16 @@ fn a_repaired_tenant_takes_its_kept_ids_and_the_rounds_new_ids_in_one_merge() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let store = open(&db, 0, FsyncPolicy::Always);
-    let append = |ids: std::ops::Range<u32>| {
-        let ids: Vec<String> = ids.map(|id| format!("{id:08}")).collect();
-        let batch: Vec<Item> = ids.iter().map(|id| Item::new("a", id)).collect();
-        store.append_blocking(&batch).unwrap();
-    };
-    append(0..1);
+    append_range(&store, "a", 0..1);
     store.flush().unwrap();
     let file = tenant_file(&db, "a").unwrap();
     let saved = fs::read(&file).unwrap();
     fs::write(&file, "junk").unwrap();
-    append(0..1025);
+    append_range(&store, "a", 0..1025);
     store.flush().unwrap();
     assert!(store.count_blocking("a").is_err(), "quarantined while its file is junk");
     fs::write(&file, saved).unwrap();
-    append(1692..3191);
+    append_range(&store, "a", 1692..3191);
     store.flush().unwrap();
     assert_eq!(store.count_blocking("a").unwrap(), 1025 + 1499);
     assert_eq!(read_count(&db, "a").unwrap(), 1025 + 1499);
